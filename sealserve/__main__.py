@@ -1,0 +1,3 @@
+from sealserve.cli.main import main
+
+raise SystemExit(main())

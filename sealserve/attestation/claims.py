@@ -1,0 +1,72 @@
+"""Claims: what a verifier established about a piece of evidence.
+
+Verifiers (SEV-SNP, simulated SEV-SNP, TDX) turn evidence into :class:`Claims` and
+never decide trust; policies (``sealserve.attestation.policy``) look only at claims
+and decide. A policy is any object with ``verify(claims) -> None`` that raises
+:class:`sealserve.errors.PolicyError` on a deny.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Protocol
+
+
+class Platform(enum.StrEnum):
+    """Where evidence came from. ``SIMULATED_SNP`` is never a real TEE."""
+
+    SEV_SNP = "sev-snp"
+    SIMULATED_SNP = "simulated-sev-snp"
+    TDX = "tdx"
+
+
+@dataclass(frozen=True)
+class Check:
+    """One check a verifier ran, for the auditor's table. Failed checks raise; a
+    ``Claims`` object only ever holds passed or informational (``passed=None``) checks."""
+
+    name: str
+    passed: bool | None
+    detail: str = ""
+
+
+@dataclass(frozen=True)
+class Claims:
+    """Verified facts about one attestation report or quote.
+
+    ``measurements`` holds the platform's measurement registers by name
+    (``"measurement"`` for SEV-SNP; ``"mrtd"``, ``"rtmr0"``..``"rtmr3"`` for TDX).
+    ``fields`` holds every decoded field in a JSON-friendly form (bytes as hex) for
+    display and for platform-specific policies.
+    """
+
+    platform: Platform
+    report_data: bytes
+    debug: bool
+    measurements: Mapping[str, bytes]
+    fields: Mapping[str, Any]
+    checks: tuple[Check, ...] = ()
+    # Set by the binding check (sealserve.attestation.binding), when evidence carries a
+    # workload manifest: the SHA-256 of that manifest.
+    manifest_digest: bytes | None = None
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if len(self.report_data) != 64:
+            raise ValueError("report_data must be 64 bytes")
+        object.__setattr__(self, "measurements", MappingProxyType(dict(self.measurements)))
+        object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+        object.__setattr__(self, "extra", MappingProxyType(dict(self.extra)))
+
+    @property
+    def simulated(self) -> bool:
+        return self.platform is Platform.SIMULATED_SNP
+
+
+class Policy(Protocol):
+    """A relying party's rule. ``verify`` returns ``None`` or raises ``PolicyError``."""
+
+    def verify(self, claims: Claims) -> None: ...

@@ -1,0 +1,66 @@
+"""The ``sealserve`` command.
+
+One module per subcommand, each exposing ``register(subparsers)`` which adds its
+parser and sets ``func`` to a handler ``(args) -> int``. Subcommand modules import
+heavy dependencies (onnxruntime, scipy) inside their handlers, so ``sealserve verify``
+stays light. This is the only place that turns errors into exit codes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+from collections.abc import Sequence
+
+from sealserve import __version__
+from sealserve.errors import SealserveError
+
+# Order is the order shown in --help.
+SUBCOMMANDS: tuple[str, ...] = ()
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sealserve",
+        description=(
+            "Serve proprietary ONNX models so that they cannot be stolen: attested "
+            "confidential serving with an anti-extraction layer."
+        ),
+    )
+    parser.add_argument("--version", action="version", version=f"sealserve {__version__}")
+    parser.add_argument(
+        "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name in SUBCOMMANDS:
+        module = importlib.import_module(f"sealserve.cli.{name.replace('-', '_')}")
+        module.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return EXIT_USAGE
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except SealserveError as exc:
+        print(f"error: {exc.message}", file=sys.stderr)
+        print(f"hint: {exc.remedy}", file=sys.stderr)
+        return EXIT_FAILED
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""sealserve.defense"""
