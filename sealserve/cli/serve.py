@@ -1,0 +1,49 @@
+"""``sealserve serve``: run the inference server."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "serve",
+        help="run the inference server",
+        description=(
+            "Serve the models of a repository over the Open Inference Protocol (gRPC). "
+            "Settings come from --config (TOML) and SEALSERVE_* environment variables; "
+            "see the README's config reference."
+        ),
+    )
+    p.add_argument("--config", type=Path, help="server settings (TOML)")
+    p.add_argument("--host", help="override 'host'")
+    p.add_argument("--port", type=int, help="override 'port' (0 picks a free port)")
+    p.add_argument("--model-repository", type=Path, help="override 'model_repository'")
+    p.add_argument(
+        "--ready-file",
+        type=Path,
+        help="write {host, port, tls_cert_pem, pid} as JSON here once serving",
+    )
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from sealserve.server.app import serve
+    from sealserve.server.logs import configure
+    from sealserve.server.settings import Settings
+
+    overrides: dict[str, Any] = {}
+    if args.host is not None:
+        overrides["host"] = args.host
+    if args.port is not None:
+        overrides["port"] = args.port
+    if args.model_repository is not None:
+        overrides["model_repository"] = args.model_repository
+    settings = Settings.load(args.config, **overrides)
+    configure(settings.log_format, settings.log_level)
+    asyncio.run(serve(settings, ready_file=args.ready_file))
+    return 0

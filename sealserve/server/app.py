@@ -1,0 +1,146 @@
+"""The composition root: builds every server object once and wires them together."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import os
+import signal
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from sealserve._proto import POOL
+from sealserve._proto import grpc_service_pb2 as pb
+from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
+from sealserve.server.dataplane import DataPlane
+from sealserve.server.engine import Engine
+from sealserve.server.metrics import Metrics
+from sealserve.server.repository import ModelEntry, scan_repository
+from sealserve.server.servicer import InferenceServicer
+from sealserve.server.settings import Settings
+from sealserve.server.tls import TlsIdentity
+
+log = logging.getLogger("sealserve.server")
+
+INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+
+
+def _ensure_health_in_pool() -> None:
+    # Reflection answers from our private pool; give it the health service too.
+    try:
+        POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
+    except KeyError:
+        POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+
+
+class Server:
+    """A sealserve gRPC server. ``await start()``, then ``await wait()`` or ``stop()``."""
+
+    def __init__(self, settings: Settings, *, entries: list[ModelEntry] | None = None) -> None:
+        self.settings = settings
+        self.metrics = Metrics()
+        self.engine = Engine(self.metrics, threads=settings.engine.intra_op_threads)
+        self.plane = DataPlane(
+            self.engine,
+            server_name=settings.server_name,
+            max_request_bytes=settings.max_request_bytes,
+        )
+        self._entries = entries
+        self.health = health.aio.HealthServicer()
+        self.tls: TlsIdentity | None = None
+        self.port = 0
+        limit = settings.max_request_bytes + (1 << 20)
+        self._server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", limit),
+                ("grpc.max_send_message_length", limit),
+                ("grpc.so_reuseport", 0),
+            ]
+        )
+
+    async def start(self) -> int:
+        """Load models, bind, start serving. Returns the bound port.
+
+        Raises ConfigError for a bad repository, model or TLS file.
+        """
+        s = self.settings
+        entries = (
+            self._entries if self._entries is not None else scan_repository(s.model_repository)
+        )
+        self.engine.load(entries)
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
+            InferenceServicer(self.plane, self.metrics), self._server
+        )
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        _ensure_health_in_pool()
+        reflection.enable_server_reflection(
+            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
+            pool=POOL,
+        )
+        address = f"{s.host}:{s.port}"
+        if s.unsafe_plaintext:
+            log.warning("TLS is OFF (unsafe_plaintext): requests and tokens travel in clear text")
+            self.port = self._server.add_insecure_port(address)
+        else:
+            if s.tls_cert_file is not None and s.tls_key_file is not None:
+                self.tls = TlsIdentity.from_files(s.tls_cert_file, s.tls_key_file)
+            else:
+                self.tls = TlsIdentity.generate(hostnames=("localhost", "127.0.0.1", "::1"))
+            creds = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
+            self.port = self._server.add_secure_port(address, creds)
+        await self._server.start()
+        self.plane.set_ready(True)
+        for name in ("", INFERENCE_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
+        if s.metrics_port is not None:
+            self.metrics.serve(host=s.metrics_host, port=s.metrics_port)
+        log.info(
+            "serving %d model version(s) on %s:%d (%s)",
+            len(entries),
+            s.host,
+            self.port,
+            "plaintext" if self.tls is None else f"TLS, spki sha256 {self.tls.spki_sha256}",
+        )
+        return self.port
+
+    async def wait(self) -> None:
+        await self._server.wait_for_termination()
+
+    async def stop(self, grace: float = 5.0) -> None:
+        self.plane.set_ready(False)
+        await self.health.enter_graceful_shutdown()
+        await self._server.stop(grace)
+        self.engine.close()
+
+    def write_ready_file(self, path: Path) -> None:
+        """Write {host, port, tls certificate} for local tools and tests (no secrets)."""
+        data = {
+            "host": self.settings.host,
+            "port": self.port,
+            "tls_cert_pem": self.tls.cert_pem.decode() if self.tls else None,
+            "pid": os.getpid(),
+        }
+        tmp = path.with_suffix(path.suffix + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(path)
+
+
+async def serve(settings: Settings, *, ready_file: Path | None = None) -> None:
+    """Run a server until SIGINT/SIGTERM, then stop gracefully."""
+    server = Server(settings)
+    await server.start()
+    if ready_file is not None:
+        server.write_ready_file(ready_file)
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.ensure_future(server.wait())
+    await asyncio.wait([waiter, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED")
+    log.info("shutting down")
+    await server.stop()

@@ -1,0 +1,191 @@
+"""OIP protobuf <-> numpy, with validation against the model's metadata.
+
+Protobuf stops here: the servicer decodes with these functions, hands numpy arrays to
+the transport-free core, and encodes the result. Every problem with a client's tensors
+is a :class:`TensorError` naming the tensor and what is wrong.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from sealserve._proto import grpc_service_pb2 as pb
+from sealserve.errors import TensorError
+from sealserve.server.types import InferRequest, InferResponse, ModelInfo, TensorSpec
+from sealserve.tensors import (
+    CONTENTS_FIELD,
+    OIP_TO_NUMPY,
+    decode_bytes_tensor,
+    encode_bytes_tensor,
+    numpy_to_oip,
+)
+
+
+def _check_shape(name: str, spec: TensorSpec, shape: Sequence[int]) -> tuple[int, ...]:
+    if len(shape) != len(spec.shape):
+        raise TensorError(
+            f"input '{name}': expected rank {len(spec.shape)} with shape "
+            f"{list(spec.shape)}, got shape {list(shape)}"
+        )
+    for got, want in zip(shape, spec.shape, strict=True):
+        if got < 0:
+            raise TensorError(f"input '{name}': negative dimension in shape {list(shape)}")
+        if want >= 0 and got != want:
+            raise TensorError(
+                f"input '{name}': expected shape {list(spec.shape)}, got {list(shape)}"
+            )
+    return tuple(int(d) for d in shape)
+
+
+def _decode_typed(name: str, datatype: str, contents: Any, count: int) -> np.ndarray:
+    field = CONTENTS_FIELD.get(datatype)
+    if field is None:
+        raise TensorError(f"input '{name}': datatype {datatype} must be sent as raw contents")
+    values = getattr(contents, field)
+    if len(values) != count:
+        raise TensorError(
+            f"input '{name}': shape needs {count} elements, typed contents hold {len(values)}"
+        )
+    if datatype == "BYTES":
+        arr = np.empty(count, dtype=np.object_)
+        arr[:] = list(values)
+        return arr
+    for other in CONTENTS_FIELD.values():
+        if other != field and len(getattr(contents, other)):
+            raise TensorError(
+                f"input '{name}': datatype {datatype} expects '{field}', found '{other}'"
+            )
+    try:
+        return np.array(values, dtype=OIP_TO_NUMPY[datatype])
+    except (OverflowError, ValueError) as exc:
+        raise TensorError(f"input '{name}': values out of range for {datatype}") from exc
+
+
+def decode_infer_request(
+    req: pb.ModelInferRequest, info: ModelInfo, *, max_bytes: int
+) -> InferRequest:
+    """Turn a ModelInferRequest into numpy inputs checked against ``info``.
+
+    Raises :class:`TensorError` for missing, extra or duplicate inputs, a wrong
+    datatype, rank or dimension, raw contents whose length does not match the shape,
+    raw and typed contents mixed, unknown requested outputs, or tensors whose total
+    size exceeds ``max_bytes``.
+    """
+    specs = {s.name: s for s in info.inputs}
+    raw = req.raw_input_contents
+    use_raw = len(raw) > 0
+    if use_raw and len(raw) != len(req.inputs):
+        raise TensorError(
+            f"raw_input_contents has {len(raw)} entries for {len(req.inputs)} inputs; "
+            "send one raw entry per input, in order"
+        )
+    inputs: dict[str, np.ndarray] = {}
+    total = 0
+    for idx, tensor in enumerate(req.inputs):
+        name = tensor.name
+        spec = specs.get(name)
+        if spec is None:
+            raise TensorError(
+                f"input '{name}' is not an input of model '{info.name}' "
+                f"(inputs: {', '.join(sorted(specs))})"
+            )
+        if name in inputs:
+            raise TensorError(f"input '{name}' appears more than once")
+        if tensor.datatype != spec.datatype:
+            raise TensorError(
+                f"input '{name}': expected datatype {spec.datatype}, "
+                f"got {tensor.datatype or '(empty)'}"
+            )
+        shape = _check_shape(name, spec, tensor.shape)
+        count = math.prod(shape)
+        itemsize = 0 if spec.datatype == "BYTES" else OIP_TO_NUMPY[spec.datatype].itemsize
+        if use_raw:
+            if tensor.HasField("contents"):
+                raise TensorError(
+                    f"input '{name}': both raw_input_contents and typed contents are set; use one"
+                )
+            size = len(raw[idx])
+        else:
+            if not tensor.HasField("contents"):
+                raise TensorError(f"input '{name}': no contents (neither raw nor typed)")
+            if itemsize:
+                size = count * itemsize
+            else:
+                size = sum(len(b) for b in tensor.contents.bytes_contents)
+        total += size
+        if total > max_bytes:
+            raise TensorError(
+                f"input '{name}': request tensors exceed the size limit of {max_bytes} bytes"
+            )
+        if use_raw:
+            data = raw[idx]
+            if spec.datatype == "BYTES":
+                arr = decode_bytes_tensor(name, data, count)
+            else:
+                if len(data) != count * itemsize:
+                    raise TensorError(
+                        f"input '{name}': shape {list(shape)} of {spec.datatype} needs "
+                        f"{count * itemsize} bytes, raw contents hold {len(data)}"
+                    )
+                arr = np.frombuffer(data, dtype=OIP_TO_NUMPY[spec.datatype])
+        else:
+            arr = _decode_typed(name, spec.datatype, tensor.contents, count)
+        inputs[name] = arr.reshape(shape)
+    missing = [s.name for s in info.inputs if s.name not in inputs]
+    if missing:
+        raise TensorError(f"missing input(s): {', '.join(missing)}")
+    outputs = tuple(o.name for o in req.outputs)
+    known = {o.name for o in info.outputs}
+    for out in outputs:
+        if out not in known:
+            raise TensorError(
+                f"requested output '{out}' is not an output of model '{info.name}' "
+                f"(outputs: {', '.join(sorted(known))})"
+            )
+    return InferRequest(
+        model=info.name, version=info.version, inputs=inputs, outputs=outputs, id=req.id
+    )
+
+
+def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
+    """Encode outputs as raw contents (what Triton does; every OIP client reads it)."""
+    out = pb.ModelInferResponse(model_name=resp.model, model_version=resp.version, id=resp.id)
+    raws = out.raw_output_contents
+    for name, arr in resp.outputs.items():
+        datatype = numpy_to_oip(arr.dtype)
+        out.outputs.add(name=name, datatype=datatype, shape=arr.shape)
+        if datatype == "BYTES":
+            raws.append(encode_bytes_tensor(arr))
+        else:
+            raws.append(np.ascontiguousarray(arr).tobytes())
+    for key, value in resp.parameters.items():
+        param = out.parameters[key]
+        if isinstance(value, bool):
+            param.bool_param = value
+        elif isinstance(value, int):
+            param.int64_param = value
+        elif isinstance(value, float):
+            param.double_param = value
+        else:
+            param.string_param = value
+    return out
+
+
+def encode_model_metadata(info: ModelInfo) -> pb.ModelMetadataResponse:
+    return pb.ModelMetadataResponse(
+        name=info.name,
+        versions=list(info.versions),
+        platform=info.platform,
+        inputs=[
+            pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+            for s in info.inputs
+        ],
+        outputs=[
+            pb.ModelMetadataResponse.TensorMetadata(name=s.name, datatype=s.datatype, shape=s.shape)
+            for s in info.outputs
+        ],
+    )

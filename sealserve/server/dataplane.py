@@ -1,0 +1,45 @@
+"""The transport-free core the gRPC servicer calls: metadata, readiness, inference.
+
+Later layers (authentication, the defense guard) hook in here, not in the servicer.
+"""
+
+from __future__ import annotations
+
+from sealserve import __version__
+from sealserve.server.engine import Engine, LoadedModel
+from sealserve.server.types import InferRequest, InferResponse, ModelInfo
+
+EXTENSIONS = ("model_repository_readonly",)
+
+
+class DataPlane:
+    def __init__(self, engine: Engine, *, server_name: str, max_request_bytes: int) -> None:
+        self.engine = engine
+        self.server_name = server_name
+        self.max_request_bytes = max_request_bytes
+        self._ready = False
+
+    def set_ready(self, ready: bool) -> None:
+        self._ready = ready
+
+    def live(self) -> bool:
+        return True
+
+    def ready(self) -> bool:
+        return self._ready
+
+    def model_ready(self, name: str, version: str) -> bool:
+        return self._ready and self.engine.ready(name, version)
+
+    def server_metadata(self) -> tuple[str, str, tuple[str, ...]]:
+        return self.server_name, __version__, EXTENSIONS
+
+    def model(self, name: str, version: str) -> LoadedModel:
+        """Raises NotFoundError for an unknown model or version."""
+        return self.engine.resolve(name, version)
+
+    def model_metadata(self, name: str, version: str) -> ModelInfo:
+        return self.engine.resolve(name, version).info
+
+    async def infer(self, request: InferRequest) -> InferResponse:
+        return await self.engine.infer(request)

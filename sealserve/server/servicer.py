@@ -1,0 +1,78 @@
+"""gRPC adapter for the Open Inference Protocol: decode, call the data plane, encode."""
+
+from __future__ import annotations
+
+import time
+
+import grpc
+
+from sealserve._proto import grpc_service_pb2 as pb
+from sealserve.server.codec import (
+    decode_infer_request,
+    encode_infer_response,
+    encode_model_metadata,
+)
+from sealserve.server.dataplane import DataPlane
+from sealserve.server.metrics import Metrics
+from sealserve.server.status import abort, abort_status, to_status
+
+
+class InferenceServicer:
+    """Implements inference.GRPCInferenceService; Triton-only RPCs stay UNIMPLEMENTED."""
+
+    def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
+        self._plane = plane
+        self._metrics = metrics
+
+    async def ServerLive(
+        self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerLiveResponse:
+        return pb.ServerLiveResponse(live=self._plane.live())
+
+    async def ServerReady(
+        self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerReadyResponse:
+        return pb.ServerReadyResponse(ready=self._plane.ready())
+
+    async def ModelReady(
+        self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelReadyResponse:
+        return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
+
+    async def ServerMetadata(
+        self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ServerMetadataResponse:
+        name, version, extensions = self._plane.server_metadata()
+        return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
+
+    async def ModelMetadata(
+        self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelMetadataResponse:
+        try:
+            return encode_model_metadata(self._plane.model_metadata(request.name, request.version))
+        except Exception as exc:
+            await abort(context, exc)
+            raise  # unreachable: abort raises
+
+    async def ModelInfer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInferResponse:
+        t0 = time.perf_counter()
+        # Metric labels only name served models: arbitrary client strings would let
+        # anyone grow the label set without bound.
+        model, version = "(unknown)", ""
+        try:
+            loaded = self._plane.model(request.model_name, request.model_version)
+            model, version = loaded.info.name, loaded.info.version
+            req = decode_infer_request(
+                request, loaded.info, max_bytes=self._plane.max_request_bytes
+            )
+            response = encode_infer_response(await self._plane.infer(req))
+        except Exception as exc:
+            status = to_status(exc)
+            self._metrics.requests.labels(model, version, status[0].name).inc()
+            await abort_status(context, *status)
+            raise
+        self._metrics.requests.labels(model, version, "OK").inc()
+        self._metrics.latency.labels(model, version).observe(time.perf_counter() - t0)
+        return response

@@ -1,0 +1,132 @@
+"""Server settings: one TOML file plus ``SEALSERVE_*`` environment overrides.
+
+Validated once at start with clear errors, then frozen. Safe defaults: bind loopback,
+TLS on (an in-memory key when no files are given), plaintext only through
+``unsafe_plaintext``.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+    TomlConfigSettingsSource,
+)
+
+from sealserve.errors import ConfigError
+
+
+class EngineSettings(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    intra_op_threads: int = Field(
+        default=1, ge=1, le=256, description="onnxruntime threads per session run."
+    )
+
+
+class Settings(BaseSettings):
+    """Everything ``sealserve serve`` needs. Field docs are the config reference."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SEALSERVE_",
+        env_nested_delimiter="__",
+        extra="forbid",
+        frozen=True,
+    )
+
+    host: str = Field(default="127.0.0.1", description="Address the gRPC server binds.")
+    port: int = Field(default=8001, ge=0, le=65535, description="gRPC port (0 = pick one).")
+    model_repository: Path = Field(
+        default=Path("models"), description="Directory holding <model>/<version>/model.onnx."
+    )
+    tls_cert_file: Path | None = Field(
+        default=None, description="PEM certificate chain; with tls_key_file, TLS from files."
+    )
+    tls_key_file: Path | None = Field(default=None, description="PEM private key for TLS.")
+    unsafe_plaintext: bool = Field(
+        default=False,
+        description="Serve without TLS. Only for local experiments; logged loudly.",
+    )
+    metrics_host: str = Field(default="127.0.0.1", description="Address for /metrics.")
+    metrics_port: int | None = Field(
+        default=None, ge=0, le=65535, description="Prometheus port; unset = no metrics server."
+    )
+    max_request_bytes: int = Field(
+        default=64 * 1024 * 1024,
+        ge=1024,
+        le=2**31 - 1,
+        description="Largest total tensor payload one request may carry.",
+    )
+    log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    engine: EngineSettings = EngineSettings()
+    server_name: str = Field(default="sealserve", description="Name in ServerMetadata.")
+
+    @model_validator(mode="after")
+    def _tls_pair(self) -> Settings:
+        if (self.tls_cert_file is None) != (self.tls_key_file is None):
+            raise ValueError("tls_cert_file and tls_key_file must be set together")
+        if self.unsafe_plaintext and self.tls_cert_file is not None:
+            raise ValueError("unsafe_plaintext and tls_cert_file are mutually exclusive")
+        return self
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # Precedence: explicit arguments, then environment, then the TOML file.
+        return (init_settings, env_settings, TomlConfigSettingsSource(settings_cls))
+
+    @classmethod
+    def load(cls, path: Path | None = None, **overrides: Any) -> Settings:
+        """Build settings from ``path`` (TOML), the environment and ``overrides``.
+
+        Raises :class:`ConfigError` naming the file and every invalid field.
+        """
+        target: type[Settings] = cls
+        if path is not None:
+            if not path.is_file():
+                raise ConfigError(f"config file {path} does not exist")
+            try:
+                tomllib.loads(path.read_text())
+            except tomllib.TOMLDecodeError as exc:
+                raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
+            target = type(
+                "Settings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
+            )
+        try:
+            settings = target(**overrides)
+        except ValidationError as exc:
+            where = f"{path}: " if path else ""
+            raise ConfigError(where + format_validation_error(exc)) from exc
+        if path is not None and not settings.model_repository.is_absolute():
+            # Relative paths in a config file are relative to that file.
+            base = path.resolve().parent
+            settings = settings.model_copy(
+                update={"model_repository": base / settings.model_repository}
+            )
+        return settings
+
+    def effective(self) -> dict[str, Any]:
+        """The settings as a JSON-able dict without secrets (for the workload manifest)."""
+        return self.model_dump(mode="json")
+
+
+def format_validation_error(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(settings)"
+        msg = err["msg"].removeprefix("Value error, ")
+        parts.append(f"{loc}: {msg}")
+    return "invalid settings: " + "; ".join(parts)
