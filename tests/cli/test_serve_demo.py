@@ -1,0 +1,50 @@
+"""The CLI as a user runs it."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+from tests.conftest import sealserve_cmd, sealserve_env
+
+
+def test_demo_runs_end_to_end() -> None:
+    out = subprocess.run(
+        sealserve_cmd("demo", "--requests", "50"),
+        env=sealserve_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert out.returncode == 0, out.stderr
+    assert "classified 50 held-out digits" in out.stdout
+    assert "malformed request refused as expected" in out.stdout
+    assert "demo finished" in out.stdout
+    acc = float(out.stdout.split("accuracy ")[1].split()[0])
+    assert acc > 0.9
+
+
+def test_serve_with_bad_config_exits_with_message(tmp_path: Path) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text("port = 99999999\n")
+    out = subprocess.run(
+        sealserve_cmd("serve", "--config", str(cfg)),
+        env=sealserve_env(),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert out.returncode == 1
+    assert (
+        "error:" in out.stderr and "port: Input should be less than or equal to 65535" in out.stderr
+    )
+    assert "Traceback" not in out.stderr
+
+
+def test_help_lists_commands() -> None:
+    out = subprocess.run(
+        sealserve_cmd("--help"), env=sealserve_env(), capture_output=True, text=True, check=True
+    )
+    assert "serve" in out.stdout and "demo" in out.stdout

@@ -1,0 +1,91 @@
+"""Settings and repository configuration: clear errors, safe defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from sealserve.errors import ConfigError
+from sealserve.server.repository import scan_repository
+from sealserve.server.settings import Settings
+from tests.server import models
+
+
+def test_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> None:
+    s = Settings.load(None)
+    assert s.host == "127.0.0.1"
+    assert s.unsafe_plaintext is False
+    with pytest.raises(Exception, match="frozen"):
+        s.port = 1  # type: ignore[misc]
+
+
+def test_toml_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tmp_path / "s.toml"
+    cfg.write_text('port = 9100\nmodel_repository = "repo"\n[engine]\nintra_op_threads = 2\n')
+    s = Settings.load(cfg)
+    assert s.port == 9100 and s.engine.intra_op_threads == 2
+    assert s.model_repository == tmp_path / "repo"  # relative to the config file
+    monkeypatch.setenv("SEALSERVE_PORT", "9200")
+    monkeypatch.setenv("SEALSERVE_ENGINE__INTRA_OP_THREADS", "3")
+    s = Settings.load(cfg)
+    assert s.port == 9200 and s.engine.intra_op_threads == 3
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("port = -5\n", "port: Input should be greater than or equal to 0"),
+        ("bogus = 1\n", "bogus: Extra inputs are not permitted"),
+        ('tls_cert_file = "c.pem"\n', "tls_cert_file and tls_key_file must be set together"),
+        ("port = [\n", "not valid TOML"),
+        ("[engine]\nintra_op_threads = 0\n", "engine.intra_op_threads"),
+    ],
+)
+def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
+    cfg = tmp_path / "bad.toml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        Settings.load(cfg)
+    assert message in info.value.message
+    assert str(cfg) in info.value.message
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="does not exist"):
+        Settings.load(tmp_path / "nope.toml")
+
+
+def test_version_policies(tmp_path: Path) -> None:
+    repo = tmp_path / "m"
+    models.matmul(repo, versions=(1, 2, 3))
+    assert [e.version for e in scan_repository(repo)] == ["3"]
+    (repo / "matmul" / "config.toml").write_text('version_policy = "all"\n')
+    assert [e.version for e in scan_repository(repo)] == ["1", "2", "3"]
+    (repo / "matmul" / "config.toml").write_text('version_policy = "specific"\nversions = [1, 3]\n')
+    assert [e.version for e in scan_repository(repo)] == ["1", "3"]
+    (repo / "matmul" / "config.toml").write_text('version_policy = "specific"\nversions = [4]\n')
+    with pytest.raises(ConfigError, match=r"configured versions \[4\] are not on disk"):
+        scan_repository(repo)
+    (repo / "matmul" / "config.toml").write_text("[batching]\nmax_batch_size = -1\n")
+    with pytest.raises(ConfigError, match="batching.max_batch_size"):
+        scan_repository(repo)
+
+
+def test_empty_repository(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="holds no model"):
+        scan_repository(tmp_path)
+    with pytest.raises(ConfigError, match="is not a directory"):
+        scan_repository(tmp_path / "absent")
+
+
+def test_not_an_onnx_model(tmp_path: Path) -> None:
+    from sealserve.server.engine import Engine
+    from sealserve.server.metrics import Metrics
+
+    bad = tmp_path / "m" / "junk" / "1" / "model.onnx"
+    bad.parent.mkdir(parents=True)
+    bad.write_bytes(b"definitely not onnx")
+    engine = Engine(Metrics())
+    with pytest.raises(ConfigError, match="model junk version 1 .* is not a loadable ONNX model"):
+        engine.load(scan_repository(tmp_path / "m"))

@@ -1,0 +1,62 @@
+"""TLS on by default (files or an in-memory key) and Prometheus metrics."""
+
+from __future__ import annotations
+
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from sealserve.client import Client
+from sealserve.errors import UnavailableError
+from sealserve.server.tls import TlsIdentity
+
+
+def test_ephemeral_tls_pinned_client(start_server: Any, repo: Path) -> None:
+    running = start_server(model_repository=repo)
+    tls = running.server.tls
+    assert tls is not None and tls.ephemeral
+    with Client(running.target, root_certificates=tls.cert_pem) as c:
+        out = c.infer("digits", {"input": np.zeros((1, 64), np.float32)})
+    assert out["probabilities"].shape == (1, 10)
+    # A client that pins some other certificate refuses to talk.
+    other = TlsIdentity.generate()
+    with (
+        Client(running.target, root_certificates=other.cert_pem, timeout=5) as c,
+        pytest.raises(UnavailableError),
+    ):
+        c.server_ready()
+
+
+def test_tls_from_files(start_server: Any, repo: Path, tmp_path: Path) -> None:
+    ident = TlsIdentity.generate()
+    cert, key = tmp_path / "c.pem", tmp_path / "k.pem"
+    cert.write_bytes(ident.cert_pem)
+    key.write_bytes(ident.key_pem)
+    running = start_server(model_repository=repo, tls_cert_file=cert, tls_key_file=key)
+    assert running.server.tls is not None and not running.server.tls.ephemeral
+    with Client(running.target, root_certificates=ident.cert_pem) as c:
+        assert c.server_ready()
+
+
+def test_metrics_endpoint(start_server: Any, repo: Path) -> None:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    running = start_server(model_repository=repo, unsafe_plaintext=True, metrics_port=port)
+    with Client(running.target, unsafe_plaintext=True) as c:
+        for _ in range(3):
+            c.infer("digits", {"input": np.zeros((1, 64), np.float32)})
+        with pytest.raises(Exception):
+            c.infer("digits", {"input": np.zeros((1, 3), np.float32)})
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    assert 'sealserve_requests_total{code="OK",model="digits",version="1"} 3.0' in body
+    assert (
+        'sealserve_requests_total{code="INVALID_ARGUMENT",model="digits",version="1"} 1.0' in body
+    )
+    assert "sealserve_request_latency_seconds_bucket" in body
+    assert "sealserve_batch_size_bucket" in body
