@@ -69,6 +69,9 @@ class Batcher:
         self._m_batch = metrics.batch_size.labels(*labels)
         self._m_queue = metrics.queue_time.labels(*labels)
         self._names = model.output_names
+        self._all_names = tuple(self._names)
+        # No BYTES inputs: arrays go to onnxruntime as they are.
+        self._plain = all(s.datatype != "BYTES" for s in model.info.inputs)
         self._batching = config.max_batch_size > 1 and model.info.batchable
         if config.max_batch_size > 1 and not model.info.batchable:
             log.warning(
@@ -101,10 +104,10 @@ class Batcher:
         self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
     ) -> dict[str, np.ndarray]:
         """Run one request; returns the requested outputs (all when none requested)."""
-        names = outputs or tuple(self._names)
+        names = outputs or self._all_names
         if self._inline:
             self._m_batch.observe(1)
-            results = self._model.run(_to_ort(inputs), names)
+            results = self._model.run(inputs if self._plain else _to_ort(inputs), names)
             return dict(zip(names, results, strict=True))
         if self._pending >= self._cfg.max_queue_size:
             raise OverloadedError(

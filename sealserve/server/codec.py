@@ -18,6 +18,7 @@ from sealserve.errors import TensorError
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo, TensorSpec
 from sealserve.tensors import (
     CONTENTS_FIELD,
+    NUMPY_TO_OIP,
     OIP_TO_NUMPY,
     decode_bytes_tensor,
     encode_bytes_tensor,
@@ -38,7 +39,7 @@ def _check_shape(name: str, spec: TensorSpec, shape: Sequence[int]) -> tuple[int
             raise TensorError(
                 f"input '{name}': expected shape {list(spec.shape)}, got {list(shape)}"
             )
-    return tuple(int(d) for d in shape)
+    return tuple(shape)
 
 
 def _decode_typed(name: str, datatype: str, contents: Any, count: int) -> np.ndarray:
@@ -75,7 +76,7 @@ def decode_infer_request(
     raw and typed contents mixed, unknown requested outputs, or tensors whose total
     size exceeds ``max_bytes``.
     """
-    specs = {s.name: s for s in info.inputs}
+    specs = info.input_map
     raw = req.raw_input_contents
     use_raw = len(raw) > 0
     if use_raw and len(raw) != len(req.inputs):
@@ -135,11 +136,11 @@ def decode_infer_request(
         else:
             arr = _decode_typed(name, spec.datatype, tensor.contents, count)
         inputs[name] = arr.reshape(shape)
-    missing = [s.name for s in info.inputs if s.name not in inputs]
-    if missing:
+    if len(inputs) != len(specs):
+        missing = [s.name for s in info.inputs if s.name not in inputs]
         raise TensorError(f"missing input(s): {', '.join(missing)}")
     outputs = tuple(o.name for o in req.outputs)
-    known = {o.name for o in info.outputs}
+    known = info.output_names
     for out in outputs:
         if out not in known:
             raise TensorError(
@@ -156,12 +157,12 @@ def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:
     out = pb.ModelInferResponse(model_name=resp.model, model_version=resp.version, id=resp.id)
     raws = out.raw_output_contents
     for name, arr in resp.outputs.items():
-        datatype = numpy_to_oip(arr.dtype)
+        datatype = NUMPY_TO_OIP.get(arr.dtype) or numpy_to_oip(arr.dtype)
         out.outputs.add(name=name, datatype=datatype, shape=arr.shape)
         if datatype == "BYTES":
             raws.append(encode_bytes_tensor(arr))
         else:
-            raws.append(np.ascontiguousarray(arr).tobytes())
+            raws.append(arr.tobytes())  # tobytes() is C-order whatever the layout
     for key, value in resp.parameters.items():
         param = out.parameters[key]
         if isinstance(value, bool):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from typing import Any
 
 import grpc
 
@@ -23,6 +24,19 @@ class InferenceServicer:
     def __init__(self, plane: DataPlane, metrics: Metrics) -> None:
         self._plane = plane
         self._metrics = metrics
+        # Labelled metric children per model version, resolved once (labels() is slow).
+        self._ok: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def _ok_metrics(self, model: str, version: str) -> tuple[Any, Any]:
+        key = (model, version)
+        pair = self._ok.get(key)
+        if pair is None:
+            pair = (
+                self._metrics.requests.labels(model, version, "OK"),
+                self._metrics.latency.labels(model, version),
+            )
+            self._ok[key] = pair
+        return pair
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -73,6 +87,7 @@ class InferenceServicer:
             self._metrics.requests.labels(model, version, status[0].name).inc()
             await abort_status(context, *status)
             raise
-        self._metrics.requests.labels(model, version, "OK").inc()
-        self._metrics.latency.labels(model, version).observe(time.perf_counter() - t0)
+        ok, latency = self._ok_metrics(model, version)
+        ok.inc()
+        latency.observe(time.perf_counter() - t0)
         return response

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 
 import numpy as np
 
@@ -33,6 +34,14 @@ class ModelInfo:
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     batchable: bool = False
+
+    @cached_property
+    def input_map(self) -> dict[str, TensorSpec]:
+        return {s.name: s for s in self.inputs}
+
+    @cached_property
+    def output_names(self) -> frozenset[str]:
+        return frozenset(s.name for s in self.outputs)
 
 
 @dataclass
