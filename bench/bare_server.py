@@ -34,7 +34,7 @@ def build(path: str) -> grpc.GenericRpcHandler:
 
     async def model_infer(
         req: pb.ModelInferRequest, ctx: grpc.aio.ServicerContext
-    ) -> pb.ModelInferResponse:  # type: ignore[type-arg]  # noqa: E501
+    ) -> pb.ModelInferResponse:  # type: ignore[type-arg]
         feed = {
             t.name: np.frombuffer(raw, dtype=_DT[t.datatype]).reshape(tuple(t.shape))
             for t, raw in zip(req.inputs, req.raw_input_contents, strict=True)
