@@ -8,4 +8,5 @@ export PATH="$VENV/bin:$PATH"
 echo "==> ruff";          ruff check .
 echo "==> mypy (strict)"; mypy
 echo "==> import layering"; lint-imports
+echo "==> protobuf runtimes 5.x-7.x"; python scripts/check_protobuf_runtimes.py
 echo "==> pytest";        pytest -q "$@"
