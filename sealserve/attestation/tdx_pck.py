@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification as x509v
 from cryptography.x509.oid import NameOID
@@ -74,9 +74,14 @@ def load_pem_chain(pem: bytes, *, what: str) -> list[x509.Certificate]:
     """Parse a PEM bundle (NUL padding tolerated). Raises EvidenceFormatError."""
     try:
         certs = x509.load_pem_x509_certificates(pem.rstrip(b"\x00"))
-    except ValueError as exc:
+        # cryptography decodes some parts lazily; decode them now so that a damaged
+        # certificate is a format error here rather than a stray exception later.
+        for cert in certs:
+            _ = (cert.version, cert.subject, cert.issuer, cert.extensions, cert.public_key())
+            _ = (cert.serial_number, cert.signature_hash_algorithm, cert.not_valid_after_utc)
+    except (ValueError, TypeError, x509.InvalidVersion, UnsupportedAlgorithm) as exc:
         raise EvidenceFormatError(
-            f"{what}: not a PEM certificate chain ({exc})", check="quote_format"
+            f"{what}: not a valid PEM certificate chain ({exc})", check="quote_format"
         ) from exc
     return certs
 
