@@ -13,11 +13,15 @@ from cryptography.x509.oid import NameOID
 
 from sealserve.attestation.claims import Platform
 from sealserve.attestation.tdx import verify_tdx, verify_tdx_at_time
-from sealserve.attestation.tdx_pck import INTEL_SGX_ROOT_CA_SHA256, cert_fingerprint, intel_sgx_root_ca
+from sealserve.attestation.tdx_pck import (
+    INTEL_SGX_ROOT_CA_SHA256,
+    cert_fingerprint,
+    intel_sgx_root_ca,
+)
 from sealserve.attestation.tdx_quote import TdxQuote
 from sealserve.errors import VerificationError
 
-from ._tdx_util import EXPECTED, GENUINE, GO, NOW, TAMPERED, raw, rebuild, pem_blocks
+from ._tdx_util import EXPECTED, GENUINE, GO, NOW, TAMPERED, pem_blocks, raw, rebuild
 
 
 def test_shipped_root_is_pinned_and_matches_the_vectors() -> None:
