@@ -35,7 +35,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 
 from sealserve.attestation.claims import Check, Claims, Platform
-from sealserve.attestation.tdx_collateral import TdxCollateral, evaluate_collateral
+from sealserve.attestation.tdx_collateral import TdxCollateral
 from sealserve.attestation.tdx_pck import (
     PckChain,
     PckExtension,
@@ -45,6 +45,7 @@ from sealserve.attestation.tdx_pck import (
     verify_pck_chain,
 )
 from sealserve.attestation.tdx_quote import TdxQuote
+from sealserve.attestation.tdx_tcb import evaluate_collateral
 from sealserve.errors import VerificationError
 
 __all__ = ["TdxCollateral", "TdxQuote", "tdx_fields", "verify_tdx", "verify_tdx_at_time"]

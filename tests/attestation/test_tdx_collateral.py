@@ -24,11 +24,10 @@ from sealserve.attestation.tdx_collateral import (
     QeIdentity,
     TcbInfo,
     TdxCollateral,
-    check_crls,
     load_crl,
-    verify_collateral_signatures,
 )
 from sealserve.attestation.tdx_pck import PckChain
+from sealserve.attestation.tdx_tcb import check_crls, verify_collateral_signatures
 from sealserve.errors import EvidenceFormatError, VerificationError
 
 from ._tdx_util import GO, NOW, NOW_2023, NOW_2026_02, TRUSTEE, raw
