@@ -30,9 +30,7 @@ import hashlib
 import hmac
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealserve.attestation.claims import Check, Claims, Platform
 from sealserve.attestation.tdx_collateral import TdxCollateral
@@ -43,26 +41,13 @@ from sealserve.attestation.tdx_pck import (
     intel_sgx_root_ca,
     pck_extension,
     verify_pck_chain,
+    verify_raw_p256,
 )
 from sealserve.attestation.tdx_quote import TdxQuote
 from sealserve.attestation.tdx_tcb import evaluate_collateral
 from sealserve.errors import VerificationError
 
 __all__ = ["TdxCollateral", "TdxQuote", "tdx_fields", "verify_tdx", "verify_tdx_at_time"]
-
-
-def _ecdsa_p256_verify(
-    public_key: ec.EllipticCurvePublicKey, signature: bytes, data: bytes
-) -> bool:
-    """Verify a DCAP-style signature (raw 32-byte big-endian r || s) with SHA-256."""
-    der = utils.encode_dss_signature(
-        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:64], "big")
-    )
-    try:
-        public_key.verify(der, data, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
 
 
 def tdx_fields(quote: TdxQuote, chain: PckChain, pck: PckExtension) -> dict[str, Any]:
@@ -136,9 +121,7 @@ def verify_tdx_at_time(
     ]
     # 3. The QE report is signed by the PCK key.
     pck_key = chain.leaf.public_key()
-    if not isinstance(pck_key, ec.EllipticCurvePublicKey) or not _ecdsa_p256_verify(
-        pck_key, quote.qe_report_signature, quote.qe_report.raw
-    ):
+    if not verify_raw_p256(pck_key, quote.qe_report_signature, quote.qe_report.raw):
         raise VerificationError(
             "qe_report_signature: the QE report is not signed by the PCK certificate's key",
             check="qe_report_signature",
@@ -162,7 +145,7 @@ def verify_tdx_at_time(
         raise VerificationError(
             "quote_signature: the attestation key is not a P-256 point", check="quote_signature"
         ) from exc
-    if not _ecdsa_p256_verify(att_key, quote.quote_signature, quote.signed_data):
+    if not verify_raw_p256(att_key, quote.quote_signature, quote.signed_data):
         raise VerificationError(
             "quote_signature: the quote (header and TD report) is not signed by the "
             "attestation key",

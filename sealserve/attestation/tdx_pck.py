@@ -17,6 +17,8 @@ from importlib import resources
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification as x509v
 from cryptography.x509.oid import NameOID
@@ -62,6 +64,25 @@ def intel_sgx_root_ca() -> x509.Certificate:
             "pck_chain: the Intel SGX Root CA is not self-signed", check="pck_chain"
         ) from exc
     return root
+
+
+def verify_raw_p256(public_key: object, signature: bytes, data: bytes) -> bool:
+    """Check an Intel DCAP signature: 64 bytes of big-endian r || s, ECDSA P-256 with
+    SHA-256. Returns False for a bad signature or a key that is not P-256."""
+    if (
+        not isinstance(public_key, ec.EllipticCurvePublicKey)
+        or not isinstance(public_key.curve, ec.SECP256R1)
+        or len(signature) != 64
+    ):
+        return False
+    der = utils.encode_dss_signature(
+        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
+    )
+    try:
+        public_key.verify(der, data, ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        return False
+    return True
 
 
 def common_name(name: x509.Name) -> str:

@@ -14,9 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec, utils
+from cryptography.hazmat.primitives.asymmetric import ec
 
 from sealserve.attestation.claims import Check
 from sealserve.attestation.tdx_collateral import (
@@ -41,22 +39,10 @@ from sealserve.attestation.tdx_pck import (
     check_validity,
     common_name,
     verify_chain,
+    verify_raw_p256,
 )
 from sealserve.attestation.tdx_quote import BODY_TYPE_TD15, QeReport, TdxQuote
 from sealserve.errors import VerificationError
-
-
-def _ecdsa_ok(public_key: Any, signature: bytes, data: bytes) -> bool:
-    if not isinstance(public_key, ec.EllipticCurvePublicKey) or len(signature) != 64:
-        return False
-    der = utils.encode_dss_signature(
-        int.from_bytes(signature[:32], "big"), int.from_bytes(signature[32:], "big")
-    )
-    try:
-        public_key.verify(der, data, ec.ECDSA(hashes.SHA256()))
-    except InvalidSignature:
-        return False
-    return True
 
 
 def verify_collateral_signatures(
@@ -82,7 +68,7 @@ def verify_collateral_signatures(
         ) from exc
     verify_chain(leaf, intermediates, root=root, now=now, check="collateral_signature")
     for name, body, signature in signed:
-        if not _ecdsa_ok(leaf.public_key(), signature, body):
+        if not verify_raw_p256(leaf.public_key(), signature, body):
             raise VerificationError(
                 f"collateral_signature: the {name} signature does not verify with "
                 f"'{common_name(leaf.subject)}'",
@@ -106,7 +92,9 @@ def _check_one_crl(
             f"'{common_name(issuer.subject)}'",
             check="crl",
         )
-    if not crl.is_signature_valid(issuer.public_key()):  # type: ignore[arg-type]
+    key = issuer.public_key()
+    # Intel's CAs are all ECDSA P-256; anything else cannot have signed an Intel CRL.
+    if not isinstance(key, ec.EllipticCurvePublicKey) or not crl.is_signature_valid(key):
         raise VerificationError(
             f"crl: the {what} signature does not verify with '{common_name(issuer.subject)}'",
             check="crl",
