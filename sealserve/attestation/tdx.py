@@ -157,6 +157,7 @@ def verify_tdx_at_time(
     fields = tdx_fields(quote, chain, pck)
     # 6. Collateral: CRLs, QE identity, TCB status (each only as far as supplied).
     if collateral is None:
+        checks.append(Check("crl", None, "not checked: no collateral supplied"))
         checks.append(Check("tcb_status", None, "not evaluated: no collateral supplied"))
     else:
         extra_fields, extra_checks = evaluate_collateral(

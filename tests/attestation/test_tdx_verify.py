@@ -53,6 +53,7 @@ def test_genuine_quote_verifies_and_decodes_to_expected_fields(name: str) -> Non
     assert all(c.passed is not False for c in claims.checks)
     tcb = next(c for c in claims.checks if c.name == "tcb_status")
     assert tcb.passed is None and "no collateral" in tcb.detail
+    assert next(c for c in claims.checks if c.name == "crl").passed is None
 
 
 @pytest.mark.parametrize("name", TAMPERED)
