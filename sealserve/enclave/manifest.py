@@ -109,7 +109,7 @@ class WorkloadManifest:
                 models=tuple(
                     ModelMeasurement(
                         str(x["name"]), str(x["version"]), str(x["sha256"]), x.get("key_id")
-                    )  # fmt: skip
+                    )
                     for x in obj["models"]
                 ),
                 defenses=dict(obj.get("defenses", {})),
