@@ -30,6 +30,8 @@ from sealserve.errors import ConfigError, InputError
 
 KEYGEN_ALGORITHMS: tuple[str, ...] = ("ES256", "ES384", "EdDSA", "RS256", "PS256")
 MAX_TTL = timedelta(days=366)
+_TTL_REMEDY = "Give a duration such as 90s, 15m, 1h or 7d."
+_ISSUE_REMEDY = "Give a non-empty subject, known scopes and a positive ttl."
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey | ed25519.Ed25519PrivateKey
 
@@ -95,9 +97,9 @@ def parse_ttl(text: str) -> timedelta:
     try:
         seconds = float(number) * (factor or 1)
     except ValueError as exc:
-        raise InputError(f"not a duration: {text!r} (use e.g. 90s, 15m, 1h, 7d)") from exc
+        raise InputError(f"not a duration: {text!r}", remedy=_TTL_REMEDY) from exc
     if not 0 < seconds <= MAX_TTL.total_seconds():
-        raise InputError(f"duration {text!r} must be positive and at most 366 days")
+        raise InputError(f"duration {text!r} is not in (0, 366 days]", remedy=_TTL_REMEDY)
     return timedelta(seconds=seconds)
 
 
@@ -213,13 +215,14 @@ class TokenIssuer:
         seconds = ttl.total_seconds() if isinstance(ttl, timedelta) else float(ttl)
         scope_list = sorted(set(scopes))
         if not sub:
-            raise InputError("a token needs a subject (account)")
+            raise InputError("a token needs a subject (account)", remedy=_ISSUE_REMEDY)
         if seconds <= 0:
-            raise InputError("a token's ttl must be positive")
+            raise InputError("a token's ttl must be positive", remedy=_ISSUE_REMEDY)
         unknown = set(scope_list) - SCOPES
         if unknown:
             raise InputError(
-                f"unknown scope(s) {', '.join(sorted(unknown))}; use {', '.join(sorted(SCOPES))}"
+                f"unknown scope(s) {', '.join(sorted(unknown))}; use {', '.join(sorted(SCOPES))}",
+                remedy=_ISSUE_REMEDY,
             )
         issued = int(now)
         claims: dict[str, Any] = dict(extra_claims or {})
