@@ -59,7 +59,7 @@ def register(subparsers: Any) -> None:
     issue.set_defaults(func=_issue)
 
     inspect = sub.add_parser("inspect", help="show a token's header and claims (UNVERIFIED)")
-    inspect.add_argument("token", help="the token, or '-' to read it from stdin")
+    inspect.add_argument("value", metavar="TOKEN", help="the token, or '-' to read it from stdin")
     inspect.set_defaults(func=_inspect)
 
 
@@ -125,7 +125,7 @@ def _issue(args: argparse.Namespace) -> int:
 def _inspect(args: argparse.Namespace) -> int:
     import jwt
 
-    raw = sys.stdin.read().strip() if args.token == "-" else args.token.strip()
+    raw = sys.stdin.read().strip() if args.value == "-" else args.value.strip()
     if raw.lower().startswith("bearer "):
         raw = raw[7:].strip()
     try:
