@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import threading
 from collections.abc import Iterator
@@ -25,9 +26,15 @@ TOS = "2026-01"
 NOW = 1_800_000_000.0
 
 
+@functools.cache
+def _rsa_pem() -> bytes:
+    # RSA-3072 generation takes about a second: make one per test session.
+    return generate_keypair("RS256")[0]
+
+
 def make_issuer(alg: str = "ES256", *, issuer: str = ISS, audience: str = AUD) -> TokenIssuer:
-    pem, _ = generate_keypair(alg)
-    return TokenIssuer.from_pem(pem, issuer=issuer, audience=audience)
+    pem = _rsa_pem() if alg in ("RS256", "PS256") else generate_keypair(alg)[0]
+    return TokenIssuer.from_pem(pem, issuer=issuer, audience=audience, algorithm=alg)
 
 
 def make_settings(*issuers: str, **overrides: Any) -> AuthSettings:
@@ -113,7 +120,9 @@ class LoopbackServer:
         self._server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        threading.Thread(target=self._server.serve_forever, daemon=True).start()
+        threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        ).start()
 
     def stop(self) -> None:
         if self._server is not None:
