@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import threading
@@ -82,6 +83,11 @@ def auth(issuer: TokenIssuer) -> Authenticator:
     return Authenticator(make_settings(), sources={ISS: StaticJwksSource(issuer.jwks())})
 
 
+@dataclasses.dataclass(frozen=True)
+class Redirect:
+    location: str
+
+
 class LoopbackServer:
     """An HTTP server on 127.0.0.1 that serves JSON routes and records every hit.
 
@@ -106,6 +112,11 @@ class LoopbackServer:
                     body = owner.routes.get(self.path)
                 if body is None:
                     self.send_error(404)
+                    return
+                if isinstance(body, Redirect):
+                    self.send_response(302)
+                    self.send_header("Location", body.location)
+                    self.end_headers()
                     return
                 data = body if isinstance(body, bytes) else json.dumps(body).encode()
                 self.send_response(200)

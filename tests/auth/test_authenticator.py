@@ -108,7 +108,9 @@ def test_key_of_another_trusted_issuer_is_refused() -> None:
     assert info.value.message == INVALID_TOKEN_MESSAGE
     assert "not in the JWKS of 'https://b.test'" in info.value.log_detail
     for iss in (a, b):
-        assert auth.authenticate_at_time(f"Bearer {good_token(iss)}", required_scope="infer", now=NOW)
+        assert auth.authenticate_at_time(
+            f"Bearer {good_token(iss)}", required_scope="infer", now=NOW
+        )
 
 
 def test_cache_hit_skips_signature_verification(
