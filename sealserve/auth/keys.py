@@ -137,13 +137,16 @@ def _parse_one(entry: Any, into: dict[str, VerificationKey]) -> str:
         return f"kid {kid!r}: the JWKS holds a private key; refusing it"
     if kid in into:
         return f"kid {kid!r}: duplicate kid"
+    declared = entry.get("alg")
+    if declared is not None and declared not in SUPPORTED_ALGORITHMS:
+        return f"kid {kid!r}: no acceptable algorithm for this key (alg={declared!r})"
     try:
+        # PyJWK builds the key for the declared alg, so a mismatched alg fails here.
         jwk = jwt.PyJWK.from_dict(entry)
         fingerprint = jwk_thumbprint(entry)
     except (jwt.PyJWKError, jwt.InvalidKeyError, ConfigError, ValueError, TypeError) as exc:
         return f"kid {kid!r}: {exc}"
     algorithms = allowed_algorithms_for(jwk.key)
-    declared = entry.get("alg")
     if declared is not None:
         algorithms = algorithms & {declared}
     algorithms &= SUPPORTED_ALGORITHMS
