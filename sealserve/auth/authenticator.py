@@ -269,9 +269,12 @@ class Authenticator:
 
     def _verify(self, token: str, now: float) -> _Verified:
         try:
-            header = jwt.get_unverified_header(token)
-            # Only to route to the issuer's keys; the same claim is verified below.
-            unverified = jwt.decode(token, options={"verify_signature": False})
+            # Only to pick the issuer's key; every claim is verified below. One parse
+            # for header and payload: PyJWT's base64 checks dominate a cold verify.
+            parsed = jwt.decode_complete(token, options={"verify_signature": False})
+            header, unverified = parsed["header"], parsed["payload"]
+            if not isinstance(header, dict) or not isinstance(unverified, dict):
+                raise TypeError("header or payload is not a JSON object")
         except Exception as exc:  # PyJWT on hostile input: any failure is "invalid"
             raise _invalid(f"malformed token: {type(exc).__name__}: {exc}") from exc
         alg = header.get("alg")

@@ -108,6 +108,7 @@ def test_oversized_token_refused_before_parsing(
 
     monkeypatch.setattr(jwt, "get_unverified_header", must_not_parse)
     monkeypatch.setattr(jwt, "decode", must_not_parse)
+    monkeypatch.setattr(jwt, "decode_complete", must_not_parse)
     big = good_token(issuer, extra_claims={"pad": "x" * 9000})
     for header in (f"Bearer {big}", "Bearer " + "A" * 100_000):
         with pytest.raises(AuthenticationError) as info:
