@@ -11,6 +11,7 @@ import ipaddress
 import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from sealserve.errors import ConfigError
 
@@ -171,3 +172,22 @@ class AuthSettings:
             raise ConfigError("jwks_fetch_timeout_seconds must be in (0, 30]")
         if self.jwks_max_stale_seconds < self.jwks_refresh_seconds:
             raise ConfigError("jwks_max_stale_seconds must be at least jwks_refresh_seconds")
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-friendly summary for the workload manifest (no secrets, no paths).
+
+        Auditors read the enforced terms version, issuers, audience and algorithms here.
+        """
+        return {
+            "issuers": sorted(i.issuer for i in self.issuers),
+            "audience": self.audience,
+            "required_tos_version": self.required_tos_version,
+            "tos_claim": self.tos_claim,
+            "tier_claim": self.tier_claim,
+            "scope_claim": self.scope_claim,
+            "algorithms": sorted(self.algorithms),
+            "leeway_seconds": self.leeway_seconds,
+            "default_tier": self.default_tier,
+            "allowed_tiers": sorted(self.allowed_tiers) if self.allowed_tiers else None,
+            "max_token_bytes": self.max_token_bytes,
+        }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import jwt
@@ -268,3 +269,12 @@ def test_issuer_settings_are_validated(kwargs: dict[str, Any], message: str) -> 
 def test_authenticator_needs_a_source_per_issuer() -> None:
     with pytest.raises(ConfigError, match="no key source for issuer"):
         Authenticator(make_settings(), sources={})
+
+
+def test_describe_for_the_manifest() -> None:
+    described = make_settings().describe()
+    assert described["required_tos_version"] == TOS
+    assert described["tos_claim"] == "sealserve_tos"
+    assert described["issuers"] == [ISS]
+    assert described["algorithms"] == ["ES256", "EdDSA", "RS256"]
+    json.dumps(described)  # JSON-friendly

@@ -15,6 +15,8 @@ from typing import Any
 import jwt
 import pytest
 from cryptography.hazmat.primitives import serialization
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from sealserve.auth import (
     INVALID_TOKEN_MESSAGE,
@@ -22,6 +24,11 @@ from sealserve.auth import (
     InMemoryRevocationList,
     StaticJwksSource,
     TokenIssuer,
+)
+from sealserve.auth.authenticator import (
+    EMPTY_TOKEN_MESSAGE,
+    MISSING_HEADER_MESSAGE,
+    WRONG_SCHEME_MESSAGE,
 )
 from sealserve.errors import AuthenticationError, PermissionDeniedError
 from tests.auth.conftest import (
@@ -34,6 +41,13 @@ from tests.auth.conftest import (
     make_issuer,
     make_settings,
 )
+
+FIXED_MESSAGES = {
+    INVALID_TOKEN_MESSAGE,
+    MISSING_HEADER_MESSAGE,
+    WRONG_SCHEME_MESSAGE,
+    EMPTY_TOKEN_MESSAGE,
+}
 
 
 def refused_opaque(auth: Authenticator, header: str | None, detail: str) -> None:
@@ -307,3 +321,19 @@ def test_server_keeps_serving_after_bad_input(auth: Authenticator, issuer: Token
         f"Bearer {good_token(issuer)}", required_scope="infer", now=NOW
     )
     assert principal.account == "alice"
+
+
+@settings(
+    max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    st.one_of(st.text(max_size=300), st.binary(max_size=300).map(lambda b: b64(b) + "." + b64(b)))
+)
+def test_fuzzed_headers_only_ever_raise_auth_errors(auth: Authenticator, value: str) -> None:
+    for header in (value, f"Bearer {value}"):
+        try:
+            auth.authenticate_at_time(header, required_scope="infer", now=NOW)
+        except AuthenticationError as exc:
+            assert exc.message in FIXED_MESSAGES or exc.message.startswith("token too large")
+        else:
+            raise AssertionError("a fuzzed header was accepted")
