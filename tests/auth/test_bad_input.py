@@ -221,6 +221,20 @@ def test_issued_in_the_future(auth: Authenticator, issuer: TokenIssuer) -> None:
     refused_opaque(auth, f"Bearer {token}", "issued in the future")
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", '"9999999999"', "true"])
+def test_time_claims_must_be_finite_numbers(
+    auth: Authenticator, issuer: TokenIssuer, value: str
+) -> None:
+    # json.dumps cannot write NaN as a claim value without help: splice it in.
+    payload = json.dumps(claims(exp=123456789)).replace("123456789", value)
+    header = {"alg": "ES256", "kid": issuer.kid, "typ": "JWT"}
+    token = jwt.api_jws.encode(payload.encode(), issuer._key, algorithm="ES256", headers=header)
+    with pytest.raises(AuthenticationError) as info:
+        auth.authenticate_at_time(f"Bearer {token}", required_scope="infer", now=NOW)
+    assert info.value.message == INVALID_TOKEN_MESSAGE
+    assert "'exp' is not a finite number" in info.value.log_detail
+
+
 def test_wrong_issuer(auth: Authenticator, issuer: TokenIssuer) -> None:
     refused_opaque(auth, f"Bearer {sign(issuer, claims(iss='https://evil.test'))}", "not trusted")
 
