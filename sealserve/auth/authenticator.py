@@ -278,10 +278,10 @@ class Authenticator:
             if not isinstance(header, dict) or not isinstance(unverified, dict):
                 raise TypeError("header or payload is not a JSON object")
         except Exception as exc:  # PyJWT on hostile input: any failure is "invalid"
-            raise _invalid(f"malformed token: {type(exc).__name__}: {exc}") from exc
+            raise _invalid(f"malformed token: {type(exc).__name__}: {str(exc)[:200]}") from exc
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
-            raise _invalid(f"algorithm {alg!r} is not accepted")
+            raise _invalid(f"algorithm {str(alg)[:40]!r} is not accepted")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise _invalid("token header has no 'kid'")
@@ -317,7 +317,7 @@ class Authenticator:
                 },
             )
         except Exception as exc:  # see above
-            raise _invalid(f"verification failed: {type(exc).__name__}: {exc}") from exc
+            raise _invalid(f"verification failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
         exp = _numeric(claims, "exp")
         iat = _numeric(claims, "iat")
         nbf = _numeric(claims, "nbf")
