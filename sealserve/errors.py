@@ -74,7 +74,15 @@ class NotFoundError(InputError):
 
 
 class AuthError(SealserveError):
-    """Identity problems. Clients see an opaque message; details go to the log."""
+    """Identity problems. Clients see an opaque message; details go to the log.
+
+    ``message`` is safe to send to the client. ``log_detail`` says which check failed
+    and why, for the server's log only (it never holds the token itself).
+    """
+
+    def __init__(self, message: str, *, log_detail: str = "", remedy: str | None = None) -> None:
+        super().__init__(message, remedy=remedy)
+        self.log_detail = log_detail or message
 
 
 class AuthenticationError(AuthError):

@@ -21,6 +21,7 @@ from sealserve.errors import SealserveError
 SUBCOMMANDS: tuple[str, ...] = (
     "serve",
     "demo",
+    "token",
 )
 
 EXIT_OK = 0
