@@ -52,6 +52,10 @@ _INVALID_REMEDY = "Obtain a new token from your issuer and retry."
 _REQUIRED_CLAIMS = ["iss", "aud", "exp", "iat", "sub", "jti"]
 
 
+class KeyRefreshNeeded(AuthenticationError):
+    """Internal signal: verifying this token may need a (blocking) JWKS fetch."""
+
+
 def _invalid(detail: str) -> AuthenticationError:
     return AuthenticationError(INVALID_TOKEN_MESSAGE, log_detail=detail, remedy=_INVALID_REMEDY)
 
@@ -185,7 +189,9 @@ class Authenticator:
     ) -> None:
         self.close()
 
-    def authenticate(self, authorization: str | None, *, required_scope: str) -> Principal:
+    def authenticate(
+        self, authorization: str | None, *, required_scope: str, may_block: bool = True
+    ) -> Principal:
         """Verify the ``authorization`` header value and check ``required_scope``.
 
         Raises:
@@ -195,21 +201,31 @@ class Authenticator:
                 scope missing.
             UnavailableError: the revocation list cannot be read (fail closed).
             ConfigError: ``required_scope`` is not a known scope (a server bug).
+            KeyRefreshNeeded: only with ``may_block=False``: the token names a key id
+                that is not cached, and fetching the issuer's JWKS could block. Call
+                again with ``may_block=True`` off the event loop.
         """
         return self.authenticate_at_time(
-            authorization, required_scope=required_scope, now=self._clock()
+            authorization, required_scope=required_scope, now=self._clock(), may_block=may_block
         )
 
     def authenticate_at_time(
-        self, authorization: str | None, *, required_scope: str, now: float
+        self,
+        authorization: str | None,
+        *,
+        required_scope: str,
+        now: float,
+        may_block: bool = True,
     ) -> Principal:
         """:meth:`authenticate` with the wall clock (seconds since the epoch) given."""
         if required_scope not in SCOPES:
             raise ConfigError(f"unknown scope {required_scope!r}")
         try:
             token = self._token_from_header(authorization)
-            principal = self._principal_at_time(token, now)
+            principal = self._principal_at_time(token, now, may_block)
             self._authorize(principal, required_scope)
+        except KeyRefreshNeeded:
+            raise
         except (AuthenticationError, PermissionDeniedError) as exc:
             logger.info("auth refused (%s): %s", type(exc).__name__, exc.log_detail)
             raise
@@ -242,7 +258,7 @@ class Authenticator:
             log_detail=f"token of {size} bytes exceeds the {limit}-byte limit",
         )
 
-    def _principal_at_time(self, token: str, now: float) -> Principal:
+    def _principal_at_time(self, token: str, now: float, may_block: bool = True) -> Principal:
         digest = hashlib.sha256(token.encode("ascii")).digest()
         entry = self._cache.get(digest)
         if entry is not None:
@@ -255,7 +271,7 @@ class Authenticator:
                 self._check_times(entry.exp, entry.nbf, entry.iat, now)
                 return entry.principal
             self._cache.discard(digest)
-        verified = self._verify(token, now)
+        verified = self._verify(token, now, may_block)
         self._cache.put(digest, verified)
         return verified.principal
 
@@ -269,7 +285,7 @@ class Authenticator:
         if iat > now + leeway:
             raise _invalid(f"token issued in the future at {iat:.0f} (now {now:.0f})")
 
-    def _verify(self, token: str, now: float) -> _Verified:
+    def _verify(self, token: str, now: float, may_block: bool = True) -> _Verified:
         try:
             # Only to pick the issuer's key; every claim is verified below. One parse
             # for header and payload: PyJWT's base64 checks dominate a cold verify.
@@ -291,6 +307,10 @@ class Authenticator:
             raise _invalid(f"issuer {str(iss)[:200]!r} is not trusted")
         assert isinstance(iss, str)
         key = source.get(kid)
+        if key is None and not may_block:
+            raise KeyRefreshNeeded(
+                INVALID_TOKEN_MESSAGE, log_detail=f"kid {kid[:100]!r} not cached"
+            )
         if key is None:
             source.refresh_for_unknown_kid()
             key = source.get(kid)

@@ -26,34 +26,67 @@ def run(args: argparse.Namespace) -> int:
     return asyncio.run(_demo(args.requests))
 
 
+ISSUER = "https://issuer.demo.sealserve.invalid"
+TOS_VERSION = "2026-11"
+
+
 def _say(step: str, text: str) -> None:
     print(f"[{step}] {text}", flush=True)
 
 
 async def _demo(n: int) -> int:
     import asyncio
+    import json
+    import shutil
+    import tempfile
+    from pathlib import Path
 
     import numpy as np
 
     from sealserve import demo
+    from sealserve.auth import TokenIssuer, generate_keypair
     from sealserve.client import AsyncClient
-    from sealserve.errors import InputError
+    from sealserve.errors import AuthenticationError, InputError
     from sealserve.server.app import Server
     from sealserve.server.logs import configure
     from sealserve.server.settings import Settings
 
     configure("text", "warning")
-    settings = Settings.load(None, port=0, model_repository=demo.repository())
+    tmp = Path(tempfile.mkdtemp(prefix="sealserve-demo-"))
+    # The operator's token issuer: a signing key kept in memory; only the public JWKS
+    # is written to disk, for the server to read.
+    key_pem, jwks = generate_keypair("ES256")
+    (tmp / "jwks.json").write_text(json.dumps(jwks))
+    auth = {
+        "audience": "sealserve-demo",
+        "required_tos_version": TOS_VERSION,
+        "issuers": [{"issuer": ISSUER, "jwks_file": str(tmp / "jwks.json")}],
+    }
+    settings = Settings.load(None, port=0, model_repository=demo.repository(), auth=auth)
+    issuer = TokenIssuer.from_pem(key_pem, issuer=ISSUER, audience="sealserve-demo")
+    token = issuer.issue(
+        "alice", tier="standard", scopes=["infer", "metadata"], tos_version=TOS_VERSION,
+        ttl=3600,
+    )  # fmt: skip
     server = Server(settings)
     port = await server.start()
     assert server.tls is not None
     _say("server", f"listening on 127.0.0.1:{port} with an in-memory TLS key")
     _say("server", f"TLS public key (SPKI) sha256 {server.tls.spki_sha256}")
+    _say("server", f"tokens from issuer '{ISSUER}' required; terms of service {TOS_VERSION}")
     x, y = demo.holdout()
     n = max(1, min(n, len(x)))
     try:
         async with AsyncClient(
             f"127.0.0.1:{port}", root_certificates=server.tls.cert_pem
+        ) as anonymous:
+            try:
+                await anonymous.infer("digits", {"input": x[:1]})
+            except AuthenticationError as exc:
+                _say("client", f"request without a token refused: {exc.message}")
+        _say("client", "account 'alice' holds a token (scopes infer, metadata)")
+        async with AsyncClient(
+            f"127.0.0.1:{port}", root_certificates=server.tls.cert_pem, token=token
         ) as client:
             _say("client", f"server ready: {await client.server_ready()}")
             meta = await client.model_metadata("digits")
@@ -80,5 +113,6 @@ async def _demo(n: int) -> int:
             _say("client", f"server still serving: digit {int(again['label'][0])}")
     finally:
         await server.stop(grace=1.0)
+        shutil.rmtree(tmp, ignore_errors=True)
     _say("done", "demo finished")
     return 0

@@ -16,6 +16,9 @@ from grpc_reflection.v1alpha import reflection
 from sealserve._proto import POOL
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
+from sealserve.auth import Authenticator
+from sealserve.auth.revocation import FileRevocationList
+from sealserve.server.auth_interceptor import AuthInterceptor
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.engine import Engine
 from sealserve.server.metrics import Metrics
@@ -40,7 +43,13 @@ def _ensure_health_in_pool() -> None:
 class Server:
     """A sealserve gRPC server. ``await start()``, then ``await wait()`` or ``stop()``."""
 
-    def __init__(self, settings: Settings, *, entries: list[ModelEntry] | None = None) -> None:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        entries: list[ModelEntry] | None = None,
+        authenticator: Authenticator | None = None,
+    ) -> None:
         self.settings = settings
         self.metrics = Metrics()
         self.engine = Engine(self.metrics, threads=settings.engine.intra_op_threads)
@@ -53,13 +62,29 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.tls: TlsIdentity | None = None
         self.port = 0
+        if authenticator is None and not settings.unsafe_disable_auth:
+            auth_settings = settings.auth_settings()
+            assert auth_settings is not None  # Settings guarantees auth or unsafe flag
+            authenticator = Authenticator.from_settings(
+                auth_settings,
+                revocation=(
+                    FileRevocationList(auth_settings.revocation_file)
+                    if auth_settings.revocation_file
+                    else None
+                ),
+            )
+        self.authenticator = authenticator
+        interceptors = []
+        if authenticator is not None:
+            interceptors.append(AuthInterceptor(authenticator, self.metrics))
         limit = settings.max_request_bytes + (1 << 20)
         self._server = grpc.aio.server(
+            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
-            ]
+            ],
         )
 
     async def start(self) -> int:
@@ -68,6 +93,10 @@ class Server:
         Raises ConfigError for a bad repository, model or TLS file.
         """
         s = self.settings
+        if self.authenticator is not None:
+            self.authenticator.start()
+        else:
+            log.warning("authentication is OFF (unsafe_disable_auth): anyone may call every RPC")
         entries = (
             self._entries if self._entries is not None else scan_repository(s.model_repository)
         )
@@ -116,6 +145,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self.engine.close()
+        if self.authenticator is not None:
+            self.authenticator.close()
 
     def write_ready_file(self, path: Path) -> None:
         """Write {host, port, tls certificate} for local tools and tests (no secrets)."""

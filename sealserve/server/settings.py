@@ -19,6 +19,7 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
+from sealserve.auth.settings import AuthSettings, IssuerSettings
 from sealserve.errors import ConfigError
 
 
@@ -67,6 +68,17 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineSettings = EngineSettings()
     server_name: str = Field(default="sealserve", description="Name in ServerMetadata.")
+    auth: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "Bearer-token verification ([auth] table; keys as in docs/auth.md: audience, "
+            "required_tos_version, [[auth.issuers]] with jwks_file or jwks_url, ...)."
+        ),
+    )
+    unsafe_disable_auth: bool = Field(
+        default=False,
+        description="Serve without authentication. Local experiments only; logged loudly.",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -74,7 +86,45 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.unsafe_plaintext and self.tls_cert_file is not None:
             raise ValueError("unsafe_plaintext and tls_cert_file are mutually exclusive")
+        if self.auth is None and not self.unsafe_disable_auth:
+            raise ValueError(
+                "authentication is required: configure [auth] (see docs/auth.md), or set "
+                "unsafe_disable_auth = true for a local experiment"
+            )
+        if self.auth is not None and self.unsafe_disable_auth:
+            raise ValueError("[auth] and unsafe_disable_auth are mutually exclusive")
+        if self.auth is not None:
+            try:
+                self.auth_settings()
+            except ConfigError as exc:
+                raise ValueError(f"[auth]: {exc.message}") from exc
         return self
+
+    def auth_settings(self) -> AuthSettings | None:
+        """The [auth] table as :class:`AuthSettings`; raises ConfigError if invalid."""
+        if self.auth is None:
+            return None
+        data = dict(self.auth)
+        issuers = data.pop("issuers", [])
+        if not isinstance(issuers, list) or not all(isinstance(i, dict) for i in issuers):
+            raise ConfigError("auth.issuers must be a list of tables ([[auth.issuers]])")
+        try:
+            built = tuple(
+                IssuerSettings(
+                    **{**i, "jwks_file": Path(i["jwks_file"]) if "jwks_file" in i else None}
+                )
+                for i in issuers
+            )
+            if "revocation_file" in data:
+                data["revocation_file"] = Path(data["revocation_file"])
+            for key in ("algorithms",):
+                if key in data:
+                    data[key] = tuple(data[key])
+            if data.get("allowed_tiers") is not None:
+                data["allowed_tiers"] = frozenset(data["allowed_tiers"])
+            return AuthSettings(issuers=built, **data)
+        except TypeError as exc:
+            raise ConfigError(f"unknown or missing auth setting: {exc}") from exc
 
     @classmethod
     def settings_customise_sources(
@@ -110,13 +160,37 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             where = f"{path}: " if path else ""
             raise ConfigError(where + format_validation_error(exc)) from exc
-        if path is not None and not settings.model_repository.is_absolute():
-            # Relative paths in a config file are relative to that file.
-            base = path.resolve().parent
-            settings = settings.model_copy(
-                update={"model_repository": base / settings.model_repository}
-            )
+        if path is not None:
+            settings = settings._relative_to(path.resolve().parent)
         return settings
+
+    def _relative_to(self, base: Path) -> Settings:
+        # Relative paths in a config file are relative to that file.
+        update: dict[str, Any] = {}
+        if not self.model_repository.is_absolute():
+            update["model_repository"] = base / self.model_repository
+        for key in ("tls_cert_file", "tls_key_file"):
+            value = getattr(self, key)
+            if value is not None and not value.is_absolute():
+                update[key] = base / value
+        if self.auth is not None:
+            auth = dict(self.auth)
+            if "revocation_file" in auth and not Path(auth["revocation_file"]).is_absolute():
+                auth["revocation_file"] = str(base / auth["revocation_file"])
+            issuers = []
+            for i in auth.get("issuers", []):
+                i = dict(i) if isinstance(i, dict) else i
+                if (
+                    isinstance(i, dict)
+                    and "jwks_file" in i
+                    and not Path(i["jwks_file"]).is_absolute()
+                ):
+                    i["jwks_file"] = str(base / i["jwks_file"])
+                issuers.append(i)
+            if "issuers" in auth:
+                auth["issuers"] = issuers
+            update["auth"] = auth
+        return self.model_copy(update=update) if update else self
 
     def effective(self) -> dict[str, Any]:
         """The settings as a JSON-able dict without secrets (for the workload manifest)."""

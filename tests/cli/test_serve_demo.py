@@ -27,7 +27,7 @@ def test_demo_runs_end_to_end() -> None:
 
 def test_serve_with_bad_config_exits_with_message(tmp_path: Path) -> None:
     cfg = tmp_path / "bad.toml"
-    cfg.write_text("port = 99999999\n")
+    cfg.write_text("port = 99999999\nunsafe_disable_auth = true\n")
     out = subprocess.run(
         sealserve_cmd("serve", "--config", str(cfg)),
         env=sealserve_env(),

@@ -31,7 +31,9 @@ class Running:
 def start_server() -> Iterator[Any]:
     started: list[tuple[Running, threading.Thread]] = []
 
-    def _start(**overrides: Any) -> Running:
+    def _start(authenticator: Any = None, **overrides: Any) -> Running:
+        if "auth" not in overrides and authenticator is None:
+            overrides.setdefault("unsafe_disable_auth", True)
         settings = Settings.load(None, port=0, **overrides)
         loop = asyncio.new_event_loop()
         server_box: dict[str, Any] = {}
@@ -42,7 +44,7 @@ def start_server() -> Iterator[Any]:
 
             async def boot() -> None:
                 try:
-                    server = Server(settings)
+                    server = Server(settings, authenticator=authenticator)
                     await server.start()
                     server_box["server"] = server
                 except BaseException as exc:  # surfaced to the test below

@@ -13,7 +13,9 @@ from tests.server import models
 
 
 def test_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> None:
-    s = Settings.load(None)
+    with pytest.raises(ConfigError, match="authentication is required"):
+        Settings.load(None)
+    s = Settings.load(None, unsafe_disable_auth=True)
     assert s.host == "127.0.0.1"
     assert s.unsafe_plaintext is False
     with pytest.raises(Exception, match="frozen"):
@@ -22,7 +24,10 @@ def test_defaults_are_safe(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_toml_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     cfg = tmp_path / "s.toml"
-    cfg.write_text('port = 9100\nmodel_repository = "repo"\n[engine]\nintra_op_threads = 2\n')
+    cfg.write_text(
+        'port = 9100\nmodel_repository = "repo"\nunsafe_disable_auth = true\n'
+        "[engine]\nintra_op_threads = 2\n"
+    )
     s = Settings.load(cfg)
     assert s.port == 9100 and s.engine.intra_op_threads == 2
     assert s.model_repository == tmp_path / "repo"  # relative to the config file
@@ -44,7 +49,7 @@ def test_toml_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:
     cfg = tmp_path / "bad.toml"
-    cfg.write_text(text)
+    cfg.write_text(text + ("" if "[" in text else "unsafe_disable_auth = true\n"))
     with pytest.raises(ConfigError) as info:
         Settings.load(cfg)
     assert message in info.value.message

@@ -32,6 +32,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     cfg = tmp / "sealserve.toml"
     cfg.write_text(
         f'model_repository = "{repo}"\nport = 0\nunsafe_plaintext = true\nlog_format = "text"\n'
+        "unsafe_disable_auth = true\n"
     )
     ready = tmp / "ready.json"
     proc = subprocess.Popen(
