@@ -54,11 +54,13 @@ def test_scopes_enforced_per_rpc(start_server: Any, repo: Path, issuer_and_auth:
         assert c.model_metadata("digits").name == "digits"
         with pytest.raises(PermissionDeniedError, match="infer"):
             c.infer("digits", x)
-    with Client(
-        running.target, unsafe_plaintext=True, token=_token(issuer, ["infer"], tos="2025-01")
-    ) as c:
-        with pytest.raises(PermissionDeniedError, match=TOS):
-            c.infer("digits", x)
+    with (
+        Client(
+            running.target, unsafe_plaintext=True, token=_token(issuer, ["infer"], tos="2025-01")
+        ) as c,
+        pytest.raises(PermissionDeniedError, match=TOS),
+    ):
+        c.infer("digits", x)
     with Client(running.target, unsafe_plaintext=True, token=_token(issuer, ["infer"])) as c:
         assert c.infer("digits", x)["label"].shape == (1,)
     with Client(running.target, unsafe_plaintext=True, token="Bearer.garbage.token") as c:
@@ -95,7 +97,7 @@ def test_unlisted_rpcs_need_admin_scope() -> None:
 def served_with_auth(tmp_path: Path, issuer_and_auth: Any) -> Iterator[tuple[str, TokenIssuer]]:
     from tests.server import models
 
-    issuer, auth = issuer_and_auth
+    issuer, _auth = issuer_and_auth
     repo = tmp_path / "models"
     models.matmul(repo)
     cfg = tmp_path / "sealserve.toml"
