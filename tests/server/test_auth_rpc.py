@@ -63,9 +63,11 @@ def test_scopes_enforced_per_rpc(start_server: Any, repo: Path, issuer_and_auth:
         c.infer("digits", x)
     with Client(running.target, unsafe_plaintext=True, token=_token(issuer, ["infer"])) as c:
         assert c.infer("digits", x)["label"].shape == (1,)
-    with Client(running.target, unsafe_plaintext=True, token="Bearer.garbage.token") as c:
-        with pytest.raises(AuthenticationError, match="invalid or expired token"):
-            c.infer("digits", x)
+    with (
+        Client(running.target, unsafe_plaintext=True, token="Bearer.garbage.token") as c,
+        pytest.raises(AuthenticationError, match="invalid or expired token"),
+    ):
+        c.infer("digits", x)
     # The server keeps serving after every refusal.
     with Client(running.target, unsafe_plaintext=True, token=_token(issuer, ["infer"])) as c:
         assert c.infer("digits", x)["label"].shape == (1,)
