@@ -92,11 +92,12 @@ def request_bytes(model: str, name: str, x: np.ndarray) -> bytes:
     return req.SerializeToString()
 
 
-async def load(target: str, payload: bytes, *, concurrency: int, seconds: float) -> list[float]:
+async def load(target: str, payload: bytes, *, concurrency: int, seconds: float,
+               metadata: tuple[tuple[str, str], ...] = ()) -> list[float]:  # fmt: skip
     channels = [grpc.aio.insecure_channel(target) for _ in range(min(concurrency, 4))]
     calls = [ch.unary_unary(METHOD) for ch in channels]
     for call in calls:  # warm the connections
-        await call(payload)
+        await call(payload, metadata=metadata)
     lat: list[float] = []
     stop = time.perf_counter() + seconds
 
@@ -104,7 +105,7 @@ async def load(target: str, payload: bytes, *, concurrency: int, seconds: float)
         call = calls[k % len(calls)]
         while time.perf_counter() < stop:
             t0 = time.perf_counter()
-            await call(payload)
+            await call(payload, metadata=metadata)
             lat.append(time.perf_counter() - t0)
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
@@ -113,10 +114,11 @@ async def load(target: str, payload: bytes, *, concurrency: int, seconds: float)
     return lat
 
 
-def measure_server(pid: int, target: str, payload: bytes, c: int, seconds: float) -> Result:
-    asyncio.run(load(target, payload, concurrency=c, seconds=0.5))  # warm-up
+def measure_server(pid: int, target: str, payload: bytes, c: int, seconds: float,
+                   metadata: tuple[tuple[str, str], ...] = ()) -> Result:  # fmt: skip
+    asyncio.run(load(target, payload, concurrency=c, seconds=0.5, metadata=metadata))  # warm-up
     cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
-    lat = asyncio.run(load(target, payload, concurrency=c, seconds=seconds))
+    lat = asyncio.run(load(target, payload, concurrency=c, seconds=seconds, metadata=metadata))
     wall, cpu = time.perf_counter() - t0, proc_cpu_s(pid) - cpu0
     lat.sort()
     return Result(
@@ -193,8 +195,24 @@ def main() -> int:
     cfg = tmp / "sealserve.toml"
     cfg.write_text(
         f'model_repository = "{repo}"\nport = 0\nunsafe_plaintext = true\n'
-        'log_format = "text"\nlog_level = "warning"\n'
+        'log_format = "text"\nlog_level = "warning"\nunsafe_disable_auth = true\n'
     )
+    # The same server with authentication on: an ES256 token per request.
+    from sealserve.auth import TokenIssuer, generate_keypair
+
+    pem, jwks = generate_keypair("ES256")
+    (tmp / "jwks.json").write_text(json.dumps(jwks))
+    cfg_auth = tmp / "sealserve-auth.toml"
+    cfg_auth.write_text(
+        f'model_repository = "{repo}"\nport = 0\nunsafe_plaintext = true\n'
+        'log_format = "text"\nlog_level = "warning"\n'
+        '[auth]\naudience = "bench"\nrequired_tos_version = "1"\n'
+        f'[[auth.issuers]]\nissuer = "https://bench.invalid"\njwks_file = "{tmp / "jwks.json"}"\n'
+    )
+    token = TokenIssuer.from_pem(pem, issuer="https://bench.invalid", audience="bench").issue(
+        "bench", tier="standard", scopes=["infer"], tos_version="1", ttl=3600
+    )
+    auth_md = (("authorization", f"Bearer {token}"),)
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     models = {
         "digits (tiny)": ("digits", "input", np.asarray(demo.holdout()[0][:1])),
@@ -220,10 +238,20 @@ def main() -> int:
                    "--ready-file", str(ready)], ready, env)  # fmt: skip
         procs.append(p)
         seal = (p.pid, json.loads(ready.read_text())["port"])
+        ready = tmp / "sealserve-auth.json"
+        p = start([sys.executable, "-m", "sealserve", "serve", "--config", str(cfg_auth),
+                   "--ready-file", str(ready)], ready, env)  # fmt: skip
+        procs.append(p)
+        seal_auth = (p.pid, json.loads(ready.read_text())["port"])
         for model_name, (mname, iname, x) in models.items():
             payload = request_bytes(mname, iname, x)
             for c in (1, 16):
-                got: dict[str, list[Result]] = {"raw": [], "bare": [], "sealserve": []}
+                got: dict[str, list[Result]] = {
+                    "raw": [],
+                    "bare": [],
+                    "sealserve": [],
+                    "sealserve+auth": [],
+                }
                 for _ in range(args.rounds):
                     got["raw"].append(
                         measure_raw(
@@ -237,8 +265,18 @@ def main() -> int:
                     got["sealserve"].append(
                         measure_server(seal[0], f"127.0.0.1:{seal[1]}", payload, c, args.seconds)
                     )
+                    got["sealserve+auth"].append(
+                        measure_server(
+                            seal_auth[0],
+                            f"127.0.0.1:{seal_auth[1]}",
+                            payload,
+                            c,
+                            args.seconds,
+                            auth_md,
+                        )
+                    )
                 base = mean(got["bare"])
-                for system in ("raw", "bare", "sealserve"):
+                for system in ("raw", "bare", "sealserve", "sealserve+auth"):
                     r = mean(got[system])
                     rows.append(
                         f"| {model_name} | {c} | {system} | {r.rps:,.0f} ({r.rps / base.rps:.2f}x) "
@@ -253,6 +291,11 @@ def main() -> int:
                     verdicts.append(f"- Server CPU per request, tiny model, saturated (c=16): "
                                     f"{ratio:.2f}x the bare server (target <= 1.10x): "
                                     f"**{'met' if ratio <= 1.10 else 'NOT met'}**")  # fmt: skip
+                if mname == "digits" and c == 16:
+                    a = mean(got["sealserve+auth"])
+                    verdicts.append(f"- Authentication (ES256 bearer token, warm cache) adds "
+                                    f"{a.cpu_us - s.cpu_us:,.0f} µs server CPU per request at c=16 "
+                                    f"(target <= 40 µs): **{'met' if a.cpu_us - s.cpu_us <= 40 else 'NOT met'}**")  # fmt: skip
                 if mname == "digits" and c == 1:
                     ratio = s.p50_ms / base.p50_ms
                     verdicts.append(f"- c=1 p50 latency, tiny model: {ratio:.2f}x the bare server "
@@ -274,8 +317,10 @@ def main() -> int:
     body = (
         "Batch-1 FP32 requests, closed loop on loopback; ratios are to the bare grpc.aio "
         "server (b). `raw` is `InferenceSession.run` in process (its CPU column is the "
-        "whole process, load loop included). sealserve runs with no defense enabled "
-        f"and plaintext, like the baseline. {args.rounds} alternating rounds of "
+        "whole process, load loop included). `sealserve` runs with no defense and no "
+        "authentication, plaintext like the baseline; `sealserve+auth` is the same server "
+        "verifying an ES256 bearer token on every request. "
+        f"{args.rounds} alternating rounds of "
         f"{args.seconds:g} s each, averaged.\n\n" + table + "\n\nTargets:\n" + "\n".join(verdicts)
     )
     print(body)
