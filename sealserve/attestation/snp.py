@@ -86,7 +86,9 @@ class TcbVersion:
                 f"tcb: a TCB_VERSION is 8 bytes, got {len(raw)}", check="report_format"
             )
         if layout is TcbLayout.TURIN:
-            return cls(bytes(raw), layout, bl=raw[1], tee=raw[2], snp=raw[3], ucode=raw[7], fmc=raw[0])
+            return cls(
+                bytes(raw), layout, bl=raw[1], tee=raw[2], snp=raw[3], ucode=raw[7], fmc=raw[0]
+            )
         return cls(bytes(raw), layout, bl=raw[0], tee=raw[1], snp=raw[6], ucode=raw[7])
 
     @classmethod

@@ -104,7 +104,9 @@ class CertTable:
 
 
 def _table_error(why: str) -> EvidenceFormatError:
-    return EvidenceFormatError(f"cert_table: malformed certificate table: {why}", check="cert_table")
+    return EvidenceFormatError(
+        f"cert_table: malformed certificate table: {why}", check="cert_table"
+    )
 
 
 # --- loading AMD certificates
@@ -364,8 +366,7 @@ def require_signed_by(
     RSASSA-PSS SHA-384 (salt 48)."""
     if not _signed_by(child, issuer):
         raise VerificationError(
-            f"{check}: {what} is not signed by {common_name(issuer.subject)} "
-            "(RSASSA-PSS SHA-384)",
+            f"{check}: {what} is not signed by {common_name(issuer.subject)} (RSASSA-PSS SHA-384)",
             check=check,
         )
 
@@ -422,7 +423,13 @@ def kds_vcek_url(product: str, chip_id: bytes, spl: Mapping[str, int]) -> str:
     hwid = chip_id[:8] if product == "Turin" else chip_id
     params = "&".join(
         f"{k}SPL={spl[n]}"
-        for k, n in (("fmc", "fmc"), ("bl", "bl"), ("tee", "tee"), ("snp", "snp"), ("ucode", "ucode"))
+        for k, n in (
+            ("fmc", "fmc"),
+            ("bl", "bl"),
+            ("tee", "tee"),
+            ("snp", "snp"),
+            ("ucode", "ucode"),
+        )
         if n in spl
     )
     return f"https://kdsintf.amd.com/vcek/v1/{product}/{hwid.hex()}?{params}"

@@ -86,9 +86,9 @@ def verify_snp_at_time(
     found = roots.find(leaf)
     if found is None:
         raise VerificationError(
-            f"vcek_signature: the {kind}'s issuer {common_name(leaf.issuer)!r} is no "
-            "ASK/ASVK of the trusted roots",
-            check="vcek_signature",
+            f"trusted_root: the {kind}'s issuer {common_name(leaf.issuer)!r} is no ASK/ASVK "
+            "of the trusted roots (simulated evidence needs its local root passed explicitly)",
+            check="trusted_root",
         )
     root_set, inter = found
     inter_name = common_name(inter.subject)
@@ -97,7 +97,9 @@ def verify_snp_at_time(
     require_signed_by(root_set.ark, root_set.ark, check="ark_self_signed", what="the ARK")
     checks.append(Check("ark_self_signed", True, common_name(root_set.ark.subject)))
     require_signed_by(inter, root_set.ark, check="ask_signature", what=inter_name)
-    checks.append(Check("ask_signature", True, f"{inter_name} <- {common_name(root_set.ark.subject)}"))
+    checks.append(
+        Check("ask_signature", True, f"{inter_name} <- {common_name(root_set.ark.subject)}")
+    )
     require_signed_by(leaf, inter, check="vcek_signature", what=f"the {kind}")
     checks.append(Check("vcek_signature", True, f"{kind} <- {inter_name}"))
 
@@ -118,7 +120,7 @@ def verify_snp_at_time(
         )
     if product is not None and TcbLayout.for_product(product) is not parsed.reported_tcb.layout:
         parsed = SnpReport.from_bytes(report, product=product)
-    checks.append(Check("report_product", True, (product or parsed.product or "unknown")))
+    checks.append(Check("report_product", True, str(product or parsed.product or "unknown")))
 
     # 8. TCB extensions == REPORTED_TCB
     want = parsed.reported_tcb.components()

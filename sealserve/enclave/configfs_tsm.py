@@ -1,0 +1,102 @@
+"""SEV-SNP (and other TEEs) through Linux configfs-tsm.
+
+Protocol (Documentation/ABI/testing/configfs-tsm-report): ``mkdir`` an entry under
+``/sys/kernel/config/tsm/report/``; write the 64-byte ``inblob``; read ``generation``,
+``outblob`` (the report), ``auxblob`` (SNP: the cert table) and ``provider``; read
+``generation`` again: if it changed, another writer raced us and the blobs may not
+answer our inblob, so we refuse. The entry is removed afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import uuid
+from pathlib import Path
+
+from sealserve.attestation.claims import Platform as PlatformKind
+from sealserve.enclave.platform import DEFAULT_CONFIGFS_TSM, PlatformReport
+from sealserve.errors import UnavailableError
+
+PROVIDERS = {"sev_guest": PlatformKind.SEV_SNP, "tdx_guest": PlatformKind.TDX}
+
+
+class ConfigfsTsmPlatform:
+    """A TEE guest reached through configfs-tsm at ``root``.
+
+    ``entry_name`` fixes the entry directory name (default: a fresh unique name per
+    report). ``privlevel`` (SNP VMPL) is written when given.
+    """
+
+    def __init__(
+        self,
+        root: str | Path = DEFAULT_CONFIGFS_TSM,
+        *,
+        entry_name: str | None = None,
+        privlevel: int | None = None,
+    ) -> None:
+        self.root = Path(root)
+        self.entry_name = entry_name
+        self.privlevel = privlevel
+        self._kind: PlatformKind | None = None
+
+    @property
+    def kind(self) -> PlatformKind:
+        """The TEE type, from the provider of a report (SEV-SNP until one is made)."""
+        return self._kind or PlatformKind.SEV_SNP
+
+    def _read(self, entry: Path, name: str) -> bytes:
+        return (entry / name).read_bytes()
+
+    def _write(self, entry: Path, name: str, data: bytes) -> None:
+        with open(entry / name, "wb", buffering=0) as fh:
+            fh.write(data)
+
+    def report(self, report_data: bytes) -> PlatformReport:
+        """Request a report over ``report_data`` (64 bytes).
+
+        Raises UnavailableError on I/O errors, an unknown provider, an empty outblob,
+        or a generation change between write and read.
+        """
+        if len(report_data) != 64:
+            raise ValueError("report_data must be 64 bytes")
+        name = self.entry_name or f"sealserve-{os.getpid()}-{uuid.uuid4().hex[:12]}"
+        entry = self.root / name
+        try:
+            entry.mkdir(exist_ok=self.entry_name is not None)
+            try:
+                if self.privlevel is not None:
+                    self._write(entry, "privlevel", str(self.privlevel).encode())
+                self._write(entry, "inblob", report_data)
+                before = self._read(entry, "generation").strip()
+                provider = self._read(entry, "provider").decode("ascii", "replace").strip()
+                outblob = self._read(entry, "outblob")
+                aux_path = entry / "auxblob"
+                auxblob = self._read(entry, "auxblob") if aux_path.exists() else b""
+                after = self._read(entry, "generation").strip()
+            finally:
+                if self.entry_name is None:
+                    # configfs removes the attributes with the entry; a plain dir may not
+                    with contextlib.suppress(OSError):
+                        entry.rmdir()
+        except OSError as exc:
+            raise UnavailableError(f"configfs-tsm: {entry}: {exc}") from exc
+        if before != after:
+            raise UnavailableError(
+                f"configfs-tsm: generation changed from {before.decode()} to {after.decode()} "
+                "while reading the report (another writer raced us); retry"
+            )
+        if provider not in PROVIDERS:
+            raise UnavailableError(f"configfs-tsm: unknown provider {provider!r}")
+        if not outblob:
+            raise UnavailableError("configfs-tsm: the provider returned an empty report")
+        self._kind = PROVIDERS[provider]
+        return PlatformReport(self._kind, outblob, auxblob)
+
+    def sealing_key(self, label: bytes) -> bytes:
+        """Not available through configfs-tsm: SNP derived keys need the
+        /dev/sev-guest SNP_GET_DERIVED_KEY request. Raises UnavailableError."""
+        raise UnavailableError(
+            "configfs-tsm offers no derived (sealing) keys; use /dev/sev-guest "
+            "SNP_GET_DERIVED_KEY (not implemented yet)"
+        )
