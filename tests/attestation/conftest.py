@@ -14,9 +14,9 @@ from tests.conftest import VECTORS
 SNP = VECTORS / "sev-snp"
 # Inside every vector's validity period, including the VLEK's (2024-12-10..2025-12-10).
 NOW = datetime(2025, 6, 1, tzinfo=UTC)
-EXPECTED: dict[str, dict[str, object]] = json.loads(
-    (VECTORS / "expected_fields.json").read_text()
-)["sev-snp"]
+EXPECTED: dict[str, dict[str, object]] = json.loads((VECTORS / "expected_fields.json").read_text())[
+    "sev-snp"
+]
 
 
 def _first_pem(path: Path) -> bytes:

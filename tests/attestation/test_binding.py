@@ -60,6 +60,6 @@ def test_matching_binding_passes() -> None:
 
 @pytest.mark.parametrize("length", [0, 16, 31])
 def test_short_nonces_are_refused(length: int) -> None:
-    with pytest.raises(VerificationError, match="at least 32|must be 32") as err:
+    with pytest.raises(VerificationError, match="nonce must be 32") as err:
         compute_report_data(**{**PARTS, "nonce": b"x" * length})
     assert err.value.check == "nonce"

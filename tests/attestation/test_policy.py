@@ -109,8 +109,11 @@ def test_small_rules() -> None:
     ManifestDigestIn([b"\x11" * 32]).verify(claims())
     denies(ManifestDigestIn([bytes(32)]), claims(), "is not in the allowed list")
     denies(ManifestDigestIn([bytes(32)]), claims(manifest_digest=None), "carried no workload")
-    denies(MigrationAgentDisallowed(), claims(platform=Platform.TDX, policy_migrate_ma=None),
-           "MIGRATE_MA")
+    denies(
+        MigrationAgentDisallowed(),
+        claims(platform=Platform.TDX, policy_migrate_ma=None),
+        "MIGRATE_MA",
+    )
     OnPlatforms(frozenset({Platform.TDX}), MinimumGuestSvn(99)).verify(claims())
 
 
@@ -146,7 +149,7 @@ def test_full_snp_section() -> None:
         f"""
         version = 1
         platforms = ["sev-snp"]
-        manifest_digests = ["{'11' * 32}"]
+        manifest_digests = ["{"11" * 32}"]
         [sev-snp]
         measurement = ["{MEAS.hex()}"]
         min_tcb = {{ bl = 3, snp = 8, ucode = 115 }}
@@ -166,9 +169,9 @@ def test_any_of_blocks() -> None:
     policy = policy_from_toml(
         f"""
         [[any_of]]
-        manifest_digests = ["{'11' * 32}"]
+        manifest_digests = ["{"11" * 32}"]
         [[any_of]]
-        manifest_digests = ["{'22' * 32}"]
+        manifest_digests = ["{"22" * 32}"]
         [any_of.sev-snp]
         min_guest_svn = 5
         """

@@ -91,7 +91,12 @@ def test_turin_layout_from_cpuid() -> None:
     assert report.product is Product.TURIN
     assert report.reported_tcb.components() == {"bl": 2, "tee": 3, "snp": 4, "ucode": 5, "fmc": 1}
     assert report.fields()["reported_tcb"] == {
-        "fmc": 1, "bl": 2, "tee": 3, "snp": 4, "ucode": 5, "raw": "0102030400000005"
+        "fmc": 1,
+        "bl": 2,
+        "tee": 3,
+        "snp": 4,
+        "ucode": 5,
+        "raw": "0102030400000005",
     }
 
 

@@ -40,8 +40,15 @@ def test_genuine_report_verifies_and_decodes_exactly(rel: str) -> None:
     assert claims.measurements["measurement"].hex() == EXPECTED[rel]["measurement"]
     assert claims.report_data.hex() == EXPECTED[rel]["report_data"]
     names = [c.name for c in claims.checks]
-    for step in ("ark_self_signed", "ask_signature", "vcek_signature", "validity_period",
-                 "vcek_tcb", "vcek_hwid", "report_signature"):
+    for step in (
+        "ark_self_signed",
+        "ask_signature",
+        "vcek_signature",
+        "validity_period",
+        "vcek_tcb",
+        "vcek_hwid",
+        "report_signature",
+    ):
         assert step in names
     assert all(c.passed is not False for c in claims.checks)
 
@@ -161,7 +168,7 @@ def test_vcek_from_a_local_cache_directory(tmp_path: Path) -> None:
 
 
 def test_garbage_vcek_is_a_format_error() -> None:
-    with pytest.raises(EvidenceFormatError, match="not a parseable X.509 certificate"):
+    with pytest.raises(EvidenceFormatError, match=r"not a parseable X\.509 certificate"):
         verify_snp_at_time(
             read_vector("sev-snp/trustee/test-report.bin"), roots=ROOTS, now=NOW, signer_cert=b"xx"
         )
