@@ -43,7 +43,13 @@ def read_vector(rel: str) -> bytes:
 
 @pytest.fixture(scope="session")
 def sim_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One simulated ARK -> ASK -> VCEK directory per test session (RSA-4096 is slow)."""
+    """One simulated ARK -> ASK -> VCEK directory per test session (RSA-4096 is slow).
+
+    tests/enclave re-exports this fixture; both share the directory via the base temp.
+    """
     from sealserve.enclave.simulated import SimulatedPlatform
 
-    return SimulatedPlatform.create_root(tmp_path_factory.mktemp("simroot") / "platform")
+    path = tmp_path_factory.getbasetemp() / "simulated-platform"
+    if not (path / "platform.json").exists():
+        SimulatedPlatform.create_root(path)
+    return path
