@@ -28,6 +28,7 @@ from sealserve.attestation.claims import Platform as PlatformKind
 from sealserve.attestation.snp import (
     SIGNED_SIZE,
     FirmwareVersion,
+    Product,
     SigningKey,
     TcbLayout,
     TcbVersion,
@@ -39,6 +40,12 @@ from sealserve.errors import ConfigError
 
 DEFAULT_MEASUREMENT = hashlib.sha384(b"sealserve simulated guest").digest()
 DEFAULT_TCB = {"bl": 3, "tee": 0, "snp": 8, "ucode": 115}
+# Per simulated product line: VCEK productName and the CPUID family/model/stepping.
+_PRODUCTS = {
+    Product.MILAN: ("Milan-B0", (0x19, 0x01, 0x01)),
+    Product.GENOA: ("Genoa-B1", (0x19, 0x11, 0x01)),
+    Product.TURIN: ("Turin-C1", (0x1A, 0x02, 0x01)),
+}
 _PSS = padding.PSS(mgf=padding.MGF1(hashes.SHA384()), salt_length=48)
 _AMD = "1.3.6.1.4.1.3704.1."
 _FILES = ("ark.pem", "ask.pem", "vcek.der", "vcek_key.pem", "sealing_secret", "platform.json")
@@ -68,7 +75,8 @@ class SimulatedPlatform:
     """Produces SEV-SNP-layout reports signed by the simulated VCEK in ``directory``.
 
     ``measurement``, ``policy``, ``debug`` (sets policy bit 19), ``vmpl``,
-    ``guest_svn`` and ``host_data`` describe the simulated guest. Raises ConfigError
+    ``guest_svn``, ``host_data`` and ``report_version`` (2..5) describe the simulated
+    guest. Raises ConfigError
     if the directory was not made by :meth:`create_root`.
     """
 
@@ -84,6 +92,7 @@ class SimulatedPlatform:
         vmpl: int = 0,
         guest_svn: int = 0,
         host_data: bytes = bytes(32),
+        report_version: int = 3,
     ) -> None:
         self.directory = Path(directory)
         missing = [f for f in _FILES if not (self.directory / f).exists()]
@@ -95,7 +104,8 @@ class SimulatedPlatform:
         if len(measurement) != 48:
             raise ConfigError("simulated platform: measurement must be 48 bytes")
         meta = json.loads((self.directory / "platform.json").read_text())
-        self._tcb = TcbVersion.build(layout=TcbLayout.MILAN_GENOA, **meta["tcb"])
+        self.product = Product(meta.get("product", Product.MILAN.value))
+        self._tcb = TcbVersion.build(layout=TcbLayout.for_product(self.product), **meta["tcb"])
         self._chip_id = bytes.fromhex(meta["chip_id"])
         key = serialization.load_pem_private_key(
             (self.directory / "vcek_key.pem").read_bytes(), password=None
@@ -116,10 +126,16 @@ class SimulatedPlatform:
         self.vmpl = vmpl
         self.guest_svn = guest_svn
         self.host_data = host_data
+        self.report_version = report_version
 
     @classmethod
     def create_root(
-        cls, directory: str | Path, *, tcb: dict[str, int] | None = None, years: int = 7
+        cls,
+        directory: str | Path,
+        *,
+        tcb: dict[str, int] | None = None,
+        product: Product = Product.MILAN,
+        years: int = 7,
     ) -> Path:
         """Generate the simulated ARK -> ASK -> VCEK chain and sealing secret in
         ``directory`` (created; must be empty). Returns the directory. The directory
@@ -132,6 +148,8 @@ class SimulatedPlatform:
         if any((path / f).exists() for f in _FILES):
             raise ConfigError(f"simulated platform: {path} already holds a platform")
         tcb = dict(tcb or DEFAULT_TCB)
+        if product is Product.TURIN:
+            tcb.setdefault("fmc", 0)
         now = dt.datetime.now(dt.UTC) - dt.timedelta(minutes=5)
         until = now + dt.timedelta(days=365 * years)
         ark_key = rsa.generate_private_key(public_exponent=65537, key_size=4096)
@@ -166,13 +184,15 @@ class SimulatedPlatform:
             .not_valid_after(until)
         )
         amd_ext = {
-            "2": b"\x16\x08" + b"Milan-B0",
+            "2": b"\x16" + bytes([len(_PRODUCTS[product][0])]) + _PRODUCTS[product][0].encode(),
             "3.1": _der_int(tcb["bl"]),
             "3.2": _der_int(tcb["tee"]),
             "3.3": _der_int(tcb["snp"]),
             "3.8": _der_int(tcb["ucode"]),
             "4": chip_id,
         }
+        if "fmc" in tcb:
+            amd_ext["3.9"] = _der_int(tcb["fmc"])
         for oid, value in amd_ext.items():
             ext = x509.UnrecognizedExtension(x509.ObjectIdentifier(_AMD + oid), value)
             builder = builder.add_extension(ext, critical=False)
@@ -188,16 +208,23 @@ class SimulatedPlatform:
             ),
         )
         _write_private(path / "sealing_secret", secrets.token_bytes(32))
-        meta = {"format": 1, "simulated": True, "tcb": tcb, "chip_id": chip_id.hex()}
+        meta = {
+            "format": 1,
+            "simulated": True,
+            "product": product.value,
+            "tcb": tcb,
+            "chip_id": chip_id.hex(),
+        }
         (path / "platform.json").write_text(json.dumps(meta, indent=2) + "\n")
         return path
 
     def report(self, report_data: bytes) -> PlatformReport:
-        """A signed SEV-SNP-layout report (version 3, Milan CPUID) over ``report_data``."""
+        """A signed SEV-SNP-layout report (version 3, the product's CPUID) over
+        ``report_data``."""
         if len(report_data) != 64:
             raise ValueError("report_data must be 64 bytes")
         unsigned = build_report(
-            version=3,
+            version=self.report_version,
             guest_svn=self.guest_svn,
             policy=self.policy,
             vmpl=self.vmpl,
@@ -208,6 +235,7 @@ class SimulatedPlatform:
             measurement=self.measurement,
             host_data=self.host_data,
             chip_id=self._chip_id,
+            cpuid=_PRODUCTS[self.product][1],
             current=FirmwareVersion(1, 55, 0),
             report_id=secrets.token_bytes(32),
         )

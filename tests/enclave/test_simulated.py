@@ -9,8 +9,15 @@ from pathlib import Path
 import pytest
 
 from sealserve.attestation.claims import Platform
-from sealserve.attestation.snp import SnpReport
-from sealserve.attestation.snp_certs import ARK_GUID, ASK_GUID, VCEK_GUID, CertTable, TrustedRoots
+from sealserve.attestation.snp import Product, SnpReport
+from sealserve.attestation.snp_certs import (
+    ARK_GUID,
+    ASK_GUID,
+    VCEK_GUID,
+    CertTable,
+    TrustedRoots,
+    hwid_matches,
+)
 from sealserve.attestation.snp_verify import verify_snp_at_time
 from sealserve.enclave.simulated import DEFAULT_MEASUREMENT, SimulatedPlatform
 from sealserve.errors import ConfigError
@@ -82,3 +89,41 @@ def test_sealing_key_is_bound_to_measurement_and_label(sim_root: Path) -> None:
     assert again.sealing_key(b"ledger") == key
     assert other.sealing_key(b"ledger") != key
     assert a.sealing_key(b"audit") != key
+
+
+@pytest.mark.parametrize("version", [2, 3, 5])
+def test_turin_layout_end_to_end(tmp_path_factory: pytest.TempPathFactory, version: int) -> None:
+    root = tmp_path_factory.getbasetemp() / "simulated-turin"
+    if not (root / "platform.json").exists():
+        SimulatedPlatform.create_root(
+            root, product=Product.TURIN, tcb={"fmc": 2, "bl": 3, "tee": 4, "snp": 5, "ucode": 6}
+        )
+    platform = SimulatedPlatform(root, report_version=version)
+    produced = platform.report(b"\x01" * 64)
+    claims = verify_snp_at_time(
+        produced.report,
+        roots=TrustedRoots.from_dir(root),
+        now=datetime.now(UTC),
+        cert_table=produced.certs,
+    )
+    # Version 2 carries no CPUID: the verifier takes Turin from the VCEK's productName.
+    assert claims.fields["product"] == "Turin"
+    assert claims.fields["tcb_layout"] == "turin"
+    assert claims.fields["reported_tcb"] == {
+        "fmc": 2,
+        "bl": 3,
+        "tee": 4,
+        "snp": 5,
+        "ucode": 6,
+        "raw": "0203040500000006",
+    }
+    assert ("cpuid_fam_mod_step" in claims.fields) is (version >= 3)
+    assert ("launch_mit_vector" in claims.fields) is (version >= 5)
+
+
+def test_hwid_matching_rules() -> None:
+    chip = bytes(range(64))
+    assert hwid_matches(chip, chip)
+    assert hwid_matches(chip[:8], chip)  # Turin VCEKs carry the first 8 bytes
+    assert not hwid_matches(bytes(64), chip)
+    assert not hwid_matches(chip[:16], chip)
