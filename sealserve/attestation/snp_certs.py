@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
-from sealserve.errors import EvidenceFormatError, VerificationError
+from sealserve.errors import ConfigError, EvidenceFormatError, VerificationError
 
 # --- the cert table (GHCB spec "SNP Extended Guest Request"; Linux configfs-tsm auxblob)
 
@@ -297,8 +297,8 @@ class TrustedRoots:
     def from_dir(cls, path: str | Path, *, name: str | None = None) -> TrustedRoots:
         """A root from ``ark.pem`` plus ``ask.pem`` and/or ``asvk.pem`` in ``path``.
 
-        Raises ConfigError-free EvidenceFormatError (``check="roots"``) when files are
-        missing or unreadable.
+        Raises ConfigError when the files are missing or unreadable, and
+        EvidenceFormatError when they hold no certificate.
         """
         path = Path(path)
         try:
@@ -307,11 +307,9 @@ class TrustedRoots:
             ask = load_amd_certificate(ask_file.read_bytes()) if ask_file.exists() else None
             asvk = load_amd_certificate(asvk_file.read_bytes()) if asvk_file.exists() else None
         except OSError as exc:
-            raise EvidenceFormatError(
-                f"roots: cannot read trusted roots from {path}: {exc}", check="roots"
-            ) from exc
+            raise ConfigError(f"roots: cannot read trusted roots from {path}: {exc}") from exc
         if ask is None and asvk is None:
-            raise EvidenceFormatError(f"roots: {path} holds no ask.pem or asvk.pem", check="roots")
+            raise ConfigError(f"roots: {path} holds no ask.pem or asvk.pem")
         return cls((RootSet(name or f"local:{path}", ark, ask, asvk),))
 
     @classmethod

@@ -14,8 +14,12 @@ import os
 import uuid
 from pathlib import Path
 
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+
 from sealserve.attestation.claims import Platform as PlatformKind
 from sealserve.enclave.platform import DEFAULT_CONFIGFS_TSM, PlatformReport
+from sealserve.enclave.sev_guest import DEFAULT_DEVICE, snp_derived_key
 from sealserve.errors import UnavailableError
 
 PROVIDERS = {"sev_guest": PlatformKind.SEV_SNP, "tdx_guest": PlatformKind.TDX}
@@ -25,7 +29,8 @@ class ConfigfsTsmPlatform:
     """A TEE guest reached through configfs-tsm at ``root``.
 
     ``entry_name`` fixes the entry directory name (default: a fresh unique name per
-    report). ``privlevel`` (SNP VMPL) is written when given.
+    report). ``privlevel`` (SNP VMPL) is written when given. Sealing keys come from
+    ``sev_guest_device`` (SNP_GET_DERIVED_KEY).
     """
 
     def __init__(
@@ -34,10 +39,12 @@ class ConfigfsTsmPlatform:
         *,
         entry_name: str | None = None,
         privlevel: int | None = None,
+        sev_guest_device: str | Path = DEFAULT_DEVICE,
     ) -> None:
         self.root = Path(root)
         self.entry_name = entry_name
         self.privlevel = privlevel
+        self.sev_guest_device = Path(sev_guest_device)
         self._kind: PlatformKind | None = None
 
     @property
@@ -94,9 +101,18 @@ class ConfigfsTsmPlatform:
         return PlatformReport(self._kind, outblob, auxblob)
 
     def sealing_key(self, label: bytes) -> bytes:
-        """Not available through configfs-tsm: SNP derived keys need the
-        /dev/sev-guest SNP_GET_DERIVED_KEY request. Raises UnavailableError."""
-        raise UnavailableError(
-            "configfs-tsm offers no derived (sealing) keys; use /dev/sev-guest "
-            "SNP_GET_DERIVED_KEY (not implemented yet)"
-        )
+        """HKDF-SHA256 over the SEV-SNP derived key (from ``sev_guest_device``: VCEK
+        root, mixed with the guest policy and measurement) for ``label``.
+
+        configfs-tsm itself offers no derived keys. Raises UnavailableError when the
+        device is missing or the firmware refuses (or on TDX, not supported yet).
+        """
+        if self._kind is PlatformKind.TDX:
+            raise UnavailableError("sealing keys on TDX are not supported yet")
+        root = snp_derived_key(device=self.sev_guest_device, vmpl=self.privlevel or 0)
+        return HKDF(
+            algorithm=hashes.SHA256(),
+            length=32,
+            salt=None,
+            info=b"sealserve-snp-sealing-v1\x00" + label,
+        ).derive(root)

@@ -26,7 +26,7 @@ from sealserve.attestation.snp_certs import (
     require_signed_by,
 )
 from sealserve.attestation.snp_verify import verify_snp, verify_snp_at_time
-from sealserve.errors import EvidenceFormatError, PolicyError, VerificationError
+from sealserve.errors import ConfigError, EvidenceFormatError, PolicyError, VerificationError
 from tests.attestation.conftest import EXPECTED, NOW, SIGNERS, SNP, read_vector
 
 ROOTS = TrustedRoots.amd()
@@ -226,3 +226,19 @@ def test_warm_verification_reuses_parsed_certificates() -> None:
     assert load_amd_certificate.cache_info().hits > before
     der = load_amd_certificate(SIGNERS[rel]).public_bytes(Encoding.DER)
     assert der == SIGNERS[rel]
+
+
+def test_trusted_roots_from_a_bad_directory(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="cannot read trusted roots"):
+        TrustedRoots.from_dir(tmp_path)
+    ark = ROOTS.sets[0].ark.public_bytes(Encoding.PEM)
+    (tmp_path / "ark.pem").write_bytes(ark)
+    with pytest.raises(ConfigError, match=r"holds no ask\.pem or asvk\.pem"):
+        TrustedRoots.from_dir(tmp_path)
+    (tmp_path / "ask.pem").write_bytes(ROOTS.sets[0].ask.public_bytes(Encoding.PEM))  # type: ignore[union-attr]
+    local = TrustedRoots.from_dir(tmp_path)
+    # AMD's own certificates in a directory are still recognised as genuine.
+    assert local.sets[0].genuine_amd
+    rel = "sev-snp/trustee/test-report.bin"
+    claims = verify_snp_at_time(read_vector(rel), roots=local, now=NOW, signer_cert=SIGNERS[rel])
+    assert claims.platform is Platform.SEV_SNP

@@ -79,13 +79,15 @@ def test_tdx_provider(tmp_path: Path) -> None:
     fake_entry(tmp_path, provider="tdx_guest")
     platform = ConfigfsTsmPlatform(tmp_path, entry_name="e")
     assert platform.report(bytes(64)).kind is Platform.TDX and platform.kind is Platform.TDX
+    with pytest.raises(UnavailableError, match="TDX are not supported"):
+        platform.sealing_key(b"x")
 
 
 def test_missing_configfs_is_unavailable(tmp_path: Path) -> None:
     with pytest.raises(UnavailableError, match="configfs-tsm"):
         ConfigfsTsmPlatform(tmp_path / "absent").report(bytes(64))
-    with pytest.raises(UnavailableError, match="no derived"):
-        ConfigfsTsmPlatform(tmp_path).sealing_key(b"x")
+    with pytest.raises(UnavailableError, match="cannot open"):
+        ConfigfsTsmPlatform(tmp_path, sev_guest_device=tmp_path / "nodev").sealing_key(b"x")
 
 
 def test_attest_builds_evidence(tmp_path: Path) -> None:
