@@ -148,6 +148,11 @@ def verify_snp_at_time(
     checks.append(Check("report_signature", True, f"ECDSA P-384 SHA-384 by the {kind}"))
 
     platform = Platform.SEV_SNP if root_set.genuine_amd else Platform.SIMULATED_SNP
+    checks.append(
+        Check("platform", None, f"AMD SEV-SNP, genuine AMD root ({root_set.name})")
+        if root_set.genuine_amd
+        else Check("platform", None, f"SIMULATED SEV-SNP: not a real TEE (root {root_set.name})")
+    )
     fields: dict[str, Any] = parsed.fields()
     fields.update(
         platform=platform.value,

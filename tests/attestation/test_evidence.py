@@ -98,6 +98,8 @@ def test_simulated_evidence_verifies_with_the_local_root(
     )
     assert claims.platform is Platform.SIMULATED_SNP and claims.simulated
     assert claims.fields["platform"] == "simulated-sev-snp"
+    label = next(c for c in claims.checks if c.name == "platform")
+    assert label.passed is None and label.detail.startswith("SIMULATED SEV-SNP: not a real TEE")
     assert claims.measurements["measurement"] == DEFAULT_MEASUREMENT
     assert claims.manifest_digest == ev.manifest_digest
     names = [c.name for c in claims.checks]
