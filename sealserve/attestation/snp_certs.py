@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
-from sealserve.errors import ConfigError, EvidenceFormatError, VerificationError
+from sealserve.errors import ConfigError, EvidenceFormatError, UnavailableError, VerificationError
 
 # --- the cert table (GHCB spec "SNP Extended Guest Request"; Linux configfs-tsm auxblob)
 
@@ -431,3 +431,33 @@ def kds_vcek_url(product: str, chip_id: bytes, spl: Mapping[str, int]) -> str:
         if n in spl
     )
     return f"https://kdsintf.amd.com/vcek/v1/{product}/{hwid.hex()}?{params}"
+
+
+def fetch_vcek_from_kds(
+    product: str,
+    chip_id: bytes,
+    spl: Mapping[str, int],
+    *,
+    cache_dir: str | Path,
+    timeout: float = 10.0,
+) -> bytes:
+    """Download a VCEK from AMD's KDS into ``cache_dir`` and return its DER.
+
+    Opt-in and never called by the verifier (which is offline by default); the file
+    is only a cache: the downloaded certificate is verified like any other. Raises
+    UnavailableError when KDS cannot be reached.
+    """
+    import urllib.request
+
+    url = kds_vcek_url(product, chip_id, spl)
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (fixed https URL)
+            der = bytes(resp.read(64 * 1024))
+    except OSError as exc:
+        raise UnavailableError(f"kds: cannot fetch {url}: {exc}") from exc
+    name = f"vcek-{product}-{chip_id[:8].hex()}-" + "-".join(
+        f"{k}{v}" for k, v in sorted(spl.items())
+    )
+    Path(cache_dir).mkdir(parents=True, exist_ok=True)
+    (Path(cache_dir) / f"{name}.der").write_bytes(der)
+    return der

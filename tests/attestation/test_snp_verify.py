@@ -242,3 +242,15 @@ def test_trusted_roots_from_a_bad_directory(tmp_path: Path) -> None:
     rel = "sev-snp/trustee/test-report.bin"
     claims = verify_snp_at_time(read_vector(rel), roots=local, now=NOW, signer_cert=SIGNERS[rel])
     assert claims.platform is Platform.SEV_SNP
+
+
+def test_kds_url_is_product_generic() -> None:
+    from sealserve.attestation.snp_certs import kds_vcek_url
+
+    chip = bytes(range(64))
+    milan = kds_vcek_url("Milan", chip, {"bl": 3, "tee": 0, "snp": 8, "ucode": 115})
+    assert milan == (
+        f"https://kdsintf.amd.com/vcek/v1/Milan/{chip.hex()}?blSPL=3&teeSPL=0&snpSPL=8&ucodeSPL=115"
+    )
+    turin = kds_vcek_url("Turin", chip, {"fmc": 1, "bl": 3, "tee": 0, "snp": 8, "ucode": 115})
+    assert turin.startswith(f"https://kdsintf.amd.com/vcek/v1/Turin/{chip[:8].hex()}?fmcSPL=1&")
