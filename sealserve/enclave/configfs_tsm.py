@@ -1,10 +1,11 @@
 """SEV-SNP (and other TEEs) through Linux configfs-tsm.
 
 Protocol (Documentation/ABI/testing/configfs-tsm-report): ``mkdir`` an entry under
-``/sys/kernel/config/tsm/report/``; write the 64-byte ``inblob``; read ``generation``,
-``outblob`` (the report), ``auxblob`` (SNP: the cert table) and ``provider``; read
-``generation`` again: if it changed, another writer raced us and the blobs may not
-answer our inblob, so we refuse. The entry is removed afterwards.
+``/sys/kernel/config/tsm/report/``; write the 64-byte ``inblob``; read ``outblob``
+(the report), ``auxblob`` (SNP: the cert table) and ``provider``. ``generation`` is
+read before the writes and after the reads: each write bumps it by one, so any other
+value means another writer raced us and the blobs may not answer our inblob; we
+refuse. The entry is removed afterwards.
 """
 
 from __future__ import annotations
@@ -59,11 +60,18 @@ class ConfigfsTsmPlatform:
         with open(entry / name, "wb", buffering=0) as fh:
             fh.write(data)
 
+    def _generation(self, entry: Path) -> int:
+        raw = self._read(entry, "generation").strip()
+        try:
+            return int(raw)
+        except ValueError as exc:
+            raise UnavailableError(f"configfs-tsm: unreadable generation {raw[:20]!r}") from exc
+
     def report(self, report_data: bytes) -> PlatformReport:
         """Request a report over ``report_data`` (64 bytes).
 
         Raises UnavailableError on I/O errors, an unknown provider, an empty outblob,
-        or a generation change between write and read.
+        or a generation that is not ours plus our writes.
         """
         if len(report_data) != 64:
             raise ValueError("report_data must be 64 bytes")
@@ -72,15 +80,18 @@ class ConfigfsTsmPlatform:
         try:
             entry.mkdir(exist_ok=self.entry_name is not None)
             try:
+                before = self._generation(entry)
+                writes = 0
                 if self.privlevel is not None:
                     self._write(entry, "privlevel", str(self.privlevel).encode())
+                    writes += 1
                 self._write(entry, "inblob", report_data)
-                before = self._read(entry, "generation").strip()
+                writes += 1
                 provider = self._read(entry, "provider").decode("ascii", "replace").strip()
                 outblob = self._read(entry, "outblob")
                 aux_path = entry / "auxblob"
                 auxblob = self._read(entry, "auxblob") if aux_path.exists() else b""
-                after = self._read(entry, "generation").strip()
+                after = self._generation(entry)
             finally:
                 if self.entry_name is None:
                     # configfs removes the attributes with the entry; a plain dir may not
@@ -88,10 +99,12 @@ class ConfigfsTsmPlatform:
                         entry.rmdir()
         except OSError as exc:
             raise UnavailableError(f"configfs-tsm: {entry}: {exc}") from exc
-        if before != after:
+        # Each write bumps generation by one; anything else means another writer
+        # changed the request between our write and our reads.
+        if after != before + writes:
             raise UnavailableError(
-                f"configfs-tsm: generation changed from {before.decode()} to {after.decode()} "
-                "while reading the report (another writer raced us); retry"
+                f"configfs-tsm: generation is {after}, expected {before + writes} after our "
+                f"{writes} write(s) (another writer raced us); retry"
             )
         if provider not in PROVIDERS:
             raise UnavailableError(f"configfs-tsm: unknown provider {provider!r}")
