@@ -348,13 +348,13 @@ RULES: dict[str, Builder] = {
 }
 
 
-def _rule_table(table: Mapping[str, Any], where: str) -> list[Policy]:
+def _rule_table(table: Mapping[str, Any], where: str, *, top: bool = False) -> list[Policy]:
     policies: list[Policy] = []
     platform_rule: Policy | None = None
     simulated: Policy | None = None
     for key, value in table.items():
         at = f"{where}{key}"
-        if key in ("version", "any_of"):
+        if top and key in ("version", "any_of"):
             continue
         if key in SECTIONS:
             platforms, rules = SECTIONS[key]
@@ -364,7 +364,7 @@ def _rule_table(table: Mapping[str, Any], where: str) -> list[Policy]:
                 policies.append(OnPlatforms(platforms, AllOf(inner)))
             continue
         if key not in RULES:
-            known = ", ".join(sorted([*RULES, *SECTIONS, "any_of"]))
+            known = ", ".join(sorted([*RULES, *SECTIONS, *(["any_of"] if top else [])]))
             raise ConfigError(f"policy: unknown key {at!r} (known: {known})")
         built = RULES[key](value, at)
         if key == "platforms":
@@ -417,7 +417,7 @@ def policy_from_toml(text: str) -> Policy:
     snp = dict(_typed(top.get("sev-snp", {}), dict, "sev-snp"))
     snp.setdefault("allow_migration_agent", False)
     top["sev-snp"] = snp
-    policies = _rule_table(top, "")
+    policies = _rule_table(top, "", top=True)
     if "any_of" in doc:
         entries = _typed(doc["any_of"], list, "any_of")
         alternatives: list[Policy] = []

@@ -214,6 +214,8 @@ def test_measurements_table_generic() -> None:
         ("version = 2", "unsupported version 2"),
         ("[[any_of]]\n", r"any_of\[0\] has no rules"),
         ("[[any_of]]\nfoo = 1", r"unknown key 'any_of\[0\].foo'"),
+        ("[[any_of]]\n[[any_of.any_of]]\nallow_debug = true", r"unknown key 'any_of\[0\].any_of'"),
+        ("[[any_of]]\nversion = 1", r"unknown key 'any_of\[0\].version'"),
         ("this is not toml", "not valid TOML"),
         ('report_data = "00"', "expected 64 bytes"),
         ('manifest_digests = "00"', "manifest_digests: expected list"),
