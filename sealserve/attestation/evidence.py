@@ -1,0 +1,202 @@
+"""The Evidence wire object and the one function relying parties call to verify it.
+
+Wire format (version 1), all lengths big-endian::
+
+    b"SSEV" ‖ 0x01 ‖ TLV*        TLV = tag (1 byte) ‖ length (4 bytes) ‖ value
+
+Each tag appears exactly once, in ascending order; unknown tags are refused:
+
+==== =================  =================================================
+tag  field              value
+==== =================  =================================================
+1    platform           UTF-8 ``Platform`` value ("sev-snp", ...)
+2    report             the raw hardware report (SNP: 1184 bytes) or quote
+3    certs              cert table (kernel auxblob format) or chain; may be empty
+4    manifest           the workload manifest (canonical JSON bytes)
+5    tls_spki           the server's TLS SubjectPublicKeyInfo, DER
+6    hpke_public_key    the enclave's HPKE public key (raw bytes)
+7    nonce              the verifier's nonce this evidence answers
+==== =================  =================================================
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import hmac
+import struct
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+
+from sealserve.attestation.binding import check_nonce, verify_report_data_binding
+from sealserve.attestation.claims import Check, Claims, Platform, Policy
+from sealserve.attestation.snp_certs import TrustedRoots
+from sealserve.attestation.snp_verify import verify_snp_at_time
+from sealserve.errors import EvidenceFormatError, VerificationError
+
+MAGIC = b"SSEV"
+WIRE_VERSION = 1
+MAX_FIELD = 1 << 20
+_TAGS = ("platform", "report", "certs", "manifest", "tls_spki", "hpke_public_key", "nonce")
+_TLV = struct.Struct(">BI")
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """What an attested server hands a verifier. Build with :meth:`from_bytes` or
+    the constructor; both check the invariants."""
+
+    platform: Platform
+    report: bytes
+    certs: bytes
+    manifest: bytes
+    tls_spki: bytes
+    hpke_public_key: bytes
+    nonce: bytes
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.platform, Platform):
+            raise EvidenceFormatError("evidence: platform must be a Platform", check="evidence")
+        for name in _TAGS[1:]:
+            value = getattr(self, name)
+            if not isinstance(value, bytes | bytearray | memoryview):
+                raise EvidenceFormatError(f"evidence: {name} must be bytes", check="evidence")
+            object.__setattr__(self, name, bytes(value))
+            if len(value) > MAX_FIELD:
+                raise EvidenceFormatError(
+                    f"evidence: {name} is {len(value)} bytes (limit {MAX_FIELD})", check="evidence"
+                )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Evidence:
+        """Decode. Raises EvidenceFormatError(check="evidence") on a wrong magic or
+        version, a truncated or oversized field, a missing, repeated or unknown tag."""
+        data = bytes(data)
+        if len(data) < 5 or data[:4] != MAGIC:
+            raise _bad("not sealserve evidence (wrong magic)")
+        if data[4] != WIRE_VERSION:
+            raise _bad(f"unsupported evidence format version {data[4]}")
+        values: list[bytes] = []
+        pos = 5
+        while pos < len(data):
+            if pos + _TLV.size > len(data):
+                raise _bad("truncated field header")
+            tag, length = _TLV.unpack_from(data, pos)
+            pos += _TLV.size
+            if tag != len(values) + 1:
+                raise _bad(f"unexpected tag {tag} (want {len(values) + 1}, each once, in order)")
+            if length > MAX_FIELD or pos + length > len(data):
+                raise _bad(f"field {_TAGS[tag - 1]} is truncated or too long")
+            values.append(data[pos : pos + length])
+            pos += length
+            if len(values) == len(_TAGS) and pos != len(data):
+                raise _bad("trailing bytes after the last field")
+        if len(values) != len(_TAGS):
+            raise _bad(f"missing field {_TAGS[len(values)]}")
+        try:
+            platform = Platform(values[0].decode("utf-8"))
+        except (UnicodeDecodeError, ValueError) as exc:
+            raise _bad(f"unknown platform {values[0][:40]!r}") from exc
+        return cls(platform, *values[1:])
+
+    def to_bytes(self) -> bytes:
+        out = bytearray(MAGIC + bytes([WIRE_VERSION]))
+        for tag, name in enumerate(_TAGS, start=1):
+            value = self.platform.value.encode() if name == "platform" else getattr(self, name)
+            out += _TLV.pack(tag, len(value)) + value
+        return bytes(out)
+
+    @property
+    def manifest_digest(self) -> bytes:
+        return hashlib.sha256(self.manifest).digest()
+
+
+def _bad(why: str) -> EvidenceFormatError:
+    return EvidenceFormatError(f"evidence: {why}", check="evidence")
+
+
+def verify_evidence_at_time(
+    evidence: Evidence,
+    *,
+    policy: Policy,
+    roots: TrustedRoots,
+    expected_nonce: bytes,
+    now: datetime,
+    cache_dir: str | Path | None = None,
+) -> Claims:
+    """Verify evidence end to end as of ``now`` and return the claims.
+
+    1 the nonce is the one we sent (replay); 2 the platform report and its chain
+    (``roots`` decides genuine vs. simulated); 3 REPORT_DATA binds the nonce, TLS key,
+    manifest and HPKE key; 4 the manifest digest is recorded; 5 ``policy`` decides.
+
+    Raises EvidenceFormatError, VerificationError (``check`` names the step) or
+    PolicyError.
+    """
+    checks: list[Check] = []
+    # 1. freshness
+    check_nonce(expected_nonce)
+    if not hmac.compare_digest(evidence.nonce, expected_nonce):
+        raise VerificationError(
+            "nonce: the evidence answers another nonce (replayed or stale evidence)",
+            check="nonce",
+        )
+    checks.append(Check("nonce", True, "evidence answers our nonce"))
+    # 2. platform report and chain
+    if evidence.platform in (Platform.SEV_SNP, Platform.SIMULATED_SNP):
+        claims = verify_snp_at_time(
+            evidence.report, roots=roots, now=now, cert_table=evidence.certs, cache_dir=cache_dir
+        )
+    else:
+        raise VerificationError(
+            f"platform: no verifier for {evidence.platform.value} evidence", check="platform"
+        )
+    if claims.platform is not evidence.platform:
+        raise VerificationError(
+            f"platform: evidence is labelled {evidence.platform.value} but its chain makes "
+            f"it {claims.platform.value}",
+            check="platform",
+        )
+    # 3. binding
+    verify_report_data_binding(
+        claims.report_data,
+        nonce=evidence.nonce,
+        tls_spki=evidence.tls_spki,
+        manifest=evidence.manifest,
+        hpke_public_key=evidence.hpke_public_key,
+    )
+    checks.append(Check("report_data_binding", True, "nonce, TLS key, manifest, HPKE key"))
+    # 4. manifest
+    digest = evidence.manifest_digest
+    checks.append(Check("manifest_digest", None, digest.hex()))
+    claims = dataclasses.replace(
+        claims,
+        manifest_digest=digest,
+        checks=claims.checks + tuple(checks),
+        fields={**claims.fields, "manifest_digest": digest.hex()},
+    )
+    # 5. policy
+    policy.verify(claims)
+    return dataclasses.replace(
+        claims, checks=(*claims.checks, Check("policy", True, type(policy).__name__))
+    )
+
+
+def verify_evidence(
+    evidence: Evidence,
+    *,
+    policy: Policy,
+    roots: TrustedRoots,
+    expected_nonce: bytes,
+    cache_dir: str | Path | None = None,
+) -> Claims:
+    """:func:`verify_evidence_at_time` at the current time."""
+    return verify_evidence_at_time(
+        evidence,
+        policy=policy,
+        roots=roots,
+        expected_nonce=expected_nonce,
+        now=datetime.now(UTC),
+        cache_dir=cache_dir,
+    )
