@@ -8,6 +8,9 @@ from pathlib import Path
 
 import pytest
 
+# Fixtures that start servers (start_server, repo), shared by several test packages.
+pytest_plugins = ["tests._servers"]
+
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "data" / "vectors"
 
@@ -26,3 +29,14 @@ def sealserve_cmd(*args: str) -> list[str]:
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+@pytest.fixture(scope="session")
+def sim_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One simulated ARK -> ASK -> VCEK directory per test session (RSA-4096 is slow)."""
+    from sealserve.enclave.simulated import SimulatedPlatform
+
+    path = tmp_path_factory.getbasetemp() / "simulated-platform"
+    if not (path / "platform.json").exists():
+        SimulatedPlatform.create_root(path)
+    return path

@@ -33,6 +33,7 @@ from sealserve.attestation.binding import check_nonce, verify_report_data_bindin
 from sealserve.attestation.claims import Check, Claims, Platform, Policy
 from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.attestation.snp_verify import verify_snp_at_time
+from sealserve.attestation.tdx_collateral import TdxCollateral
 from sealserve.errors import EvidenceFormatError, VerificationError
 
 MAGIC = b"SSEV"
@@ -124,6 +125,7 @@ def verify_evidence_at_time(
     expected_nonce: bytes,
     now: datetime,
     cache_dir: str | Path | None = None,
+    tdx_collateral: TdxCollateral | None = None,
 ) -> Claims:
     """Verify evidence end to end as of ``now`` and return the claims.
 
@@ -148,6 +150,11 @@ def verify_evidence_at_time(
         claims = verify_snp_at_time(
             evidence.report, roots=roots, now=now, cert_table=evidence.certs, cache_dir=cache_dir
         )
+    elif evidence.platform is Platform.TDX:
+        from sealserve.attestation.tdx import verify_tdx_at_time
+
+        # The PCK chain travels inside the quote; TCB collateral is optional.
+        claims = verify_tdx_at_time(evidence.report, now=now, collateral=tdx_collateral)
     else:
         raise VerificationError(
             f"platform: no verifier for {evidence.platform.value} evidence", check="platform"
@@ -190,6 +197,7 @@ def verify_evidence(
     roots: TrustedRoots,
     expected_nonce: bytes,
     cache_dir: str | Path | None = None,
+    tdx_collateral: TdxCollateral | None = None,
 ) -> Claims:
     """:func:`verify_evidence_at_time` at the current time."""
     return verify_evidence_at_time(
@@ -197,6 +205,7 @@ def verify_evidence(
         policy=policy,
         roots=roots,
         expected_nonce=expected_nonce,
+        tdx_collateral=tdx_collateral,
         now=datetime.now(UTC),
         cache_dir=cache_dir,
     )

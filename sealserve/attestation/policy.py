@@ -332,9 +332,39 @@ SNP_RULES: dict[str, Builder] = {
     ),
 }
 
+
+def _tdx_rules() -> dict[str, Builder]:
+    from sealserve.attestation import tdx_policy as t
+
+    def values(cls: Any) -> Builder:
+        return lambda v, w: cls.from_toml({"values": v})
+
+    def masked(cls: Any) -> Builder:
+        return lambda v, w: cls.from_toml(v if isinstance(v, dict) else {"value": v})
+
+    rules: dict[str, Builder] = {
+        reg: (lambda r: lambda v, w: MeasurementIn(r, _hexes(v, w, size=48)))(reg)
+        for reg in ("mrtd", "rtmr0", "rtmr1", "rtmr2", "rtmr3")
+    }
+    rules.update(
+        {
+            "tcb_status": lambda v, w: t.TcbStatusIn.from_toml({"allowed": v}),
+            "advisory_ids_denied": lambda v, w: t.AdvisoryIdsNotIn.from_toml({"denied": v}),
+            "mrconfigid": values(t.MrConfigIdIn),
+            "mrowner": values(t.MrOwnerIn),
+            "mrownerconfig": values(t.MrOwnerConfigIn),
+            "mrseam": values(t.MrSeamIn),
+            "xfam": masked(t.XfamEquals),
+            "td_attributes": masked(t.TdAttributesEqual),
+        }
+    )
+    return rules
+
+
 # Per-platform sections: name -> (platforms the rules apply to, rule table).
 SECTIONS: dict[str, tuple[frozenset[Platform], dict[str, Builder]]] = {
     "sev-snp": (SNP_PLATFORMS, SNP_RULES),
+    "tdx": (frozenset({Platform.TDX}), _tdx_rules()),
 }
 
 # Rules valid at the top level and inside [[any_of]] entries.

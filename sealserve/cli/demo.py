@@ -39,19 +39,26 @@ async def _demo(n: int) -> int:
     import json
     import shutil
     import tempfile
+    import warnings
     from pathlib import Path
 
     import numpy as np
 
     from sealserve import demo
+    from sealserve.attestation.policy import UnsafePolicyWarning, policy_from_toml
+    from sealserve.attestation.snp_certs import TrustedRoots
     from sealserve.auth import TokenIssuer, generate_keypair
     from sealserve.client import AsyncClient
+    from sealserve.enclave.simulated import SimulatedPlatform
     from sealserve.errors import AuthenticationError, InputError
     from sealserve.server.app import Server
     from sealserve.server.logs import configure
+    from sealserve.server.manifest import build_manifest, measure_entries
+    from sealserve.server.repository import scan_repository
     from sealserve.server.settings import Settings
 
-    configure("text", "warning")
+    configure("text", "error")
+    warnings.filterwarnings("ignore", category=UnsafePolicyWarning)
     tmp = Path(tempfile.mkdtemp(prefix="sealserve-demo-"))
     # The operator's token issuer: a signing key kept in memory; only the public JWKS
     # is written to disk, for the server to read.
@@ -62,7 +69,16 @@ async def _demo(n: int) -> int:
         "required_tos_version": TOS_VERSION,
         "issuers": [{"issuer": ISSUER, "jwks_file": str(tmp / "jwks.json")}],
     }
-    settings = Settings.load(None, port=0, model_repository=demo.repository(), auth=auth)
+    # A simulated SEV-SNP platform (a real deployment runs in a confidential VM).
+    SimulatedPlatform.create_root(tmp / "platform")
+    settings = Settings.load(
+        None,
+        port=0,
+        model_repository=demo.repository(),
+        auth=auth,
+        attestation_platform="simulated",
+        simulated_platform_dir=tmp / "platform",
+    )
     issuer = TokenIssuer.from_pem(key_pem, issuer=ISSUER, audience="sealserve-demo")
     token = issuer.issue(
         "alice", tier="standard", scopes=["infer", "metadata"], tos_version=TOS_VERSION,
@@ -70,23 +86,38 @@ async def _demo(n: int) -> int:
     )  # fmt: skip
     server = Server(settings)
     port = await server.start()
-    assert server.tls is not None
+    assert server.tls is not None and server.manifest is not None
     _say("server", f"listening on 127.0.0.1:{port} with an in-memory TLS key")
-    _say("server", f"TLS public key (SPKI) sha256 {server.tls.spki_sha256}")
+    _say("server", "attestation: SIMULATED SEV-SNP platform (not a real TEE)")
+    # What an auditor computes independently with `sealserve measure --config ...`.
+    expected = build_manifest(settings, measure_entries(scan_repository(demo.repository())))
+    _say("auditor", f"expected manifest sha256 {expected.digest().hex()}")
+    policy = policy_from_toml(
+        "version = 1\nunsafe_allow_simulated = true\n"
+        f'manifest_digests = ["{expected.digest().hex()}"]\n'
+    )
+    roots = TrustedRoots.amd() + TrustedRoots.from_dir(tmp / "platform")
     _say("server", f"tokens from issuer '{ISSUER}' required; terms of service {TOS_VERSION}")
     x, y = demo.holdout()
     n = max(1, min(n, len(x)))
     try:
-        async with AsyncClient(
-            f"127.0.0.1:{port}", root_certificates=server.tls.cert_pem
-        ) as anonymous:
+        async with AsyncClient(f"127.0.0.1:{port}", policy=policy, roots=roots) as anonymous:
+            await anonymous.connect()
+            assert anonymous.attestation is not None
+            claims = anonymous.attestation.claims
+            _say(
+                "client",
+                f"attested before sending anything: platform {claims.platform.value}, "
+                f"debug {claims.debug}, manifest {(claims.manifest_digest or b'').hex()[:16]}..., "
+                "TLS key bound in evidence = TLS key of this channel",
+            )
             try:
                 await anonymous.infer("digits", {"input": x[:1]})
             except AuthenticationError as exc:
                 _say("client", f"request without a token refused: {exc.message}")
         _say("client", "account 'alice' holds a token (scopes infer, metadata)")
         async with AsyncClient(
-            f"127.0.0.1:{port}", root_certificates=server.tls.cert_pem, token=token
+            f"127.0.0.1:{port}", policy=policy, roots=roots, token=token
         ) as client:
             _say("client", f"server ready: {await client.server_ready()}")
             meta = await client.model_metadata("digits")

@@ -21,6 +21,9 @@ from sealserve.errors import SealserveError
 SUBCOMMANDS: tuple[str, ...] = (
     "serve",
     "demo",
+    "platform",
+    "measure",
+    "verify",
     "token",
 )
 

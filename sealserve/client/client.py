@@ -1,13 +1,18 @@
 """The sealserve client SDK: ``Client`` (blocking) and ``AsyncClient`` (asyncio).
 
-Both speak the Open Inference Protocol to any OIP server. TLS is on by default: pass
-the server's certificate (``root_certificates``) or, once attestation is available,
-a policy that the server's evidence must satisfy before any data is sent.
+Both speak the Open Inference Protocol to any OIP server. By default they **verify,
+then trust**: before any token or input is sent, the server's attestation evidence is
+checked against ``policy`` (default: a real TEE, no debug) and the TLS key the channel
+uses must be the one the evidence binds (see ``sealserve.client.attested``). Other
+modes are explicit: ``root_certificates=`` pins a certificate without attestation;
+``unsafe_plaintext=True`` turns TLS off.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from types import TracebackType
 from typing import Any
 
@@ -16,6 +21,9 @@ import numpy as np
 
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
+from sealserve.attestation.claims import Policy
+from sealserve.attestation.snp_certs import TrustedRoots
+from sealserve.client.attested import ATTESTED_NAME, AttestedEndpoint, attest
 from sealserve.client.codec import decode_response, encode_request
 from sealserve.client.errors import from_rpc_error
 
@@ -41,15 +49,22 @@ def _credentials(root_certificates: bytes | None) -> grpc.ChannelCredentials:
 class Client:
     """Blocking OIP client.
 
-    ``target`` is ``host:port``. ``root_certificates`` (PEM) pins the server's TLS
-    certificate; ``unsafe_plaintext=True`` talks without TLS (local experiments only).
-    ``token`` is a JWT or a callable returning a current one.
+    ``target`` is ``host:port``. With neither ``root_certificates`` nor
+    ``unsafe_plaintext``, the constructor attests the server against ``policy`` (a
+    policy object or TOML file; default policy when None) and ``roots`` (default: AMD's
+    pinned roots) and raises an AttestationError naming the failed check, before any
+    token or data is sent. ``attestation`` then holds the verified claims.
+    ``root_certificates`` (PEM) pins a certificate without attestation;
+    ``unsafe_plaintext=True`` talks without TLS (local experiments only).
+    ``token`` is a JWT or a callable returning a current one (see RefreshingToken).
     """
 
     def __init__(
         self,
         target: str,
         *,
+        policy: Policy | str | Path | None = None,
+        roots: TrustedRoots | None = None,
         root_certificates: bytes | None = None,
         token: TokenSource = None,
         unsafe_plaintext: bool = False,
@@ -57,8 +72,15 @@ class Client:
         server_hostname: str = "localhost",
     ) -> None:
         options: list[tuple[str, str | int]] = [*_OPTIONS]
+        self.attestation: AttestedEndpoint | None = None
         if unsafe_plaintext:
             self._channel = grpc.insecure_channel(target, options=options)
+        elif root_certificates is None:
+            self.attestation = attest(target, policy=policy, roots=roots, timeout=timeout)
+            options.append(("grpc.ssl_target_name_override", ATTESTED_NAME))
+            self._channel = grpc.secure_channel(
+                target, _credentials(self.attestation.certificate_pem), options=options
+            )
         else:
             options.append(("grpc.ssl_target_name_override", server_hostname))
             self._channel = grpc.secure_channel(
@@ -112,31 +134,67 @@ class Client:
 
 
 class AsyncClient:
-    """The asyncio twin of :class:`Client`, with the same surface (awaitable)."""
+    """The asyncio twin of :class:`Client`, with the same surface (awaitable).
+
+    Attestation (the default mode) happens on ``await connect()`` or on the first call.
+    """
 
     def __init__(
         self,
         target: str,
         *,
+        policy: Policy | str | Path | None = None,
+        roots: TrustedRoots | None = None,
         root_certificates: bytes | None = None,
         token: TokenSource = None,
         unsafe_plaintext: bool = False,
         timeout: float = 30.0,
         server_hostname: str = "localhost",
     ) -> None:
-        options: list[tuple[str, str | int]] = [*_OPTIONS]
-        if unsafe_plaintext:
-            self._channel = grpc.aio.insecure_channel(target, options=options)
-        else:
-            options.append(("grpc.ssl_target_name_override", server_hostname))
-            self._channel = grpc.aio.secure_channel(
-                target, _credentials(root_certificates), options=options
-            )
-        self._stub: Any = pb_grpc.GRPCInferenceServiceStub(self._channel)
+        self._target = target
+        self._policy = policy
+        self._roots = roots
+        self._root_certificates = root_certificates
+        self._unsafe_plaintext = unsafe_plaintext
+        self._server_hostname = server_hostname
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: Any = None
         self._token = token
         self._timeout = timeout
+        self.attestation: AttestedEndpoint | None = None
+        self._lock = asyncio.Lock()
+
+    async def connect(self) -> None:
+        """Attest (unless pinned or plaintext) and open the channel. Idempotent."""
+        async with self._lock:
+            if self._channel is not None:
+                return
+            options: list[tuple[str, str | int]] = [*_OPTIONS]
+            if self._unsafe_plaintext:
+                channel = grpc.aio.insecure_channel(self._target, options=options)
+            else:
+                pem = self._root_certificates
+                name = self._server_hostname
+                if pem is None:
+                    loop = asyncio.get_running_loop()
+                    self.attestation = await loop.run_in_executor(
+                        None,
+                        lambda: attest(
+                            self._target,
+                            policy=self._policy,
+                            roots=self._roots,
+                            timeout=self._timeout,
+                        ),
+                    )
+                    pem, name = self.attestation.certificate_pem, ATTESTED_NAME
+                options.append(("grpc.ssl_target_name_override", name))
+                channel = grpc.aio.secure_channel(self._target, _credentials(pem), options=options)
+            self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
+            self._channel = channel
 
     async def _call(self, method: str, request: Any) -> Any:
+        if self._channel is None:
+            await self.connect()
         try:
             return await getattr(self._stub, method)(
                 request, timeout=self._timeout, metadata=_metadata(self._token)
@@ -168,7 +226,8 @@ class AsyncClient:
         return decode_response(await self._call("ModelInfer", req))
 
     async def close(self) -> None:
-        await self._channel.close()
+        if self._channel is not None:
+            await self._channel.close()
 
     async def __aenter__(self) -> AsyncClient:
         return self

@@ -10,17 +10,25 @@ import signal
 from pathlib import Path
 
 import grpc
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sealserve._proto import POOL
+from sealserve._proto import POOL, attestation_pb2_grpc
+from sealserve._proto import attestation_pb2 as apb
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
 from sealserve.auth import Authenticator
 from sealserve.auth.revocation import FileRevocationList
+from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
+from sealserve.enclave.platform import Platform
+from sealserve.errors import UnavailableError
+from sealserve.server.attestation_service import AttestationServicer
 from sealserve.server.auth_interceptor import AuthInterceptor
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.engine import Engine
+from sealserve.server.manifest import build_manifest, simulated_measurement
 from sealserve.server.metrics import Metrics
 from sealserve.server.repository import ModelEntry, scan_repository
 from sealserve.server.servicer import InferenceServicer
@@ -30,6 +38,41 @@ from sealserve.server.tls import TlsIdentity
 log = logging.getLogger("sealserve.server")
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
+ATTESTATION_SERVICE = apb.DESCRIPTOR.services_by_name["Attestation"].full_name
+# Names in the in-memory certificate. Attested clients pin the certificate itself and
+# connect with the fixed name ``sealserve.attested``, whatever host they dialled.
+ATTESTED_TLS_NAMES = ("sealserve.attested", "localhost", "127.0.0.1", "::1")
+
+
+def select_platform(settings: Settings, code: str) -> Platform | None:
+    """The attestation platform the settings ask for (None: no attestation).
+
+    Raises ConfigError or UnavailableError when the requested platform is missing.
+    """
+    from sealserve.enclave.configfs_tsm import ConfigfsTsmPlatform
+    from sealserve.enclave.platform import DEFAULT_CONFIGFS_TSM
+    from sealserve.enclave.simulated import SimulatedPlatform
+
+    choice = settings.attestation_platform
+    if choice == "none":
+        return None
+    if choice in ("auto", "configfs-tsm") and Path(DEFAULT_CONFIGFS_TSM).is_dir():
+        return ConfigfsTsmPlatform(DEFAULT_CONFIGFS_TSM)
+    if choice == "configfs-tsm":
+        raise UnavailableError(
+            f"attestation_platform 'configfs-tsm' but {DEFAULT_CONFIGFS_TSM} does not exist",
+            remedy="Run inside an SEV-SNP or TDX guest with configfs-tsm, or choose "
+            "another attestation_platform.",
+        )
+    if settings.simulated_platform_dir is not None:
+        log.warning("attestation: SIMULATED platform (not a real TEE) from %s",
+                    settings.simulated_platform_dir)  # fmt: skip
+        return SimulatedPlatform(
+            settings.simulated_platform_dir, measurement=simulated_measurement(code)
+        )
+    log.warning("attestation: no TEE found and no simulated platform configured; "
+                "GetEvidence is not served")  # fmt: skip
+    return None
 
 
 def _ensure_health_in_pool() -> None:
@@ -62,6 +105,13 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.tls: TlsIdentity | None = None
         self.port = 0
+        self.manifest: WorkloadManifest | None = None
+        self.platform: Platform | None = None
+        # The enclave's key-release key: brokers seal model keys to it (HPKE, X25519).
+        self.hpke_private_key = X25519PrivateKey.generate()
+        self.hpke_public_key = self.hpke_private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
         if authenticator is None and not settings.unsafe_disable_auth:
             auth_settings = settings.auth_settings()
             assert auth_settings is not None  # Settings guarantees auth or unsafe flag
@@ -101,25 +151,48 @@ class Server:
             self._entries if self._entries is not None else scan_repository(s.model_repository)
         )
         self.engine.load(entries)
+        if not s.unsafe_plaintext:
+            if s.tls_cert_file is not None and s.tls_key_file is not None:
+                self.tls = TlsIdentity.from_files(s.tls_cert_file, s.tls_key_file)
+            else:
+                self.tls = TlsIdentity.generate(hostnames=ATTESTED_TLS_NAMES)
+        code = code_digest()
+        self.manifest = build_manifest(
+            s,
+            [ModelMeasurement(m.info.name, m.info.version, m.sha256) for m in self.engine.loaded],
+            code=code,
+        )
+        services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        self.platform = select_platform(s, code)
+        if self.platform is not None and self.tls is not None:
+            attestation_pb2_grpc.add_AttestationServicer_to_server(
+                AttestationServicer(
+                    self.platform,
+                    tls_spki=self.tls.spki_der,
+                    manifest=self.manifest.to_bytes(),
+                    hpke_public_key=self.hpke_public_key,
+                ),
+                self._server,
+            )
+            services.append(ATTESTATION_SERVICE)
+            log.info(
+                "attestation: %s platform, manifest sha256 %s",
+                self.platform.kind.value,
+                self.manifest.digest().hex(),
+            )
+        elif self.platform is not None:
+            log.warning("attestation is off: it binds the TLS key, and TLS is off")
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.plane, self.metrics), self._server
         )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _ensure_health_in_pool()
-        reflection.enable_server_reflection(
-            (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME),
-            self._server,
-            pool=POOL,
-        )
+        reflection.enable_server_reflection(services, self._server, pool=POOL)
         address = f"{s.host}:{s.port}"
-        if s.unsafe_plaintext:
+        if self.tls is None:
             log.warning("TLS is OFF (unsafe_plaintext): requests and tokens travel in clear text")
             self.port = self._server.add_insecure_port(address)
         else:
-            if s.tls_cert_file is not None and s.tls_key_file is not None:
-                self.tls = TlsIdentity.from_files(s.tls_cert_file, s.tls_key_file)
-            else:
-                self.tls = TlsIdentity.generate(hostnames=("localhost", "127.0.0.1", "::1"))
             creds = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
             self.port = self._server.add_secure_port(address, creds)
         await self._server.start()

@@ -7,6 +7,7 @@ coalesces concurrent requests into one ``run``.
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import statistics
 import time
@@ -73,6 +74,7 @@ class LoadedModel:
         )
         self.entry = entry
         self.output_names = [s.name for s in outputs]
+        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
 
     def run(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = ()) -> list[np.ndarray]:
         """Run the session on onnxruntime-ready inputs (BYTES as str arrays); returns
@@ -158,6 +160,10 @@ class Engine:
     @property
     def models(self) -> list[ModelInfo]:
         return [m.info for m in self._models.values()]
+
+    @property
+    def loaded(self) -> list[LoadedModel]:
+        return list(self._models.values())
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run ``request`` (already validated against the model's metadata)."""

@@ -75,6 +75,19 @@ class Settings(BaseSettings):
             "required_tos_version, [[auth.issuers]] with jwks_file or jwks_url, ...)."
         ),
     )
+    attestation_platform: Literal["auto", "configfs-tsm", "simulated", "none"] = Field(
+        default="auto",
+        description=(
+            "Where attestation evidence comes from: 'configfs-tsm' (a real SEV-SNP or TDX "
+            "guest), 'simulated' (needs simulated_platform_dir), 'none' (no GetEvidence), "
+            "or 'auto' (configfs-tsm if present, else simulated if a directory is set, "
+            "else none)."
+        ),
+    )
+    simulated_platform_dir: Path | None = Field(
+        default=None,
+        description="Directory made by `sealserve platform init-simulated` (dev and tests).",
+    )
     unsafe_disable_auth: bool = Field(
         default=False,
         description="Serve without authentication. Local experiments only; logged loudly.",
@@ -91,6 +104,8 @@ class Settings(BaseSettings):
                 "authentication is required: configure [auth] (see docs/auth.md), or set "
                 "unsafe_disable_auth = true for a local experiment"
             )
+        if self.attestation_platform == "simulated" and self.simulated_platform_dir is None:
+            raise ValueError("attestation_platform 'simulated' needs simulated_platform_dir")
         if self.auth is not None and self.unsafe_disable_auth:
             raise ValueError("[auth] and unsafe_disable_auth are mutually exclusive")
         if self.auth is not None:
@@ -169,7 +184,7 @@ class Settings(BaseSettings):
         update: dict[str, Any] = {}
         if not self.model_repository.is_absolute():
             update["model_repository"] = base / self.model_repository
-        for key in ("tls_cert_file", "tls_key_file"):
+        for key in ("tls_cert_file", "tls_key_file", "simulated_platform_dir"):
             value = getattr(self, key)
             if value is not None and not value.is_absolute():
                 update[key] = base / value
@@ -192,9 +207,22 @@ class Settings(BaseSettings):
             update["auth"] = auth
         return self.model_copy(update=update) if update else self
 
-    def effective(self) -> dict[str, Any]:
-        """The settings as a JSON-able dict without secrets (for the workload manifest)."""
-        return self.model_dump(mode="json")
+    def measured(self) -> dict[str, Any]:
+        """The settings that decide how the workload behaves, for the workload manifest.
+
+        No secrets, and no deployment plumbing (addresses, ports, file paths, logging), so
+        that an auditor reproduces the same manifest from the same config on any machine.
+        """
+        auth = self.auth_settings()
+        return {
+            "server_name": self.server_name,
+            "tls": "plaintext" if self.unsafe_plaintext else (
+                "files" if self.tls_cert_file else "ephemeral"),
+            "auth": auth.describe() if auth is not None else "disabled",
+            "max_request_bytes": self.max_request_bytes,
+            "engine": self.engine.model_dump(mode="json"),
+            "attestation_platform": self.attestation_platform,
+        }  # fmt: skip
 
 
 def format_validation_error(exc: ValidationError) -> str:

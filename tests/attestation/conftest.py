@@ -6,8 +6,6 @@ import json
 from datetime import UTC, datetime
 from pathlib import Path
 
-import pytest
-
 from sealserve.attestation.snp_certs import load_amd_certificates
 from tests.conftest import VECTORS
 
@@ -39,17 +37,3 @@ SIGNERS: dict[str, bytes] = {
 
 def read_vector(rel: str) -> bytes:
     return (VECTORS / rel).read_bytes()
-
-
-@pytest.fixture(scope="session")
-def sim_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """One simulated ARK -> ASK -> VCEK directory per test session (RSA-4096 is slow).
-
-    tests/enclave re-exports this fixture; both share the directory via the base temp.
-    """
-    from sealserve.enclave.simulated import SimulatedPlatform
-
-    path = tmp_path_factory.getbasetemp() / "simulated-platform"
-    if not (path / "platform.json").exists():
-        SimulatedPlatform.create_root(path)
-    return path

@@ -206,10 +206,34 @@ def test_platform_label_must_match_the_chain(
     assert err.value.check == "platform"
 
 
-def test_unknown_platform_verifier(sim_root: Path, roots: TrustedRoots, nonce: bytes) -> None:
+def test_snp_report_labelled_tdx_is_refused(
+    sim_root: Path, roots: TrustedRoots, nonce: bytes
+) -> None:
     ev = dataclasses.replace(_evidence(sim_root, nonce), platform=Platform.TDX)
-    with pytest.raises(VerificationError, match="no verifier for tdx"):
+    with pytest.raises(EvidenceFormatError) as info:
         verify_evidence_at_time(ev, policy=DEV_POLICY, roots=roots, expected_nonce=nonce, now=NOW)
+    assert info.value.check == "quote_format"
+
+
+def test_genuine_tdx_quote_in_evidence_goes_through_tdx_verifier(nonce: bytes) -> None:
+    # The same evidence path verifies TDX quotes; a genuine quote cannot bind our nonce.
+    from datetime import UTC, datetime
+
+    ev = Evidence(
+        platform=Platform.TDX,
+        report=read_vector("tdx/go-tdx-guest/quote_v5_sample.dat"),
+        certs=b"",
+        manifest=MANIFEST,
+        tls_spki=SPKI,
+        hpke_public_key=HPKE,
+        nonce=nonce,
+    )
+    with pytest.raises(VerificationError) as info:
+        verify_evidence_at_time(
+            ev, policy=DEV_POLICY, roots=TrustedRoots.amd(), expected_nonce=nonce,
+            now=datetime(2026, 6, 1, tzinfo=UTC),
+        )  # fmt: skip
+    assert info.value.check == "report_data_binding"
 
 
 def test_genuine_report_in_evidence_fails_binding(nonce: bytes) -> None:

@@ -1,0 +1,132 @@
+"""``sealserve verify``: the auditor's check of an endpoint or of saved evidence."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "verify",
+        help="verify a server's attestation (online, or offline from saved evidence)",
+        description=(
+            "Online: fetch fresh evidence from --endpoint with a random nonce over a TLS "
+            "channel pinned to the server's certificate, verify it against --policy, and "
+            "check that the TLS key is the one the evidence binds. Offline: verify saved "
+            "--evidence (freshness cannot be checked offline). Prints every check and "
+            "claim; exits 0 only if all pass."
+        ),
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--endpoint", metavar="HOST:PORT", help="server to attest")
+    src.add_argument("--evidence", type=Path, help="evidence saved with --save")
+    p.add_argument("--policy", type=Path, help="policy file (TOML); default policy if omitted")
+    p.add_argument(
+        "--simulated-root",
+        type=Path,
+        action="append",
+        default=[],
+        help="also trust this simulated platform root (development only)",
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON report")
+    p.add_argument("--save", type=Path, help="write the evidence here (online mode)")
+    p.add_argument("--timeout", type=float, default=10.0)
+    p.set_defaults(func=run)
+
+
+def _roots(simulated: list[Path]) -> Any:
+    from sealserve.attestation.snp_certs import TrustedRoots
+
+    roots = TrustedRoots.amd()
+    for d in simulated:
+        roots = roots + TrustedRoots.from_dir(d)
+    return roots
+
+
+def run(args: argparse.Namespace) -> int:
+    from sealserve.attestation.evidence import Evidence, verify_evidence
+    from sealserve.client.attested import attest, resolve_policy
+    from sealserve.errors import AttestationError, ConfigError, PolicyError
+
+    policy = resolve_policy(args.policy)
+    roots = _roots(args.simulated_root)
+    report: dict[str, Any] = {"ok": False, "mode": "online" if args.endpoint else "offline"}
+    evidence = None
+    try:
+        if args.endpoint:
+            endpoint = attest(args.endpoint, policy=policy, roots=roots, timeout=args.timeout)
+            evidence, claims = endpoint.evidence, endpoint.claims
+            extra: list[tuple[str, bool | None, str]] = [
+                ("tls_binding", True, "channel TLS key == key bound in evidence")
+            ]
+        else:
+            try:
+                evidence = Evidence.from_bytes(args.evidence.read_bytes())
+            except OSError as exc:
+                raise ConfigError(f"cannot read {args.evidence}: {exc.strerror}") from exc
+            claims = verify_evidence(
+                evidence, policy=policy, roots=roots, expected_nonce=evidence.nonce
+            )
+            extra = [("freshness", None, "not checked offline: nonce taken from the file")]
+        report["ok"] = True
+        report["checks"] = [
+            {"name": c.name, "passed": c.passed, "detail": c.detail} for c in claims.checks
+        ] + [{"name": n, "passed": ok, "detail": d} for n, ok, d in extra]
+        report["claims"] = {
+            "platform": claims.platform.value,
+            "simulated": claims.simulated,
+            "debug": claims.debug,
+            "measurements": {k: v.hex() for k, v in claims.measurements.items()},
+            "manifest_digest": claims.manifest_digest.hex() if claims.manifest_digest else None,
+            "fields": dict(claims.fields),
+        }
+    except AttestationError as exc:
+        check = exc.check or ("policy" if isinstance(exc, PolicyError) else "verification")
+        report["error"] = {"check": check, "message": exc.message}
+    finally:
+        if args.save and evidence is not None:
+            args.save.write_bytes(evidence.to_bytes())
+    if evidence is not None:
+        report["manifest"] = json.loads(evidence.manifest) if evidence.manifest else None
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        _print_table(report)
+    return 0 if report["ok"] else 1
+
+
+def _print_table(report: dict[str, Any]) -> None:
+    out = sys.stdout
+    claims = report.get("claims")
+    if claims and claims["simulated"]:
+        print("!! SIMULATED evidence: this is not a real TEE (development only) !!", file=out)
+    print(f"{'check':<24} {'result':<6} detail", file=out)
+    print(f"{'-' * 24} {'-' * 6} {'-' * 40}", file=out)
+    for c in report.get("checks", []):
+        mark = {True: "PASS", False: "FAIL", None: "info"}[c["passed"]]
+        print(f"{c['name']:<24} {mark:<6} {c['detail']}", file=out)
+    if "error" in report:
+        err = report["error"]
+        print(f"{err['check'] or 'verification':<24} {'FAIL':<6} {err['message']}", file=out)
+        print("\nresult: REJECTED", file=out)
+        return
+    assert claims is not None
+    print("\nclaims:", file=out)
+    print(f"  platform         {claims['platform']}", file=out)
+    print(f"  debug            {claims['debug']}", file=out)
+    for reg, value in claims["measurements"].items():
+        print(f"  {reg:<16} {value}", file=out)
+    print(f"  manifest sha256  {claims['manifest_digest']}", file=out)
+    for key in ("reported_tcb", "guest_svn", "vmpl", "policy", "tcb_status", "signer_subject"):
+        if key in claims["fields"]:
+            print(f"  {key:<16} {claims['fields'][key]}", file=out)
+    manifest = report.get("manifest") or {}
+    if manifest:
+        print(f"  code digest      {manifest.get('code_digest')}", file=out)
+        for m in manifest.get("models", []):
+            print(f"  model            {m['name']} v{m['version']} sha256 {m['sha256']}", file=out)
+    print("\nresult: VERIFIED", file=out)

@@ -1,0 +1,49 @@
+"""Build the workload manifest of a server, and reproduce it for ``sealserve measure``."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+from sealserve import __version__
+from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
+from sealserve.server.repository import ModelEntry
+from sealserve.server.settings import Settings
+
+# The simulated platform's stand-in for a launch measurement: a function of the code,
+# so that changing the code changes the measurement, and an auditor can reproduce it.
+_SIM_LABEL = b"sealserve-simulated-launch-measurement-v1"
+
+
+def simulated_measurement(code: str) -> bytes:
+    """48 bytes, like SEV-SNP's MEASUREMENT, derived from the installed code's digest."""
+    return hashlib.sha384(_SIM_LABEL + bytes.fromhex(code)).digest()
+
+
+def measure_entries(entries: Iterable[ModelEntry]) -> list[ModelMeasurement]:
+    """Model digests computed from the repository's bytes (what the server will load)."""
+    return [
+        ModelMeasurement(e.name, e.version, hashlib.sha256(e.source.read()).hexdigest())
+        for e in entries
+    ]
+
+
+def build_manifest(
+    settings: Settings,
+    models: Iterable[ModelMeasurement],
+    *,
+    code: str | None = None,
+    defenses: Mapping[str, Any] | None = None,
+    hardening: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> WorkloadManifest:
+    return WorkloadManifest(
+        sealserve_version=__version__,
+        code_digest=code or code_digest(),
+        config=settings.measured(),
+        models=tuple(models),
+        defenses=dict(defenses or {}),
+        hardening=dict(hardening or {}),
+        extra={"hpke_kem": "X25519", **(extra or {})},
+    )
