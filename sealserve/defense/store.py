@@ -37,6 +37,10 @@ log = logging.getLogger(__name__)
 #: mattering, so that replicas whose clocks differ slightly agree.
 STATE_SLACK_S = 3600.0
 MAX_DIFFICULTY = 32
+#: A bucket holding ``cost - TOKEN_EPS`` tokens admits ``cost``: float time arithmetic at
+#: Unix-epoch magnitudes loses ~1e-7 s, which must not refuse a request that is on time.
+#: The shortfall is carried (tokens go slightly negative), so it can never accumulate.
+TOKEN_EPS = 1e-3
 
 
 @dataclass(frozen=True)
@@ -320,7 +324,7 @@ def finish(
     for check, level, rate in zip(checks, levels, rates, strict=True):
         wait: float | None
         if check.period is None:
-            if level >= cost:
+            if level + TOKEN_EPS >= cost:
                 continue
             wait = None if cost > check.limit else (cost - level) / rate
         else:
@@ -398,7 +402,7 @@ class TransactionalStore(StateStore):
         with self.transaction() as tx:
             levels, rates, raw = self._levels(tx, checks, now)
             ok = all(
-                (lv >= cost) if c.period is None else (lv + cost <= c.limit)
+                (lv + TOKEN_EPS >= cost) if c.period is None else (lv + cost <= c.limit)
                 for c, lv in zip(checks, levels, strict=True)
             )
             if ok:

@@ -44,6 +44,7 @@ T = TypeVar("T")
 # KEYS: one state key per check, then one status key per throttled account.
 # ARGV: now, cost, n, dry, slack_ms, then per check: kind ('b'|'w'), limit, rate,
 #       window ttl in ms, index of its status key among the status keys (0: none).
+# Buckets admit with a shortfall of up to 0.001 token (store.TOKEN_EPS).
 # Returns: {admitted, level_1, rate_1, ..., level_n, rate_n}; numbers as %.17g strings
 # because Redis would truncate Lua numbers to integers. The arithmetic mirrors
 # sealserve.defense.store.bucket_level and TransactionalStore.admit exactly.
@@ -84,7 +85,7 @@ for i = 1, n do
       if level > limit then level = limit end
       olds[i] = ts
     end
-    if level < cost then ok = false end
+    if level + 0.001 < cost then ok = false end
     levels[i] = level
   else
     local c = tonumber(redis.call('GET', KEYS[i]) or '0')
@@ -206,7 +207,7 @@ class RedisStore(StateStore):
 
     def set_status(self, account: str, status: AccountStatus) -> None:
         text = status.to_json()
-        fields: dict[str | bytes, str | bytes] = {
+        fields = {
             "kind": status.kind.value,
             "factor": repr(status.factor) if status.kind is StatusKind.THROTTLED else "",
             "expires": "" if status.expires_at is None else repr(status.expires_at),
@@ -215,7 +216,7 @@ class RedisStore(StateStore):
 
         def write() -> None:
             pipe = self._r.pipeline(transaction=True)
-            pipe.hset(self._k("s", account), mapping=fields)
+            pipe.hset(self._k("s", account), items=[x for kv in fields.items() for x in kv])
             pipe.lpush(self._k("h", account), text)
             pipe.ltrim(self._k("h", account), 0, HISTORY_LIMIT - 1)
             pipe.execute()
