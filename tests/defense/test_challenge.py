@@ -52,8 +52,7 @@ def _wrong(ch: str) -> str:
     raise AssertionError("no wrong answer found")
 
 
-def test_wrong_answer_is_refused_and_does_not_burn_the_challenge(challenges: Challenges
-                                                                 ) -> None:
+def test_wrong_answer_is_refused_and_does_not_burn_the_challenge(challenges: Challenges) -> None:
     ch = challenges.issue("alice", 12, now=NOW)
     with pytest.raises(ChallengeRequiredError, match="proof-of-work answer is wrong"):
         challenges.verify("alice", ch, _wrong(ch), now=NOW)
@@ -112,7 +111,7 @@ def test_bad_construction() -> None:
     with pytest.raises(ConfigError, match="ttl must be greater than zero"):
         Challenges(Challenges.generate_key(), MemoryStore(), ttl_s=0)
     c = Challenges(Challenges.generate_key(), MemoryStore())
-    with pytest.raises(ConfigError, match="difficulty must be 1..32"):
+    with pytest.raises(ConfigError, match=r"difficulty must be 1\.\.32"):
         c.issue("alice", 0, now=NOW)
 
 

@@ -25,12 +25,20 @@ MODEL_QUOTA = 700  # < 5 * 200: the shared model window binds before the account
 
 def checks_for(account: str) -> list[Check]:
     return [
-        Check("account.rate", "account rate limit", f"a/{account}", 1000, rate=0.001,
-              throttle_account=account),
-        Check("account.day", "account daily quota", f"a/{account}", ACCOUNT_QUOTA,
-              period=Period.DAY),
-        Check("model.minute", "model per-minute quota", "m/model", MODEL_QUOTA,
-              period=Period.MINUTE),
+        Check(
+            "account.rate",
+            "account rate limit",
+            f"a/{account}",
+            1000,
+            rate=0.001,
+            throttle_account=account,
+        ),
+        Check(
+            "account.day", "account daily quota", f"a/{account}", ACCOUNT_QUOTA, period=Period.DAY
+        ),
+        Check(
+            "model.minute", "model per-minute quota", "m/model", MODEL_QUOTA, period=Period.MINUTE
+        ),
     ]
 
 
@@ -76,9 +84,14 @@ def _open(kind: str, where: str) -> StateStore:
     return RedisStore.from_url(url, prefix=prefix, timeout_s=10)
 
 
-def _process_main(kind: str, where: str, threads: int, per_thread: int,
-                  out: multiprocessing.Queue[tuple[dict[str, int], int]],
-                  start: threading.Barrier) -> None:
+def _process_main(
+    kind: str,
+    where: str,
+    threads: int,
+    per_thread: int,
+    out: multiprocessing.Queue[tuple[dict[str, int], int]],
+    start: threading.Barrier,
+) -> None:
     store = _open(kind, where)
     start.wait(timeout=60)  # both processes hammer at the same time
     admitted, refused = hammer(store, threads, per_thread)
@@ -87,8 +100,9 @@ def _process_main(kind: str, where: str, threads: int, per_thread: int,
 
 
 @pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
-def test_threads_never_over_admit(kind: str, tmp_path: Path, request: pytest.FixtureRequest
-                                  ) -> None:
+def test_threads_never_over_admit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     store: StateStore
     if kind == "memory":
         store = MemoryStore()
@@ -104,8 +118,9 @@ def test_threads_never_over_admit(kind: str, tmp_path: Path, request: pytest.Fix
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["sqlite", "redis"])
-def test_two_processes_never_over_admit(kind: str, tmp_path: Path,
-                                        request: pytest.FixtureRequest) -> None:
+def test_two_processes_never_over_admit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     if kind == "sqlite":
         where = str(tmp_path / "shared.db")
         SqliteStore(where).close()  # create the schema before the race
@@ -115,8 +130,9 @@ def test_two_processes_never_over_admit(kind: str, tmp_path: Path,
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[tuple[dict[str, int], int]] = ctx.Queue()
     start = ctx.Barrier(2)
-    procs = [ctx.Process(target=_process_main, args=(kind, where, 4, 150, out, start))
-             for _ in range(2)]
+    procs = [
+        ctx.Process(target=_process_main, args=(kind, where, 4, 150, out, start)) for _ in range(2)
+    ]
     for p in procs:
         p.start()
     results = [out.get(timeout=120) for _ in procs]

@@ -64,8 +64,10 @@ def test_example_parses() -> None:
     assert cfg.peer.quotas == {Period.MINUTE: 600}
     assert cfg.model_limits("resnet").quotas == {Period.MINUTE: 100}
     assert cfg.model_limits("other").quotas == {Period.MINUTE: 6000}
-    assert cfg.trusted_proxies == (ipaddress.ip_network("10.0.0.0/8"),
-                                   ipaddress.ip_network("192.168.1.7/32"))
+    assert cfg.trusted_proxies == (
+        ipaddress.ip_network("10.0.0.0/8"),
+        ipaddress.ip_network("192.168.1.7/32"),
+    )
 
 
 def _tiers(**free: Any) -> dict[str, Any]:
@@ -87,19 +89,26 @@ def _tiers(**free: Any) -> dict[str, Any]:
         (_tiers(cost="tokens"), r"cost must be 'request' or 'batch', got 'tokens'"),
         (_tiers(per_model="yes"), r"per_model must be true or false"),
         ({"tiers": {}}, r"at least one tier"),
-        ({**_tiers(per_day=5), "default_tier": "gold"},
-         r"limits\.default_tier 'gold' is not a configured tier \(known: free\)"),
-        ({**_tiers(per_day=5), "peer": {"rate": float("nan"), "burst": 1}},
-         r"limits\.peer\.rate must be greater than zero"),
-        ({**_tiers(per_day=5), "models": {"m": {"per_day": -2}}},
-         r"limits\.models\.m\.per_day must be greater than zero"),
-        ({**_tiers(per_day=5), "trusted_proxies": ["proxy.example"]},
-         r"'proxy\.example' is not an IP address or network"),
+        (
+            {**_tiers(per_day=5), "default_tier": "gold"},
+            r"limits\.default_tier 'gold' is not a configured tier \(known: free\)",
+        ),
+        (
+            {**_tiers(per_day=5), "peer": {"rate": float("nan"), "burst": 1}},
+            r"limits\.peer\.rate must be greater than zero",
+        ),
+        (
+            {**_tiers(per_day=5), "models": {"m": {"per_day": -2}}},
+            r"limits\.models\.m\.per_day must be greater than zero",
+        ),
+        (
+            {**_tiers(per_day=5), "trusted_proxies": ["proxy.example"]},
+            r"'proxy\.example' is not an IP address or network",
+        ),
         ({**_tiers(per_day=5), "quota": 1}, r"limits: unknown key\(s\) 'quota'"),
     ],
 )
-def test_bad_config_is_rejected_with_a_clear_message(data: dict[str, Any], message: str
-                                                     ) -> None:
+def test_bad_config_is_rejected_with_a_clear_message(data: dict[str, Any], message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         LimitsConfig.from_mapping(data)
 
@@ -113,7 +122,7 @@ def test_unknown_tier_lookup() -> None:
 
 
 def test_constructors_validate_too() -> None:
-    with pytest.raises(ConfigError, match="limits.rate must be greater than zero"):
+    with pytest.raises(ConfigError, match=r"limits\.rate must be greater than zero"):
         TokenBucket(rate=-1.0, burst=1)
     with pytest.raises(ConfigError, match="batch size must be at least 1"):
         Tier("t", LimitSet()).cost_of(0)

@@ -49,8 +49,9 @@ def test_rightmost_untrusted_hop_wins() -> None:
 
 
 def test_malformed_hop_stops_at_last_good_one() -> None:
-    got = peer_address("ipv4:10.1.2.3:1", "198.51.100.7, not-an-ip, 10.0.0.5",
-                       trusted_proxies=PROXIES)
+    got = peer_address(
+        "ipv4:10.1.2.3:1", "198.51.100.7, not-an-ip, 10.0.0.5", trusted_proxies=PROXIES
+    )
     assert got == "10.0.0.5"
 
 

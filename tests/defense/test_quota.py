@@ -37,9 +37,16 @@ def guard(store: StateStore) -> QuotaGuard:
     return QuotaGuard(cfg, store, Challenges(Challenges.generate_key(), store))
 
 
-def admit(guard: QuotaGuard, account: str = "alice", *, tier: str | None = "free",
-          peer: str = "198.51.100.1", model: str = "resnet", now: float = NOW, **kw: Any
-          ) -> Any:
+def admit(
+    guard: QuotaGuard,
+    account: str = "alice",
+    *,
+    tier: str | None = "free",
+    peer: str = "198.51.100.1",
+    model: str = "resnet",
+    now: float = NOW,
+    **kw: Any,
+) -> Any:
     return guard.admit(account, tier, peer, model, now=now, **kw)
 
 
@@ -75,7 +82,7 @@ def test_peer_and_model_limits_span_accounts(guard: QuotaGuard) -> None:
         admit(guard, "user9", model="tiny")
     for i in range(9):
         admit(guard, f"user{i}")
-    with pytest.raises(RateLimitedError, match="peer 198.51.100.1 per-minute quota of 12"):
+    with pytest.raises(RateLimitedError, match=r"peer 198\.51\.100\.1 per-minute quota of 12"):
         admit(guard, "user9")
     admit(guard, "user9", peer="198.51.100.2")  # another peer is not affected
 
@@ -84,8 +91,9 @@ def test_batch_cost_and_per_model_counting(guard: QuotaGuard) -> None:
     r = admit(guard, tier="batchy", batch_size=4)
     assert {x.name: x.remaining for x in r.remaining}["account.minute"] == 6
     admit(guard, tier="batchy", batch_size=6)
-    with pytest.raises(RateLimitedError, match="account model 'resnet' per-minute quota of "
-                                               "10 items exhausted"):
+    with pytest.raises(
+        RateLimitedError, match="account model 'resnet' per-minute quota of 10 items exhausted"
+    ):
         admit(guard, tier="batchy")
     # Counted per model (another peer: the peer limit counts items across models).
     admit(guard, tier="batchy", model="other", peer="198.51.100.2", batch_size=10)
@@ -168,10 +176,14 @@ def test_usage_and_reset(guard: QuotaGuard) -> None:
     for _ in range(3):
         admit(guard)
     assert {u.name: u.remaining for u in guard.usage("alice", "free", now=NOW)} == {
-        "account.rate": 2, "account.day": 5}
+        "account.rate": 2,
+        "account.day": 5,
+    }
     guard.reset("alice", "free", now=NOW)
     assert {u.name: u.remaining for u in guard.usage("alice", "free", now=NOW)} == {
-        "account.rate": 5, "account.day": 8}
+        "account.rate": 5,
+        "account.day": 8,
+    }
 
 
 def test_keys_cannot_collide(guard: QuotaGuard) -> None:

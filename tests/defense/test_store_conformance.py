@@ -18,15 +18,16 @@ from .conftest import make_store
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 
 
-def bucket(burst: int = 3, rate: float = 1.0, key: str = "a/alice", acct: str | None = None
-           ) -> Check:
-    return Check("account.rate", "account rate limit", key, burst, rate=rate,
-                 throttle_account=acct)
+def bucket(
+    burst: int = 3, rate: float = 1.0, key: str = "a/alice", acct: str | None = None
+) -> Check:
+    return Check("account.rate", "account rate limit", key, burst, rate=rate, throttle_account=acct)
 
 
 def window(period: Period, limit: int, key: str = "a/alice") -> Check:
-    return Check(f"account.{period.value}", f"account {period.value} quota", key, limit,
-                 period=period)
+    return Check(
+        f"account.{period.value}", f"account {period.value} quota", key, limit, period=period
+    )
 
 
 def test_bucket_refill_math(store: StateStore) -> None:
@@ -62,8 +63,7 @@ def test_bucket_clock_going_backwards_does_not_refill(store: StateStore) -> None
         (Period.MONTH, datetime(2023, 11, 1, tzinfo=UTC).timestamp(), 30 * 86400.0),
     ],
 )
-def test_window_rolls_over(store: StateStore, period: Period, start: float, length: float
-                           ) -> None:
+def test_window_rolls_over(store: StateStore, period: Period, start: float, length: float) -> None:
     w = window(period, 2)
     assert store.admit([w], cost=1, now=start).admitted
     last = start + length - 1
@@ -122,8 +122,12 @@ def test_throttle_multiplies_rate_inside_admit(store: StateStore) -> None:
     b = bucket(burst=1, rate=10.0, acct="alice")
     assert store.admit([b], cost=1, now=T0).admitted
     assert store.admit([b], cost=1, now=T0 + 0.1).admitted
-    store.set_status("alice", AccountStatus.throttled(
-        0.1, reason="detector", set_by="detector", set_at=T0, expires_at=T0 + 100))
+    store.set_status(
+        "alice",
+        AccountStatus.throttled(
+            0.1, reason="detector", set_by="detector", set_at=T0, expires_at=T0 + 100
+        ),
+    )
     refused = store.admit([b], cost=1, now=T0 + 0.2)
     assert not refused.admitted and refused.retry_after == pytest.approx(0.9)
     assert store.admit([b], cost=1, now=T0 + 1.1).admitted
@@ -139,8 +143,9 @@ def test_throttle_multiplies_rate_inside_admit(store: StateStore) -> None:
 def test_status_expiry_and_history(store: StateStore) -> None:
     assert store.get_status("alice", now=T0).kind is StatusKind.NORMAL
     assert store.status_history("alice") == []
-    s1 = AccountStatus.challenged(8, reason="sweep", set_by="detector", set_at=T0,
-                                  expires_at=T0 + 60)
+    s1 = AccountStatus.challenged(
+        8, reason="sweep", set_by="detector", set_at=T0, expires_at=T0 + 60
+    )
     store.set_status("alice", s1)
     assert store.get_status("alice", now=T0 + 59) == s1
     assert store.get_status("alice", now=T0 + 60).kind is StatusKind.NORMAL
@@ -187,23 +192,26 @@ def test_consume_once(store: StateStore) -> None:
     assert store.consume_once("pow/n3", ttl_s=60) is True
 
 
-def test_all_backends_answer_identically(request: pytest.FixtureRequest, tmp_path: Path
-                                         ) -> None:
+def test_all_backends_answer_identically(request: pytest.FixtureRequest, tmp_path: Path) -> None:
     """A seeded random sequence of admits gives the same results on all three stores."""
     stores = [make_store(k, tmp_path, request) for k in ("memory", "sqlite", "redis")]
     rng = random.Random(6)
     accounts = ["alice", "bob", "c:d"]
     for s in stores:
-        s.set_status("bob", AccountStatus.throttled(0.25, reason="t", set_by="t", set_at=T0,
-                                                    expires_at=T0 + 300))
+        s.set_status(
+            "bob",
+            AccountStatus.throttled(0.25, reason="t", set_by="t", set_at=T0, expires_at=T0 + 300),
+        )
     now = T0
     for _ in range(400):
         now += rng.choice([0.0, 0.01, 0.3, 1.7, 45.0])
         acct = rng.choice(accounts)
-        checks = [bucket(burst=4, rate=0.7, key=f"a/{acct}", acct=acct),
-                  window(Period.MINUTE, 9, key=f"a/{acct}"),
-                  window(Period.DAY, 60, key=f"a/{acct}"),
-                  window(Period.MINUTE, 15, key="m/model")]
+        checks = [
+            bucket(burst=4, rate=0.7, key=f"a/{acct}", acct=acct),
+            window(Period.MINUTE, 9, key=f"a/{acct}"),
+            window(Period.DAY, 60, key=f"a/{acct}"),
+            window(Period.MINUTE, 15, key="m/model"),
+        ]
         cost = rng.choice([1, 1, 1, 2, 5])
         results = [s.admit(checks, cost=cost, now=now) for s in stores]
         assert results[0] == results[1] == results[2], (now, acct, cost)
