@@ -132,8 +132,9 @@ class Challenges:
 
     def verify(
         self, account: str, challenge: str, solution: str, *, now: float, min_difficulty: int = 1
-    ) -> None:
-        """Accept ``solution`` to ``challenge`` for ``account`` once, or raise.
+    ) -> int:
+        """Accept ``solution`` to ``challenge`` for ``account`` once, or raise; return the
+        challenge's difficulty (the work proven, in bits).
 
         Raises ChallengeRequiredError when the challenge is malformed, not signed by this
         server, expired, issued to another account, easier than ``min_difficulty``,
@@ -162,3 +163,4 @@ class Challenges:
         ttl = max(1.0, claims.expires_at - now + 1.0)
         if not self._store.consume_once(f"pow/{claims.nonce}", ttl_s=ttl):
             raise ChallengeRequiredError("proof-of-work challenge was already used")
+        return claims.difficulty

@@ -27,6 +27,7 @@ from sealserve.errors import (
     SuspendedError,
 )
 
+MEMO_SIZE = 8192
 _ADJ = {Period.MINUTE: "per-minute", Period.DAY: "daily", Period.MONTH: "monthly"}
 
 
@@ -42,7 +43,7 @@ def limit_checks(
     subject: str,
     key: str,
     unit: str,
-    throttle_account: str | None = None,
+    throttle: bool = False,
 ) -> list[Check]:
     """The checks of one limit set for one subject (``scope`` names them: account,
     peer, model)."""
@@ -55,7 +56,7 @@ def limit_checks(
                 key,
                 limits.bucket.burst,
                 rate=float(limits.bucket.rate),
-                throttle_account=throttle_account,
+                throttle=throttle,
                 unit=unit,
             )
         )
@@ -87,6 +88,8 @@ class QuotaGuard:
         self.config = config
         self.store = store
         self.challenges = challenges
+        # Checks depend only on the config and the request's names: build them once.
+        self._memo: dict[tuple[str, str | None, str | None, str | None], list[Check]] = {}
 
     def _tier(self, tier: str | None) -> Tier:
         try:
@@ -110,7 +113,7 @@ class QuotaGuard:
             subject=subject,
             key=akey,
             unit=unit,
-            throttle_account=account,
+            throttle=True,
         )
         if peer is not None:
             out += limit_checks(
@@ -142,37 +145,45 @@ class QuotaGuard:
         solution: str | None = None,
         now: float | None = None,
     ) -> AdmitResult:
-        """Admit one request or raise.
+        """Admit one request or raise. One store round trip when no challenge is sent.
 
-        Raises SuspendedError (account suspended), ChallengeRequiredError (challenged
-        account without a valid answer; ``.challenge`` holds a fresh one),
-        RateLimitedError (a limit is hit; ``retry_after`` and the limit in the message),
-        PermissionDeniedError (unknown tier), UnavailableError (store unreachable).
-        Returns the admitted result with what is left of every limit.
+        ``challenge``/``solution``: the proof of work a challenged account sends with its
+        call (ignored for other accounts). Raises SuspendedError (account suspended),
+        ChallengeRequiredError (challenged account without a valid answer;
+        ``.challenge`` holds a fresh one), RateLimitedError (a limit is hit;
+        ``retry_after`` and the limit in the message), PermissionDeniedError (unknown
+        tier), UnavailableError (store unreachable). Returns the admitted result with
+        what is left of every limit.
         """
         now = time.time() if now is None else now
         t = self._tier(tier)
         cost = t.cost_of(batch_size)
-        status = self.store.get_status(account, now=now)
-        if status.kind is StatusKind.SUSPENDED:
-            wait = None if status.expires_at is None else status.expires_at - now
-            # The reason stays with the operator: it may describe how we detected abuse.
-            raise SuspendedError("account is suspended", retry_after=wait)
-        if status.kind is StatusKind.CHALLENGED:
-            self._check_work(account, status, challenge, solution, now)
-        result = self.store.admit(self.checks(account, t.name, peer, model), cost=cost, now=now)
-        if not result.admitted:
-            assert result.refused_by is not None
-            raise RateLimitedError(result.refused_by.describe(), retry_after=result.retry_after)
-        return result
+        work, work_error = 0, None
+        if challenge and solution is not None and self.challenges is not None:
+            try:
+                work = self.challenges.verify(account, challenge, solution, now=now)
+            except ChallengeRequiredError as exc:
+                work_error = exc.message
+        result = self.store.admit(
+            self.checks(account, t.name, peer, model),
+            cost=cost,
+            now=now,
+            account=account,
+            work=work,
+        )
+        if result.admitted:
+            return result
+        status = result.status
+        if result.refused_by is None and status is not None:
+            if status.kind is StatusKind.SUSPENDED:
+                # The reason stays with the operator: it may describe how we detect abuse.
+                raise SuspendedError("account is suspended", retry_after=result.retry_after)
+            self._require_work(account, status, work, work_error, now)
+        assert result.refused_by is not None
+        raise RateLimitedError(result.refused_by.describe(), retry_after=result.retry_after)
 
-    def _check_work(
-        self,
-        account: str,
-        status: AccountStatus,
-        challenge: str | None,
-        solution: str | None,
-        now: float,
+    def _require_work(
+        self, account: str, status: AccountStatus, work: int, work_error: str | None, now: float
     ) -> None:
         assert status.difficulty is not None
         if self.challenges is None:
@@ -180,19 +191,15 @@ class QuotaGuard:
                 "account must solve a proof-of-work challenge, but this server issues none",
                 remedy="The operator must configure a proof-of-work key.",
             )
-        if not challenge or solution is None:
-            raise ChallengeRequiredError(
-                "proof-of-work answer required: solve the challenge and send it with the call",
-                challenge=self.challenges.issue(account, status.difficulty, now=now),
-            )
-        try:
-            self.challenges.verify(
-                account, challenge, solution, now=now, min_difficulty=status.difficulty
-            )
-        except ChallengeRequiredError as exc:
-            raise ChallengeRequiredError(
-                exc.message, challenge=self.challenges.issue(account, status.difficulty, now=now)
-            ) from exc
+        if work_error is not None:
+            message = work_error
+        elif work:
+            message = "proof-of-work challenge is easier than now required"
+        else:
+            message = "proof-of-work answer required: solve the challenge and send it with the call"
+        raise ChallengeRequiredError(
+            message, challenge=self.challenges.issue(account, status.difficulty, now=now)
+        )
 
     # Admin operations -----------------------------------------------------------
 
@@ -202,7 +209,7 @@ class QuotaGuard:
         """What is left of the account's own limits (for ``model`` when the tier counts
         per model)."""
         now = time.time() if now is None else now
-        return self.store.usage(self.checks(account, tier, None, model), now=now)
+        return self.store.usage(self.checks(account, tier, None, model), now=now, account=account)
 
     def reset(
         self, account: str, tier: str | None, *, model: str | None = None, now: float | None = None

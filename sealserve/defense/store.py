@@ -22,7 +22,7 @@ import json
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from enum import StrEnum
@@ -48,9 +48,9 @@ class Check:
     """One limit applied to one subject for one request.
 
     ``period`` None means a token bucket of ``limit`` (burst) tokens refilled at
-    ``rate`` per second; otherwise a fixed window of ``limit`` units. When
-    ``throttle_account`` is set, a throttled status of that account multiplies ``rate``
-    inside the same atomic admit.
+    ``rate`` per second; otherwise a fixed window of ``limit`` units. When ``throttle`` is
+    set, a throttled status of the admitted account multiplies ``rate`` inside the same
+    atomic admit.
     """
 
     name: str
@@ -59,7 +59,7 @@ class Check:
     limit: int
     period: Period | None = None
     rate: float = 0.0
-    throttle_account: str | None = None
+    throttle: bool = False
     unit: str = "requests"
 
     def __post_init__(self) -> None:
@@ -70,10 +70,7 @@ class Check:
 
     def storage_key(self, now: float) -> str:
         """The store key holding this check's state at ``now``."""
-        if self.period is None:
-            return f"b/{self.key}"
-        start, _ = window_bounds(self.period, now)
-        return f"w/{self.key}/{self.period.value}/{int(start)}"
+        return resolve([self], now)[0][0]
 
     def describe(self) -> str:
         """Human-readable description of the refusal, for the client and the log."""
@@ -100,13 +97,16 @@ class AdmitResult:
     Admitted: ``remaining`` holds every limit after this request was counted.
     Refused: nothing was consumed; ``refused_by`` is the limit that was hit and
     ``retry_after`` the seconds to wait (``None`` when waiting cannot help, e.g. a cost
-    larger than the limit).
+    larger than the limit). Refused with ``refused_by`` None: the account's ``status``
+    (suspended, or challenged without enough work) refused it before any limit.
+    ``status`` is the admitted account's active status (None: normal or no account).
     """
 
     admitted: bool
     remaining: tuple[Remaining, ...]
     refused_by: Check | None = None
     retry_after: float | None = None
+    status: AccountStatus | None = None
 
 
 class StatusKind(StrEnum):
@@ -236,12 +236,30 @@ class StateStore(ABC):
     cannot be reached; none ever answers without having checked."""
 
     @abstractmethod
-    def admit(self, checks: Sequence[Check], *, cost: int, now: float) -> AdmitResult:
-        """Atomically check and consume ``cost`` units from every check: all or nothing."""
+    def admit(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+    ) -> AdmitResult:
+        """Atomically check and consume ``cost`` units from every check: all or nothing.
+
+        With ``account``, the account's status is read in the same atomic step: a
+        suspended account, or a challenged one whose verified proof of work ``work``
+        (bits) is below the required difficulty, is refused before any limit; a
+        throttled one has the rate of its ``throttle`` checks multiplied by its factor.
+        Raises ConfigError for a cost that is not a positive integer.
+        """
 
     @abstractmethod
-    def usage(self, checks: Sequence[Check], *, now: float) -> tuple[Remaining, ...]:
-        """What is left of each check at ``now``, consuming nothing."""
+    def usage(
+        self, checks: Sequence[Check], *, now: float, account: str | None = None
+    ) -> tuple[Remaining, ...]:
+        """What is left of each check at ``now`` (throttled by ``account``'s status),
+        consuming nothing."""
 
     @abstractmethod
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
@@ -278,9 +296,48 @@ class StateStore(ABC):
 HISTORY_LIMIT = 1000
 
 
-def validate_admit(checks: Sequence[Check], cost: int) -> None:
+def validate_cost(cost: int) -> None:
     if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
         raise ConfigError(f"cost must be a positive integer, got {cost!r}")
+
+
+def resolve(checks: Sequence[Check], now: float) -> list[tuple[str, float]]:
+    """For each check at ``now``: its storage key and its window's end (0 for buckets)."""
+    bounds: dict[Period, tuple[float, float]] = {}
+    out = []
+    for c in checks:
+        if c.period is None:
+            out.append((f"b/{c.key}", 0.0))
+            continue
+        b = bounds.get(c.period)
+        if b is None:
+            b = bounds[c.period] = window_bounds(c.period, now)
+        out.append((f"w/{c.key}/{c.period.value}/{int(b[0])}", b[1]))
+    return out
+
+
+def gate(
+    status: AccountStatus | None, *, now: float, work: int
+) -> tuple[AccountStatus | None, bool, float]:
+    """Apply an account status: ``(active status or None, blocked, rate factor)``.
+
+    The Redis Lua script mirrors this exactly."""
+    if status is None or not status.active_at(now) or status.kind is StatusKind.NORMAL:
+        return None, False, 1.0
+    if status.kind is StatusKind.SUSPENDED:
+        return status, True, 1.0
+    if status.kind is StatusKind.CHALLENGED:
+        assert status.difficulty is not None
+        return status, work < status.difficulty, 1.0
+    assert status.factor is not None
+    return status, False, status.factor
+
+
+def blocked_result(status: AccountStatus, now: float) -> AdmitResult:
+    wait = None
+    if status.kind is StatusKind.SUSPENDED and status.expires_at is not None:
+        wait = status.expires_at - now
+    return AdmitResult(False, (), status=status, retry_after=wait)
 
 
 def bucket_level(
@@ -292,60 +349,95 @@ def bucket_level(
     return min(float(check.limit), tokens + max(0.0, now - ts) * rate)
 
 
+def fits(check: Check, level: float, cost: int) -> bool:
+    if check.period is None:
+        return level + TOKEN_EPS >= cost
+    return level + cost <= check.limit
+
+
+def peek(
+    checks: Sequence[Check],
+    ends: Sequence[float],
+    levels: Sequence[float],
+    rates: Sequence[float],
+    *,
+    now: float,
+    used: int = 0,
+) -> tuple[Remaining, ...]:
+    """What is left of each check given its level (bucket tokens or window count) after
+    ``used`` more units were consumed."""
+    out = []
+    for check, end, level, rate in zip(checks, ends, levels, rates, strict=True):
+        if check.period is None:
+            after = level - used
+            out.append(
+                Remaining(
+                    check.name, check.limit, max(0, math.floor(after)), (check.limit - after) / rate
+                )
+            )
+        else:
+            out.append(
+                Remaining(
+                    check.name, check.limit, max(0, check.limit - int(level) - used), end - now
+                )
+            )
+    return tuple(out)
+
+
 def finish(
     checks: Sequence[Check],
+    ends: Sequence[float],
     levels: Sequence[float],
     rates: Sequence[float],
     *,
     cost: int,
     now: float,
     admitted: bool,
+    status: AccountStatus | None,
 ) -> AdmitResult:
-    """Turn per-check levels (bucket tokens or window counts before this request) into
-    an AdmitResult. Shared by every backend so they answer identically."""
-    remaining = []
-    for check, level, rate in zip(checks, levels, rates, strict=True):
-        if check.period is None:
-            after = level - cost if admitted else level
-            remaining.append(
-                Remaining(
-                    check.name, check.limit, max(0, math.floor(after)), (check.limit - after) / rate
-                )
-            )
-        else:
-            after = level + cost if admitted else level
-            _, end = window_bounds(check.period, now)
-            remaining.append(
-                Remaining(check.name, check.limit, max(0, check.limit - int(after)), end - now)
-            )
+    """Turn per-check levels (before this request) into an AdmitResult. Shared by every
+    backend so they answer identically."""
     if admitted:
-        return AdmitResult(True, tuple(remaining))
+        return AdmitResult(
+            True, peek(checks, ends, levels, rates, now=now, used=cost), status=status
+        )
     worst: tuple[Check, float | None] | None = None
-    for check, level, rate in zip(checks, levels, rates, strict=True):
+    for check, end, level, rate in zip(checks, ends, levels, rates, strict=True):
+        if fits(check, level, cost):
+            continue
         wait: float | None
-        if check.period is None:
-            if level + TOKEN_EPS >= cost:
-                continue
-            wait = None if cost > check.limit else (cost - level) / rate
+        if cost > check.limit:
+            wait = None
+        elif check.period is None:
+            wait = (cost - level) / rate
         else:
-            if level + cost <= check.limit:
-                continue
-            wait = None if cost > check.limit else window_bounds(check.period, now)[1] - now
+            wait = end - now
         if worst is None or (worst[1] is not None and (wait is None or wait > worst[1])):
             worst = (check, wait)
     assert worst is not None, "refused without a failing check"
-    return AdmitResult(False, tuple(remaining), refused_by=worst[0], retry_after=worst[1])
+    return AdmitResult(
+        False,
+        peek(checks, ends, levels, rates, now=now),
+        refused_by=worst[0],
+        retry_after=worst[1],
+        status=status,
+    )
 
 
 class Txn(Protocol):
     """Primitive operations a transactional backend offers inside one transaction."""
 
-    def get_bucket(self, key: str) -> tuple[float, float] | None: ...
-    def put_bucket(self, key: str, tokens: float, ts: float, expires_at: float) -> None: ...
-    def get_window(self, key: str) -> int: ...
-    def put_window(self, key: str, count: int, expires_at: float) -> None: ...
-    def delete(self, key: str) -> None: ...
-    def get_status(self, account: str) -> AccountStatus | None: ...
+    def read(
+        self, bucket_keys: Sequence[str], window_keys: Sequence[str], account: str | None
+    ) -> tuple[dict[str, tuple[float, float]], dict[str, int], AccountStatus | None]: ...
+
+    def write(
+        self,
+        buckets: Sequence[tuple[str, float, float, float]],
+        windows: Sequence[tuple[str, int, float]],
+    ) -> None: ...
+
+    def delete(self, keys: Sequence[str]) -> None: ...
 
 
 class TransactionalStore(StateStore):
@@ -359,32 +451,34 @@ class TransactionalStore(StateStore):
     def transaction(self) -> AbstractContextManager[Txn]:
         """An exclusive read-write transaction, committed when the block exits cleanly."""
 
-    def _levels(
-        self, tx: Txn, checks: Sequence[Check], now: float
-    ) -> tuple[list[float], list[float], list[tuple[float, float] | None]]:
-        factors: dict[str, float] = {}
+    def _evaluate(
+        self,
+        tx: Txn,
+        checks: Sequence[Check],
+        now: float,
+        account: str | None,
+        work: int,
+        *,
+        for_admit: bool,
+    ) -> tuple[
+        list[tuple[str, float]],
+        list[float],
+        list[float],
+        dict[str, tuple[float, float]],
+        AccountStatus | None,
+        bool,
+    ]:
+        slots = resolve(checks, now)
+        bkeys = [k for (k, _), c in zip(slots, checks, strict=True) if c.period is None]
+        wkeys = [k for (k, _), c in zip(slots, checks, strict=True) if c.period is not None]
+        buckets, windows, raw_status = tx.read(bkeys, wkeys, account)
+        status, blocked, factor = gate(raw_status, now=now, work=work)
         levels: list[float] = []
         rates: list[float] = []
-        raw: list[tuple[float, float] | None] = []
-        for check in checks:
-            key = check.storage_key(now)
+        for check, (key, _) in zip(checks, slots, strict=True):
             if check.period is None:
-                rate = check.rate
-                acct = check.throttle_account
-                if acct is not None:
-                    if acct not in factors:
-                        st = tx.get_status(acct)
-                        factors[acct] = (
-                            st.factor
-                            if st is not None
-                            and st.kind is StatusKind.THROTTLED
-                            and st.factor is not None
-                            and st.active_at(now)
-                            else 1.0
-                        )
-                    rate = rate * factors[acct]
-                state = tx.get_bucket(key)
-                raw.append(state)
+                rate = check.rate * factor if check.throttle else check.rate
+                state = buckets.get(key)
                 levels.append(
                     bucket_level(
                         state[0] if state else None, state[1] if state else None, check, rate, now
@@ -392,64 +486,58 @@ class TransactionalStore(StateStore):
                 )
                 rates.append(rate)
             else:
-                raw.append(None)
-                levels.append(float(tx.get_window(key)))
+                levels.append(float(windows.get(key, 0)))
                 rates.append(0.0)
-        return levels, rates, raw
+        return slots, levels, rates, buckets, status, blocked and for_admit
 
-    def admit(self, checks: Sequence[Check], *, cost: int, now: float) -> AdmitResult:
-        validate_admit(checks, cost)
+    def admit(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+    ) -> AdmitResult:
+        validate_cost(cost)
         with self.transaction() as tx:
-            levels, rates, raw = self._levels(tx, checks, now)
-            ok = all(
-                (lv + TOKEN_EPS >= cost) if c.period is None else (lv + cost <= c.limit)
-                for c, lv in zip(checks, levels, strict=True)
+            slots, levels, rates, buckets, status, blocked = self._evaluate(
+                tx, checks, now, account, work, for_admit=True
             )
+            if blocked:
+                assert status is not None
+                return blocked_result(status, now)
+            ok = all(fits(c, lv, cost) for c, lv in zip(checks, levels, strict=True))
             if ok:
-                for check, level, rate, state in zip(checks, levels, rates, raw, strict=True):
-                    key = check.storage_key(now)
+                bw: list[tuple[str, float, float, float]] = []
+                ww: list[tuple[str, int, float]] = []
+                for check, (key, end), level, rate in zip(
+                    checks, slots, levels, rates, strict=True
+                ):
                     if check.period is None:
                         tokens = level - cost
-                        ts = now if state is None else max(state[1], now)
+                        old = buckets.get(key)
+                        ts = now if old is None else max(old[1], now)
                         full_at = now + (check.limit - tokens) / rate
-                        tx.put_bucket(key, tokens, ts, full_at + STATE_SLACK_S)
+                        bw.append((key, tokens, ts, full_at + STATE_SLACK_S))
                     else:
-                        _, end = window_bounds(check.period, now)
-                        tx.put_window(key, int(level) + cost, end + STATE_SLACK_S)
-        return finish(checks, levels, rates, cost=cost, now=now, admitted=ok)
+                        ww.append((key, int(level) + cost, end + STATE_SLACK_S))
+                tx.write(bw, ww)
+        ends = [end for _, end in slots]
+        return finish(checks, ends, levels, rates, cost=cost, now=now, admitted=ok, status=status)
 
-    def usage(self, checks: Sequence[Check], *, now: float) -> tuple[Remaining, ...]:
+    def usage(
+        self, checks: Sequence[Check], *, now: float, account: str | None = None
+    ) -> tuple[Remaining, ...]:
         with self.transaction() as tx:
-            levels, rates, _ = self._levels(tx, checks, now)
-        # Report as a refusal-free read: nothing consumed.
-        return _peek(checks, levels, rates, now)
+            slots, levels, rates, _, _, _ = self._evaluate(
+                tx, checks, now, account, 0, for_admit=False
+            )
+        return peek(checks, [e for _, e in slots], levels, rates, now=now)
 
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
         with self.transaction() as tx:
-            for check in checks:
-                tx.delete(check.storage_key(now))
-
-
-def _peek(
-    checks: Sequence[Check], levels: Sequence[float], rates: Sequence[float], now: float
-) -> tuple[Remaining, ...]:
-    out = []
-    for check, level, rate in zip(checks, levels, rates, strict=True):
-        if check.period is None:
-            out.append(
-                Remaining(
-                    check.name, check.limit, max(0, math.floor(level)), (check.limit - level) / rate
-                )
-            )
-        else:
-            _, end = window_bounds(check.period, now)
-            out.append(
-                Remaining(check.name, check.limit, max(0, check.limit - int(level)), end - now)
-            )
-    return tuple(out)
-
-
-peek = _peek
+            tx.delete([k for k, _ in resolve(checks, now)])
 
 
 class UnsafeFailOpen(StateStore):
@@ -461,15 +549,25 @@ class UnsafeFailOpen(StateStore):
         self.inner = inner
         log.warning("UnsafeFailOpen enabled: quotas are NOT enforced while the store is down")
 
-    def admit(self, checks: Sequence[Check], *, cost: int, now: float) -> AdmitResult:
+    def admit(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+    ) -> AdmitResult:
         try:
-            return self.inner.admit(checks, cost=cost, now=now)
+            return self.inner.admit(checks, cost=cost, now=now, account=account, work=work)
         except UnavailableError as exc:
             log.warning("UNSAFE FAIL-OPEN: admitting a request unchecked: %s", exc)
             return AdmitResult(True, ())
 
-    def usage(self, checks: Sequence[Check], *, now: float) -> tuple[Remaining, ...]:
-        return self.inner.usage(checks, now=now)
+    def usage(
+        self, checks: Sequence[Check], *, now: float, account: str | None = None
+    ) -> tuple[Remaining, ...]:
+        return self.inner.usage(checks, now=now, account=account)
 
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
         self.inner.reset(checks, now=now)
@@ -498,11 +596,3 @@ class UnsafeFailOpen(StateStore):
 
     def close(self) -> None:
         self.inner.close()
-
-
-def iter_unique(items: Sequence[str]) -> Iterator[str]:
-    seen: set[str] = set()
-    for item in items:
-        if item not in seen:
-            seen.add(item)
-            yield item

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
 from sealserve.defense.store import (
@@ -19,24 +19,30 @@ class _MemoryTxn:
     def __init__(self, store: MemoryStore) -> None:
         self._s = store
 
-    def get_bucket(self, key: str) -> tuple[float, float] | None:
-        return self._s._buckets.get(key)
+    def read(
+        self, bucket_keys: Sequence[str], window_keys: Sequence[str], account: str | None
+    ) -> tuple[dict[str, tuple[float, float]], dict[str, int], AccountStatus | None]:
+        b, w = self._s._buckets, self._s._windows
+        return (
+            {k: b[k] for k in bucket_keys if k in b},
+            {k: w[k] for k in window_keys if k in w},
+            None if account is None else self._s._status.get(account),
+        )
 
-    def put_bucket(self, key: str, tokens: float, ts: float, expires_at: float) -> None:
-        self._s._buckets[key] = (tokens, ts)
+    def write(
+        self,
+        buckets: Sequence[tuple[str, float, float, float]],
+        windows: Sequence[tuple[str, int, float]],
+    ) -> None:
+        for key, tokens, ts, _ in buckets:
+            self._s._buckets[key] = (tokens, ts)
+        for key, count, _ in windows:
+            self._s._windows[key] = count
 
-    def get_window(self, key: str) -> int:
-        return self._s._windows.get(key, 0)
-
-    def put_window(self, key: str, count: int, expires_at: float) -> None:
-        self._s._windows[key] = count
-
-    def delete(self, key: str) -> None:
-        self._s._buckets.pop(key, None)
-        self._s._windows.pop(key, None)
-
-    def get_status(self, account: str) -> AccountStatus | None:
-        return self._s._status.get(account)
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._s._buckets.pop(key, None)
+            self._s._windows.pop(key, None)
 
 
 class MemoryStore(TransactionalStore):

@@ -23,7 +23,6 @@ from typing import Any, TypeVar
 
 import redis
 
-from sealserve.defense.limits import window_bounds
 from sealserve.defense.store import (
     HISTORY_LIMIT,
     STATE_SLACK_S,
@@ -32,49 +31,53 @@ from sealserve.defense.store import (
     Check,
     Remaining,
     StateStore,
-    StatusKind,
+    blocked_result,
     finish,
     peek,
-    validate_admit,
+    resolve,
+    validate_cost,
 )
 from sealserve.errors import UnavailableError
 
 T = TypeVar("T")
 
-# KEYS: one state key per check, then one status key per throttled account.
-# ARGV: now, cost, n, dry, slack_ms, then per check: kind ('b'|'w'), limit, rate,
-#       window ttl in ms, index of its status key among the status keys (0: none).
-# Buckets admit with a shortfall of up to 0.001 token (store.TOKEN_EPS).
-# Returns: {admitted, level_1, rate_1, ..., level_n, rate_n}; numbers as %.17g strings
-# because Redis would truncate Lua numbers to integers. The arithmetic mirrors
-# sealserve.defense.store.bucket_level and TransactionalStore.admit exactly.
+# KEYS: one state key per check, then (optionally) the account's status key.
+# ARGV: now, cost, n, dry, slack_ms, work, then per check: kind ('b'|'w'), limit, rate,
+#       window ttl in ms, throttle flag ('1': scaled by the account's throttle factor).
+# Returns {2, status_json} when the status blocks the request (suspended, or challenged
+# and work < difficulty), else {admitted, status_json, level_1, rate_1, ..., level_n,
+# rate_n}. Numbers travel as %.17g strings because Redis truncates Lua numbers to
+# integers. Buckets admit with a shortfall of up to 0.001 token (store.TOKEN_EPS). The
+# arithmetic mirrors sealserve.defense.store (gate, bucket_level, fits,
+# TransactionalStore.admit) exactly.
 ADMIT_LUA = """
 local now = tonumber(ARGV[1])
 local cost = tonumber(ARGV[2])
 local n = tonumber(ARGV[3])
 local dry = ARGV[4] == '1'
 local slack_ms = tonumber(ARGV[5])
-local levels, rates, olds, factors = {}, {}, {}, {}
+local work = tonumber(ARGV[6])
+local status_json = ''
+local factor = 1
+if #KEYS > n then
+  local st = redis.call('HMGET', KEYS[n + 1], 'kind', 'factor', 'difficulty', 'expires', 'json')
+  if st[1] and st[1] ~= 'normal' and (st[4] == '' or now < tonumber(st[4])) then
+    status_json = st[5]
+    if not dry then
+      if st[1] == 'suspended' then return {2, status_json} end
+      if st[1] == 'challenged' and work < tonumber(st[3]) then return {2, status_json} end
+    end
+    if st[1] == 'throttled' then factor = tonumber(st[2]) end
+  end
+end
+local levels, rates, olds = {}, {}, {}
 local ok = true
 for i = 1, n do
-  local base = 5 + (i - 1) * 5
-  local kind = ARGV[base + 1]
+  local base = 6 + (i - 1) * 5
   local limit = tonumber(ARGV[base + 2])
   local rate = tonumber(ARGV[base + 3])
-  local sidx = tonumber(ARGV[base + 5])
-  if kind == 'b' then
-    if sidx > 0 then
-      local f = factors[sidx]
-      if f == nil then
-        f = 1
-        local st = redis.call('HMGET', KEYS[n + sidx], 'kind', 'factor', 'expires')
-        if st[1] == 'throttled' and (st[3] == '' or now < tonumber(st[3])) then
-          f = tonumber(st[2])
-        end
-        factors[sidx] = f
-      end
-      if f ~= 1 then rate = rate * f end
-    end
+  if ARGV[base + 1] == 'b' then
+    if ARGV[base + 5] == '1' then rate = rate * factor end
     local b = redis.call('HMGET', KEYS[i], 't', 'ts')
     local level = limit
     if b[1] then
@@ -96,7 +99,7 @@ for i = 1, n do
 end
 if ok and not dry then
   for i = 1, n do
-    local base = 5 + (i - 1) * 5
+    local base = 6 + (i - 1) * 5
     local limit = tonumber(ARGV[base + 2])
     if ARGV[base + 1] == 'b' then
       local tokens = levels[i] - cost
@@ -111,7 +114,7 @@ if ok and not dry then
     end
   end
 end
-local out = {ok and 1 or 0}
+local out = {ok and 1 or 0, status_json}
 for i = 1, n do
   out[#out + 1] = string.format('%.17g', levels[i])
   out[#out + 1] = string.format('%.17g', rates[i])
@@ -155,47 +158,82 @@ class RedisStore(StateStore):
             raise UnavailableError(f"state store unreachable: redis: {exc}") from exc
 
     def _run(
-        self, checks: Sequence[Check], *, cost: int, now: float, dry: bool
-    ) -> tuple[bool, list[float], list[float]]:
-        keys = [self._k(c.storage_key(now)) for c in checks]
-        accounts: list[str] = []
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None,
+        work: int,
+        dry: bool,
+    ) -> tuple[int, AccountStatus | None, list[tuple[str, float]], list[float], list[float]]:
+        slots = resolve(checks, now)
+        keys = [self._k(k) for k, _ in slots]
         args: list[Any] = [
             repr(now),
             cost,
             len(checks),
             "1" if dry else "0",
             int(STATE_SLACK_S * 1000),
+            work,
         ]
-        for c in checks:
-            sidx = 0
-            if c.period is None and c.throttle_account is not None:
-                if c.throttle_account not in accounts:
-                    accounts.append(c.throttle_account)
-                sidx = accounts.index(c.throttle_account) + 1
-            ttl_ms = 0
-            if c.period is not None:
-                ttl_ms = math.ceil((window_bounds(c.period, now)[1] - now + STATE_SLACK_S) * 1000)
-            args += ["b" if c.period is None else "w", c.limit, repr(float(c.rate)), ttl_ms, sidx]
-        keys += [self._k("s", a) for a in accounts]
+        for c, (_, end) in zip(checks, slots, strict=True):
+            ttl_ms = 0 if c.period is None else math.ceil((end - now + STATE_SLACK_S) * 1000)
+            args += [
+                "b" if c.period is None else "w",
+                c.limit,
+                repr(float(c.rate)),
+                ttl_ms,
+                "1" if c.throttle else "0",
+            ]
+        if account is not None:
+            keys.append(self._k("s", account))
         out = self._call(lambda: self._admit_script(keys=keys, args=args))
-        levels = [float(x) for x in out[1::2]]
-        rates = [float(x) for x in out[2::2]]
-        return int(out[0]) == 1, levels, rates
+        status = AccountStatus.from_json(out[1]) if out[1] else None
+        levels = [float(x) for x in out[2::2]]
+        rates = [float(x) for x in out[3::2]]
+        return int(out[0]), status, slots, levels, rates
 
-    def admit(self, checks: Sequence[Check], *, cost: int, now: float) -> AdmitResult:
-        validate_admit(checks, cost)
-        ok, levels, rates = self._run(checks, cost=cost, now=now, dry=False)
-        return finish(checks, levels, rates, cost=cost, now=now, admitted=ok)
+    def admit(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+    ) -> AdmitResult:
+        validate_cost(cost)
+        code, status, slots, levels, rates = self._run(
+            checks, cost=cost, now=now, account=account, work=work, dry=False
+        )
+        if code == 2:
+            assert status is not None
+            return blocked_result(status, now)
+        return finish(
+            checks,
+            [e for _, e in slots],
+            levels,
+            rates,
+            cost=cost,
+            now=now,
+            admitted=code == 1,
+            status=status,
+        )
 
-    def usage(self, checks: Sequence[Check], *, now: float) -> tuple[Remaining, ...]:
+    def usage(
+        self, checks: Sequence[Check], *, now: float, account: str | None = None
+    ) -> tuple[Remaining, ...]:
         if not checks:
             return ()
-        _, levels, rates = self._run(checks, cost=1, now=now, dry=True)
-        return peek(checks, levels, rates, now)
+        _, _, slots, levels, rates = self._run(
+            checks, cost=1, now=now, account=account, work=0, dry=True
+        )
+        return peek(checks, [e for _, e in slots], levels, rates, now=now)
 
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
         if checks:
-            keys = [self._k(c.storage_key(now)) for c in checks]
+            keys = [self._k(k) for k, _ in resolve(checks, now)]
             self._call(lambda: self._r.delete(*keys))
 
     def get_status(self, account: str, *, now: float) -> AccountStatus:
@@ -209,7 +247,8 @@ class RedisStore(StateStore):
         text = status.to_json()
         fields = {
             "kind": status.kind.value,
-            "factor": repr(status.factor) if status.kind is StatusKind.THROTTLED else "",
+            "factor": "" if status.factor is None else repr(status.factor),
+            "difficulty": "" if status.difficulty is None else str(status.difficulty),
             "expires": "" if status.expires_at is None else repr(status.expires_at),
             "json": text,
         }

@@ -11,7 +11,7 @@ from __future__ import annotations
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
@@ -46,36 +46,53 @@ class _SqliteTxn:
     def __init__(self, conn: sqlite3.Connection) -> None:
         self._c = conn
 
-    def get_bucket(self, key: str) -> tuple[float, float] | None:
-        row = self._c.execute("SELECT tokens, ts FROM buckets WHERE key = ?", (key,)).fetchone()
-        return None if row is None else (float(row[0]), float(row[1]))
+    def read(
+        self, bucket_keys: Sequence[str], window_keys: Sequence[str], account: str | None
+    ) -> tuple[dict[str, tuple[float, float]], dict[str, int], AccountStatus | None]:
+        buckets: dict[str, tuple[float, float]] = {}
+        windows: dict[str, int] = {}
+        if bucket_keys:
+            marks = ",".join("?" * len(bucket_keys))
+            for key, tokens, ts in self._c.execute(
+                f"SELECT key, tokens, ts FROM buckets WHERE key IN ({marks})",  # noqa: S608
+                bucket_keys,
+            ):
+                buckets[key] = (float(tokens), float(ts))
+        if window_keys:
+            marks = ",".join("?" * len(window_keys))
+            for key, count in self._c.execute(
+                f"SELECT key, count FROM windows WHERE key IN ({marks})",  # noqa: S608
+                window_keys,
+            ):
+                windows[key] = int(count)
+        status = None
+        if account is not None:
+            row = self._c.execute(
+                "SELECT json FROM status WHERE account = ?", (account,)
+            ).fetchone()
+            status = None if row is None else AccountStatus.from_json(row[0])
+        return buckets, windows, status
 
-    def put_bucket(self, key: str, tokens: float, ts: float, expires_at: float) -> None:
-        self._c.execute(
-            "INSERT INTO buckets (key, tokens, ts, expires) VALUES (?, ?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET tokens = excluded.tokens, ts = excluded.ts, "
-            "expires = excluded.expires",
-            (key, tokens, ts, expires_at),
-        )
+    def write(
+        self,
+        buckets: Sequence[tuple[str, float, float, float]],
+        windows: Sequence[tuple[str, int, float]],
+    ) -> None:
+        if buckets:
+            self._c.executemany(
+                "INSERT OR REPLACE INTO buckets (key, tokens, ts, expires) VALUES (?, ?, ?, ?)",
+                buckets,
+            )
+        if windows:
+            self._c.executemany(
+                "INSERT OR REPLACE INTO windows (key, count, expires) VALUES (?, ?, ?)",
+                windows,
+            )
 
-    def get_window(self, key: str) -> int:
-        row = self._c.execute("SELECT count FROM windows WHERE key = ?", (key,)).fetchone()
-        return 0 if row is None else int(row[0])
-
-    def put_window(self, key: str, count: int, expires_at: float) -> None:
-        self._c.execute(
-            "INSERT INTO windows (key, count, expires) VALUES (?, ?, ?) "
-            "ON CONFLICT (key) DO UPDATE SET count = excluded.count",
-            (key, count, expires_at),
-        )
-
-    def delete(self, key: str) -> None:
-        self._c.execute("DELETE FROM buckets WHERE key = ?", (key,))
-        self._c.execute("DELETE FROM windows WHERE key = ?", (key,))
-
-    def get_status(self, account: str) -> AccountStatus | None:
-        row = self._c.execute("SELECT json FROM status WHERE account = ?", (account,)).fetchone()
-        return None if row is None else AccountStatus.from_json(row[0])
+    def delete(self, keys: Sequence[str]) -> None:
+        for key in keys:
+            self._c.execute("DELETE FROM buckets WHERE key = ?", (key,))
+            self._c.execute("DELETE FROM windows WHERE key = ?", (key,))
 
 
 class SqliteStore(TransactionalStore):

@@ -31,7 +31,7 @@ def checks_for(account: str) -> list[Check]:
             f"a/{account}",
             1000,
             rate=0.001,
-            throttle_account=account,
+            throttle=True,
         ),
         Check(
             "account.day", "account daily quota", f"a/{account}", ACCOUNT_QUOTA, period=Period.DAY
@@ -52,7 +52,7 @@ def hammer(store: StateStore, threads: int, per_thread: int) -> tuple[Counter[st
         nonlocal refused
         for i in range(per_thread):
             account = ACCOUNTS[(tid + i) % len(ACCOUNTS)]
-            result = store.admit(checks_for(account), cost=1, now=T0)
+            result = store.admit(checks_for(account), cost=1, now=T0, account=account)
             with lock:
                 if result.admitted:
                     admitted[account] += 1

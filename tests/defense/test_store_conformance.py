@@ -21,7 +21,9 @@ T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
 def bucket(
     burst: int = 3, rate: float = 1.0, key: str = "a/alice", acct: str | None = None
 ) -> Check:
-    return Check("account.rate", "account rate limit", key, burst, rate=rate, throttle_account=acct)
+    return Check(
+        "account.rate", "account rate limit", key, burst, rate=rate, throttle=acct is not None
+    )
 
 
 def window(period: Period, limit: int, key: str = "a/alice") -> Check:
@@ -120,24 +122,49 @@ def test_refusal_names_the_longest_wait(store: StateStore) -> None:
 
 def test_throttle_multiplies_rate_inside_admit(store: StateStore) -> None:
     b = bucket(burst=1, rate=10.0, acct="alice")
-    assert store.admit([b], cost=1, now=T0).admitted
-    assert store.admit([b], cost=1, now=T0 + 0.1).admitted
-    store.set_status(
-        "alice",
-        AccountStatus.throttled(
-            0.1, reason="detector", set_by="detector", set_at=T0, expires_at=T0 + 100
-        ),
+    assert store.admit([b], cost=1, now=T0, account="alice").admitted
+    assert store.admit([b], cost=1, now=T0 + 0.1, account="alice").admitted
+    throttled = AccountStatus.throttled(
+        0.1, reason="detector", set_by="detector", set_at=T0, expires_at=T0 + 100
     )
-    refused = store.admit([b], cost=1, now=T0 + 0.2)
+    store.set_status("alice", throttled)
+    refused = store.admit([b], cost=1, now=T0 + 0.2, account="alice")
     assert not refused.admitted and refused.retry_after == pytest.approx(0.9)
-    assert store.admit([b], cost=1, now=T0 + 1.1).admitted
+    assert refused.refused_by == b and refused.status == throttled
+    assert store.usage([b], now=T0 + 0.2, account="alice")[0].reset_after == pytest.approx(0.9)
+    assert store.admit([b], cost=1, now=T0 + 1.1, account="alice").admitted
+    # Checks not marked ``throttle`` keep the full rate (e.g. the peer's bucket).
+    peer = bucket(burst=1, rate=10.0, key="p/1.2.3.4")
+    assert store.admit([peer], cost=1, now=T0, account="alice").admitted
+    assert store.admit([peer], cost=1, now=T0 + 0.1, account="alice").admitted
     # Other accounts keep the full rate.
     other = bucket(burst=1, rate=10.0, key="a/bob", acct="bob")
-    assert store.admit([other], cost=1, now=T0).admitted
-    assert store.admit([other], cost=1, now=T0 + 0.1).admitted
+    assert store.admit([other], cost=1, now=T0, account="bob").admitted
+    assert store.admit([other], cost=1, now=T0 + 0.1, account="bob").admitted
     # After expiry the full rate is back.
-    assert store.admit([b], cost=1, now=T0 + 200).admitted
-    assert store.admit([b], cost=1, now=T0 + 200.1).admitted
+    assert store.admit([b], cost=1, now=T0 + 200, account="alice").admitted
+    assert store.admit([b], cost=1, now=T0 + 200.1, account="alice").admitted
+
+
+def test_suspended_and_challenged_are_refused_inside_admit(store: StateStore) -> None:
+    w = window(Period.DAY, 5)
+    suspended = AccountStatus.suspended(reason="r", set_by="op", set_at=T0, expires_at=T0 + 50)
+    store.set_status("alice", suspended)
+    blocked = store.admit([w], cost=1, now=T0, account="alice")
+    assert not blocked.admitted and blocked.refused_by is None
+    assert blocked.status == suspended and blocked.retry_after == pytest.approx(50)
+    assert store.usage([w], now=T0)[0].remaining == 5  # nothing consumed
+    assert store.admit([w], cost=1, now=T0 + 50, account="alice").admitted  # expired
+    challenged = AccountStatus.challenged(8, reason="r", set_by="op", set_at=T0)
+    store.set_status("alice", challenged)
+    for work in (0, 7):
+        r = store.admit([w], cost=1, now=T0 + 60, account="alice", work=work)
+        assert not r.admitted and r.refused_by is None and r.status == challenged
+        assert r.retry_after is None
+    r = store.admit([w], cost=1, now=T0 + 60, account="alice", work=8)
+    assert r.admitted and r.status == challenged and r.remaining[0].remaining == 3
+    # Without ``account`` no status applies.
+    assert store.admit([w], cost=1, now=T0 + 60).admitted
 
 
 def test_status_expiry_and_history(store: StateStore) -> None:
@@ -196,11 +223,18 @@ def test_all_backends_answer_identically(request: pytest.FixtureRequest, tmp_pat
     """A seeded random sequence of admits gives the same results on all three stores."""
     stores = [make_store(k, tmp_path, request) for k in ("memory", "sqlite", "redis")]
     rng = random.Random(6)
-    accounts = ["alice", "bob", "c:d"]
+    accounts = ["alice", "bob", "c:d", "dave", "erin"]
     for s in stores:
         s.set_status(
             "bob",
             AccountStatus.throttled(0.25, reason="t", set_by="t", set_at=T0, expires_at=T0 + 300),
+        )
+        s.set_status(
+            "dave",
+            AccountStatus.challenged(4, reason="c", set_by="t", set_at=T0, expires_at=T0 + 900),
+        )
+        s.set_status(
+            "erin", AccountStatus.suspended(reason="s", set_by="t", set_at=T0, expires_at=T0 + 200)
         )
     now = T0
     for _ in range(400):
@@ -213,7 +247,8 @@ def test_all_backends_answer_identically(request: pytest.FixtureRequest, tmp_pat
             window(Period.MINUTE, 15, key="m/model"),
         ]
         cost = rng.choice([1, 1, 1, 2, 5])
-        results = [s.admit(checks, cost=cost, now=now) for s in stores]
+        work = rng.choice([0, 4])
+        results = [s.admit(checks, cost=cost, now=now, account=acct, work=work) for s in stores]
         assert results[0] == results[1] == results[2], (now, acct, cost)
     for s in stores:
         s.close()
