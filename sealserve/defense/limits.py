@@ -8,6 +8,7 @@ docs/quotas.md) and raises :class:`~sealserve.errors.ConfigError` naming the bad
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import math
 from collections.abc import Mapping
@@ -37,7 +38,13 @@ def window_bounds(period: Period, now: float) -> tuple[float, float]:
     if period is Period.DAY:
         start = math.floor(now / 86400.0) * 86400.0
         return start, start + 86400.0
-    moment = datetime.fromtimestamp(now, UTC)
+    return _month_of_day(math.floor(now / 86400.0))
+
+
+@functools.lru_cache(maxsize=64)
+def _month_of_day(day: int) -> tuple[float, float]:
+    # Memoised: every admit needs the month's bounds and datetime arithmetic is slow.
+    moment = datetime.fromtimestamp(day * 86400.0, UTC)
     first = datetime(moment.year, moment.month, 1, tzinfo=UTC)
     nxt = datetime(moment.year + (moment.month == 12), moment.month % 12 + 1, 1, tzinfo=UTC)
     return first.timestamp(), nxt.timestamp()

@@ -100,7 +100,20 @@ class QuotaGuard:
     def checks(
         self, account: str, tier: str | None, peer: str | None, model: str | None
     ) -> list[Check]:
-        """Every check for a request (``peer``/``model`` None: leave those scopes out)."""
+        """Every check for a request (``peer``/``model`` None: leave those scopes out).
+
+        Raises PermissionDeniedError for an unknown tier."""
+        memo_key = (account, tier, peer, model)
+        cached = self._memo.get(memo_key)
+        if cached is None:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            cached = self._memo[memo_key] = self._build_checks(account, tier, peer, model)
+        return cached
+
+    def _build_checks(
+        self, account: str, tier: str | None, peer: str | None, model: str | None
+    ) -> list[Check]:
         t = self._tier(tier)
         unit = "items" if t.cost.value == "batch" else "requests"
         if t.per_model and model is not None:

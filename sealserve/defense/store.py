@@ -24,9 +24,9 @@ import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from sealserve.defense.limits import Period, window_bounds
 from sealserve.errors import ConfigError, UnavailableError
@@ -61,8 +61,16 @@ class Check:
     rate: float = 0.0
     throttle: bool = False
     unit: str = "requests"
+    prefix: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
+        # Storage keys are built per admit; precompute the constant part once. The
+        # subject comes first so that one account's state sits together (SQLite pages).
+        object.__setattr__(
+            self,
+            "prefix",
+            f"{self.key}/rate" if self.period is None else f"{self.key}/{self.period.value}/",
+        )
         if self.limit <= 0:
             raise ConfigError(f"{self.label}: limit must be greater than zero")
         if self.period is None and not self.rate > 0:
@@ -79,8 +87,7 @@ class Check:
         return f"{self.label} of {self.limit} {self.unit} exhausted"
 
 
-@dataclass(frozen=True)
-class Remaining:
+class Remaining(NamedTuple):
     """What is left of one limit: ``remaining`` of ``limit`` units; the window resets (or
     the bucket is full again) ``reset_after`` seconds from now."""
 
@@ -307,12 +314,12 @@ def resolve(checks: Sequence[Check], now: float) -> list[tuple[str, float]]:
     out = []
     for c in checks:
         if c.period is None:
-            out.append((f"b/{c.key}", 0.0))
+            out.append((c.prefix, 0.0))
             continue
         b = bounds.get(c.period)
         if b is None:
             b = bounds[c.period] = window_bounds(c.period, now)
-        out.append((f"w/{c.key}/{c.period.value}/{int(b[0])}", b[1]))
+        out.append((c.prefix + str(int(b[0])), b[1]))
     return out
 
 

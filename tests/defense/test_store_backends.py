@@ -77,11 +77,11 @@ def test_redis_keys_are_prefixed_and_expire(redis_server: RedisServer) -> None:
     raw = redis.Redis.from_url(redis_server.url)
     keys = sorted(k.decode() for k in raw.keys("pfx-test:*"))
     assert keys == [
-        "pfx-test:b/a/alice",
+        f"pfx-test:a/alice/day/{int(T0 - T0 % 86400)}",
+        "pfx-test:a/alice/rate",
         "pfx-test:blob:det",
-        f"pfx-test:w/a/alice/day/{int(T0 - T0 % 86400)}",
     ]
-    for key in keys[0], keys[2]:
+    for key in keys[0], keys[1]:
         assert raw.pttl(key) > 0
     assert raw.pttl("pfx-test:blob:det") == -1
     raw.close()
