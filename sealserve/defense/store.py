@@ -458,28 +458,25 @@ class TransactionalStore(StateStore):
     def transaction(self) -> AbstractContextManager[Txn]:
         """An exclusive read-write transaction, committed when the block exits cleanly."""
 
-    def _evaluate(
-        self,
-        tx: Txn,
+    @staticmethod
+    def _split(
+        checks: Sequence[Check], slots: list[tuple[str, float]]
+    ) -> tuple[list[str], list[str]]:
+        bkeys: list[str] = []
+        wkeys: list[str] = []
+        for c, (key, _) in zip(checks, slots, strict=True):
+            (bkeys if c.period is None else wkeys).append(key)
+        return bkeys, wkeys
+
+    @staticmethod
+    def _levels(
         checks: Sequence[Check],
+        slots: list[tuple[str, float]],
+        buckets: dict[str, tuple[float, float]],
+        windows: dict[str, int],
+        factor: float,
         now: float,
-        account: str | None,
-        work: int,
-        *,
-        for_admit: bool,
-    ) -> tuple[
-        list[tuple[str, float]],
-        list[float],
-        list[float],
-        dict[str, tuple[float, float]],
-        AccountStatus | None,
-        bool,
-    ]:
-        slots = resolve(checks, now)
-        bkeys = [k for (k, _), c in zip(slots, checks, strict=True) if c.period is None]
-        wkeys = [k for (k, _), c in zip(slots, checks, strict=True) if c.period is not None]
-        buckets, windows, raw_status = tx.read(bkeys, wkeys, account)
-        status, blocked, factor = gate(raw_status, now=now, work=work)
+    ) -> tuple[list[float], list[float]]:
         levels: list[float] = []
         rates: list[float] = []
         for check, (key, _) in zip(checks, slots, strict=True):
@@ -487,15 +484,15 @@ class TransactionalStore(StateStore):
                 rate = check.rate * factor if check.throttle else check.rate
                 state = buckets.get(key)
                 levels.append(
-                    bucket_level(
-                        state[0] if state else None, state[1] if state else None, check, rate, now
-                    )
+                    float(check.limit)
+                    if state is None
+                    else bucket_level(state[0], state[1], check, rate, now)
                 )
                 rates.append(rate)
             else:
                 levels.append(float(windows.get(key, 0)))
                 rates.append(0.0)
-        return slots, levels, rates, buckets, status, blocked and for_admit
+        return levels, rates
 
     def admit(
         self,
@@ -507,13 +504,16 @@ class TransactionalStore(StateStore):
         work: int = 0,
     ) -> AdmitResult:
         validate_cost(cost)
+        # Everything that needs no stored state is computed before taking the lock.
+        slots = resolve(checks, now)
+        bkeys, wkeys = self._split(checks, slots)
         with self.transaction() as tx:
-            slots, levels, rates, buckets, status, blocked = self._evaluate(
-                tx, checks, now, account, work, for_admit=True
-            )
+            buckets, windows, raw_status = tx.read(bkeys, wkeys, account)
+            status, blocked, factor = gate(raw_status, now=now, work=work)
             if blocked:
                 assert status is not None
                 return blocked_result(status, now)
+            levels, rates = self._levels(checks, slots, buckets, windows, factor, now)
             ok = all(fits(c, lv, cost) for c, lv in zip(checks, levels, strict=True))
             if ok:
                 bw: list[tuple[str, float, float, float]] = []
@@ -536,10 +536,12 @@ class TransactionalStore(StateStore):
     def usage(
         self, checks: Sequence[Check], *, now: float, account: str | None = None
     ) -> tuple[Remaining, ...]:
+        slots = resolve(checks, now)
+        bkeys, wkeys = self._split(checks, slots)
         with self.transaction() as tx:
-            slots, levels, rates, _, _, _ = self._evaluate(
-                tx, checks, now, account, 0, for_admit=False
-            )
+            buckets, windows, raw_status = tx.read(bkeys, wkeys, account)
+        _, _, factor = gate(raw_status, now=now, work=0)
+        levels, rates = self._levels(checks, slots, buckets, windows, factor, now)
         return peek(checks, [e for _, e in slots], levels, rates, now=now)
 
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
