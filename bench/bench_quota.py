@@ -63,6 +63,24 @@ def measure(store: StateStore, n: int) -> dict[str, float]:
     }
 
 
+def ping(url: str, n: int) -> dict[str, float]:
+    client = redis.Redis.from_url(url)
+    lat = []
+    cpu0 = time.process_time()
+    for _ in range(n):
+        t = time.perf_counter()
+        client.ping()
+        lat.append(time.perf_counter() - t)
+    cpu = time.process_time() - cpu0
+    client.close()
+    lat.sort()
+    return {
+        "cpu_us": cpu / n * 1e6,
+        "p50_us": statistics.median(lat) * 1e6,
+        "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+    }
+
+
 def start_redis(workdir: Path) -> tuple[subprocess.Popen[bytes], str]:
     exe = shutil.which("redis-server")
     if exe is None:
@@ -110,6 +128,7 @@ def main() -> None:
         sqlite.close()
         proc, url = start_redis(Path(tmp))
         try:
+            rows.append(("redis PING alone (round-trip floor)", ping(url, args.n)))
             rstore = RedisStore.from_url(url)
             rows.append(("redis (loopback)", measure(rstore, args.n)))
             rstore.close()

@@ -37,7 +37,7 @@ from sealserve.defense.store import (
     resolve,
     validate_cost,
 )
-from sealserve.errors import UnavailableError
+from sealserve.errors import ConfigError, UnavailableError
 
 T = TypeVar("T")
 
@@ -137,7 +137,7 @@ class RedisStore(StateStore):
 
     def __init__(self, client: redis.Redis, *, prefix: str = "sealserve") -> None:
         if not prefix or any(c.isspace() for c in prefix):
-            raise ValueError("prefix must be a non-empty string without spaces")
+            raise ConfigError(f"redis key prefix must be non-empty without spaces, got {prefix!r}")
         self._r = client
         self.prefix = prefix
         self._admit_script = client.register_script(ADMIT_LUA)

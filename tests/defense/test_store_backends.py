@@ -101,3 +101,14 @@ def test_unsafe_fail_open_admits_and_warns(
     assert len(loud) == 3
     with pytest.raises(UnavailableError):
         store.consume_once("n", ttl_s=1)
+
+
+def test_redis_reloads_flushed_script(redis_server: RedisServer) -> None:
+    store = RedisStore.from_url(redis_server.url, prefix="flush")
+    assert store.admit([DAY], cost=1, now=T0).admitted
+    raw = redis.Redis.from_url(redis_server.url)
+    raw.script_flush()
+    raw.close()
+    r = store.admit([DAY], cost=1, now=T0)  # EVALSHA fails, the script is loaded again
+    assert r.admitted and r.remaining[0].remaining == 1
+    store.close()
