@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import pytest
 
-from sealserve.defense.challenge import Challenges, solve
+from sealserve.defense.challenge import ChallengeClaims, Challenges, leading_zero_bits, solve
 from sealserve.defense.limits import LimitsConfig
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.store import StateStore, StatusKind
@@ -48,6 +49,16 @@ def admit(
     **kw: Any,
 ) -> Any:
     return guard.admit(account, tier, peer, model, now=now, **kw)
+
+
+def wrong_answer(challenge: str) -> str:
+    """An answer that is certainly wrong (a fixed string would be right 1 time in 2**d)."""
+    need = ChallengeClaims.from_challenge(challenge).difficulty
+    for i in range(10_000):
+        digest = hashlib.sha256(f"{challenge}w{i}".encode()).digest()
+        if leading_zero_bits(digest) < need:
+            return f"w{i}"
+    raise AssertionError("no wrong answer found")
 
 
 def test_admit_reports_remaining(guard: QuotaGuard) -> None:
@@ -149,7 +160,7 @@ def test_challenge_flow(guard: QuotaGuard) -> None:
     assert ch.startswith("pow1.")
     # A client that does not solve it is refused (and gets a fresh challenge) ...
     with pytest.raises(ChallengeRequiredError, match="answer is wrong") as wrong:
-        admit(guard, challenge=ch, solution="definitely-not")
+        admit(guard, challenge=ch, solution=wrong_answer(ch))
     assert wrong.value.challenge and wrong.value.challenge != ch
     # ... one that solves it succeeds, once.
     sol = solve(ch)
