@@ -89,7 +89,7 @@ class QuotaGuard:
         self.store = store
         self.challenges = challenges
         # Checks depend only on the config and the request's names: build them once.
-        self._memo: dict[tuple[str, str | None, str | None, str | None], list[Check]] = {}
+        self._memo: dict[tuple[str, str | None, str | None, str | None], tuple[Check, ...]] = {}
 
     def _tier(self, tier: str | None) -> Tier:
         try:
@@ -99,7 +99,7 @@ class QuotaGuard:
 
     def checks(
         self, account: str, tier: str | None, peer: str | None, model: str | None
-    ) -> list[Check]:
+    ) -> tuple[Check, ...]:
         """Every check for a request (``peer``/``model`` None: leave those scopes out).
 
         Raises PermissionDeniedError for an unknown tier."""
@@ -108,7 +108,8 @@ class QuotaGuard:
         if cached is None:
             if len(self._memo) >= MEMO_SIZE:
                 self._memo.clear()
-            cached = self._memo[memo_key] = self._build_checks(account, tier, peer, model)
+            cached = tuple(self._build_checks(account, tier, peer, model))
+            self._memo[memo_key] = cached
         return cached
 
     def _build_checks(

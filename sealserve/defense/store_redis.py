@@ -159,6 +159,9 @@ class RedisStore(StateStore):
     def _call(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
+        except redis.ResponseError as exc:
+            # Reached, but it answered with an error (out of memory, read-only replica).
+            raise UnavailableError(f"state store failed: redis: {exc}") from exc
         except redis.RedisError as exc:
             raise UnavailableError(f"state store unreachable: redis: {exc}") from exc
 

@@ -112,3 +112,16 @@ def test_redis_reloads_flushed_script(redis_server: RedisServer) -> None:
     r = store.admit([DAY], cost=1, now=T0)  # EVALSHA fails, the script is loaded again
     assert r.admitted and r.remaining[0].remaining == 1
     store.close()
+
+
+def test_redis_error_answer_fails_closed(own_redis: RedisServer) -> None:
+    store = RedisStore.from_url(own_redis.url, prefix="ro")
+    raw = redis.Redis.from_url(own_redis.url)
+    raw.config_set("maxmemory", "1")  # every write now answers OOM
+    raw.config_set("maxmemory-policy", "noeviction")
+    with pytest.raises(UnavailableError, match="state store failed: redis: .*maxmemory"):
+        store.admit([DAY], cost=1, now=T0)
+    raw.config_set("maxmemory", "0")
+    assert store.admit([DAY], cost=1, now=T0).admitted
+    raw.close()
+    store.close()
