@@ -119,7 +119,7 @@ def test_redis_error_answer_fails_closed(own_redis: RedisServer) -> None:
     raw = redis.Redis.from_url(own_redis.url)
     raw.config_set("maxmemory", "1")  # every write now answers OOM
     raw.config_set("maxmemory-policy", "noeviction")
-    with pytest.raises(UnavailableError, match="state store failed: redis: .*maxmemory"):
+    with pytest.raises(UnavailableError, match=r"state store failed: redis: .*maxmemory"):
         store.admit([DAY], cost=1, now=T0)
     raw.config_set("maxmemory", "0")
     assert store.admit([DAY], cost=1, now=T0).admitted
