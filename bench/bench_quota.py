@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import redis
 
@@ -43,8 +44,14 @@ CONFIG = {
 }
 
 
-def measure(store: StateStore, n: int) -> dict[str, float]:
-    guard = QuotaGuard(LimitsConfig.from_mapping(CONFIG), store)
+LIGHT = {  # a smaller, common setup: account rate + daily quota, peer per-minute
+    "tiers": {"bench": {"rate": 1e9, "burst": 10**9, "per_day": 10**9}},
+    "peer": {"per_minute": 10**9},
+}
+
+
+def measure(store: StateStore, n: int, config: dict[str, Any] = CONFIG) -> dict[str, float]:
+    guard = QuotaGuard(LimitsConfig.from_mapping(config), store)
     accounts = [f"acct{i}" for i in range(50)]
     for i in range(200):  # warm up: prepared statements, script cache, connections
         guard.admit(accounts[i % 50], "bench", "198.51.100.1", "m", now=1.7e9 + i)
@@ -125,6 +132,9 @@ def main() -> None:
         rows.append(("memory", measure(MemoryStore(), args.n)))
         sqlite = SqliteStore(Path(tmp) / "state.db")
         rows.append(("sqlite (WAL, file in tmp)", measure(sqlite, args.n)))
+        sqlite.close()
+        sqlite = SqliteStore(Path(tmp) / "light.db")
+        rows.append(("sqlite, 3 limits only", measure(sqlite, args.n, LIGHT)))
         sqlite.close()
         proc, url = start_redis(Path(tmp))
         try:
