@@ -1,0 +1,311 @@
+"""The quota guard: status, proof of work and limits for one request, transport-free.
+
+The server's guard calls :meth:`QuotaGuard.admit` once per request; the admin service
+calls the other methods. Everything raises; nothing returns a bool to forget.
+"""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import quote
+
+from sealserve.defense.challenge import Challenges
+from sealserve.defense.limits import LimitsConfig, LimitSet, Period, Tier
+from sealserve.defense.store import (
+    AccountStatus,
+    AdmitResult,
+    Check,
+    Remaining,
+    StateStore,
+    StatusKind,
+)
+from sealserve.errors import (
+    ChallengeRequiredError,
+    ConfigError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SuspendedError,
+)
+
+MEMO_SIZE = 8192
+_ADJ = {Period.MINUTE: "per-minute", Period.DAY: "daily", Period.MONTH: "monthly"}
+
+
+def _q(part: str) -> str:
+    # Percent-encode so that an account or model name cannot forge another's key.
+    return quote(part, safe="")
+
+
+def limit_checks(
+    limits: LimitSet,
+    *,
+    scope: str,
+    subject: str,
+    key: str,
+    unit: str,
+    throttle: bool = False,
+) -> list[Check]:
+    """The checks of one limit set for one subject (``scope`` names them: account,
+    peer, model)."""
+    out: list[Check] = []
+    if limits.bucket is not None:
+        out.append(
+            Check(
+                f"{scope}.rate",
+                f"{subject} rate limit",
+                key,
+                limits.bucket.burst,
+                rate=float(limits.bucket.rate),
+                throttle=throttle,
+                unit=unit,
+            )
+        )
+    for period in Period:
+        if period in limits.quotas:
+            out.append(
+                Check(
+                    f"{scope}.{period.value}",
+                    f"{subject} {_ADJ[period]} quota",
+                    key,
+                    limits.quotas[period],
+                    period=period,
+                    unit=unit,
+                )
+            )
+    return out
+
+
+class QuotaGuard:
+    """Applies account status, proof of work and every configured limit to a request.
+
+    ``challenges`` may be None only if no account is ever put in the challenged status
+    (a challenged account is then refused with a clear message).
+    """
+
+    def __init__(
+        self, config: LimitsConfig, store: StateStore, challenges: Challenges | None = None
+    ) -> None:
+        self.config = config
+        self.store = store
+        self.challenges = challenges
+        # Checks depend only on the config and the request's names: build them once.
+        self._memo: dict[tuple[str, str | None, str | None, str | None], tuple[Check, ...]] = {}
+
+    def _tier(self, tier: str | None) -> Tier:
+        try:
+            return self.config.tier(tier)
+        except ConfigError as exc:
+            raise PermissionDeniedError(f"account tier is not configured: {exc}") from exc
+
+    def checks(
+        self, account: str, tier: str | None, peer: str | None, model: str | None
+    ) -> tuple[Check, ...]:
+        """Every check for a request (``peer``/``model`` None: leave those scopes out).
+
+        Raises PermissionDeniedError for an unknown tier."""
+        memo_key = (account, tier, peer, model)
+        cached = self._memo.get(memo_key)
+        if cached is None:
+            if len(self._memo) >= MEMO_SIZE:
+                self._memo.clear()
+            cached = tuple(self._build_checks(account, tier, peer, model))
+            self._memo[memo_key] = cached
+        return cached
+
+    def _build_checks(
+        self, account: str, tier: str | None, peer: str | None, model: str | None
+    ) -> list[Check]:
+        t = self._tier(tier)
+        unit = "items" if t.cost.value == "batch" else "requests"
+        if t.per_model and model is not None:
+            akey, subject = f"am/{_q(account)}/{_q(model)}", f"account model {model!r}"
+        else:
+            akey, subject = f"a/{_q(account)}", "account"
+        out = limit_checks(
+            t.limits,
+            scope="account",
+            subject=subject,
+            key=akey,
+            unit=unit,
+            throttle=True,
+        )
+        if peer is not None:
+            out += limit_checks(
+                self.config.peer,
+                scope="peer",
+                subject=f"peer {peer}",
+                key=f"p/{_q(peer)}",
+                unit=unit,
+            )
+        if model is not None:
+            out += limit_checks(
+                self.config.model_limits(model),
+                scope="model",
+                subject=f"model {model!r}",
+                key=f"m/{_q(model)}",
+                unit=unit,
+            )
+        return out
+
+    def admit(
+        self,
+        account: str,
+        tier: str | None,
+        peer: str,
+        model: str,
+        *,
+        batch_size: int = 1,
+        challenge: str | None = None,
+        solution: str | None = None,
+        now: float | None = None,
+    ) -> AdmitResult:
+        """Admit one request or raise. One store round trip when no challenge is sent.
+
+        ``challenge``/``solution``: the proof of work a challenged account sends with its
+        call (ignored for other accounts). Raises SuspendedError (account suspended),
+        ChallengeRequiredError (challenged account without a valid answer;
+        ``.challenge`` holds a fresh one), RateLimitedError (a limit is hit;
+        ``retry_after`` and the limit in the message), PermissionDeniedError (unknown
+        tier), UnavailableError (store unreachable). Returns the admitted result with
+        what is left of every limit.
+        """
+        now = time.time() if now is None else now
+        t = self._tier(tier)
+        cost = t.cost_of(batch_size)
+        work, work_error = 0, None
+        if challenge and solution is not None and self.challenges is not None:
+            try:
+                work = self.challenges.verify(account, challenge, solution, now=now)
+            except ChallengeRequiredError as exc:
+                work_error = exc.message
+        result = self.store.admit(
+            self.checks(account, t.name, peer, model),
+            cost=cost,
+            now=now,
+            account=account,
+            work=work,
+        )
+        if result.admitted:
+            return result
+        status = result.status
+        if result.refused_by is None and status is not None:
+            if status.kind is StatusKind.SUSPENDED:
+                # The reason stays with the operator: it may describe how we detect abuse.
+                raise SuspendedError("account is suspended", retry_after=result.retry_after)
+            self._require_work(account, status, work, work_error, now)
+        assert result.refused_by is not None
+        raise RateLimitedError(result.refused_by.describe(), retry_after=result.retry_after)
+
+    def _require_work(
+        self, account: str, status: AccountStatus, work: int, work_error: str | None, now: float
+    ) -> None:
+        assert status.difficulty is not None
+        if self.challenges is None:
+            raise ChallengeRequiredError(
+                "account must solve a proof-of-work challenge, but this server issues none",
+                remedy="The operator must configure a proof-of-work key.",
+            )
+        if work_error is not None:
+            message = work_error
+        elif work:
+            message = "proof-of-work challenge is easier than now required"
+        else:
+            message = "proof-of-work answer required: solve the challenge and send it with the call"
+        raise ChallengeRequiredError(
+            message, challenge=self.challenges.issue(account, status.difficulty, now=now)
+        )
+
+    # Admin operations -----------------------------------------------------------
+
+    def usage(
+        self, account: str, tier: str | None, *, model: str | None = None, now: float | None = None
+    ) -> tuple[Remaining, ...]:
+        """What is left of the account's own limits (for ``model`` when the tier counts
+        per model)."""
+        now = time.time() if now is None else now
+        return self.store.usage(self.checks(account, tier, None, model), now=now, account=account)
+
+    def reset(
+        self, account: str, tier: str | None, *, model: str | None = None, now: float | None = None
+    ) -> None:
+        """Forget the account's current usage (its current windows and its bucket)."""
+        now = time.time() if now is None else now
+        self.store.reset(self.checks(account, tier, None, model), now=now)
+
+    def status(self, account: str, *, now: float | None = None) -> AccountStatus:
+        return self.store.get_status(account, now=time.time() if now is None else now)
+
+    def history(self, account: str) -> list[AccountStatus]:
+        return self.store.status_history(account)
+
+    def set_status(self, account: str, status: AccountStatus) -> None:
+        self.store.set_status(account, status)
+
+    def throttle(
+        self,
+        account: str,
+        factor: float,
+        *,
+        reason: str,
+        set_by: str,
+        ttl_s: float | None = None,
+        now: float | None = None,
+    ) -> AccountStatus:
+        now = time.time() if now is None else now
+        status = AccountStatus.throttled(
+            factor,
+            reason=reason,
+            set_by=set_by,
+            set_at=now,
+            expires_at=None if ttl_s is None else now + ttl_s,
+        )
+        self.store.set_status(account, status)
+        return status
+
+    def challenge(
+        self,
+        account: str,
+        difficulty: int,
+        *,
+        reason: str,
+        set_by: str,
+        ttl_s: float | None = None,
+        now: float | None = None,
+    ) -> AccountStatus:
+        now = time.time() if now is None else now
+        status = AccountStatus.challenged(
+            difficulty,
+            reason=reason,
+            set_by=set_by,
+            set_at=now,
+            expires_at=None if ttl_s is None else now + ttl_s,
+        )
+        self.store.set_status(account, status)
+        return status
+
+    def suspend(
+        self,
+        account: str,
+        *,
+        reason: str,
+        set_by: str,
+        ttl_s: float | None = None,
+        now: float | None = None,
+    ) -> AccountStatus:
+        now = time.time() if now is None else now
+        status = AccountStatus.suspended(
+            reason=reason,
+            set_by=set_by,
+            set_at=now,
+            expires_at=None if ttl_s is None else now + ttl_s,
+        )
+        self.store.set_status(account, status)
+        return status
+
+    def lift(
+        self, account: str, *, reason: str, set_by: str, now: float | None = None
+    ) -> AccountStatus:
+        now = time.time() if now is None else now
+        status = AccountStatus.normal(reason=reason, set_by=set_by, set_at=now)
+        self.store.set_status(account, status)
+        return status
