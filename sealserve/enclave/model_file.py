@@ -208,13 +208,17 @@ def _readinto_full(f: BinaryIO, view: memoryview) -> int:
     return got
 
 
-def _plaintext_digest_and_length(src: BinaryIO, buf: bytearray) -> tuple[bytes, int]:
+def _plaintext_digest_and_length(
+    src: BinaryIO, buf: bytearray, progress: Progress | None, total: int
+) -> tuple[bytes, int]:
     h = hashlib.sha256()
     view = memoryview(buf)
     length = 0
     while n := _readinto_full(src, view):
         h.update(view[:n])
         length += n
+        if progress:
+            progress(min(length, total // 2), total)
     return h.digest(), length
 
 
@@ -241,9 +245,11 @@ def encrypt_stream(
     if not src.seekable():
         raise CryptoError("the model must be a seekable file (it is read twice)")
     start = src.tell()
+    expected_total = 2 * (src.seek(0, os.SEEK_END) - start)
+    src.seek(start)
     buf = bytearray(chunk_size)
     view = memoryview(buf)
-    sha, length = _plaintext_digest_and_length(src, buf)
+    sha, length = _plaintext_digest_and_length(src, buf, progress, expected_total)
     if length == 0:
         raise CryptoError(
             "refusing to encrypt an empty model", remedy="Check the model path and its contents."
@@ -317,18 +323,21 @@ def _new_bytes(n: int) -> tuple[bytes, memoryview]:
     its creator fills before anyone else sees it; we fill it here before returning it.
     Other interpreters fall back to a bytearray (and a copy at the end).
     """
-    if platform.python_implementation() == "CPython":
-        api = ctypes.pythonapi
-        api.PyBytes_FromStringAndSize.restype = ctypes.py_object
-        api.PyBytes_FromStringAndSize.argtypes = (ctypes.c_void_p, ctypes.c_ssize_t)
-        api.PyBytes_AsString.restype = ctypes.c_void_p
-        api.PyBytes_AsString.argtypes = (ctypes.py_object,)
-        obj: bytes = api.PyBytes_FromStringAndSize(None, n)
-        address = api.PyBytes_AsString(obj)
-        storage = (ctypes.c_char * n).from_address(address)
+    if n >= _BIG and platform.python_implementation() == "CPython":
+        obj: bytes = _bytes_from_string_and_size(None, n)
+        storage = (ctypes.c_char * n).from_address(_bytes_as_string(obj))
         return obj, memoryview(storage).cast("B")
-    fallback = bytearray(n)
-    return b"", memoryview(fallback)
+    return b"", memoryview(bytearray(n))  # small: the final copy costs nothing
+
+
+_BIG = 1 << 16
+# Own prototypes (PYFUNCTYPE holds the GIL), so the shared ctypes.pythonapi is untouched.
+_bytes_from_string_and_size = ctypes.PYFUNCTYPE(
+    ctypes.py_object, ctypes.c_void_p, ctypes.c_ssize_t
+)(("PyBytes_FromStringAndSize", ctypes.pythonapi))
+_bytes_as_string = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object)(
+    ("PyBytes_AsString", ctypes.pythonapi)
+)
 
 
 def decrypt_to_bytes(src: BinaryIO, *, key: bytes, expected_sha256: bytes | None = None) -> bytes:

@@ -141,16 +141,30 @@ def test_unseekable_source_refused() -> None:
 
 def test_model_changing_between_passes_refused() -> None:
     class Shifty(io.BytesIO):
-        seeks = 0
-
         def seek(self, pos: int, whence: int = 0) -> int:
-            self.seeks += 1
-            if self.seeks == 1:  # the rewind before the encrypt pass
+            if self.tell() == len(PLAIN) and whence == 0:  # rewind after the hash pass
                 self.getbuffer()[3] ^= 1
             return super().seek(pos, whence)
 
     with pytest.raises(CryptoError, match="changed while it was being encrypted"):
         encrypt_stream(Shifty(PLAIN), io.BytesIO(), key=KEY, key_id="m", chunk_size=CS)
+
+
+def test_progress_reports_both_passes() -> None:
+    seen: list[tuple[int, int]] = []
+    encrypt_stream(
+        io.BytesIO(PLAIN),
+        io.BytesIO(),
+        key=KEY,
+        key_id="m",
+        chunk_size=CS,
+        progress=lambda done, total: seen.append((done, total)),
+    )
+    total = 2 * len(PLAIN)
+    assert {t for _, t in seen} == {total}
+    dones = [d for d, _ in seen]
+    assert dones == sorted(dones) and dones[-1] == total
+    assert len(PLAIN) in dones and len([d for d in dones if d < len(PLAIN)]) >= 5
 
 
 def test_wrong_key_refused() -> None:
@@ -368,4 +382,5 @@ def test_decrypt_peak_is_plaintext_plus_about_one_chunk(big_model: Path, tmp_pat
             tracemalloc.stop()
     size = 64 * MIB
     assert size <= peak < size + 2 * MIB, f"peak {peak / MIB:.2f} MiB for a 64 MiB model"
+    assert type(plain) is bytes
     assert hashlib.sha256(plain).digest() == hashlib.sha256(big_model.read_bytes()).digest()
