@@ -60,6 +60,8 @@ def _encrypt(args: argparse.Namespace) -> int:
         raise ConfigError(f"model {model} is not a readable file")
     if out.expanduser().resolve() == model.expanduser().resolve():
         raise ConfigError("--out must differ from the model path")
+    if not out.parent.is_dir():
+        raise ConfigError(f"output directory {out.parent} does not exist")
     # Check before doing any work, and again when writing (the check is cheap).
     check_key_location(args.key_file, encrypted_output=out)
     key = KeyFile.generate(args.key_id)
@@ -77,7 +79,10 @@ def _encrypt(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         bar.update(done - bar.n)
 
-    fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    try:
+        fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {out.parent}: {exc.strerror}") from exc
     tmp = Path(tmp_name)
     try:
         with model.open("rb") as src, os.fdopen(fd, "wb") as dst:
@@ -95,6 +100,9 @@ def _encrypt(args: argparse.Namespace) -> int:
         key_path = key.write(args.key_file, encrypted_output=out)
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
+    except OSError as exc:
+        # Disk full, unreadable model, ...: the library raised nothing of ours.
+        raise ConfigError(f"encrypting {model} to {out} failed: {exc}") from exc
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)

@@ -142,7 +142,8 @@ def check_key_location(
     """Return the resolved key file path if it may hold the key for ``encrypted_output``.
 
     Refused (:class:`ConfigError`): the key file in the output's directory or any
-    directory below it (symlinks resolved), or an existing key file path.
+    directory below it (symlinks resolved), an existing key file path, or a
+    directory that does not exist.
     """
     key_path = Path(path).expanduser().resolve()
     out_dir = Path(encrypted_output).expanduser().resolve().parent
@@ -152,6 +153,8 @@ def check_key_location(
             f"(inside {out_dir}): whoever gets that directory would get the key too",
             remedy="Keep the key file in a different directory, outside the output's.",
         )
+    if not key_path.parent.is_dir():
+        raise ConfigError(f"key file directory {key_path.parent} does not exist")
     if key_path.exists():
         raise ConfigError(
             f"key file {key_path} already exists; refusing to overwrite a key",

@@ -124,3 +124,23 @@ def test_encrypt_refuses_existing_output_and_empty_model(
     assert rc == 1
     assert "refusing to encrypt an empty model" in capsys.readouterr().err
     assert os.listdir(tmp_path / "o") == [] and not key_path.exists()
+
+
+def test_encrypt_missing_output_dir_is_a_clear_error(
+    model: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    rc = main(
+        [
+            "encrypt",
+            str(model),
+            "--key-id",
+            "m",
+            "--out",
+            str(tmp_path / "no" / "m.sealed"),
+            "--key-file",
+            str(tmp_path / "m.key"),
+        ]
+    )
+    assert rc == 1
+    assert "output directory" in capsys.readouterr().err
+    assert not (tmp_path / "m.key").exists()

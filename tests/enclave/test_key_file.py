@@ -59,9 +59,15 @@ def test_key_through_a_symlink_into_the_output_dir_refused(tmp_path: Path) -> No
 
 def test_key_in_a_parent_or_sibling_dir_allowed(tmp_path: Path) -> None:
     out = tmp_path / "out" / "m.sealed"
+    (tmp_path / "keys").mkdir()
     assert check_key_location(tmp_path / "m.key", encrypted_output=out) == tmp_path / "m.key"
     sibling = tmp_path / "keys" / "m.key"
     assert check_key_location(sibling, encrypted_output=out) == sibling
+
+
+def test_key_dir_must_exist(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"key file directory .* does not exist"):
+        check_key_location(tmp_path / "nope" / "m.key", encrypted_output=tmp_path / "o" / "m")
 
 
 def test_existing_key_file_never_overwritten(tmp_path: Path) -> None:
