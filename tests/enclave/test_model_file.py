@@ -384,3 +384,16 @@ def test_decrypt_peak_is_plaintext_plus_about_one_chunk(big_model: Path, tmp_pat
     assert size <= peak < size + 2 * MIB, f"peak {peak / MIB:.2f} MiB for a 64 MiB model"
     assert type(plain) is bytes
     assert hashlib.sha256(plain).digest() == hashlib.sha256(big_model.read_bytes()).digest()
+
+
+def test_large_file_tamper_refused_on_the_threaded_path() -> None:
+    # >= 64 KiB and > 2 chunks: the in-place bytes buffer and the hashing thread.
+    plain = os.urandom(300_000)
+    out = io.BytesIO()
+    encrypt_stream(io.BytesIO(plain), out, key=KEY, key_id="m", chunk_size=16_384)
+    blob = out.getvalue()
+    assert decrypt_to_bytes(io.BytesIO(blob), key=KEY) == plain
+    with pytest.raises(SealedFormatError, match="chunk 18 failed authentication"):
+        decrypt_to_bytes(io.BytesIO(flip(blob, len(blob) - 20)), key=KEY)
+    with pytest.raises(SealedFormatError, match="chunk 18 of 19 is cut short"):
+        decrypt_to_bytes(io.BytesIO(blob[:-1]), key=KEY)
