@@ -25,7 +25,9 @@ header edits and bit flips all fail with a :class:`SealedFormatError` naming wha
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
+import fcntl
 import hashlib
 import hmac
 import io
@@ -33,10 +35,11 @@ import os
 import platform
 import struct
 import sys
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import BinaryIO
+from typing import BinaryIO, TypeVar
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -57,6 +60,8 @@ MAX_KEY_ID_BYTES = 256
 MAX_CHUNKS = 2**32
 _HKDF_INFO = b"sealserve model file v1"
 _FIXED = struct.Struct(">IQ")  # chunk_size, length
+_F_SETPIPE_SZ = 1031
+T = TypeVar("T")
 
 Progress = Callable[[int, int], None]
 """``progress(done, total)`` in bytes of work; encryption does two passes (hash, encrypt)."""
@@ -366,6 +371,58 @@ _bytes_as_string = ctypes.PYFUNCTYPE(ctypes.c_void_p, ctypes.py_object)(
 )
 
 
+class _Decryption:
+    """Reads an encrypted model chunk by chunk, authenticating everything on the way."""
+
+    def __init__(self, src: BinaryIO, key: bytes) -> None:
+        key = check_key(key)
+        self.src = src
+        self.header = read_header(src)
+        self.keys = _authenticate_header(self.header, key)
+        self._digest = self.header.digest
+        size = min(self.header.chunk_size, self.header.plaintext_length) + TAG_SIZE
+        self._cview = memoryview(bytearray(size))
+
+    def spans(self) -> Iterator[tuple[int, int, int]]:
+        """(index, plaintext offset, plaintext length) of every chunk, in order."""
+        h = self.header
+        for index in range(h.chunk_count):
+            start = index * h.chunk_size
+            yield index, start, min(h.chunk_size, h.plaintext_length - start)
+
+    def open_chunk(self, index: int, target: memoryview) -> None:
+        """Read chunk ``index`` and decrypt it into ``target`` (its plaintext length)."""
+        n, count = len(target), self.header.chunk_count
+        got = _readinto_full(self.src, self._cview[: n + TAG_SIZE])
+        if got != n + TAG_SIZE:
+            raise SealedFormatError(
+                f"file ends before the final chunk (chunk {index} of {count} is "
+                f"{'missing' if got == 0 else 'cut short'})"
+            )
+        try:
+            self.keys.aead.decrypt_into(
+                self.keys.nonce(index),
+                self._cview[: n + TAG_SIZE],
+                _aad(self._digest, index, index == count - 1),
+                target,
+            )
+        except InvalidTag:
+            raise SealedFormatError(
+                f"chunk {index} failed authentication (modified, reordered or from another file)"
+            ) from None
+
+    def finish(self, digest: bytes, expected_sha256: bytes | None) -> None:
+        """Check that the file ends here and that the plaintext digest is right."""
+        if self.src.read(1):
+            raise SealedFormatError("trailing data after the final chunk")
+        if not hmac.compare_digest(digest, self.header.plaintext_sha256):
+            raise SealedFormatError("plaintext SHA-256 does not match the header")
+        if expected_sha256 is not None and not hmac.compare_digest(digest, expected_sha256):
+            raise SealedFormatError(
+                f"plaintext SHA-256 {digest.hex()} is not the expected {expected_sha256.hex()}"
+            )
+
+
 def decrypt_to_bytes(src: BinaryIO, *, key: bytes, expected_sha256: bytes | None = None) -> bytes:
     """Decrypt a whole encrypted model from ``src`` and return the plaintext.
 
@@ -380,42 +437,18 @@ def decrypt_to_bytes(src: BinaryIO, *, key: bytes, expected_sha256: bytes | None
     authentication, a truncated file, trailing data or a digest mismatch. Nothing is
     returned unless every check passed.
     """
-    key = check_key(key)
-    header = read_header(src)
-    keys = _authenticate_header(header, key)
-    header_digest = header.digest
-    length, chunk_size, count = header.plaintext_length, header.chunk_size, header.chunk_count
+    dec = _Decryption(src, key)
+    length = dec.header.plaintext_length
     result, plain = _new_bytes(length)
     # hashlib and AESGCM both release the GIL on large buffers: hashing chunk i on a
     # worker thread while chunk i+1 decrypts keeps the SHA-256 check off the critical
     # path. One worker runs its queue in order, so the digest sees chunks in order.
-    hasher = ThreadPoolExecutor(1, "sealserve-sha256") if count > 2 else None
+    hasher = ThreadPoolExecutor(1, "sealserve-sha256") if dec.header.chunk_count > 2 else None
     try:
-        cbuf = bytearray(min(chunk_size, length) + TAG_SIZE)
-        cview = memoryview(cbuf)
         h = hashlib.sha256()
-        for index in range(count):
-            start = index * chunk_size
-            n = min(chunk_size, length - start)
-            got = _readinto_full(src, cview[: n + TAG_SIZE])
-            if got != n + TAG_SIZE:
-                raise SealedFormatError(
-                    f"file ends before the final chunk (chunk {index} of {count} is "
-                    f"{'missing' if got == 0 else 'cut short'})"
-                )
+        for index, start, n in dec.spans():
             target = plain[start : start + n]
-            try:
-                keys.aead.decrypt_into(
-                    keys.nonce(index),
-                    cview[: n + TAG_SIZE],
-                    _aad(header_digest, index, index == count - 1),
-                    target,
-                )
-            except InvalidTag:
-                raise SealedFormatError(
-                    f"chunk {index} failed authentication (modified, reordered or from "
-                    "another file)"
-                ) from None
+            dec.open_chunk(index, target)
             if hasher is None:
                 h.update(target)
             else:
@@ -423,21 +456,79 @@ def decrypt_to_bytes(src: BinaryIO, *, key: bytes, expected_sha256: bytes | None
         if hasher is not None:
             hasher.shutdown(wait=True)
             hashed.result()
-        if src.read(1):
-            raise SealedFormatError("trailing data after the final chunk")
-        digest = h.digest()
-        if not hmac.compare_digest(digest, header.plaintext_sha256):
-            raise SealedFormatError("plaintext SHA-256 does not match the header")
-        if expected_sha256 is not None and not hmac.compare_digest(digest, expected_sha256):
-            raise SealedFormatError(
-                f"plaintext SHA-256 {digest.hex()} is not the expected {expected_sha256.hex()}"
-            )
+        dec.finish(h.digest(), expected_sha256)
     except BaseException:
         if hasher is not None:
             hasher.shutdown(wait=True, cancel_futures=True)
         _zero(plain)
         raise
     return result if len(result) == length else bytes(plain)
+
+
+def load_decrypted(
+    src: BinaryIO,
+    *,
+    key: bytes,
+    loader: Callable[[str], T],
+    expected_sha256: bytes | None = None,
+) -> T:
+    """Decrypt ``src`` into a pipe while ``loader(path)`` reads the model from it.
+
+    ``loader`` gets a path (``/proc/self/fd/N``, a pipe: nothing on any file system)
+    and must read the model to its end, e.g. ``lambda p: InferenceSession(p)``. A thread
+    decrypts chunk by chunk into the pipe, so loading overlaps decryption and the
+    plaintext never exists whole outside the loader: memory is the loader's plus two
+    chunks. Only authenticated chunks enter the pipe, and the loader's result is
+    returned only if every check of :func:`decrypt_to_bytes` passed once it returned;
+    otherwise it is dropped and :class:`SealedFormatError` raised. The header is
+    authenticated before ``loader`` starts. Linux only (:class:`CryptoError` elsewhere).
+    An exception from ``loader`` propagates when decryption itself succeeded.
+    """
+    if not sys.platform.startswith("linux"):
+        raise CryptoError("load_decrypted needs Linux; use decrypt_to_bytes here")
+    dec = _Decryption(src, key)
+    read_fd, write_fd = os.pipe()
+    with contextlib.suppress(OSError):  # bigger pipe, fewer wake-ups; best effort
+        fcntl.fcntl(write_fd, _F_SETPIPE_SZ, 1 << 20)
+    failure: list[BaseException] = []  # a decryption check that failed
+    stopped: list[bool] = []  # the loader closed the pipe before the end
+
+    def pump() -> None:
+        buf = memoryview(bytearray(min(dec.header.chunk_size, dec.header.plaintext_length)))
+        h = hashlib.sha256()
+        try:
+            for index, _start, n in dec.spans():
+                dec.open_chunk(index, buf[:n])
+                h.update(buf[:n])
+                view = buf[:n]
+                while view:
+                    view = view[os.write(write_fd, view) :]
+            dec.finish(h.digest(), expected_sha256)
+        except BrokenPipeError:
+            stopped.append(True)
+        except BaseException as exc:
+            failure.append(exc)
+        finally:
+            _zero(buf)
+            os.close(write_fd)  # EOF for the loader, after the last check
+
+    thread = threading.Thread(target=pump, name="sealserve-decrypt", daemon=True)
+    thread.start()
+    try:
+        result = loader(f"/proc/self/fd/{read_fd}")
+    except Exception as exc:
+        os.close(read_fd)
+        thread.join()
+        if failure:
+            raise failure[0] from exc
+        raise
+    os.close(read_fd)  # a writer still blocked now fails with EPIPE
+    thread.join()
+    if failure:
+        raise failure[0]
+    if stopped:
+        raise CryptoError("the loader returned before reading the whole model")
+    return result
 
 
 def _zero(view: memoryview) -> None:
