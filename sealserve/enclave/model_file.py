@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
-import fcntl
 import hashlib
 import hmac
 import io
@@ -60,7 +59,6 @@ MAX_KEY_ID_BYTES = 256
 MAX_CHUNKS = 2**32
 _HKDF_INFO = b"sealserve model file v1"
 _FIXED = struct.Struct(">IQ")  # chunk_size, length
-_F_SETPIPE_SZ = 1031
 T = TypeVar("T")
 
 Progress = Callable[[int, int], None]
@@ -281,13 +279,32 @@ def encrypt_stream(
     )
     raw = body + keys.header_mac(body)
     header = ModelFileHeader.from_stream(io.BytesIO(raw))
-    header_digest = header.digest
     dst.write(raw)
 
     src.seek(start)
-    out = bytearray(chunk_size + TAG_SIZE)
-    out_view = memoryview(out)
+    out_view = memoryview(bytearray(chunk_size + TAG_SIZE))
     check = hashlib.sha256()
+    try:
+        _encrypt_chunks(src, dst, view, out_view, keys, header, check, progress)
+    finally:
+        _zero(view)
+    if src.read(1) or not hmac.compare_digest(check.digest(), sha):
+        raise CryptoError("the model changed while it was being encrypted")
+    return header
+
+
+def _encrypt_chunks(
+    src: BinaryIO,
+    dst: BinaryIO,
+    view: memoryview,
+    out_view: memoryview,
+    keys: _FileKeys,
+    header: ModelFileHeader,
+    check: hashlib._Hash,
+    progress: Progress | None,
+) -> None:
+    length, chunk_size = header.plaintext_length, header.chunk_size
+    header_digest = header.digest
     done = 0
     for index in range(header.chunk_count):
         n = _readinto_full(src, view)
@@ -302,10 +319,7 @@ def encrypt_stream(
         dst.write(out_view[: n + TAG_SIZE])
         done += n
         if progress:
-            progress(length + done, total)
-    if src.read(1) or not hmac.compare_digest(check.digest(), sha):
-        raise CryptoError("the model changed while it was being encrypted")
-    return header
+            progress(length + done, 2 * length)
 
 
 def _authenticate_header(header: ModelFileHeader, key: bytes) -> _FileKeys:
@@ -488,8 +502,10 @@ def load_decrypted(
         raise CryptoError("load_decrypted needs Linux; use decrypt_to_bytes here")
     dec = _Decryption(src, key)
     read_fd, write_fd = os.pipe()
+    import fcntl  # POSIX only, like the rest of this function
+
     with contextlib.suppress(OSError):  # bigger pipe, fewer wake-ups; best effort
-        fcntl.fcntl(write_fd, _F_SETPIPE_SZ, 1 << 20)
+        fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
     failure: list[BaseException] = []  # a decryption check that failed
     stopped: list[bool] = []  # the loader closed the pipe before the end
 
