@@ -4,16 +4,21 @@ from __future__ import annotations
 
 import ctypes
 import json
+import os
 import resource
 import subprocess
 import sys
 import textwrap
+from typing import Any
 
 import pytest
 
 from sealserve.enclave import hardening
 from sealserve.enclave.hardening import HardeningReport, harden_process
 from tests.conftest import ROOT, sealserve_env
+
+PR_CAPBSET_DROP = 24
+CAP_IPC_LOCK = 14
 
 PROBE = textwrap.dedent(
     """
@@ -36,11 +41,11 @@ PROBE = textwrap.dedent(
 def _drop_cap_ipc_lock() -> None:
     # Root holds CAP_IPC_LOCK, which ignores RLIMIT_MEMLOCK; drop it from the bounding
     # set so the exec'd child lacks it, as an ordinary service user would.
-    if hasattr(ctypes, "CDLL") and __import__("os").geteuid() == 0:
-        ctypes.CDLL(None, use_errno=True).prctl(24, 14, 0, 0, 0)  # PR_CAPBSET_DROP
+    if os.geteuid() == 0:
+        ctypes.CDLL(None, use_errno=True).prctl(PR_CAPBSET_DROP, CAP_IPC_LOCK, 0, 0, 0)
 
 
-def run_probe(setup: str = "", *, drop_ipc_lock: bool = False) -> dict:  # type: ignore[type-arg]
+def run_probe(setup: str = "", *, drop_ipc_lock: bool = False) -> dict[str, Any]:
     out = subprocess.run(
         [sys.executable, "-c", PROBE.format(setup=setup)],
         capture_output=True,
@@ -53,7 +58,7 @@ def run_probe(setup: str = "", *, drop_ipc_lock: bool = False) -> dict:  # type:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def steps(result: dict) -> dict[str, dict[str, str]]:  # type: ignore[type-arg]
+def steps(result: dict[str, Any]) -> dict[str, dict[str, str]]:
     return {s["name"]: s for s in result["report"]}
 
 
@@ -62,6 +67,8 @@ pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="Li
 
 def test_core_dumps_off_and_not_dumpable() -> None:
     result = run_probe()
+    # The subprocess changed, this test process did not.
+    assert ctypes.CDLL(None).prctl(hardening.PR_GET_DUMPABLE, 0, 0, 0, 0) == 1
     assert steps(result)["no_core_dumps"]["status"] == "applied"
     assert result["core"] == [0, 0]
     assert steps(result)["not_dumpable"]["status"] == "applied"
