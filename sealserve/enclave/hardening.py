@@ -18,6 +18,9 @@ import sys
 from dataclasses import dataclass
 from typing import Literal
 
+if sys.platform != "win32":  # imported up front: a process may drop privileges later
+    import resource
+
 log = logging.getLogger(__name__)
 
 Status = Literal["applied", "skipped", "failed", "unsupported"]
@@ -68,8 +71,6 @@ def _libc() -> ctypes.CDLL:
 
 
 def _no_core_dumps() -> HardeningStep:
-    import resource
-
     try:
         resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
     except (OSError, ValueError) as exc:
@@ -102,8 +103,6 @@ def _has_cap_ipc_lock() -> bool:
 
 
 def _memory_locked() -> HardeningStep:
-    import resource
-
     soft, _hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
     # With a finite limit and no CAP_IPC_LOCK, MCL_FUTURE would make every allocation
     # beyond the limit fail later (loading a model, say): skip rather than break.

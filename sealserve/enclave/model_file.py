@@ -47,6 +47,9 @@ from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sealserve.errors import CryptoError, SealedFormatError
 
+if sys.platform != "win32":  # load_decrypted only; imported up front to work after setuid
+    import fcntl
+
 MAGIC = b"SEALONNX"
 FORMAT_VERSION = 1
 KEY_SIZE = 32
@@ -502,8 +505,6 @@ def load_decrypted(
         raise CryptoError("load_decrypted needs Linux; use decrypt_to_bytes here")
     dec = _Decryption(src, key)
     read_fd, write_fd = os.pipe()
-    import fcntl  # POSIX only, like the rest of this function
-
     with contextlib.suppress(OSError):  # bigger pipe, fewer wake-ups; best effort
         fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
     failure: list[BaseException] = []  # a decryption check that failed

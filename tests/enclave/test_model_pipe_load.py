@@ -106,3 +106,46 @@ def test_onnxruntime_loads_through_the_pipe() -> None:
     )
     (y,) = session.run(None, {"x": np.ones((1, 3), dtype=np.float32)})
     assert y.tolist() == [[12.0, 15.0, 18.0, 21.0]]
+
+
+HARDENED_PROBE = """
+import io, os
+from sealserve.enclave import model_file as mf
+from sealserve.enclave.hardening import harden_process
+key = mf.generate_key()
+plain = os.urandom(3 << 20)
+src = io.BytesIO()
+mf.encrypt_stream(io.BytesIO(plain), src, key=key, key_id="m")
+src.seek(0)
+if os.geteuid() == 0:  # an unprivileged service user, as in production
+    os.setgid(65534)
+    os.setuid(65534)
+report = harden_process(lock_memory=False)
+assert report.step("not_dumpable").status == "applied", report
+
+
+def read_all(path):
+    with open(path, "rb") as f:
+        return f.read()
+
+
+print(os.geteuid() != 0, mf.load_decrypted(src, key=key, loader=read_all) == plain)
+"""
+
+
+def test_works_in_a_hardened_unprivileged_process() -> None:
+    # Not dumpable makes /proc/<pid> root-owned; the process must still open its own fd.
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT, sealserve_env
+
+    out = subprocess.run(
+        [sys.executable, "-c", HARDENED_PROBE],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        env=sealserve_env(),
+        check=True,
+    )
+    assert out.stdout.split() == ["True", "True"]
