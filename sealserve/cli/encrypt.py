@@ -69,15 +69,23 @@ def _encrypt(args: argparse.Namespace) -> int:
 
     size = model.stat().st_size
     bar = tqdm(
-        total=2 * size,
+        total=size,
         unit="B",
         unit_scale=True,
-        desc="hash+encrypt",
+        desc="hashing",
         disable=args.no_progress or size < (64 << 20),
     )
 
+    encrypting: list[bool] = []
+
     def progress(done: int, total: int) -> None:
-        bar.update(done - bar.n)
+        # The library reports both passes as one count; show each pass on its own.
+        half = total // 2
+        if done > half and not encrypting:
+            encrypting.append(True)
+            bar.set_description("encrypting")
+            bar.reset(total=half)
+        bar.update((done - half if done > half else done) - bar.n)
 
     try:
         fd, tmp_name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
