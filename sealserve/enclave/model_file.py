@@ -534,18 +534,25 @@ def load_decrypted(
     try:
         result = loader(f"/proc/self/fd/{read_fd}")
     except Exception as exc:
-        os.close(read_fd)
-        thread.join()
-        if failure:
-            raise failure[0] from exc
+        if _failure_after(thread, read_fd, failure):
+            raise failure[0] from exc  # the loader failed because decryption did
         raise
-    os.close(read_fd)  # a writer still blocked now fails with EPIPE
-    thread.join()
-    if failure:
+    except BaseException:  # KeyboardInterrupt and the like: still release the pipe
+        _failure_after(thread, read_fd, failure)
+        raise
+    if _failure_after(thread, read_fd, failure):
         raise failure[0]
     if stopped:
         raise CryptoError("the loader returned before reading the whole model")
     return result
+
+
+def _failure_after(thread: threading.Thread, read_fd: int, failure: list[BaseException]) -> bool:
+    """Close the read end (a writer still blocked fails with EPIPE), wait for the
+    decryption thread, and say whether a decryption check failed."""
+    os.close(read_fd)
+    thread.join()
+    return bool(failure)
 
 
 def _zero(view: memoryview) -> None:
