@@ -1,7 +1,8 @@
 """The ``sealserve`` command.
 
-One module per subcommand, each exposing ``register(subparsers)`` which adds its
-parser and sets ``func`` to a handler ``(args) -> int``. Subcommand modules import
+One module per subcommand (found by name in this package), each exposing
+``register(subparsers)`` which adds its parser and sets ``func`` to a handler
+``(args) -> int``. Subcommand modules import
 heavy dependencies (onnxruntime, scipy) inside their handlers, so ``sealserve verify``
 stays light. This is the only place that turns errors into exit codes.
 """
@@ -18,14 +19,32 @@ from sealserve import __version__
 from sealserve.errors import SealserveError
 
 # Order is the order shown in --help.
-SUBCOMMANDS: tuple[str, ...] = (
-    "serve",
+# Shown first in --help, in this order; any other subcommand module follows by name.
+ORDER: tuple[str, ...] = (
     "demo",
+    "serve",
+    "encrypt",
+    "broker",
+    "token",
     "platform",
     "measure",
     "verify",
-    "token",
 )
+_NOT_COMMANDS = {"main"}
+
+
+def subcommands() -> list[str]:
+    """Every module in sealserve.cli with a ``register`` function is a subcommand."""
+    import pkgutil
+
+    import sealserve.cli
+
+    found = {
+        m.name
+        for m in pkgutil.iter_modules(sealserve.cli.__path__)
+        if not m.name.startswith("_") and m.name not in _NOT_COMMANDS
+    }
+    return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -45,8 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
         "-v", "--verbose", action="count", default=0, help="more log output (-vv for debug)"
     )
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for name in SUBCOMMANDS:
-        module = importlib.import_module(f"sealserve.cli.{name.replace('-', '_')}")
+    for name in subcommands():
+        module = importlib.import_module(f"sealserve.cli.{name}")
         module.register(sub)
     return parser
 
