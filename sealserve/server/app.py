@@ -21,6 +21,11 @@ from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
 from sealserve.auth import Authenticator
 from sealserve.auth.revocation import FileRevocationList
+from sealserve.defense.challenge import Challenges
+from sealserve.defense.guard import Guard
+from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.store import StateStore
+from sealserve.defense.store_factory import open_store
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.errors import UnavailableError
@@ -42,6 +47,20 @@ ATTESTATION_SERVICE = apb.DESCRIPTOR.services_by_name["Attestation"].full_name
 # Names in the in-memory certificate. Attested clients pin the certificate itself and
 # connect with the fixed name ``sealserve.attested``, whatever host they dialled.
 ATTESTED_TLS_NAMES = ("sealserve.attested", "localhost", "127.0.0.1", "::1")
+
+
+def _pow_key(store: StateStore) -> bytes:
+    """The proof-of-work MAC key, shared by every replica through the state store.
+
+    Two replicas starting at once may both write one; the last wins and a challenge
+    issued under the other fails once and is re-issued. It only protects the work
+    puzzles (no user data), so keeping it in the shared store is acceptable.
+    """
+    key = store.get_blob("pow-key")
+    if key is None or len(key) < 32:
+        key = Challenges.generate_key()
+        store.put_blob("pow-key", key, ttl_s=None)
+    return key
 
 
 def select_platform(settings: Settings, code: str) -> Platform | None:
@@ -96,10 +115,12 @@ class Server:
         self.settings = settings
         self.metrics = Metrics()
         self.engine = Engine(self.metrics, threads=settings.engine.intra_op_threads)
+        self.store: StateStore | None = None
         self.plane = DataPlane(
             self.engine,
             server_name=settings.server_name,
             max_request_bytes=settings.max_request_bytes,
+            guard=self._build_guard(),
         )
         self._entries = entries
         self.health = health.aio.HealthServicer()
@@ -135,6 +156,21 @@ class Server:
                 ("grpc.max_send_message_length", limit),
                 ("grpc.so_reuseport", 0),
             ],
+        )
+
+    def _build_guard(self) -> Guard:
+        s = self.settings
+        limits = s.limits_config()
+        if limits is None:
+            log.warning("no [limits] configured: rate limits and quotas are OFF")
+            return Guard()
+        self.store = open_store(
+            s.state_store, prefix=s.state_store_prefix, unsafe_fail_open=s.unsafe_fail_open
+        )
+        if s.unsafe_fail_open:
+            log.warning("unsafe_fail_open: requests are admitted UNCHECKED when the store is down")
+        return Guard(
+            quota=QuotaGuard(limits, self.store, Challenges(_pow_key(self.store), self.store))
         )
 
     async def start(self) -> int:
@@ -218,6 +254,8 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self.engine.close()
+        if self.store is not None:
+            self.store.close()
         if self.authenticator is not None:
             self.authenticator.close()
 

@@ -6,6 +6,8 @@ Later layers (authentication, the defense guard) hook in here, not in the servic
 from __future__ import annotations
 
 from sealserve import __version__
+from sealserve.defense.guard import Caller, Guard, ProofOfWork
+from sealserve.defense.store import Remaining
 from sealserve.server.engine import Engine, LoadedModel
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo
 
@@ -13,8 +15,16 @@ EXTENSIONS = ("model_repository_readonly",)
 
 
 class DataPlane:
-    def __init__(self, engine: Engine, *, server_name: str, max_request_bytes: int) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        server_name: str,
+        max_request_bytes: int,
+        guard: Guard | None = None,
+    ) -> None:
         self.engine = engine
+        self.guard = guard or Guard()
         self.server_name = server_name
         self.max_request_bytes = max_request_bytes
         self._ready = False
@@ -41,5 +51,19 @@ class DataPlane:
     def model_metadata(self, name: str, version: str) -> ModelInfo:
         return self.engine.resolve(name, version).info
 
-    async def infer(self, request: InferRequest) -> InferResponse:
-        return await self.engine.infer(request)
+    async def infer(
+        self, request: InferRequest, caller: Caller, *, pow_: ProofOfWork | None = None
+    ) -> tuple[InferResponse, tuple[Remaining, ...]]:
+        """Admit (status, proof of work, limits), infer, release (output defenses).
+
+        Raises the guard's refusals (RefusedError family, PermissionDeniedError,
+        UnavailableError) before any inference runs.
+        """
+        first = next(iter(request.inputs.values()), None)
+        batch = int(first.shape[0]) if first is not None and first.ndim else 1
+        remaining = self.guard.admit(caller, request.model, batch_size=batch, pow_=pow_)
+        response = await self.engine.infer(request)
+        response.outputs = self.guard.release(
+            caller, request.model, request.inputs, response.outputs
+        )
+        return response, remaining

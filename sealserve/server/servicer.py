@@ -8,6 +8,9 @@ from typing import Any
 import grpc
 
 from sealserve._proto import grpc_service_pb2 as pb
+from sealserve.defense.guard import Caller, ProofOfWork
+from sealserve.defense.store import Remaining
+from sealserve.server.auth_interceptor import current_principal
 from sealserve.server.codec import (
     decode_infer_request,
     encode_infer_response,
@@ -26,6 +29,25 @@ class InferenceServicer:
         self._metrics = metrics
         # Labelled metric children per model version, resolved once (labels() is slow).
         self._ok: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def _caller(self, context: grpc.aio.ServicerContext) -> tuple[Caller, ProofOfWork | None]:
+        principal = current_principal()
+        forwarded = challenge = solution = None
+        for key, value in context.invocation_metadata() or ():
+            if key == "x-forwarded-for":
+                forwarded = value
+            elif key == "sealserve-pow-challenge":
+                challenge = value
+            elif key == "sealserve-pow-solution":
+                solution = value
+        caller = self._plane.guard.caller(
+            account=principal.account if principal else None,
+            tier=principal.tier if principal else None,
+            transport_peer=context.peer() or "",
+            forwarded_for=forwarded,
+        )
+        pow_ = ProofOfWork(challenge, solution) if challenge and solution else None
+        return caller, pow_
 
     def _ok_metrics(self, model: str, version: str) -> tuple[Any, Any]:
         key = (model, version)
@@ -81,7 +103,13 @@ class InferenceServicer:
             req = decode_infer_request(
                 request, loaded.info, max_bytes=self._plane.max_request_bytes
             )
-            response = encode_infer_response(await self._plane.infer(req))
+            caller, pow_ = self._caller(context)
+            result, remaining = await self._plane.infer(req, caller, pow_=pow_)
+            response = encode_infer_response(result)
+            if remaining:
+                context.set_trailing_metadata(
+                    (("sealserve-quota-remaining", format_remaining(remaining)),)
+                )
         except Exception as exc:
             status = to_status(exc)
             self._metrics.requests.labels(model, version, status[0].name).inc()
@@ -91,3 +119,8 @@ class InferenceServicer:
         ok.inc()
         latency.observe(time.perf_counter() - t0)
         return response
+
+
+def format_remaining(remaining: tuple[Remaining, ...]) -> str:
+    """``name=remaining/limit`` pairs, e.g. ``account.day=995/1000,peer.minute=58/60``."""
+    return ",".join(f"{r.name}={r.remaining}/{r.limit}" for r in remaining)

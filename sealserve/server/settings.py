@@ -20,6 +20,7 @@ from pydantic_settings import (
 )
 
 from sealserve.auth.settings import AuthSettings, IssuerSettings
+from sealserve.defense.limits import LimitsConfig
 from sealserve.errors import ConfigError
 
 
@@ -88,6 +89,24 @@ class Settings(BaseSettings):
         default=None,
         description="Directory made by `sealserve platform init-simulated` (dev and tests).",
     )
+    state_store: str = Field(
+        default="sqlite://sealserve-state.db",
+        description=(
+            "Where quota, account status and detector state live: 'sqlite://PATH' (the "
+            "embedded default; a relative PATH is relative to the config file, "
+            "'sqlite:///abs/path' is absolute), 'redis://HOST:PORT/DB' for "
+            "several replicas, or 'memory:' (one process, tests)."
+        ),
+    )
+    state_store_prefix: str = Field(default="sealserve", description="Key prefix in Redis.")
+    unsafe_fail_open: bool = Field(
+        default=False,
+        description="Admit requests unchecked when the state store is down (logged loudly).",
+    )
+    limits: dict[str, Any] | None = Field(
+        default=None,
+        description="Rate limits and quotas per tier, peer and model ([limits]; docs/quotas.md).",
+    )
     unsafe_disable_auth: bool = Field(
         default=False,
         description="Serve without authentication. Local experiments only; logged loudly.",
@@ -113,7 +132,16 @@ class Settings(BaseSettings):
                 self.auth_settings()
             except ConfigError as exc:
                 raise ValueError(f"[auth]: {exc.message}") from exc
+        if self.limits is not None:
+            try:
+                self.limits_config()
+            except ConfigError as exc:
+                raise ValueError(exc.message) from exc
         return self
+
+    def limits_config(self) -> LimitsConfig | None:
+        """The [limits] table validated; raises ConfigError naming the key."""
+        return None if self.limits is None else LimitsConfig.from_mapping(self.limits)
 
     def auth_settings(self) -> AuthSettings | None:
         """The [auth] table as :class:`AuthSettings`; raises ConfigError if invalid."""
@@ -188,6 +216,10 @@ class Settings(BaseSettings):
             value = getattr(self, key)
             if value is not None and not value.is_absolute():
                 update[key] = base / value
+        if self.state_store.startswith("sqlite://"):
+            path = Path(self.state_store.removeprefix("sqlite://"))
+            if not path.is_absolute():
+                update["state_store"] = f"sqlite://{base / path}"
         if self.auth is not None:
             auth = dict(self.auth)
             if "revocation_file" in auth and not Path(auth["revocation_file"]).is_absolute():
@@ -222,6 +254,9 @@ class Settings(BaseSettings):
             "max_request_bytes": self.max_request_bytes,
             "engine": self.engine.model_dump(mode="json"),
             "attestation_platform": self.attestation_platform,
+            "limits": self.limits,
+            "state_store": self.state_store.split(":", 1)[0],
+            "unsafe_fail_open": self.unsafe_fail_open,
         }  # fmt: skip
 
 

@@ -1,0 +1,89 @@
+"""The defense pipeline the server calls twice per request (DESIGN.md):
+
+- ``admit`` before inference: account status, proof of work, rate limits and quotas;
+- ``release`` after inference: later layers (detection, perturbation, watermark,
+  audit) observe the query and may change the answer before it is encoded.
+
+Transport-free: the server hands in who is calling (:class:`Caller`) and numpy arrays.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from sealserve.defense.peer import peer_address
+from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.store import Remaining
+
+ANONYMOUS = "anonymous"
+
+
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the authenticated account and tier, and the peer address that
+    per-peer limits count (already resolved through trusted proxies)."""
+
+    account: str
+    tier: str | None
+    peer: str
+
+
+@dataclass(frozen=True)
+class ProofOfWork:
+    challenge: str
+    solution: str
+
+
+class Guard:
+    """Admission and release for every inference request. ``quota`` None: no limits."""
+
+    def __init__(self, *, quota: QuotaGuard | None = None) -> None:
+        self.quota = quota
+
+    def caller(
+        self,
+        *,
+        account: str | None,
+        tier: str | None,
+        transport_peer: str,
+        forwarded_for: str | None,
+    ) -> Caller:
+        proxies = self.quota.config.trusted_proxies if self.quota is not None else ()
+        peer = peer_address(transport_peer, forwarded_for, trusted_proxies=proxies)
+        return Caller(account or ANONYMOUS, tier, peer)
+
+    def admit(
+        self,
+        caller: Caller,
+        model: str,
+        *,
+        batch_size: int = 1,
+        pow_: ProofOfWork | None = None,
+        now: float | None = None,
+    ) -> tuple[Remaining, ...]:
+        """Admit one request or raise (SuspendedError, ChallengeRequiredError,
+        RateLimitedError, PermissionDeniedError, UnavailableError). Returns what is
+        left of every limit."""
+        if self.quota is None:
+            return ()
+        result = self.quota.admit(
+            caller.account,
+            caller.tier,
+            caller.peer,
+            model,
+            batch_size=batch_size,
+            challenge=pow_.challenge if pow_ else None,
+            solution=pow_.solution if pow_ else None,
+            now=now,
+        )
+        return result.remaining
+
+    def release(
+        self, caller: Caller, model: str, inputs: Mapping[str, np.ndarray],
+        outputs: dict[str, np.ndarray],
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """The outputs to send back (unchanged until the output defenses are configured)."""
+        return outputs
