@@ -26,6 +26,8 @@ from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.client.attested import ATTESTED_NAME, AttestedEndpoint, attest
 from sealserve.client.codec import decode_response, encode_request
 from sealserve.client.errors import from_rpc_error
+from sealserve.defense.challenge import solve
+from sealserve.errors import ChallengeRequiredError
 
 TokenSource = str | Callable[[], str] | None
 
@@ -40,6 +42,10 @@ def _metadata(token: TokenSource) -> tuple[tuple[str, str], ...]:
         return ()
     value = token() if callable(token) else token
     return (("authorization", f"Bearer {value}"),)
+
+
+def _pow_metadata(challenge: str, answer: str) -> tuple[tuple[str, str], ...]:
+    return (("sealserve-pow-challenge", challenge), ("sealserve-pow-solution", answer))
 
 
 def _credentials(root_certificates: bytes | None) -> grpc.ChannelCredentials:
@@ -57,6 +63,7 @@ class Client:
     ``root_certificates`` (PEM) pins a certificate without attestation;
     ``unsafe_plaintext=True`` talks without TLS (local experiments only).
     ``token`` is a JWT or a callable returning a current one (see RefreshingToken).
+    ``solve_challenges``: when the server demands proof of work, solve it and retry.
     """
 
     def __init__(
@@ -70,33 +77,54 @@ class Client:
         unsafe_plaintext: bool = False,
         timeout: float = 30.0,
         server_hostname: str = "localhost",
+        solve_challenges: bool = True,
     ) -> None:
-        options: list[tuple[str, str | int]] = [*_OPTIONS]
-        self.attestation: AttestedEndpoint | None = None
-        if unsafe_plaintext:
-            self._channel = grpc.insecure_channel(target, options=options)
-        elif root_certificates is None:
-            self.attestation = attest(target, policy=policy, roots=roots, timeout=timeout)
-            options.append(("grpc.ssl_target_name_override", ATTESTED_NAME))
-            self._channel = grpc.secure_channel(
-                target, _credentials(self.attestation.certificate_pem), options=options
-            )
-        else:
-            options.append(("grpc.ssl_target_name_override", server_hostname))
-            self._channel = grpc.secure_channel(
-                target, _credentials(root_certificates), options=options
-            )
+        self._channel, self.attestation = open_channel(
+            target,
+            policy=policy,
+            roots=roots,
+            root_certificates=root_certificates,
+            unsafe_plaintext=unsafe_plaintext,
+            timeout=timeout,
+            server_hostname=server_hostname,
+        )
         self._stub: Any = pb_grpc.GRPCInferenceServiceStub(self._channel)
         self._token = token
         self._timeout = timeout
+        self.solve_challenges = solve_challenges
+        #: Remaining quota reported by the server with the last successful inference.
+        self.quota_remaining: str | None = None
 
-    def _call(self, method: str, request: Any) -> Any:
+    @property
+    def channel(self) -> grpc.Channel:
+        """The verified channel, for other sealserve services (admin)."""
+        return self._channel
+
+    def _call(self, method: str, request: Any, extra: tuple[tuple[str, str], ...] = ()) -> Any:
         try:
-            return getattr(self._stub, method)(
-                request, timeout=self._timeout, metadata=_metadata(self._token)
+            response, call = getattr(self._stub, method).with_call(
+                request, timeout=self._timeout, metadata=_metadata(self._token) + extra
             )
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            error = from_rpc_error(exc)
+            if (
+                isinstance(error, ChallengeRequiredError)
+                and error.challenge
+                and self.solve_challenges
+                and not extra
+            ):
+                # The server wants proof of work with each call: pay it and retry once.
+                answer = solve(error.challenge)
+                return self._call(
+                    method,
+                    request,
+                    _pow_metadata(error.challenge, answer),
+                )
+            raise error from exc
+        for key, value in call.trailing_metadata() or ():
+            if key == "sealserve-quota-remaining":
+                self.quota_remaining = value
+        return response
 
     def server_ready(self) -> bool:
         return bool(self._call("ServerReady", pb.ServerReadyRequest()).ready)
@@ -150,6 +178,7 @@ class AsyncClient:
         unsafe_plaintext: bool = False,
         timeout: float = 30.0,
         server_hostname: str = "localhost",
+        solve_challenges: bool = True,
     ) -> None:
         self._target = target
         self._policy = policy
@@ -163,6 +192,8 @@ class AsyncClient:
         self._timeout = timeout
         self.attestation: AttestedEndpoint | None = None
         self._lock = asyncio.Lock()
+        self.solve_challenges = solve_challenges
+        self.quota_remaining: str | None = None
 
     async def connect(self) -> None:
         """Attest (unless pinned or plaintext) and open the channel. Idempotent."""
@@ -192,15 +223,32 @@ class AsyncClient:
             self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
             self._channel = channel
 
-    async def _call(self, method: str, request: Any) -> Any:
+    async def _call(
+        self, method: str, request: Any, extra: tuple[tuple[str, str], ...] = ()
+    ) -> Any:
         if self._channel is None:
             await self.connect()
+        call = getattr(self._stub, method)(
+            request, timeout=self._timeout, metadata=_metadata(self._token) + extra
+        )
         try:
-            return await getattr(self._stub, method)(
-                request, timeout=self._timeout, metadata=_metadata(self._token)
-            )
+            response = await call
         except grpc.RpcError as exc:
-            raise from_rpc_error(exc) from exc
+            error = from_rpc_error(exc)
+            if (
+                isinstance(error, ChallengeRequiredError)
+                and error.challenge
+                and self.solve_challenges
+                and not extra
+            ):
+                loop = asyncio.get_running_loop()
+                answer = await loop.run_in_executor(None, solve, error.challenge)
+                return await self._call(method, request, _pow_metadata(error.challenge, answer))
+            raise error from exc
+        for key, value in await call.trailing_metadata() or ():
+            if key == "sealserve-quota-remaining":
+                self.quota_remaining = value
+        return response
 
     async def server_ready(self) -> bool:
         return bool((await self._call("ServerReady", pb.ServerReadyRequest())).ready)
@@ -236,3 +284,26 @@ class AsyncClient:
         self, t: type[BaseException] | None, e: BaseException | None, tb: TracebackType | None
     ) -> None:
         await self.close()
+
+
+def open_channel(
+    target: str,
+    *,
+    policy: Policy | str | Path | None = None,
+    roots: TrustedRoots | None = None,
+    root_certificates: bytes | None = None,
+    unsafe_plaintext: bool = False,
+    timeout: float = 30.0,
+    server_hostname: str = "localhost",
+) -> tuple[grpc.Channel, AttestedEndpoint | None]:
+    """A channel to ``target``: attested (default), pinned, or plaintext (see Client)."""
+    options: list[tuple[str, str | int]] = [*_OPTIONS]
+    if unsafe_plaintext:
+        return grpc.insecure_channel(target, options=options), None
+    if root_certificates is None:
+        endpoint = attest(target, policy=policy, roots=roots, timeout=timeout)
+        options.append(("grpc.ssl_target_name_override", ATTESTED_NAME))
+        creds = _credentials(endpoint.certificate_pem)
+        return grpc.secure_channel(target, creds, options=options), endpoint
+    options.append(("grpc.ssl_target_name_override", server_hostname))
+    return grpc.secure_channel(target, _credentials(root_certificates), options=options), None

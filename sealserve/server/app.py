@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sealserve._proto import POOL, attestation_pb2_grpc
+from sealserve._proto import POOL, admin_pb2, admin_pb2_grpc, attestation_pb2_grpc
 from sealserve._proto import attestation_pb2 as apb
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
@@ -29,6 +29,7 @@ from sealserve.defense.store_factory import open_store
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.errors import UnavailableError
+from sealserve.server.admin_service import AdminServicer
 from sealserve.server.attestation_service import AttestationServicer
 from sealserve.server.auth_interceptor import AuthInterceptor
 from sealserve.server.dataplane import DataPlane
@@ -44,6 +45,7 @@ log = logging.getLogger("sealserve.server")
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ATTESTATION_SERVICE = apb.DESCRIPTOR.services_by_name["Attestation"].full_name
+ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 # Names in the in-memory certificate. Attested clients pin the certificate itself and
 # connect with the fixed name ``sealserve.attested``, whatever host they dialled.
 ATTESTED_TLS_NAMES = ("sealserve.attested", "localhost", "127.0.0.1", "::1")
@@ -221,6 +223,10 @@ class Server:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.plane, self.metrics), self._server
         )
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(self.plane.guard.quota), self._server
+        )
+        services.append(ADMIN_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _ensure_health_in_pool()
         reflection.enable_server_reflection(services, self._server, pool=POOL)
