@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 # Fixtures that start servers (start_server, repo), shared by several test packages.
-pytest_plugins = ["tests._servers"]
+pytest_plugins = ["tests._servers", "tests._redis"]
 
 ROOT = Path(__file__).resolve().parent.parent
 VECTORS = ROOT / "tests" / "data" / "vectors"
