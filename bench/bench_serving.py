@@ -213,6 +213,14 @@ def main() -> int:
         "bench", tier="standard", scopes=["infer"], tos_version="1", ttl=3600
     )
     auth_md = (("authorization", f"Bearer {token}"),)
+    # ... and with quotas on too (SQLite state store; limits far above the load).
+    cfg_quota = tmp / "sealserve-quota.toml"
+    cfg_quota.write_text(
+        cfg_auth.read_text().replace(
+            "[auth]", f'state_store = "sqlite://{tmp / "state.db"}"\n[auth]'
+        )
+        + "[limits.tiers.standard]\nrate = 1000000\nburst = 1000000\nper_day = 1000000000\n"
+    )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     models = {
         "digits (tiny)": ("digits", "input", np.asarray(demo.holdout()[0][:1])),
@@ -243,40 +251,34 @@ def main() -> int:
                    "--ready-file", str(ready)], ready, env)  # fmt: skip
         procs.append(p)
         seal_auth = (p.pid, json.loads(ready.read_text())["port"])
+        ready = tmp / "sealserve-quota.json"
+        p = start([sys.executable, "-m", "sealserve", "serve", "--config", str(cfg_quota),
+                   "--ready-file", str(ready)], ready, env)  # fmt: skip
+        procs.append(p)
+        seal_quota = (p.pid, json.loads(ready.read_text())["port"])
         for model_name, (mname, iname, x) in models.items():
             payload = request_bytes(mname, iname, x)
             for c in (1, 16):
-                got: dict[str, list[Result]] = {
-                    "raw": [],
-                    "bare": [],
-                    "sealserve": [],
-                    "sealserve+auth": [],
+                # Every system, measured in alternating rounds.
+                systems: dict[str, tuple[int, int, tuple[tuple[str, str], ...]]] = {
+                    "bare": (*servers[(model_name, "bare")], ()),
+                    "sealserve": (*seal, ()),
+                    "sealserve+auth": (*seal_auth, auth_md),
+                    "sealserve+auth+quota": (*seal_quota, auth_md),
                 }
+                got: dict[str, list[Result]] = {name: [] for name in ("raw", *systems)}
                 for _ in range(args.rounds):
                     got["raw"].append(
                         measure_raw(
                             repo / mname / "1" / "model.onnx", iname, x, c, args.seconds / 2
                         )
                     )
-                    pid, port = servers[(model_name, "bare")]
-                    got["bare"].append(
-                        measure_server(pid, f"127.0.0.1:{port}", payload, c, args.seconds)
-                    )
-                    got["sealserve"].append(
-                        measure_server(seal[0], f"127.0.0.1:{seal[1]}", payload, c, args.seconds)
-                    )
-                    got["sealserve+auth"].append(
-                        measure_server(
-                            seal_auth[0],
-                            f"127.0.0.1:{seal_auth[1]}",
-                            payload,
-                            c,
-                            args.seconds,
-                            auth_md,
+                    for name, (pid, port, md) in systems.items():
+                        got[name].append(
+                            measure_server(pid, f"127.0.0.1:{port}", payload, c, args.seconds, md)
                         )
-                    )
                 base = mean(got["bare"])
-                for system in ("raw", "bare", "sealserve", "sealserve+auth"):
+                for system in got:
                     r = mean(got[system])
                     rows.append(
                         f"| {model_name} | {c} | {system} | {r.rps:,.0f} ({r.rps / base.rps:.2f}x) "
@@ -296,6 +298,11 @@ def main() -> int:
                     verdicts.append(f"- Authentication (ES256 bearer token, warm cache) adds "
                                     f"{a.cpu_us - s.cpu_us:,.0f} µs server CPU per request at c=16 "
                                     f"(target <= 40 µs): **{'met' if a.cpu_us - s.cpu_us <= 40 else 'NOT met'}**")  # fmt: skip
+                if mname == "digits" and c == 16:
+                    q = mean(got["sealserve+auth+quota"])
+                    verdicts.append(f"- Quota admission (SQLite store, 3 limits) adds "
+                                    f"{q.cpu_us - a.cpu_us:,.0f} µs server CPU per request at c=16 "
+                                    f"(target <= 60 µs): **{'met' if q.cpu_us - a.cpu_us <= 60 else 'NOT met'}**")  # fmt: skip
                 if mname == "digits" and c == 1:
                     ratio = s.p50_ms / base.p50_ms
                     verdicts.append(f"- c=1 p50 latency, tiny model: {ratio:.2f}x the bare server "
@@ -319,7 +326,8 @@ def main() -> int:
         "server (b). `raw` is `InferenceSession.run` in process (its CPU column is the "
         "whole process, load loop included). `sealserve` runs with no defense and no "
         "authentication, plaintext like the baseline; `sealserve+auth` is the same server "
-        "verifying an ES256 bearer token on every request. "
+        "verifying an ES256 bearer token on every request; `sealserve+auth+quota` adds "
+        "quota admission against the embedded SQLite store. "
         f"{args.rounds} alternating rounds of "
         f"{args.seconds:g} s each, averaged.\n\n" + table + "\n\nTargets:\n" + "\n".join(verdicts)
     )
