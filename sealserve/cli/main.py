@@ -18,7 +18,7 @@ from sealserve import __version__
 from sealserve.errors import SealserveError
 
 # Order is the order shown in --help.
-SUBCOMMANDS: tuple[str, ...] = ()
+SUBCOMMANDS: tuple[str, ...] = ("audit",)
 
 EXIT_OK = 0
 EXIT_FAILED = 1

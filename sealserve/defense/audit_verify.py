@@ -98,8 +98,7 @@ class _State:
 def _lines(path: Path) -> Iterator[tuple[int, bytes]]:
     try:
         with open(path, "rb") as fh:
-            for number, raw in enumerate(fh, start=1):
-                yield number, raw
+            yield from enumerate(fh, start=1)
     except OSError as exc:
         raise AuditError(f"cannot read audit log {path}: {exc}", file=str(path)) from exc
 

@@ -228,9 +228,7 @@ class ResponsePolicy:
         else:
             new, why = Status.OK, f"no response: score {score:.2f}"
         expires = None if new == Status.OK else now + self._level(new).duration_s
-        flagged = sorted(
-            (s for s in scores if s.score >= self.log_at), key=lambda s: -s.score
-        )
+        flagged = sorted((s for s in scores if s.score >= self.log_at), key=lambda s: -s.score)
         if flagged:
             why += "; " + "; ".join(s.explanation for s in flagged)
         return Decision(

@@ -87,7 +87,9 @@ def off_task_stream(task: DigitsTask, n: int, rng: np.random.Generator) -> Array
     return task.off_task[np.tile(idx, reps)[:n]]
 
 
-def honest_stream(pool: Array, labels: npt.NDArray[np.int64], n: int, rng: np.random.Generator) -> Array:
+def honest_stream(
+    pool: Array, labels: npt.NDArray[np.int64], n: int, rng: np.random.Generator
+) -> Array:
     """Organic, clustered traffic: an account favours some classes (Dirichlet weights)
     and sends natural images of them, with repeats, from ``pool``."""
     classes = np.unique(labels)

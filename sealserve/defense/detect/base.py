@@ -102,8 +102,13 @@ class SuiteResult:
         return max(self.scores, key=lambda s: s.score, default=None)
 
     def flags(self) -> dict[str, float]:
-        """Detector name -> score, rounded, for the audit log."""
-        return {s.detector: round(s.score, 4) for s in self.scores}
+        """For the audit log: detector name -> score, and ``detector.metric`` -> value
+        for each detector's metrics (the owner's report reads both)."""
+        out = {s.detector: round(s.score, 4) for s in self.scores}
+        for s in self.scores:
+            for k, v in s.metrics.items():
+                out[f"{s.detector}.{k}"] = round(float(v), 4)
+        return out
 
 
 class DetectorSuite:

@@ -9,8 +9,8 @@ natural inputs supplied by the owner (for example part of the training set):
   (features standardised with the reference's mean and std; neighbours taken among
   the reference rows of the query's predicted class when labels are supplied) exceeds
   the reference's own ``quantile`` (default 99th percentile) of leave-one-out
-  nearest-neighbour distances. Among the last ``window`` queries, the outlier count is tested against
-  the honest rate ``expected_outlier_rate`` with an exact one-sided binomial test
+  nearest-neighbour distances. Among the last ``window`` queries, the outlier count is
+  tested against the honest rate ``expected_outlier_rate`` with an exact one-sided binomial test
   (scipy.stats.binom). Score 0.5 at p-value ``alpha``, 1 at ``alpha**2`` (log scale).
 * **Coverage.** Each feature's value range is cut into ``bins`` equal bins; coverage
   is the fraction of (feature, bin) cells the last ``window`` queries touched, divided
@@ -63,12 +63,15 @@ class DistributionConfig:
     def __post_init__(self) -> None:
         require(self.n_features > 0, "distribution.n_features must be positive")
         require(0.5 < self.quantile < 1.0, "distribution.quantile must be in (0.5, 1)")
-        require(0.0 < self.expected_outlier_rate < 0.5,
-                "distribution.expected_outlier_rate must be in (0, 0.5)")
+        require(
+            0.0 < self.expected_outlier_rate < 0.5,
+            "distribution.expected_outlier_rate must be in (0, 0.5)",
+        )
         require(0.0 < self.alpha < 0.05, "distribution.alpha must be in (0, 0.05)")
         require(10 <= self.window <= 4096, "distribution.window must be in 10..4096")
-        require(1 <= self.min_queries <= self.window,
-                "distribution.min_queries must be in 1..window")
+        require(
+            1 <= self.min_queries <= self.window, "distribution.min_queries must be in 1..window"
+        )
         require(self.max_reference >= 20, "distribution.max_reference must be at least 20")
         require(2 <= self.bins <= 255, "distribution.bins must be in 2..255")
         require(self.coverage_flag_ratio > 1.0, "distribution.coverage_flag_ratio must be > 1")
@@ -119,8 +122,7 @@ class DistributionDetector:
             raise ConfigError("distribution reference is not a numeric array") from exc
         if ref.ndim != 2 or ref.shape[1] != config.n_features or ref.shape[0] < 20:
             raise ConfigError(
-                f"distribution reference must be (n >= 20, {config.n_features}); "
-                f"got {ref.shape}"
+                f"distribution reference must be (n >= 20, {config.n_features}); got {ref.shape}"
             )
         if not np.all(np.isfinite(ref)):
             raise ConfigError("distribution reference contains NaN or infinity")

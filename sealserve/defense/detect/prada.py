@@ -74,13 +74,17 @@ class PradaConfig:
         require(self.n_features > 0, "prada.n_features must be positive")
         require(self.n_classes > 0, "prada.n_classes must be positive")
         require(0.0 < self.delta < 1.0, "prada.delta must be in (0, 1)")
-        require(3 <= self.min_distances <= self.max_distances <= 5000,
-                "prada needs 3 <= min_distances <= max_distances <= 5000 (Shapiro-Wilk)")
+        require(
+            3 <= self.min_distances <= self.max_distances <= 5000,
+            "prada needs 3 <= min_distances <= max_distances <= 5000 (Shapiro-Wilk)",
+        )
         require(self.class_cap >= 1, "prada.class_cap must be at least 1")
         require(self.test_every >= 1, "prada.test_every must be at least 1")
         require(0.0 < self.span <= 1.0, "prada.span must be in (0, 1]")
-        require(self.effective_class_cap() >= 8,
-                "prada.state_budget_bytes too small for n_classes x n_features")
+        require(
+            self.effective_class_cap() >= 8,
+            "prada.state_budget_bytes too small for n_classes x n_features",
+        )
 
     def effective_class_cap(self) -> int:
         """``class_cap`` lowered so that all classes' sets fit the state budget."""
@@ -93,7 +97,8 @@ class PradaConfig:
     @classmethod
     def from_mapping(cls, data: Mapping[str, Any]) -> PradaConfig:
         """Build from a config mapping. Raises ``ConfigError`` on unknown/bad keys."""
-        return _from_mapping(cls, data, "prada")
+        result: PradaConfig = _from_mapping(cls, data, "prada")
+        return result
 
 
 def _from_mapping(cls: Any, data: Mapping[str, Any], section: str) -> Any:

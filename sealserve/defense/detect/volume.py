@@ -41,8 +41,10 @@ class VolumeConfig:
 
     def __post_init__(self) -> None:
         require(self.normal_per_window > 0, "volume.normal_per_window must be positive")
-        require(self.burst_per_window > self.normal_per_window,
-                "volume.burst_per_window must exceed normal_per_window")
+        require(
+            self.burst_per_window > self.normal_per_window,
+            "volume.burst_per_window must exceed normal_per_window",
+        )
         require(self.normal_total > 0, "volume.normal_total must be positive")
         require(self.flag_total > self.normal_total, "volume.flag_total must exceed normal_total")
         require(self.window_s > 0, "volume.window_s must be positive")
@@ -80,7 +82,7 @@ class VolumeDetector:
         key = f"detect/volume/{model}/{account}"
         blob = self.store.get_blob(key)
         if blob is None:
-            meta = np.zeros(2, np.int64)  # [total, slot index of the newest bucket]
+            meta: npt.NDArray[Any] = np.zeros(2, np.int64)  # [total, slot index of the newest bucket]
             counts: npt.NDArray[Any] = np.zeros(cfg.buckets, np.int64)
         else:
             meta, counts = unpack_arrays(blob, _KIND, key=key)
