@@ -135,15 +135,20 @@ class PradaDetector:
         """Run one step of Algorithm 1. Raises ``UnavailableError`` if the store fails."""
         cfg = self.config
         key = self._key(account, model)
-        header = self._load_header(key)
-        counters, ring, thresh, dg_stats, added, last = header
+        meta, ring = self._load_header(key)
+        # Views into one float64 vector (one array to (de)serialise, not six).
+        n_c = cfg.n_classes
+        counters, last = meta[:5], meta[5:6]
+        thresh = meta[6 : 6 + n_c]
+        dg_stats = meta[6 + n_c : 6 + 4 * n_c].reshape(n_c, 3)
+        added = meta[6 + 4 * n_c : 6 + 5 * n_c]
         parsed = coerce_query(x, label, n_features=cfg.n_features, n_classes=cfg.n_classes)
         if isinstance(parsed, str):
             return self._score(last, counters, note=parsed)
         vec, c = parsed
-        x16 = vec.astype(np.float16)
-        if not np.all(np.isfinite(x16)):
+        if float(np.max(np.abs(vec))) > 65504.0:  # largest finite float16
             return self._score(last, counters, note="input ignored: values overflow float16")
+        x16 = vec.astype(np.float16)
         ckey = f"{key}/{c}"
         blob = self.store.get_blob(ckey)
         members = (
@@ -165,7 +170,7 @@ class PradaDetector:
             if d_min == 0.0:
                 counters[_DUP] += 1
             else:
-                ring[counters[_POS]] = d_min
+                ring[int(counters[_POS])] = d_min
                 counters[_POS] = (counters[_POS] + 1) % cfg.max_distances
                 counters[_ND] += 1
                 counters[_SINCE] += 1
@@ -183,7 +188,7 @@ class PradaDetector:
                 if members.shape[0] < self._cap:
                     members = np.concatenate([members, x16[None, :]])
                 else:
-                    j = random.randrange(int(added[c]))
+                    j = random.randrange(int(added[c]))  # reservoir sampling
                     if j < self._cap:
                         members[j] = x16
                 self.store.put_blob(ckey, pack_arrays(_KIND_CLASS, [members]), cfg.ttl_s)
@@ -193,27 +198,21 @@ class PradaDetector:
         if n_valid > cfg.min_distances and due:
             last[0] = _shapiro_w(ring[:n_valid])
             counters[_SINCE] = 0
-        self.store.put_blob(
-            key,
-            pack_arrays(_KIND_HEADER, [counters, ring, thresh, dg_stats, added, last]),
-            cfg.ttl_s,
-        )
+        self.store.put_blob(key, pack_arrays(_KIND_HEADER, [meta, ring]), cfg.ttl_s)
         return self._score(last, counters, note="")
 
     def _load_header(self, key: str) -> list[npt.NDArray[Any]]:
         cfg = self.config
         blob = self.store.get_blob(key)
+        size = 6 + 5 * cfg.n_classes
         if blob is None:
-            return [
-                np.zeros(5, np.int64),
-                np.zeros(cfg.max_distances, np.float32),
-                np.zeros(cfg.n_classes, np.float64),
-                np.zeros((cfg.n_classes, 3), np.float64),
-                np.zeros(cfg.n_classes, np.int64),
-                np.array([-1.0], np.float64),
-            ]
+            meta = np.zeros(size, np.float64)
+            meta[5] = -1.0  # no W yet
+            return [meta, np.zeros(cfg.max_distances, np.float32)]
         arrays = unpack_arrays(blob, _KIND_HEADER, key=key)
-        if len(arrays) != 6 or arrays[1].shape != (cfg.max_distances,):
+        if len(arrays) != 2 or arrays[0].shape != (size,) or arrays[1].shape != (
+            cfg.max_distances,
+        ):
             from sealserve.errors import UnavailableError
 
             raise UnavailableError(f"detector state under {key!r} has another configuration")
