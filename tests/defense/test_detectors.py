@@ -85,7 +85,7 @@ def test_not_ready_until_enough_evidence() -> None:
     x = digits_task().split_b[:5]
     result = suite.observe_at_time("a", "m", x[0], 0, now=0.0)
     by = {s.detector: s for s in result.scores}
-    assert not by["prada"].ready and "distances needed" in by["prada"].explanation
+    assert not by["prada"].ready and "testing starts after" in by["prada"].explanation
     assert not by["distribution"].ready and "queries needed" in by["distribution"].explanation
     assert by["volume"].ready and "1 requests in the last 1 h" in by["volume"].explanation
     flags = result.flags()

@@ -102,7 +102,7 @@ def pack_arrays(kind: int, arrays: Sequence[npt.NDArray[np.generic]]) -> bytes:
 def unpack_arrays(blob: bytes, kind: int, *, key: str) -> list[npt.NDArray[np.generic]]:
     """Parse a blob written by :func:`pack_arrays` for the same ``kind``.
 
-    Arrays are writable copies. Raises :class:`~sealserve.errors.UnavailableError` when
+    Arrays are writable (views into one private copy of the blob). Raises :class:`~sealserve.errors.UnavailableError` when
     the blob is not detector state of this kind (a corrupted or foreign store entry):
     the caller treats it like a store failure rather than silently forgetting evidence.
     """
@@ -114,25 +114,25 @@ def unpack_arrays(blob: bytes, kind: int, *, key: str) -> list[npt.NDArray[np.ge
             raise ValueError(f"unsupported version {version}")
         if got_kind != kind:
             raise ValueError(f"state kind {got_kind}, expected {kind}")
+        # One writable copy of the whole blob; the arrays are views into it.
+        buf = bytearray(blob)
         pos = 7
         out: list[npt.NDArray[np.generic]] = []
         for _ in range(count):
-            code, ndim = struct.unpack_from("<BB", blob, pos)
-            pos += 2
-            shape = struct.unpack_from(f"<{ndim}I", blob, pos)
-            pos += 4 * ndim
+            code, ndim = buf[pos], buf[pos + 1]
+            shape = struct.unpack_from(f"<{ndim}I", buf, pos + 2)
+            pos += 2 + 4 * ndim
             dtype = _DTYPES[code]
             n = math.prod(shape)
             nbytes = n * dtype.itemsize
-            if pos + nbytes > len(blob):
+            if pos + nbytes > len(buf):
                 raise ValueError("truncated")
-            arr = np.frombuffer(blob, dtype=dtype, count=n, offset=pos).reshape(shape)
-            out.append(arr.copy())
+            out.append(np.frombuffer(buf, dtype=dtype, count=n, offset=pos).reshape(shape))
             pos += nbytes
-        if pos != len(blob):
+        if pos != len(buf):
             raise ValueError("trailing bytes")
         return out
-    except (ValueError, KeyError, struct.error) as exc:
+    except (ValueError, KeyError, IndexError, struct.error) as exc:
         raise UnavailableError(
             f"detector state under {key!r} is unreadable ({exc})",
             remedy="Delete the corrupted key from the state store; the detector restarts it.",
