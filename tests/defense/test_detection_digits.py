@@ -96,9 +96,7 @@ def test_prada_alone_flags_jacobian_augmentation_early() -> None:
     task = digits_task()
     store = MemoryBlobStore()
     prada = DetectorSuite([PradaDetector(PradaConfig(n_features=64, n_classes=5), store)])
-    flagged_at, reason = first_flag(
-        prada, "jbda", jacobian_stream(task, 1000), rate_per_hour=3600
-    )
+    flagged_at, reason = first_flag(prada, "jbda", jacobian_stream(task, 1000), rate_per_hour=3600)
     assert flagged_at is not None and flagged_at <= 200
     assert "below the threshold 0.780" in reason
 

@@ -137,9 +137,7 @@ def test_distribution_reference_is_validated() -> None:
     with pytest.raises(ConfigError, match="NaN"):
         DistributionDetector(cfg, MemoryBlobStore(), bad)
     with pytest.raises(ConfigError, match="reference_labels has 3 rows, expected 30"):
-        DistributionDetector(
-            cfg, MemoryBlobStore(), np.ones((30, 4)), reference_labels=[0, 1, 2]
-        )
+        DistributionDetector(cfg, MemoryBlobStore(), np.ones((30, 4)), reference_labels=[0, 1, 2])
 
 
 def test_suite_rejects_duplicates() -> None:
