@@ -192,7 +192,8 @@ def test_appended_after_checkpoint_names_the_record(tmp_path: Path, key: AuditKe
     files[0].write_bytes(b"".join(body) + canonical_json(forged) + b"\n")
     with pytest.raises(
         AuditError,
-        match=r":20: record 19: 1 record\(s\) from here on follow the last signed checkpoint \(seq 18\)",
+        match=r":20: record 19: 1 record\(s\) from here on follow the last signed checkpoint "
+        r"\(seq 18\)",
     ):
         verify(files, key)
     report = check_audit_log(

@@ -56,7 +56,7 @@ def test_verify_ok_and_tampered_exit_codes(
     pem = tmp_path / "audit.pub"
     pem.write_bytes(key.public_key_pem())
     assert main(["audit", "verify", str(tmp_path / "log"), "--public-key", str(pem)]) == 0
-    assert "audit log OK: 124 records" in capsys.readouterr().out
+    assert "audit log OK: 125 records" in capsys.readouterr().out
     assert main(["audit", "verify", str(files[0]), "--public-key", key.public_bytes.hex()]) == 0
     capsys.readouterr()
     body = files[0].read_bytes().splitlines(keepends=True)

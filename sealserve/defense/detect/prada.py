@@ -216,8 +216,10 @@ class PradaDetector:
             meta[5 : 5 + cfg.confirm_tests] = -1.0  # no W yet
             return [meta, np.zeros(cfg.max_distances, np.float32)]
         arrays = unpack_arrays(blob, _KIND_HEADER, key=key)
-        if len(arrays) != 2 or arrays[0].shape != (size,) or arrays[1].shape != (
-            cfg.max_distances,
+        if (
+            len(arrays) != 2
+            or arrays[0].shape != (size,)
+            or arrays[1].shape != (cfg.max_distances,)
         ):
             from sealserve.errors import UnavailableError
 

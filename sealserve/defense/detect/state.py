@@ -102,8 +102,8 @@ def pack_arrays(kind: int, arrays: Sequence[npt.NDArray[np.generic]]) -> bytes:
 def unpack_arrays(blob: bytes, kind: int, *, key: str) -> list[npt.NDArray[np.generic]]:
     """Parse a blob written by :func:`pack_arrays` for the same ``kind``.
 
-    Arrays are writable (views into one private copy of the blob). Raises :class:`~sealserve.errors.UnavailableError` when
-    the blob is not detector state of this kind (a corrupted or foreign store entry):
+    Arrays are writable (views into one private copy of the blob). Raises
+    :class:`~sealserve.errors.UnavailableError` when the blob is not detector state of this kind (a corrupted or foreign store entry):
     the caller treats it like a store failure rather than silently forgetting evidence.
     """
     try:

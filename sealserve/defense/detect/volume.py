@@ -82,7 +82,8 @@ class VolumeDetector:
         key = f"detect/volume/{model}/{account}"
         blob = self.store.get_blob(key)
         if blob is None:
-            meta: npt.NDArray[Any] = np.zeros(2, np.int64)  # [total, slot index of the newest bucket]
+            # [total, slot index of the newest bucket]
+            meta: npt.NDArray[Any] = np.zeros(2, np.int64)
             counts: npt.NDArray[Any] = np.zeros(cfg.buckets, np.int64)
         else:
             meta, counts = unpack_arrays(blob, _KIND, key=key)
