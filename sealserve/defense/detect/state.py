@@ -104,7 +104,8 @@ def unpack_arrays(blob: bytes, kind: int, *, key: str) -> list[npt.NDArray[np.ge
 
     Arrays are writable (views into one private copy of the blob). Raises
     :class:`~sealserve.errors.UnavailableError` when the blob is not detector state of
-    this kind (a corrupted or foreign store entry): the caller treats it like a store failure rather than silently forgetting evidence.
+    this kind (a corrupted or foreign store entry): the caller treats it like a store
+    failure rather than silently forgetting evidence.
     """
     try:
         if blob[:4] != MAGIC:
