@@ -66,7 +66,7 @@ def coerce_query(
         return f"input ignored: not numeric ({type(exc).__name__})"
     if vec.size != n_features:
         return f"input ignored: {vec.size} features, expected {n_features}"
-    if not np.all(np.isfinite(vec)):
+    if not np.isfinite(vec).all():
         return "input ignored: contains NaN or infinity"
     if isinstance(label, bool):
         return "input ignored: label is not an integer class"

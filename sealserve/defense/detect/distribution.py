@@ -161,6 +161,14 @@ class DistributionDetector:
                 self._slices[int(c)] = sl
                 self._thresholds[int(c)] = float(np.quantile(loo, config.quantile))
         self.threshold = float(np.quantile(loo_all, config.quantile))
+        # Per-class (index, squared norms, threshold), float64 so a query needs no casts.
+        z64 = self._index.astype(np.float64)
+        sq64 = np.einsum("ij,ij->i", z64, z64)
+        self._inv_sd = 1.0 / self._sd
+        self._all = (z64, sq64, self.threshold)
+        self._by_class = {
+            c: (z64[sl], sq64[sl], self._thresholds[c]) for c, sl in self._slices.items()
+        }
         # Binomial upper tail P(K >= k | n, p0) for every window length n and count k.
         n = np.arange(config.window + 1)[:, None]
         k = np.arange(config.window + 1)[None, :]
@@ -194,20 +202,18 @@ class DistributionDetector:
 
     def _bins(self, x: npt.NDArray[np.float64]) -> npt.NDArray[np.uint8]:
         b = np.floor((x - self._lo) * self._scale)
-        return np.clip(b, 0, self.config.bins - 1).astype(np.uint8)
+        np.maximum(b, 0, out=b)
+        np.minimum(b, self.config.bins - 1, out=b)
+        return b.astype(np.uint8)
 
     def _key(self, account: str, model: str) -> str:
         return f"detect/distribution/{model}/{account}"
 
     def is_outlier(self, x: npt.NDArray[np.float64], label: int) -> bool:
         """Whether ``x`` (predicted ``label``) is farther from the reference than usual."""
-        sl = self._slices.get(label)
-        index, index_sq = (
-            (self._index, self._index_sq) if sl is None else (self._index[sl], self._index_sq[sl])
-        )
-        z = ((x - self._mu) / self._sd).astype(np.float32)
-        d2 = float(np.min(index_sq - 2 * (index @ z))) + float(z @ z)
-        thr = self.threshold if sl is None else self._thresholds[label]
+        index, index_sq, thr = self._by_class.get(label, self._all)
+        z = (x - self._mu) * self._inv_sd
+        d2 = float((index_sq - 2.0 * (index @ z)).min()) + float(z @ z)
         return d2 > thr * thr
 
     def outlier_fraction(self, x: object, labels: object) -> float:
@@ -233,10 +239,13 @@ class DistributionDetector:
         pos = int(counters[1])
         if counters[0] >= cfg.window:
             counts[self._rows, bins[pos]] -= 1
+            counters[2] -= int(outl[pos])
         new_bins = self._bins(vec)
         bins[pos] = new_bins
         counts[self._rows, new_bins] += 1
-        outl[pos] = 1 if self.is_outlier(vec, lab) else 0
+        is_out = self.is_outlier(vec, lab)
+        outl[pos] = is_out
+        counters[2] += is_out  # outliers in the window, kept running
         counters[0] += 1
         counters[1] = (pos + 1) % cfg.window
         self.store.put_blob(key, pack_arrays(_KIND, [counters, outl, bins, counts]), cfg.ttl_s)
@@ -247,13 +256,17 @@ class DistributionDetector:
         blob = self.store.get_blob(key)
         if blob is None:
             return [
-                np.zeros(2, np.int64),
+                np.zeros(3, np.int64),  # seen, ring position, outliers in window
                 np.zeros(cfg.window, np.uint8),
                 np.zeros((cfg.window, cfg.n_features), np.uint8),
                 np.zeros((cfg.n_features, cfg.bins), np.uint16),
             ]
         arrays = unpack_arrays(blob, _KIND, key=key)
-        if len(arrays) != 4 or arrays[2].shape != (cfg.window, cfg.n_features):
+        if (
+            len(arrays) != 4
+            or arrays[0].shape != (3,)
+            or arrays[2].shape != (cfg.window, cfg.n_features)
+        ):
             raise UnavailableError(f"detector state under {key!r} has another configuration")
         return arrays
 
@@ -276,7 +289,7 @@ class DistributionDetector:
                 ready=False,
                 metrics={"queries": float(n)},
             )
-        k = int(outl.sum()) if n == cfg.window else int(outl[:n].sum())
+        k = int(counters[2])
         log10_p = float(self._log10_sf[n, k])
         s_out = min(1.0, max(0.0, 0.5 * log10_p / math.log10(cfg.alpha)))
         coverage = float(np.count_nonzero(counts)) / counts.size
@@ -295,9 +308,9 @@ class DistributionDetector:
             score,
             explanation,
             metrics={
-                "outlier_rate": round(k / n, 4),
-                "log10_p": round(log10_p, 2),
-                "coverage": round(coverage, 4),
-                "coverage_ratio": round(ratio, 4),
+                "outlier_rate": k / n,
+                "log10_p": log10_p,
+                "coverage": coverage,
+                "coverage_ratio": ratio,
             },
         )

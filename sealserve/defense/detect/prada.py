@@ -151,7 +151,7 @@ class PradaDetector:
         if isinstance(parsed, str):
             return self._score(last, counters, note=parsed)
         vec, c = parsed
-        if float(np.max(np.abs(vec))) > 65504.0:  # largest finite float16
+        if float(np.abs(vec).max()) > 65504.0:  # largest finite float16
             return self._score(last, counters, note="input ignored: values overflow float16")
         x16 = vec.astype(np.float16)
         ckey = f"{key}/{c}"
