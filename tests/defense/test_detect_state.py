@@ -102,3 +102,17 @@ def test_replicas_sharing_a_store_see_one_account() -> None:
         b = alone.observe_at_time("acct", "m", x[i], int(labels[i]), now=float(i))
         assert a == b
     assert a.ready and "Shapiro-Wilk" in a.explanation
+
+
+def test_account_names_cannot_reach_other_keys() -> None:
+    from sealserve.defense.detect.state import state_key
+
+    assert state_key("prada", "m", "x/3") == "detect/prada/m/x%2F3"
+    assert state_key("prada", "m/x", "3") == "detect/prada/m%2Fx/3"
+    store = MemoryBlobStore()
+    det = PradaDetector(PradaConfig(n_features=4, n_classes=4), store)
+    det.observe_at_time("x", "m", [1, 2, 3, 4], 3, now=0)
+    # "x/3" would collide with account x's class-3 set without encoding.
+    s = det.observe_at_time("x/3", "m", [1, 2, 3, 4], 0, now=0)
+    assert "testing starts after" in s.explanation
+    assert store.get_blob("detect/prada/m/x%2F3") is not None

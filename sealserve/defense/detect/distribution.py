@@ -36,7 +36,7 @@ from scipy import stats
 
 from sealserve.defense.detect.base import DetectorScore, coerce_query, require
 from sealserve.defense.detect.prada import _from_mapping
-from sealserve.defense.detect.state import BlobStore, pack_arrays, unpack_arrays
+from sealserve.defense.detect.state import BlobStore, pack_arrays, state_key, unpack_arrays
 from sealserve.errors import ConfigError, UnavailableError
 
 _KIND = 3
@@ -207,7 +207,7 @@ class DistributionDetector:
         return b.astype(np.uint8)
 
     def _key(self, account: str, model: str) -> str:
-        return f"detect/distribution/{model}/{account}"
+        return state_key("distribution", model, account)
 
     def is_outlier(self, x: npt.NDArray[np.float64], label: int) -> bool:
         """Whether ``x`` (predicted ``label``) is farther from the reference than usual."""

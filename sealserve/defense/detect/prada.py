@@ -49,7 +49,7 @@ import numpy.typing as npt
 from scipy import stats
 
 from sealserve.defense.detect.base import DetectorScore, coerce_query, require
-from sealserve.defense.detect.state import BlobStore, pack_arrays, unpack_arrays
+from sealserve.defense.detect.state import BlobStore, pack_arrays, state_key, unpack_arrays
 
 _KIND_HEADER = 1
 _KIND_CLASS = 2
@@ -128,7 +128,7 @@ class PradaDetector:
         self._cap = config.effective_class_cap()
 
     def _key(self, account: str, model: str) -> str:
-        return f"detect/prada/{model}/{account}"
+        return state_key("prada", model, account)
 
     def observe(self, account: str, model: str, x: object, label: object) -> DetectorScore:
         return self.observe_at_time(account, model, x, label, now=time.time())

@@ -21,7 +21,9 @@ import struct
 import threading
 import time
 from collections.abc import Sequence
+from functools import lru_cache
 from typing import Protocol, runtime_checkable
+from urllib.parse import quote
 
 import numpy as np
 import numpy.typing as npt
@@ -84,6 +86,13 @@ class MemoryBlobStore:
         """Bytes held under keys starting with ``prefix`` (for state-size measurements)."""
         with self._lock:
             return sum(len(v) for k, (v, _) in self._data.items() if k.startswith(prefix))
+
+
+@lru_cache(maxsize=65536)
+def state_key(detector: str, model: str, account: str) -> str:
+    """``detect/<detector>/<model>/<account>`` with model and account percent-encoded, so
+    no account name can reach another account's (or a class set's) key."""
+    return f"detect/{detector}/{quote(model, safe='')}/{quote(account, safe='')}"
 
 
 def pack_arrays(kind: int, arrays: Sequence[npt.NDArray[np.generic]]) -> bytes:

@@ -21,7 +21,7 @@ import numpy.typing as npt
 
 from sealserve.defense.detect.base import DetectorScore, require
 from sealserve.defense.detect.prada import _from_mapping
-from sealserve.defense.detect.state import BlobStore, pack_arrays, unpack_arrays
+from sealserve.defense.detect.state import BlobStore, pack_arrays, state_key, unpack_arrays
 from sealserve.errors import UnavailableError
 
 _KIND = 4
@@ -79,7 +79,7 @@ class VolumeDetector:
     ) -> DetectorScore:
         """Count one request at ``now``. The input is not inspected (any input counts)."""
         cfg = self.config
-        key = f"detect/volume/{model}/{account}"
+        key = state_key("volume", model, account)
         blob = self.store.get_blob(key)
         if blob is None:
             # [total, slot index of the newest bucket]
