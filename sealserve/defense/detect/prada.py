@@ -67,7 +67,7 @@ class PradaConfig:
     min_distances: int = 100
     max_distances: int = 1000
     class_cap: int = 256
-    test_every: int = 10
+    test_every: int = 25
     confirm_tests: int = 3
     span: float = 0.1
     state_budget_bytes: int = 1_000_000
