@@ -50,7 +50,7 @@ class DistributionConfig:
     n_classes: int | None = None
     quantile: float = 0.99
     expected_outlier_rate: float = 0.05
-    alpha: float = 1e-6
+    alpha: float = 1e-8
     window: int = 200
     min_queries: int = 20
     max_reference: int = 500
