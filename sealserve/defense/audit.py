@@ -36,9 +36,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -49,6 +49,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
 )
 
 from sealserve.errors import AuditError, ConfigError
+
+if TYPE_CHECKING:
+    from sealserve.defense.audit_verify import AuditReport
 
 FORMAT = "sealserve-audit/1"
 GENESIS = "0" * 64
@@ -452,3 +455,18 @@ class AuditLog:
 def log_files(directory: str | os.PathLike[str]) -> list[Path]:
     """The log's files in ``directory``, in chain order."""
     return sorted(p for p in Path(directory).iterdir() if FILE_PATTERN.match(p.name))
+
+
+def verify_audit_log(
+    paths: Sequence[str | os.PathLike[str]],
+    *,
+    trusted_public_keys: Iterable[bytes],
+    allow_unsigned_tail: bool = False,
+) -> AuditReport:
+    """Verify the log files ``paths`` in chain order; raise ``AuditError`` naming the first
+    bad record. Same as :func:`sealserve.defense.audit_verify.verify_audit_log`."""
+    from sealserve.defense.audit_verify import verify_audit_log as verify
+
+    return verify(
+        paths, trusted_public_keys=trusted_public_keys, allow_unsigned_tail=allow_unsigned_tail
+    )

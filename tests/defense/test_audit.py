@@ -16,8 +16,9 @@ from sealserve.defense.audit import (
     load_public_key,
     log_files,
     sha256_hex,
+    verify_audit_log,
 )
-from sealserve.defense.audit_verify import check_audit_log, verify_audit_log
+from sealserve.defense.audit_verify import check_audit_log
 from sealserve.errors import AuditError, ConfigError
 
 
