@@ -147,3 +147,9 @@ def test_suite_rejects_duplicates() -> None:
         DetectorSuite([v, v])
     with pytest.raises(ConfigError, match="at least one detector"):
         DetectorSuite([])
+
+
+def test_distribution_state_budget_is_enforced() -> None:
+    with pytest.raises(ConfigError, match="over state_budget_bytes=200000: lower window or bins"):
+        DistributionConfig(n_features=3072)
+    assert DistributionConfig(n_features=3072, window=50, bins=4).window == 50

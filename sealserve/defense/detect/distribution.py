@@ -58,6 +58,7 @@ class DistributionConfig:
     coverage_flag_ratio: float = 1.25
     value_range: tuple[float, float] | None = None
     seed: int = 0
+    state_budget_bytes: int = 200_000
     ttl_s: float | None = None
 
     def __post_init__(self) -> None:
@@ -75,6 +76,12 @@ class DistributionConfig:
         require(self.max_reference >= 20, "distribution.max_reference must be at least 20")
         require(2 <= self.bins <= 255, "distribution.bins must be in 2..255")
         require(self.coverage_flag_ratio > 1.0, "distribution.coverage_flag_ratio must be > 1")
+        state = self.window * (self.n_features + 1) + 2 * self.n_features * self.bins + 64
+        require(
+            state <= self.state_budget_bytes,
+            f"distribution state would take {state} bytes per account, over "
+            f"state_budget_bytes={self.state_budget_bytes}: lower window or bins",
+        )
         if self.value_range is not None:
             lo, hi = self.value_range
             require(hi > lo, "distribution.value_range must be (low, high) with high > low")

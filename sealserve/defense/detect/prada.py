@@ -70,7 +70,7 @@ class PradaConfig:
     test_every: int = 25
     confirm_tests: int = 3
     span: float = 0.1
-    state_budget_bytes: int = 1_000_000
+    state_budget_bytes: int = 800_000
     ttl_s: float | None = None
 
     def __post_init__(self) -> None:
