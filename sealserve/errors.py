@@ -27,7 +27,8 @@ and nowhere else: this module knows nothing of gRPC.
     │   └── PolicyError              verified claims do not satisfy the policy
     ├── CryptoError                  sealed data could not be opened
     │   └── SealedFormatError        tampered, truncated or foreign sealed file
-    └── KeyReleaseError              the broker refused or failed to release a key
+    ├── KeyReleaseError              the broker refused or failed to release a key
+    └── AuditError                   an audit log failed verification or cannot be written
 """
 
 from __future__ import annotations
@@ -185,3 +186,32 @@ class SealedFormatError(CryptoError):
 
 class KeyReleaseError(SealserveError):
     """The key broker refused to release a key, or could not be reached."""
+
+
+class AuditError(SealserveError):
+    """An audit log failed verification (or could not be opened for appending).
+
+    ``file``, ``line`` (1-based) and ``seq`` (the record's index in the chain) name the
+    first bad record when there is one; ``problem`` says what is wrong with it.
+    """
+
+    remedy = (
+        "Treat the log as tampered from the named record on; compare it with the "
+        "owner's copy and the last signed checkpoint."
+    )
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        file: str = "",
+        line: int = 0,
+        seq: int | None = None,
+        problem: str = "",
+        remedy: str | None = None,
+    ) -> None:
+        super().__init__(message, remedy=remedy)
+        self.file = file
+        self.line = line
+        self.seq = seq
+        self.problem = problem

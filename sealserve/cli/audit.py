@@ -1,0 +1,224 @@
+"""``sealserve audit``: verify the signed audit log; report per-account query volume.
+
+    sealserve audit verify LOG... --public-key KEY [--allow-unsigned-tail]
+    sealserve audit report LOG... [--html OUT.html] [--png OUT.png] [--top N]
+
+LOG is a log file or a directory holding ``audit-NNNNNN.jsonl`` files (taken in
+order). KEY is a file (PEM, raw 32 bytes or hex) or 64 hex characters.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import html
+import io
+import time
+from pathlib import Path
+from typing import Any
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+
+
+def register(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "audit", help="verify the signed audit log or report on accounts' query volume"
+    )
+    sub = parser.add_subparsers(dest="audit_command", metavar="ACTION", required=True)
+    verify = sub.add_parser("verify", help="check the hash chain and checkpoint signatures")
+    verify.add_argument("logs", nargs="+", metavar="LOG", help="log files or directories")
+    verify.add_argument(
+        "--public-key",
+        action="append",
+        required=True,
+        metavar="KEY",
+        help="trusted audit public key: file (PEM/raw/hex) or 64 hex chars; repeatable",
+    )
+    verify.add_argument(
+        "--allow-unsigned-tail",
+        action="store_true",
+        help="warn, instead of failing, about records after the last checkpoint",
+    )
+    verify.set_defaults(func=_verify)
+    report = sub.add_parser("report", help="accounts ranked by volume and detector score")
+    report.add_argument("logs", nargs="+", metavar="LOG", help="log files or directories")
+    report.add_argument("--html", type=Path, metavar="OUT.html", help="write an HTML report")
+    report.add_argument("--png", type=Path, metavar="OUT.png", help="write the plots as PNG")
+    report.add_argument("--top", type=int, default=20, help="accounts to show (default 20)")
+    report.set_defaults(func=_report)
+
+
+def _expand(logs: list[str]) -> list[Path]:
+    from sealserve.defense.audit import log_files
+    from sealserve.errors import ConfigError
+
+    out: list[Path] = []
+    for item in logs:
+        p = Path(item)
+        if p.is_dir():
+            files = log_files(p)
+            if not files:
+                raise ConfigError(f"{p} holds no audit-NNNNNN.jsonl files")
+            out.extend(files)
+        elif p.exists():
+            out.append(p)
+        else:
+            raise ConfigError(f"audit log {p} does not exist")
+    return out
+
+
+def _key(spec: str) -> bytes:
+    from sealserve.defense.audit import load_public_key
+    from sealserve.errors import ConfigError
+
+    p = Path(spec)
+    if p.is_file():
+        return load_public_key(p.read_bytes())
+    if len(spec) == 64:
+        return load_public_key(spec)
+    raise ConfigError(f"--public-key {spec!r} is neither a readable file nor 64 hex characters")
+
+
+def _verify(args: argparse.Namespace) -> int:
+    from sealserve.defense.audit_verify import check_audit_log
+
+    files = _expand(args.logs)
+    keys = [_key(k) for k in args.public_key]
+    report = check_audit_log(
+        files, trusted_public_keys=keys, allow_unsigned_tail=args.allow_unsigned_tail
+    )
+    for warning in report.warnings:
+        print(f"warning: {warning}")
+    print(report.summary())
+    if report.problem is not None:
+        print(f"first bad record: {report.problem}")
+        return EXIT_FAILED
+    return EXIT_OK
+
+
+def _table(summaries: list[Any], top: int) -> str:
+    head = (
+        f"{'account':<24} {'queries':>8} {'peak/h':>7} {'refused':>7} {'max score':>9} "
+        f"{'by':<13} {'coverage':>8} {'status':<10}"
+    )
+    rows = [head, "-" * len(head)]
+    for a in summaries[:top]:
+        cov = "-" if a.coverage_ratio is None else f"{a.coverage_ratio:.2f}x"
+        rows.append(
+            f"{a.account[:24]:<24} {a.queries:>8} {a.peak_per_hour:>7} {a.refused:>7} "
+            f"{a.max_score:>9.2f} {a.top_detector:<13} {cov:>8} {a.status:<10}"
+        )
+    return "\n".join(rows)
+
+
+def _figure(summaries: list[Any], top: int) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    shown = summaries[:top]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    names = [a.account for a in shown]
+    colors = ["tab:red" if a.max_score >= 0.5 else "tab:blue" for a in shown]
+    axes[0].barh(names[::-1], [a.queries for a in shown][::-1], color=colors[::-1])
+    axes[0].set_title("Queries per account (red: flagged)")
+    axes[0].set_xlabel("queries")
+    axes[1].scatter(
+        [a.queries for a in summaries], [a.max_score for a in summaries], c="tab:purple", s=14
+    )
+    axes[1].axhline(0.5, color="tab:red", linestyle="--", label="flag point")
+    axes[1].set_xscale("symlog")
+    axes[1].set_title("Highest detector score vs volume")
+    axes[1].set_xlabel("queries")
+    axes[1].set_ylabel("score")
+    axes[1].legend()
+    cov = [a for a in summaries if a.coverage_ratio is not None]
+    if cov:
+        axes[2].scatter(
+            [a.coverage_ratio for a in cov],
+            [a.outlier_rate or 0.0 for a in cov],
+            c=["tab:red" if a.max_score >= 0.5 else "tab:green" for a in cov],
+            s=14,
+        )
+        axes[2].axvline(1.0, color="grey", linestyle=":", label="honest reference")
+        axes[2].legend()
+    axes[2].set_title("Input coverage vs honest traffic")
+    axes[2].set_xlabel("coverage ratio (1 = like honest traffic)")
+    axes[2].set_ylabel("outlier rate")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=90)
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def _html(summaries: list[Any], top: int, png: bytes, files: list[Path]) -> str:
+    rows = "".join(
+        "<tr>"
+        + "".join(
+            f"<td>{html.escape(str(v))}</td>"
+            for v in (
+                a.account,
+                a.queries,
+                a.peak_per_hour,
+                a.refused,
+                f"{a.max_score:.2f}",
+                a.top_detector,
+                "-" if a.coverage_ratio is None else f"{a.coverage_ratio:.2f}x",
+                a.status,
+                a.last_reason[:200],
+            )
+        )
+        + "</tr>"
+        for a in summaries[:top]
+    )
+    by_score = sorted(summaries, key=lambda a: -a.max_score)[:top]
+    flagged = "".join(
+        f"<li><b>{html.escape(a.account)}</b>: {a.max_score:.2f} "
+        f"({html.escape(a.top_detector)}), status {html.escape(a.status)}</li>"
+        for a in by_score
+        if a.max_score >= 0.5
+    )
+    img = base64.b64encode(png).decode()
+    generated = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime())
+    return (
+        "<!doctype html><html><head><meta charset='utf-8'><title>sealserve audit report"
+        "</title><style>body{font-family:sans-serif;margin:2em}table{border-collapse:"
+        "collapse}td,th{border:1px solid #ccc;padding:3px 8px;font-size:13px}</style>"
+        "</head><body><h1>sealserve audit report</h1>"
+        f"<p>{len(summaries)} accounts from {len(files)} file(s); generated {generated}. "
+        "This report reads the log without verifying it; run "
+        "<code>sealserve audit verify</code> for that.</p>"
+        f"<h2>Flagged accounts</h2><ul>{flagged or '<li>none</li>'}</ul>"
+        f"<h2>Plots</h2><img alt='plots' src='data:image/png;base64,{img}'>"
+        "<h2>Accounts by volume</h2><table><tr><th>account</th><th>queries</th>"
+        "<th>peak/h</th><th>refused</th><th>max score</th><th>by</th><th>coverage</th>"
+        f"<th>status</th><th>last reason</th></tr>{rows}</table></body></html>"
+    )
+
+
+def _report(args: argparse.Namespace) -> int:
+    from sealserve.defense.audit_report import summarize_accounts
+    from sealserve.defense.audit_verify import read_records
+    from sealserve.errors import ConfigError
+
+    if args.top < 1:
+        raise ConfigError("--top must be at least 1")
+    files = _expand(args.logs)
+    summaries = summarize_accounts(read_records(files))
+    print(f"Accounts by volume ({len(summaries)} total):")
+    print(_table(summaries, args.top))
+    by_score = sorted(summaries, key=lambda a: (-a.max_score, -a.queries))
+    print("\nAccounts by detector score:")
+    print(_table(by_score, args.top))
+    if args.html or args.png:
+        png = _figure(summaries, args.top)
+        if args.png:
+            args.png.write_bytes(png)
+            print(f"wrote {args.png}")
+        if args.html:
+            args.html.write_text(_html(summaries, args.top, png, files), encoding="utf-8")
+            print(f"wrote {args.html}")
+    return EXIT_OK
