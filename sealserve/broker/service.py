@@ -72,16 +72,18 @@ class KeyBrokerServicer:
             await context.abort(code, message)
             raise  # unreachable: abort raises
 
-    def _admin(self, context: grpc.aio.ServicerContext) -> str:
+    def _admin(self, context: grpc.aio.ServicerContext) -> Callable[[], str]:
+        """A check to run off the loop: verifies the bearer token (scope ``admin``) and
+        returns the operator's account, or raises AuthError."""
         header = dict(context.invocation_metadata() or ()).get("authorization")
-        principal = self._auth.authenticate(
-            header if isinstance(header, str) else None, required_scope=SCOPE_ADMIN
-        )
-        return principal.account
+        value = header if isinstance(header, str) else None
+        return lambda: self._auth.authenticate(value, required_scope=SCOPE_ADMIN).account
 
     async def GetChallenge(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         nonce = await self._run(context, self._broker.challenge)
-        return bpb.GetChallengeResponse(nonce=nonce, ttl_seconds=int(self._broker.nonces.ttl))
+        return bpb.GetChallengeResponse(
+            nonce=nonce, ttl_seconds=max(1, int(self._broker.nonces.ttl))
+        )
 
     async def ReleaseKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         release = functools.partial(
@@ -97,8 +99,10 @@ class KeyBrokerServicer:
         )
 
     async def AddKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        authorize = self._admin(context)
+
         def add() -> bytes | None:
-            actor = self._admin(context)
+            actor = authorize()
             if request.generate == bool(request.key):
                 raise InputError("give either a key or generate = true, not both or neither")
             return self._broker.add_key(
@@ -113,8 +117,10 @@ class KeyBrokerServicer:
         return bpb.AddKeyResponse(key_id=request.key_id, generated_key=generated or b"")
 
     async def SetPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        authorize = self._admin(context)
+
         def set_policy() -> None:
-            actor = self._admin(context)
+            actor = authorize()
             self._broker.set_policy(
                 request.key_id,
                 policy_toml=request.policy_toml,
@@ -126,8 +132,10 @@ class KeyBrokerServicer:
         return bpb.SetPolicyResponse()
 
     async def ListKeys(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        authorize = self._admin(context)
+
         def list_keys() -> list[Any]:
-            self._admin(context)
+            authorize()
             return [
                 bpb.KeyInfo(
                     key_id=r.key_id,
@@ -143,8 +151,10 @@ class KeyBrokerServicer:
         return bpb.ListKeysResponse(keys=await self._run(context, list_keys))
 
     async def RevokeKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        authorize = self._admin(context)
+
         def revoke() -> None:
-            actor = self._admin(context)
+            actor = authorize()
             self._broker.revoke_key(request.key_id, actor=actor)
 
         await self._run(context, revoke)

@@ -85,3 +85,16 @@ def test_keys_survive_a_restart(start_broker: Callable[..., Running], tmp_path: 
     reopened = KeyStore.open(tmp_path / "keys.sealed", master_key=bytes.fromhex(MASTER_HEX))
     record = reopened.get("persist")
     assert record is not None and record.key == key and record.policy_toml == SIM_POLICY
+
+
+def test_offering_the_simulated_root_warns(tmp_path: Path, sim_root: Path) -> None:
+    from sealserve.broker.app import UnsafeSimulatedRootWarning, build_broker
+    from tests.broker.conftest import broker_settings
+
+    settings = broker_settings(tmp_path, tmp_path / "jwks.json", sim_root)
+    with pytest.warns(
+        UnsafeSimulatedRootWarning, match="UNSAFE: the key broker trusts the SIMULATED"
+    ):
+        broker = build_broker(settings)
+    assert broker.simulated_allowed
+    assert not build_broker(broker_settings(tmp_path, tmp_path / "j", None)).simulated_allowed
