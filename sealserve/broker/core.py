@@ -17,7 +17,6 @@ and, for a refusal, the reason. The caller of a refused release learns only
 
 from __future__ import annotations
 
-import functools
 import logging
 import secrets
 import time
@@ -44,6 +43,8 @@ from sealserve.errors import AttestationError, CryptoError, InputError, KeyRelea
 log = logging.getLogger("sealserve.broker")
 
 REFUSED_MESSAGE = "key release refused"
+_POLICY_CACHE = 1024
+_LOGGED_ID = 256  # longest key id quoted in the log (ids come from unauthenticated callers)
 
 
 class _Refusal(Exception):
@@ -53,11 +54,6 @@ class _Refusal(Exception):
         super().__init__(reason)
         self.reason = reason
         self.check = check
-
-
-@functools.lru_cache(maxsize=256)
-def _policy(text: str) -> Policy:
-    return policy_from_toml(text)
 
 
 class KeyBroker:
@@ -80,6 +76,16 @@ class KeyBroker:
         self.nonces = nonces
         self._roots = dict(roots)
         self._clock = clock
+        # Parsed policies by their text (policies are immutable; bounded by the key count).
+        self._policies: dict[str, Policy] = {}
+
+    def _policy(self, text: str) -> Policy:
+        policy = self._policies.get(text)
+        if policy is None:
+            if len(self._policies) >= _POLICY_CACHE:
+                self._policies.clear()
+            policy = self._policies[text] = policy_from_toml(text)
+        return policy
 
     @property
     def simulated_allowed(self) -> bool:
@@ -101,6 +107,7 @@ class KeyBroker:
         try:
             sealed, record, ev, detail = self._release(key_id, evidence)
         except _Refusal as refusal:
+            key_id = key_id[:_LOGGED_ID]
             log.warning(
                 "key release refused: key_id=%r peer=%s check=%s reason=%s",
                 key_id,
@@ -158,7 +165,7 @@ class KeyBroker:
         if not record.policy_toml:
             raise _Refusal("the key has no release policy (default deny)", "no_policy")
         try:
-            policy = _policy(record.policy_toml)
+            policy = self._policy(record.policy_toml)
             roots = self._roots_for(record.roots)
         except Exception as exc:  # a stored policy that no longer loads: deny
             raise _Refusal(f"policy or roots unusable: {exc}", "policy_config") from exc

@@ -22,7 +22,7 @@ from sealserve._proto import broker_pb2 as bpb
 from sealserve._proto import broker_pb2_grpc
 from sealserve.enclave.key_wrap import SealedKey, open_data_key
 from sealserve.enclave.platform import Platform, attest
-from sealserve.errors import CryptoError, KeyReleaseError
+from sealserve.errors import AttestationError, CryptoError, KeyReleaseError
 
 log = logging.getLogger("sealserve.enclave.key_release")
 
@@ -77,13 +77,18 @@ def fetch_model_key(
             try:
                 challenge = stub.GetChallenge(bpb.GetChallengeRequest(), timeout=timeout)
                 nonce = bytes(challenge.nonce)
-                evidence = attest(
-                    platform,
-                    nonce=nonce,
-                    tls_spki=tls_spki,
-                    manifest=manifest,
-                    hpke_public_key=public,
-                )
+                try:
+                    evidence = attest(
+                        platform,
+                        nonce=nonce,
+                        tls_spki=tls_spki,
+                        manifest=manifest,
+                        hpke_public_key=public,
+                    )
+                except AttestationError as exc:  # e.g. a broker that sent a short nonce
+                    raise KeyReleaseError(
+                        f"key broker {target} sent an unusable challenge: {exc.message}"
+                    ) from exc
                 response = stub.ReleaseKey(
                     bpb.ReleaseKeyRequest(key_id=key_id, evidence=evidence.to_bytes()),
                     timeout=timeout,
