@@ -46,7 +46,6 @@ def subcommands() -> list[str]:
     }
     return [n for n in ORDER if n in found] + sorted(found - set(ORDER))
 
-
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
