@@ -159,7 +159,7 @@ class KeyBroker:
         # 3. the key and its policy
         record = self.store.get(key_id) if isinstance(key_id, str) else None
         if record is None:
-            raise _Refusal(f"unknown key id {key_id!r}", "unknown_key")
+            raise _Refusal(f"unknown key id {key_id[:_LOGGED_ID]!r}", "unknown_key")
         if record.revoked:
             raise _Refusal(f"key id {key_id!r} is revoked", "revoked_key")
         if not record.policy_toml:
