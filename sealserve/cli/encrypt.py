@@ -1,9 +1,11 @@
-"""``sealserve encrypt MODEL.onnx --key-id ID --out FILE --key-file PATH``.
+"""``sealserve encrypt MODEL.onnx --key-id ID --out FILE (--key-file PATH | --broker ...)``.
 
-Encrypts a model into the sealed model format with a new random data key, and writes
-that key to a key file the owner keeps (mode 0600, never in or below the output's
-directory). The output is written to a temporary file next to it and renamed into
-place only once encryption and the key file succeeded.
+Encrypts a model into the sealed model format with a new random data key, and either
+writes that key to a key file the owner keeps (mode 0600, never in or below the
+output's directory) or deposits it at the key broker (``--broker HOST:PORT`` with an
+admin token; the key then never touches disk). The output is written to a temporary
+file next to it and renamed into place only once encryption and the key's deposit
+succeeded.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from sealserve.cli._broker_conn import add_connection_args
 from sealserve.errors import ConfigError
 
 
@@ -23,8 +26,8 @@ def register(subparsers: Any) -> None:
         help="encrypt a model file under a new data key",
         description=(
             "Encrypt an ONNX model (chunked AES-256-GCM) under a new random data key and "
-            "write the key to a key file kept by the owner. The key file may not be in the "
-            "output's directory or below it."
+            "write the key to a key file kept by the owner (not in the output's directory "
+            "or below it), or deposit it at the key broker with --broker."
         ),
     )
     parser.add_argument("model", type=Path, help="the plaintext model (e.g. model.onnx)")
@@ -33,8 +36,24 @@ def register(subparsers: Any) -> None:
     parser.add_argument(
         "--key-file",
         type=Path,
-        required=True,
         help="where to write the new data key (mode 0600; must not exist yet)",
+    )
+    broker = parser.add_argument_group(
+        "key broker", "deposit the key at the broker instead of writing --key-file"
+    )
+    add_connection_args(broker, required=False)
+    broker.add_argument(
+        "--broker-policy",
+        type=Path,
+        metavar="TOML",
+        help="the key's release policy (default: none yet, set it with broker set-policy)",
+    )
+    broker.add_argument(
+        "--broker-root",
+        action="append",
+        default=[],
+        choices=("amd", "unsafe-simulated"),
+        help="trusted root for this key (repeatable; default amd)",
     )
     parser.add_argument(
         "--chunk-size",
@@ -62,8 +81,19 @@ def _encrypt(args: argparse.Namespace) -> int:
         raise ConfigError("--out must differ from the model path")
     if not out.parent.is_dir():
         raise ConfigError(f"output directory {out.parent} does not exist")
-    # Check before doing any work, and again when writing (the check is cheap).
-    check_key_location(args.key_file, encrypted_output=out)
+    if (args.key_file is None) == (args.broker is None):
+        raise ConfigError("give exactly one of --key-file PATH and --broker HOST:PORT")
+    admin = None
+    policy = ""
+    if args.broker is not None:
+        from sealserve.cli._broker_conn import connect
+        from sealserve.cli.broker import read_policy
+
+        policy = read_policy(args.broker_policy)
+        admin = connect(args)
+    else:
+        # Check before doing any work, and again when writing (the check is cheap).
+        check_key_location(args.key_file, encrypted_output=out)
     key = KeyFile.generate(args.key_id)
     chunk_size = args.chunk_size or DEFAULT_CHUNK_SIZE
 
@@ -105,7 +135,12 @@ def _encrypt(args: argparse.Namespace) -> int:
             dst.flush()
             os.fsync(dst.fileno())
         bar.close()
-        key_path = key.write(args.key_file, encrypted_output=out)
+        if admin is not None:
+            admin.add_key(key.key_id, key.key, policy_toml=policy, roots=args.broker_root)
+            where = f"deposited at the key broker {args.broker}"
+        else:
+            key_path = key.write(args.key_file, encrypted_output=out)
+            where = f"written to {key_path} (mode 0600); keep it private"
         os.chmod(tmp, 0o644)
         os.replace(tmp, out)
     except OSError as exc:
@@ -114,10 +149,12 @@ def _encrypt(args: argparse.Namespace) -> int:
     finally:
         bar.close()
         tmp.unlink(missing_ok=True)
+        if admin is not None:
+            admin.close()
 
     chunks = f"{header.chunk_count} chunk(s) of up to {header.chunk_size} bytes"
     print(f"encrypted model:  {out} ({chunks})")
     print(f"key id:           {header.key_id}")
     print(f"plaintext sha256: {header.plaintext_sha256.hex()}")
-    print(f"data key:         written to {key_path} (mode 0600); keep it private")
+    print(f"data key:         {where}")
     return 0
