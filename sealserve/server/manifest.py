@@ -22,11 +22,19 @@ def simulated_measurement(code: str) -> bytes:
 
 
 def measure_entries(entries: Iterable[ModelEntry]) -> list[ModelMeasurement]:
-    """Model digests computed from the repository's bytes (what the server will load)."""
-    return [
-        ModelMeasurement(e.name, e.version, hashlib.sha256(e.source.read()).hexdigest())
-        for e in entries
-    ]
+    """Model digests: the plaintext SHA-256 the server will load. For an encrypted
+    model, from its header (no key needed): decryption refuses any other plaintext."""
+    from sealserve.server.model_keys import EncryptedModelSource
+
+    out = []
+    for e in entries:
+        if isinstance(e.source, EncryptedModelSource):
+            key_id, digest = e.source.header_digest()
+            out.append(ModelMeasurement(e.name, e.version, digest, key_id))
+        else:
+            digest = hashlib.sha256(e.source.read()).hexdigest()
+            out.append(ModelMeasurement(e.name, e.version, digest))
+    return out
 
 
 def build_manifest(

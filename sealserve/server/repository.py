@@ -12,9 +12,12 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+if TYPE_CHECKING:
+    from sealserve.server.model_keys import KeyProvider
 
 from sealserve.errors import ConfigError
 
@@ -22,6 +25,7 @@ log = logging.getLogger("sealserve.repository")
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,127}$")
 MODEL_FILENAME = "model.onnx"
+SEALED_FILENAME = "model.sealed"
 
 
 class ModelSource(Protocol):
@@ -67,11 +71,22 @@ class BatchingConfig(BaseModel):
     inline_threshold_us: int = Field(default=200, ge=0)
 
 
+class EncryptionConfig(BaseModel):
+    """Where an encrypted model's key comes from when no key broker releases it."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    key_file: Path | None = Field(
+        default=None, description="Owner-held key file (development); relative to the model dir."
+    )
+
+
 class ModelConfig(BaseModel):
     """Per-model settings, from ``<repo>/<model>/config.toml``."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    encryption: EncryptionConfig = EncryptionConfig()
     version_policy: Literal["latest", "all", "specific"] = "latest"
     versions: tuple[int, ...] = ()
     batching: BatchingConfig = BatchingConfig()
@@ -116,12 +131,16 @@ def _format_validation(exc: ValidationError) -> str:
     return "; ".join(parts)
 
 
-def scan_repository(root: Path) -> list[ModelEntry]:
+def scan_repository(root: Path, *, keys: KeyProvider | None = None) -> list[ModelEntry]:
     """List the model versions to serve under ``root``, applying version policies.
 
-    Raises :class:`ConfigError` when the repository is missing, holds no model, or a
-    model's config is invalid.
+    A version directory holds ``model.onnx`` (plaintext) or ``model.sealed``
+    (encrypted; its key comes from ``keys``). Raises :class:`ConfigError` when the
+    repository is missing, holds no model, or a model's config is invalid.
     """
+    from sealserve.server.model_keys import EncryptedModelSource, KeyProvider
+
+    keys = keys if keys is not None else KeyProvider()
     if not root.is_dir():
         raise ConfigError(f"model repository {root} is not a directory")
     entries: list[ModelEntry] = []
@@ -138,7 +157,7 @@ def scan_repository(root: Path) -> list[ModelEntry]:
             if p.is_dir()
             and p.name.isdigit()
             and int(p.name) > 0
-            and (p / MODEL_FILENAME).is_file()
+            and ((p / MODEL_FILENAME).is_file() or (p / SEALED_FILENAME).is_file())
         )
         if not versions:
             log.warning("model %s has no version directory with %s; skipped", name, MODEL_FILENAME)
@@ -152,8 +171,19 @@ def scan_repository(root: Path) -> list[ModelEntry]:
             if missing:
                 raise ConfigError(f"model {name}: configured versions {missing} are not on disk")
             chosen = sorted(cfg.versions)
+        key_file = cfg.encryption.key_file
+        if key_file is not None and not key_file.is_absolute():
+            key_file = model_dir / key_file
         for v in chosen:
-            src = FileModelSource(model_dir / str(v) / MODEL_FILENAME)
+            vdir = model_dir / str(v)
+            src: ModelSource
+            if (vdir / SEALED_FILENAME).is_file():
+                enc = EncryptedModelSource(vdir / SEALED_FILENAME, keys)
+                if key_file is not None:
+                    keys.key_files.setdefault(enc.header_digest()[0], key_file)
+                src = enc
+            else:
+                src = FileModelSource(vdir / MODEL_FILENAME)
             entries.append(ModelEntry(name=name, version=str(v), source=src, config=cfg))
     if not entries:
         raise ConfigError(f"model repository {root} holds no model (<model>/<version>/model.onnx)")

@@ -32,6 +32,20 @@ class EngineSettings(BaseModel):
     )
 
 
+class KeyBrokerSettings(BaseModel):
+    """Where encrypted models' keys are released from ([key_broker])."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field(description="The key broker's HOST:PORT.")
+    ca_file: Path | None = Field(
+        default=None, description="PEM certificate (or CA) that the broker's TLS must match."
+    )
+    server_name: str | None = Field(default=None, description="Name to check in its cert.")
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    retries: int = Field(default=6, ge=0, le=50, description="Attempts while unreachable.")
+
+
 class Settings(BaseSettings):
     """Everything ``sealserve serve`` needs. Field docs are the config reference."""
 
@@ -106,6 +120,16 @@ class Settings(BaseSettings):
     limits: dict[str, Any] | None = Field(
         default=None,
         description="Rate limits and quotas per tier, peer and model ([limits]; docs/quotas.md).",
+    )
+    key_broker: KeyBrokerSettings | None = Field(
+        default=None, description="Key broker for encrypted models ([key_broker] table)."
+    )
+    harden_process: bool = Field(
+        default=True,
+        description=(
+            "At start: no core dumps, not dumpable, memory locked where permitted (each "
+            "step's outcome is recorded in the workload manifest)."
+        ),
     )
     unsafe_disable_auth: bool = Field(
         default=False,
@@ -216,6 +240,9 @@ class Settings(BaseSettings):
             value = getattr(self, key)
             if value is not None and not value.is_absolute():
                 update[key] = base / value
+        kb = self.key_broker
+        if kb is not None and kb.ca_file is not None and not kb.ca_file.is_absolute():
+            update["key_broker"] = kb.model_copy(update={"ca_file": base / kb.ca_file})
         if self.state_store.startswith("sqlite://"):
             path = Path(self.state_store.removeprefix("sqlite://"))
             if not path.is_absolute():
@@ -257,6 +284,7 @@ class Settings(BaseSettings):
             "limits": self.limits,
             "state_store": self.state_store.split(":", 1)[0],
             "unsafe_fail_open": self.unsafe_fail_open,
+            "key_broker": self.key_broker is not None,
         }  # fmt: skip
 
 

@@ -1,0 +1,121 @@
+"""Encrypted models on the server side: where their keys come from, and their source.
+
+A version directory holds ``model.sealed`` (sealserve's encrypted model format) instead
+of ``model.onnx``. Its data key comes from the key broker, released only to this
+server's attestation evidence, or, for development, from a key file the model's
+``config.toml`` names (``[encryption] key_file``). The plaintext exists only in this
+process's memory: it is decrypted into a buffer and handed to onnxruntime as bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+
+from sealserve.enclave.key_file import KeyFile
+from sealserve.enclave.model_file import decrypt_to_bytes, read_header
+from sealserve.enclave.platform import Platform
+from sealserve.errors import ConfigError, KeyReleaseError
+
+if TYPE_CHECKING:
+    from sealserve.server.settings import KeyBrokerSettings
+
+log = logging.getLogger("sealserve.keys")
+
+
+@dataclass
+class KeyProvider:
+    """Data keys by key id: from key files, or released by the broker after attestation.
+
+    ``bind`` must be called (with what this server's evidence publishes) before a key
+    can be fetched from the broker.
+    """
+
+    broker: KeyBrokerSettings | None = None
+    key_files: dict[str, Path] = field(default_factory=dict)
+    _binding: tuple[Platform, bytes, bytes, X25519PrivateKey] | None = None
+    _keys: dict[str, bytes] = field(default_factory=dict, repr=False)
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def bind(
+        self, *, platform: Platform | None, tls_spki: bytes, manifest: bytes,
+        hpke_private_key: X25519PrivateKey,
+    ) -> None:  # fmt: skip
+        if platform is not None:
+            self._binding = (platform, tls_spki, manifest, hpke_private_key)
+
+    def get(self, key_id: str) -> bytes:
+        """The data key for ``key_id``. Raises KeyReleaseError or ConfigError."""
+        with self._lock:
+            if key_id in self._keys:
+                return self._keys[key_id]
+            if key_id in self.key_files:
+                held = KeyFile.read(self.key_files[key_id])
+                if held.key_id != key_id:
+                    raise ConfigError(
+                        f"key file {self.key_files[key_id]} holds key '{held.key_id}', "
+                        f"the model needs '{key_id}'"
+                    )
+                self._keys[key_id] = held.key
+                return held.key
+            if self.broker is None:
+                raise ConfigError(
+                    f"encrypted model needs key '{key_id}' but no [key_broker] is configured "
+                    "and the model's config.toml names no key_file"
+                )
+            if self._binding is None:
+                raise KeyReleaseError(
+                    f"key '{key_id}' can only be released to an attested server, and this "
+                    "server has no attestation platform (attestation_platform / TLS off)"
+                )
+            from sealserve.enclave.key_release import fetch_model_key
+
+            platform, spki, manifest, hpke = self._binding
+            b = self.broker
+            key = fetch_model_key(
+                b.target,
+                key_id=key_id,
+                platform=platform,
+                tls_spki=spki,
+                manifest=manifest,
+                hpke_private_key=hpke,
+                broker_ca_pem=b.ca_file.read_bytes() if b.ca_file else None,
+                broker_server_name=b.server_name,
+                timeout=b.timeout_seconds,
+                retries=b.retries,
+            )
+            log.info("key '%s' released by the key broker %s after attestation", key_id, b.target)
+            self._keys[key_id] = key
+            return key
+
+
+@dataclass(frozen=True)
+class EncryptedModelSource:
+    """A ``model.sealed`` file: the header gives the key id and plaintext digest up front."""
+
+    path: Path
+    keys: KeyProvider
+
+    def header_digest(self) -> tuple[str, str]:
+        """(key id, plaintext SHA-256 hex) from the header, without the key."""
+        try:
+            with self.path.open("rb") as f:
+                header = read_header(f)
+        except OSError as exc:
+            raise ConfigError(f"cannot read encrypted model {self.path}: {exc.strerror}") from exc
+        return header.key_id, header.plaintext_sha256.hex()
+
+    def read(self) -> bytes:
+        key_id, digest = self.header_digest()
+        key = self.keys.get(key_id)
+        with self.path.open("rb") as f:
+            data = decrypt_to_bytes(f, key=key, expected_sha256=bytes.fromhex(digest))
+        return data
+
+    def describe(self) -> str:
+        return f"encrypted:{self.path}"
