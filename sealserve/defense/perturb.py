@@ -54,6 +54,7 @@ from sealserve.defense.watermark import (
     Watermark,
     WatermarkLedger,
     check_fraction,
+    check_margin,
 )
 from sealserve.errors import ConfigError
 
@@ -250,6 +251,7 @@ class Profile:
             raise ConfigError(f"{where}: label_only returns labels; drop top_k and round")
         if self.watermark_fraction is not None:
             check_fraction(self.watermark_fraction)
+            check_margin(self.watermark_margin, out)
 
     # -- construction ----------------------------------------------------------------
     @classmethod

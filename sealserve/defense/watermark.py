@@ -104,17 +104,7 @@ class Watermark:
         check_fraction(fraction)
         if len(key) < 16:
             raise ConfigError("the watermark key must be at least 16 bytes")
-        if output.is_score:
-            if not (math.isfinite(margin) and margin > 0):
-                raise ConfigError(f"watermark.margin must be a number > 0, got {margin!r}")
-            if output.bounds is not None:
-                lo, hi = output.bounds
-                room = min(output.threshold - lo, hi - output.threshold)
-                if margin >= room:
-                    raise ConfigError(
-                        f"watermark.margin {margin} does not fit between the threshold "
-                        f"{output.threshold} and the score bounds [{lo}, {hi}]"
-                    )
+        check_margin(margin, output)
         self._key = key
         self._cut = int(fraction * _TWO64)
         self.fraction = fraction
@@ -182,6 +172,26 @@ class Watermark:
         if self.output.is_score:
             d["margin"] = self.margin
         return d
+
+
+def check_margin(margin: float, output: OutputSpec) -> None:
+    """For score outputs, check the watermark shift margin fits inside the bounds.
+
+    Raises:
+        ConfigError: the margin is not > 0 or does not fit.
+    """
+    if not output.is_score:
+        return
+    if not (math.isfinite(margin) and margin > 0):
+        raise ConfigError(f"watermark.margin must be a number > 0, got {margin!r}")
+    if output.bounds is not None:
+        lo, hi = output.bounds
+        room = min(output.threshold - lo, hi - output.threshold)
+        if margin >= room:
+            raise ConfigError(
+                f"watermark.margin {margin} does not fit between the threshold "
+                f"{output.threshold} and the score bounds [{lo}, {hi}]"
+            )
 
 
 def check_fraction(fraction: object) -> float:
