@@ -52,13 +52,22 @@ def load() -> Digits:
 
 def augment(pool: np.ndarray, n: int, *, seed: int) -> np.ndarray:
     """``n`` queries: random pool images shifted by -1..1 px, plus N(0, 1) noise."""
+    return augment_labelled(pool, np.zeros(len(pool), dtype=np.int64), n, seed=seed)[0]
+
+
+def augment_labelled(
+    pool: np.ndarray, labels: np.ndarray, n: int, *, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """:func:`augment`, also returning the true label of each source image."""
     rng = np.random.default_rng(seed)
-    base = pool[rng.integers(0, len(pool), n)].reshape(n, 8, 8)
+    idx = rng.integers(0, len(pool), n)
+    base = pool[idx].reshape(n, 8, 8)
     shifts = rng.integers(-1, 2, (n, 2))
     out = np.empty_like(base)
     for i in range(n):
         out[i] = np.roll(base[i], (int(shifts[i, 0]), int(shifts[i, 1])), axis=(0, 1))
-    return np.clip(out.reshape(n, 64) + rng.normal(0.0, 1.0, (n, 64)), 0.0, 16.0)
+    x = np.clip(out.reshape(n, 64) + rng.normal(0.0, 1.0, (n, 64)), 0.0, 16.0)
+    return x, labels[idx]
 
 
 def default_profile(**overrides: Any) -> Profile:
