@@ -5,8 +5,8 @@ exact bytes: otherwise an attacker could add 1e-9 to one feature and get a fresh
 noise sample (and average many of them away), or step around a watermark.
 
 The coarsening is a per-feature grid. With ``step = input_scale * relative_step``
-each feature value ``x`` maps to the integer cell ``round(x / step)`` (round half
-up), so the grid is *centred* on multiples of ``step``: a value that sits on a grid
+each feature value ``x`` maps to the integer cell ``rint(x / step)`` (nearest
+integer), so the grid is *centred* on multiples of ``step``: a value that sits on a grid
 point is ``step / 2`` away from the nearest boundary. For the demo digits features
 (integers in [0, 16], ``input_scale = 16``) the default ``relative_step = 1/16`` gives
 ``step = 1``: every natural input lies at a cell centre and any jitter below 0.5 per
@@ -82,9 +82,11 @@ class Coarsener:
     def cells(self, inputs: np.ndarray) -> np.ndarray:
         """Integer cell indices, shape ``(batch, features)`` (trailing axes flattened)."""
         x = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1)
-        c = np.floor(x / self.step + 0.5)
-        np.nan_to_num(c, copy=False, nan=0.0, posinf=_CELL_LIMIT, neginf=-_CELL_LIMIT)
-        np.clip(c, -_CELL_LIMIT, _CELL_LIMIT, out=c)
+        c = x * (1.0 / self.step)
+        np.rint(c, out=c)
+        # fmin/fmax drop NaN (to the lower limit) and clamp infinities.
+        np.fmin(c, _CELL_LIMIT, out=c)
+        np.fmax(c, -_CELL_LIMIT, out=c)
         return c.astype(np.int64)
 
     def row_bytes(self, inputs: np.ndarray) -> list[bytes]:
@@ -93,9 +95,9 @@ class Coarsener:
         Two inputs give the same bytes exactly when they have the same number of
         features and fall in the same cell of every feature.
         """
-        cells = self.cells(inputs)
+        cells = self.cells(inputs).astype("<i8", copy=False)
         n = cells.shape[1].to_bytes(4, "big")
-        return [n + row.tobytes() for row in cells.astype("<i8", copy=False)]
+        return [n + row.tobytes() for row in cells]
 
     def describe(self) -> dict[str, object]:
         return {"grid": "centred", "step": self.step}

@@ -39,7 +39,7 @@ from typing import Any
 
 import numpy as np
 
-from sealserve.defense.outputs import OutputSpec
+from sealserve.defense.outputs import OutputKind, OutputSpec
 from sealserve.errors import ConfigError, SealedFormatError, SealserveError
 
 __all__ = [
@@ -107,37 +107,36 @@ class Watermark:
         check_margin(margin, output)
         self._key = key
         self._cut = int(fraction * _TWO64)
+        self._classes_minus_1 = max(output.num_classes - 1, 1)
         self.fraction = fraction
         self.output = output
         self.margin = float(margin)
 
-    def select(self, model: str, cells: Sequence[bytes]) -> tuple[np.ndarray, np.ndarray]:
-        """Rows that are marked, and per row a keyed label offset in [1, classes - 1]."""
+    def select(self, model: str, cells: Sequence[bytes]) -> list[tuple[int, int]]:
+        """The marked rows, each with a keyed label offset in [1, classes - 1]."""
         prefix = len(model).to_bytes(4, "big") + model.encode()
-        n = len(cells)
-        selected = np.zeros(n, dtype=bool)
-        offsets = np.zeros(n, dtype=np.int64)
-        c = max(self.output.num_classes - 1, 1)
+        c = self._classes_minus_1
+        out = []
         for i, cell in enumerate(cells):
             d = hmac.digest(self._key, prefix + cell, "sha256")
             if int.from_bytes(d[:8], "big") < self._cut:
-                selected[i] = True
-                offsets[i] = int.from_bytes(d[8:16], "big") % c + 1
-        return selected, offsets
+                out.append((i, int.from_bytes(d[8:16], "big") % c + 1))
+        return out
 
-    def apply(self, values: np.ndarray, model: str, cells: Sequence[bytes]) -> Marks:
-        """Rewrite the selected rows of ``values`` in place; return what was marked.
-
-        ``values`` is float64, (batch, classes) or (batch,) for scores.
-        """
-        selected, offsets = self.select(model, cells)
+    def apply(self, values: np.ndarray, model: str, cells: Sequence[bytes]) -> Marks | None:
+        """Rewrite the selected rows of ``values`` in place; return what was marked
+        (None when no row is). ``values`` is float64, (batch, classes) or (batch,)."""
+        chosen = self.select(model, cells)
+        if not chosen:
+            return None
         n = len(values)
+        selected = np.zeros(n, dtype=bool)
         labels = np.full(n, -1, dtype=np.int64)
         original = np.full(n, -1, dtype=np.int64)
         prior = np.full(n, np.nan)
-        if not selected.any():
-            return Marks(selected, labels, original, prior)
-        rows = np.flatnonzero(selected)
+        rows = np.array([r for r, _ in chosen], dtype=np.int64)
+        offsets = np.array([o for _, o in chosen], dtype=np.int64)
+        selected[rows] = True
         if self.output.is_score:
             t = self.output.threshold
             s = values[rows]
@@ -146,24 +145,23 @@ class Watermark:
             shifted = np.where(above, t - dist, t + dist)
             if self.output.bounds is not None:
                 lo, hi = self.output.bounds
-                # Keep the flipped decision: clip to just inside the bound on the far side.
+                # Keep the flipped decision: clip to the bound on the far side.
                 shifted = np.where(above, np.maximum(shifted, lo), np.minimum(shifted, hi))
             values[rows] = shifted
             original[rows] = above.astype(np.int64)
             labels[rows] = 1 - original[rows]
-            prior[rows] = (
-                np.where(above, 1.0 - s, s) if self.output.bounds == (0.0, 1.0) else np.nan
-            )
+            if self.output.bounds == (0.0, 1.0):
+                prior[rows] = np.where(above, 1.0 - s, s)
             return Marks(selected, labels, original, prior)
-        top1 = np.argmax(values[rows], axis=1)
-        alt = (top1 + offsets[rows]) % self.output.num_classes
-        v_top = values[rows, top1].copy()
-        v_alt = values[rows, alt].copy()
+        top1 = values[rows].argmax(axis=1)
+        alt = (top1 + offsets) % self.output.num_classes
+        v_top = values[rows, top1]
+        v_alt = values[rows, alt]
         values[rows, top1] = v_alt
         values[rows, alt] = v_top
         original[rows] = top1
         labels[rows] = alt
-        if self.output.kind.value == "probabilities":
+        if self.output.kind is OutputKind.PROBABILITIES:
             prior[rows] = v_alt
         return Marks(selected, labels, original, prior)
 

@@ -195,7 +195,7 @@ def test_describe_is_json_and_holds_no_secret() -> None:
 def test_coarsener_cells_are_centred() -> None:
     c = Coarsener.from_scale(input_scale=16.0)
     x = np.array([[0.0, 3.0, 3.49, 3.51, 16.0, np.nan, np.inf]])
-    assert c.cells(x).tolist() == [[0, 3, 3, 4, 16, 0, 2**53]]
+    assert c.cells(x).tolist() == [[0, 3, 3, 4, 16, 2**53, 2**53]]
 
 
 # -- validation -----------------------------------------------------------------------
@@ -276,3 +276,26 @@ def test_output_of_the_wrong_shape_is_a_config_error() -> None:
         run(b, probs(c=3), inputs())
     with pytest.raises(ConfigError, match="batch mismatch: 3 inputs but 50 outputs"):
         run(b, probs(), inputs(3))
+
+
+def test_preserve_top1_with_top_k_zero() -> None:
+    p, x = probs(500), inputs(500)
+    harsh = {
+        "noise": {"dist": "laplace", "scale": 0.3},
+        "preserve_top1": True,
+        "top_k": {"k": 2, "mode": "zero"},
+        "round": 2,
+    }
+    r = run(bound(harsh), p, x)
+    assert np.array_equal(np.argmax(r.values, 1), np.argmax(p, 1))
+    assert np.all((r.values > 0).sum(axis=1) <= 2)
+
+
+def test_marked_answers_keep_their_label_under_noise_without_preserve_top1() -> None:
+    ledger = WatermarkLedger()
+    b = bound(
+        {"noise": {"dist": "laplace", "scale": 0.3}, "watermark": {"fraction": 0.2}}, ledger=ledger
+    )
+    r = run(b, probs(500), inputs(500))
+    labels = [e.label for e in ledger.entries()]
+    assert np.argmax(r.values[r.marked], 1).tolist() == labels
