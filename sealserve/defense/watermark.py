@@ -52,10 +52,10 @@ __all__ = [
     "WatermarkLedger",
 ]
 
-DEFAULT_FRACTION = 0.0025
+DEFAULT_FRACTION = 0.002
 """Share of queries marked. Honest top-1 agreement is 1 - fraction in expectation
-(99.75%), leaving room under the 99.5% target for the sampling spread of a few hundred
-test inputs; DAWN uses about 0.5%."""
+(99.8%), leaving room under the 99.5% target for the sampling spread of a few hundred
+test inputs (on 450 inputs, about 94% of keys stay >= 99.5%); DAWN uses about 0.5%."""
 
 DEFAULT_SCORE_MARGIN = 0.1
 MAX_FRACTION = 0.2
