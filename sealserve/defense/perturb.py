@@ -10,8 +10,10 @@ The transforms run in one fixed order, whatever the order of the config keys, be
 only that order makes sense (noise before rounding, the top-1 check after everything
 that can move it)::
 
-    watermark -> keyed noise -> reverse sigmoid -> renormalise -> preserve top-1
-      -> top-k -> round -> (top-1 tie fix) -> label only
+    watermark -> keyed noise -> reverse sigmoid -> renormalise -> top-k -> round
+      -> preserve top-1 -> label only
+
+(with top-k, the top-1 is also restored before top-k so that it is among the kept).
 
 * :class:`KeyedNoise` -- Gaussian or Laplace noise of a given scale whose seed is
   ``HMAC-SHA256(noise_key, account || model || coarsened input)``
@@ -502,7 +504,9 @@ class BoundProfile:
     ) -> Release:
         """Perturb and watermark one batch of model outputs; record marks in the ledger.
 
-        ``inputs`` are the model inputs of the same batch (one row per output row).
+        ``inputs`` are the model inputs of the same batch (one row per output row;
+        for a model with several input tensors, pass them flattened and concatenated
+        per row). They key the noise and the watermark through the coarsener.
 
         Raises:
             ConfigError: the outputs do not have the shape the profile was built for,
