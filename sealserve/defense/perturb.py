@@ -633,11 +633,18 @@ class BoundProfile:
         hi = x[bad, ab]
         x[bad, ab] = x[bad, tb]
         x[bad, tb] = hi
-        # A tie with a lower index still wins argmax: lift the top-1 by one unit.
-        still = bad[x[bad].argmax(axis=1) != target[bad]]
-        if still.size:
-            m = x[still, target[still]]
-            x[still, target[still]] = m + unit if unit > 0 else np.nextafter(m, np.inf)
+        # A tie with a lower index still wins argmax: lower the tied competitors by one
+        # unit (staying in range), or lift the top-1 when they cannot go lower.
+        for r in bad[x[bad].argmax(axis=1) != target[bad]]:
+            t = target[r]
+            m = x[r, t]
+            lower = m - unit if unit > 0 else np.nextafter(m, -np.inf)
+            ties = x[r] >= m
+            ties[t] = False
+            if lower >= self._lo:
+                x[r, ties] = lower
+            else:
+                x[r, t] = m + unit if unit > 0 else np.nextafter(m, np.inf)
 
     def _record(
         self,

@@ -299,3 +299,38 @@ def test_marked_answers_keep_their_label_under_noise_without_preserve_top1() -> 
     r = run(b, probs(500), inputs(500))
     labels = [e.label for e in ledger.entries()]
     assert np.argmax(r.values[r.marked], 1).tolist() == labels
+
+
+COMBOS: list[dict[str, Any]] = [
+    {},
+    {"round": 0},
+    {"noise": {"scale": 0.5}, "preserve_top1": True, "round": 0},
+    {"noise": {"dist": "laplace", "scale": 0.1}, "renormalise": True, "top_k": 1},
+    {
+        "reverse_sigmoid": {"beta": 1.5, "gamma": 3},
+        "preserve_top1": True,
+        "top_k": {"k": 3, "mode": "omit"},
+    },
+    {"noise": {"scale": 0.2}, "label_only": True, "watermark": {"fraction": 0.2}},
+    {"watermark": {"fraction": 0.2}, "round": 1, "preserve_top1": True},
+]
+
+
+@pytest.mark.parametrize("mapping", COMBOS)
+@pytest.mark.parametrize("batch", [1, 3, 64])
+def test_any_valid_profile_gives_well_formed_answers(mapping: dict[str, Any], batch: int) -> None:
+    p = probs(batch, seed=batch)
+    x = inputs(batch, seed=batch + 1)
+    x[0, :3] = [np.nan, np.inf, -1e300]  # hostile inputs still coarsen
+    r = run(bound(mapping, ledger=WatermarkLedger()), p, x)
+    assert len(r.values) == batch and r.marked.shape == (batch,)
+    if r.form == "full":
+        assert r.values.shape == (batch, 10)
+        assert np.all(np.isfinite(r.values)) and np.all((r.values >= 0) & (r.values <= 1 + 1e-9))
+    if mapping.get("preserve_top1"):
+        if r.form == "top_k":
+            top = r.indices[:, 0]
+        else:
+            top = r.values if r.form == "label" else np.argmax(r.values, 1)
+        keep = ~r.marked  # marked rows carry the watermark label instead
+        assert np.array_equal(top[keep], np.argmax(p, 1)[keep])
