@@ -179,7 +179,8 @@ def verify(
     """Replay the ledger (optionally one model's / one account's entries) to ``suspect``.
 
     ``num_classes`` is the class count of the watermarked model (default: inferred
-    from the suspect's probability output, else the largest label seen + 1).
+    from the suspect's probability output, else the largest label seen + 1, which can
+    only undercount and so only makes the test more conservative).
     ``original`` and ``controls`` are needed for score / two-class ledgers (see the
     module docstring).
 
