@@ -81,8 +81,9 @@ class Coarsener:
 
     def cells(self, inputs: np.ndarray) -> np.ndarray:
         """Integer cell indices, shape ``(batch, features)`` (trailing axes flattened)."""
-        x = np.asarray(inputs, dtype=np.float64).reshape(len(inputs), -1)
-        c = x * (1.0 / self.step)
+        # One call converts to float64 and scales (no separate astype copy).
+        c: np.ndarray = np.multiply(inputs, 1.0 / self.step, dtype=np.float64)
+        c = c.reshape(len(inputs), -1)
         np.rint(c, out=c)
         # fmin/fmax drop NaN (to the lower limit) and clamp infinities.
         np.fmin(c, _CELL_LIMIT, out=c)
