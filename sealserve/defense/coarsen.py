@@ -28,7 +28,7 @@ The grid is one vectorised division and a rounding.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -41,6 +41,7 @@ DEFAULT_RELATIVE_STEP = 1.0 / 16.0
 # Cells beyond this magnitude are clamped so the int64 cast is always defined
 # (huge or non-finite inputs all land in the outermost cell).
 _CELL_LIMIT = float(2**53)
+_SAFE_SUM_SQUARES = 1e30  # every |cell| < 1e15 < 2**53 when the sum of squares is below
 
 
 @dataclass(frozen=True)
@@ -52,10 +53,13 @@ class Coarsener:
     """
 
     step: float
+    _inv: np.ndarray = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not (math.isfinite(self.step) and self.step > 0):
             raise ConfigError(f"coarsening step must be a finite number > 0, got {self.step!r}")
+        # A 0-d array: ufuncs take it faster than a Python float.
+        object.__setattr__(self, "_inv", np.array(1.0 / self.step))
 
     @classmethod
     def from_scale(
@@ -82,12 +86,15 @@ class Coarsener:
     def cells(self, inputs: np.ndarray) -> np.ndarray:
         """Integer cell indices, shape ``(batch, features)`` (trailing axes flattened)."""
         # One call converts to float64 and scales (no separate astype copy).
-        c: np.ndarray = np.multiply(inputs, 1.0 / self.step, dtype=np.float64)
+        c: np.ndarray = np.multiply(inputs, self._inv, dtype=np.float64)
         c = c.reshape(len(inputs), -1)
         np.rint(c, out=c)
-        # fmin/fmax drop NaN (to the lower limit) and clamp infinities.
-        np.fmin(c, _CELL_LIMIT, out=c)
-        np.fmax(c, -_CELL_LIMIT, out=c)
+        flat = c.reshape(-1)
+        # One reduction tells whether every cell is finite and small (NaN fails the
+        # comparison); only then are fmin/fmax needed (they map NaN to the upper limit).
+        if not flat.dot(flat) < _SAFE_SUM_SQUARES:
+            np.fmin(c, _CELL_LIMIT, out=c)
+            np.fmax(c, -_CELL_LIMIT, out=c)
         return c.astype(np.int64)
 
     def row_bytes(self, inputs: np.ndarray) -> list[bytes]:
@@ -97,8 +104,12 @@ class Coarsener:
         features and fall in the same cell of every feature.
         """
         cells = self.cells(inputs).astype("<i8", copy=False)
-        n = cells.shape[1].to_bytes(4, "big")
-        return [n + row.tobytes() for row in cells]
+        n, f = cells.shape
+        head = f.to_bytes(4, "big")
+        if n == 1:
+            return [head + cells.tobytes()]
+        raw, w = cells.tobytes(), 8 * f
+        return [head + raw[i * w : (i + 1) * w] for i in range(n)]
 
     def describe(self) -> dict[str, object]:
         return {"grid": "centred", "step": self.step}

@@ -100,6 +100,7 @@ _KEYS = frozenset(
 
 
 _LEVELS = 1 << 16
+_ZERO = np.array(0.0)
 _ALL = np.ones(0, dtype=bool)  # sentinel: "every row" (compared by identity)
 
 
@@ -495,6 +496,8 @@ class BoundProfile:
         else:
             self._lo, self._hi = -math.inf, math.inf
         self._bounded = math.isfinite(self._lo) or math.isfinite(self._hi)
+        # 0-d arrays: ufuncs take them about twice as fast as Python floats.
+        self._lo_a, self._hi_a = np.array(self._lo), np.array(self._hi)
         self._width = 1 if out.is_score else out.num_classes
         self._need_cells = profile.noise is not None or self._watermark is not None
 
@@ -569,8 +572,8 @@ class BoundProfile:
             else:
                 x = p.reverse_sigmoid(x)
         if p.renormalise:
-            np.maximum(x, 0.0, out=x)
-            total = x.sum(axis=1, keepdims=True)
+            np.maximum(x, _ZERO, out=x)
+            total = np.add.reduce(x, axis=1, keepdims=True)
             if total.min() > 0:
                 x /= total
             else:
@@ -612,8 +615,8 @@ class BoundProfile:
         return Release(values=values, marked=marks.selected, form=form, indices=indices)
 
     def _clip(self, x: np.ndarray) -> None:
-        np.minimum(x, self._hi, out=x)
-        np.maximum(x, self._lo, out=x)
+        np.minimum(x, self._hi_a, out=x)
+        np.maximum(x, self._lo_a, out=x)
 
     def _enforce(self, x: np.ndarray, target: np.ndarray, rows: np.ndarray, unit: float) -> None:
         """Make ``target`` the top-1 (or the threshold side) of the given rows, in place."""
