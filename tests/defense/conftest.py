@@ -1,4 +1,6 @@
-"""Fixtures for the defense tests: a real redis-server on loopback, and every store."""
+"""Fixtures for the defense tests: every state store (a real redis-server on loopback
+among them), and one BLAS/OpenMP thread (the machine is shared and oversubscribed
+threads make scikit-learn 100x slower)."""
 
 from __future__ import annotations
 
@@ -6,6 +8,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from threadpoolctl import threadpool_limits
 
 from sealserve.defense.store import StateStore
 from sealserve.defense.store_memory import MemoryStore
@@ -14,6 +17,12 @@ from sealserve.defense.store_sqlite import SqliteStore
 from tests._redis import RedisServer, free_port  # noqa: F401 (re-exported for tests)
 
 _prefix_counter = iter(range(1_000_000))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_thread() -> Iterator[None]:
+    with threadpool_limits(limits=1):
+        yield
 
 
 def make_store(kind: str, tmp_path: Path, request: pytest.FixtureRequest) -> StateStore:

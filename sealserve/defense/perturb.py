@@ -1,0 +1,697 @@
+"""Output perturbation: composable transforms on model answers, grouped in profiles.
+
+A :class:`Profile` is built from one named table of the server config
+(:meth:`Profile.from_mapping`), validated against the model's :class:`OutputSpec` at
+build time, and bound to its secret key (from sealed state) and the watermark ledger
+with :meth:`Profile.bind`. The guard then calls :meth:`BoundProfile.apply` on each
+batch of outputs after inference.
+
+The transforms run in one fixed order, whatever the order of the config keys, because
+only that order makes sense (noise before rounding, the top-1 check after everything
+that can move it)::
+
+    watermark -> keyed noise -> reverse sigmoid -> renormalise -> top-k -> round
+      -> preserve top-1 -> label only
+
+(with top-k, the top-1 is also restored before top-k so that it is among the kept).
+
+* :class:`KeyedNoise` -- Gaussian or Laplace noise of a given scale whose seed is
+  ``HMAC-SHA256(noise_key, account || model || coarsened input)``
+  (:mod:`sealserve.defense.coarsen`), expanded with SHAKE-256 into 16-bit indices
+  into a precomputed table of inverse-CDF quantiles. The same account asking the
+  same (or a jittered, same-cell) input gets the same noise, so averaging repeats
+  gains nothing; another account gets other noise.
+* :class:`ReverseSigmoid` -- Lee et al., "Defending Against NN Model Stealing Attacks
+  Using Deceptive Perturbations", IEEE S&P Workshops 2019:
+  ``y_hat = alpha * (y - beta * (sigmoid(gamma * logit(y)) - 1/2))``, clipped to
+  [0, 1], with ``alpha`` normalising the vector to sum 1.
+* renormalise -- probabilities are clipped at 0 and divided by their sum.
+* preserve top-1 -- the final top-1 label (``numpy.argmax``) equals the top-1 of the
+  answer the pipeline started from; for scores, the side of the threshold is kept.
+* :class:`TopK` -- keep the k largest values; ``mode="zero"`` zeroes the rest,
+  ``mode="omit"`` returns only them with their class indices.
+* :class:`Round` -- round to ``decimals`` decimals.
+* label only -- return the top-1 label (scores: 1 above the threshold, else 0).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import numpy as np
+from scipy.special import ndtri
+
+from sealserve.defense.coarsen import DEFAULT_RELATIVE_STEP, Coarsener
+from sealserve.defense.outputs import OutputKind, OutputSpec
+from sealserve.defense.watermark import (
+    DEFAULT_FRACTION,
+    DEFAULT_SCORE_MARGIN,
+    LedgerEntry,
+    Marks,
+    Watermark,
+    WatermarkLedger,
+    check_fraction,
+    check_margin,
+)
+from sealserve.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PROFILE",
+    "BoundProfile",
+    "KeyedNoise",
+    "Profile",
+    "Release",
+    "ReverseSigmoid",
+    "Round",
+    "TopK",
+    "derive_key",
+]
+
+DEFAULT_PROFILE: dict[str, Any] = {
+    "noise": {"dist": "laplace", "scale": 0.02},
+    "renormalise": True,
+    "preserve_top1": True,
+    "round": 3,
+    "watermark": {"fraction": DEFAULT_FRACTION},
+}
+"""The default profile (probability outputs). For logits and scores the transforms
+that do not apply (renormalise) are dropped by :meth:`Profile.default`."""
+
+_KEYS = frozenset(
+    {
+        "output",
+        "coarsen",
+        "noise",
+        "reverse_sigmoid",
+        "renormalise",
+        "preserve_top1",
+        "top_k",
+        "round",
+        "label_only",
+        "watermark",
+    }
+)
+
+
+_LEVELS = 1 << 16
+_ZERO = np.array(0.0)
+_ALL = np.ones(0, dtype=bool)  # sentinel: "every row" (compared by identity)
+
+
+def derive_key(root: bytes, purpose: str) -> bytes:
+    """A per-purpose subkey: ``HMAC-SHA256(root, "sealserve/defense/<purpose>/v1")``."""
+    return hmac.digest(root, f"sealserve/defense/{purpose}/v1".encode(), "sha256")
+
+
+@dataclass(frozen=True)
+class Round:
+    """Round every value to ``decimals`` decimals (0..10)."""
+
+    decimals: int
+
+    def __post_init__(self) -> None:
+        if isinstance(self.decimals, bool) or not isinstance(self.decimals, int):
+            raise ConfigError(f"round.decimals must be an integer, got {self.decimals!r}")
+        if not 0 <= self.decimals <= 10:
+            raise ConfigError(f"round.decimals must be in 0..10, got {self.decimals}")
+
+    @property
+    def unit(self) -> float:
+        return float(10.0**-self.decimals)
+
+
+@dataclass(frozen=True)
+class TopK:
+    """Keep the ``k`` largest values; ``mode`` "zero" zeroes the others, "omit" drops them."""
+
+    k: int
+    mode: Literal["zero", "omit"] = "zero"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.k, bool) or not isinstance(self.k, int) or self.k < 1:
+            raise ConfigError(f"top_k.k must be an integer >= 1, got {self.k!r}")
+        if self.mode not in ("zero", "omit"):
+            raise ConfigError(f"top_k.mode must be 'zero' or 'omit', got {self.mode!r}")
+
+
+@dataclass(frozen=True)
+class KeyedNoise:
+    """Deterministic keyed noise: ``dist`` "gaussian" (sd = scale) or "laplace" (b = scale)."""
+
+    dist: Literal["gaussian", "laplace"]
+    scale: float
+
+    def __post_init__(self) -> None:
+        if self.dist not in ("gaussian", "laplace"):
+            raise ConfigError(f"noise.dist must be 'gaussian' or 'laplace', got {self.dist!r}")
+        if (
+            isinstance(self.scale, bool)
+            or not isinstance(self.scale, int | float)
+            or not math.isfinite(self.scale)
+            or self.scale <= 0
+        ):
+            raise ConfigError(f"noise.scale must be a finite number > 0, got {self.scale!r}")
+
+    def table(self) -> np.ndarray:
+        """The noise quantiles ``scale * F^-1((k + 1/2) / 2^16)``, k = 0 .. 2^16 - 1.
+
+        Sampling looks a 16-bit keyed integer up in this table: the noise takes one of
+        65,536 equiprobable values (tails cut at about 4.3 sd for Gaussian, 11.1 b for
+        Laplace), which is plenty for a defense and costs two numpy calls per request.
+        """
+        u = (np.arange(_LEVELS, dtype=np.float64) + 0.5) / _LEVELS
+        if self.dist == "gaussian":
+            z: np.ndarray = ndtri(u)
+        else:
+            c = u - 0.5
+            z = -np.sign(c) * np.log1p(-2.0 * np.abs(c))
+        return z * self.scale
+
+    def sample(self, digests: list[bytes], width: int, table: np.ndarray) -> np.ndarray:
+        """Noise of shape (len(digests), width) from per-row secret digests.
+
+        Each digest is expanded with SHAKE-256 to one 16-bit index per value, looked up
+        in :meth:`table` (computed once per bound profile).
+        """
+        raw = b"".join([hashlib.shake_256(d).digest(2 * width) for d in digests])
+        z: np.ndarray = table[np.frombuffer(raw, dtype="<u2")]
+        return z.reshape(len(digests), width)
+
+
+@dataclass(frozen=True)
+class ReverseSigmoid:
+    """Lee et al. (2019) reverse-sigmoid perturbation with magnitude ``beta`` and
+    convergence ``gamma``: ``y_hat = alpha (y - beta (sigmoid(gamma logit y) - 1/2))``."""
+
+    beta: float
+    gamma: float
+
+    def __post_init__(self) -> None:
+        for name in ("beta", "gamma"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+                raise ConfigError(f"reverse_sigmoid.{name} must be a number, got {v!r}")
+            if v <= 0:
+                raise ConfigError(f"reverse_sigmoid.{name} must be > 0, got {v!r}")
+
+    def __call__(self, y: np.ndarray) -> np.ndarray:
+        p = np.clip(y, 1e-12, 1.0 - 1e-12)
+        logit = np.log(p) - np.log1p(-p)
+        r = self.beta * (1.0 / (1.0 + np.exp(-self.gamma * logit)) - 0.5)
+        out = np.clip(y - r, 0.0, 1.0)
+        total = out.sum(axis=-1, keepdims=True)
+        res: np.ndarray = np.divide(
+            out, total, out=np.full_like(out, 1.0 / out.shape[-1]), where=total > 0
+        )
+        return res
+
+
+@dataclass(slots=True)
+class Release:
+    """What the guard encodes: the perturbed answer and which rows carry the watermark.
+
+    ``form`` is "full" (``values`` has the model's output shape), "top_k" (``values``
+    is (batch, k), descending, with class ``indices`` (batch, k)) or "label"
+    (``values`` is int64 (batch,)).
+    """
+
+    values: np.ndarray
+    marked: np.ndarray
+    form: Literal["full", "top_k", "label"] = "full"
+    indices: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Profile:
+    """A validated, key-free defense profile. Build with :meth:`from_mapping` or
+    :meth:`default`; get the per-request object with :meth:`bind`."""
+
+    name: str
+    output: OutputSpec
+    coarsener: Coarsener = field(default_factory=lambda: Coarsener.from_scale())
+    noise: KeyedNoise | None = None
+    reverse_sigmoid: ReverseSigmoid | None = None
+    renormalise: bool = False
+    preserve_top1: bool = False
+    top_k: TopK | None = None
+    round: Round | None = None
+    label_only: bool = False
+    watermark_fraction: float | None = None
+    watermark_margin: float = DEFAULT_SCORE_MARGIN
+
+    def __post_init__(self) -> None:
+        out, kind = self.output, self.output.kind
+        where = f"defense profile {self.name!r}"
+        if self.top_k is not None:
+            if out.is_score:
+                raise ConfigError(f"{where}: top_k does not apply to a score output")
+            if self.top_k.k > out.num_classes:
+                raise ConfigError(
+                    f"{where}: top_k.k = {self.top_k.k} is larger than the model's "
+                    f"{out.num_classes} classes"
+                )
+            if kind is OutputKind.LOGITS and self.top_k.mode == "zero":
+                raise ConfigError(
+                    f"{where}: top_k mode 'zero' is meaningless for logits; use mode 'omit'"
+                )
+        if self.renormalise and kind is not OutputKind.PROBABILITIES:
+            raise ConfigError(f"{where}: renormalise applies only to probability outputs")
+        if self.reverse_sigmoid is not None and not (
+            kind is OutputKind.PROBABILITIES or (out.is_score and out.bounds == (0.0, 1.0))
+        ):
+            raise ConfigError(
+                f"{where}: reverse_sigmoid needs probabilities (or a score bounded to [0, 1])"
+            )
+        if self.label_only and (self.top_k is not None or self.round is not None):
+            raise ConfigError(f"{where}: label_only returns labels; drop top_k and round")
+        if self.watermark_fraction is not None:
+            check_fraction(self.watermark_fraction)
+            check_margin(self.watermark_margin, out)
+
+    # -- construction ----------------------------------------------------------------
+    @classmethod
+    def from_mapping(cls, name: str, mapping: Mapping[str, Any], *, output: OutputSpec) -> Profile:
+        """Build and validate a profile from its config table (see docs).
+
+        Raises:
+            ConfigError: unknown key, wrong type, impossible parameter, or a transform
+                that does not apply to ``output`` (named in the message).
+        """
+        where = f"defense profile {name!r}"
+        if not isinstance(mapping, Mapping):
+            raise ConfigError(f"{where} must be a table, got {type(mapping).__name__}")
+        unknown = sorted(set(mapping) - _KEYS)
+        if unknown:
+            raise ConfigError(
+                f"{where}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(_KEYS))}"
+            )
+        m = dict(mapping)
+        if "output" in m and m["output"] != output.kind.value:
+            raise ConfigError(
+                f"{where} is for {m['output']!r} outputs but the model's output is "
+                f"{output.kind.value!r}"
+            )
+        try:
+            coarsen = _table(m, "coarsen", where, {"input_scale", "relative_step"}) or {}
+            noise = _table(m, "noise", where, {"dist", "scale"})
+            rs = _table(m, "reverse_sigmoid", where, {"beta", "gamma"})
+            top_k_v = m.get("top_k")
+            if isinstance(top_k_v, int) and not isinstance(top_k_v, bool):
+                top_k_v = {"k": top_k_v}
+            top_k = _table({"top_k": top_k_v}, "top_k", where, {"k", "mode"})
+            rnd_v = m.get("round")
+            if isinstance(rnd_v, int) and not isinstance(rnd_v, bool):
+                rnd_v = {"decimals": rnd_v}
+            rnd = _table({"round": rnd_v}, "round", where, {"decimals"})
+            wm_v = m.get("watermark")
+            wm = _table(
+                {"watermark": {} if wm_v is True else wm_v},
+                "watermark",
+                where,
+                {"fraction", "margin"},
+            )
+            return cls(
+                name=name,
+                output=output,
+                coarsener=Coarsener.from_scale(
+                    input_scale=coarsen.get("input_scale", 1.0),
+                    relative_step=coarsen.get("relative_step", DEFAULT_RELATIVE_STEP),
+                ),
+                noise=(
+                    KeyedNoise(noise.get("dist", "gaussian"), noise["scale"])
+                    if noise is not None
+                    else None
+                ),
+                reverse_sigmoid=ReverseSigmoid(rs["beta"], rs["gamma"]) if rs is not None else None,
+                renormalise=_flag(m, "renormalise", where),
+                preserve_top1=_flag(m, "preserve_top1", where),
+                top_k=TopK(top_k["k"], top_k.get("mode", "zero")) if top_k is not None else None,
+                round=Round(rnd["decimals"]) if rnd is not None else None,
+                label_only=_flag(m, "label_only", where),
+                watermark_fraction=(
+                    check_fraction(wm.get("fraction", DEFAULT_FRACTION)) if wm is not None else None
+                ),
+                watermark_margin=(
+                    _number(wm.get("margin", DEFAULT_SCORE_MARGIN), "watermark.margin")
+                    if wm is not None
+                    else DEFAULT_SCORE_MARGIN
+                ),
+            )
+        except ConfigError as exc:
+            if exc.message.startswith(where):
+                raise
+            raise ConfigError(f"{where}: {exc.message}") from exc
+        except KeyError as exc:
+            raise ConfigError(f"{where}: missing required key {exc.args[0]!r}") from exc
+
+    @classmethod
+    def default(cls, output: OutputSpec, *, name: str = "default", **overrides: Any) -> Profile:
+        """The default profile (:data:`DEFAULT_PROFILE`) adapted to ``output``.
+
+        ``overrides`` replace top-level keys (e.g. ``coarsen={"input_scale": 16}``).
+        """
+        mapping = dict(DEFAULT_PROFILE)
+        if output.kind is not OutputKind.PROBABILITIES:
+            mapping.pop("renormalise")
+        mapping.update(overrides)
+        return cls.from_mapping(name, mapping, output=output)
+
+    @property
+    def keyed(self) -> bool:
+        return self.noise is not None or self.watermark_fraction is not None
+
+    def check_output_shape(self, shape: tuple[int, ...]) -> None:
+        """Check a model output shape (batch axis first, -1 allowed) against the profile.
+
+        Raises:
+            ConfigError: the shape does not fit the profile's output kind.
+        """
+        if self.output.is_score:
+            ok = len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)
+        else:
+            ok = len(shape) == 2 and shape[1] == self.output.num_classes
+        if not ok:
+            raise ConfigError(
+                f"defense profile {self.name!r} expects a {self.output.kind.value} output "
+                f"with {self.output.num_classes} value(s) per row; the model gives {shape}"
+            )
+
+    def describe(self) -> dict[str, Any]:
+        """A JSON-able description for the workload manifest. Holds no secret."""
+        steps: list[dict[str, Any]] = []
+        if self.watermark_fraction is not None:
+            wm: dict[str, Any] = {"step": "watermark", "fraction": self.watermark_fraction}
+            if self.output.is_score:
+                wm["margin"] = self.watermark_margin
+            steps.append(wm)
+        if self.noise is not None:
+            steps.append(
+                {"step": "keyed_noise", "dist": self.noise.dist, "scale": self.noise.scale}
+            )
+        if self.reverse_sigmoid is not None:
+            rs = self.reverse_sigmoid
+            steps.append({"step": "reverse_sigmoid", "beta": rs.beta, "gamma": rs.gamma})
+        if self.renormalise:
+            steps.append({"step": "renormalise"})
+        if self.preserve_top1:
+            steps.append({"step": "preserve_top1"})
+        if self.top_k is not None:
+            steps.append({"step": "top_k", "k": self.top_k.k, "mode": self.top_k.mode})
+        if self.round is not None:
+            steps.append({"step": "round", "decimals": self.round.decimals})
+        if self.label_only:
+            steps.append({"step": "label_only"})
+        return {
+            "name": self.name,
+            "output": self.output.describe(),
+            "coarsen": self.coarsener.describe(),
+            "keying": "hmac-sha256",
+            "steps": steps,
+        }
+
+    def bind(self, *, key: bytes | None, ledger: WatermarkLedger | None = None) -> BoundProfile:
+        """Attach the root secret (from sealed state) and the watermark ledger.
+
+        Raises:
+            ConfigError: the profile needs a key (noise, watermark) and ``key`` is
+                missing or shorter than 16 bytes, or it watermarks and ``ledger`` is None.
+        """
+        if self.keyed and (key is None or len(key) < 16):
+            raise ConfigError(
+                f"defense profile {self.name!r} uses keyed noise or a watermark and needs a "
+                "secret key of at least 16 bytes from sealed state"
+            )
+        if self.watermark_fraction is not None and ledger is None:
+            raise ConfigError(
+                f"defense profile {self.name!r} watermarks answers and needs a ledger"
+            )
+        return BoundProfile(self, key=key or b"", ledger=ledger)
+
+
+def _table(m: Mapping[str, Any], key: str, where: str, allowed: set[str]) -> dict[str, Any] | None:
+    """The sub-table ``key`` (None when absent or false), with its keys checked."""
+    v = m.get(key)
+    if v is None or v is False:
+        return None
+    if not isinstance(v, Mapping):
+        raise ConfigError(f"{where}: {key} must be a table, got {v!r}")
+    unknown = sorted(set(v) - allowed)
+    if unknown:
+        raise ConfigError(f"{where}: unknown key(s) in {key}: {', '.join(unknown)}")
+    return dict(v)
+
+
+def _number(v: Any, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not math.isfinite(v):
+        raise ConfigError(f"{name} must be a number, got {v!r}")
+    return float(v)
+
+
+def _flag(m: Mapping[str, Any], key: str, where: str) -> bool:
+    v = m.get(key, False)
+    if not isinstance(v, bool):
+        raise ConfigError(f"{where}: {key} must be true or false, got {v!r}")
+    return v
+
+
+class BoundProfile:
+    """A profile with its secrets, ready for :meth:`apply`. Precomputes everything.
+
+    The hot path calls numpy ufuncs and array methods directly (not the Python-level
+    wrappers such as ``np.clip``) because a batch of one is the common case and the
+    whole step has a budget of a few tens of microseconds.
+    """
+
+    def __init__(self, profile: Profile, *, key: bytes, ledger: WatermarkLedger | None) -> None:
+        self.profile = profile
+        self._noise_key = derive_key(key, "noise") if profile.noise is not None else b""
+        self._noise_table = profile.noise.table() if profile.noise is not None else None
+        self._ledger = ledger
+        self._watermark = (
+            Watermark(
+                key=derive_key(key, "watermark"),
+                fraction=profile.watermark_fraction,
+                output=profile.output,
+                margin=profile.watermark_margin,
+            )
+            if profile.watermark_fraction is not None
+            else None
+        )
+        out = profile.output
+        self._unit = profile.round.unit if profile.round is not None else 0.0
+        self._decimals = profile.round.decimals if profile.round is not None else None
+        self._score = out.is_score
+        self._prob = out.kind is OutputKind.PROBABILITIES
+        self._t = out.threshold
+        if self._prob:
+            self._lo, self._hi = 0.0, 1.0
+        elif out.bounds is not None:
+            self._lo, self._hi = out.bounds
+        else:
+            self._lo, self._hi = -math.inf, math.inf
+        self._bounded = math.isfinite(self._lo) or math.isfinite(self._hi)
+        # 0-d arrays: ufuncs take them about twice as fast as Python floats.
+        self._lo_a, self._hi_a = np.array(self._lo), np.array(self._hi)
+        self._width = 1 if out.is_score else out.num_classes
+        self._need_cells = profile.noise is not None or self._watermark is not None
+
+    def describe(self) -> dict[str, Any]:
+        return self.profile.describe()
+
+    def apply(
+        self, outputs: np.ndarray, *, inputs: np.ndarray, account: str, model: str
+    ) -> Release:
+        """:meth:`apply_at_time` at the current time."""
+        return self.apply_at_time(
+            outputs, inputs=inputs, account=account, model=model, now=time.time()
+        )
+
+    def apply_at_time(
+        self, outputs: np.ndarray, *, inputs: np.ndarray, account: str, model: str, now: float
+    ) -> Release:
+        """Perturb and watermark one batch of model outputs; record marks in the ledger.
+
+        ``inputs`` are the model inputs of the same batch (one row per output row;
+        for a model with several input tensors, pass them flattened and concatenated
+        per row). They key the noise and the watermark through the coarsener.
+
+        Raises:
+            ConfigError: the outputs do not have the shape the profile was built for,
+                or the batch sizes of inputs and outputs differ.
+        """
+        p = self.profile
+        raw = np.asarray(outputs)
+        shape = raw.shape
+        if self._score:
+            if not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+                p.check_output_shape(shape)
+        elif len(shape) != 2 or shape[1] != self._width:
+            p.check_output_shape(shape)
+        x = raw.astype(np.float64)  # always a copy: never write into the engine's buffer
+        if self._score:
+            x = x.reshape(-1)
+        n = shape[0]
+        if len(inputs) != n:
+            raise ConfigError(f"batch mismatch: {len(inputs)} inputs but {n} outputs")
+        cells = p.coarsener.row_bytes(inputs) if self._need_cells else []
+        marks: Marks | None = None
+        if self._watermark is not None:
+            marks = self._watermark.apply(x, model, cells)
+        # Rows whose top-1 must come out as it goes in: all of them (preserve_top1) or
+        # the marked ones (a watermark answer must keep its alternative label).
+        enforce: np.ndarray | None = None
+        if p.preserve_top1:
+            enforce = _ALL
+        elif marks is not None:
+            enforce = marks.selected
+        target: np.ndarray | None = None
+        if enforce is not None:
+            target = (x > self._t) if self._score else x.argmax(axis=1)
+        if p.noise is not None:
+            prefix = (
+                len(account).to_bytes(4, "big")
+                + account.encode()
+                + len(model).to_bytes(4, "big")
+                + model.encode()
+            )
+            key = self._noise_key
+            digests = [hmac.digest(key, prefix + c, "sha256") for c in cells]
+            assert self._noise_table is not None
+            x += p.noise.sample(digests, self._width, self._noise_table).reshape(x.shape)
+            if self._bounded and not p.renormalise:  # renormalise clips below itself
+                self._clip(x)
+        if p.reverse_sigmoid is not None:
+            if self._score:
+                x = p.reverse_sigmoid(np.stack([1.0 - x, x], axis=1))[:, 1]
+            else:
+                x = p.reverse_sigmoid(x)
+        if p.renormalise:
+            np.maximum(x, _ZERO, out=x)
+            total = np.add.reduce(x, axis=1, keepdims=True)
+            if total.min() > 0:
+                x /= total
+            else:
+                x = np.divide(x, total, out=np.full_like(x, 1.0 / self._width), where=total > 0)
+        if target is not None and enforce is not None and p.top_k is not None:
+            # Before top-k, so that the top-1 is among the k kept values.
+            self._enforce(x, target, enforce, 0.0)
+        indices = None
+        form: Literal["full", "top_k", "label"] = "full"
+        if p.top_k is not None and p.top_k.k < self._width:
+            order = np.argsort(-x, axis=1, kind="stable")[:, : p.top_k.k]
+            if p.top_k.mode == "omit":
+                x = np.take_along_axis(x, order, axis=1)
+                indices, form = order, "top_k"
+            else:
+                kept = np.zeros_like(x)
+                np.put_along_axis(kept, order, np.take_along_axis(x, order, axis=1), axis=1)
+                x = kept
+        if self._decimals is not None:
+            x = x.round(self._decimals)
+        if target is not None and enforce is not None and indices is None:
+            # Swapping commutes with rounding, so one check at the end suffices; ties
+            # that rounding created are broken by one rounding unit.
+            self._enforce(x, target, enforce, self._unit)
+        values: np.ndarray
+        if p.label_only:
+            form = "label"
+            values = (x > self._t).astype(np.int64) if self._score else x.argmax(axis=1)
+        elif self._score:
+            values = x.reshape(shape)
+        else:
+            values = x
+        if marks is None:
+            return Release(
+                values=values, marked=np.zeros(n, dtype=bool), form=form, indices=indices
+            )
+        if self._ledger is not None:
+            self._record(marks, values, indices, inputs, cells, account, model, now)
+        return Release(values=values, marked=marks.selected, form=form, indices=indices)
+
+    def _clip(self, x: np.ndarray) -> None:
+        np.minimum(x, self._hi_a, out=x)
+        np.maximum(x, self._lo_a, out=x)
+
+    def _enforce(self, x: np.ndarray, target: np.ndarray, rows: np.ndarray, unit: float) -> None:
+        """Make ``target`` the top-1 (or the threshold side) of the given rows, in place."""
+        if self._score:
+            t = self._t
+            wrong = (x > t) != target
+            if rows is not _ALL:
+                wrong &= rows
+            if not wrong.any():
+                return
+            bad = np.flatnonzero(wrong)
+            x[bad] = 2 * t - x[bad]
+            if self._bounded:
+                self._clip(x)
+            still = bad[(x[bad] > t) != target[bad]]
+            # Reflection landed on t itself (or a bound clipped it): step just across.
+            step = max(unit, 1e-9)
+            x[still] = np.where(target[still], t + step, t - step)
+            return
+        am = x.argmax(axis=1)
+        wrong = am != target
+        if rows is not _ALL:
+            wrong &= rows
+        if not wrong.any():
+            return
+        bad = np.flatnonzero(wrong)
+        tb, ab = target[bad], am[bad]
+        hi = x[bad, ab]
+        x[bad, ab] = x[bad, tb]
+        x[bad, tb] = hi
+        # A tie with a lower index still wins argmax: lower the tied competitors by one
+        # unit (staying in range), or lift the top-1 when they cannot go lower.
+        for r in bad[x[bad].argmax(axis=1) != target[bad]]:
+            t = target[r]
+            m = x[r, t]
+            lower = m - unit if unit > 0 else np.nextafter(m, -np.inf)
+            ties = x[r] >= m
+            ties[t] = False
+            if lower >= self._lo:
+                x[r, ties] = lower
+            else:
+                x[r, t] = m + unit if unit > 0 else np.nextafter(m, np.inf)
+
+    def _record(
+        self,
+        marks: Marks,
+        values: np.ndarray,
+        indices: np.ndarray | None,
+        inputs: np.ndarray,
+        cells: list[bytes],
+        account: str,
+        model: str,
+        now: float,
+    ) -> None:
+        assert self._ledger is not None
+        inp = np.asarray(inputs)
+        kind = "score" if self._score else "class"
+        entries = []
+        for r in np.flatnonzero(marks.selected):
+            answer = np.asarray(values[r], dtype=np.float64).reshape(-1)
+            if indices is not None:
+                answer = np.stack([indices[r].astype(np.float64), answer])
+            entries.append(
+                LedgerEntry(
+                    account=account,
+                    time=now,
+                    model=model,
+                    input=inp[r].copy(),
+                    answer=answer,
+                    label=int(marks.labels[r]),
+                    original=int(marks.original[r]),
+                    prior=float(marks.prior[r]),
+                    kind=kind,
+                    threshold=self._t,
+                    cell=hashlib.sha256(cells[r]).hexdigest()[:32],
+                )
+            )
+        self._ledger.extend(entries)

@@ -1,0 +1,371 @@
+"""Proving a watermark on a suspect model, and comparing a suspect with the original.
+
+:func:`verify` replays the ledger's inputs to a suspect and tests whether it
+reproduces the watermark labels more often than a model that never saw them would.
+
+How the chance rate is estimated (and why it is honest)
+-------------------------------------------------------
+For a classifier with ``C >= 3`` classes the watermark label of an entry is the
+original top-1 plus a keyed offset drawn uniformly from ``1 .. C-1`` (HMAC-SHA256,
+independent of the selection bits). A model that never saw our answers cannot know that
+offset. So, *conditionally on the suspect's own labels*, on every entry where the suspect
+disagrees with the original top-1 it hits the watermark label with probability exactly
+``1 / (C - 1)``, and where it agrees it cannot hit it. Entries that share a coarsened
+cell share one offset, so they are counted once. The number of matches of an innocent
+model is then Binomial(m, 1/(C-1)) with ``m`` its count of disagreeing cells: an exact
+null distribution ("key randomisation"), with no assumption about how the innocent
+model was trained. The chance rate reported is ``m / (n (C-1))``, the match rate expected
+by chance given the suspect's disagreements; the p-value is the one-sided
+``scipy.stats.binomtest(k, m, 1/(C-1), alternative="greater")``.
+
+For scores and two-class outputs the alternative is forced (the other side), so the
+label carries no key randomness; the evidence is *which* inputs were flipped. There the
+chance rate is the rate at which the suspect disagrees with the original on ``controls``
+(natural inputs from the same distribution that were not marked), taken at the upper
+end of its exact 99% confidence interval (Clopper-Pearson), and the test is
+``binomtest(k, n, chance)``. Without controls no honest estimate exists and
+:func:`verify` refuses.
+
+Optional ``references`` (independently trained models) are run through the same test
+and reported: they are a visible check that the test makes no false claim.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+from scipy.stats import binomtest
+
+from sealserve.defense.watermark import LedgerEntry, WatermarkLedger
+from sealserve.errors import ConfigError, InputError
+
+__all__ = [
+    "DEFAULT_ALPHA",
+    "Predict",
+    "ProbeAgreement",
+    "ReplicaReport",
+    "VerifyReport",
+    "boundary_inputs",
+    "replica_check",
+    "to_labels",
+    "verify",
+]
+
+Predict = Callable[[np.ndarray], np.ndarray]
+"""A suspect: inputs (batch, ...) -> labels (batch,) or probabilities/scores."""
+
+DEFAULT_ALPHA = 1e-6
+_CONTROL_CONFIDENCE = 0.99
+
+
+def to_labels(pred: np.ndarray, *, kind: str = "class", threshold: float = 0.5) -> np.ndarray:
+    """Turn a predictor's output into labels.
+
+    Integer 1-D output is taken as labels; 2-D output with several columns as
+    scores/probabilities (argmax); for ``kind="score"`` a single column or 1-D float
+    output is compared with ``threshold``.
+
+    Raises:
+        InputError: the output has a shape that gives no label per row.
+    """
+    a = np.asarray(pred)
+    if a.ndim == 1 and a.dtype.kind in "biu":
+        return a.astype(np.int64)
+    if a.ndim == 2 and a.shape[1] > 1:
+        am: np.ndarray = np.argmax(a, axis=1).astype(np.int64)
+        return am
+    if kind == "score" and (a.ndim == 1 or (a.ndim == 2 and a.shape[1] == 1)):
+        return (a.reshape(-1) > threshold).astype(np.int64)
+    if a.ndim == 1 and a.dtype.kind == "f" and np.all(a == np.round(a)):
+        return a.astype(np.int64)
+    raise InputError(f"the suspect returned an output of shape {a.shape} that is not labels")
+
+
+def _predict_labels(
+    predict: Predict, inputs: np.ndarray, kind: str, threshold: float
+) -> np.ndarray:
+    labels = to_labels(predict(inputs), kind=kind, threshold=threshold)
+    if labels.shape != (len(inputs),):
+        raise InputError(f"the suspect returned {labels.shape[0]} answers for {len(inputs)} inputs")
+    return labels
+
+
+@dataclass(frozen=True)
+class ReferenceResult:
+    matches: int
+    p_value: float
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """Outcome of :func:`verify`. ``watermark_present`` is ``p_value < alpha``."""
+
+    model: str | None
+    account: str | None
+    entries: int
+    cells: int
+    matches: int
+    match_rate: float
+    chance_rate: float
+    chance_method: str
+    trials: int
+    trial_probability: float
+    p_value: float
+    alpha: float
+    watermark_present: bool
+    references: list[ReferenceResult] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=2, sort_keys=True)
+
+    def render(self) -> str:
+        who = self.account if self.account is not None else "all accounts"
+        verdict = (
+            "WATERMARK PRESENT: the suspect reproduces our watermark answers"
+            if self.watermark_present
+            else "no evidence of the watermark at this threshold"
+        )
+        lines = [
+            f"Watermark verification: model {self.model or '(all)'}, ledger entries of {who}",
+            f"  entries replayed      {self.entries} ({self.cells} distinct cells)",
+            f"  matches               {self.matches} ({self.match_rate:.2%})",
+            f"  chance rate           {self.chance_rate:.4%} ({self.chance_method})",
+            f"  binomial test         k={self.matches} of n={self.trials}, "
+            f"p0={self.trial_probability:.4g}",
+            f"  p-value (one-sided)   {self.p_value:.3g}  (threshold {self.alpha:g})",
+            f"  verdict               {verdict}",
+        ]
+        for i, r in enumerate(self.references):
+            lines.append(f"  reference model {i + 1:<5} matches {r.matches}, p = {r.p_value:.3g}")
+        return "\n".join(lines)
+
+
+def _dedupe(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+    seen: set[tuple[str, str]] = set()
+    out = []
+    for e in entries:
+        key = (e.model, e.cell) if e.cell else (e.model, str(id(e)))
+        if key not in seen:
+            seen.add(key)
+            out.append(e)
+    return out
+
+
+def _stack_inputs(entries: Sequence[LedgerEntry]) -> np.ndarray:
+    shapes = {e.input.shape for e in entries}
+    if len(shapes) != 1:
+        raise InputError(
+            f"ledger inputs have several shapes {sorted(shapes)}; verify one model at a time"
+        )
+    return np.stack([e.input for e in entries])
+
+
+def verify(
+    ledger: WatermarkLedger,
+    suspect: Predict,
+    *,
+    model: str | None = None,
+    account: str | None = None,
+    num_classes: int | None = None,
+    original: Predict | None = None,
+    controls: np.ndarray | None = None,
+    references: Sequence[Predict] = (),
+    alpha: float = DEFAULT_ALPHA,
+) -> VerifyReport:
+    """Replay the ledger (optionally one model's / one account's entries) to ``suspect``.
+
+    ``num_classes`` is the class count of the watermarked model (default: inferred
+    from the suspect's probability output, else the largest label seen + 1, which can
+    only undercount and so only makes the test more conservative).
+    ``original`` and ``controls`` are needed for score / two-class ledgers (see the
+    module docstring).
+
+    Raises:
+        InputError: no matching entries, mixed models or input shapes, or a suspect
+            output that is not one label per input.
+        ConfigError: a score / two-class ledger without ``original`` and ``controls``,
+            or ``alpha`` outside (0, 1).
+    """
+    if not 0 < alpha < 1:
+        raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
+    all_entries = ledger.entries(account=account, model=model)
+    if not all_entries:
+        raise InputError("the ledger holds no watermark entries for this model/account")
+    models = {e.model for e in all_entries}
+    if len(models) > 1:
+        raise InputError(f"the ledger mixes models {sorted(models)}; choose one with model=")
+    entries = _dedupe(all_entries)
+    kind, threshold = entries[0].kind, entries[0].threshold
+    inputs = _stack_inputs(entries)
+    wm = np.array([e.label for e in entries], dtype=np.int64)
+    orig = np.array([e.original for e in entries], dtype=np.int64)
+    raw = np.asarray(suspect(inputs))
+    labels = _predict_labels(lambda _: raw, inputs, kind, threshold)
+    if num_classes is None:
+        num_classes = (
+            raw.shape[1]
+            if raw.ndim == 2 and raw.shape[1] > 1
+            else max(int(wm.max()), int(orig.max()), int(labels.max())) + 1
+        )
+    n = len(entries)
+    k = int(np.sum(labels == wm))
+
+    def test(lab: np.ndarray, p0: float | None) -> tuple[int, int, float, float]:
+        hits = int(np.sum(lab == wm))
+        if p0 is None:  # key randomisation
+            trials, p = int(np.sum(lab != orig)), 1.0 / (num_classes - 1)
+        else:
+            trials, p = n, p0
+        pv = float(binomtest(hits, trials, p, alternative="greater").pvalue) if trials else 1.0
+        return hits, trials, p, pv
+
+    if kind == "class" and num_classes >= 3:
+        method = "key randomisation: 1/(C-1) on cells where the suspect leaves the top-1"
+        _, trials, p0, pv = test(labels, None)
+        chance = trials * p0 / n
+        ref_p0: float | None = None
+    else:
+        if original is None or controls is None or len(controls) == 0:
+            raise ConfigError(
+                "a score or two-class watermark has no key randomness in its label; give "
+                "original= and controls= (unmarked natural inputs) to estimate the chance rate"
+            )
+        o = _predict_labels(original, controls, kind, threshold)
+        s = _predict_labels(suspect, controls, kind, threshold)
+        dis = int(np.sum(o != s))
+        ci = binomtest(dis, len(controls)).proportion_ci(_CONTROL_CONFIDENCE, method="exact")
+        chance = float(min(max(ci.high, 1.0 / (len(controls) + 1)), 1.0))
+        method = (
+            f"suspect/original disagreement on {len(controls)} controls, "
+            f"{_CONTROL_CONFIDENCE:.0%} upper bound"
+        )
+        _, trials, p0, pv = test(labels, chance)
+        ref_p0 = chance
+    refs = []
+    for ref in references:
+        rl = _predict_labels(ref, inputs, kind, threshold)
+        hits, _, _, rpv = test(rl, ref_p0)
+        refs.append(ReferenceResult(hits, rpv))
+    return VerifyReport(
+        model=entries[0].model,
+        account=account,
+        entries=len(all_entries),
+        cells=n,
+        matches=k,
+        match_rate=k / n,
+        chance_rate=float(chance),
+        chance_method=method,
+        trials=trials,
+        trial_probability=float(p0),
+        p_value=pv,
+        alpha=alpha,
+        watermark_present=bool(pv < alpha),
+        references=refs,
+    )
+
+
+# -- replica check -------------------------------------------------------------------
+
+
+def boundary_inputs(predict_proba: Predict, candidates: np.ndarray, *, count: int) -> np.ndarray:
+    """The ``count`` candidates with the smallest top-1/top-2 probability margin."""
+    p = np.asarray(predict_proba(candidates), dtype=np.float64)
+    if p.ndim != 2 or p.shape[1] < 2:
+        raise InputError("boundary_inputs needs a predictor that returns class probabilities")
+    top2 = np.sort(p, axis=1)[:, -2:]
+    order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
+    return candidates[order[:count]]
+
+
+@dataclass(frozen=True)
+class ProbeAgreement:
+    """Top-1 agreement of the suspect with the original on one probe set, and what
+    independently trained reference models reach (mean and max)."""
+
+    probe: str
+    size: int
+    agreement: float
+    baseline_mean: float | None
+    baseline_max: float | None
+
+    @property
+    def exceeds_baseline(self) -> bool:
+        return self.baseline_max is not None and self.agreement > self.baseline_max
+
+
+@dataclass(frozen=True)
+class ReplicaReport:
+    """Outcome of :func:`replica_check`. ``replica_likely`` when the suspect agrees with
+    the original beyond every reference on the boundary probes (where independent
+    models disagree most) or on the watermark probes."""
+
+    probes: list[ProbeAgreement]
+    replica_likely: bool
+
+    def to_json(self) -> str:
+        body: dict[str, Any] = {
+            "probes": [asdict(p) | {"exceeds_baseline": p.exceeds_baseline} for p in self.probes],
+            "replica_likely": self.replica_likely,
+        }
+        return json.dumps(body, indent=2, sort_keys=True)
+
+    def render(self) -> str:
+        lines = ["Replica check: top-1 agreement with the original", ""]
+        lines.append(f"  {'probe set':<12} {'n':>6} {'suspect':>8} {'indep. mean':>12} {'max':>6}")
+        for p in self.probes:
+            bm = "-" if p.baseline_mean is None else f"{p.baseline_mean:.1%}"
+            bx = "-" if p.baseline_max is None else f"{p.baseline_max:.1%}"
+            flag = "  <- above every independent model" if p.exceeds_baseline else ""
+            lines.append(f"  {p.probe:<12} {p.size:>6} {p.agreement:>8.1%} {bm:>12} {bx:>6}{flag}")
+        lines.append("")
+        lines.append(
+            "  verdict: "
+            + ("the suspect behaves like a replica" if self.replica_likely else "no replica signal")
+        )
+        return "\n".join(lines)
+
+
+def replica_check(
+    original: Predict,
+    suspect: Predict,
+    probes: Mapping[str, np.ndarray],
+    *,
+    references: Sequence[Predict] = (),
+    baseline: Mapping[str, float] | None = None,
+    kind: str = "class",
+    threshold: float = 0.5,
+) -> ReplicaReport:
+    """Compare ``suspect`` with ``original`` on named probe sets (for example
+    ``"watermark"``, ``"boundary"``, ``"natural"``).
+
+    The baseline for each set is the agreement of independently trained ``references``
+    with the original (mean and max); without references, ``baseline`` gives fixed
+    values measured once (used as both mean and max). Independent models agree on
+    natural inputs almost as much as a replica does; the boundary and watermark sets
+    are where a replica stands out.
+
+    Raises:
+        InputError: an empty probe set or a predictor output that is not labels.
+    """
+    results = []
+    for name, x in probes.items():
+        if len(x) == 0:
+            raise InputError(f"probe set {name!r} is empty")
+        o = _predict_labels(original, x, kind, threshold)
+        agree = float(np.mean(_predict_labels(suspect, x, kind, threshold) == o))
+        rates = [float(np.mean(_predict_labels(r, x, kind, threshold) == o)) for r in references]
+        bmean: float | None
+        bmax: float | None
+        if rates:
+            bmean, bmax = float(np.mean(rates)), float(np.max(rates))
+        elif baseline is not None and name in baseline:
+            bmean = bmax = float(baseline[name])
+        else:
+            bmean = bmax = None
+        results.append(ProbeAgreement(name, len(x), agree, bmean, bmax))
+    likely = any(p.exceeds_baseline for p in results if p.probe in ("boundary", "watermark"))
+    return ReplicaReport(results, likely)
