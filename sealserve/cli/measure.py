@@ -27,14 +27,19 @@ def register(sub: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from sealserve.enclave.manifest import code_digest
-    from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
+    from sealserve.server.manifest import (
+        build_manifest,
+        expected_hardening,
+        measure_entries,
+        simulated_measurement,
+    )
     from sealserve.server.repository import scan_repository
     from sealserve.server.settings import Settings
 
     settings = Settings.load(args.config)
     code = code_digest()
     models = measure_entries(scan_repository(settings.model_repository))
-    manifest = build_manifest(settings, models, code=code)
+    manifest = build_manifest(settings, models, code=code, hardening=expected_hardening(settings))
     digest = manifest.digest().hex()
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2, sort_keys=True))

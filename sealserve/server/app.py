@@ -26,7 +26,8 @@ from sealserve.defense.guard import Guard
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.store import StateStore
 from sealserve.defense.store_factory import open_store
-from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
+from sealserve.enclave.hardening import HardeningReport, harden_process
+from sealserve.enclave.manifest import WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.errors import UnavailableError
 from sealserve.server.admin_service import AdminServicer
@@ -34,8 +35,9 @@ from sealserve.server.attestation_service import AttestationServicer
 from sealserve.server.auth_interceptor import AuthInterceptor
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.engine import Engine
-from sealserve.server.manifest import build_manifest, simulated_measurement
+from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
 from sealserve.server.metrics import Metrics
+from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import ModelEntry, scan_repository
 from sealserve.server.servicer import InferenceServicer
 from sealserve.server.settings import Settings
@@ -113,8 +115,11 @@ class Server:
         *,
         entries: list[ModelEntry] | None = None,
         authenticator: Authenticator | None = None,
+        hardening: HardeningReport | None = None,
     ) -> None:
         self.settings = settings
+        self.hardening = hardening
+        self.keys = KeyProvider(broker=settings.key_broker)
         self.metrics = Metrics()
         self.engine = Engine(self.metrics, threads=settings.engine.intra_op_threads)
         self.store: StateStore | None = None
@@ -186,9 +191,13 @@ class Server:
         else:
             log.warning("authentication is OFF (unsafe_disable_auth): anyone may call every RPC")
         entries = (
-            self._entries if self._entries is not None else scan_repository(s.model_repository)
+            self._entries
+            if self._entries is not None
+            else scan_repository(s.model_repository, keys=self.keys)
         )
-        self.engine.load(entries)
+        # What will be served, measured before anything is decrypted: encrypted models'
+        # digests come from their headers, and decryption refuses any other plaintext.
+        measured = measure_entries(entries)
         if not s.unsafe_plaintext:
             if s.tls_cert_file is not None and s.tls_key_file is not None:
                 self.tls = TlsIdentity.from_files(s.tls_cert_file, s.tls_key_file)
@@ -197,8 +206,9 @@ class Server:
         code = code_digest()
         self.manifest = build_manifest(
             s,
-            [ModelMeasurement(m.info.name, m.info.version, m.sha256) for m in self.engine.loaded],
+            measured,
             code=code,
+            hardening=self._hardening_json(),
         )
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         self.platform = select_platform(s, code)
@@ -220,6 +230,12 @@ class Server:
             )
         elif self.platform is not None:
             log.warning("attestation is off: it binds the TLS key, and TLS is off")
+        self.keys.bind(
+            platform=self.platform if self.tls is not None else None,
+            tls_spki=self.tls.spki_der if self.tls is not None else b"",
+            manifest=self.manifest.to_bytes(),
+            hpke_private_key=self.hpke_private_key,
+        )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.plane, self.metrics), self._server
         )
@@ -238,6 +254,16 @@ class Server:
             creds = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
             self.port = self._server.add_secure_port(address, creds)
         await self._server.start()
+        for name in ("", INFERENCE_SERVICE):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        # Keys may come from the broker (retries with backoff) and decryption is CPU
+        # work: load off the event loop, while health answers NOT_SERVING.
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(None, self.engine.load, entries, measured)
+        except BaseException:
+            await self._server.stop(0)
+            raise
         self.plane.set_ready(True)
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -251,6 +277,13 @@ class Server:
             "plaintext" if self.tls is None else f"TLS, spki sha256 {self.tls.spki_sha256}",
         )
         return self.port
+
+    def _hardening_json(self) -> dict[str, str]:
+        # Outcomes only (not details), so an auditor can predict them: see
+        # server.manifest.EXPECTED_HARDENING.
+        if self.hardening is None:
+            return {}
+        return {step.name: step.status for step in self.hardening.steps}
 
     async def wait(self) -> None:
         await self._server.wait_for_termination()
@@ -279,8 +312,13 @@ class Server:
 
 
 async def serve(settings: Settings, *, ready_file: Path | None = None) -> None:
-    """Run a server until SIGINT/SIGTERM, then stop gracefully."""
-    server = Server(settings)
+    """Harden the process, run a server until SIGINT/SIGTERM, then stop gracefully."""
+    report = None
+    if settings.harden_process:
+        report = harden_process()
+        for step in report.steps:
+            log.info("hardening: %s %s (%s)", step.name, step.status, step.detail)
+    server = Server(settings, hardening=report)
     await server.start()
     if ready_file is not None:
         server.write_ready_file(ready_file)

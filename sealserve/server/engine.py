@@ -11,16 +11,17 @@ import hashlib
 import logging
 import statistics
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import onnxruntime as ort
 
+from sealserve.enclave.manifest import ModelMeasurement
 from sealserve.errors import ConfigError, NotFoundError
 from sealserve.server.batcher import Batcher
 from sealserve.server.metrics import Metrics
-from sealserve.server.repository import ModelEntry
+from sealserve.server.repository import FileModelSource, ModelEntry
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo, TensorSpec
 from sealserve.tensors import ORT_TO_OIP
 
@@ -42,7 +43,13 @@ class LoadedModel:
     """An onnxruntime session for one model version, with its OIP metadata."""
 
     def __init__(
-        self, entry: ModelEntry, model_bytes: bytes, *, versions: tuple[str, ...], threads: int
+        self,
+        entry: ModelEntry,
+        model_bytes: bytes,
+        *,
+        versions: tuple[str, ...],
+        threads: int,
+        sha256: str,
     ) -> None:
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = entry.config.intra_op_threads or threads
@@ -74,7 +81,7 @@ class LoadedModel:
         )
         self.entry = entry
         self.output_names = [s.name for s in outputs]
-        self.sha256 = hashlib.sha256(model_bytes).hexdigest()
+        self.sha256 = sha256
 
     def run(self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = ()) -> list[np.ndarray]:
         """Run the session on onnxruntime-ready inputs (BYTES as str arrays); returns
@@ -114,14 +121,34 @@ class Engine:
         self._latest: dict[str, str] = {}
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sealserve-ort")
 
-    def load(self, entries: list[ModelEntry]) -> None:
-        """Load every entry (reading bytes through its source). Raises ConfigError."""
+    def load(
+        self, entries: list[ModelEntry], measured: Sequence[ModelMeasurement] | None = None
+    ) -> None:
+        """Load every entry (reading bytes through its source).
+
+        ``measured``: the digests the workload manifest announced; a plaintext model
+        whose bytes changed since is refused (encrypted models are checked by
+        decryption against their header). Raises ConfigError, SealedFormatError,
+        KeyReleaseError.
+        """
+        expected = {(m.name, m.version): m.sha256 for m in measured or ()}
         by_model: dict[str, list[str]] = {}
         for e in entries:
             by_model.setdefault(e.name, []).append(e.version)
         for e in entries:
             versions = tuple(sorted(by_model[e.name], key=int))
-            model = LoadedModel(e, e.source.read(), versions=versions, threads=self._threads)
+            data = e.source.read()
+            digest = expected.get((e.name, e.version))
+            if digest is None or isinstance(e.source, FileModelSource):
+                actual = hashlib.sha256(data).hexdigest()
+                if digest is not None and actual != digest:
+                    raise ConfigError(
+                        f"model {e.name} version {e.version} changed on disk after it was "
+                        "measured; restart to serve the new bytes"
+                    )
+                digest = actual
+            model = LoadedModel(e, data, versions=versions, threads=self._threads, sha256=digest)
+            del data
             key = (e.name, e.version)
             self._models[key] = model
             self._batchers[key] = Batcher(model, e.config.batching, self._executor, self._metrics)

@@ -16,6 +16,20 @@ from sealserve.server.settings import Settings
 _SIM_LABEL = b"sealserve-simulated-launch-measurement-v1"
 
 
+# What `sealserve measure` assumes a correctly deployed server reports. A server whose
+# hardening did not fully apply publishes another manifest, and policies pinning the
+# expected digest refuse it: an operator must see, not paper over, a weaker process.
+EXPECTED_HARDENING = {
+    "no_core_dumps": "applied",
+    "not_dumpable": "applied",
+    "memory_locked": "applied",
+}
+
+
+def expected_hardening(settings: Settings) -> dict[str, str]:
+    return dict(EXPECTED_HARDENING) if settings.harden_process else {}
+
+
 def simulated_measurement(code: str) -> bytes:
     """48 bytes, like SEV-SNP's MEASUREMENT, derived from the installed code's digest."""
     return hashlib.sha384(_SIM_LABEL + bytes.fromhex(code)).digest()
