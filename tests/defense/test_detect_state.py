@@ -52,7 +52,7 @@ def test_corrupted_blob_is_a_store_failure(blob: bytes, why: str) -> None:
 def test_detector_refuses_corrupted_state() -> None:
     store = MemoryBlobStore()
     det = PradaDetector(PradaConfig(n_features=4, n_classes=2), store)
-    store.put_blob("detect/prada/m/a", b"garbage", None)
+    store.put_blob("detect/prada/m/a", b"garbage", ttl_s=None)
     with pytest.raises(UnavailableError, match="detect/prada/m/a"):
         det.observe_at_time("a", "m", [0, 0, 0, 0], 0, now=0)
 
@@ -60,8 +60,8 @@ def test_detector_refuses_corrupted_state() -> None:
 def test_memory_store_is_a_blob_store_with_ttl() -> None:
     store = MemoryBlobStore()
     assert isinstance(store, BlobStore)
-    store.put_blob("a", b"1", None)
-    store.put_blob("b", b"2", 0.0)
+    store.put_blob("a", b"1", ttl_s=None)
+    store.put_blob("b", b"2", ttl_s=0.0)
     assert store.get_blob("a") == b"1"
     assert store.get_blob("b") is None
     assert store.get_blob("missing") is None

@@ -166,7 +166,7 @@ class PradaDetector:
             # 1. the first query of a class starts its growing set.
             members = x16[None, :]
             added[c] += 1
-            self.store.put_blob(ckey, pack_arrays(_KIND_CLASS, [members]), cfg.ttl_s)
+            self.store.put_blob(ckey, pack_arrays(_KIND_CLASS, [members]), ttl_s=cfg.ttl_s)
         else:
             # 2. minimum distance to the class's growing set (in float16-rounded space,
             # so an exact repeat is exactly 0).
@@ -196,7 +196,7 @@ class PradaDetector:
                     j = random.randrange(int(added[c]))  # reservoir sampling
                     if j < self._cap:
                         members[j] = x16
-                self.store.put_blob(ckey, pack_arrays(_KIND_CLASS, [members]), cfg.ttl_s)
+                self.store.put_blob(ckey, pack_arrays(_KIND_CLASS, [members]), ttl_s=cfg.ttl_s)
         # 4. Shapiro-Wilk on the (trimmed) distance set.
         n_valid = int(min(counters[_ND], cfg.max_distances))
         due = counters[_SINCE] >= cfg.test_every or last[-1] < 0
@@ -204,7 +204,7 @@ class PradaDetector:
             last[:-1] = last[1:]
             last[-1] = _shapiro_w(ring[:n_valid])
             counters[_SINCE] = 0
-        self.store.put_blob(key, pack_arrays(_KIND_HEADER, [meta, ring]), cfg.ttl_s)
+        self.store.put_blob(key, pack_arrays(_KIND_HEADER, [meta, ring]), ttl_s=cfg.ttl_s)
         return self._score(last, counters, note="")
 
     def _load_header(self, key: str) -> list[npt.NDArray[Any]]:

@@ -56,7 +56,7 @@ class BlobStore(Protocol):
 
     def get_blob(self, key: str) -> bytes | None: ...
 
-    def put_blob(self, key: str, value: bytes, ttl_s: float | None) -> None: ...
+    def put_blob(self, key: str, value: bytes, *, ttl_s: float | None) -> None: ...
 
 
 class MemoryBlobStore:
@@ -77,7 +77,7 @@ class MemoryBlobStore:
                 return None
             return value
 
-    def put_blob(self, key: str, value: bytes, ttl_s: float | None) -> None:
+    def put_blob(self, key: str, value: bytes, *, ttl_s: float | None) -> None:
         expires = None if ttl_s is None else time.monotonic() + ttl_s
         with self._lock:
             self._data[key] = (bytes(value), expires)

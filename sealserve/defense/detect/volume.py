@@ -100,7 +100,7 @@ class VolumeDetector:
         if age > -cfg.buckets:  # a late report from another replica still counts if recent
             counts[slot % cfg.buckets] += 1
         meta[0] += 1
-        self.store.put_blob(key, pack_arrays(_KIND, [meta, counts]), cfg.ttl_s)
+        self.store.put_blob(key, pack_arrays(_KIND, [meta, counts]), ttl_s=cfg.ttl_s)
         recent, total = int(counts.sum()), int(meta[0])
         s_rate = _ramp(recent, cfg.normal_per_window, cfg.burst_per_window)
         s_total = _ramp(total, cfg.normal_total, cfg.flag_total)

@@ -1,0 +1,320 @@
+"""Build the output defenses from ``[defense]`` (composition root helper).
+
+Secrets come from sealed state in ``defense.state_dir``: the defense root key (noise
+and watermark), the audit signing key and the watermark ledger are sealed with a key
+derived from the attestation platform and bound to the measurement. Without a
+platform they are generated in memory for this process only (logged loudly).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from sealserve.defense.audit import AuditKey, AuditLog
+from sealserve.defense.detect import (
+    DetectorSuite,
+    DistributionConfig,
+    DistributionDetector,
+    PradaConfig,
+    PradaDetector,
+    VolumeConfig,
+    VolumeDetector,
+)
+from sealserve.defense.detect.state import BlobStore, MemoryBlobStore
+from sealserve.defense.outputs import OutputSpec
+from sealserve.defense.perturb import Profile, derive_key
+from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.release import ModelDefense, OutputDefenses, Responses
+from sealserve.defense.response import ResponsePolicy
+from sealserve.defense.watermark import WatermarkLedger
+from sealserve.enclave.platform import Platform
+from sealserve.enclave.sealed_state import SealedBox, SealedFile
+from sealserve.errors import ConfigError
+from sealserve.server.engine import Engine
+
+log = logging.getLogger("sealserve.defense")
+
+
+class ModelDefenseConfig(BaseModel):
+    """``[defense.models.NAME]``: which tensors the defenses act on, and how."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    input: str | None = Field(default=None, description="Input tensor (default: all).")
+    output: str = Field(description="Output tensor the profile rewrites.")
+    output_kind: str = Field(default="probabilities", description="probabilities|logits|score")
+    label: str | None = Field(default=None, description="Output recomputed as argmax.")
+    profile: str = Field(default="default", description="Profile name, or 'none'.")
+    tiers: dict[str, str] = Field(default_factory=dict, description="tier -> profile name")
+    detection: bool = Field(default=True)
+    reference: Path | None = Field(
+        default=None, description="npz with 'x': honest inputs for the distribution detector."
+    )
+    prada: dict[str, Any] = Field(default_factory=dict)
+    distribution: dict[str, Any] = Field(default_factory=dict)
+    volume: dict[str, Any] = Field(default_factory=dict)
+
+
+class AuditConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    enabled: bool = True
+    dir: Path = Path("audit")
+    checkpoint_every: int = Field(default=1000, ge=1)
+    checkpoint_interval_s: float = Field(default=60.0, gt=0)
+
+
+class DefenseConfig(BaseModel):
+    """``[defense]``; validated at load, built at start (needs the models' metadata)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    state_dir: Path | None = Field(default=None, description="Sealed state directory.")
+    throttle_factor: float = Field(default=0.1, gt=0, lt=1)
+    challenge_difficulty: int = Field(default=16, ge=1, le=32)
+    response: dict[str, Any] | None = None
+    audit: AuditConfig = AuditConfig()
+    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    models: dict[str, ModelDefenseConfig] = Field(default_factory=dict)
+
+    @classmethod
+    def parse(cls, data: dict[str, Any], *, base: Path) -> DefenseConfig:
+        try:
+            cfg = cls.model_validate(data)
+        except ValidationError as exc:
+            from sealserve.server.settings import format_validation_error
+
+            raise ConfigError("[defense]: " + format_validation_error(exc)) from exc
+        if cfg.response is not None:
+            ResponsePolicy.from_mapping(cfg.response)
+        for name, m in cfg.models.items():
+            for p in (m.profile, *m.tiers.values()):
+                if p not in ("none", "default") and p not in cfg.profiles:
+                    raise ConfigError(f"[defense.models.{name}] names unknown profile {p!r}")
+        return cfg._relative(base)
+
+    def _relative(self, base: Path) -> DefenseConfig:
+        def fix(p: Path | None) -> Path | None:
+            return None if p is None or p.is_absolute() else base / p
+
+        models = {
+            n: m.model_copy(update={"reference": fix(m.reference) or m.reference})
+            for n, m in self.models.items()
+        }
+        audit = self.audit.model_copy(update={"dir": fix(self.audit.dir) or self.audit.dir})
+        return self.model_copy(
+            update={"state_dir": fix(self.state_dir) or self.state_dir, "models": models,
+                    "audit": audit}
+        )  # fmt: skip
+
+
+@dataclass
+class SealedState:
+    """Secrets kept at rest under the platform's sealing key (or in memory only)."""
+
+    platform: Platform | None
+    directory: Path | None
+    ephemeral: bool = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.ephemeral = self.platform is None or self.directory is None
+        if self.ephemeral:
+            log.warning(
+                "defense secrets are EPHEMERAL (no attestation platform or no "
+                "defense.state_dir): noise keys, watermark ledger and audit key live only "
+                "in this process"
+            )
+        elif self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+    def _file(self, name: str) -> SealedFile | None:
+        if self.ephemeral or self.platform is None or self.directory is None:
+            return None
+        label = f"sealserve/{name}/v1".encode()
+        return SealedFile(self.directory / name, SealedBox(self.platform.sealing_key(label)),
+                          label=label)  # fmt: skip
+
+    def secret(self, name: str, make: Any) -> bytes:
+        """The sealed secret ``name``, created with ``make()`` on first use."""
+        f = self._file(name)
+        if f is None:
+            return bytes(make())
+        if f.exists():
+            return f.read()
+        value = bytes(make())
+        f.write(value)
+        return value
+
+    def save_ledger(self, ledger: WatermarkLedger) -> None:
+        f = self._file("watermark-ledger")
+        if f is not None:
+            f.write(ledger.to_bytes())
+
+    def load_ledger(self) -> WatermarkLedger:
+        f = self._file("watermark-ledger")
+        if f is None or not f.exists():
+            return WatermarkLedger()
+        return WatermarkLedger.from_bytes(f.read())
+
+
+def _spec(kind: str, width: int) -> OutputSpec:
+    if kind == "probabilities":
+        return OutputSpec.probabilities(width)
+    if kind == "logits":
+        return OutputSpec.logits(width)
+    if kind == "score":
+        return OutputSpec.score()
+    raise ConfigError(f"output_kind must be probabilities, logits or score, not {kind!r}")
+
+
+@dataclass
+class BuiltDefenses:
+    release: OutputDefenses
+    manifest: dict[str, Any]
+    ledger: WatermarkLedger
+    state: SealedState
+    audit_key: AuditKey | None
+
+
+def build_defenses(
+    cfg: DefenseConfig,
+    *,
+    engine: Engine,
+    store: BlobStore | None,
+    quota: QuotaGuard | None,
+    platform: Platform | None,
+) -> BuiltDefenses:
+    """Profiles, detectors, response policy and audit log for the loaded models.
+
+    Raises ConfigError naming the model and key for anything that cannot apply.
+    """
+    state = SealedState(platform, cfg.state_dir)
+    root = state.secret("defense-root-key", lambda: os.urandom(32))
+    ledger = state.load_ledger()
+    blobs: BlobStore = store if store is not None else MemoryBlobStore()
+    if store is None:
+        log.warning("detector state is per-process (no state store configured)")
+    models: dict[str, ModelDefense] = {}
+    manifest: dict[str, Any] = {}
+    for name, mc in cfg.models.items():
+        try:
+            loaded = engine.resolve(name)
+        except Exception as exc:
+            raise ConfigError(f"[defense.models.{name}]: no such model is served") from exc
+        info = loaded.info
+        outs = {s.name: s for s in info.outputs}
+        if mc.output not in outs:
+            raise ConfigError(f"[defense.models.{name}] output {mc.output!r} is not an output")
+        if mc.label is not None and mc.label not in outs:
+            raise ConfigError(f"[defense.models.{name}] label {mc.label!r} is not an output")
+        width = outs[mc.output].shape[-1] if len(outs[mc.output].shape) > 1 else 1
+        spec = _spec(mc.output_kind, max(width, 1))
+        n_features = _input_width(info, mc.input)
+        profiles = {}
+        described = {}
+        for tier, pname in [(None, mc.profile), *mc.tiers.items()]:
+            if pname == "none":
+                continue
+            profile = (
+                Profile.default(spec, name="default")
+                if pname == "default" and "default" not in cfg.profiles
+                else Profile.from_mapping(pname, cfg.profiles[pname], output=spec)
+            )
+            key = derive_key(root, f"{name}/{pname}")
+            profiles[tier] = profile.bind(key=key, ledger=ledger)
+            described[tier or "*"] = profile.describe()
+        suite = None
+        if mc.detection:
+            suite = _suite(mc, name, n_features, spec.num_classes, blobs, loaded)
+        only = info.inputs[0].name if len(info.inputs) == 1 else ""
+        models[name] = ModelDefense(
+            model=name,
+            input_name=mc.input or only,
+            output_name=mc.output,
+            label_name=mc.label,
+            profiles=profiles,
+            suite=suite,
+        )
+        manifest[name] = {
+            "output": mc.output,
+            "profiles": described,
+            "detection": mc.detection,
+        }
+    audit_key = None
+    audit = None
+    if cfg.audit.enabled:
+        audit_key = AuditKey.from_private_bytes(
+            state.secret("audit-key", lambda: AuditKey.generate().to_private_bytes())
+        )
+        cfg.audit.dir.mkdir(parents=True, exist_ok=True)
+        audit = AuditLog.open(
+            cfg.audit.dir, audit_key, checkpoint_every=cfg.audit.checkpoint_every,
+            checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
+        )  # fmt: skip
+        if cfg.state_dir is not None:
+            (cfg.state_dir / "audit-public.pem").write_bytes(audit_key.public_key_pem())
+    policy = ResponsePolicy.from_mapping(cfg.response) if cfg.response else ResponsePolicy.default()
+    responses = Responses(policy, cfg.throttle_factor, cfg.challenge_difficulty)
+    release = OutputDefenses(models, responses=responses, quota=quota, audit=audit)
+    summary = {
+        "models": manifest,
+        "response": {
+            "throttle_factor": cfg.throttle_factor,
+            "challenge_difficulty": cfg.challenge_difficulty,
+            "policy": cfg.response or "default",
+        },  # fmt: skip
+        "audit_public_key": audit_key.fingerprint if audit_key else None,
+        "secrets": "ephemeral" if state.ephemeral else "sealed",
+    }
+    return BuiltDefenses(release, summary, ledger, state, audit_key)
+
+
+def _input_width(info: Any, name: str | None) -> int:
+    width = 0
+    for s in info.inputs:
+        if name is not None and s.name != name:
+            continue
+        dims = [d for d in s.shape[1:]]
+        if any(d < 0 for d in dims):
+            raise ConfigError(f"input {s.name!r} has dynamic feature dims: detectors need fixed")
+        width += int(np.prod(dims)) if dims else 1
+    if width == 0:
+        raise ConfigError(f"input {name!r} not found")
+    return width
+
+
+def _suite(
+    mc: ModelDefenseConfig, model: str, n_features: int, n_classes: int, blobs: BlobStore,
+    loaded: Any,
+) -> DetectorSuite:  # fmt: skip
+    detectors: list[Any] = [
+        PradaDetector(PradaConfig.from_mapping(
+            {"n_features": n_features, "n_classes": n_classes, **mc.prada}), blobs),
+        VolumeDetector(VolumeConfig.from_mapping(mc.volume), blobs),
+    ]  # fmt: skip
+    if mc.reference is not None:
+        try:
+            with np.load(mc.reference) as data:
+                ref = np.asarray(data["x"], dtype=np.float64)
+        except (OSError, KeyError, ValueError) as exc:
+            raise ConfigError(f"[defense.models.{model}] reference {mc.reference}: {exc}") from exc
+        ref = ref.reshape(len(ref), -1)
+        feed = {loaded.info.inputs[0].name: ref.astype(loaded.info.inputs[0].dtype)}
+        outs = loaded.run(feed)
+        probs = outs[[s.name for s in loaded.info.outputs].index(mc.output)]
+        labels = np.argmax(probs, axis=1) if probs.ndim == 2 else (probs.reshape(-1) >= 0.5)
+        detectors.insert(1, DistributionDetector(
+            DistributionConfig.from_mapping(
+                {"n_features": n_features, "n_classes": n_classes, **mc.distribution}),
+            blobs, ref, reference_labels=np.asarray(labels, dtype=np.int64),
+        ))  # fmt: skip
+    else:
+        log.warning("model %s: no reference sample: the distribution detector is off", model)
+    return DetectorSuite(detectors)
