@@ -25,6 +25,7 @@ SUBCOMMANDS: tuple[str, ...] = (
     "measure",
     "verify",
     "token",
+    "health",
 )
 
 EXIT_OK = 0
