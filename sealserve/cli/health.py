@@ -67,16 +67,34 @@ def _tls_name(cert_pem: bytes) -> str | None:
     return (names or ips or [None])[0]
 
 
+def _presented_certificate(target: str, timeout: float) -> bytes:
+    """The certificate ``target`` presents, PEM, unverified. Raises UnavailableError.
+
+    Not ``sealserve.client.attested.fetch_certificate``: importing the SDK pulls in
+    numpy, which would triple the cost of a probe that runs every few seconds.
+    """
+    import ssl
+
+    from sealserve.errors import UnavailableError
+
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        raise UnavailableError(f"target {target!r} is not HOST:PORT")
+    try:
+        return ssl.get_server_certificate((host.strip("[]"), int(port)), timeout=timeout).encode()
+    except (OSError, ssl.SSLError) as exc:
+        raise UnavailableError(f"cannot fetch the TLS certificate of {target}: {exc}") from exc
+
+
 def _channel(args: argparse.Namespace) -> Any:
     """A channel to --target as the flags ask. Raises SealserveError subclasses."""
     import grpc
 
-    from sealserve.client.attested import fetch_certificate
     from sealserve.errors import ConfigError
 
     if args.plaintext:
         return grpc.insecure_channel(args.target)
-    presented = fetch_certificate(args.target, timeout=args.timeout)
+    presented = _presented_certificate(args.target, args.timeout)
     if args.ca_file is not None:
         try:
             roots = args.ca_file.read_bytes()
