@@ -63,8 +63,8 @@ def _tls_name(cert_pem: bytes) -> str | None:
     except (ValueError, x509.ExtensionNotFound):
         return None
     names = sans.get_values_for_type(x509.DNSName)
-    ips = [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
-    return (names or ips or [None])[0]
+    names += [str(ip) for ip in sans.get_values_for_type(x509.IPAddress)]
+    return names[0] if names else None
 
 
 def _presented_certificate(target: str, timeout: float) -> bytes:

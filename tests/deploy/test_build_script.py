@@ -1,65 +1,37 @@
 """deploy/build.sh -- the Dockerfile's build logic -- installs a server that works.
 
-One build per session (about 20 s with a warm pip cache, 1-2 min cold; pip may fetch
-from the package index). The installed server then runs from its own virtualenv, with
-nothing of this source tree on its path, and talks to the test over loopback only.
+One build per session (the ``installed`` fixture in conftest.py: about 20 s with a warm
+pip cache, 1-2 min cold; pip may fetch from the package index). The installed server
+then runs from its own virtualenv, with nothing of this source tree on its path, and
+talks to the test over loopback only.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from sealserve.enclave.manifest import code_digest
+from tests.deploy.conftest import Installed, image_env
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
-@dataclass(frozen=True)
-class Build:
-    prefix: Path
-    wheels: Path
-    log: str
-
-    @property
-    def site(self) -> Path:
-        (site,) = (self.prefix / "lib").glob("python3*/site-packages")
-        return site
-
-
-def _image_env() -> dict[str, str]:
-    """The environment of the image: no PYTHONPATH into this tree, no byte-code writes."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
-    env["PYTHONDONTWRITEBYTECODE"] = "1"
-    return env
-
-
 @pytest.fixture(scope="module")
-def build(tmp_path_factory: pytest.TempPathFactory) -> Build:
-    tmp = tmp_path_factory.mktemp("build")
-    prefix, wheels = tmp / "opt-sealserve", tmp / "wheels"
-    out = subprocess.run(
-        ["bash", str(ROOT / "deploy" / "build.sh"), "--prefix", str(prefix),
-         "--wheel-dir", str(wheels), "--python", sys.executable],
-        env=_image_env(), capture_output=True, text=True, timeout=900, check=False,
-    )  # fmt: skip
-    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return Build(prefix, wheels, out.stdout)
+def build(installed: Installed) -> Installed:
+    return installed
 
 
-def test_installs_the_wheel_with_the_server_extra(build: Build) -> None:
+def test_installs_the_wheel_with_the_server_extra(build: Installed) -> None:
     (wheel,) = build.wheels.glob("sealserve-*.whl")
     assert wheel.name == "sealserve-0.1.0-py3-none-any.whl"
     for line in ("    sealserve==0.1.0", "    onnxruntime==", "    grpcio-health-checking=="):
@@ -68,14 +40,14 @@ def test_installs_the_wheel_with_the_server_extra(build: Build) -> None:
     assert (build.site / "onnxruntime").is_dir()
 
 
-def test_strips_what_a_server_does_not_need(build: Build) -> None:
+def test_strips_what_a_server_does_not_need(build: Installed) -> None:
     assert not list(build.prefix.rglob("__pycache__"))
     assert not list(build.site.glob("*/tests"))  # e.g. numpy/tests, scipy's
     assert not (build.prefix / "bin" / "pip").exists()
     assert not list(build.site.glob("pip")) and not list(build.site.glob("setuptools"))
 
 
-def test_reports_the_code_digest_of_what_it_installed(build: Build) -> None:
+def test_reports_the_code_digest_of_what_it_installed(build: Installed) -> None:
     printed = re.search(r"code digest ([0-9a-f]{64})", build.log)
     assert printed is not None, build.log
     installed = code_digest(build.site / "sealserve")
@@ -106,7 +78,7 @@ def test_usage_error() -> None:
 
 @pytest.fixture(scope="module")
 def served(
-    build: Build, tmp_path_factory: pytest.TempPathFactory, sim_root: Path
+    build: Installed, tmp_path_factory: pytest.TempPathFactory, sim_root: Path
 ) -> Iterator[tuple[str, Path, bytes]]:
     from sealserve import demo
 
@@ -122,7 +94,7 @@ def served(
     proc = subprocess.Popen(
         [str(build.prefix / "bin" / "sealserve"), "serve", "--config", str(cfg),
          "--ready-file", str(ready)],
-        cwd=tmp, env=_image_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        cwd=tmp, env=image_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
     )  # fmt: skip
     deadline = time.monotonic() + 120
     while not ready.exists():
@@ -136,15 +108,15 @@ def served(
     assert proc.wait(30) == 0
 
 
-def _installed(build: Build, *args: str) -> subprocess.CompletedProcess[str]:
+def _installed(build: Installed, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(build.prefix / "bin" / "sealserve"), *args],
-        env=_image_env(), capture_output=True, text=True, timeout=120, check=False,
+        env=image_env(), capture_output=True, text=True, timeout=120, check=False,
     )  # fmt: skip
 
 
 def test_installed_server_answers_health_and_inference(
-    build: Build, served: tuple[str, Path, bytes]
+    build: Installed, served: tuple[str, Path, bytes]
 ) -> None:
     from sealserve import demo
     from sealserve.client import Client
@@ -160,7 +132,7 @@ def test_installed_server_answers_health_and_inference(
 
 
 def test_installed_server_attests_to_what_its_measure_predicts(
-    build: Build, served: tuple[str, Path, bytes], sim_root: Path, tmp_path: Path
+    build: Installed, served: tuple[str, Path, bytes], sim_root: Path, tmp_path: Path
 ) -> None:
     target, cfg, _ = served
     policy = tmp_path / "policy.toml"

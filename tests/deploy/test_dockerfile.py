@@ -79,7 +79,10 @@ def test_multi_stage_with_the_tested_build_script() -> None:
     builder, final = _stages()
     assert builder[0] == ("FROM", "python:3.11-slim-trixie AS builder")
     assert final[0] == ("FROM", "python:3.11-slim-trixie")
-    assert ("RUN", "bash deploy/build.sh --prefix /opt/sealserve --wheel-dir /src/wheels") in builder
+    assert (
+        "RUN",
+        "bash deploy/build.sh --prefix /opt/sealserve --wheel-dir /src/wheels",
+    ) in builder
     # The runtime stage gets exactly the virtualenv from the builder, and builds nothing.
     copies = [args for word, args in final if word == "COPY"]
     assert copies == ["--from=builder /opt/sealserve /opt/sealserve"]
