@@ -42,6 +42,8 @@ RUN bash deploy/build.sh --prefix /opt/sealserve --wheel-dir /src/wheels
 FROM python:3.11-slim-trixie
 
 # A fixed, unprivileged uid/gid so that volume ownership and Kubernetes runAsUser agree.
+# The state directory is group-writable: on a confidential VM the server runs as uid 0
+# without capabilities (configfs-tsm, see docs/deploy.md) and group 10001.
 # pip, setuptools and wheel of the base image go: nothing installs at run time.
 RUN groupadd --system --gid 10001 sealserve \
  && useradd --system --uid 10001 --gid 10001 --no-create-home \
@@ -49,7 +51,8 @@ RUN groupadd --system --gid 10001 sealserve \
  && python -m pip uninstall -q -y pip setuptools wheel \
  && rm -rf /root/.cache /usr/local/bin/pip* \
  && mkdir -p /etc/sealserve /models /var/lib/sealserve \
- && chown 10001:10001 /var/lib/sealserve
+ && chown 10001:10001 /var/lib/sealserve \
+ && chmod 0770 /var/lib/sealserve
 
 COPY --from=builder /opt/sealserve /opt/sealserve
 
