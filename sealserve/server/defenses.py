@@ -269,7 +269,7 @@ def build_defenses(
             "throttle_factor": cfg.throttle_factor,
             "challenge_difficulty": cfg.challenge_difficulty,
             "policy": cfg.response or "default",
-        },  # fmt: skip
+        },
         "audit_public_key": audit_key.fingerprint if audit_key else None,
         "secrets": "ephemeral" if state.ephemeral else "sealed",
     }
