@@ -255,7 +255,9 @@ class DistributionDetector:
         counters[2] += is_out  # outliers in the window, kept running
         counters[0] += 1
         counters[1] = (pos + 1) % cfg.window
-        self.store.put_blob(key, pack_arrays(_KIND, [counters, outl, bins, counts]), ttl_s=cfg.ttl_s)
+        self.store.put_blob(
+            key, pack_arrays(_KIND, [counters, outl, bins, counts]), ttl_s=cfg.ttl_s
+        )
         return self._score(counters, outl, counts, note="")
 
     def _load(self, key: str) -> list[npt.NDArray[Any]]:
