@@ -26,6 +26,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from sealserve.defense.audit import load_public_key, public_key_fingerprint
     from sealserve.enclave.manifest import code_digest
     from sealserve.server.manifest import (
         build_manifest,
@@ -39,7 +40,18 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config)
     code = code_digest()
     models = measure_entries(scan_repository(settings.model_repository))
-    manifest = build_manifest(settings, models, code=code, hardening=expected_hardening(settings))
+    extra = {}
+    defense = settings.defense_config()
+    if defense is not None and defense.audit.enabled:
+        pem = defense.state_dir / "audit-public.pem" if defense.state_dir else None
+        if pem is not None and pem.is_file():
+            extra["audit_public_key"] = public_key_fingerprint(load_public_key(pem.read_bytes()))
+        else:
+            print("warning: the audit key is made at the server's first start; run measure "
+                  "again afterwards (it reads defense.state_dir/audit-public.pem)")  # fmt: skip
+    manifest = build_manifest(
+        settings, models, code=code, hardening=expected_hardening(settings), extra=extra
+    )
     digest = manifest.digest().hex()
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2, sort_keys=True))

@@ -16,6 +16,7 @@ import numpy as np
 
 from sealserve.defense.peer import peer_address
 from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.release import OutputDefenses
 from sealserve.defense.store import Remaining
 
 ANONYMOUS = "anonymous"
@@ -40,8 +41,11 @@ class ProofOfWork:
 class Guard:
     """Admission and release for every inference request. ``quota`` None: no limits."""
 
-    def __init__(self, *, quota: QuotaGuard | None = None) -> None:
+    def __init__(
+        self, *, quota: QuotaGuard | None = None, output: OutputDefenses | None = None
+    ) -> None:
         self.quota = quota
+        self.output = output
 
     def caller(
         self,
@@ -85,5 +89,8 @@ class Guard:
         self, caller: Caller, model: str, inputs: Mapping[str, np.ndarray],
         outputs: dict[str, np.ndarray],
     ) -> dict[str, np.ndarray]:  # fmt: skip
-        """The outputs to send back (unchanged until the output defenses are configured)."""
-        return outputs
+        """The outputs to send back: detection, perturbation, watermark and audit run
+        here when configured. Raises UnavailableError (state store down)."""
+        if self.output is None:
+            return outputs
+        return self.output.release(caller.account, caller.tier, model, inputs, outputs)

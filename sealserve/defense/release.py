@@ -79,12 +79,15 @@ class OutputDefenses:
         quota: QuotaGuard | None = None,
         audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
+        on_marked: Callable[[], None] | None = None,
     ) -> None:
         self.models = dict(models)
         self.responses = responses
         self.quota = quota
         self.audit = audit
         self._clock = clock
+        # Called after an answer carried the watermark (persist the sealed ledger).
+        self.on_marked = on_marked
 
     def release(
         self,
@@ -106,7 +109,9 @@ class OutputDefenses:
         if d is not None and d.output_name is not None and d.output_name in outputs:
             profile = d.profile_for(tier)
             if profile is not None:
-                outputs = _apply(profile, d, outputs, x, account, model, now)
+                outputs, marked = _apply(profile, d, outputs, x, account, model, now)
+                if marked and self.on_marked is not None:
+                    self.on_marked()
         if self.audit is not None:
             self.audit.append_query_at_time(
                 now,
@@ -209,7 +214,7 @@ def _apply(
     account: str,
     model: str,
     now: float,
-) -> dict[str, np.ndarray]:
+) -> tuple[dict[str, np.ndarray], bool]:
     assert d.output_name is not None
     original = outputs[d.output_name]
     rel = profile.apply_at_time(original, inputs=x, account=account, model=model, now=now)
@@ -230,4 +235,4 @@ def _apply(
             out[f"{d.output_name}_label"] = labels
     if d.label_name is not None and d.label_name in out and labels is not None:
         out[d.label_name] = labels.astype(out[d.label_name].dtype)
-    return out
+    return out, bool(np.any(rel.marked))

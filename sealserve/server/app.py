@@ -8,6 +8,7 @@ import logging
 import os
 import signal
 from pathlib import Path
+from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -34,6 +35,7 @@ from sealserve.server.admin_service import AdminServicer
 from sealserve.server.attestation_service import AttestationServicer
 from sealserve.server.auth_interceptor import AuthInterceptor
 from sealserve.server.dataplane import DataPlane
+from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
 from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
 from sealserve.server.metrics import Metrics
@@ -120,6 +122,7 @@ class Server:
         self.settings = settings
         self.hardening = hardening
         self.keys = KeyProvider(broker=settings.key_broker)
+        self.defense_secrets: DefenseSecrets | None = None
         self.metrics = Metrics()
         self.engine = Engine(self.metrics, threads=settings.engine.intra_op_threads)
         self.store: StateStore | None = None
@@ -204,14 +207,23 @@ class Server:
             else:
                 self.tls = TlsIdentity.generate(hostnames=ATTESTED_TLS_NAMES)
         code = code_digest()
+        self.platform = select_platform(s, code)
+        defense = s.defense_config()
+        extra: dict[str, Any] = {}
+        if defense is not None:
+            # Sealed secrets first: the manifest names the audit key.
+            sealing = self.platform if self.tls is not None else None
+            self.defense_secrets = DefenseSecrets.open(defense, sealing)
+            if self.defense_secrets.audit_key is not None:
+                extra["audit_public_key"] = self.defense_secrets.audit_key.fingerprint
         self.manifest = build_manifest(
             s,
             measured,
             code=code,
             hardening=self._hardening_json(),
+            extra=extra,
         )
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
-        self.platform = select_platform(s, code)
         if self.platform is not None and self.tls is not None:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
                 AttestationServicer(
@@ -261,6 +273,17 @@ class Server:
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(None, self.engine.load, entries, measured)
+            if defense is not None:
+                assert self.defense_secrets is not None
+                if self.store is None and any(m.detection for m in defense.models.values()):
+                    self.store = open_store(
+                        s.state_store, prefix=s.state_store_prefix,
+                        unsafe_fail_open=s.unsafe_fail_open,
+                    )  # fmt: skip
+                self.plane.guard.output = build_defenses(
+                    defense, self.defense_secrets, engine=self.engine, store=self.store,
+                    quota=self.plane.guard.quota,
+                )  # fmt: skip
         except BaseException:
             await self._server.stop(0)
             raise
@@ -293,6 +316,11 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
         self.engine.close()
+        output = self.plane.guard.output
+        if output is not None and output.audit is not None:
+            output.audit.close()
+        if self.defense_secrets is not None:
+            self.defense_secrets.save_ledger()
         if self.store is not None:
             self.store.close()
         if self.authenticator is not None:

@@ -175,34 +175,50 @@ def _spec(kind: str, width: int) -> OutputSpec:
 
 
 @dataclass
-class BuiltDefenses:
-    release: OutputDefenses
-    manifest: dict[str, Any]
-    ledger: WatermarkLedger
+class DefenseSecrets:
+    """What sealed state provides before the models load (the manifest needs the audit
+    key's fingerprint, and key release needs the manifest)."""
+
     state: SealedState
+    root_key: bytes
+    ledger: WatermarkLedger
     audit_key: AuditKey | None
+
+    @classmethod
+    def open(cls, cfg: DefenseConfig, platform: Platform | None) -> DefenseSecrets:
+        state = SealedState(platform, cfg.state_dir)
+        root = state.secret("defense-root-key", lambda: os.urandom(32))
+        audit_key = None
+        if cfg.audit.enabled:
+            audit_key = AuditKey.from_private_bytes(
+                state.secret("audit-key", lambda: AuditKey.generate().to_private_bytes())
+            )
+            if cfg.state_dir is not None:
+                cfg.state_dir.mkdir(parents=True, exist_ok=True)
+                (cfg.state_dir / "audit-public.pem").write_bytes(audit_key.public_key_pem())
+        return cls(state, root, state.load_ledger(), audit_key)
+
+    def save_ledger(self) -> None:
+        self.state.save_ledger(self.ledger)
 
 
 def build_defenses(
     cfg: DefenseConfig,
+    secrets: DefenseSecrets,
     *,
     engine: Engine,
     store: BlobStore | None,
     quota: QuotaGuard | None,
-    platform: Platform | None,
-) -> BuiltDefenses:
+) -> OutputDefenses:
     """Profiles, detectors, response policy and audit log for the loaded models.
 
     Raises ConfigError naming the model and key for anything that cannot apply.
     """
-    state = SealedState(platform, cfg.state_dir)
-    root = state.secret("defense-root-key", lambda: os.urandom(32))
-    ledger = state.load_ledger()
+    root, ledger = secrets.root_key, secrets.ledger
     blobs: BlobStore = store if store is not None else MemoryBlobStore()
     if store is None:
         log.warning("detector state is per-process (no state store configured)")
     models: dict[str, ModelDefense] = {}
-    manifest: dict[str, Any] = {}
     for name, mc in cfg.models.items():
         try:
             loaded = engine.resolve(name)
@@ -218,7 +234,6 @@ def build_defenses(
         spec = _spec(mc.output_kind, max(width, 1))
         n_features = _input_width(info, mc.input)
         profiles = {}
-        described = {}
         for tier, pname in [(None, mc.profile), *mc.tiers.items()]:
             if pname == "none":
                 continue
@@ -229,7 +244,6 @@ def build_defenses(
             )
             key = derive_key(root, f"{name}/{pname}")
             profiles[tier] = profile.bind(key=key, ledger=ledger)
-            described[tier or "*"] = profile.describe()
         suite = None
         if mc.detection:
             suite = _suite(mc, name, n_features, spec.num_classes, blobs, loaded)
@@ -242,38 +256,40 @@ def build_defenses(
             profiles=profiles,
             suite=suite,
         )
-        manifest[name] = {
-            "output": mc.output,
-            "profiles": described,
-            "detection": mc.detection,
-        }
-    audit_key = None
     audit = None
-    if cfg.audit.enabled:
-        audit_key = AuditKey.from_private_bytes(
-            state.secret("audit-key", lambda: AuditKey.generate().to_private_bytes())
-        )
+    if secrets.audit_key is not None:
         cfg.audit.dir.mkdir(parents=True, exist_ok=True)
         audit = AuditLog.open(
-            cfg.audit.dir, audit_key, checkpoint_every=cfg.audit.checkpoint_every,
+            cfg.audit.dir, secrets.audit_key, checkpoint_every=cfg.audit.checkpoint_every,
             checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
         )  # fmt: skip
-        if cfg.state_dir is not None:
-            (cfg.state_dir / "audit-public.pem").write_bytes(audit_key.public_key_pem())
     policy = ResponsePolicy.from_mapping(cfg.response) if cfg.response else ResponsePolicy.default()
     responses = Responses(policy, cfg.throttle_factor, cfg.challenge_difficulty)
-    release = OutputDefenses(models, responses=responses, quota=quota, audit=audit)
-    summary = {
-        "models": manifest,
-        "response": {
-            "throttle_factor": cfg.throttle_factor,
-            "challenge_difficulty": cfg.challenge_difficulty,
-            "policy": cfg.response or "default",
+    return OutputDefenses(
+        models, responses=responses, quota=quota, audit=audit, on_marked=secrets.save_ledger
+    )
+
+
+def describe(cfg: DefenseConfig) -> dict[str, Any]:
+    """The configured defenses for the workload manifest: no secrets, no paths, so
+    `sealserve measure` reproduces it from the config alone."""
+    return {
+        "profiles": cfg.profiles,
+        "models": {
+            name: {
+                "output": m.output, "output_kind": m.output_kind, "label": m.label,
+                "profile": m.profile, "tiers": m.tiers, "detection": m.detection,
+                "distribution_reference": m.reference is not None,
+                "prada": m.prada, "distribution": m.distribution, "volume": m.volume,
+            }
+            for name, m in cfg.models.items()
         },
-        "audit_public_key": audit_key.fingerprint if audit_key else None,
-        "secrets": "ephemeral" if state.ephemeral else "sealed",
-    }
-    return BuiltDefenses(release, summary, ledger, state, audit_key)
+        "response": cfg.response or "default",
+        "throttle_factor": cfg.throttle_factor,
+        "challenge_difficulty": cfg.challenge_difficulty,
+        "audit": cfg.audit.enabled,
+        "sealed_state": cfg.state_dir is not None,
+    }  # fmt: skip
 
 
 def _input_width(info: Any, name: str | None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -22,6 +22,9 @@ from pydantic_settings import (
 from sealserve.auth.settings import AuthSettings, IssuerSettings
 from sealserve.defense.limits import LimitsConfig
 from sealserve.errors import ConfigError
+
+if TYPE_CHECKING:
+    from sealserve.server.defenses import DefenseConfig
 
 
 class EngineSettings(BaseModel):
@@ -131,6 +134,13 @@ class Settings(BaseSettings):
             "step's outcome is recorded in the workload manifest)."
         ),
     )
+    defense: dict[str, Any] | None = Field(
+        default=None,
+        description=(
+            "Output defenses per model: perturbation profiles, watermark, extraction "
+            "detection, graduated responses, audit log ([defense]; docs/defenses.md)."
+        ),
+    )
     unsafe_disable_auth: bool = Field(
         default=False,
         description="Serve without authentication. Local experiments only; logged loudly.",
@@ -161,7 +171,20 @@ class Settings(BaseSettings):
                 self.limits_config()
             except ConfigError as exc:
                 raise ValueError(exc.message) from exc
+        if self.defense is not None:
+            try:
+                self.defense_config()
+            except ConfigError as exc:
+                raise ValueError(exc.message) from exc
         return self
+
+    def defense_config(self) -> DefenseConfig | None:
+        """The [defense] table validated (paths already made absolute by ``load``)."""
+        from sealserve.server.defenses import DefenseConfig
+
+        if self.defense is None:
+            return None
+        return DefenseConfig.parse(self.defense, base=Path.cwd())
 
     def limits_config(self) -> LimitsConfig | None:
         """The [limits] table validated; raises ConfigError naming the key."""
@@ -247,6 +270,8 @@ class Settings(BaseSettings):
             path = Path(self.state_store.removeprefix("sqlite://"))
             if not path.is_absolute():
                 update["state_store"] = f"sqlite://{base / path}"
+        if self.defense is not None:
+            update["defense"] = _absolute_defense_paths(self.defense, base)
         if self.auth is not None:
             auth = dict(self.auth)
             if "revocation_file" in auth and not Path(auth["revocation_file"]).is_absolute():
@@ -285,7 +310,42 @@ class Settings(BaseSettings):
             "state_store": self.state_store.split(":", 1)[0],
             "unsafe_fail_open": self.unsafe_fail_open,
             "key_broker": self.key_broker is not None,
+            "defense": _describe_defense(self.defense_config()),
         }  # fmt: skip
+
+
+def _absolute_defense_paths(defense: dict[str, Any], base: Path) -> dict[str, Any]:
+    out = dict(defense)
+
+    def fix(value: Any) -> Any:
+        return (
+            str(base / value) if isinstance(value, str) and not Path(value).is_absolute() else value
+        )
+
+    if "state_dir" in out:
+        out["state_dir"] = fix(out["state_dir"])
+    if isinstance(out.get("audit"), dict) and "dir" in out["audit"]:
+        out["audit"] = {**out["audit"], "dir": fix(out["audit"]["dir"])}
+    elif "audit" not in out or isinstance(out.get("audit"), dict):
+        out["audit"] = {**(out.get("audit") or {}), "dir": str(base / "audit")}
+    if isinstance(out.get("models"), dict):
+        out["models"] = {
+            k: (
+                {**v, "reference": fix(v["reference"])}
+                if isinstance(v, dict) and "reference" in v
+                else v
+            )
+            for k, v in out["models"].items()
+        }
+    return out
+
+
+def _describe_defense(cfg: Any) -> Any:
+    if cfg is None:
+        return None
+    from sealserve.server.defenses import describe
+
+    return describe(cfg)
 
 
 def format_validation_error(exc: ValidationError) -> str:
