@@ -7,6 +7,7 @@ features in 0..16, 10 classes). Writes:
 - sealserve/demo/models/digits/1/model.onnx   (input 'input' FP32 [-1, 64];
   outputs 'label' INT64 [-1] and 'probabilities' FP32 [-1, 10])
 - sealserve/demo/digits_holdout.npz           (held-out inputs and labels for the demo)
+- sealserve/demo/reference.npz                (500 training inputs: the detectors' reference)
 
 Needs the [dev] extra (scikit-learn, skl2onnx). Serving needs neither.
 """
@@ -54,6 +55,10 @@ def main() -> int:
     onx.producer_version = ""
     out.write_bytes(onx.SerializeToString())
     np.savez_compressed(DEMO / "digits_holdout.npz", x=x_test, y=y_test.astype(np.int64))
+    # A sample of natural inputs for the distribution detector's reference (drawn from
+    # the training split, so it never overlaps the held-out data honest traffic uses).
+    pick = np.random.default_rng(SEED).choice(len(x_train), size=500, replace=False)
+    np.savez_compressed(DEMO / "reference.npz", x=x_train[np.sort(pick)])
     print(f"wrote {out} ({out.stat().st_size} bytes); held-out accuracy {acc:.4f}")
     return 0
 

@@ -19,3 +19,8 @@ def holdout() -> tuple[np.ndarray, np.ndarray]:
     with resources.files("sealserve.demo").joinpath("digits_holdout.npz").open("rb") as f:
         data = np.load(f)
         return data["x"].astype(np.float32), data["y"].astype(np.int64)
+
+
+def reference_path() -> Path:
+    """500 natural training inputs (npz, key 'x'): the distribution detector's reference."""
+    return Path(str(resources.files("sealserve.demo") / "reference.npz"))

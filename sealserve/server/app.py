@@ -212,8 +212,7 @@ class Server:
         extra: dict[str, Any] = {}
         if defense is not None:
             # Sealed secrets first: the manifest names the audit key.
-            sealing = self.platform if self.tls is not None else None
-            self.defense_secrets = DefenseSecrets.open(defense, sealing)
+            self.defense_secrets = DefenseSecrets.open(defense, self.platform)
             if self.defense_secrets.audit_key is not None:
                 extra["audit_public_key"] = self.defense_secrets.audit_key.fingerprint
         self.manifest = build_manifest(
