@@ -62,7 +62,7 @@ def _token(issuer: TokenIssuer, account: str) -> str:
 
 def test_honest_served_attacker_throttled_audit_verifies(defended: Any, tmp_path: Path) -> None:
     running, issuer = defended
-    x, y = demo.holdout()
+    x, _ = demo.holdout()
     raw = running.server.engine.resolve("digits").session.run(None, {"input": x})[1]
     agree = 0
     with Client(running.target, unsafe_plaintext=True, token=_token(issuer, "honest")) as honest:
@@ -75,7 +75,11 @@ def test_honest_served_attacker_throttled_audit_verifies(defended: Any, tmp_path
         # Answers are perturbed (not the raw model output) but useful.
         last = honest.infer("digits", {"input": x[:1]})["probabilities"][0]
         assert not np.allclose(last, raw[0], atol=1e-6)
-    assert agree >= 190  # the 5% watermark fraction here is high on purpose
+    # preserve_top1 keeps every label except on watermarked answers (5% here, high on
+    # purpose so the ledger fills): exactly those may disagree.
+    marked = len(running.server.defense_secrets.ledger.entries(account="honest"))
+    assert 0 < marked < 40
+    assert agree >= 200 - marked
     rng = np.random.default_rng(0)
     refused_at = None
     with Client(running.target, unsafe_plaintext=True, token=_token(issuer, "thief"),
