@@ -1,0 +1,107 @@
+"""``sealserve watermark verify``: prove a suspect model was trained on our answers."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from sealserve.cli._connect import add_connection_args
+
+
+def register(sub: Any) -> None:
+    p: argparse.ArgumentParser = sub.add_parser(
+        "watermark",
+        help="verify the watermark on a suspect model (ONNX file or OIP endpoint)",
+        description=(
+            "Replays the watermark ledger's inputs to a suspect, counts how often it "
+            "reproduces the watermark answers, and reports the match rate, the rate "
+            "expected by chance and a one-sided binomial-test p-value with a verdict."
+        ),
+    )
+    actions = p.add_subparsers(dest="watermark_action", metavar="ACTION", required=True)
+    v = actions.add_parser("verify", help="test a suspect against the ledger")
+    add_ledger_args(v)
+    add_suspect_args(v)
+    v.add_argument("--account", help="only this account's watermarked queries")
+    v.add_argument("--alpha", type=float, default=1e-6, help="verdict threshold (p < alpha)")
+    v.add_argument("--json", action="store_true", help="machine-readable report")
+    v.set_defaults(func=run_verify)
+
+
+def add_ledger_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("ledger (sealed by the server's platform)")
+    g.add_argument("--ledger", type=Path, required=True, help="defense.state_dir/watermark-ledger")
+    g.add_argument(
+        "--platform", choices=("simulated", "configfs-tsm"), default="simulated",
+        help="the platform that sealed it (configfs-tsm: run inside the same TEE)",
+    )  # fmt: skip
+    # The simulated platform's directory is --simulated-root (a connection option too).
+
+
+def add_suspect_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_mutually_exclusive_group(required=True)
+    g.add_argument("--suspect", type=Path, help="suspect model (ONNX file)")
+    g.add_argument("--suspect-endpoint", metavar="HOST:PORT", help="suspect OIP endpoint")
+    p.add_argument("--model", default="digits", help="model name at the suspect endpoint")
+    add_connection_args(p)
+
+
+def open_ledger(args: argparse.Namespace) -> Any:
+    """Unseal the ledger with the platform's sealing key (bound to the measurement)."""
+    from sealserve.defense.watermark import WatermarkLedger
+    from sealserve.enclave.manifest import code_digest
+    from sealserve.enclave.sealed_state import SealedBox
+    from sealserve.errors import ConfigError
+
+    label = b"sealserve/watermark-ledger/v1"
+    if args.platform == "simulated":
+        from sealserve.enclave.simulated import SimulatedPlatform
+        from sealserve.server.manifest import simulated_measurement
+
+        if not args.simulated_root:
+            raise ConfigError("--platform simulated needs --simulated-root DIR")
+        platform: Any = SimulatedPlatform(
+            args.simulated_root[0], measurement=simulated_measurement(code_digest())
+        )
+    else:
+        from sealserve.enclave.configfs_tsm import ConfigfsTsmPlatform
+
+        platform = ConfigfsTsmPlatform()
+    box = SealedBox(platform.sealing_key(label))
+    try:
+        blob = args.ledger.read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"cannot read ledger {args.ledger}: {exc.strerror}") from exc
+    return WatermarkLedger.from_sealed(blob, unseal=lambda b: box.unseal(b, label=label))
+
+
+def open_suspect(args: argparse.Namespace) -> tuple[Any, Any]:
+    """(predict callable, closer) for --suspect or --suspect-endpoint."""
+    if args.suspect is not None:
+        from sealserve.defense.suspect import OnnxSuspect
+
+        return OnnxSuspect(args.suspect), lambda: None
+    from sealserve.cli._connect import connection_kwargs, token_from
+    from sealserve.client import Client
+    from sealserve.client.suspect import EndpointSuspect
+
+    client = Client(args.suspect_endpoint, token=token_from(args), **connection_kwargs(args))
+    return EndpointSuspect(client, args.model), client.close
+
+
+def run_verify(args: argparse.Namespace) -> int:
+    from sealserve.defense.watermark_verify import verify
+
+    ledger = open_ledger(args)
+    suspect, close = open_suspect(args)
+    try:
+        report = verify(ledger, suspect, account=args.account, alpha=args.alpha)
+    finally:
+        close()
+    if args.json:
+        print(json.dumps(json.loads(report.to_json()), indent=2))
+    else:
+        print(report.render())
+    return 0
