@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# The main job: installs sealserve with the server extra, then runs `sealserve demo`.
+# The main job: installs sealserve (server + red-team extras: the demo trains a replica
+# to show the watermark), then runs `sealserve demo`.
 source "$(dirname "$0")/_env.sh"
-ensure_venv server
+ensure_venv redteam
 exec "$VENV/bin/sealserve" demo "$@"

@@ -10,19 +10,28 @@ from tests.conftest import sealserve_cmd, sealserve_env
 
 def test_demo_runs_end_to_end() -> None:
     out = subprocess.run(
-        sealserve_cmd("demo", "--requests", "50"),
+        sealserve_cmd("demo", "--requests", "100"),
         env=sealserve_env(),
         capture_output=True,
         text=True,
         timeout=120,
         check=False,
     )
-    assert out.returncode == 0, out.stderr
-    assert "classified 50 held-out digits" in out.stdout
-    assert "malformed request refused as expected" in out.stdout
-    assert "demo finished" in out.stdout
-    acc = float(out.stdout.split("accuracy ")[1].split()[0])
-    assert acc > 0.9
+    assert out.returncode == 0, out.stdout + out.stderr
+    text = out.stdout
+    assert "released by the broker after attestation" in text
+    assert "attested before sending anything" in text
+    assert "request without a token refused" in text
+    acc = float(text.split("accuracy ")[1].split(";")[0])
+    agree = float(text.split("unperturbed model ")[1].split(";")[0])
+    assert acc > 0.9 and agree >= 0.98
+    assert "malformed request refused" in text
+    assert "[mallory] uniform-noise extraction refused after" in text
+    assert "still served during the attack" in text
+    assert "watermark on trudy's replica" in text and "-> PROVEN" in text
+    assert "independently trained model" in text and "no claim" in text
+    assert "audit log verifies: audit log OK" in text
+    assert "demo finished" in text
 
 
 def test_serve_with_bad_config_exits_with_message(tmp_path: Path) -> None:
