@@ -264,10 +264,9 @@ async def _demo(args: argparse.Namespace) -> int:
             from sealserve.defense.watermark_verify import verify
 
             xs, ys = load_digits(return_X_y=True)
-            # Natural digits, a second time lightly jittered: traffic that looks honest.
-            jitter = rng.normal(0, 0.25, xs.shape)
-            qs = np.clip(np.concatenate([xs, xs + jitter]), 0, 16)
-            qs = qs.astype(np.float32)
+            # Natural digits, then lightly jittered copies: traffic that looks honest.
+            copies = [xs] + [xs + rng.normal(0, 0.25, xs.shape) for _ in range(2)]
+            qs = np.clip(np.concatenate(copies), 0, 16).astype(np.float32)
             async with AsyncClient(target, policy=policy, roots=roots, token=token("trudy")) as t:
                 labels = np.concatenate([
                     (await t.infer("digits", {"input": qs[i : i + 32]}))["label"]

@@ -28,7 +28,7 @@ def test_demo_runs_end_to_end() -> None:
     assert "malformed request refused" in text
     assert "[mallory] uniform-noise extraction refused after" in text
     assert "still served during the attack" in text
-    assert "watermark on trudy's replica" in text and "-> PROVEN" in text
+    assert "watermark on trudy's replica" in text and "-> PROVEN" in text, text
     assert "independently trained model" in text and "no claim" in text
     assert "audit log verifies: audit log OK" in text
     assert "demo finished" in text
