@@ -8,9 +8,10 @@ from pathlib import Path
 from tests.conftest import sealserve_cmd, sealserve_env
 
 
-def test_demo_runs_end_to_end() -> None:
+def test_demo_runs_end_to_end(tmp_path: Path) -> None:
+    work = tmp_path / "demo"
     out = subprocess.run(
-        sealserve_cmd("demo", "--requests", "100"),
+        sealserve_cmd("demo", "--requests", "100", "--workdir", str(work)),
         env=sealserve_env(),
         capture_output=True,
         text=True,
@@ -31,7 +32,21 @@ def test_demo_runs_end_to_end() -> None:
     assert "watermark on trudy's replica" in text and "-> PROVEN" in text, text
     assert "independently trained model" in text and "no claim" in text
     assert "audit log verifies: audit log OK" in text
-    assert "demo finished" in text
+    assert f"files kept in {work}" in text
+    # The owner's report from this demo run's audit log.
+    report = subprocess.run(
+        sealserve_cmd("audit", "report", str(work / "audit"), "--html", str(work / "r.html")),
+        env=sealserve_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert report.returncode == 0, report.stderr
+    assert "mallory" in report.stdout and "suspend" in report.stdout
+    assert "<img" in (work / "r.html").read_text()
+    verify = subprocess.run(
+        sealserve_cmd("audit", "verify", str(work / "audit"),
+                      "--public-key", str(work / "state" / "audit-public.pem")),
+        env=sealserve_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert verify.returncode == 0 and "audit log OK" in verify.stdout
 
 
 def test_serve_with_bad_config_exits_with_message(tmp_path: Path) -> None:
