@@ -46,6 +46,9 @@ class Guard:
     ) -> None:
         self.quota = quota
         self.output = output
+        # Resolved peer addresses by (transport peer, forwarded-for): parsing them
+        # with ipaddress on every request costs more than the rest of the admission.
+        self._peers: dict[tuple[str, str | None], str] = {}
 
     def caller(
         self,
@@ -55,8 +58,14 @@ class Guard:
         transport_peer: str,
         forwarded_for: str | None,
     ) -> Caller:
-        proxies = self.quota.config.trusted_proxies if self.quota is not None else ()
-        peer = peer_address(transport_peer, forwarded_for, trusted_proxies=proxies)
+        key = (transport_peer, forwarded_for)
+        peer = self._peers.get(key)
+        if peer is None:
+            proxies = self.quota.config.trusted_proxies if self.quota is not None else ()
+            peer = peer_address(transport_peer, forwarded_for, trusted_proxies=proxies)
+            if len(self._peers) > 10_000:
+                self._peers.clear()
+            self._peers[key] = peer
         return Caller(account or ANONYMOUS, tier, peer)
 
     def admit(
