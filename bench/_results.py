@@ -18,6 +18,8 @@ HEADER = (
 
 def write_section(name: str, command: str, body: str) -> None:
     text = RESULTS.read_text() if RESULTS.exists() else HEADER
+    # A section's own headings sit one level below the section's.
+    body = "\n".join("#" + line if line.startswith("## ") else line for line in body.splitlines())
     stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     block = (
         f"<!-- {name}:start -->\n"

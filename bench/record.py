@@ -23,7 +23,8 @@ def main() -> int:
         print(__doc__)
         return 2
     name, cmd = sys.argv[1], sys.argv[3:]
-    env_cmd = shlex.join(cmd)
+    shown = ["python" if c == sys.executable or c.endswith("/bin/python") else c for c in cmd]
+    env_cmd = "python bench/record.py " + shlex.join([name, "--", *shown])
     out = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=False,
                          env={**__import__("os").environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
     print(out.stdout)
