@@ -118,8 +118,18 @@ def _serve(args: argparse.Namespace) -> int:
             tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
             tmp.write_text(json.dumps(info))
             os.replace(tmp, args.ready_file)
+        # SIGTERM/SIGINT stop the broker gracefully (exit 0), like `sealserve serve`.
+        import signal
+
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        waiter = asyncio.ensure_future(server.wait())
         try:
-            await server.wait()
+            await asyncio.wait(
+                [waiter, asyncio.ensure_future(stop.wait())], return_when="FIRST_COMPLETED"
+            )
         finally:
             await server.stop()
 

@@ -20,10 +20,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 GUIDE = ROOT / "docs" / "operator-guide.md"
 # Tags of ```bash blocks in the guide: run by the tests, or not runnable here (and why).
-RUN_TAGS = ("guide-install", "guide", "guide-serve")
+RUN_TAGS = ("guide-install", "guide", "guide-serve", "guide-broker")
 NOT_RUN_TAGS = ("on-hardware", "on-cluster", "coming")
 # Placeholders the guide uses, replaced with temporary ones.
 GUIDE_PREFIX, GUIDE_WORKDIR, GUIDE_PORT = "/opt/sealserve", "/srv/sealserve", "8001"
+GUIDE_BROKER_PORT = "8002"
 
 
 def guide_blocks() -> list[tuple[str | None, str]]:
@@ -52,6 +53,7 @@ class Installed:
     workdir: Path
     port: int
     log: str
+    broker_port: int = 0
 
     @property
     def wheels(self) -> Path:
@@ -67,6 +69,7 @@ class Installed:
             text.replace(GUIDE_PREFIX, str(self.prefix))
             .replace(GUIDE_WORKDIR, str(self.workdir))
             .replace(GUIDE_PORT, str(self.port))
+            .replace(GUIDE_BROKER_PORT, str(self.broker_port))
         )
 
 
@@ -82,4 +85,4 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> Installed:
         cwd=ROOT, env=image_env(), capture_output=True, text=True, timeout=900, check=False,
     )  # fmt: skip
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    return Installed(inst.prefix, inst.workdir, inst.port, out.stdout)
+    return Installed(inst.prefix, inst.workdir, inst.port, out.stdout, free_port())

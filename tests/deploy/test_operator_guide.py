@@ -67,6 +67,20 @@ def test_the_guide_runs(
             )  # fmt: skip
             assert out.returncode == 0, f"guide block failed:\n{script}\n{out.stdout}{out.stderr}"
             outputs.append(out.stdout)
+        elif tag == "guide-broker":
+            procs.append(
+                subprocess.Popen(
+                    ["bash", "-euo", "pipefail", "-c",
+                     script.replace("sealserve broker serve", "exec sealserve broker serve")],
+                    cwd=installed.workdir, env=_env(installed), stdout=log,
+                    stderr=subprocess.STDOUT,
+                )
+            )  # fmt: skip
+            deadline = time.monotonic() + 60
+            while not (installed.workdir / "broker" / "broker-cert.pem").exists():
+                assert procs[-1].poll() is None, "the broker exited"
+                assert time.monotonic() < deadline, "the broker never wrote its certificate"
+                time.sleep(0.2)
         elif tag == "guide-serve":
             procs.append(
                 subprocess.Popen(
@@ -100,6 +114,8 @@ def test_the_guide_runs(
     assert f"SERVING 127.0.0.1:{installed.port}" in text
     assert text.count("result: VERIFIED") == 2
     assert "attested platform:" in text and "predicted digit:" in text
+    assert "model.sealed" in text
+    assert "released by the key broker" in (installed.workdir / "serve.log").read_text()
     # The server attests to the manifest that `sealserve measure` predicted.
     measured = text.split("manifest sha256")[1].split()[0]
     assert f"manifest sha256 {measured}" in (installed.workdir / "serve.log").read_text()

@@ -119,8 +119,9 @@ def test_bad_defense_config_is_refused_at_start(start_server: Any, tmp_path: Pat
     bad = _defense(tmp_path)
     bad["profiles"]["digits"]["top_k"] = 20  # more than the 10 classes
     with pytest.raises(ConfigError, match="top_k"):
-        start_server(model_repository=demo.repository(), unsafe_plaintext=True, defense=bad)
+        start_server(model_repository=demo.repository(), unsafe_plaintext=True, defense=bad,
+                     state_store="memory:")  # fmt: skip
     with pytest.raises(ConfigError, match="unknown profile"):
         start_server(model_repository=demo.repository(), unsafe_plaintext=True,
-                     defense=_defense(tmp_path, models={"digits": {"output": "probabilities",
+                     state_store="memory:", defense=_defense(tmp_path, models={"digits": {"output": "probabilities",
                                                                    "profile": "nope"}}))  # fmt: skip
