@@ -136,6 +136,8 @@ class Server:
         self.health = health.aio.HealthServicer()
         self.tls: TlsIdentity | None = None
         self.port = 0
+        self.health_port = 0
+        self._health_server: grpc.aio.Server | None = None
         self.manifest: WorkloadManifest | None = None
         self.platform: Platform | None = None
         # The enclave's key-release key: brokers seal model keys to it (HPKE, X25519).
@@ -265,6 +267,14 @@ class Server:
             creds = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
             self.port = self._server.add_secure_port(address, creds)
         await self._server.start()
+        if s.health_port is not None:
+            # Health only, plaintext: it carries no data and no credentials.
+            self._health_server = grpc.aio.server()
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
+            self.health_port = self._health_server.add_insecure_port(
+                f"{s.health_host}:{s.health_port}"
+            )
+            await self._health_server.start()
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         # Keys may come from the broker (retries with backoff) and decryption is CPU
@@ -285,6 +295,8 @@ class Server:
                 )  # fmt: skip
         except BaseException:
             await self._server.stop(0)
+            if self._health_server is not None:
+                await self._health_server.stop(0)
             raise
         self.plane.set_ready(True)
         for name in ("", INFERENCE_SERVICE):
@@ -314,6 +326,8 @@ class Server:
         self.plane.set_ready(False)
         await self.health.enter_graceful_shutdown()
         await self._server.stop(grace)
+        if self._health_server is not None:
+            await self._health_server.stop(0)
         self.engine.close()
         output = self.plane.guard.output
         if output is not None and output.audit is not None:

@@ -72,6 +72,16 @@ class Settings(BaseSettings):
         default=False,
         description="Serve without TLS. Only for local experiments; logged loudly.",
     )
+    health_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description=(
+            "A second, plaintext port serving only grpc.health.v1 (no data, no tokens), "
+            "for probes that cannot speak TLS (Kubernetes' native gRPC probe)."
+        ),
+    )
+    health_host: str = Field(default="127.0.0.1", description="Address of health_port.")
     metrics_host: str = Field(default="127.0.0.1", description="Address for /metrics.")
     metrics_port: int | None = Field(
         default=None, ge=0, le=65535, description="Prometheus port; unset = no metrics server."

@@ -92,7 +92,6 @@ def test_native_grpc_probe_needs_tls_mode_from_1_37() -> None:
     server = copy.deepcopy(_one("Deployment", "sealserve-server"))
     container = server["spec"]["template"]["spec"]["containers"][0]
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        del container[probe]["exec"]
         container[probe]["grpc"] = {"port": 8001, "mode": "TLS"}
     assert kubernetes_validate.validate(server, "1.37.0", strict=True) == "1.37"
     with pytest.raises(kubernetes_validate.ValidationError, match="mode"):
@@ -148,7 +147,11 @@ def test_server_config_is_valid_and_matches_the_pod(tmp_path: Path) -> None:
     pod = _pods()["sealserve-server"]["spec"]
     (container,) = pod["containers"]
     ports = {p["name"]: p["containerPort"] for p in container["ports"]}
-    assert ports == {"grpc": settings.port, "metrics": settings.metrics_port}
+    assert ports == {
+        "grpc": settings.port,
+        "metrics": settings.metrics_port,
+        "health": settings.health_port,
+    }
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert str(settings.model_repository) in mounts
     auth = settings.auth_settings()
@@ -157,9 +160,10 @@ def test_server_config_is_valid_and_matches_the_pod(tmp_path: Path) -> None:
     # The image's writable paths are the pod's writable volumes.
     assert {"/var/lib/sealserve", "/tmp"} <= set(mounts)
     assert container["args"] == ["--config", "/etc/sealserve/sealserve.toml"]
+    # Native gRPC probes, on the plaintext health-only port.
+    assert settings.health_host == "0.0.0.0"
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        cmd = container[probe]["exec"]["command"]
-        assert cmd[:4] == ["sealserve", "health", "--target", f"127.0.0.1:{settings.port}"]
+        assert container[probe]["grpc"] == {"port": settings.health_port}, probe
 
 
 def test_services_and_policies_select_the_right_pods() -> None:

@@ -60,3 +60,24 @@ def test_metrics_endpoint(start_server: Any, repo: Path) -> None:
     )
     assert "sealserve_request_latency_seconds_bucket" in body
     assert "sealserve_batch_size_bucket" in body
+
+
+def test_plaintext_health_port_serves_health_only(start_server: Any, repo: Path) -> None:
+    import socket
+
+    import grpc
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    from sealserve._proto import grpc_service_pb2 as pb
+    from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start_server(model_repository=repo, health_port=port)
+    with grpc.insecure_channel(f"127.0.0.1:{port}") as ch:
+        resp = health_pb2_grpc.HealthStub(ch).Check(health_pb2.HealthCheckRequest(), timeout=5)
+        assert resp.status == health_pb2.HealthCheckResponse.SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            pb_grpc.GRPCInferenceServiceStub(ch).ServerReady(pb.ServerReadyRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED  # no data on this port
