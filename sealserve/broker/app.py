@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import datetime as dt
-import ipaddress
 import logging
 import os
 import warnings
@@ -11,10 +9,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import grpc
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 
 from sealserve._proto import broker_pb2_grpc
 from sealserve.attestation.snp_certs import TrustedRoots
@@ -24,6 +18,7 @@ from sealserve.broker.nonces import NonceBook
 from sealserve.broker.service import KeyBrokerServicer
 from sealserve.broker.settings import BrokerSettings
 from sealserve.broker.store import ROOT_AMD, ROOT_SIMULATED, KeyStore
+from sealserve.enclave.tls import TlsIdentity
 from sealserve.errors import ConfigError
 
 log = logging.getLogger("sealserve.broker")
@@ -35,31 +30,8 @@ class UnsafeSimulatedRootWarning(UserWarning):
 
 def generate_tls_identity(hostnames: tuple[str, ...]) -> tuple[bytes, bytes]:
     """(certificate PEM, key PEM): a fresh in-memory P-256 key, self-signed."""
-    key = ec.generate_private_key(ec.SECP256R1())
-    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sealserve key broker")])
-    now = dt.datetime.now(dt.UTC)
-    sans: list[x509.GeneralName] = []
-    for host in hostnames:
-        try:
-            sans.append(x509.IPAddress(ipaddress.ip_address(host)))
-        except ValueError:
-            sans.append(x509.DNSName(host))
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(name)
-        .issuer_name(name)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(now - dt.timedelta(minutes=5))
-        .not_valid_after(now + dt.timedelta(days=30))
-        .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-        .sign(key, hashes.SHA256())
-    )
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    )
-    return cert.public_bytes(serialization.Encoding.PEM), key_pem
+    ident = TlsIdentity.generate(hostnames=hostnames, common_name="sealserve key broker")
+    return ident.cert_pem, ident.key_pem
 
 
 def build_broker(

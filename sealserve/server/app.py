@@ -30,6 +30,7 @@ from sealserve.defense.store_factory import open_store
 from sealserve.enclave.hardening import HardeningReport, harden_process
 from sealserve.enclave.manifest import WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
+from sealserve.enclave.tls import TlsIdentity
 from sealserve.errors import UnavailableError
 from sealserve.server.admin_service import AdminServicer
 from sealserve.server.attestation_service import AttestationServicer
@@ -43,7 +44,6 @@ from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import ModelEntry, scan_repository
 from sealserve.server.servicer import InferenceServicer
 from sealserve.server.settings import Settings
-from sealserve.server.tls import TlsIdentity
 
 log = logging.getLogger("sealserve.server")
 

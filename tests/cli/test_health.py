@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from sealserve.cli.main import main
-from sealserve.server.tls import TlsIdentity
+from sealserve.enclave.tls import TlsIdentity
 from tests.conftest import sealserve_cmd, sealserve_env
 
 

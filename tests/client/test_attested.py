@@ -82,7 +82,7 @@ def test_default_policy_refuses_simulated_and_sends_nothing(
 def test_refuses_tls_key_not_bound(
     sim_server: Any, sim_root: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from sealserve.server.tls import TlsIdentity
+    from sealserve.enclave.tls import TlsIdentity
 
     other = TlsIdentity.generate().spki_der
     running = sim_server()

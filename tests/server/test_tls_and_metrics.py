@@ -11,7 +11,7 @@ import pytest
 
 from sealserve.client import Client
 from sealserve.errors import UnavailableError
-from sealserve.server.tls import TlsIdentity
+from sealserve.enclave.tls import TlsIdentity
 
 
 def test_ephemeral_tls_pinned_client(start_server: Any, repo: Path) -> None:

@@ -1,4 +1,5 @@
-"""Server TLS credentials: from files, or an in-memory key made at start.
+"""TLS credentials of the server and the key broker: from files, or an in-memory key
+made at start.
 
 The in-memory key never touches disk. Clients pin its certificate — through
 attestation evidence that binds its public key, or out of band for local tools.
@@ -54,10 +55,12 @@ class TlsIdentity:
         return cls(cert_pem=cert_pem, key_pem=key_pem, ephemeral=False)
 
     @classmethod
-    def generate(cls, *, hostnames: tuple[str, ...] = ("localhost",)) -> TlsIdentity:
+    def generate(
+        cls, *, hostnames: tuple[str, ...] = ("localhost",), common_name: str = "sealserve"
+    ) -> TlsIdentity:
         """A fresh P-256 key and self-signed certificate valid for ``hostnames``."""
         key = ec.generate_private_key(ec.SECP256R1())
-        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "sealserve")])
+        name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         now = dt.datetime.now(dt.UTC)
         import ipaddress
 
