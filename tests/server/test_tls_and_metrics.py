@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from sealserve.client import Client
-from sealserve.errors import UnavailableError
 from sealserve.enclave.tls import TlsIdentity
+from sealserve.errors import UnavailableError
 
 
 def test_ephemeral_tls_pinned_client(start_server: Any, repo: Path) -> None:
