@@ -1,0 +1,1 @@
+from tests._servers import start_server  # noqa: F401  (fixture)
