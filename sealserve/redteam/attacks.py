@@ -25,7 +25,7 @@ import numpy as np
 
 from sealserve.redteam import data
 from sealserve.redteam.oracle import Oracle
-from sealserve.redteam.replica import LinearSoftmax, Replica, centred_logits, fit_linear, fit_mlp
+from sealserve.redteam.replica import LinearSoftmax, Replica, fit_linear, fit_mlp
 
 Checkpoint = Callable[[Replica], None]
 
@@ -38,7 +38,9 @@ class Attack(Protocol):
     name: str
     accounts: int | None
     connections: int
-    marks: tuple[int, ...]
+
+    @property
+    def marks(self) -> tuple[int, ...]: ...
 
     def run(self, oracle: Oracle, checkpoint: Checkpoint) -> Replica: ...
 
@@ -124,7 +126,8 @@ class EquationSolving:
             x = pool[rng.integers(len(pool), size=n)] + rng.normal(0, 2.0, size=(n, d))
             return np.clip(x, 0, 16).astype(np.float32)
 
-        xs, zs = [], []
+        xs: list[np.ndarray] = []
+        ps: list[np.ndarray] = []
         replica: Replica = _Constant()
         asked = 0
         for mark in _schedule(total, d + 1, self.marks):
@@ -135,18 +138,52 @@ class EquationSolving:
             got = oracle.query(x)
             xa, pa = got.kept(x)
             xs.append(xa.astype(np.float64))
-            zs.append(centred_logits(pa))
+            ps.append(pa)
             if sum(len(a) for a in xs) >= d + 1:
-                replica = solve_linear(np.concatenate(xs), np.concatenate(zs))
+                replica = solve_linear(np.concatenate(xs), np.concatenate(ps))
                 checkpoint(replica)
         return replica
 
 
-def solve_linear(x: np.ndarray, z: np.ndarray) -> LinearSoftmax:
-    """Least-squares W, b with x W + b = z (z: centred logits, one column per class)."""
-    a = np.hstack([x, np.ones((len(x), 1))])
-    theta, *_ = np.linalg.lstsq(a, z, rcond=None)
-    return LinearSoftmax(theta[:-1], theta[-1])
+#: Answers below this are treated as underflow (FP32 softmax) or perturbation, not data.
+TINY = 1e-30
+
+
+def solve_linear(x: np.ndarray, probs: np.ndarray) -> LinearSoftmax:
+    """Least-squares W, b with log p_j - log p_r = x (w_j - w_r) + (b_j - b_r), where r
+    is each row's top class (always well measured) and only answers above ``TINY`` give
+    equations (a zero cannot be inverted). Class 0's weights are fixed at zero (softmax
+    is invariant to a shift common to every class). Normal equations, accumulated per
+    (class, reference) pair, so memory stays O((d+1)^2 k^2) whatever the query count."""
+    n, d = x.shape
+    k = probs.shape[1]
+    a = np.hstack([x.astype(np.float64), np.ones((n, 1))])
+    logp = np.log(np.clip(probs.astype(np.float64), TINY, None))
+    ref = probs.argmax(axis=1)
+    m = d + 1
+    gram = np.zeros((k * m, k * m))
+    rhs = np.zeros(k * m)
+    for r in range(k):
+        rows = ref == r
+        for j in range(k):
+            sel = rows & (probs[:, j] > TINY) if j != r else np.zeros(n, bool)
+            if not sel.any():
+                continue
+            xs = a[sel]
+            g = xs.T @ xs
+            v = xs.T @ (logp[sel, j] - logp[sel, r])
+            bj, br = slice(j * m, (j + 1) * m), slice(r * m, (r + 1) * m)
+            gram[bj, bj] += g
+            gram[br, br] += g
+            gram[bj, br] -= g
+            gram[br, bj] -= g
+            rhs[bj] += v
+            rhs[br] -= v
+    free = slice(m, k * m)  # class 0 is the gauge
+    theta = np.zeros(k * m)
+    theta[free] = np.linalg.lstsq(gram[free, free], rhs[free], rcond=None)[0]
+    t = theta.reshape(k, m).T  # (d + 1, k)
+    return LinearSoftmax(t[:-1], t[-1])
 
 
 @dataclass
@@ -268,7 +305,10 @@ class NoiseAveraging:
             jittered = np.repeat(base, r // 2, axis=0)
             jittered = np.clip(jittered + rng.normal(0, self.jitter, jittered.shape), 0, 16)
             owner = np.concatenate(
-                [np.repeat(np.arange(len(base)), (r + 1) // 2), np.repeat(np.arange(len(base)), r // 2)]
+                [
+                    np.repeat(np.arange(len(base)), (r + 1) // 2),
+                    np.repeat(np.arange(len(base)), r // 2),
+                ]
             )
             got = oracle.query(np.concatenate([exact, jittered]).astype(np.float32))
             sums = np.zeros((len(base), 10))
@@ -293,8 +333,21 @@ class Rotation:
     accounts: int | None = None
     connections: int = 2
 
+    @property
+    def marks(self) -> tuple[int, ...]:
+        return self.inner.marks
+
     def run(self, oracle: Oracle, checkpoint: Checkpoint) -> Replica:
         return self.inner.run(oracle, checkpoint)
+
+
+def with_marks(attack: Attack, marks: tuple[int, ...]) -> Attack:
+    """A copy of ``attack`` that also checkpoints at ``marks`` (query counts)."""
+    from dataclasses import replace
+
+    if isinstance(attack, Rotation):
+        return replace(attack, inner=with_marks(attack.inner, marks))
+    return replace(attack, marks=marks)  # type: ignore[type-var]
 
 
 def all_attacks(seed: int = 0) -> dict[str, Attack]:

@@ -273,9 +273,7 @@ def honest_utility(
         refused = False
         rows = rng.choice(len(evaluation.x), per_account, replace=False)
         # A challenge is a flag: see it rather than pay it silently.
-        client = AsyncClient(
-            target, token=token, solve_challenges=False, **(client_kwargs or {})
-        )
+        client = AsyncClient(target, token=token, solve_challenges=False, **(client_kwargs or {}))
         try:
             # Stagger starts so users do not arrive in lockstep.
             await asyncio.sleep(float(rng.uniform(0, 1.0 / rate)))
