@@ -44,6 +44,8 @@ def register(sub: Any) -> None:
     p.add_argument("--tier", default="", help="tier for the admin status lookup")
     p.add_argument("--honest", type=int, default=0, metavar="N",
                    help="also measure N honest users (reuses the tokens in turn)")  # fmt: skip
+    p.add_argument("--honest-queries", type=int, default=10, help="held-out inputs per user")
+    p.add_argument("--honest-rate", type=float, default=1.0, help="requests/s per honest user")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=Path("redteam-report"))
     add_connection_args(p, token=False)
@@ -107,7 +109,10 @@ def run(args: argparse.Namespace) -> int:
     honest = None
     if args.honest > 0:
         users = [tokens[i % len(tokens)] if tokens else None for i in range(args.honest)]
-        honest = honest_utility(args.target, users, evaluation, model=args.model, client_kwargs=kw)
+        honest = honest_utility(
+            args.target, users, evaluation, per_account=args.honest_queries,
+            rate=args.honest_rate, model=args.model, client_kwargs=kw,
+        )  # fmt: skip
         print(f"honest users: agreement {honest.agreement:.4f}, "
               f"refused accounts {honest.refused_accounts}", flush=True)  # fmt: skip
     path = report.write(runs, args.out, target=args.target, honest=honest)

@@ -8,6 +8,8 @@ scikit-learn (the ``redteam`` extra) is imported inside the functions.
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
 #: The split scripts/make_demo_model.py used to train the victim.
@@ -16,6 +18,7 @@ LOW, HIGH = 0.0, 16.0
 SIDE = 8
 
 
+@functools.cache
 def digits_split() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The victim's (x_train, y_train, x_test, y_test), exactly as the demo was trained.
 
@@ -45,13 +48,18 @@ def uniform(n: int, rng: np.random.Generator) -> np.ndarray:
     return rng.uniform(LOW, HIGH, size=(n, SIDE * SIDE)).astype(np.float32)
 
 
+@functools.cache
+def _photographs() -> tuple[np.ndarray, ...]:
+    from sklearn.datasets import load_sample_images
+
+    return tuple(img.astype(np.float32).mean(axis=2) for img in load_sample_images().images)
+
+
 def image_patches(n: int, rng: np.random.Generator) -> np.ndarray:
     """Natural-image patches: random 16x16..64x64 crops of scikit-learn's two bundled
     photographs (``load_sample_images``), grey, block-averaged to 8x8, contrast
     stretched to 0..16 and inverted half of the time (digits are light ink on dark)."""
-    from sklearn.datasets import load_sample_images
-
-    images = [img.astype(np.float32).mean(axis=2) for img in load_sample_images().images]
+    images = _photographs()
     out = np.empty((n, SIDE * SIDE), np.float32)
     for i in range(n):
         img = images[int(rng.integers(len(images)))]

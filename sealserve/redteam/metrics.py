@@ -80,7 +80,7 @@ class RunMetrics:
     admitted_per_account: dict[str, int] = field(default_factory=dict)
     stopped_because: str = ""
     elapsed_s: float = 0.0
-    admitted_rate: float = 0.0  # admitted queries per second
+    admitted_rate: float = 0.0  # admitted queries per second spent querying
     server_status: dict[str, Any] = field(default_factory=dict)
     watermark_pvalue: float | None = None
     ledger: dict[str, Any] = field(default_factory=dict)
@@ -119,7 +119,9 @@ def _fill_from_ledger(m: RunMetrics, ledger: Ledger) -> None:
         m.first_refusal_per_account[name] = first
     m.stopped_because = ledger.stopped_because or "attack finished"
     m.elapsed_s = ledger.elapsed
-    m.admitted_rate = ledger.admitted / ledger.elapsed if ledger.elapsed > 0 else 0.0
+    # Answers per second of querying: training time between rounds does not count.
+    busy = ledger.querying or ledger.elapsed
+    m.admitted_rate = ledger.admitted / busy if busy > 0 else 0.0
     m.ledger = ledger.to_dict()
 
 

@@ -2,7 +2,8 @@
 rotated over accounts and connections, with refusals handled as an attacker would.
 
 ``RemoteOracle`` talks to an endpoint with ``sealserve.client.AsyncClient`` (one per
-account and connection). Each input row is one request. On ``RateLimitedError`` it
+account and connection). Each request carries ``batch`` input rows (default 1); every
+count (budget, sent, admitted, refused) is in rows, i.e. queries. On ``RateLimitedError`` it
 waits ``retry_after`` when that is at most ``max_wait`` (meanwhile other accounts keep
 going), otherwise it retires the account; on suspension or permission denial it drops
 the account; a proof-of-work challenge is recorded, then paid; everything stops at the
@@ -82,6 +83,7 @@ class Ledger:
     started: float = field(default_factory=time.monotonic)
     stopped_because: str = ""
     elapsed: float = 0.0
+    querying: float = 0.0  # seconds spent waiting for answers (not training)
 
     @property
     def sent(self) -> int:
@@ -101,6 +103,7 @@ class Ledger:
             "admitted": self.admitted,
             "stopped_because": self.stopped_because,
             "elapsed_s": round(self.elapsed, 3),
+            "querying_s": round(self.querying, 3),
             "accounts": {
                 n: {
                     "sent": a.sent,
@@ -190,7 +193,9 @@ class Account:
 class OracleConfig:
     """How the attacker spends its budget.
 
-    ``concurrency``: requests in flight. ``connections``: channels per account (the
+    ``concurrency``: requests in flight. ``batch``: input rows per request (1: one
+    query per request; more is cheaper when the server counts requests, not rows).
+    ``connections``: channels per account (the
     rotation spreads requests round-robin over accounts x connections). ``max_wait``:
     the longest ``retry_after`` worth waiting; longer and the account is retired.
     ``time_limit``: wall-clock cap for the whole run (seconds)."""
@@ -198,6 +203,7 @@ class OracleConfig:
     model: str = "digits"
     input_name: str = "input"
     concurrency: int = 4
+    batch: int = 1
     connections: int = 1
     max_wait: float = 5.0
     time_limit: float = 300.0
@@ -269,7 +275,9 @@ class RemoteOracle:
         probs, labels, admitted = _empty(len(x))
         n = min(len(x), max(self.remaining, 0))
         if n and not self._stop:
+            t0 = time.monotonic()
             self._loop.run_until_complete(self._run(x[:n].astype(np.float32), probs, admitted))
+            self.ledger.querying += time.monotonic() - t0
         labels[admitted] = np.nanargmax(probs[admitted], axis=1) if admitted.any() else []
         self.ledger.elapsed = time.monotonic() - self.ledger.started
         if self.remaining <= 0 and not self.ledger.stopped_because:
@@ -323,7 +331,7 @@ class RemoteOracle:
             await asyncio.sleep(max(0.0, wake - now))
         return None
 
-    async def _one(self, row: np.ndarray) -> np.ndarray | None:
+    async def _one(self, rows: np.ndarray) -> np.ndarray | None:
         failures = 0
         while not self._stop:
             if time.monotonic() >= self._deadline:
@@ -332,13 +340,11 @@ class RemoteOracle:
             slot = await self._pick()
             if slot is None:
                 return None
-            slot.account.sent += 1
+            slot.account.sent += len(rows)
             try:
-                out = await slot.client.infer(
-                    self.config.model, {self.config.input_name: row[None, :]}
-                )
+                out = await slot.client.infer(self.config.model, {self.config.input_name: rows})
             except ChallengeRequiredError as exc:
-                slot.account.refused["challenge"] += 1
+                slot.account.refused["challenge"] += len(rows)
                 self._event("challenge", slot, exc.message)
                 if slot.client.solve_challenges:  # paid and still refused: give up on it
                     slot.account.dropped = "challenge not accepted"
@@ -346,7 +352,7 @@ class RemoteOracle:
                 slot.client.solve_challenges = True
                 continue
             except RateLimitedError as exc:
-                slot.account.refused["throttle"] += 1
+                slot.account.refused["throttle"] += len(rows)
                 self._event("throttle", slot, exc.message)
                 wait = exc.retry_after
                 if wait is None or wait > self.config.max_wait:
@@ -355,20 +361,20 @@ class RemoteOracle:
                     slot.ready_at = time.monotonic() + wait
                 continue
             except (SuspendedError, PermissionDeniedError) as exc:
-                slot.account.refused["suspend"] += 1
+                slot.account.refused["suspend"] += len(rows)
                 self._event("suspend", slot, exc.message)
                 self._retire(slot, "suspended or denied")
                 continue
             except UnavailableError as exc:
-                slot.account.refused["unavailable"] += 1
+                slot.account.refused["unavailable"] += len(rows)
                 self._event("unavailable", slot, exc.message)
                 failures += 1
                 if failures > self.config.unavailable_retries:
                     return None
                 await asyncio.sleep(0.1 * 2**failures)
                 continue
-            slot.account.admitted += 1
-            return np.asarray(out["probabilities"], np.float64).reshape(-1)
+            slot.account.admitted += len(rows)
+            return np.asarray(out["probabilities"], np.float64).reshape(len(rows), -1)
         return None
 
     def _retire(self, slot: _Slot, why: str) -> None:
@@ -379,21 +385,22 @@ class RemoteOracle:
             self._event("retire", slot, why)
 
     async def _run(self, x: np.ndarray, probs: np.ndarray, admitted: np.ndarray) -> None:
-        next_row = iter(range(len(x)))
+        step = max(1, self.config.batch)
+        chunks = iter(range(0, len(x), step))
         last_report = [time.monotonic()]
 
         async def worker() -> None:
-            for i in next_row:
+            for i in chunks:
                 if self._stop:
                     return
-                p = await self._one(x[i])
+                p = await self._one(x[i : i + step])
                 if p is not None:
-                    probs[i, : len(p)] = p
-                    admitted[i] = True
+                    probs[i : i + len(p), : p.shape[1]] = p
+                    admitted[i : i + len(p)] = True
                 if self._progress and time.monotonic() - last_report[0] > 2.0:
                     last_report[0] = time.monotonic()
                     self.ledger.elapsed = time.monotonic() - self.ledger.started
                     self._progress(self.ledger)
 
-        workers = max(1, min(self.config.concurrency, len(x)))
+        workers = max(1, min(self.config.concurrency, -(-len(x) // step)))
         await asyncio.gather(*(worker() for _ in range(workers)))

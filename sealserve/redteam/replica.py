@@ -72,7 +72,7 @@ class LinearSoftmax:
 
 
 def fit_linear(
-    x: np.ndarray, probs: np.ndarray, *, l2: float = 1e-3, max_iter: int = 300
+    x: np.ndarray, probs: np.ndarray, *, l2: float = 1e-3, max_iter: int = 100
 ) -> LinearSoftmax:
     """Multinomial softmax regression on soft targets: minimises the cross-entropy
     H(probs, softmax(xW+b)) + l2/2 |W|^2 (inputs scaled by 1/16), by L-BFGS."""

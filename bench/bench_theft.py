@@ -1,0 +1,340 @@
+#!/usr/bin/env python3
+"""Theft-resistance benchmark: every red-team attack against the demo model served
+twice on loopback, once with defenses off and once with the default profile.
+
+    python bench/bench_theft.py [--quick] [--budgets 1000,5000,20000]
+                                [--attacks all] [--time-limit 40] [--honest 100]
+
+Each deployment is `python -m sealserve serve --config ...` with [auth] (a local
+JWKS; tokens minted here with sealserve.auth.TokenIssuer). The defended one appends
+bench/theft_defended.toml ([limits] and, once wired, [defense]). Each attack runs once
+per deployment at the largest budget with fresh accounts (rotation: 10 accounts x 2
+connections), checkpointing its replica at every budget: the row for a smaller budget
+is the replica the same attacker held after that many answers (a prefix of the same
+run; identical to a separate run for every attack but the last round of Jacobian
+augmentation). A defended run also stops at --time-limit seconds of wall clock: the
+replica it holds then is the one measured. 100 honest accounts then send held-out
+digits at 1 request/s. Writes bench/THEFT.md (and bench/theft/*.png, *.json).
+
+The watermark p-value needs the owner's verifier: --watermark MODULE:FUNC names a
+function ``FUNC(config_path: Path) -> WatermarkCheck | None`` (see
+sealserve.redteam.metrics.WatermarkCheck); without it the column says n/a.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import importlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+from sealserve import demo  # noqa: E402
+from sealserve.auth import TokenIssuer, generate_keypair  # noqa: E402
+from sealserve.redteam.attacks import all_attacks, with_marks  # noqa: E402
+from sealserve.redteam.metrics import (  # noqa: E402
+    Evaluation,
+    HonestUtility,
+    RunMetrics,
+    WatermarkCheck,
+    honest_utility,
+    run_attack,
+)
+from sealserve.redteam.oracle import Account, OracleConfig  # noqa: E402
+from sealserve.redteam.report import plot  # noqa: E402
+
+ISS, AUD, TOS = "https://issuer.bench.invalid", "sealserve-bench", "2026-11"
+HERE = Path(__file__).resolve().parent
+PLAIN = {"unsafe_plaintext": True}
+TIER = "free"
+
+
+class Deployment:
+    """One `sealserve serve` process with [auth] (+ ``extra`` config) on loopback."""
+
+    def __init__(self, name: str, extra: str) -> None:
+        self.name = name
+        self.tmp = Path(tempfile.mkdtemp(prefix=f"theft-{name}-"))
+        pem, jwks = generate_keypair("ES256")
+        (self.tmp / "jwks.json").write_text(json.dumps(jwks))
+        self.issuer = TokenIssuer.from_pem(pem, issuer=ISS, audience=AUD)
+        shutil.copytree(demo.repository(), self.tmp / "models")
+        self.config = self.tmp / "sealserve.toml"
+        self.config.write_text(
+            'model_repository = "models"\nport = 0\nunsafe_plaintext = true\n'
+            'log_format = "text"\nattestation_platform = "none"\n'
+            'state_store = "sqlite://state.db"\n'
+            f'[auth]\naudience = "{AUD}"\nrequired_tos_version = "{TOS}"\n'
+            f'[[auth.issuers]]\nissuer = "{ISS}"\njwks_file = "jwks.json"\n\n' + extra
+        )
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.target = ""
+
+    def token(self, account: str, scopes: tuple[str, ...] = ("infer",)) -> str:
+        return self.issuer.issue(account, tier=TIER, scopes=list(scopes), tos_version=TOS,
+                                 ttl=6 * 3600)  # fmt: skip
+
+    def start(self) -> str:
+        ready = self.tmp / "ready.json"
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+        log = (self.tmp / "server.log").open("wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "sealserve", "serve", "--config", str(self.config),
+             "--ready-file", str(ready)],
+            env=env, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                raise SystemExit(f"{self.name} server failed:\n{self.log()}")
+            time.sleep(0.05)
+        self.target = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+        return self.target
+
+    def log(self) -> str:
+        return (self.tmp / "server.log").read_text(errors="replace")[-4000:]
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()
+            self.proc.wait(15)
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+@dataclass
+class Profile:
+    name: str
+    runs: dict[str, RunMetrics]
+    honest: HonestUtility
+
+
+def run_profile(
+    dep: Deployment,
+    args: argparse.Namespace,
+    evaluation: Evaluation,
+    watermark: WatermarkCheck | None,
+    time_limit: float,
+) -> Profile:
+    target = dep.start()
+    print(f"[{dep.name}] serving on {target}", flush=True)
+    admin = dep.token("bench-operator", scopes=("admin",))
+    runs: dict[str, RunMetrics] = {}
+    budgets = args.budgets
+    attacks = all_attacks(seed=0)
+    for name in args.attacks:
+        attack = with_marks(attacks[name], tuple(budgets))
+        n_accounts = args.rotation_accounts if attack.accounts is None else 1
+        accounts = [Account(f"{name}-{i}", dep.token(f"{name}-{i}")) for i in range(n_accounts)]
+        t0 = time.monotonic()
+        m = run_attack(
+            attack, target, accounts, budget=max(budgets), evaluation=evaluation,
+            config=OracleConfig(concurrency=args.concurrency, batch=args.batch,
+                                max_wait=args.max_wait, time_limit=time_limit),
+            client_kwargs=PLAIN, watermark_pvalue=watermark, admin_token=admin, tier=TIER,
+        )  # fmt: skip
+        runs[name] = m
+        print(f"[{dep.name}] {name}: {m.admitted}/{m.sent} admitted in {m.elapsed_s:.0f} s "
+              f"({m.admitted_rate:.0f}/s), fidelity {m.fidelity:.3f}, first refusal "
+              f"{m.first_detection}, {m.stopped_because} [{time.monotonic() - t0:.0f} s]",
+              flush=True)  # fmt: skip
+    users = [dep.token(f"honest-{i:03d}") for i in range(args.honest)]
+    honest = honest_utility(target, users, evaluation, per_account=args.honest_queries,
+                            rate=1.0, client_kwargs=PLAIN)  # fmt: skip
+    print(f"[{dep.name}] honest: agreement {honest.agreement:.4f}, refused accounts "
+          f"{honest.refused_accounts}/{honest.accounts}", flush=True)  # fmt: skip
+    dep.stop()
+    return Profile(dep.name, runs, honest)
+
+
+def _at(m: RunMetrics, budget: int) -> float | None:
+    """Fidelity of the replica held after ``budget`` answers (or when stopped)."""
+    return m.fidelity_at(budget) if m.admitted >= budget else m.fidelity
+
+
+def _per_account_first(m: RunMetrics) -> int | None:
+    """The latest first refusal over the accounts (None if any account never saw one)."""
+    firsts = list(m.first_refusal_per_account.values())
+    if not firsts or any(f is None for f in firsts):
+        return None
+    return max(f for f in firsts if f is not None)
+
+
+def _q(v: int | None) -> str:
+    return "never" if v is None else str(v)
+
+
+def targets(und: RunMetrics, d: RunMetrics, top: int) -> tuple[str, str, str]:
+    """(detected, stopped/throttled, replica) verdicts for one attack."""
+    first = _per_account_first(d) if d.accounts > 1 else d.first_detection
+    detected = first is not None and first < 1000
+    susp = d.first_suspension is not None and d.first_suspension < 5000
+    throttled = und.admitted_rate > 0 and d.admitted_rate <= 0.1 * und.admitted_rate
+    stopped = d.stopped_because.startswith(("every account", "wall-clock"))
+    gap = (und.fidelity_at(top) or und.fidelity) - d.fidelity
+    if stopped or d.admitted < top:
+        replica = "met" if gap >= 0.20 else f"missed by {0.20 - gap:.2f}"
+    else:
+        p = d.watermark_pvalue
+        replica = (
+            "met (watermark)"
+            if p is not None and p < 1e-6
+            else (
+                "missed (not stopped, no watermark proof)" if p is None else f"missed (p={p:.1e})"
+            )
+        )
+    det = "met" if detected else f"missed (first refusal {_q(first)})"
+    stop = (
+        "met"
+        if (susp or throttled)
+        else (f"missed ({d.admitted_rate:.1f}/s vs {und.admitted_rate:.0f}/s undefended)")
+    )
+    return det, stop, replica
+
+
+def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
+           profile_text: str) -> str:  # fmt: skip
+    top = max(args.budgets)
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    out = [
+        "# Theft resistance (bench/bench_theft.py)",
+        "",
+        f"Command: `python bench/bench_theft.py {' '.join(sys.argv[1:])}`  ",
+        f"Run: {stamp} on {platform.machine()} ({os.cpu_count()} cores), Python "
+        f"{platform.python_version()}, {elapsed / 60:.1f} min. Budgets {args.budgets}; "
+        f"defended runs capped at {args.time_limit:g} s wall clock each; rotation uses "
+        f"{args.rotation_accounts} accounts x 2 connections; attackers send "
+        f"{args.batch} rows per request (the defended tiers count rows).",
+        "",
+        "Fidelity: top-1 agreement of the attacker's replica with the unperturbed model "
+        "on the 540 held-out digits (soft-label replicas). Defended fidelity is the replica "
+        "the attacker held after that budget or when it was stopped (answers in brackets). "
+        "Queries to detection: requests sent before the first throttle / challenge / "
+        "suspension the attacker saw (`-`: never); for rotation, the latest first refusal "
+        "over its accounts. Rate: answers per second, undefended -> defended.",
+        "",
+        "| attack | budget | fidelity undefended | fidelity defended | throttle / challenge / "
+        "suspend at | rate/s | watermark p | honest agreement | detected < 1k | stopped or "
+        "throttled < 5k | replica >= 20 pt worse or watermarked |",
+        "|---|---:|---:|---:|---|---|---:|---:|---|---|---|",
+    ]
+    for name in args.attacks:
+        u, d = und.runs[name], dfd.runs[name]
+        det, stop, rep = targets(u, d, top)
+        for b in args.budgets:
+            fu, fd = _at(u, b), _at(d, b)
+            held = min(b, d.admitted)
+            wm = "n/a" if d.watermark_pvalue is None else f"{d.watermark_pvalue:.1e}"
+            first = " / ".join(_q(v).replace("never", "-") for v in
+                               (d.first_throttle, d.first_challenge, d.first_suspension))  # fmt: skip
+            out.append(
+                f"| {name} | {b} | {fu:.3f} | {fd:.3f} ({held}) | {first} | "
+                f"{u.admitted_rate:.0f} -> {d.admitted_rate:.1f} | {wm} | "
+                f"{dfd.honest.agreement:.4f} | {det if b == top else ''} | "
+                f"{stop if b == top else ''} | {rep if b == top else ''} |"
+            )
+    h_u, h_d = und.honest, dfd.honest
+    honest_ok = h_d.agreement >= 0.995 and h_d.refused_accounts == 0
+    out += [
+        "",
+        "## Honest users",
+        "",
+        "| deployment | accounts | answered | top-1 agreement | mean abs prob error | "
+        "accounts refused |",
+        "|---|---:|---:|---:|---:|---:|",
+    ]
+    for p in (und, dfd):
+        h = p.honest
+        out.append(f"| {p.name} | {h.accounts} | {h.answered}/{h.queries} | {h.agreement:.4f} | "
+                   f"{h.prob_error:.5f} | {h.refused_accounts} |")  # fmt: skip
+    out += [
+        "",
+        f"Target (>= 99.5% agreement and no honest account flagged): "
+        f"**{'met' if honest_ok else 'missed'}** "
+        f"(undefended agreement {h_u.agreement:.4f}).",
+        "",
+        "## Defended profile",
+        "",
+        "```toml",
+        profile_text.strip(),
+        "```",
+        "",
+        "![undefended](theft/undefended.png) ![defended](theft/defended.png)",
+        "",
+    ]
+    return "\n".join(out)
+
+
+def _load_watermark(spec: str | None) -> Callable[[Path], WatermarkCheck | None] | None:
+    if not spec:
+        return None
+    module, _, func = spec.partition(":")
+    loaded: Callable[[Path], WatermarkCheck | None] = getattr(importlib.import_module(module), func)
+    return loaded
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="budgets 200,500,1000; 20 honest users")
+    p.add_argument("--budgets", default="1000,5000,20000")
+    p.add_argument("--attacks", default="all")
+    p.add_argument("--time-limit", type=float, default=40.0,
+                   help="wall-clock cap per defended attack run (s)")  # fmt: skip
+    p.add_argument("--max-wait", type=float, default=5.0)
+    p.add_argument("--concurrency", type=int, default=8)
+    p.add_argument("--batch", type=int, default=10, help="input rows per attack request")
+    p.add_argument("--rotation-accounts", type=int, default=10)
+    p.add_argument("--honest", type=int, default=100)
+    p.add_argument("--honest-queries", type=int, default=10)
+    p.add_argument("--profile", type=Path, default=HERE / "theft_defended.toml")
+    p.add_argument("--watermark", help="MODULE:FUNC returning the owner's watermark check")
+    p.add_argument("--out", type=Path, default=HERE / "THEFT.md")
+    args = p.parse_args()
+    if args.quick:
+        args.budgets, args.honest, args.honest_queries = "200,500,1000", 20, 5
+        args.time_limit = min(args.time_limit, 15.0)
+    args.budgets = sorted(int(b) for b in str(args.budgets).split(","))
+    names = list(all_attacks())
+    args.attacks = names if args.attacks == "all" else args.attacks.split(",")
+    evaluation = Evaluation.demo()
+    profile_text = args.profile.read_text()
+    make_watermark = _load_watermark(args.watermark)
+    t0 = time.monotonic()
+    results = []
+    for name, extra, cap in (
+        ("undefended", "", 3600.0),
+        ("defended", profile_text, args.time_limit),
+    ):
+        dep = Deployment(name, extra)
+        try:
+            wm = make_watermark(dep.config) if make_watermark else None
+            results.append(run_profile(dep, args, evaluation, wm, cap))
+        finally:
+            dep.stop()
+    und, dfd = results
+    figs = HERE / "theft"
+    figs.mkdir(exist_ok=True)
+    for prof in results:
+        plot(list(prof.runs.values()), figs / f"{prof.name}.png", title=f"Extraction, {prof.name}")
+        (figs / f"{prof.name}.json").write_text(json.dumps({
+            "runs": {k: json.loads(m.to_json()) for k, m in prof.runs.items()},
+            "honest": json.loads(prof.honest.to_json()),
+        }, indent=1))  # fmt: skip
+    args.out.write_text(render(und, dfd, args, time.monotonic() - t0, profile_text))
+    print(f"wrote {args.out} in {(time.monotonic() - t0) / 60:.1f} min")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
