@@ -163,12 +163,24 @@ def _at(m: RunMetrics, budget: int) -> float | None:
     return m.fidelity_at(budget) if m.admitted >= budget else m.fidelity
 
 
-def _per_account_first(m: RunMetrics) -> int | None:
-    """The latest first refusal over the accounts (None if any account never saw one)."""
-    firsts = list(m.first_refusal_per_account.values())
-    if not firsts or any(f is None for f in firsts):
+def _flag_at(m: RunMetrics) -> int | None:
+    """Requests sent before the attacker was flagged: the first challenge or suspension
+    it saw (a quota refusal is not a flag: every account of the tier gets those). For
+    rotation, the latest over its accounts (the target is per account). None: never."""
+    per_account: list[int | None] = []
+    for name in m.first_refusal_per_account:
+        flags = [e["account_sent"] for e in m.ledger.get("events", [])
+                 if e["account"] == name and e["kind"] in ("challenge", "suspend")]  # fmt: skip
+        per_account.append(min(flags) if flags else None)
+    if not per_account or any(f is None for f in per_account):
         return None
-    return max(f for f in firsts if f is not None)
+    return max(f for f in per_account if f is not None)
+
+
+def _server_flagged(m: RunMetrics) -> list[str]:
+    """Accounts whose server-side status was not normal after the run (Admin)."""
+    return [a for a, st in m.server_status.items()
+            if isinstance(st, dict) and st.get("kind", "normal") not in ("normal", "ok")]  # fmt: skip
 
 
 def _q(v: int | None) -> str:
@@ -176,30 +188,37 @@ def _q(v: int | None) -> str:
 
 
 def targets(und: RunMetrics, d: RunMetrics, top: int) -> tuple[str, str, str]:
-    """(detected, stopped/throttled, replica) verdicts for one attack."""
-    first = _per_account_first(d) if d.accounts > 1 else d.first_detection
-    detected = first is not None and first < 1000
+    """(flagged < 1k, suspended or throttled < 5k, replica) verdicts for one attack."""
+    flag = _flag_at(d)
+    server = _server_flagged(d)
+    if flag is not None and flag < 1000:
+        det = f"met (at {flag})"
+    elif server and len(server) == len(d.server_status):
+        det = "flagged server-side by the end (query count unknown)"
+    else:
+        det = f"missed (client saw no flag; {len(server)} accounts flagged server-side)"
     susp = d.first_suspension is not None and d.first_suspension < 5000
     throttled = und.admitted_rate > 0 and d.admitted_rate <= 0.1 * und.admitted_rate
-    stopped = d.stopped_because.startswith(("every account", "wall-clock"))
+    if susp:
+        stop = f"met (suspended at {d.first_suspension})"
+    elif throttled:
+        why = "quota only" if flag is None else "after flag"
+        stop = f"met ({d.admitted_rate:.1f}/s vs {und.admitted_rate:.0f}/s, {why})"
+    else:
+        stop = f"missed ({d.admitted_rate:.1f}/s vs {und.admitted_rate:.0f}/s undefended)"
+    stopped = d.admitted < top
     gap = (und.fidelity_at(top) or und.fidelity) - d.fidelity
-    if stopped or d.admitted < top:
-        replica = "met" if gap >= 0.20 else f"missed by {0.20 - gap:.2f}"
+    if stopped:
+        replica = "met" if gap >= 0.20 else f"missed by {0.20 - gap:.2f} pt"
+        replica += f" (gap {gap * 100:.0f} pt)"
     else:
         p = d.watermark_pvalue
-        replica = (
-            "met (watermark)"
-            if p is not None and p < 1e-6
-            else (
-                "missed (not stopped, no watermark proof)" if p is None else f"missed (p={p:.1e})"
+        if p is not None and p < 1e-6:
+            replica = f"met (watermark p={p:.1e})"
+        else:
+            replica = "missed (not stopped; " + (
+                "no watermark hook)" if p is None else f"p={p:.1e})"
             )
-        )
-    det = "met" if detected else f"missed (first refusal {_q(first)})"
-    stop = (
-        "met"
-        if (susp or throttled)
-        else (f"missed ({d.admitted_rate:.1f}/s vs {und.admitted_rate:.0f}/s undefended)")
-    )
     return det, stop, replica
 
 
@@ -220,14 +239,17 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "Fidelity: top-1 agreement of the attacker's replica with the unperturbed model "
         "on the 540 held-out digits (soft-label replicas). Defended fidelity is the replica "
         "the attacker held after that budget or when it was stopped (answers in brackets). "
-        "Queries to detection: requests sent before the first throttle / challenge / "
-        "suspension the attacker saw (`-`: never); for rotation, the latest first refusal "
-        "over its accounts. Rate: answers per second, undefended -> defended.",
+        "Refusals: requests sent before the first throttle (quota or rate limit) / "
+        "challenge / suspension the attacker saw (`-`: never). Flagged: the first "
+        "challenge or suspension (a quota refusal is not a flag; every account of the "
+        "tier gets those), per account for rotation, or a non-normal server-side status "
+        "(Admin GetAccount) at the end. Rate: answers per second of querying, "
+        "undefended -> defended.",
         "",
-        "| attack | budget | fidelity undefended | fidelity defended | throttle / challenge / "
-        "suspend at | rate/s | watermark p | honest agreement | detected < 1k | stopped or "
-        "throttled < 5k | replica >= 20 pt worse or watermarked |",
-        "|---|---:|---:|---:|---|---|---:|---:|---|---|---|",
+        "| attack | budget | fidelity undefended | fidelity defended | refusals: throttle / "
+        "challenge / suspend at | rate/s | watermark p | flagged < 1k | suspended or "
+        "throttled <= 10% < 5k | replica >= 20 pt worse or watermarked |",
+        "|---|---:|---:|---:|---|---|---:|---|---|---|",
     ]
     for name in args.attacks:
         u, d = und.runs[name], dfd.runs[name]
@@ -241,7 +263,7 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
             out.append(
                 f"| {name} | {b} | {fu:.3f} | {fd:.3f} ({held}) | {first} | "
                 f"{u.admitted_rate:.0f} -> {d.admitted_rate:.1f} | {wm} | "
-                f"{dfd.honest.agreement:.4f} | {det if b == top else ''} | "
+                f"{det if b == top else ''} | "
                 f"{stop if b == top else ''} | {rep if b == top else ''} |"
             )
     h_u, h_d = und.honest, dfd.honest
@@ -291,7 +313,8 @@ def main() -> int:
     p.add_argument("--attacks", default="all")
     p.add_argument("--time-limit", type=float, default=40.0,
                    help="wall-clock cap per defended attack run (s)")  # fmt: skip
-    p.add_argument("--max-wait", type=float, default=5.0)
+    p.add_argument("--max-wait", type=float, default=90.0,
+                   help="attackers wait out per-minute windows, not daily ones")  # fmt: skip
     p.add_argument("--concurrency", type=int, default=8)
     p.add_argument("--batch", type=int, default=10, help="input rows per attack request")
     p.add_argument("--rotation-accounts", type=int, default=10)
