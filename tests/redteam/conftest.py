@@ -42,8 +42,21 @@ class Deployment:
         )
         self.proc: subprocess.Popen[bytes] | None = None
 
-    def token(self, account: str, tier: str = "t") -> str:
-        return self.issuer.issue(account, tier=tier, scopes=["infer"], tos_version=TOS, ttl=900)
+    def token(self, account: str, tier: str = "t", scopes: tuple[str, ...] = ("infer",)) -> str:
+        return self.issuer.issue(account, tier=tier, scopes=list(scopes), tos_version=TOS, ttl=900)
+
+    def set_status(self, target: str, account: str, status: str, **kw: Any) -> None:
+        """Set an account's status through the Admin service (as the operator)."""
+        import grpc
+
+        from sealserve._proto import admin_pb2, admin_pb2_grpc
+
+        with grpc.insecure_channel(target) as channel:
+            admin_pb2_grpc.AdminStub(channel).SetStatus(
+                admin_pb2.SetStatusRequest(account=account, status=status, tier="t", **kw),
+                metadata=(("authorization", f"Bearer {self.token('op', scopes=('admin',))}"),),
+                timeout=10,
+            )
 
     def start(self) -> str:
         ready = self.tmp / "ready.json"

@@ -34,9 +34,7 @@ def test_equation_solving_recovers_logistic_regression_locally(logreg_repo: Path
     onnx = logreg_repo / "logreg" / "1" / "model.onnx"
     evaluation = _evaluation(onnx)
     oracle = LocalOracle(GroundTruth(onnx).predict_proba, budget=65)
-    m = run_attack_with(
-        EquationSolving(inputs="uniform"), oracle, evaluation, budget=65
-    )
+    m = run_attack_with(EquationSolving(inputs="uniform"), oracle, evaluation, budget=65)
     assert m.admitted == 65
     assert m.fidelity >= 0.995, m.fidelity
 

@@ -15,7 +15,7 @@ PLAIN = {"unsafe_plaintext": True}
 
 
 def test_rotation_spreads_queries_over_accounts_and_connections(deployment: Any) -> None:
-    dep = deployment('[limits.tiers.t]\nper_day = 100000\n')
+    dep = deployment("[limits.tiers.t]\nper_day = 100000\n")
     target = dep.start()
     accounts = [Account(f"acct-{i}", dep.token(f"acct-{i}")) for i in range(4)]
     attack = Rotation(inner=Knockoff(seed=0), connections=2)
@@ -32,7 +32,7 @@ def test_rotation_spreads_queries_over_accounts_and_connections(deployment: Any)
 
 
 def test_single_account_attacks_use_one_account(deployment: Any) -> None:
-    dep = deployment('[limits.tiers.t]\nper_day = 100000\n')
+    dep = deployment("[limits.tiers.t]\nper_day = 100000\n")
     target = dep.start()
     accounts = [Account.from_token(dep.token(f"acct-{i}"), default="?") for i in range(3)]
     assert [a.name for a in accounts] == ["acct-0", "acct-1", "acct-2"]
@@ -44,8 +44,7 @@ def test_single_account_attacks_use_one_account(deployment: Any) -> None:
 
 
 LIMITS = (
-    "[limits.tiers.t]\nrate = 40\nburst = 10\nper_day = 100000\n"
-    "[limits.tiers.tiny]\nper_day = 20\n"
+    "[limits.tiers.t]\nrate = 40\nburst = 10\nper_day = 100000\n[limits.tiers.tiny]\nper_day = 20\n"
 )
 
 
@@ -96,3 +95,28 @@ def test_attack_stops_cleanly_when_every_account_is_refused(deployment: Any) -> 
     assert m.first_refusal_per_account == {"tiny": 21}
     assert m.stopped_because == "every account refused or retired"
     assert 0.0 <= m.fidelity <= 1.0  # the replica from 20 answers is still measured
+
+
+def test_challenge_is_seen_then_paid_and_suspension_drops_the_account(deployment: Any) -> None:
+    dep = deployment("[limits.tiers.t]\nper_day = 100000\n")
+    target = dep.start()
+    dep.set_status(target, "puzzled", "challenged", difficulty=6, reason="test")
+    dep.set_status(target, "banned", "suspended", reason="test")
+    accounts = [Account("puzzled", dep.token("puzzled")), Account("banned", dep.token("banned"))]
+    m = run_attack(
+        Knockoff(seed=0), target, accounts, budget=40, evaluation=Evaluation.demo(),
+        client_kwargs=PLAIN, config=OracleConfig(concurrency=1),
+        admin_token=dep.token("op", scopes=("admin",)), tier="t",
+    )  # fmt: skip
+    m_rot = m  # the single-account attack uses only "puzzled"
+    assert m_rot.admitted_per_account == {"puzzled": 40}
+    assert m.first_challenge == 1 and m.first_suspension is None
+    assert m.ledger["accounts"]["puzzled"]["refused"] == {"challenge": 1}
+    assert m.server_status["puzzled"]["kind"] == "challenged"
+    spread = run_attack(
+        Rotation(inner=Knockoff(seed=0), connections=1), target, accounts, budget=20,
+        evaluation=Evaluation.demo(), client_kwargs=PLAIN, config=OracleConfig(concurrency=1),
+    )  # fmt: skip
+    assert spread.admitted_per_account == {"puzzled": 20, "banned": 0}
+    assert spread.ledger["accounts"]["banned"]["dropped"] == "suspended or denied"
+    assert spread.first_suspension is not None
