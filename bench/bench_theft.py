@@ -118,6 +118,13 @@ class Profile:
     name: str
     runs: dict[str, RunMetrics]
     honest: HonestUtility
+    elapsed: float = 0.0
+
+
+def _load(path: Path, name: str) -> Profile:
+    d = json.loads(path.read_text())
+    runs = {k: RunMetrics.from_dict(v) for k, v in d["runs"].items()}
+    return Profile(name, runs, HonestUtility(**d["honest"]), float(d.get("elapsed", 0.0)))
 
 
 def run_profile(
@@ -187,7 +194,16 @@ def _q(v: int | None) -> str:
     return "never" if v is None else str(v)
 
 
-def targets(und: RunMetrics, d: RunMetrics, top: int) -> tuple[str, str, str]:
+def day_quota(profile_text: str) -> int | None:
+    """Queries one account of the bench's tier may make per day under the profile."""
+    import tomllib
+
+    tier = tomllib.loads(profile_text).get("limits", {}).get("tiers", {}).get(TIER, {})
+    per_day = tier.get("per_day")
+    return int(per_day) if per_day else None
+
+
+def targets(und: RunMetrics, d: RunMetrics, top: int, per_day: int | None) -> tuple[str, str, str]:
     """(flagged < 1k, suspended or throttled < 5k, replica) verdicts for one attack."""
     flag = _flag_at(d)
     server = _server_flagged(d)
@@ -206,19 +222,29 @@ def targets(und: RunMetrics, d: RunMetrics, top: int) -> tuple[str, str, str]:
         stop = f"met ({d.admitted_rate:.1f}/s vs {und.admitted_rate:.0f}/s, {why})"
     else:
         stop = f"missed ({d.admitted_rate:.1f}/s vs {und.admitted_rate:.0f}/s undefended)"
-    stopped = d.admitted < top
-    gap = (und.fidelity_at(top) or und.fidelity) - d.fidelity
-    if stopped:
-        replica = "met" if gap >= 0.20 else f"missed by {0.20 - gap:.2f} pt"
-        replica += f" (gap {gap * 100:.0f} pt)"
+    # The replica held when stopped: at suspension, the replica the run ended with.
+    # Throttling only delays: an attacker that keeps its accounts gets a day's quota
+    # per account, so that replica is read off the undefended curve at that count.
+    best = und.fidelity_at(top) or und.fidelity
+    p = d.watermark_pvalue
+    if d.first_suspension is not None:
+        held, how = d.fidelity, f"suspended with {d.admitted} answers"
+    elif per_day is not None:
+        n = per_day * d.accounts
+        at_n = und.fidelity_at(n) if n < top else best
+        held = und.fidelity if at_n is None else at_n
+        how = f"throttled: {n} answers per day of quota"
     else:
-        p = d.watermark_pvalue
-        if p is not None and p < 1e-6:
-            replica = f"met (watermark p={p:.1e})"
-        else:
-            replica = "missed (not stopped; " + (
-                "no watermark hook)" if p is None else f"p={p:.1e})"
-            )
+        held, how = best, "not stopped"
+    gap = best - held
+    if gap >= 0.20:
+        replica = f"met ({how}: {held:.3f}, {gap * 100:.0f} pt below)"
+    elif p is not None and p < 1e-6:
+        replica = f"met by watermark p={p:.1e} ({how}: {held:.3f})"
+    else:
+        wm = "no watermark hook" if p is None else f"watermark p={p:.1e}"
+        replica = (f"missed by {(0.20 - gap) * 100:.0f} pt ({how}: {held:.3f}, "
+                   f"{gap * 100:.0f} pt below; {wm})")  # fmt: skip
     return det, stop, replica
 
 
@@ -253,7 +279,7 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
     ]
     for name in args.attacks:
         u, d = und.runs[name], dfd.runs[name]
-        det, stop, rep = targets(u, d, top)
+        det, stop, rep = targets(u, d, top, day_quota(profile_text))
         for b in args.budgets:
             fu, fd = _at(u, b), _at(d, b)
             held = min(b, d.admitted)
@@ -285,6 +311,24 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         f"Target (>= 99.5% agreement and no honest account flagged): "
         f"**{'met' if honest_ok else 'missed'}** "
         f"(undefended agreement {h_u.agreement:.4f}).",
+        "",
+        "## Reading the targets",
+        "",
+        "- *Flagged < 1k* needs a detector that acts (challenge or suspension, or a "
+        "non-normal status an operator can see). Until `[defense]` is wired into the "
+        "profile, only quotas act and this column is missed by construction: a quota "
+        "refusal is what every account of the tier gets, honest or not.",
+        "- *Suspended or throttled*: a `[limits]` tier alone throttles every account far "
+        "below 10% of the undefended rate; the verdict says whether it was the quota only.",
+        "- *Replica*: throttling delays an attacker but does not stop one that keeps its "
+        "accounts. The replica judged is the one held at suspension, otherwise the one a "
+        "day of quota buys (per_day x accounts answers, read off the undefended curve). "
+        "The 'fidelity defended' column is what the attacker held when the bench's wall "
+        "clock stopped it, which flatters quotas.",
+        "- Jacobian augmentation starts from 50 natural digits the attacker holds; on this "
+        "small task a replica distilled from those and their answers already agrees with "
+        "the victim on ~89% of held-out digits, so volume limits cannot push it 20 points "
+        "down; only answers that carry a watermark (or perturbation) can.",
         "",
         "## Defended profile",
         "",
@@ -323,6 +367,8 @@ def main() -> int:
     p.add_argument("--profile", type=Path, default=HERE / "theft_defended.toml")
     p.add_argument("--watermark", help="MODULE:FUNC returning the owner's watermark check")
     p.add_argument("--out", type=Path, default=HERE / "THEFT.md")
+    p.add_argument("--render-only", action="store_true",
+                   help="rewrite THEFT.md from bench/theft/*.json without running")  # fmt: skip
     args = p.parse_args()
     if args.quick:
         args.budgets, args.honest, args.honest_queries = "200,500,1000", 20, 5
@@ -334,6 +380,12 @@ def main() -> int:
     profile_text = args.profile.read_text()
     make_watermark = _load_watermark(args.watermark)
     t0 = time.monotonic()
+    figs = HERE / "theft"
+    if args.render_only:
+        saved = [_load(figs / f"{n}.json", n) for n in ("undefended", "defended")]
+        args.out.write_text(render(saved[0], saved[1], args, saved[0].elapsed, profile_text))
+        print(f"rewrote {args.out}")
+        return 0
     results = []
     for name, extra, cap in (
         ("undefended", "", 3600.0),
@@ -346,13 +398,16 @@ def main() -> int:
         finally:
             dep.stop()
     und, dfd = results
-    figs = HERE / "theft"
     figs.mkdir(exist_ok=True)
     for prof in results:
         plot(list(prof.runs.values()), figs / f"{prof.name}.png", title=f"Extraction, {prof.name}")
         (figs / f"{prof.name}.json").write_text(json.dumps({
             "runs": {k: json.loads(m.to_json()) for k, m in prof.runs.items()},
             "honest": json.loads(prof.honest.to_json()),
+            "args": {"budgets": args.budgets, "attacks": args.attacks,
+                     "time_limit": args.time_limit, "batch": args.batch,
+                     "rotation_accounts": args.rotation_accounts},
+            "elapsed": time.monotonic() - t0,
         }, indent=1))  # fmt: skip
     args.out.write_text(render(und, dfd, args, time.monotonic() - t0, profile_text))
     print(f"wrote {args.out} in {(time.monotonic() - t0) / 60:.1f} min")

@@ -15,7 +15,7 @@ import asyncio
 import json
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -101,6 +101,14 @@ class RunMetrics:
         d = asdict(self)
         d["first_detection"] = self.first_detection
         return json.dumps(d, indent=2, default=float)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> RunMetrics:
+        """Read back what ``to_json`` wrote."""
+        names = {f.name for f in fields(cls)}
+        m = cls(**{k: v for k, v in d.items() if k in names})
+        m.curve = [(int(n), float(f)) for n, f in m.curve]
+        return m
 
 
 def _fill_from_ledger(m: RunMetrics, ledger: Ledger) -> None:
