@@ -21,9 +21,9 @@ def test_rotation_spreads_queries_over_accounts_and_connections(deployment: Any)
     attack = Rotation(inner=Knockoff(seed=0), connections=2)
     m = run_attack(
         attack, target, accounts, budget=600, evaluation=Evaluation.demo(),
-        config=OracleConfig(concurrency=8), client_kwargs=PLAIN,
+        config=OracleConfig(concurrency=8, batch=5), client_kwargs=PLAIN,
     )  # fmt: skip
-    print(m.to_json())
+    print(f"rotation @ 600: fidelity {m.fidelity:.3f}, per account {m.admitted_per_account}")
     assert m.admitted == 600 and m.sent == 600
     assert set(m.admitted_per_account) == {a.name for a in accounts}
     # Round-robin over 4 accounts x 2 connections: each account carries about a quarter.
