@@ -52,7 +52,7 @@ from sealserve.redteam.metrics import (  # noqa: E402
     run_attack,
 )
 from sealserve.redteam.oracle import Account, OracleConfig  # noqa: E402
-from sealserve.redteam.report import plot  # noqa: E402
+from sealserve.redteam.report import plot, plot_pairs  # noqa: E402
 
 ISS, AUD, TOS = "https://issuer.bench.invalid", "sealserve-bench", "2026-11"
 HERE = Path(__file__).resolve().parent
@@ -175,9 +175,8 @@ def _flag_at(m: RunMetrics) -> int | None:
     it saw (a quota refusal is not a flag: every account of the tier gets those). For
     rotation, the latest over its accounts (the target is per account). None: never."""
     per_account: list[int | None] = []
-    for name in m.first_refusal_per_account:
-        flags = [e["account_sent"] for e in m.ledger.get("events", [])
-                 if e["account"] == name and e["kind"] in ("challenge", "suspend")]  # fmt: skip
+    for firsts in m.first_events_per_account.values():
+        flags = [v for k, v in firsts.items() if k in ("challenge", "suspend")]
         per_account.append(min(flags) if flags else None)
     if not per_account or any(f is None for f in per_account):
         return None
@@ -336,10 +335,15 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         profile_text.strip(),
         "```",
         "",
-        "![undefended](theft/undefended.png) ![defended](theft/defended.png)",
+        "![fidelity against queries, undefended vs defended](theft/pairs.png)",
         "",
     ]
     return "\n".join(out)
+
+
+def _pairs_plot(und: Profile, dfd: Profile, args: argparse.Namespace, figs: Path) -> None:
+    pairs = [(und.runs[a], dfd.runs[a]) for a in args.attacks]
+    plot_pairs(pairs, figs / "pairs.png", title="Replica fidelity: undefended vs defended")
 
 
 def _load_watermark(spec: str | None) -> Callable[[Path], WatermarkCheck | None] | None:
@@ -383,6 +387,7 @@ def main() -> int:
     figs = HERE / "theft"
     if args.render_only:
         saved = [_load(figs / f"{n}.json", n) for n in ("undefended", "defended")]
+        _pairs_plot(saved[0], saved[1], args, figs)
         args.out.write_text(render(saved[0], saved[1], args, saved[0].elapsed, profile_text))
         print(f"rewrote {args.out}")
         return 0
@@ -409,6 +414,7 @@ def main() -> int:
                      "rotation_accounts": args.rotation_accounts},
             "elapsed": time.monotonic() - t0,
         }, indent=1))  # fmt: skip
+    _pairs_plot(und, dfd, args, figs)
     args.out.write_text(render(und, dfd, args, time.monotonic() - t0, profile_text))
     print(f"wrote {args.out} in {(time.monotonic() - t0) / 60:.1f} min")
     return 0

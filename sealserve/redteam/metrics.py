@@ -77,6 +77,8 @@ class RunMetrics:
     first_challenge: int | None = None
     first_suspension: int | None = None
     first_refusal_per_account: dict[str, int | None] = field(default_factory=dict)
+    #: account -> {event kind -> rows that account had sent when it first happened}
+    first_events_per_account: dict[str, dict[str, int]] = field(default_factory=dict)
     admitted_per_account: dict[str, int] = field(default_factory=dict)
     stopped_because: str = ""
     elapsed_s: float = 0.0
@@ -119,12 +121,9 @@ def _fill_from_ledger(m: RunMetrics, ledger: Ledger) -> None:
         setattr(m, attr, None if ev is None else ev.sent)
     for name, acct in ledger.accounts.items():
         m.admitted_per_account[name] = acct.admitted
-        first = next(
-            (e.account_sent for e in ledger.events
-             if e.account == name and e.kind in ("throttle", "challenge", "suspend")),
-            None,
-        )  # fmt: skip
-        m.first_refusal_per_account[name] = first
+        m.first_events_per_account[name] = dict(acct.first)
+        refusals = [v for k, v in acct.first.items() if k in ("throttle", "challenge", "suspend")]
+        m.first_refusal_per_account[name] = min(refusals) if refusals else None
     m.stopped_because = ledger.stopped_because or "attack finished"
     m.elapsed_s = ledger.elapsed
     # Answers per second of querying: training time between rounds does not count.

@@ -72,6 +72,7 @@ class AccountLedger:
     admitted: int = 0
     refused: Counter[str] = field(default_factory=Counter)
     dropped: str = ""  # why the attacker stopped using it
+    first: dict[str, int] = field(default_factory=dict)  # event kind -> rows sent by then
 
 
 @dataclass
@@ -110,10 +111,13 @@ class Ledger:
                     "admitted": a.admitted,
                     "refused": dict(a.refused),
                     "dropped": a.dropped,
+                    "first": dict(a.first),
                 }
                 for n, a in self.accounts.items()
             },
+            # The first events tell the story; a throttled run can log thousands.
             "events": [asdict(e) for e in self.events[:200]],
+            "events_total": len(self.events),
         }
 
 
@@ -298,6 +302,7 @@ class RemoteOracle:
             self.ledger.stopped_because = why
 
     def _event(self, kind: str, slot: _Slot, message: str) -> None:
+        slot.account.first.setdefault(kind, slot.account.sent)
         self.ledger.events.append(
             Event(
                 kind,
