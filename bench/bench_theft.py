@@ -247,14 +247,18 @@ def targets(und: RunMetrics, d: RunMetrics, top: int, per_day: int | None) -> tu
     return det, stop, replica
 
 
+def _command() -> str:
+    return " ".join(["python bench/bench_theft.py", *sys.argv[1:]]).strip()
+
+
 def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
            profile_text: str) -> str:  # fmt: skip
     top = max(args.budgets)
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    stamp = getattr(args, "stamp", None) or dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     out = [
         "# Theft resistance (bench/bench_theft.py)",
         "",
-        f"Command: `python bench/bench_theft.py {' '.join(sys.argv[1:])}`  ",
+        f"Command: `{getattr(args, 'command', None) or _command()}`  ",
         f"Run: {stamp} on {platform.machine()} ({os.cpu_count()} cores), Python "
         f"{platform.python_version()}, {elapsed / 60:.1f} min. Budgets {args.budgets}; "
         f"defended runs capped at {args.time_limit:g} s wall clock each; rotation uses "
@@ -387,6 +391,10 @@ def main() -> int:
     figs = HERE / "theft"
     if args.render_only:
         saved = [_load(figs / f"{n}.json", n) for n in ("undefended", "defended")]
+        meta = json.loads((figs / "defended.json").read_text())
+        args.command, args.stamp = meta.get("command"), meta.get("stamp")
+        for key, value in meta.get("args", {}).items():
+            setattr(args, key, value)
         _pairs_plot(saved[0], saved[1], args, figs)
         args.out.write_text(render(saved[0], saved[1], args, saved[0].elapsed, profile_text))
         print(f"rewrote {args.out}")
@@ -413,6 +421,8 @@ def main() -> int:
                      "time_limit": args.time_limit, "batch": args.batch,
                      "rotation_accounts": args.rotation_accounts},
             "elapsed": time.monotonic() - t0,
+            "command": _command(),
+            "stamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
         }, indent=1))  # fmt: skip
     _pairs_plot(und, dfd, args, figs)
     args.out.write_text(render(und, dfd, args, time.monotonic() - t0, profile_text))
