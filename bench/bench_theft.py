@@ -30,6 +30,7 @@ import json
 import os
 import platform
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -378,6 +379,8 @@ def main() -> int:
     p.add_argument("--render-only", action="store_true",
                    help="rewrite THEFT.md from bench/theft/*.json without running")  # fmt: skip
     args = p.parse_args()
+    # A terminated bench still stops its servers (the finally blocks run).
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     if args.quick:
         args.budgets, args.honest, args.honest_queries = "200,500,1000", 20, 5
         args.time_limit = min(args.time_limit, 15.0)

@@ -288,7 +288,15 @@ class RemoteOracle:
             self.ledger.stopped_because = "budget spent"
         return Answers(probs, labels, admitted)
 
+    def __enter__(self) -> RemoteOracle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
+        """Close every connection and the oracle's event loop."""
+
         async def _close() -> None:
             for slot in self._slots:
                 await slot.client.close()
@@ -363,7 +371,11 @@ class RemoteOracle:
                 if wait is None or wait > self.config.max_wait:
                     self._retire(slot, f"retry-after {wait} s over max_wait")
                 else:
-                    slot.ready_at = time.monotonic() + wait
+                    # The limit is the account's: rest every connection of it.
+                    until = time.monotonic() + wait
+                    for s in self._slots:
+                        if s.account is slot.account:
+                            s.ready_at = max(s.ready_at, until)
                 continue
             except (SuspendedError, PermissionDeniedError) as exc:
                 slot.account.refused["suspend"] += len(rows)
