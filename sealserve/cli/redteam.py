@@ -31,6 +31,7 @@ def register(sub: Any) -> None:
     p.add_argument("--budget", type=int, default=1000, help="queries per attack")
     p.add_argument("--concurrency", type=int, default=4, help="requests in flight")
     p.add_argument("--connections", type=int, default=1, help="connections per account")
+    p.add_argument("--batch", type=int, default=1, help="input rows per request")
     p.add_argument("--spread", action="store_true",
                    help="every attack rotates over every token, not only `rotation`")  # fmt: skip
     p.add_argument("--max-wait", type=float, default=5.0,
@@ -86,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         truth = GroundTruth(args.victim_onnx).predict_proba(evaluation.x)
         evaluation = Evaluation(evaluation.x, evaluation.y, truth)
     kw = connection_kwargs(args)
-    cfg = OracleConfig(model=args.model, concurrency=args.concurrency,
+    cfg = OracleConfig(model=args.model, concurrency=args.concurrency, batch=args.batch,
                        connections=args.connections, max_wait=args.max_wait,
                        time_limit=args.time_limit)  # fmt: skip
     names = list(ATTACKS) if not args.attack or "all" in args.attack else args.attack
