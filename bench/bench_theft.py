@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from sealserve import demo  # noqa: E402
 from sealserve.auth import TokenIssuer, generate_keypair  # noqa: E402
+from sealserve.enclave.simulated import SimulatedPlatform  # noqa: E402
 from sealserve.redteam.attacks import all_attacks, with_marks  # noqa: E402
 from sealserve.redteam.metrics import (  # noqa: E402
     Evaluation,
@@ -72,10 +73,15 @@ class Deployment:
         self.issuer = TokenIssuer.from_pem(pem, issuer=ISS, audience=AUD)
         shutil.copytree(demo.repository(), self.tmp / "models")
         self.config = self.tmp / "sealserve.toml"
+        plat = 'attestation_platform = "none"\n'
+        if "{REFERENCE}" in extra:
+            # The defended deployment seals its watermark ledger: it needs a platform.
+            SimulatedPlatform.create_root(self.tmp / "platform")
+            plat = 'attestation_platform = "simulated"\nsimulated_platform_dir = "platform"\n'
+            extra = extra.replace("{REFERENCE}", str(demo.reference_path()))
         self.config.write_text(
             'model_repository = "models"\nport = 0\nunsafe_plaintext = true\n'
-            'log_format = "text"\nattestation_platform = "none"\n'
-            'state_store = "sqlite://state.db"\n'
+            'log_format = "text"\n' + plat + 'state_store = "sqlite://state.db"\n'
             f'[auth]\naudience = "{AUD}"\nrequired_tos_version = "{TOS}"\n'
             f'[[auth.issuers]]\nissuer = "{ISS}"\njwks_file = "jwks.json"\n\n' + extra
         )

@@ -1,0 +1,44 @@
+"""The owner's watermark check for bench/bench_theft.py (``--watermark
+bench.theft_watermark:check``): unseal the defended server's ledger with its
+(simulated) platform and test a replica against it."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from sealserve.defense.watermark import WatermarkLedger
+from sealserve.defense.watermark_verify import verify
+from sealserve.enclave.manifest import code_digest
+from sealserve.enclave.sealed_state import SealedBox
+from sealserve.enclave.simulated import SimulatedPlatform
+from sealserve.errors import SealserveError
+from sealserve.server.manifest import simulated_measurement
+
+LABEL = b"sealserve/watermark-ledger/v1"
+
+
+def check(config: Path) -> Callable[[Callable[[np.ndarray], np.ndarray]], float | None]:
+    base = config.parent
+    platform = SimulatedPlatform(
+        base / "platform", measurement=simulated_measurement(code_digest())
+    )
+    box = SealedBox(platform.sealing_key(LABEL))
+
+    def pvalue(predict: Callable[[np.ndarray], np.ndarray]) -> float | None:
+        path = base / "state" / "watermark-ledger"
+        if not path.exists():
+            return None
+        ledger = WatermarkLedger.from_sealed(
+            path.read_bytes(), unseal=lambda b: box.unseal(b, label=LABEL)
+        )
+        if not ledger.entries():
+            return None
+        try:
+            return verify(ledger, predict, num_classes=10).p_value
+        except SealserveError:
+            return None
+
+    return pvalue
