@@ -20,8 +20,10 @@ from sealserve.server.manifest import simulated_measurement
 LABEL = b"sealserve/watermark-ledger/v1"
 
 
-def check(config: Path) -> Callable[[Callable[[np.ndarray], np.ndarray]], float | None]:
+def check(config: Path) -> Callable[[Callable[[np.ndarray], np.ndarray]], float | None] | None:
     base = config.parent
+    if not (base / "platform").is_dir():
+        return None  # the undefended deployment: no watermark, no ledger
     platform = SimulatedPlatform(
         base / "platform", measurement=simulated_measurement(code_digest())
     )
