@@ -325,9 +325,12 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "## Reading the targets",
         "",
         "- *Flagged < 1k* needs a detector that acts (challenge or suspension, or a "
-        "non-normal status an operator can see). Until `[defense]` is wired into the "
-        "profile, only quotas act and this column is missed by construction: a quota "
-        "refusal is what every account of the tier gets, honest or not.",
+        "non-normal status an operator can see); the defended profile's `[defense]` runs "
+        "the detectors and graduated responses. A quota refusal is not a flag: every "
+        "account of the tier gets those, honest or not.",
+        "- *Watermark p*: the owner's check unseals the defended server's ledger and tests "
+        "the replica; `n/a` when the attacker was stopped before any of its answers "
+        "carried the watermark (nothing to prove, nothing stolen).",
         "- *Suspended or throttled*: a `[limits]` tier alone throttles every account far "
         "below 10% of the undefended rate; the verdict says whether it was the quota only.",
         "- *Replica*: throttling delays an attacker but does not stop one that keeps its "
