@@ -86,6 +86,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
     def __init__(self, authenticator: Authenticator, metrics: Metrics) -> None:
         self._auth = authenticator
         self._refused = metrics.refusals
+        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
 
     async def _principal(self, header: str | None, scope: str) -> Principal:
         try:
@@ -102,8 +103,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
         details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler:
-        handler = await continuation(details)
         method = details.method
+        cached = self._wrapped.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(details)
         scope = scope_for(method)
         if handler is None or scope is None:
             return handler
@@ -111,10 +115,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             # Default deny: a protected streaming RPC would bypass the check below.
             log.error("refusing %s: protected streaming RPCs are not supported", method)
             return None
-        header = _authorization(details.invocation_metadata)
+        wrapped = self._wrap(handler, scope)
+        self._wrapped[method] = wrapped  # one wrapper per method, not per call
+        return wrapped
+
+    def _wrap(self, handler: grpc.RpcMethodHandler, scope: str) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
 
         async def authenticated(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            header = _authorization(context.invocation_metadata())
             try:
                 principal = await self._principal(header, scope)
             except ConfigError as exc:
