@@ -34,7 +34,7 @@ from sealserve.enclave.tls import TlsIdentity
 from sealserve.errors import UnavailableError
 from sealserve.server.admin_service import AdminServicer
 from sealserve.server.attestation_service import AttestationServicer
-from sealserve.server.auth_interceptor import AuthInterceptor
+from sealserve.server.auth_interceptor import AuthenticatingRegistrar
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
@@ -157,12 +157,8 @@ class Server:
                 ),
             )
         self.authenticator = authenticator
-        interceptors = []
-        if authenticator is not None:
-            interceptors.append(AuthInterceptor(authenticator, self.metrics))
         limit = settings.max_request_bytes + (1 << 20)
         self._server = grpc.aio.server(
-            interceptors=interceptors,
             options=[
                 ("grpc.max_receive_message_length", limit),
                 ("grpc.max_send_message_length", limit),
@@ -249,12 +245,15 @@ class Server:
             manifest=self.manifest.to_bytes(),
             hpke_private_key=self.hpke_private_key,
         )
+        # Every service registered through `protected` checks bearer tokens and scopes;
+        # health, reflection and attestation stay public (a client verifies first).
+        protected: Any = self._server
+        if self.authenticator is not None:
+            protected = AuthenticatingRegistrar(self._server, self.authenticator, self.metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.plane, self.metrics), self._server
+            InferenceServicer(self.plane, self.metrics), protected
         )
-        admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.plane.guard.quota), self._server
-        )
+        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane.guard.quota), protected)
         services.append(ADMIN_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _ensure_health_in_pool()

@@ -1,4 +1,4 @@
-"""The gRPC side of authentication: a thin interceptor over ``sealserve.auth``.
+"""The gRPC side of authentication: a thin wrapper over ``sealserve.auth``.
 
 Every RPC except health checking, reflection and ``GetEvidence`` needs a bearer token
 with the RPC's scope. The verified :class:`Principal` is put in a context variable
@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -82,11 +81,38 @@ def _authorization(metadata: Any) -> str | None:
     return None
 
 
-class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
-    def __init__(self, authenticator: Authenticator, metrics: Metrics) -> None:
+class Authenticating(grpc.GenericRpcHandler):  # type: ignore[misc]
+    """Wraps a service's generic handler so each protected method checks the token.
+
+    This does what a server interceptor would, without grpc.aio's per-call interceptor
+    machinery (which costs more than the check itself): the wrapped method handlers
+    are built once per method and cached.
+    """
+
+    def __init__(
+        self, inner: grpc.GenericRpcHandler, authenticator: Authenticator, metrics: Metrics
+    ) -> None:
+        self._inner = inner
         self._auth = authenticator
         self._refused = metrics.refusals
-        self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
+        self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
+
+    def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
+        method = details.method
+        if method in self._wrapped:
+            return self._wrapped[method]
+        handler = self._inner.service(details)
+        scope = scope_for(method)
+        if handler is None or scope is None:
+            wrapped = handler
+        elif handler.unary_unary is None:
+            # Default deny: a protected streaming RPC would bypass the check below.
+            log.error("refusing %s: protected streaming RPCs are not supported", method)
+            wrapped = None
+        else:
+            wrapped = self._wrap(handler, scope)
+        self._wrapped[method] = wrapped
+        return wrapped
 
     async def _principal(self, header: str | None, scope: str) -> Principal:
         try:
@@ -97,27 +123,6 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             return await loop.run_in_executor(
                 None, lambda: self._auth.authenticate(header, required_scope=scope)
             )
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        method = details.method
-        cached = self._wrapped.get(method)
-        if cached is not None:
-            return cached
-        handler = await continuation(details)
-        scope = scope_for(method)
-        if handler is None or scope is None:
-            return handler
-        if handler.unary_unary is None:
-            # Default deny: a protected streaming RPC would bypass the check below.
-            log.error("refusing %s: protected streaming RPCs are not supported", method)
-            return None
-        wrapped = self._wrap(handler, scope)
-        self._wrapped[method] = wrapped  # one wrapper per method, not per call
-        return wrapped
 
     def _wrap(self, handler: grpc.RpcMethodHandler, scope: str) -> grpc.RpcMethodHandler:
         inner = handler.unary_unary
@@ -144,4 +149,19 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
             authenticated,
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
+        )
+
+
+class AuthenticatingRegistrar:
+    """Stands in for the server when a generated ``add_*Servicer_to_server`` registers a
+    service: its handlers are registered wrapped in :class:`Authenticating`."""
+
+    def __init__(self, server: Any, authenticator: Authenticator, metrics: Metrics) -> None:
+        self._server = server
+        self._auth = authenticator
+        self._metrics = metrics
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        self._server.add_generic_rpc_handlers(
+            tuple(Authenticating(h, self._auth, self._metrics) for h in handlers)
         )
