@@ -78,7 +78,18 @@ def test_watermark_proven_on_replica_not_on_innocent(
 
     report = json.loads(clean.stdout)
     assert report["watermark_present"] is False and report["p_value"] > 0.01
-    # Against the suspect served by an OIP endpoint (here: the replica behind sealserve).
+    # The same proof against a suspect that only answers over an OIP endpoint (here the
+    # replica served by a second sealserve; any OIP server would do).
+    suspect_repo = tmp_path / "suspect-repo"
+    (suspect_repo / "stolen" / "1").mkdir(parents=True)
+    (suspect_repo / "stolen" / "1" / "model.onnx").write_bytes(replica_path.read_bytes())
+    suspect_server = start_server(model_repository=suspect_repo, unsafe_plaintext=True)
+    remote = run(*base, "--suspect-endpoint", suspect_server.target, "--model", "stolen",
+                 "--plaintext")  # fmt: skip
+    assert remote.returncode == 0, remote.stderr
+    assert "WATERMARK PRESENT" in remote.stdout
+    down = run(*base, "--suspect-endpoint", "127.0.0.1:9", "--model", "stolen", "--plaintext")
+    assert down.returncode == 1 and "Traceback" not in down.stderr  # reported, not crashed
     check = run("replica-check", "--original", str(demo.repository() / "digits" / "1" / "model.onnx"),
                 "--ledger", str(ledger), "--simulated-root", str(sim_root),
                 "--suspect", str(replica_path))  # fmt: skip
