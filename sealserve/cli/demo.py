@@ -134,7 +134,7 @@ async def _demo(args: argparse.Namespace) -> int:
             "standard": {
                 "noise": {"dist": "laplace", "scale": 0.02}, "renormalise": True,
                 "preserve_top1": True, "round": 3, "coarsen": {"input_scale": 16},
-                "watermark": {"fraction": 0.005},
+                "watermark": {"fraction": 0.01},  # higher than the default, for a short demo
             },
         },
         "models": {
@@ -265,7 +265,7 @@ async def _demo(args: argparse.Namespace) -> int:
 
             xs, ys = load_digits(return_X_y=True)
             # Natural digits, then lightly jittered copies: traffic that looks honest.
-            copies = [xs] + [xs + rng.normal(0, 0.25, xs.shape) for _ in range(2)]
+            copies = [xs] + [xs + rng.normal(0, 0.25, xs.shape) for _ in range(4)]
             qs = np.clip(np.concatenate(copies), 0, 16).astype(np.float32)
             async with AsyncClient(target, policy=policy, roots=roots, token=token("trudy")) as t:
                 labels = np.concatenate([
