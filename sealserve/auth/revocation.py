@@ -1,7 +1,7 @@
 """Revoked token ids and suspended accounts.
 
 A :class:`RevocationList` is anything with ``is_revoked(token_id)`` and
-``is_suspended(account)``. The shared state store (a later issue) will provide one;
+``is_suspended(account)``. The quota state store's account statuses are the shared equivalent for suspensions;
 here are an in-memory one (tests, single process) and a file-backed one.
 
 The file format (JSON)::
