@@ -1,8 +1,9 @@
 """Revoked token ids and suspended accounts.
 
 A :class:`RevocationList` is anything with ``is_revoked(token_id)`` and
-``is_suspended(account)``. The quota state store's account statuses are the shared equivalent for suspensions;
-here are an in-memory one (tests, single process) and a file-backed one.
+``is_suspended(account)``: here an in-memory one (tests, single process) and a
+file-backed one. Suspensions shared by every replica live in the quota state store's
+account statuses (``sealserve admin suspend``).
 
 The file format (JSON)::
 
