@@ -72,3 +72,20 @@ def test_help_lists_commands() -> None:
         sealserve_cmd("--help"), env=sealserve_env(), capture_output=True, text=True, check=True
     )
     assert "serve" in out.stdout and "demo" in out.stdout
+
+
+def test_every_subcommand_has_help() -> None:
+    import contextlib
+    import io
+
+    import pytest
+
+    from sealserve.cli.main import build_parser, subcommands
+
+    for module in subcommands():
+        name = module.replace("_", "-")
+        out = io.StringIO()
+        with pytest.raises(SystemExit) as info, contextlib.redirect_stdout(out):
+            build_parser().parse_args([name, "--help"])
+        assert info.value.code == 0, name
+        assert name in out.getvalue()
