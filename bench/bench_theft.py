@@ -248,7 +248,11 @@ def targets(und: RunMetrics, d: RunMetrics, top: int, per_day: int | None) -> tu
     elif p is not None and p < 1e-6:
         replica = f"met by watermark p={p:.1e} ({how}: {held:.3f})"
     else:
-        wm = "no watermark hook" if p is None else f"watermark p={p:.1e}"
+        wm = (
+            "no watermark p-value: no hook or no watermarked answers"
+            if p is None
+            else f"watermark p={p:.1e}"
+        )
         replica = (f"missed by {(0.20 - gap) * 100:.0f} pt ({how}: {held:.3f}, "
                    f"{gap * 100:.0f} pt below; {wm})")  # fmt: skip
     return det, stop, replica
