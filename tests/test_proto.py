@@ -33,14 +33,25 @@ def test_generated_code_is_current(tmp_path: Path) -> None:
 
 
 def test_messages_live_in_private_pool() -> None:
-    from google.protobuf import descriptor_pool
-
     from sealserve._proto import POOL
     from sealserve._proto import grpc_service_pb2 as pb
 
     assert pb.ModelInferRequest.DESCRIPTOR.file.pool is POOL
-    with pytest.raises(KeyError):
-        descriptor_pool.Default().FindMessageTypeByName("inference.ModelInferRequest__absent")
+    # In a fresh process, importing sealserve's messages leaves the default pool empty
+    # of them (so tritonclient can register its own 'inference.*' types later).
+    code = (
+        "from google.protobuf import descriptor_pool\n"
+        "import sealserve._proto.grpc_service_pb2, sealserve._proto.admin_pb2\n"
+        "try:\n"
+        "    descriptor_pool.Default().FindMessageTypeByName('inference.ModelInferRequest')\n"
+        "    print('registered')\n"
+        "except KeyError:\n"
+        "    print('private')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True
+    )
+    assert out.stdout.strip() == "private"
 
 
 def test_side_by_side_with_tritonclient_and_wire_compatible() -> None:

@@ -213,7 +213,8 @@ async def _demo(args: argparse.Namespace) -> int:
         # -- 4. honest traffic --
         import onnxruntime as ort
 
-        raw = ort.InferenceSession(str(plain)).run(None, {"input": x[:n]})[1]
+        truth = ort.InferenceSession(str(plain))  # the owner's unperturbed model
+        raw = truth.run(None, {"input": x[:n]})[1]
         async with AsyncClient(target, policy=policy, roots=roots, token=token("alice")) as alice:
             outs = [await alice.infer("digits", {"input": x[i : i + 1]}) for i in range(n)]
             probs = np.concatenate([o["probabilities"] for o in outs])
@@ -273,7 +274,7 @@ async def _demo(args: argparse.Namespace) -> int:
                     for i in range(0, len(qs), 32)
                 ])  # fmt: skip
             replica = MLPClassifier((128,), max_iter=400, random_state=0).fit(qs, labels)
-            fidelity = float((replica.predict(x) == raw_all(plain, x)).mean())
+            fidelity = float((replica.predict(x) == truth.run(None, {"input": x})[0]).mean())
             _say("trudy", f"trained a replica on {len(qs)} answers: fidelity {fidelity:.3f}")
             assert server.defense_secrets is not None
             ledger = server.defense_secrets.ledger
@@ -309,9 +310,3 @@ async def _demo(args: argparse.Namespace) -> int:
         shutil.rmtree(work, ignore_errors=True)
         _say("done", "demo finished")
     return 0
-
-
-def raw_all(plain: Path, x: Any) -> Any:
-    import onnxruntime as ort
-
-    return ort.InferenceSession(str(plain)).run(None, {"input": x})[0]

@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, TypeGuard
 
 import grpc
 import numpy as np
@@ -42,6 +42,11 @@ def _metadata(token: TokenSource) -> tuple[tuple[str, str], ...]:
         return ()
     value = token() if callable(token) else token
     return (("authorization", f"Bearer {value}"),)
+
+
+def _payable(error: Exception) -> TypeGuard[ChallengeRequiredError]:
+    """A challenge the client can solve and retry once (never a second time)."""
+    return isinstance(error, ChallengeRequiredError) and bool(error.challenge)
 
 
 def _pow_metadata(challenge: str, answer: str) -> tuple[tuple[str, str], ...]:
@@ -107,12 +112,7 @@ class Client:
             )
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
-            if (
-                isinstance(error, ChallengeRequiredError)
-                and error.challenge
-                and self.solve_challenges
-                and not extra
-            ):
+            if self.solve_challenges and not extra and _payable(error):
                 # The server wants proof of work with each call: pay it and retry once.
                 answer = solve(error.challenge)
                 return self._call(
@@ -200,26 +200,20 @@ class AsyncClient:
         async with self._lock:
             if self._channel is not None:
                 return
-            options: list[tuple[str, str | int]] = [*_OPTIONS]
-            if self._unsafe_plaintext:
+            loop = asyncio.get_running_loop()
+            creds, options, self.attestation = await loop.run_in_executor(
+                None,
+                lambda: _plan(
+                    self._target, policy=self._policy, roots=self._roots,
+                    root_certificates=self._root_certificates,
+                    unsafe_plaintext=self._unsafe_plaintext, timeout=self._timeout,
+                    server_hostname=self._server_hostname,
+                ),
+            )  # fmt: skip
+            if creds is None:
                 channel = grpc.aio.insecure_channel(self._target, options=options)
             else:
-                pem = self._root_certificates
-                name = self._server_hostname
-                if pem is None:
-                    loop = asyncio.get_running_loop()
-                    self.attestation = await loop.run_in_executor(
-                        None,
-                        lambda: attest(
-                            self._target,
-                            policy=self._policy,
-                            roots=self._roots,
-                            timeout=self._timeout,
-                        ),
-                    )
-                    pem, name = self.attestation.certificate_pem, ATTESTED_NAME
-                options.append(("grpc.ssl_target_name_override", name))
-                channel = grpc.aio.secure_channel(self._target, _credentials(pem), options=options)
+                channel = grpc.aio.secure_channel(self._target, creds, options=options)
             self._stub = pb_grpc.GRPCInferenceServiceStub(channel)
             self._channel = channel
 
@@ -235,12 +229,7 @@ class AsyncClient:
             response = await call
         except grpc.RpcError as exc:
             error = from_rpc_error(exc)
-            if (
-                isinstance(error, ChallengeRequiredError)
-                and error.challenge
-                and self.solve_challenges
-                and not extra
-            ):
+            if self.solve_challenges and not extra and _payable(error):
                 loop = asyncio.get_running_loop()
                 answer = await loop.run_in_executor(None, solve, error.challenge)
                 return await self._call(method, request, _pow_metadata(error.challenge, answer))
@@ -286,6 +275,30 @@ class AsyncClient:
         await self.close()
 
 
+def _plan(
+    target: str,
+    *,
+    policy: Policy | str | Path | None,
+    roots: TrustedRoots | None,
+    root_certificates: bytes | None,
+    unsafe_plaintext: bool,
+    timeout: float,
+    server_hostname: str,
+) -> tuple[grpc.ChannelCredentials | None, list[tuple[str, str | int]], AttestedEndpoint | None]:
+    """(credentials or None for plaintext, channel options, attestation): attests the
+    server (blocking) unless a certificate is pinned or TLS is off."""
+    options: list[tuple[str, str | int]] = [*_OPTIONS]
+    if unsafe_plaintext:
+        return None, options, None
+    endpoint = None
+    pem, name = root_certificates, server_hostname
+    if pem is None:
+        endpoint = attest(target, policy=policy, roots=roots, timeout=timeout)
+        pem, name = endpoint.certificate_pem, ATTESTED_NAME
+    options.append(("grpc.ssl_target_name_override", name))
+    return _credentials(pem), options, endpoint
+
+
 def open_channel(
     target: str,
     *,
@@ -297,13 +310,10 @@ def open_channel(
     server_hostname: str = "localhost",
 ) -> tuple[grpc.Channel, AttestedEndpoint | None]:
     """A channel to ``target``: attested (default), pinned, or plaintext (see Client)."""
-    options: list[tuple[str, str | int]] = [*_OPTIONS]
-    if unsafe_plaintext:
-        return grpc.insecure_channel(target, options=options), None
-    if root_certificates is None:
-        endpoint = attest(target, policy=policy, roots=roots, timeout=timeout)
-        options.append(("grpc.ssl_target_name_override", ATTESTED_NAME))
-        creds = _credentials(endpoint.certificate_pem)
-        return grpc.secure_channel(target, creds, options=options), endpoint
-    options.append(("grpc.ssl_target_name_override", server_hostname))
-    return grpc.secure_channel(target, _credentials(root_certificates), options=options), None
+    creds, options, endpoint = _plan(
+        target, policy=policy, roots=roots, root_certificates=root_certificates,
+        unsafe_plaintext=unsafe_plaintext, timeout=timeout, server_hostname=server_hostname,
+    )  # fmt: skip
+    if creds is None:
+        return grpc.insecure_channel(target, options=options), endpoint
+    return grpc.secure_channel(target, creds, options=options), endpoint

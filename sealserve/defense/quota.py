@@ -7,6 +7,8 @@ calls the other methods. Everything raises; nothing returns a bool to forget.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
+from functools import partial
 from urllib.parse import quote
 
 from sealserve.defense.challenge import Challenges
@@ -242,63 +244,38 @@ class QuotaGuard:
         self.store.set_status(account, status)
 
     def throttle(
-        self,
-        account: str,
-        factor: float,
-        *,
-        reason: str,
-        set_by: str,
-        ttl_s: float | None = None,
-        now: float | None = None,
-    ) -> AccountStatus:
-        now = time.time() if now is None else now
-        status = AccountStatus.throttled(
-            factor,
-            reason=reason,
-            set_by=set_by,
-            set_at=now,
-            expires_at=None if ttl_s is None else now + ttl_s,
+        self, account: str, factor: float, *, reason: str, set_by: str,
+        ttl_s: float | None = None, now: float | None = None,
+    ) -> AccountStatus:  # fmt: skip
+        return self._set(
+            account, partial(AccountStatus.throttled, factor), reason, set_by, ttl_s, now
         )
-        self.store.set_status(account, status)
-        return status
 
     def challenge(
-        self,
-        account: str,
-        difficulty: int,
-        *,
-        reason: str,
-        set_by: str,
-        ttl_s: float | None = None,
-        now: float | None = None,
-    ) -> AccountStatus:
-        now = time.time() if now is None else now
-        status = AccountStatus.challenged(
-            difficulty,
-            reason=reason,
-            set_by=set_by,
-            set_at=now,
-            expires_at=None if ttl_s is None else now + ttl_s,
-        )
-        self.store.set_status(account, status)
-        return status
+        self, account: str, difficulty: int, *, reason: str, set_by: str,
+        ttl_s: float | None = None, now: float | None = None,
+    ) -> AccountStatus:  # fmt: skip
+        make = partial(AccountStatus.challenged, difficulty)
+        return self._set(account, make, reason, set_by, ttl_s, now)
 
     def suspend(
+        self, account: str, *, reason: str, set_by: str, ttl_s: float | None = None,
+        now: float | None = None,
+    ) -> AccountStatus:  # fmt: skip
+        return self._set(account, AccountStatus.suspended, reason, set_by, ttl_s, now)
+
+    def _set(
         self,
         account: str,
-        *,
+        make: Callable[..., AccountStatus],
         reason: str,
         set_by: str,
-        ttl_s: float | None = None,
-        now: float | None = None,
+        ttl_s: float | None,
+        now: float | None,
     ) -> AccountStatus:
         now = time.time() if now is None else now
-        status = AccountStatus.suspended(
-            reason=reason,
-            set_by=set_by,
-            set_at=now,
-            expires_at=None if ttl_s is None else now + ttl_s,
-        )
+        expires = None if ttl_s is None else now + ttl_s
+        status = make(reason=reason, set_by=set_by, set_at=now, expires_at=expires)
         self.store.set_status(account, status)
         return status
 

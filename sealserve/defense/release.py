@@ -27,7 +27,7 @@ from sealserve.defense.perturb import BoundProfile
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.response import AccountStatus as PolicyStatus
 from sealserve.defense.response import ResponsePolicy, Status
-from sealserve.defense.store import AccountStatus, StatusKind
+from sealserve.defense.store import StatusKind
 
 log = logging.getLogger("sealserve.defense")
 
@@ -142,14 +142,14 @@ class OutputDefenses:
         policy = self.responses.policy
         if top.score < policy.log_at:
             return "ok", top.flags()
-        current = self._current(account, now)
-        decision = policy.decide_at_time(current[0], top.scores, now=now)
+        current, set_by = self._current(account, now)
+        decision = policy.decide_at_time(current, top.scores, now=now)
         # Never weaken a status an operator set; detection only adds to it.
-        operator_set = current[2] not in ("", DETECTOR)
+        operator_set = set_by not in ("", DETECTOR)
         if (
             decision.write
             and self.quota is not None
-            and (decision.status > current[0].status or not operator_set)
+            and (decision.status > current.status or not operator_set)
         ):
             self._write(account, decision.status, decision.reason, decision.expires_at, now)
         if decision.changed:
@@ -163,11 +163,12 @@ class OutputDefenses:
                 )  # fmt: skip
         return decision.status.label, top.flags()
 
-    def _current(self, account: str, now: float) -> tuple[PolicyStatus, AccountStatus | None, str]:
+    def _current(self, account: str, now: float) -> tuple[PolicyStatus, str]:
+        """The account's status as the policy sees it, and who set it."""
         if self.quota is None:
-            return PolicyStatus(), None, ""
+            return PolicyStatus(), ""
         st = self.quota.status(account, now=now)
-        return PolicyStatus(_TO_POLICY[st.kind], st.expires_at), st, st.set_by
+        return PolicyStatus(_TO_POLICY[st.kind], st.expires_at), st.set_by
 
     def _write(
         self, account: str, status: Status, reason: str, expires_at: float | None, now: float

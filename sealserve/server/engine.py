@@ -185,10 +185,6 @@ class Engine:
         return True
 
     @property
-    def models(self) -> list[ModelInfo]:
-        return [m.info for m in self._models.values()]
-
-    @property
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())
 

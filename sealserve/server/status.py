@@ -19,6 +19,7 @@ from sealserve.errors import (
     InputError,
     KeyReleaseError,
     NotFoundError,
+    OverloadedError,
     PermissionDeniedError,
     RefusedError,
     SealserveError,
@@ -46,8 +47,6 @@ _CODES: tuple[tuple[type[SealserveError], grpc.StatusCode], ...] = (
 
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, Metadata]:
     """Map an exception to (code, client-facing message, trailing metadata)."""
-    from sealserve.errors import OverloadedError
-
     if isinstance(exc, OverloadedError):
         return grpc.StatusCode.RESOURCE_EXHAUSTED, exc.message, (("retry-after", "1"),)
     if isinstance(exc, SealserveError):
