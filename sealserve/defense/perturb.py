@@ -10,11 +10,14 @@ The transforms run in one fixed order, whatever the order of the config keys, be
 only that order makes sense (noise before rounding, the top-1 check after everything
 that can move it)::
 
-    watermark -> keyed noise -> reverse sigmoid -> renormalise -> top-k -> round
-      -> preserve top-1 -> label only
+    watermark -> signal tilt -> keyed noise -> reverse sigmoid -> renormalise -> top-k
+      -> round -> preserve top-1 -> label only
 
 (with top-k, the top-1 is also restored before top-k so that it is among the kept).
 
+* watermark -- DAWN-style marks on a keyed fraction of inputs and the keyed linear
+  "signal" tilt on every answer (:mod:`sealserve.defense.watermark`,
+  :mod:`sealserve.defense.signal`).
 * :class:`KeyedNoise` -- Gaussian or Laplace noise of a given scale whose seed is
   ``HMAC-SHA256(noise_key, account || model || coarsened input)``
   (:mod:`sealserve.defense.coarsen`), expanded with SHAKE-256 into 16-bit indices
@@ -49,11 +52,19 @@ from scipy.special import ndtri
 
 from sealserve.defense.coarsen import DEFAULT_RELATIVE_STEP, Coarsener
 from sealserve.defense.outputs import OutputKind, OutputSpec
+from sealserve.defense.signal import (
+    DEFAULT_PROBE_FRACTION,
+    DEFAULT_STRENGTH,
+    Signal,
+    check_strength,
+)
 from sealserve.defense.watermark import (
     DEFAULT_FRACTION,
     DEFAULT_SCORE_MARGIN,
     LedgerEntry,
     Marks,
+    ProbeEntry,
+    Probes,
     Watermark,
     WatermarkLedger,
     check_fraction,
@@ -244,6 +255,8 @@ class Profile:
     label_only: bool = False
     watermark_fraction: float | None = None
     watermark_margin: float = DEFAULT_SCORE_MARGIN
+    watermark_signal: float = 0.0
+    input_scale: float = 1.0
 
     def __post_init__(self) -> None:
         out, kind = self.output, self.output.kind
@@ -273,6 +286,9 @@ class Profile:
         if self.watermark_fraction is not None:
             check_fraction(self.watermark_fraction)
             check_margin(self.watermark_margin, out)
+            check_strength(self.watermark_signal, out)
+        elif self.watermark_signal:
+            raise ConfigError(f"{where}: watermark_signal is set without a watermark")
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -314,7 +330,7 @@ class Profile:
                 {"watermark": {} if wm_v is True else wm_v},
                 "watermark",
                 where,
-                {"fraction", "margin"},
+                {"fraction", "margin", "signal"},
             )
             return cls(
                 name=name,
@@ -342,6 +358,12 @@ class Profile:
                     if wm is not None
                     else DEFAULT_SCORE_MARGIN
                 ),
+                watermark_signal=(
+                    check_strength(wm.get("signal", _default_signal(output)), output)
+                    if wm is not None
+                    else 0.0
+                ),
+                input_scale=float(coarsen.get("input_scale", 1.0)),
             )
         except ConfigError as exc:
             if exc.message.startswith(where):
@@ -389,6 +411,8 @@ class Profile:
             wm: dict[str, Any] = {"step": "watermark", "fraction": self.watermark_fraction}
             if self.output.is_score:
                 wm["margin"] = self.watermark_margin
+            if self.watermark_signal:
+                wm["signal"] = self.watermark_signal
             steps.append(wm)
         if self.noise is not None:
             steps.append(
@@ -434,6 +458,13 @@ class Profile:
         return BoundProfile(self, key=key or b"", ledger=ledger)
 
 
+def _default_signal(output: OutputSpec) -> float:
+    """The signal watermark is on by default wherever it applies."""
+    if output.is_score and output.bounds != (0.0, 1.0):
+        return 0.0
+    return DEFAULT_STRENGTH
+
+
 def _table(m: Mapping[str, Any], key: str, where: str, allowed: set[str]) -> dict[str, Any] | None:
     """The sub-table ``key`` (None when absent or false), with its keys checked."""
     v = m.get(key)
@@ -473,16 +504,29 @@ class BoundProfile:
         self._noise_key = derive_key(key, "noise") if profile.noise is not None else b""
         self._noise_table = profile.noise.table() if profile.noise is not None else None
         self._ledger = ledger
+        signal_on = profile.watermark_fraction is not None and profile.watermark_signal > 0
         self._watermark = (
             Watermark(
                 key=derive_key(key, "watermark"),
                 fraction=profile.watermark_fraction,
                 output=profile.output,
                 margin=profile.watermark_margin,
+                probe_fraction=DEFAULT_PROBE_FRACTION if signal_on else 0.0,
             )
             if profile.watermark_fraction is not None
             else None
         )
+        self._signal = (
+            Signal(
+                key=derive_key(key, "signal"),
+                strength=profile.watermark_signal,
+                input_scale=profile.input_scale,
+                output=profile.output,
+            )
+            if signal_on
+            else None
+        )
+        self._signal_models: set[str] = set()
         out = profile.output
         self._unit = profile.round.unit if profile.round is not None else 0.0
         self._decimals = profile.round.decimals if profile.round is not None else None
@@ -541,8 +585,9 @@ class BoundProfile:
             raise ConfigError(f"batch mismatch: {len(inputs)} inputs but {n} outputs")
         cells = p.coarsener.row_bytes(inputs) if self._need_cells else []
         marks: Marks | None = None
+        probes: Probes | None = None
         if self._watermark is not None:
-            marks = self._watermark.apply(x, model, cells)
+            marks, probes = self._watermark.apply(x, model, cells)
         # Rows whose top-1 must come out as it goes in: all of them (preserve_top1) or
         # the marked ones (a watermark answer must keep its alternative label).
         enforce: np.ndarray | None = None
@@ -553,6 +598,11 @@ class BoundProfile:
         target: np.ndarray | None = None
         if enforce is not None:
             target = (x > self._t) if self._score else x.argmax(axis=1)
+        if self._signal is not None:
+            x = self._signal.apply(x, inputs, model)
+            if model not in self._signal_models and self._ledger is not None:
+                self._ledger.set_signal(self._signal.spec(model))
+                self._signal_models.add(model)
         if p.noise is not None:
             prefix = (
                 len(account).to_bytes(4, "big")
@@ -606,6 +656,8 @@ class BoundProfile:
             values = x.reshape(shape)
         else:
             values = x
+        if probes is not None and self._ledger is not None:
+            self._record_probes(probes, inputs, cells, account, model)
         if marks is None:
             return Release(
                 values=values, marked=np.zeros(n, dtype=bool), form=form, indices=indices
@@ -659,6 +711,26 @@ class BoundProfile:
                 x[r, ties] = lower
             else:
                 x[r, t] = m + unit if unit > 0 else np.nextafter(m, np.inf)
+
+    def _record_probes(
+        self, probes: Probes, inputs: np.ndarray, cells: list[bytes], account: str, model: str
+    ) -> None:
+        assert self._ledger is not None
+        inp = np.asarray(inputs)
+        self._ledger.add_probes(
+            ProbeEntry(
+                account=account,
+                model=model,
+                input=inp[r].copy(),
+                label=int(label),
+                margin=float(margin),
+                cell=hashlib.sha256(cells[r]).hexdigest()[:32],
+                scores=scores,
+            )
+            for r, label, margin, scores in zip(
+                probes.rows, probes.labels, probes.margins, probes.scores, strict=True
+            )
+        )
 
     def _record(
         self,

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import heapq
 import hmac
 import json
 import math
@@ -40,6 +41,7 @@ from typing import Any
 import numpy as np
 
 from sealserve.defense.outputs import OutputKind, OutputSpec
+from sealserve.defense.signal import DEFAULT_MAX_PROBES, SignalSpec
 from sealserve.errors import ConfigError, SealedFormatError, SealserveError
 
 __all__ = [
@@ -48,6 +50,7 @@ __all__ = [
     "LEDGER_MAGIC",
     "LEDGER_VERSION",
     "LedgerEntry",
+    "ProbeEntry",
     "Watermark",
     "WatermarkLedger",
 ]
@@ -61,7 +64,8 @@ DEFAULT_SCORE_MARGIN = 0.1
 MAX_FRACTION = 0.2
 
 LEDGER_MAGIC = b"SSWMLEDG"
-LEDGER_VERSION = 1
+LEDGER_VERSION = 2
+_READABLE_VERSIONS = (1, 2)
 
 _TWO64 = float(2**64)
 
@@ -78,6 +82,33 @@ class Marks:
     labels: np.ndarray
     original: np.ndarray
     prior: np.ndarray
+
+
+@dataclass(frozen=True)
+class Probes:
+    """Rows of a batch picked as boundary-probe candidates for the signal watermark,
+    with the original label, margin and centred log-scores of each."""
+
+    rows: np.ndarray
+    labels: np.ndarray
+    margins: np.ndarray
+    scores: np.ndarray
+
+
+_LOG_FLOOR = 1e-2
+
+
+def log_scores(values: np.ndarray, kind: OutputKind) -> np.ndarray:
+    """Answers as the signal test compares them: (n, classes) centred log-probabilities
+    (floored at 0.01, so that tiny values do not dominate) or centred logits; for scores in [0, 1], (n, 1) logits."""
+    v = np.asarray(values, dtype=np.float64)
+    if kind is OutputKind.SCORE:
+        s = np.clip(v.reshape(-1), _LOG_FLOOR, 1.0 - _LOG_FLOOR)
+        return np.log(s / (1.0 - s)).reshape(-1, 1)
+    if kind is OutputKind.PROBABILITIES:
+        v = np.log(np.maximum(v, _LOG_FLOOR))
+    out: np.ndarray = v - v.mean(axis=1, keepdims=True)
+    return out
 
 
 class Watermark:
@@ -100,35 +131,63 @@ class Watermark:
         fraction: float = DEFAULT_FRACTION,
         output: OutputSpec,
         margin: float = DEFAULT_SCORE_MARGIN,
+        probe_fraction: float = 0.0,
     ) -> None:
         check_fraction(fraction)
+        if not 0.0 <= probe_fraction <= 1.0:
+            raise ConfigError(f"probe fraction must be in [0, 1], got {probe_fraction!r}")
         if len(key) < 16:
             raise ConfigError("the watermark key must be at least 16 bytes")
         check_margin(margin, output)
         self._key = key
         self._cut = int(fraction * _TWO64)
+        self._probe_cut = int(probe_fraction * _TWO64)
         self._classes_minus_1 = max(output.num_classes - 1, 1)
         self.fraction = fraction
         self.output = output
         self.margin = float(margin)
 
-    def select(self, model: str, cells: Sequence[bytes]) -> list[tuple[int, int]]:
-        """The marked rows, each with a keyed label offset in [1, classes - 1]."""
+    def select(self, model: str, cells: Sequence[bytes]) -> tuple[list[tuple[int, int]], list[int]]:
+        """The marked rows, each with a keyed label offset in [1, classes - 1], and
+        the rows picked as boundary-probe candidates (independent keyed bits)."""
         prefix = len(model).to_bytes(4, "big") + model.encode()
         c = self._classes_minus_1
+        cut, probe_cut = self._cut, self._probe_cut
         out = []
+        probes = []
         for i, cell in enumerate(cells):
             d = hmac.digest(self._key, prefix + cell, "sha256")
-            if int.from_bytes(d[:8], "big") < self._cut:
+            if int.from_bytes(d[:8], "big") < cut:
                 out.append((i, int.from_bytes(d[8:16], "big") % c + 1))
-        return out
+            elif int.from_bytes(d[16:24], "big") < probe_cut:
+                probes.append(i)
+        return out, probes
 
-    def apply(self, values: np.ndarray, model: str, cells: Sequence[bytes]) -> Marks | None:
+    def probe_rows(self, values: np.ndarray, rows: list[int]) -> Probes:
+        """The original label and top-1/top-2 margin (scores: distance from the
+        threshold) of ``rows``; call before :meth:`apply` changes ``values``."""
+        r = np.asarray(rows, dtype=np.int64)
+        v = values[r]
+        scores = log_scores(v, self.output.kind)
+        if self.output.is_score:
+            t = self.output.threshold
+            return Probes(r, (v > t).astype(np.int64), np.abs(v - t), scores)
+        top2 = np.partition(v, -2, axis=1)[:, -2:]
+        return Probes(r, v.argmax(axis=1), top2[:, 1] - top2[:, 0], scores)
+
+    def apply(
+        self, values: np.ndarray, model: str, cells: Sequence[bytes]
+    ) -> tuple[Marks | None, Probes | None]:
         """Rewrite the selected rows of ``values`` in place; return what was marked
-        (None when no row is). ``values`` is float64, (batch, classes) or (batch,)."""
-        chosen = self.select(model, cells)
+        (None when no row is) and the probe candidates (None when there are none).
+        ``values`` is float64, (batch, classes) or (batch,)."""
+        chosen, probe_rows = self.select(model, cells)
+        probes = self.probe_rows(values, probe_rows) if probe_rows else None
         if not chosen:
-            return None
+            return None, probes
+        return self._mark(values, chosen), probes
+
+    def _mark(self, values: np.ndarray, chosen: list[tuple[int, int]]) -> Marks:
         n = len(values)
         selected = np.zeros(n, dtype=bool)
         labels = np.full(n, -1, dtype=np.int64)
@@ -230,6 +289,24 @@ class LedgerEntry:
     decision, so the verifier counts them once."""
 
 
+@dataclass(frozen=True)
+class ProbeEntry:
+    """A query of ``account`` near the model's decision boundary, kept to test the
+    signal watermark (:mod:`sealserve.defense.signal`): the input, the original
+    (unperturbed) label and the original top-1/top-2 margin (scores: distance from
+    the threshold)."""
+
+    account: str
+    model: str
+    input: np.ndarray
+    label: int
+    margin: float
+    cell: str
+    scores: np.ndarray | None = None
+    """The original answer as centred log-scores (see :func:`log_scores`), the
+    reference the signal test compares a suspect's scores with."""
+
+
 def _arr_to_json(a: np.ndarray) -> dict[str, Any]:
     a = np.ascontiguousarray(a)
     return {
@@ -249,15 +326,36 @@ def _arr_from_json(d: Any) -> np.ndarray:
 
 
 class WatermarkLedger:
-    """The record of every marked answer. Thread-safe for appends.
+    """The record of every marked answer, of boundary probes and of the signal
+    watermark's per-model seeds. Thread-safe.
+
+    Probes are capped at ``max_probes`` per (account, model): when full, a new probe
+    replaces the kept one farthest from a decision boundary, so the ledger keeps the
+    account's most informative queries in bounded memory. A cell is kept once.
 
     Serialised by :meth:`to_bytes` as ``LEDGER_MAGIC`` + version byte + UTF-8 JSON
     (arrays as dtype, shape and base64 little-endian bytes).
     """
 
-    def __init__(self, entries: Iterable[LedgerEntry] = ()) -> None:
+    def __init__(
+        self,
+        entries: Iterable[LedgerEntry] = (),
+        *,
+        probes: Iterable[ProbeEntry] = (),
+        signals: Iterable[SignalSpec] = (),
+        max_probes: int = DEFAULT_MAX_PROBES,
+    ) -> None:
+        if max_probes < 0:
+            raise ConfigError(f"max_probes must be >= 0, got {max_probes}")
         self._entries: list[LedgerEntry] = list(entries)
         self._lock = threading.Lock()
+        self._max_probes = max_probes
+        # (account, model) -> heap of (-margin, seq, probe), and the cells it holds.
+        self._probes: dict[tuple[str, str], list[tuple[float, int, ProbeEntry]]] = {}
+        self._probe_cells: dict[tuple[str, str], set[str]] = {}
+        self._seq = 0
+        self._signals: dict[str, SignalSpec] = {s.model: s for s in signals}
+        self.add_probes(probes)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -281,7 +379,60 @@ class WatermarkLedger:
         ]
 
     def accounts(self) -> list[str]:
-        return sorted({e.account for e in self.entries()})
+        with self._lock:
+            probe_accounts = {a for a, _ in self._probes}
+        return sorted({e.account for e in self.entries()} | probe_accounts)
+
+    def add_probes(self, probes: Iterable[ProbeEntry]) -> None:
+        """Keep each probe if its (account, model) has room or it is nearer a boundary
+        than the farthest kept one."""
+        cap = self._max_probes
+        with self._lock:
+            for pr in probes:
+                key = (pr.account, pr.model)
+                heap = self._probes.setdefault(key, [])
+                cells = self._probe_cells.setdefault(key, set())
+                if pr.cell in cells or cap == 0:
+                    continue
+                self._seq += 1
+                item = (-pr.margin, self._seq, pr)
+                if len(heap) < cap:
+                    heapq.heappush(heap, item)
+                elif pr.margin < -heap[0][0]:
+                    cells.discard(heapq.heapreplace(heap, item)[2].cell)
+                else:
+                    continue
+                cells.add(pr.cell)
+
+    def probes(self, *, account: str | None = None, model: str | None = None) -> list[ProbeEntry]:
+        """The kept probes (optionally one account's / one model's), nearest first."""
+        with self._lock:
+            snap = [
+                item[2]
+                for (a, m), heap in self._probes.items()
+                if (account is None or a == account) and (model is None or m == model)
+                for item in heap
+            ]
+        return sorted(snap, key=lambda p: p.margin)
+
+    def set_signal(self, spec: SignalSpec) -> None:
+        """Record the signal watermark of ``spec.model`` (first one wins: a model's
+        seed never changes while its key does not)."""
+        with self._lock:
+            self._signals.setdefault(spec.model, spec)
+
+    def signal(self, model: str) -> SignalSpec | None:
+        with self._lock:
+            return self._signals.get(model)
+
+    def _signal_list(self) -> list[SignalSpec]:
+        with self._lock:
+            return list(self._signals.values())
+
+    def models(self) -> list[str]:
+        with self._lock:
+            names = {e.model for e in self._entries} | {m for _, m in self._probes}
+        return sorted(names | set(self._signals))
 
     # -- serialisation -------------------------------------------------------------
     def to_bytes(self) -> bytes:
@@ -302,7 +453,31 @@ class WatermarkLedger:
                     "cell": e.cell,
                 }
                 for e in self.entries()
-            ]
+            ],
+            "probes": [
+                {
+                    "account": p.account,
+                    "model": p.model,
+                    "input": _arr_to_json(p.input),
+                    "label": p.label,
+                    "margin": p.margin,
+                    "cell": p.cell,
+                    "scores": None if p.scores is None else _arr_to_json(p.scores),
+                }
+                for p in self.probes()
+            ],
+            "signals": [
+                {
+                    "model": g.model,
+                    "seed": g.seed.hex(),
+                    "strength": g.strength,
+                    "input_scale": g.input_scale,
+                    "classes": g.classes,
+                    "threshold": g.threshold,
+                }
+                for g in sorted(self._signal_list(), key=lambda g: g.model)
+            ],
+            "max_probes": self._max_probes,
         }
         text = json.dumps(body, separators=(",", ":"), sort_keys=True)
         return LEDGER_MAGIC + bytes([LEDGER_VERSION]) + text.encode()
@@ -319,7 +494,7 @@ class WatermarkLedger:
         if len(data) <= len(LEDGER_MAGIC):
             raise SealedFormatError("watermark ledger is truncated (no version byte)")
         version = data[len(LEDGER_MAGIC)]
-        if version != LEDGER_VERSION:
+        if version not in _READABLE_VERSIONS:
             raise SealedFormatError(
                 f"watermark ledger version {version} is not supported (expected {LEDGER_VERSION})"
             )
@@ -341,15 +516,40 @@ class WatermarkLedger:
                 )
                 for d in body["entries"]
             ]
+            probes = [
+                ProbeEntry(
+                    account=str(d["account"]),
+                    model=str(d["model"]),
+                    input=_arr_from_json(d["input"]),
+                    label=int(d["label"]),
+                    margin=_finite(d["margin"]),
+                    cell=str(d["cell"]),
+                    scores=None if d.get("scores") is None else _arr_from_json(d["scores"]),
+                )
+                for d in body.get("probes", [])
+            ]
+            signals = [
+                SignalSpec(
+                    model=str(d["model"]),
+                    seed=bytes.fromhex(str(d["seed"])),
+                    strength=_finite(d["strength"]),
+                    input_scale=_finite(d["input_scale"]),
+                    classes=int(d["classes"]),
+                    threshold=_finite(d.get("threshold", 0.5)),
+                )
+                for d in body.get("signals", [])
+            ]
+            max_probes = int(body.get("max_probes", DEFAULT_MAX_PROBES))
+            return cls(entries, probes=probes, signals=signals, max_probes=max_probes)
         except (
             ValueError,
             KeyError,
             TypeError,
             UnicodeDecodeError,
             binascii.Error,
+            ConfigError,
         ) as exc:
             raise SealedFormatError(f"watermark ledger is malformed: {exc}") from exc
-        return cls(entries)
 
     def save(self, path: str | os.PathLike[str], *, seal: Callable[[bytes], bytes]) -> None:
         """Seal the ledger with ``seal`` and write it atomically to ``path``."""
@@ -385,6 +585,13 @@ class WatermarkLedger:
             OSError: the file cannot be read.
         """
         return cls.from_sealed(Path(path).read_bytes(), unseal=unseal)
+
+
+def _finite(v: Any) -> float:
+    f = float(v)
+    if not math.isfinite(f):
+        raise ValueError(f"expected a finite number, got {v!r}")
+    return f
 
 
 def _check_kind(kind: str) -> str:

@@ -10,7 +10,7 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealserve.defense.outputs import OutputSpec
 from sealserve.defense.perturb import Profile
-from sealserve.defense.watermark import LEDGER_MAGIC, Watermark, WatermarkLedger
+from sealserve.defense.watermark import LEDGER_MAGIC, LEDGER_VERSION, Watermark, WatermarkLedger
 from sealserve.errors import ConfigError, SealedFormatError
 
 KEY = b"w" * 32
@@ -27,10 +27,17 @@ def inputs(n: int, seed: int = 1) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 17, (n, 64)).astype(np.float64)
 
 
-def profile(fraction: float = 0.2, output: OutputSpec = P10, **extra: Any) -> Profile:
+def profile(
+    fraction: float = 0.2, output: OutputSpec = P10, signal: float = 0.0, **extra: Any
+) -> Profile:
+    """The DAWN marks alone by default (the signal tilt has its own tests)."""
     return Profile.from_mapping(
         "wm",
-        {"coarsen": {"input_scale": 16.0}, "watermark": {"fraction": fraction}, **extra},
+        {
+            "coarsen": {"input_scale": 16.0},
+            "watermark": {"fraction": fraction, "signal": signal},
+            **extra,
+        },
         output=output,
     )
 
@@ -126,7 +133,7 @@ def filled_ledger() -> WatermarkLedger:
 def test_ledger_round_trip_and_filters() -> None:
     ledger = filled_ledger()
     data = ledger.to_bytes()
-    assert data.startswith(LEDGER_MAGIC) and data[len(LEDGER_MAGIC)] == 1
+    assert data.startswith(LEDGER_MAGIC) and data[len(LEDGER_MAGIC)] == LEDGER_VERSION
     back = WatermarkLedger.from_bytes(data)
     assert len(back) == len(ledger) > 0
     for a, b in zip(ledger.entries(), back.entries(), strict=True):
