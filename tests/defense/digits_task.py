@@ -100,6 +100,20 @@ def train_thief(queries: np.ndarray, release: Release, *, seed: int = 0, iters: 
     return _ArgmaxRegressor(reg)
 
 
+def soft_logistic(x: np.ndarray, soft: np.ndarray, *, c: float = 10.0) -> Any:
+    """A logistic regression fitted to probability targets (the thief that uses the
+    probabilities): each input appears once per class whose probability exceeds 1e-3,
+    weighted by that probability, which minimises the cross-entropy to the targets."""
+    from sklearn.linear_model import LogisticRegression
+
+    n, k = soft.shape
+    keep = soft > 1e-3
+    rows = np.repeat(np.arange(n), k).reshape(n, k)[keep]
+    labels = np.tile(np.arange(k), (n, 1))[keep]
+    model = LogisticRegression(max_iter=1000, C=c)
+    return model.fit(x[rows], labels, sample_weight=soft[keep])
+
+
 class _ArgmaxRegressor:
     def __init__(self, reg: Any) -> None:
         self.reg = reg

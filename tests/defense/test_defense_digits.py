@@ -50,6 +50,10 @@ def attack(task: dt.Digits) -> Attack:
 
 
 def scaled(model: Any) -> Callable[[np.ndarray], np.ndarray]:
+    """The model as a suspect on raw 0-16 inputs: its probabilities when it has them
+    (as an ONNX export or an OIP endpoint would return), else its labels."""
+    if hasattr(model, "predict_proba"):
+        return lambda x: np.asarray(model.predict_proba(x / 16.0))
     return lambda x: np.asarray(model.predict(x / 16.0))
 
 
@@ -69,8 +73,8 @@ def test_honest_utility_with_default_profile(task: dt.Digits) -> None:
 
 
 def replicas() -> dict[str, Any]:
+    """Replicas trained on the stolen labels (the marks test must catch these)."""
     return {
-        "logistic": LogisticRegression(max_iter=300, C=10.0),
         "mlp": MLPClassifier(hidden_layer_sizes=(128,), max_iter=120, random_state=1),
         "extra_trees": ExtraTreesClassifier(n_estimators=40, random_state=0),
         "random_forest": RandomForestClassifier(n_estimators=40, random_state=0),
@@ -106,32 +110,42 @@ def test_watermark_power_and_no_false_claims(attack: Attack) -> None:
     task = attack.task
     ledger_n = len(attack.ledger)
     assert ledger_n >= 15
+    assert len(attack.ledger.probes(account="thief")) >= 500
     stolen_labels = np.argmax(attack.release.values, 1)
-    lines = [f"\nwatermark entries for 'thief': {ledger_n} of {QUERIES} queries"]
+    lines = [
+        f"\nwatermark entries for 'thief': {ledger_n} marks, "
+        f"{len(attack.ledger.probes(account='thief'))} boundary probes, {QUERIES} queries"
+    ]
     powers = {}
     for name, model in replicas().items():
         # The thief trains on the raw 0-16 features, as it sends them.
         model.fit(attack.queries, stolen_labels)
-        rep = verify(attack.ledger, model.predict, account="thief", num_classes=10)
-        powers[name] = rep
+        powers[name] = verify(attack.ledger, model.predict_proba, account="thief", num_classes=10)
+    # The linear replica learns from the probabilities (the thief uses what it gets).
+    logistic = dt.soft_logistic(attack.queries / 16.0, attack.release.values)
+    powers["logistic"] = verify(attack.ledger, scaled(logistic), account="thief", num_classes=10)
+    for name, rep in powers.items():
+        sig = rep.signal
+        assert sig is not None
         lines.append(
-            f"replica {name:<14} matches {rep.matches}/{rep.cells} "
-            f"chance {rep.chance_rate:.4f} p={rep.p_value:.3g}"
+            f"replica {name:<14} marks {rep.matches}/{rep.cells} p={rep.marks_p_value:.3g}; "
+            f"signal z={sig.z:.2f} ({sig.mode}); combined p={rep.p_value:.3g}"
         )
-    for name in ("mlp", "extra_trees", "random_forest"):
+    for name in ("logistic", "mlp", "extra_trees", "random_forest"):
         assert powers[name].p_value < 1e-6, powers[name].render()
         assert powers[name].watermark_present
-    # A linear replica cannot memorise isolated relabelled points: no claim, but the
-    # verifier stays honest about it (see docs/perturbation-watermark.md, limits).
-    assert powers["logistic"].p_value > 1e-6
+    # The linear replica cannot memorise the scattered marks; the signal proves it.
+    assert powers["logistic"].signal is not None and powers["logistic"].signal.p_value < 1e-6
     worst = 1.0
     for name, model, x, y in innocents(task):
         model.fit(x / 16.0, y)
         rep = verify(attack.ledger, scaled(model), account="thief", num_classes=10)
         worst = min(worst, rep.p_value)
+        sig = rep.signal
+        assert sig is not None
         lines.append(
-            f"innocent {name:<24} matches {rep.matches}/{rep.cells} "
-            f"(disagree on {rep.trials}) p={rep.p_value:.3g}"
+            f"innocent {name:<24} marks {rep.matches}/{rep.cells} "
+            f"(disagree on {rep.trials}); signal z={sig.z:.2f} ({sig.mode}); p={rep.p_value:.3g}"
         )
         assert rep.p_value > 0.01, rep.render()
         assert not rep.watermark_present

@@ -35,7 +35,7 @@ def make_ledger(
     ledger = WatermarkLedger()
     prof = Profile.from_mapping(
         "v",
-        {"coarsen": {"input_scale": 16.0}, "watermark": {"fraction": fraction}},
+        {"coarsen": {"input_scale": 16.0}, "watermark": {"fraction": fraction, "signal": 0}},
         output=OutputSpec.probabilities(10),
     )
     prof.bind(key=KEY, ledger=ledger).apply_at_time(p, inputs=x, account="t", model="m", now=0.0)
