@@ -100,7 +100,8 @@ _LOG_FLOOR = 1e-2
 
 def log_scores(values: np.ndarray, kind: OutputKind) -> np.ndarray:
     """Answers as the signal test compares them: (n, classes) centred log-probabilities
-    (floored at 0.01, so that tiny values do not dominate) or centred logits; for scores in [0, 1], (n, 1) logits."""
+    (floored at 0.01, so that tiny values do not dominate) or centred logits; for
+    scores in [0, 1], (n, 1) logits."""
     v = np.asarray(values, dtype=np.float64)
     if kind is OutputKind.SCORE:
         s = np.clip(v.reshape(-1), _LOG_FLOOR, 1.0 - _LOG_FLOOR)

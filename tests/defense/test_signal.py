@@ -55,7 +55,7 @@ def test_default_strength_is_on_and_described() -> None:
         ({"signal": 1}, OutputSpec.score(bounds=None), "needs probabilities, logits or a score"),
     ],
 )
-def test_impossible_signal_is_refused(wm: dict, output: OutputSpec, message: str) -> None:
+def test_impossible_signal_is_refused(wm: dict[str, object], output: OutputSpec, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         profile(output, **wm)
 
@@ -216,7 +216,7 @@ def test_a_suspect_that_learnt_the_tilt_is_caught() -> None:
     probes = _probes(400)
     spec = SignalSpec("m", b"k" * 32, 3.0, 16.0, 10)
     x = np.stack([p.input for p in probes])
-    ref = np.stack([p.scores for p in probes])
+    ref = np.stack([np.asarray(p.scores) for p in probes])
     tilt = spec.features(x) @ spec.matrix(64).T * 0.5
     learnt = np.exp(ref + tilt + np.random.default_rng(1).normal(0, 1.0, ref.shape))
     learnt /= learnt.sum(1, keepdims=True)
