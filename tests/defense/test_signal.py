@@ -22,7 +22,8 @@ P10 = OutputSpec.probabilities(10)
 def probs(n: int, seed: int = 0) -> np.ndarray:
     z = np.random.default_rng(seed).normal(0, 2.0, (n, 10))
     e = np.exp(z - z.max(axis=1, keepdims=True))
-    return e / e.sum(axis=1, keepdims=True)
+    out: np.ndarray = e / e.sum(axis=1, keepdims=True)
+    return out
 
 
 def inputs(n: int, seed: int = 1) -> np.ndarray:
@@ -55,7 +56,9 @@ def test_default_strength_is_on_and_described() -> None:
         ({"signal": 1}, OutputSpec.score(bounds=None), "needs probabilities, logits or a score"),
     ],
 )
-def test_impossible_signal_is_refused(wm: dict[str, object], output: OutputSpec, message: str) -> None:
+def test_impossible_signal_is_refused(
+    wm: dict[str, object], output: OutputSpec, message: str
+) -> None:
     with pytest.raises(ConfigError, match=message):
         profile(output, **wm)
 
