@@ -64,7 +64,6 @@ from sealserve.defense.watermark import (
     LedgerEntry,
     Marks,
     ProbeEntry,
-    Probes,
     Watermark,
     WatermarkLedger,
     check_fraction,
@@ -585,9 +584,10 @@ class BoundProfile:
             raise ConfigError(f"batch mismatch: {len(inputs)} inputs but {n} outputs")
         cells = p.coarsener.row_bytes(inputs) if self._need_cells else []
         marks: Marks | None = None
-        probes: Probes | None = None
         if self._watermark is not None:
             marks, probes = self._watermark.apply(x, model, cells)
+            if probes and self._ledger is not None:
+                self._record_probes(x, probes, inputs, account, model)
         # Rows whose top-1 must come out as it goes in: all of them (preserve_top1) or
         # the marked ones (a watermark answer must keep its alternative label).
         enforce: np.ndarray | None = None
@@ -599,7 +599,7 @@ class BoundProfile:
         if enforce is not None:
             target = (x > self._t) if self._score else x.argmax(axis=1)
         if self._signal is not None:
-            x = self._signal.apply(x, inputs, model)
+            x = self._signal.apply(x, inputs, model, normalise=not p.renormalise)
             if model not in self._signal_models and self._ledger is not None:
                 self._ledger.set_signal(self._signal.spec(model))
                 self._signal_models.add(model)
@@ -656,8 +656,6 @@ class BoundProfile:
             values = x.reshape(shape)
         else:
             values = x
-        if probes is not None and self._ledger is not None:
-            self._record_probes(probes, inputs, cells, account, model)
         if marks is None:
             return Release(
                 values=values, marked=np.zeros(n, dtype=bool), form=form, indices=indices
@@ -713,24 +711,42 @@ class BoundProfile:
                 x[r, t] = m + unit if unit > 0 else np.nextafter(m, np.inf)
 
     def _record_probes(
-        self, probes: Probes, inputs: np.ndarray, cells: list[bytes], account: str, model: str
+        self,
+        x: np.ndarray,
+        probes: list[tuple[int, str]],
+        inputs: np.ndarray,
+        account: str,
+        model: str,
     ) -> None:
-        assert self._ledger is not None
-        inp = np.asarray(inputs)
-        self._ledger.add_probes(
-            ProbeEntry(
-                account=account,
-                model=model,
-                input=inp[r].copy(),
-                label=int(label),
-                margin=float(margin),
-                cell=hashlib.sha256(cells[r]).hexdigest()[:32],
-                scores=scores,
+        """Offer the probe candidates (rows of the original answers ``x``) to the
+        ledger; the margin is checked first so that a full ledger costs little."""
+        ledger = self._ledger
+        assert ledger is not None
+        t = self._t
+        for r, cell in probes:
+            row = x[r]
+            if self._score:
+                v = float(row)
+                label, margin = int(v > t), abs(v - t)
+            else:
+                vals = row.tolist()
+                top2 = sorted(vals)[-2:]
+                label, margin = vals.index(top2[1]), top2[1] - top2[0]
+            if not ledger.wants_probe(account, model, margin, cell):
+                continue
+            ledger.add_probes(
+                [
+                    ProbeEntry(
+                        account=account,
+                        model=model,
+                        input=np.array(inputs[r]),
+                        label=label,
+                        margin=margin,
+                        cell=cell,
+                        output=np.array(row, dtype=np.float64).reshape(-1),
+                    )
+                ]
             )
-            for r, label, margin, scores in zip(
-                probes.rows, probes.labels, probes.margins, probes.scores, strict=True
-            )
-        )
 
     def _record(
         self,

@@ -66,6 +66,7 @@ __all__ = [
     "Signal",
     "SignalSpec",
     "check_strength",
+    "log_scores",
 ]
 
 DEFAULT_STRENGTH = 3.0
@@ -82,6 +83,25 @@ DEFAULT_MAX_PROBES = 1000
 
 _TILT_LIMIT = 20.0  # |logit shift| cap, so that wild inputs cannot overflow exp()
 _EPS = 1e-12
+
+
+_LOG_FLOOR = 1e-2
+
+
+def log_scores(values: np.ndarray, kind: OutputKind | str) -> np.ndarray:
+    """Answers as the signal test compares them: (n, classes) centred log-probabilities
+    (floored at 0.01, so that tiny values do not dominate) or centred logits; for
+    scores in [0, 1], (n, 1) logits."""
+    kind = OutputKind(kind)
+    v = np.asarray(values, dtype=np.float64)
+    if kind is OutputKind.SCORE:
+        sc = np.clip(v.reshape(-1), _LOG_FLOOR, 1.0 - _LOG_FLOOR)
+        return np.log(sc / (1.0 - sc)).reshape(-1, 1)
+    v = v.reshape(len(v), -1)
+    if kind is OutputKind.PROBABILITIES:
+        v = np.log(np.maximum(v, _LOG_FLOOR))
+    out: np.ndarray = v - v.mean(axis=1, keepdims=True)
+    return out
 
 
 def check_strength(strength: object, output: OutputSpec) -> float:
@@ -121,6 +141,8 @@ class SignalSpec:
     """The class count; 1 for a score."""
     threshold: float = 0.5
     """For a score, the decision threshold (labels are ``score > threshold``)."""
+    kind: str = "probabilities"
+    """The model's output kind (an :class:`OutputKind` value)."""
 
     def __post_init__(self) -> None:
         if len(self.seed) < 16:
@@ -129,6 +151,8 @@ class SignalSpec:
             raise ConfigError(f"signal watermark: classes must be >= 1, got {self.classes}")
         if not (math.isfinite(self.input_scale) and self.input_scale > 0):
             raise ConfigError(f"signal watermark: bad input_scale {self.input_scale!r}")
+        if self.kind not in {k.value for k in OutputKind}:
+            raise ConfigError(f"signal watermark: unknown output kind {self.kind!r}")
 
     @property
     def rows(self) -> int:
@@ -183,6 +207,8 @@ class Signal:
         self._prob = output.kind is OutputKind.PROBABILITIES
         self._score = output.is_score
         self._cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
+        # 0-d arrays: ufuncs take them about twice as fast as Python floats.
+        self._lo, self._hi = np.array(-_TILT_LIMIT), np.array(_TILT_LIMIT)
         self._specs: dict[str, SignalSpec] = {}
 
     def spec(self, model: str) -> SignalSpec:
@@ -191,7 +217,8 @@ class Signal:
         if s is None:
             seed = hmac.digest(self._key, len(model).to_bytes(4, "big") + model.encode(), "sha256")
             s = SignalSpec(model, seed, self.strength, self.input_scale,
-                           self.output.num_classes, self.output.threshold)  # fmt: skip
+                           self.output.num_classes, self.output.threshold,
+                           self.output.kind.value)  # fmt: skip
             self._specs[model] = s
         return s
 
@@ -208,18 +235,23 @@ class Signal:
             self._cache[(model, dim)] = hit
         return hit
 
-    def apply(self, x: np.ndarray, inputs: np.ndarray, model: str) -> np.ndarray:
+    def apply(
+        self, x: np.ndarray, inputs: np.ndarray, model: str, *, normalise: bool = True
+    ) -> np.ndarray:
         """Tilt ``x`` (float64; (batch, classes) or (batch,) for scores); returns the
-        tilted array (may be ``x`` itself, changed in place)."""
-        flat = inputs.reshape(len(inputs), -1)
-        if flat.shape[1] == 0:  # no numeric input to key on
+        tilted array (may be ``x`` itself, changed in place). ``normalise=False`` leaves
+        tilted probabilities unnormalised, for a caller that renormalises later."""
+        flat = inputs if inputs.ndim == 2 else inputs.reshape(len(inputs), -1)
+        dim = flat.shape[1]
+        if dim == 0:  # no numeric input to key on
             return x
-        a, b = self._weights(model, flat.shape[1])
+        hit = self._cache.get((model, dim))
+        a, b = hit if hit is not None else self._weights(model, dim)
         t = flat.dot(a)
         t += b
         # fmax/fmin map NaN to the bound, so a NaN input gives a finite (uniform) tilt.
-        np.fmax(t, -_TILT_LIMIT, out=t)
-        np.fmin(t, _TILT_LIMIT, out=t)
+        np.fmax(t, self._lo, out=t)
+        np.fmin(t, self._hi, out=t)
         if self._score:
             s = np.minimum(np.maximum(x, _EPS), 1.0 - _EPS)
             z = np.log(s / (1.0 - s)) + t[:, 0]
@@ -228,9 +260,10 @@ class Signal:
         if self._prob:
             np.exp(t, out=t)
             x *= t
-            total = np.add.reduce(x, axis=1, keepdims=True)
-            if total.min() > 0:
-                x /= total
+            if normalise:
+                total = np.add.reduce(x, axis=1, keepdims=True)
+                if total.min() > 0:
+                    x /= total
             return x
         x += t
         return x

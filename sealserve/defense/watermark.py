@@ -84,34 +84,6 @@ class Marks:
     prior: np.ndarray
 
 
-@dataclass(frozen=True)
-class Probes:
-    """Rows of a batch picked as boundary-probe candidates for the signal watermark,
-    with the original label, margin and centred log-scores of each."""
-
-    rows: np.ndarray
-    labels: np.ndarray
-    margins: np.ndarray
-    scores: np.ndarray
-
-
-_LOG_FLOOR = 1e-2
-
-
-def log_scores(values: np.ndarray, kind: OutputKind) -> np.ndarray:
-    """Answers as the signal test compares them: (n, classes) centred log-probabilities
-    (floored at 0.01, so that tiny values do not dominate) or centred logits; for
-    scores in [0, 1], (n, 1) logits."""
-    v = np.asarray(values, dtype=np.float64)
-    if kind is OutputKind.SCORE:
-        s = np.clip(v.reshape(-1), _LOG_FLOOR, 1.0 - _LOG_FLOOR)
-        return np.log(s / (1.0 - s)).reshape(-1, 1)
-    if kind is OutputKind.PROBABILITIES:
-        v = np.log(np.maximum(v, _LOG_FLOOR))
-    out: np.ndarray = v - v.mean(axis=1, keepdims=True)
-    return out
-
-
 class Watermark:
     """Selects a keyed fraction of inputs and rewrites their answers.
 
@@ -148,9 +120,12 @@ class Watermark:
         self.output = output
         self.margin = float(margin)
 
-    def select(self, model: str, cells: Sequence[bytes]) -> tuple[list[tuple[int, int]], list[int]]:
+    def select(
+        self, model: str, cells: Sequence[bytes]
+    ) -> tuple[list[tuple[int, int]], list[tuple[int, str]]]:
         """The marked rows, each with a keyed label offset in [1, classes - 1], and
-        the rows picked as boundary-probe candidates (independent keyed bits)."""
+        the rows picked as boundary-probe candidates (independent keyed bits), each
+        with an identifier of its cell (more keyed bits, hex)."""
         prefix = len(model).to_bytes(4, "big") + model.encode()
         c = self._classes_minus_1
         cut, probe_cut = self._cut, self._probe_cut
@@ -161,29 +136,16 @@ class Watermark:
             if int.from_bytes(d[:8], "big") < cut:
                 out.append((i, int.from_bytes(d[8:16], "big") % c + 1))
             elif int.from_bytes(d[16:24], "big") < probe_cut:
-                probes.append(i)
+                probes.append((i, d[24:40].hex()))
         return out, probes
-
-    def probe_rows(self, values: np.ndarray, rows: list[int]) -> Probes:
-        """The original label and top-1/top-2 margin (scores: distance from the
-        threshold) of ``rows``; call before :meth:`apply` changes ``values``."""
-        r = np.asarray(rows, dtype=np.int64)
-        v = values[r]
-        scores = log_scores(v, self.output.kind)
-        if self.output.is_score:
-            t = self.output.threshold
-            return Probes(r, (v > t).astype(np.int64), np.abs(v - t), scores)
-        top2 = np.partition(v, -2, axis=1)[:, -2:]
-        return Probes(r, v.argmax(axis=1), top2[:, 1] - top2[:, 0], scores)
 
     def apply(
         self, values: np.ndarray, model: str, cells: Sequence[bytes]
-    ) -> tuple[Marks | None, Probes | None]:
+    ) -> tuple[Marks | None, list[tuple[int, str]]]:
         """Rewrite the selected rows of ``values`` in place; return what was marked
-        (None when no row is) and the probe candidates (None when there are none).
-        ``values`` is float64, (batch, classes) or (batch,)."""
-        chosen, probe_rows = self.select(model, cells)
-        probes = self.probe_rows(values, probe_rows) if probe_rows else None
+        (None when no row is) and the probe candidates (row, cell id); the candidates'
+        rows are left as they were. ``values`` is float64, (batch, classes) or (batch,)."""
+        chosen, probes = self.select(model, cells)
         if not chosen:
             return None, probes
         return self._mark(values, chosen), probes
@@ -303,9 +265,9 @@ class ProbeEntry:
     label: int
     margin: float
     cell: str
-    scores: np.ndarray | None = None
-    """The original answer as centred log-scores (see :func:`log_scores`), the
-    reference the signal test compares a suspect's scores with."""
+    output: np.ndarray | None = None
+    """The original (unperturbed) answer, 1-D: what the signal test compares a
+    suspect's probabilities or scores with."""
 
 
 def _arr_to_json(a: np.ndarray) -> dict[str, Any]:
@@ -405,6 +367,17 @@ class WatermarkLedger:
                     continue
                 cells.add(pr.cell)
 
+    def wants_probe(self, account: str, model: str, margin: float, cell: str) -> bool:
+        """Would a probe of this margin and cell be kept? (A cheap check before
+        building it; :meth:`add_probes` decides under the lock.)"""
+        key = (account, model)
+        heap = self._probes.get(key)
+        if heap is None:
+            return self._max_probes > 0
+        if cell in self._probe_cells[key]:
+            return False
+        return len(heap) < self._max_probes or margin < -heap[0][0]
+
     def probes(self, *, account: str | None = None, model: str | None = None) -> list[ProbeEntry]:
         """The kept probes (optionally one account's / one model's), nearest first."""
         with self._lock:
@@ -463,7 +436,7 @@ class WatermarkLedger:
                     "label": p.label,
                     "margin": p.margin,
                     "cell": p.cell,
-                    "scores": None if p.scores is None else _arr_to_json(p.scores),
+                    "output": None if p.output is None else _arr_to_json(p.output),
                 }
                 for p in self.probes()
             ],
@@ -475,6 +448,7 @@ class WatermarkLedger:
                     "input_scale": g.input_scale,
                     "classes": g.classes,
                     "threshold": g.threshold,
+                    "kind": g.kind,
                 }
                 for g in sorted(self._signal_list(), key=lambda g: g.model)
             ],
@@ -525,7 +499,7 @@ class WatermarkLedger:
                     label=int(d["label"]),
                     margin=_finite(d["margin"]),
                     cell=str(d["cell"]),
-                    scores=None if d.get("scores") is None else _arr_from_json(d["scores"]),
+                    output=None if d.get("output") is None else _arr_from_json(d["output"]),
                 )
                 for d in body.get("probes", [])
             ]
@@ -537,6 +511,7 @@ class WatermarkLedger:
                     input_scale=_finite(d["input_scale"]),
                     classes=int(d["classes"]),
                     threshold=_finite(d.get("threshold", 0.5)),
+                    kind=str(d.get("kind", "probabilities")),
                 )
                 for d in body.get("signals", [])
             ]

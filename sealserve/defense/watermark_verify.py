@@ -51,8 +51,8 @@ import numpy as np
 from scipy.stats import binomtest, norm
 
 from sealserve.defense.outputs import OutputKind
-from sealserve.defense.signal import SignalSpec
-from sealserve.defense.watermark import LedgerEntry, ProbeEntry, WatermarkLedger, log_scores
+from sealserve.defense.signal import SignalSpec, log_scores
+from sealserve.defense.watermark import LedgerEntry, ProbeEntry, WatermarkLedger
 from sealserve.errors import ConfigError, InputError
 
 __all__ = [
@@ -173,8 +173,8 @@ def signal_test(spec: SignalSpec, probes: Sequence[ProbeEntry], raw: np.ndarray)
     dis = int(np.sum(lab != orig))
     f = spec.features(x)
     sus = _suspect_scores(raw, spec)
-    if sus is not None and all(p.scores is not None for p in probes):
-        ref = np.stack([np.asarray(p.scores).reshape(-1) for p in probes])
+    if sus is not None and all(p.output is not None for p in probes):
+        ref = log_scores(np.stack([np.asarray(p.output) for p in probes]), spec.kind)
         d = sus - ref
         if spec.classes == 1:  # row 0 of W ("below") is zero
             d = np.hstack([np.zeros_like(d), d])

@@ -10,7 +10,7 @@ from scipy.stats import kstest
 
 from sealserve.defense.outputs import OutputSpec
 from sealserve.defense.perturb import Profile
-from sealserve.defense.signal import SignalSpec
+from sealserve.defense.signal import SignalSpec, log_scores
 from sealserve.defense.watermark import LEDGER_MAGIC, ProbeEntry, WatermarkLedger
 from sealserve.defense.watermark_verify import signal_test, verify
 from sealserve.errors import ConfigError, SealedFormatError
@@ -156,7 +156,7 @@ def test_ledger_with_probes_round_trips_and_reads_version_1() -> None:
     assert [p.cell for p in back.probes()] == [p.cell for p in ledger.probes()]
     a, b = ledger.probes()[0], back.probes()[0]
     assert np.array_equal(a.input, b.input) and a.input.dtype == b.input.dtype
-    assert a.scores is not None and b.scores is not None and np.allclose(a.scores, b.scores)
+    assert a.output is not None and b.output is not None and np.array_equal(a.output, b.output)
     assert back.signal("m") == ledger.signal("m")
     # A version-1 ledger (marks only) still opens.
     body = json.loads(ledger.to_bytes()[len(LEDGER_MAGIC) + 1 :])
@@ -191,11 +191,7 @@ def test_tampered_signal_or_probe_is_refused(change) -> None:  # type: ignore[no
 def _probes(n: int, seed: int = 3) -> list[ProbeEntry]:
     x = inputs(n, seed)
     p = probs(n, seed)
-    from sealserve.defense.outputs import OutputKind
-    from sealserve.defense.watermark import log_scores
-
-    s = log_scores(p, OutputKind.PROBABILITIES)
-    return [ProbeEntry("a", "m", x[i], int(p[i].argmax()), 0.1, str(i), s[i]) for i in range(n)]
+    return [ProbeEntry("a", "m", x[i], int(p[i].argmax()), 0.1, str(i), p[i]) for i in range(n)]
 
 
 def test_null_is_exact_over_keys() -> None:
@@ -219,7 +215,7 @@ def test_a_suspect_that_learnt_the_tilt_is_caught() -> None:
     probes = _probes(400)
     spec = SignalSpec("m", b"k" * 32, 3.0, 16.0, 10)
     x = np.stack([p.input for p in probes])
-    ref = np.stack([np.asarray(p.scores) for p in probes])
+    ref = log_scores(np.stack([np.asarray(p.output) for p in probes]), "probabilities")
     tilt = spec.features(x) @ spec.matrix(64).T * 0.5
     learnt = np.exp(ref + tilt + np.random.default_rng(1).normal(0, 1.0, ref.shape))
     learnt /= learnt.sum(1, keepdims=True)
