@@ -42,6 +42,7 @@ DEFAULT_RELATIVE_STEP = 1.0 / 16.0
 # (huge or non-finite inputs all land in the outermost cell).
 _CELL_LIMIT = float(2**53)
 _SAFE_SUM_SQUARES = 1e30  # every |cell| < 1e15 < 2**53 when the sum of squares is below
+_SMALL_SUM_SQUARES = 32767.0**2  # every |cell| <= 32767 (fits int16) when below
 
 
 @dataclass(frozen=True)
@@ -98,18 +99,40 @@ class Coarsener:
         return c.astype(np.int64)
 
     def row_bytes(self, inputs: np.ndarray) -> list[bytes]:
-        """One canonical byte string per batch row: feature count then cell indices.
+        """One canonical byte string per batch row: feature count, cell width, cells.
 
         Two inputs give the same bytes exactly when they have the same number of
-        features and fall in the same cell of every feature.
+        features and fall in the same cell of every feature. A row whose cells have a
+        sum of squares below 32767^2 is written as int16 (width byte 2), any other
+        row as int64 (width byte 8): the rule depends on the row alone, so a row's
+        bytes do not depend on the batch it came in, and the two sets are disjoint.
+        Short messages make the keyed hashes that follow cheaper.
         """
-        cells = self.cells(inputs).astype("<i8", copy=False)
-        n, f = cells.shape
-        head = f.to_bytes(4, "big")
+        c: np.ndarray = np.multiply(inputs, self._inv, dtype=np.float64)
+        c = c.reshape(len(inputs), -1)
+        np.rint(c, out=c)
+        n, f = c.shape
+        narrow = f.to_bytes(4, "big") + b"\x02"
         if n == 1:
-            return [head + cells.tobytes()]
-        raw, w = cells.tobytes(), 8 * f
-        return [head + raw[i * w : (i + 1) * w] for i in range(n)]
+            flat = c.reshape(-1)
+            if flat.dot(flat) < _SMALL_SUM_SQUARES:  # NaN fails the comparison
+                return [narrow + c.astype("<i2").tobytes()]
+            return [self._wide(c, f)]
+        small = np.einsum("ij,ij->i", c, c) < _SMALL_SUM_SQUARES
+        if small.all():
+            raw, w = c.astype("<i2").tobytes(), 2 * f
+            return [narrow + raw[i * w : (i + 1) * w] for i in range(n)]
+        return [
+            narrow + c[i].astype("<i2").tobytes() if small[i] else self._wide(c[i : i + 1], f)
+            for i in range(n)
+        ]
+
+    @staticmethod
+    def _wide(row: np.ndarray, f: int) -> bytes:
+        """A row with large or non-finite cells, clamped to +-2^53, as int64."""
+        r: np.ndarray = np.fmax(np.fmin(row, _CELL_LIMIT), -_CELL_LIMIT)
+        cells: bytes = r.astype("<i8").tobytes()
+        return f.to_bytes(4, "big") + b"\x08" + cells
 
     def describe(self) -> dict[str, object]:
         return {"grid": "centred", "step": self.step}

@@ -1,6 +1,6 @@
 """Watermarking answers in the manner of DAWN (Szyller et al., 2021) and its ledger.
 
-A keyed function (HMAC-SHA256) of the model name and the *coarsened* input
+A keyed function (keyed BLAKE2b, a PRF) of the model name and the *coarsened* input
 (:mod:`sealserve.defense.coarsen`) selects a configured fraction of queries. For a
 selected query the answer is a deterministic alternative:
 
@@ -28,13 +28,13 @@ from __future__ import annotations
 import base64
 import binascii
 import heapq
-import hmac
 import json
 import math
 import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
+from hashlib import blake2b
 from pathlib import Path
 from typing import Any
 
@@ -128,11 +128,11 @@ class Watermark:
         with an identifier of its cell (more keyed bits, hex)."""
         prefix = len(model).to_bytes(4, "big") + model.encode()
         c = self._classes_minus_1
-        cut, probe_cut = self._cut, self._probe_cut
+        cut, probe_cut, key = self._cut, self._probe_cut, self._key
         out = []
         probes = []
         for i, cell in enumerate(cells):
-            d = hmac.digest(self._key, prefix + cell, "sha256")
+            d = blake2b(prefix + cell, key=key, digest_size=40).digest()
             if int.from_bytes(d[:8], "big") < cut:
                 out.append((i, int.from_bytes(d[8:16], "big") % c + 1))
             elif int.from_bytes(d[16:24], "big") < probe_cut:
@@ -188,7 +188,10 @@ class Watermark:
         return Marks(selected, labels, original, prior)
 
     def describe(self) -> dict[str, object]:
-        d: dict[str, object] = {"fraction": self.fraction, "selection": "hmac-sha256(model, cell)"}
+        d: dict[str, object] = {
+            "fraction": self.fraction,
+            "selection": "blake2b-keyed(model, cell)",
+        }
         if self.output.is_score:
             d["margin"] = self.margin
         return d

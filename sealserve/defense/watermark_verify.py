@@ -6,7 +6,7 @@ reproduces the watermark labels more often than a model that never saw them woul
 How the chance rate is estimated (and why it is honest)
 -------------------------------------------------------
 For a classifier with ``C >= 3`` classes the watermark label of an entry is the
-original top-1 plus a keyed offset drawn uniformly from ``1 .. C-1`` (HMAC-SHA256,
+original top-1 plus a keyed offset drawn uniformly from ``1 .. C-1`` (keyed BLAKE2b,
 independent of the selection bits). A model that never saw our answers cannot know that
 offset. So, *conditionally on the suspect's own labels*, on every entry where the suspect
 disagrees with the original top-1 it hits the watermark label with probability exactly

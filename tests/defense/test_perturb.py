@@ -334,3 +334,24 @@ def test_any_valid_profile_gives_well_formed_answers(mapping: dict[str, Any], ba
             top = r.values if r.form == "label" else np.argmax(r.values, 1)
         keep = ~r.marked  # marked rows carry the watermark label instead
         assert np.array_equal(top[keep], np.argmax(p, 1)[keep])
+
+
+def test_rounding_matches_numpy_round_bit_for_bit() -> None:
+    """The pipeline rounds with multiply/rint/divide; it must equal ndarray.round."""
+    rng = np.random.default_rng(4)
+    p = rng.dirichlet(np.ones(10), 2000)
+    prof = Profile.from_mapping("r", {"round": 3}, output=OutputSpec.probabilities(10))
+    r = prof.bind(key=None).apply_at_time(p, inputs=np.zeros((2000, 1)), account="a",
+                                          model="m", now=0.0)  # fmt: skip
+    assert np.array_equal(r.values, p.round(3))
+
+
+def test_row_bytes_do_not_depend_on_the_batch() -> None:
+    """A row's cell bytes are the same alone or next to a row of huge values."""
+    c = Coarsener.from_scale(input_scale=16.0)
+    x = np.random.default_rng(5).integers(0, 17, (3, 64)).astype(np.float64)
+    big = np.full((1, 64), 1e12)
+    together = c.row_bytes(np.vstack([x, big]))
+    assert together[:3] == [c.row_bytes(x[i : i + 1])[0] for i in range(3)]
+    assert together[3] == c.row_bytes(big)[0] and together[3] != together[0]
+    assert len(together[0]) == 4 + 1 + 2 * 64  # narrow cells
