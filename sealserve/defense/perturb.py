@@ -628,10 +628,14 @@ class BoundProfile:
                 + len(model).to_bytes(4, "big")
                 + model.encode()
             )
-            key, size = self._noise_key, self._noise_digest
-            digests = [blake2b(prefix + c, key=key, digest_size=size).digest() for c in cells]
-            assert self._noise_table is not None
-            x += p.noise.sample(digests, self._width, self._noise_table).reshape(x.shape)
+            key, size, table = self._noise_key, self._noise_digest, self._noise_table
+            assert table is not None
+            if n == 1 and size >= 2 * self._width:  # one digest, its bytes are the indices
+                d = blake2b(prefix + cells[0], key=key, digest_size=size).digest()
+                x += table[np.frombuffer(d, dtype="<u2", count=self._width)]
+            else:
+                digests = [blake2b(prefix + c, key=key, digest_size=size).digest() for c in cells]
+                x += p.noise.sample(digests, self._width, table).reshape(x.shape)
             if self._bounded and not p.renormalise:  # renormalise clips below itself
                 self._clip(x)
         if p.reverse_sigmoid is not None:
@@ -708,8 +712,14 @@ class BoundProfile:
             step = max(unit, 1e-9)
             x[still] = np.where(target[still], t + step, t - step)
             return
-        if len(x) == 1 and rows is _ALL and x.argmax() == target[0]:
-            return  # the common case, in one call
+        if len(x) == 1 and rows is _ALL:  # a batch of one: scalar indexing is cheaper
+            am1, t1 = int(x.argmax()), int(target[0])
+            if am1 == t1:
+                return  # the common case, in one call
+            row = x[0]
+            row[am1], row[t1] = row[t1], row[am1]
+            if int(row.argmax()) == t1:
+                return
         am = x.argmax(axis=1)
         wrong = am != target
         if rows is not _ALL:

@@ -208,7 +208,7 @@ class Signal:
         self._score = output.is_score
         self._cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         # 0-d arrays: ufuncs take them about twice as fast as Python floats.
-        self._lo, self._hi = np.array(-_TILT_LIMIT), np.array(_TILT_LIMIT)
+        self._hi = np.array(_TILT_LIMIT)
         self._specs: dict[str, SignalSpec] = {}
 
     def spec(self, model: str) -> SignalSpec:
@@ -249,10 +249,11 @@ class Signal:
         a, b = hit if hit is not None else self._weights(model, dim)
         t = flat.dot(a)
         t += b
-        # fmax/fmin map NaN to the bound, so a NaN input gives a finite (uniform) tilt.
-        np.fmax(t, self._lo, out=t)
+        # fmin maps NaN to the bound, so a NaN input gives a finite (uniform) tilt and
+        # exp() cannot overflow; a huge negative tilt only drives a value to 0.
         np.fmin(t, self._hi, out=t)
         if self._score:
+            np.fmax(t, -self._hi, out=t)
             s = np.minimum(np.maximum(x, _EPS), 1.0 - _EPS)
             z = np.log(s / (1.0 - s)) + t[:, 0]
             out: np.ndarray = np.divide(1.0, 1.0 + np.exp(-z))

@@ -355,3 +355,23 @@ def test_row_bytes_do_not_depend_on_the_batch() -> None:
     assert together[:3] == [c.row_bytes(x[i : i + 1])[0] for i in range(3)]
     assert together[3] == c.row_bytes(big)[0] and together[3] != together[0]
     assert len(together[0]) == 4 + 1 + 2 * 64  # narrow cells
+
+
+@pytest.mark.parametrize("output", ["probabilities", "score"])
+def test_a_row_gets_the_same_answer_alone_or_in_a_batch(output: str) -> None:
+    """The dynamic batcher mixes requests: a row's answer must not depend on its batch
+    (the batch-of-one fast paths give what the batched code gives)."""
+    spec = OutputSpec.probabilities(10) if output == "probabilities" else OutputSpec.score()
+    prof = Profile.default(spec, coarsen={"input_scale": 16.0})
+    b = prof.bind(key=b"k" * 32, ledger=WatermarkLedger())
+    rng = np.random.default_rng(6)
+    x = rng.integers(0, 17, (300, 64)).astype(np.float64)
+    if output == "probabilities":
+        p = rng.dirichlet(np.ones(10) * 0.3, 300)
+    else:
+        p = rng.uniform(0, 1, (300, 1))
+    whole = b.apply_at_time(p, inputs=x, account="a", model="m", now=0.0)
+    for i in range(300):
+        one = b.apply_at_time(p[i : i + 1], inputs=x[i : i + 1], account="a", model="m", now=0.0)
+        assert np.array_equal(one.values, whole.values[i : i + 1]), i
+        assert one.marked[0] == whole.marked[i]
