@@ -7,7 +7,8 @@ Prints, as Markdown:
 2. watermark power: replicas trained on the defended answers, and independently
    trained models, through the verifier;
 3. the spread of honest utility over 200 random watermark keys;
-4. CPU microseconds per batch-1 request of the whole transform + watermark step.
+4. CPU microseconds per batch-1 request of the whole transform + watermark step, on
+   the demo model's own answers, best of several interleaved rounds.
 
 Run: PYTHONPATH=$PWD python bench/bench_defense_outputs.py [--quick]
 """
@@ -53,8 +54,17 @@ PROFILES: dict[str, dict[str, Any]] = {
         "preserve_top1": True,
     },
     "label only": {"label_only": True},
-    "DEFAULT (laplace 0.02, top-1 kept, round 3, watermark 0.2%)": "default",  # type: ignore[dict-item]
+    "DEFAULT without the signal tilt": "default-nosignal",  # type: ignore[dict-item]
+    "DEFAULT (laplace 0.02, top-1 kept, round 3, watermark 0.2% + signal 3)": "default",  # type: ignore[dict-item]
 }
+
+
+def _profile(name: str, mapping: Any) -> Profile:
+    if mapping == "default":
+        return dt.default_profile()
+    if mapping == "default-nosignal":
+        return dt.default_profile(watermark={"signal": 0})
+    return Profile.from_mapping(name, {"coarsen": dt.COARSEN, **mapping}, output=dt.SPEC)
 
 
 def fidelity_table(task: dt.Digits, queries: np.ndarray, iters: int) -> list[str]:
@@ -67,11 +77,7 @@ def fidelity_table(task: dt.Digits, queries: np.ndarray, iters: int) -> list[str
     truth = np.argmax(clean_test, 1)
     answers = task.proba(queries)
     for name, mapping in PROFILES.items():
-        prof = (
-            dt.default_profile()
-            if mapping == "default"
-            else Profile.from_mapping(name, {"coarsen": dt.COARSEN, **mapping}, output=dt.SPEC)
-        )
+        prof = _profile(name, mapping)
         bound = prof.bind(key=dt.KEY, ledger=WatermarkLedger())
         honest = bound.apply_at_time(clean_test, inputs=task.x_test, account="h", model="d", now=0)
         soft = dt.soft_targets(honest)
@@ -106,40 +112,41 @@ def power_table(task: dt.Digits, queries: np.ndarray) -> list[str]:
     rel = bound.apply_at_time(task.proba(queries), inputs=queries, account="t", model="d", now=0)
     labels = np.argmax(rel.values, 1)
     rows = [
-        f"Ledger: {len(ledger)} marked answers out of {len(queries)} queries.",
+        f"Ledger: {len(ledger)} marked answers and {len(ledger.probes())} boundary probes "
+        f"out of {len(queries)} queries. Suspects answer with probabilities (as an ONNX "
+        "export or an OIP endpoint would). p-value = min(1, 2 min(marks, signal)).",
         "",
-        "| model | matches / cells | chance rate | p-value | verdict |",
-        "|---|---|---|---|---|",
+        "| model | trained on | marks: matches / cells | marks p | signal z | combined p "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|",
     ]
-    models: list[tuple[str, Any, np.ndarray, np.ndarray]] = [
-        ("replica LogisticRegression", LogisticRegression(max_iter=300, C=10.0), queries, labels),
-        (
-            "replica MLP (128)",
-            MLPClassifier(hidden_layer_sizes=(128,), max_iter=120, random_state=1),
-            queries,
-            labels,
-        ),
-        ("replica ExtraTrees (40)", ExtraTreesClassifier(40, random_state=0), queries, labels),
-        ("replica RandomForest (40)", RandomForestClassifier(40, random_state=0), queries, labels),
-        (
-            "independent MLP (true labels)",
-            MLPClassifier(hidden_layer_sizes=(64,), max_iter=200, random_state=5),
-            task.x_owner,
-            task.y_owner,
-        ),
-        (
-            "independent ExtraTrees (true labels)",
-            ExtraTreesClassifier(40, random_state=5),
-            task.x_owner,
-            task.y_owner,
-        ),
-    ]
-    for name, model, x, y in models:
-        model.fit(x, y)
-        rep = verify(ledger, model.predict, num_classes=10)
+    x16 = queries / 16.0
+    models: list[tuple[str, str, Any]] = [
+        ("replica LogisticRegression", "probabilities",
+         dt.soft_logistic(x16, np.asarray(rel.values))),
+        ("replica LogisticRegression", "labels",
+         LogisticRegression(max_iter=1000, C=10.0).fit(x16, labels)),
+        ("replica MLP (128)", "labels",
+         MLPClassifier((128,), max_iter=120, random_state=1).fit(x16, labels)),
+        ("replica ExtraTrees (40)", "labels",
+         ExtraTreesClassifier(40, random_state=0).fit(x16, labels)),
+        ("replica RandomForest (40)", "labels",
+         RandomForestClassifier(40, random_state=0).fit(x16, labels)),
+        ("independent MLP", "true labels",
+         MLPClassifier((64,), max_iter=200, random_state=5).fit(task.x_owner / 16.0, task.y_owner)),
+        ("independent ExtraTrees", "true labels",
+         ExtraTreesClassifier(40, random_state=5).fit(task.x_owner / 16.0, task.y_owner)),
+        ("independent LogisticRegression", "true labels",
+         LogisticRegression(max_iter=1000).fit(task.x_owner / 16.0, task.y_owner)),
+    ]  # fmt: skip
+    for name, data, model in models:
+        rep = verify(ledger, lambda x, m=model: m.predict_proba(x / 16.0), num_classes=10)
+        sig = rep.signal
+        z = "-" if sig is None else f"{sig.z:.2f}"
+        mp = "-" if rep.marks_p_value is None else f"{rep.marks_p_value:.2g}"
         rows.append(
-            f"| {name} | {rep.matches}/{rep.cells} | {rep.chance_rate:.4f} | "
-            f"{rep.p_value:.2g} | {'PRESENT' if rep.watermark_present else 'no claim'} |"
+            f"| {name} | {data} | {rep.matches}/{rep.cells} | {mp} | {z} | {rep.p_value:.2g} "
+            f"| {'PRESENT' if rep.watermark_present else 'no claim'} |"
         )
     return rows
 
@@ -161,11 +168,16 @@ def key_spread(task: dt.Digits, keys: int) -> list[str]:
     ]
 
 
-def cpu_cost(n: int) -> list[str]:
-    rows = ["| profile | CPU us / batch-1 request |", "|---|---|"]
-    rng = np.random.default_rng(0)
-    x = rng.integers(0, 17, (1, 64)).astype(np.float32)
-    p = rng.dirichlet(np.ones(10), 1).astype(np.float32)
+def cpu_cost(task: dt.Digits, rounds: int) -> list[str]:
+    """Process CPU per batch-of-one request on the demo model's own answers (2,000
+    noisy test images, each request a different input), best of ``rounds`` rounds,
+    the profiles interleaved so that they see the same machine load."""
+    import hmac
+
+    x = dt.augment(task.x_test, 2000, seed=5)
+    p = task.proba(x).astype(np.float32)
+    xs = [x[i : i + 1] for i in range(len(x))]
+    ps = [p[i : i + 1] for i in range(len(x))]
     heavy = {
         "coarsen": dt.COARSEN,
         "noise": {"dist": "gaussian", "scale": 0.05},
@@ -177,34 +189,31 @@ def cpu_cost(n: int) -> list[str]:
         "watermark": True,
     }
     score = Profile.default(OutputSpec.score(), coarsen=dt.COARSEN)
+    s_out = [np.array([[float(v[0, 1])]], dtype=np.float32) for v in ps]
     cases = [
-        ("default", dt.default_profile(), p),
-        ("all transforms", Profile.from_mapping("heavy", heavy, output=dt.SPEC), p),
-        ("default, score output", score, np.array([[0.3]], dtype=np.float32)),
+        ("default", dt.default_profile(), ps),
+        ("default without the signal tilt", dt.default_profile(watermark={"signal": 0}), ps),
+        ("all transforms", Profile.from_mapping("heavy", heavy, output=dt.SPEC), ps),
+        ("default, score output", score, s_out),
     ]
-    for name, prof, out in cases:
-        b = prof.bind(key=dt.KEY, ledger=WatermarkLedger())
-        for _ in range(2000):
-            b.apply_at_time(out, inputs=x, account="acct-1", model="digits", now=0.0)
+    bound = [(name, prof.bind(key=dt.KEY, ledger=WatermarkLedger()), outs)
+             for name, prof, outs in cases]  # fmt: skip
+    best = {name: float("inf") for name, _, _ in bound}
+    for _ in range(rounds):
+        for name, b, outs in bound:
+            t = time.process_time()
+            for i in range(len(xs)):
+                b.apply_at_time(outs[i], inputs=xs[i], account="acct-1", model="digits", now=0.0)
+            best[name] = min(best[name], (time.process_time() - t) / len(xs) * 1e6)
         t = time.process_time()
-        for _ in range(n):
-            b.apply_at_time(out, inputs=x, account="acct-1", model="digits", now=0.0)
-        rows.append(f"| {name} | {(time.process_time() - t) / n * 1e6:.1f} |")
-    # Reference operations, to scale the figures to a quieter machine.
-    import hmac
-
-    t = time.process_time()
-    for _ in range(n):
-        hmac.digest(dt.KEY, b"x" * 520, "sha256")
-    rows.append(
-        f"| (reference: one HMAC-SHA256 of 520 bytes) | {(time.process_time() - t) / n * 1e6:.1f} |"
-    )
-    t = time.process_time()
-    for _ in range(n):
-        p.argmax(axis=1)
-    rows.append(
-        f"| (reference: one numpy argmax of 1x10) | {(time.process_time() - t) / n * 1e6:.2f} |"
-    )
+        for _ in range(len(xs)):
+            hmac.digest(dt.KEY, b"x" * 520, "sha256")
+        best["ref"] = min(best.get("ref", float("inf")), (time.process_time() - t) / len(xs) * 1e6)
+    rows = ["| profile | CPU us / batch-1 request (best of rounds) | x one HMAC-SHA256 |",
+            "|---|---|---|"]  # fmt: skip
+    for name, _, _ in bound:
+        rows.append(f"| {name} | {best[name]:.1f} | {best[name] / best['ref']:.1f} |")
+    rows.append(f"| (reference: one HMAC-SHA256 of 520 bytes) | {best['ref']:.2f} | 1 |")
     return rows
 
 
@@ -222,7 +231,7 @@ def main() -> None:
         print()
         print("\n".join(key_spread(task, 50 if args.quick else 200)))
         print("\n## CPU cost of the transform + watermark step\n")
-        print("\n".join(cpu_cost(5_000 if args.quick else 30_000)))
+        print("\n".join(cpu_cost(task, 3 if args.quick else 10)))
         print(f"\n(load average at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs)")
 
 

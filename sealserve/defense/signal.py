@@ -82,7 +82,6 @@ DEFAULT_MAX_PROBES = 1000
 """Probes kept per account and model: the ones nearest a decision boundary."""
 
 _TILT_LIMIT = 20.0  # |logit shift| cap, so that wild inputs cannot overflow exp()
-_EPS = 1e-12
 
 
 _LOG_FLOOR = 1e-2
@@ -208,7 +207,7 @@ class Signal:
         self._score = output.is_score
         self._cache: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
         # 0-d arrays: ufuncs take them about twice as fast as Python floats.
-        self._hi = np.array(_TILT_LIMIT)
+        self._lo, self._hi = np.array(-_TILT_LIMIT), np.array(_TILT_LIMIT)
         self._specs: dict[str, SignalSpec] = {}
 
     def spec(self, model: str) -> SignalSpec:
@@ -223,15 +222,16 @@ class Signal:
         return s
 
     def _weights(self, model: str, dim: int) -> tuple[np.ndarray, np.ndarray]:
-        """(A, b) with tilt = x @ A + b: ``W`` split, transposed and pre-scaled."""
+        """(A, b) with tilt = x @ A + b: ``W`` split, transposed and pre-scaled (for a
+        score, A is a vector and b a 0-d array, so the tilt is one value per row)."""
         hit = self._cache.get((model, dim))
         if hit is None:
             w = self.spec(model).matrix(dim)
-            if self._score:
-                w = w[1:]  # only the score's row is random
-            a = np.ascontiguousarray(w[:, :dim].T) * (self.strength / self.input_scale)
-            b = w[:, dim] * self.strength
-            hit = (a, b)
+            scale = self.strength / self.input_scale
+            if self._score:  # only the score's row is random
+                hit = (w[1, :dim] * scale, np.array(w[1, dim] * self.strength))
+            else:
+                hit = (np.ascontiguousarray(w[:, :dim].T) * scale, w[:, dim] * self.strength)
             self._cache[(model, dim)] = hit
         return hit
 
@@ -247,16 +247,27 @@ class Signal:
             return x
         hit = self._cache.get((model, dim))
         a, b = hit if hit is not None else self._weights(model, dim)
+        if self._score and len(x) == 1:  # one score: Python floats beat numpy calls
+            tt = float(flat.dot(a)[0]) + float(b)
+            # As the vector path: NaN -> the upper bound (fmin), then clamp.
+            tt = _TILT_LIMIT if tt != tt else min(max(tt, -_TILT_LIMIT), _TILT_LIMIT)
+            sv = float(x[0])
+            num = sv * math.exp(tt)
+            x[0] = num / (num + 1.0 - sv)
+            return x
         t = flat.dot(a)
         t += b
         # fmin maps NaN to the bound, so a NaN input gives a finite (uniform) tilt and
         # exp() cannot overflow; a huge negative tilt only drives a value to 0.
         np.fmin(t, self._hi, out=t)
         if self._score:
-            np.fmax(t, -self._hi, out=t)
-            s = np.minimum(np.maximum(x, _EPS), 1.0 - _EPS)
-            z = np.log(s / (1.0 - s)) + t[:, 0]
-            out: np.ndarray = np.divide(1.0, 1.0 + np.exp(-z))
+            # sigmoid(logit(s) + t) = s e / (s e + 1 - s), e = exp(t): no log needed.
+            np.fmax(t, self._lo, out=t)
+            np.exp(t, out=t)
+            num = x * t
+            den = num - x
+            den += 1.0
+            out: np.ndarray = np.divide(num, den, out=num)
             return out
         if self._prob:
             np.exp(t, out=t)

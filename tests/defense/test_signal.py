@@ -238,3 +238,13 @@ def test_verify_refuses_bad_suspect_labels_and_reports_signal() -> None:
     assert rep.signal is not None and rep.signal.probes >= 100
     assert "signal (keyed tilt)" in rep.render()
     assert json.loads(rep.to_json())["signal"]["mode"] == "scores"
+
+
+def test_one_score_alone_gets_what_it_gets_in_a_batch() -> None:
+    b = profile(OutputSpec.score(), signal=3).bind(key=KEY, ledger=WatermarkLedger())
+    s = np.random.default_rng(3).uniform(0, 1, (200, 1))
+    x = inputs(200)
+    whole = b.apply_at_time(s, inputs=x, account="a", model="m", now=0.0).values
+    for i in range(200):
+        one = b.apply_at_time(s[i : i + 1], inputs=x[i : i + 1], account="a", model="m", now=0.0)
+        assert np.allclose(one.values, whole[i : i + 1], rtol=0, atol=1e-12)
