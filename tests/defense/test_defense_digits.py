@@ -121,9 +121,19 @@ def test_watermark_power_and_no_false_claims(attack: Attack) -> None:
         # The thief trains on the raw 0-16 features, as it sends them.
         model.fit(attack.queries, stolen_labels)
         powers[name] = verify(attack.ledger, model.predict_proba, account="thief", num_classes=10)
-    # The linear replica learns from the probabilities (the thief uses what it gets).
+    # Replicas that learn from the probabilities (the thief uses what it gets): a
+    # linear one, and an MLP distilled from them (normalised inputs, smooth).
     logistic = dt.soft_logistic(attack.queries / 16.0, attack.release.values)
     powers["logistic"] = verify(attack.ledger, scaled(logistic), account="thief", num_classes=10)
+    distilled = dt.train_thief(attack.queries, attack.release).reg
+
+    def distilled_proba(x: np.ndarray) -> np.ndarray:
+        out = np.clip(distilled.predict(x / 16.0), 1e-4, None)
+        return np.asarray(out / out.sum(axis=1, keepdims=True))
+
+    powers["mlp_distilled"] = verify(
+        attack.ledger, distilled_proba, account="thief", num_classes=10
+    )
     for name, rep in powers.items():
         sig = rep.signal
         assert sig is not None
@@ -131,11 +141,13 @@ def test_watermark_power_and_no_false_claims(attack: Attack) -> None:
             f"replica {name:<14} marks {rep.matches}/{rep.cells} p={rep.marks_p_value:.3g}; "
             f"signal z={sig.z:.2f} ({sig.mode}); combined p={rep.p_value:.3g}"
         )
-    for name in ("logistic", "mlp", "extra_trees", "random_forest"):
+    for name in ("logistic", "mlp_distilled", "mlp", "extra_trees", "random_forest"):
         assert powers[name].p_value < 1e-6, powers[name].render()
         assert powers[name].watermark_present
     # The linear replica cannot memorise the scattered marks; the signal proves it.
-    assert powers["logistic"].signal is not None and powers["logistic"].signal.p_value < 1e-6
+    for name in ("logistic", "mlp_distilled"):
+        sig = powers[name].signal
+        assert sig is not None and sig.mode == "scores" and sig.p_value < 1e-6
     worst = 1.0
     for name, model, x, y in innocents(task):
         model.fit(x / 16.0, y)
