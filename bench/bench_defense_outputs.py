@@ -126,6 +126,10 @@ def power_table(task: dt.Digits, queries: np.ndarray) -> list[str]:
          dt.soft_logistic(x16, np.asarray(rel.values))),
         ("replica LogisticRegression", "labels",
          LogisticRegression(max_iter=1000, C=10.0).fit(x16, labels)),
+        ("replica MLP (64), distilled", "probabilities",
+         _Distilled(dt.train_thief(queries, rel).reg)),
+        ("replica MLP (128), raw 0-16 inputs", "labels",
+         _Raw(MLPClassifier((128,), max_iter=120, random_state=1).fit(queries, labels))),
         ("replica MLP (128)", "labels",
          MLPClassifier((128,), max_iter=120, random_state=1).fit(x16, labels)),
         ("replica ExtraTrees (40)", "labels",
@@ -149,6 +153,27 @@ def power_table(task: dt.Digits, queries: np.ndarray) -> list[str]:
             f"| {'PRESENT' if rep.watermark_present else 'no claim'} |"
         )
     return rows
+
+
+class _Distilled:
+    """A regressor of the probabilities, answering as a softmax model would."""
+
+    def __init__(self, reg: Any) -> None:
+        self.reg = reg
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        out = np.clip(self.reg.predict(x), 1e-4, None)
+        return np.asarray(out / out.sum(axis=1, keepdims=True))
+
+
+class _Raw:
+    """A model fitted on the raw 0-16 features (the verifier feeds x / 16)."""
+
+    def __init__(self, model: Any) -> None:
+        self.model = model
+
+    def predict_proba(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(self.model.predict_proba(x * 16.0))
 
 
 def key_spread(task: dt.Digits, keys: int) -> list[str]:

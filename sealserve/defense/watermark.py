@@ -370,6 +370,16 @@ class WatermarkLedger:
                     continue
                 cells.add(pr.cell)
 
+    def set_max_probes(self, max_probes: int) -> None:
+        """Change the cap, dropping the probes farthest from a boundary beyond it."""
+        if max_probes < 0:
+            raise ConfigError(f"max_probes must be >= 0, got {max_probes}")
+        with self._lock:
+            self._max_probes = max_probes
+            for key, heap in self._probes.items():
+                while len(heap) > max_probes:
+                    self._probe_cells[key].discard(heapq.heappop(heap)[2].cell)
+
     def wants_probe(self, account: str, model: str, margin: float, cell: str) -> bool:
         """Would a probe of this margin and cell be kept? (A cheap check before
         building it; :meth:`add_probes` decides under the lock.)"""

@@ -33,6 +33,7 @@ from sealserve.defense.perturb import Profile, derive_key
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release import ModelDefense, OutputDefenses, Responses
 from sealserve.defense.response import ResponsePolicy
+from sealserve.defense.signal import DEFAULT_MAX_PROBES
 from sealserve.defense.watermark import WatermarkLedger
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.sealed_state import SealedBox, SealedFile
@@ -79,6 +80,13 @@ class DefenseConfig(BaseModel):
     state_dir: Path | None = Field(default=None, description="Sealed state directory.")
     throttle_factor: float = Field(default=0.1, gt=0, lt=1)
     challenge_difficulty: int = Field(default=16, ge=1, le=32)
+    watermark_probes: int = Field(
+        default=DEFAULT_MAX_PROBES,
+        ge=0,
+        le=100_000,
+        description="Boundary probes kept per account and model in the sealed watermark "
+        "ledger: the signal watermark's evidence (0 turns the signal test off).",
+    )
     response: dict[str, Any] | None = None
     audit: AuditConfig = AuditConfig()
     profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
@@ -157,11 +165,13 @@ class SealedState:
         if f is not None:
             f.write(ledger.to_bytes())
 
-    def load_ledger(self) -> WatermarkLedger:
+    def load_ledger(self, max_probes: int = DEFAULT_MAX_PROBES) -> WatermarkLedger:
         f = self._file("watermark-ledger")
         if f is None or not f.exists():
-            return WatermarkLedger()
-        return WatermarkLedger.from_bytes(f.read())
+            return WatermarkLedger(max_probes=max_probes)
+        ledger = WatermarkLedger.from_bytes(f.read())
+        ledger.set_max_probes(max_probes)
+        return ledger
 
 
 def _spec(kind: str, width: int) -> OutputSpec:
@@ -196,7 +206,7 @@ class DefenseSecrets:
             if cfg.state_dir is not None:
                 cfg.state_dir.mkdir(parents=True, exist_ok=True)
                 (cfg.state_dir / "audit-public.pem").write_bytes(audit_key.public_key_pem())
-        return cls(state, root, state.load_ledger(), audit_key)
+        return cls(state, root, state.load_ledger(cfg.watermark_probes), audit_key)
 
     def save_ledger(self) -> None:
         self.state.save_ledger(self.ledger)

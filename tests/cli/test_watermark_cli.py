@@ -70,6 +70,7 @@ def test_watermark_proven_on_replica_not_on_innocent(
     stolen = run(*base, "--suspect", str(replica_path))
     assert stolen.returncode == 0, stolen.stderr
     assert "WATERMARK PRESENT" in stolen.stdout
+    assert "probes replayed" in stolen.stdout  # the server kept boundary probes
     p_stolen = float(stolen.stdout.split("p-value (one-sided, both tests)")[1].split()[0])
     assert p_stolen < 1e-6
     clean = run(*base, "--suspect", str(innocent_path), "--json")

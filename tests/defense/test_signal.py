@@ -248,3 +248,16 @@ def test_one_score_alone_gets_what_it_gets_in_a_batch() -> None:
     for i in range(200):
         one = b.apply_at_time(s[i : i + 1], inputs=x[i : i + 1], account="a", model="m", now=0.0)
         assert np.allclose(one.values, whole[i : i + 1], rtol=0, atol=1e-12)
+
+
+def test_lowering_the_probe_cap_keeps_the_nearest() -> None:
+    ledger = WatermarkLedger(max_probes=200)
+    profile().bind(key=KEY, ledger=ledger).apply_at_time(
+        probs(3000), inputs=inputs(3000), account="a", model="m", now=0.0
+    )
+    before = ledger.probes(account="a")
+    ledger.set_max_probes(50)
+    after = ledger.probes(account="a")
+    assert [p.cell for p in after] == [p.cell for p in before[:50]]
+    with pytest.raises(ConfigError, match="max_probes"):
+        ledger.set_max_probes(-1)
