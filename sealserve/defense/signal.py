@@ -27,19 +27,22 @@ towards the class ``W`` favours.
 The test, and why its null distribution is exact
 ------------------------------------------------
 The ledger keeps a sample of each account's queries that lie near the model's decision
-boundaries (chosen by the original model's own top-1/top-2 margin, which does not
-depend on ``W``), with the original label. For probe inputs ``x_i`` with original
-labels ``o_i`` and suspect labels ``a_i``::
+boundaries (chosen by keyed bits independent of ``W`` and by the original model's own
+top-1/top-2 margin), with the original answer. The verifier replays them and forms a
+matrix ``M`` from the suspect's answers and the original's:
 
-    S = sum_i (W f(x_i))[a_i] - (W f(x_i))[o_i] = <W, M>,
-    M = sum_i (e_{a_i} - e_{o_i}) f(x_i)^T
+* when the suspect returns probabilities, logits or scores,
+  ``M = (sum_i (s_i - o_i) f(x_i)^T) G^-1``, with ``s_i``/``o_i`` the suspect's and the
+  original's centred log-scores (:func:`log_scores`) and ``G`` the probes' feature Gram
+  matrix plus a small ridge (so that the replica's own smooth misfit weighs less);
+* from labels only, ``M = sum_i (e_{a_i} - e_{o_i}) f(x_i)^T``.
 
-If the suspect never saw our answers it is independent of ``W``, so ``M`` is a fixed
-matrix and ``S`` is exactly Gaussian with mean 0 and variance ``||M||^2 / (d + 1)``
-(a linear combination of independent Gaussians). The p-value is the upper tail of
-``z = S / sd``: no assumption about how an innocent model was trained, no estimated
-chance rate. A replica disagrees with the original where ``W`` pushed it, so its
-``z`` is large.
+The statistic is ``S = <W, M>``. If the suspect never saw our answers it is
+independent of ``W``, so ``M`` is a fixed matrix and ``S`` is exactly Gaussian with
+mean 0 and variance ``||M||^2 / (d + 1)`` (a linear combination of independent
+Gaussians). The p-value is the upper tail of ``z = S / sd``: no assumption about how an
+innocent model was trained, no estimated chance rate. A replica's answers lean the way
+``W`` pushed them, so its ``z`` is large.
 
 What it proves and what it does not: that the suspect's decisions lean along our secret
 ``W``, i.e. that it learnt from answers of this model. ``W`` is per model, not per
