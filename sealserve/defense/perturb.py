@@ -57,6 +57,7 @@ from sealserve.defense.coarsen import DEFAULT_RELATIVE_STEP, Coarsener
 from sealserve.defense.outputs import OutputKind, OutputSpec
 from sealserve.defense.signal import (
     DEFAULT_PROBE_FRACTION,
+    DEFAULT_SCORE_STRENGTH,
     DEFAULT_STRENGTH,
     Signal,
     check_strength,
@@ -471,9 +472,9 @@ class Profile:
 
 
 def _default_signal(output: OutputSpec) -> float:
-    """The signal watermark is on by default wherever it applies."""
-    if output.is_score and output.bounds != (0.0, 1.0):
-        return 0.0
+    """The signal watermark is on by default wherever it applies (gentler on scores)."""
+    if output.is_score:
+        return DEFAULT_SCORE_STRENGTH if output.bounds == (0.0, 1.0) else 0.0
     return DEFAULT_STRENGTH
 
 

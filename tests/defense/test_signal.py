@@ -63,8 +63,9 @@ def test_impossible_signal_is_refused(
         profile(output, **wm)
 
 
-def test_unbounded_score_defaults_to_no_signal() -> None:
+def test_scores_default_to_a_gentler_signal() -> None:
     assert profile(OutputSpec.score(bounds=None)).watermark_signal == 0.0
+    assert profile(OutputSpec.score()).watermark_signal == 0.5
 
 
 def test_tilt_keeps_top1_sums_to_one_and_changes_answers() -> None:
@@ -138,12 +139,14 @@ def test_probes_are_a_keyed_share_kept_nearest_the_boundary() -> None:
     margins = top2[:, 1] - top2[:, 0]
     # About 20% of queries are candidates; the 100 kept are the nearest of them.
     assert max(k.margin for k in kept) < np.quantile(margins, 0.25)
+    assert kept == sorted(kept, key=lambda k: k.margin)  # nearest first
     first = kept[0]
     row = int(np.flatnonzero((x == first.input).all(1))[0])
     assert first.label == int(p[row].argmax()) and first.margin == pytest.approx(margins[row])
+    assert first.output is not None and np.allclose(first.output, p[row])
     # Repeating the same queries adds no duplicate cells.
     b.apply_at_time(p, inputs=x, account="a", model="m", now=1.0)
-    assert len({k.cell for k in ledger.probes(account="a")}) == 100
+    assert [k.cell for k in ledger.probes(account="a")] == [k.cell for k in kept]
     assert ledger.signal("m") is not None and ledger.signal("other") is None
 
 
@@ -261,3 +264,38 @@ def test_lowering_the_probe_cap_keeps_the_nearest() -> None:
     assert [p.cell for p in after] == [p.cell for p in before[:50]]
     with pytest.raises(ConfigError, match="max_probes"):
         ledger.set_max_probes(-1)
+
+
+def test_score_model_signal_is_caught_on_a_copy_and_not_on_the_original() -> None:
+    """End to end for a fraud-style score: a suspect that answers like our defended
+    server is caught; the undefended model with its own small error is not."""
+    rng = np.random.default_rng(8)
+    w = rng.normal(0, 0.4, 64)
+    x = inputs(4000, seed=9)
+
+    def original(a: np.ndarray) -> np.ndarray:
+        z = (a / 16.0 - 0.5) @ w
+        return np.asarray(1.0 / (1.0 + np.exp(-z)))
+
+    ledger = WatermarkLedger()
+    b = profile(OutputSpec.score()).bind(key=KEY, ledger=ledger)  # default strength
+    answers = b.apply_at_time(original(x).reshape(-1, 1), inputs=x, account="a", model="m",
+                              now=0.0).values.reshape(-1)  # fmt: skip
+    # The copy answers any input as the server does (same key, its own ledger).
+    server = profile(OutputSpec.score()).bind(key=KEY, ledger=WatermarkLedger())
+
+    def copy_of_server(a: np.ndarray) -> np.ndarray:
+        r = server.apply_at_time(original(a).reshape(-1, 1), inputs=a, account="z", model="m",
+                                 now=0.0)  # fmt: skip
+        return np.asarray(r.values).reshape(-1)
+
+    assert np.allclose(copy_of_server(x), answers)
+    copy = verify(ledger, copy_of_server, account="a", original=original,
+                  controls=inputs(500, seed=10))  # fmt: skip
+    assert copy.signal is not None and copy.signal.mode == "scores"
+    assert copy.signal.p_value < 1e-6
+    noisy = verify(
+        ledger, lambda a: np.clip(original(a) + rng.normal(0, 0.02, len(a)), 0, 1),
+        account="a", original=original, controls=inputs(500, seed=10),
+    )  # fmt: skip
+    assert noisy.signal is not None and noisy.signal.p_value > 1e-3
