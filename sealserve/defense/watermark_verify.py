@@ -73,6 +73,11 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 DEFAULT_ALPHA = 1e-6
 DEFAULT_SIGNAL_PROBES = 1000
+STAND_OUT = 3.0
+"""How many spreads of the reference models' agreement a suspect must stand out by in
+:func:`replica_check` (with a handful of references, merely beating the best of them
+happens to one innocent model in n + 1)."""
+_MIN_SPREAD = 0.02  # the spread is estimated from few references: never below 2 points
 _GRAM_RIDGE = 1e-3
 MIN_SIGNAL_PROBES = 20
 _CONTROL_CONFIDENCE = 0.99
@@ -489,32 +494,62 @@ def boundary_inputs(predict_proba: Predict, candidates: np.ndarray, *, count: in
 @dataclass(frozen=True)
 class ProbeAgreement:
     """Top-1 agreement of the suspect with the original on one probe set, and what
-    independently trained reference models reach (mean and max)."""
+    independently trained reference models reach (mean, max and min)."""
 
     probe: str
     size: int
     agreement: float
     baseline_mean: float | None
     baseline_max: float | None
+    baseline_min: float | None = None
+    baseline_sd: float | None = None
+    """Spread of the references' agreement (None for a fixed baseline)."""
+
+    def _z(self) -> float | None:
+        if self.baseline_mean is None or self.baseline_sd is None:
+            return None
+        return (self.agreement - self.baseline_mean) / max(self.baseline_sd, _MIN_SPREAD)
 
     @property
     def exceeds_baseline(self) -> bool:
-        return self.baseline_max is not None and self.agreement > self.baseline_max
+        """Above every reference by a clear margin (``STAND_OUT`` spreads; with a fixed
+        baseline, simply above it); on the watermark set also as far below (a suspect
+        that gives the watermark answers disagrees with the original there)."""
+        if self.baseline_max is None:
+            return False
+        z = self._z()
+        if z is None:
+            return self.agreement > self.baseline_max
+        return (z >= STAND_OUT and self.agreement > self.baseline_max) or self.below_baseline
+
+    @property
+    def below_baseline(self) -> bool:
+        if self.probe != "watermark" or self.baseline_min is None:
+            return False
+        z = self._z()
+        if z is None:
+            return self.agreement < self.baseline_min
+        return z <= -STAND_OUT and self.agreement < self.baseline_min
 
 
 @dataclass(frozen=True)
 class ReplicaReport:
     """Outcome of :func:`replica_check`. ``replica_likely`` when the suspect agrees with
     the original beyond every reference on the boundary probes (where independent
-    models disagree most) or on the watermark probes."""
+    models disagree most), or on the watermark probes beyond or below every reference
+    (below: it reproduces the watermark answers)."""
 
     probes: list[ProbeAgreement]
     replica_likely: bool
+    basis: str = "references"
+    """``references`` (independent models run on the same probes: a verdict) or
+    ``orientation`` (fixed figures from another setting: no verdict is drawn)."""
 
     def to_json(self) -> str:
         body: dict[str, Any] = {
             "probes": [asdict(p) | {"exceeds_baseline": p.exceeds_baseline} for p in self.probes],
             "replica_likely": self.replica_likely,
+            "basis": self.basis,
         }
         return json.dumps(body, indent=2, sort_keys=True)
 
@@ -524,13 +559,30 @@ class ReplicaReport:
         for p in self.probes:
             bm = "-" if p.baseline_mean is None else f"{p.baseline_mean:.1%}"
             bx = "-" if p.baseline_max is None else f"{p.baseline_max:.1%}"
-            flag = "  <- above every independent model" if p.exceeds_baseline else ""
+            flag = (
+                "  <- below every independent model (it gives the watermark answers)"
+                if p.below_baseline
+                else "  <- above every independent model"
+                if p.exceeds_baseline
+                else ""
+            )
             lines.append(f"  {p.probe:<12} {p.size:>6} {p.agreement:>8.1%} {bm:>12} {bx:>6}{flag}")
         lines.append("")
-        lines.append(
-            "  verdict: "
-            + ("the suspect behaves like a replica" if self.replica_likely else "no replica signal")
-        )
+        if self.basis == "orientation":
+            lines.append(
+                "  verdict: none. The baseline above was measured on the demo task with "
+                "other models and inputs; train a few independent models and pass them "
+                "as references for a verdict."
+            )
+        else:
+            lines.append(
+                "  verdict: "
+                + (
+                    "the suspect behaves like a replica"
+                    if self.replica_likely
+                    else "no replica signal"
+                )
+            )
         return "\n".join(lines)
 
 
@@ -548,10 +600,12 @@ def replica_check(
     ``"watermark"``, ``"boundary"``, ``"natural"``).
 
     The baseline for each set is the agreement of independently trained ``references``
-    with the original (mean and max); without references, ``baseline`` gives fixed
-    values measured once (used as both mean and max). Independent models agree on
-    natural inputs almost as much as a replica does; the boundary and watermark sets
-    are where a replica stands out.
+    with the original (mean, max, min and spread); a suspect stands out when it is
+    beyond every reference and ``STAND_OUT`` spreads (at least 2 points each) from
+    their mean. Without references, ``baseline`` gives fixed values measured once
+    (used as mean, max and min; standing out is then simply being above). Independent
+    models agree on natural inputs almost as much as a replica does; the boundary and
+    watermark sets are where a replica stands out.
 
     Raises:
         InputError: an empty probe set or a predictor output that is not labels.
@@ -565,12 +619,15 @@ def replica_check(
         rates = [float(np.mean(_predict_labels(r, x, kind, threshold) == o)) for r in references]
         bmean: float | None
         bmax: float | None
+        bmin: float | None
         if rates:
-            bmean, bmax = float(np.mean(rates)), float(np.max(rates))
+            bmean, bmax, bmin = float(np.mean(rates)), float(np.max(rates)), float(np.min(rates))
+            bsd: float | None = float(np.std(rates, ddof=1)) if len(rates) > 1 else 0.0
         elif baseline is not None and name in baseline:
-            bmean = bmax = float(baseline[name])
+            bmean = bmax = bmin = float(baseline[name])
+            bsd = None
         else:
-            bmean = bmax = None
-        results.append(ProbeAgreement(name, len(x), agree, bmean, bmax))
+            bmean = bmax = bmin = bsd = None
+        results.append(ProbeAgreement(name, len(x), agree, bmean, bmax, bmin, bsd))
     likely = any(p.exceeds_baseline for p in results if p.probe in ("boundary", "watermark"))
     return ReplicaReport(results, likely)

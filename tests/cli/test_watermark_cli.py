@@ -3,6 +3,7 @@ defended server's answers, and on an innocent model."""
 
 from __future__ import annotations
 
+import json
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -75,8 +76,6 @@ def test_watermark_proven_on_replica_not_on_innocent(
     assert p_stolen < 1e-6
     clean = run(*base, "--suspect", str(innocent_path), "--json")
     assert clean.returncode == 0, clean.stderr
-    import json
-
     report = json.loads(clean.stdout)
     assert report["watermark_present"] is False and report["p_value"] > 0.01
     # The same proof against a suspect that only answers over an OIP endpoint (here the
@@ -96,6 +95,31 @@ def test_watermark_proven_on_replica_not_on_innocent(
                 "--suspect", str(replica_path))  # fmt: skip
     assert check.returncode == 0, check.stderr
     assert "watermark" in check.stdout and "boundary" in check.stdout
+    # Without reference models there is no verdict, only the demo's figures.
+    assert "verdict: none" in check.stdout
+    # With independently trained references: the replica stands out, the innocent not.
+    from sklearn.linear_model import LogisticRegression
+
+    with threadpool_limits(1):
+        refs = [
+            MLPClassifier((64,), max_iter=300, random_state=11).fit(x_all, y_all),
+            MLPClassifier((32,), max_iter=300, random_state=12).fit(x_all, y_all),
+            LogisticRegression(max_iter=2000).fit(x_all, y_all),
+        ]
+    ref_args = []
+    for i, ref in enumerate(refs):
+        ref_args += ["--reference", str(_onnx(ref, tmp_path / f"ref{i}.onnx"))]
+    judged = {}
+    for name, path in (("replica", replica_path), ("innocent", innocent_path)):
+        out = run("replica-check", "--original",
+                  str(demo.repository() / "digits" / "1" / "model.onnx"), "--ledger", str(ledger),
+                  "--simulated-root", str(sim_root), "--suspect", str(path), "--json",
+                  *ref_args)  # fmt: skip
+        assert out.returncode == 0, out.stderr
+        judged[name] = json.loads(out.stdout)
+    print(judged)
+    assert judged["replica"]["replica_likely"] is True
+    assert judged["innocent"]["replica_likely"] is False
     # A ledger sealed under another measurement/platform does not open.
     wrong_root = tmp_path / "other-root"
     from sealserve.enclave.simulated import SimulatedPlatform

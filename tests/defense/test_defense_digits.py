@@ -193,6 +193,13 @@ def test_replica_check_flags_replicas(attack: Attack) -> None:
     boundary = next(p for p in report.probes if p.probe == "boundary")
     assert boundary.baseline_max is not None and boundary.agreement > boundary.baseline_max
     assert '"replica_likely": true' in report.to_json()
+    # An independently trained model, as strong as the references, is not flagged.
+    idx = np.random.default_rng(99).choice(len(task.x_owner), 700, replace=False)
+    innocent = MLPClassifier(hidden_layer_sizes=(64,), max_iter=200, random_state=21)
+    innocent.fit(task.x_owner[idx] / 16.0, task.y_owner[idx])
+    clean = replica_check(original, scaled(innocent), probes, references=refs)
+    print(clean.render())
+    assert not clean.replica_likely
 
 
 def test_fidelity_experiment_runs(attack: Attack, task: dt.Digits) -> None:
