@@ -471,6 +471,17 @@ class Profile:
         return BoundProfile(self, key=key or b"", ledger=ledger)
 
 
+def _compact(a: np.ndarray) -> np.ndarray:
+    """A copy of ``a``, as float32 when that loses nothing (model inputs and outputs
+    usually are float32): half the ledger's size."""
+    arr = np.array(a)
+    if arr.dtype == np.float64:
+        f32 = arr.astype(np.float32)
+        if np.array_equal(f32, arr):
+            return f32
+    return arr
+
+
 def _default_signal(output: OutputSpec) -> float:
     """The signal watermark is on by default wherever it applies (gentler on scores)."""
     if output.is_score:
@@ -774,11 +785,11 @@ class BoundProfile:
                     ProbeEntry(
                         account=account,
                         model=model,
-                        input=np.array(inputs[r]),
+                        input=_compact(inputs[r]),
                         label=label,
                         margin=margin,
                         cell=cell,
-                        output=np.array(row, dtype=np.float64).reshape(-1),
+                        output=_compact(row).reshape(-1),
                     )
                 ]
             )

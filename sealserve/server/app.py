@@ -332,7 +332,7 @@ class Server:
         if output is not None and output.audit is not None:
             output.audit.close()
         if self.defense_secrets is not None:
-            self.defense_secrets.save_ledger()
+            self.defense_secrets.close()
         if self.store is not None:
             self.store.close()
         if self.authenticator is not None:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -80,6 +82,13 @@ class DefenseConfig(BaseModel):
     state_dir: Path | None = Field(default=None, description="Sealed state directory.")
     throttle_factor: float = Field(default=0.1, gt=0, lt=1)
     challenge_difficulty: int = Field(default=16, ge=1, le=32)
+    ledger_save_interval_s: float = Field(
+        default=2.0,
+        gt=0,
+        le=3600,
+        description="The sealed watermark ledger is written off the request path, at most "
+        "once per this many seconds after a mark (and at shutdown).",
+    )
     watermark_probes: int = Field(
         default=DEFAULT_MAX_PROBES,
         ge=0,
@@ -184,6 +193,53 @@ def _spec(kind: str, width: int) -> OutputSpec:
     raise ConfigError(f"output_kind must be probabilities, logits or score, not {kind!r}")
 
 
+class LedgerSaver:
+    """Writes the sealed ledger off the request path: a request that carried a mark
+    only sets a flag; a background thread seals and writes the ledger at most once per
+    ``interval_s`` (a crash loses at most that much of the ledger), and :meth:`close`
+    writes it a last time. A failed write is logged and retried at the next mark."""
+
+    def __init__(self, save: Callable[[], None], interval_s: float) -> None:
+        self._save = save
+        self._interval = interval_s
+        self._dirty = threading.Event()
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def mark(self) -> None:
+        self._dirty.set()
+        if self._thread is None:
+            with self._lock:
+                if self._thread is None and not self._stop.is_set():
+                    t = threading.Thread(target=self._run, name="sealserve-ledger", daemon=True)
+                    t.start()
+                    self._thread = t
+
+    def _run(self) -> None:
+        while True:
+            self._dirty.wait()
+            if self._stop.wait(self._interval):  # coalesce the marks of one interval
+                return  # close() writes the last time
+            self._dirty.clear()
+            self._write()
+
+    def _write(self) -> None:
+        try:
+            self._save()
+        except Exception:  # a full disk must not stop serving
+            log.exception("could not write the sealed watermark ledger; will retry")
+            self._dirty.set()
+
+    def close(self) -> None:
+        """Stop the thread and write the ledger once more."""
+        self._stop.set()
+        self._dirty.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+        self._write()
+
+
 @dataclass
 class DefenseSecrets:
     """What sealed state provides before the models load (the manifest needs the audit
@@ -193,6 +249,8 @@ class DefenseSecrets:
     root_key: bytes
     ledger: WatermarkLedger
     audit_key: AuditKey | None
+    save_interval_s: float = 2.0
+    _saver: LedgerSaver | None = field(default=None, init=False, repr=False)
 
     @classmethod
     def open(cls, cfg: DefenseConfig, platform: Platform | None) -> DefenseSecrets:
@@ -206,10 +264,25 @@ class DefenseSecrets:
             if cfg.state_dir is not None:
                 cfg.state_dir.mkdir(parents=True, exist_ok=True)
                 (cfg.state_dir / "audit-public.pem").write_bytes(audit_key.public_key_pem())
-        return cls(state, root, state.load_ledger(cfg.watermark_probes), audit_key)
+        return cls(state, root, state.load_ledger(cfg.watermark_probes), audit_key,
+                   cfg.ledger_save_interval_s)  # fmt: skip
 
     def save_ledger(self) -> None:
+        """Seal and write the ledger now."""
         self.state.save_ledger(self.ledger)
+
+    def note_marked(self) -> None:
+        """An answer carried a watermark: write the ledger soon, off the request path."""
+        if self._saver is None:
+            self._saver = LedgerSaver(self.save_ledger, self.save_interval_s)
+        self._saver.mark()
+
+    def close(self) -> None:
+        """Write the ledger a last time (at shutdown)."""
+        if self._saver is not None:
+            self._saver.close()
+        else:
+            self.save_ledger()
 
 
 def build_defenses(
@@ -276,7 +349,7 @@ def build_defenses(
     policy = ResponsePolicy.from_mapping(cfg.response) if cfg.response else ResponsePolicy.default()
     responses = Responses(policy, cfg.throttle_factor, cfg.challenge_difficulty)
     return OutputDefenses(
-        models, responses=responses, quota=quota, audit=audit, on_marked=secrets.save_ledger
+        models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked
     )
 
 
