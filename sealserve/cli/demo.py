@@ -281,8 +281,10 @@ async def _demo(args: argparse.Namespace) -> int:
             stolen = verify(ledger, lambda a: replica.predict_proba(a), account="trudy")
             innocent = MLPClassifier((64,), max_iter=300, random_state=7).fit(xs, ys)
             clean = verify(ledger, lambda a: innocent.predict_proba(a), account="trudy")
+            sig = stolen.signal
+            tilt = "" if sig is None else f", signal z = {sig.z:.1f}"
             _say("owner", f"watermark on trudy's replica: {stolen.matches}/{stolen.trials} "
-                          f"marks reproduced, p = {stolen.p_value:.2g} -> "
+                          f"marks reproduced{tilt}, p = {stolen.p_value:.2g} -> "
                           f"{'PROVEN' if stolen.watermark_present else 'not proven'}")  # fmt: skip
             _say("owner", f"watermark on an independently trained model: p = {clean.p_value:.2g}"
                           f" -> {'PROVEN' if clean.watermark_present else 'no claim'}")  # fmt: skip

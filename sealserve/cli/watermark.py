@@ -15,9 +15,11 @@ def register(sub: Any) -> None:
         "watermark",
         help="verify the watermark on a suspect model (ONNX file or OIP endpoint)",
         description=(
-            "Replays the watermark ledger's inputs to a suspect, counts how often it "
-            "reproduces the watermark answers, and reports the match rate, the rate "
-            "expected by chance and a one-sided binomial-test p-value with a verdict."
+            "Replays the watermark ledger's marked inputs to a suspect, counts how often "
+            "it reproduces the watermark answers (match rate, the rate expected by "
+            "chance, one-sided binomial test), replays the ledger's boundary probes to "
+            "test for the keyed signal tilt (an exact Gaussian test), and reports both "
+            "with a combined p-value and a verdict."
         ),
     )
     actions = p.add_subparsers(dest="watermark_action", metavar="ACTION", required=True)
@@ -26,6 +28,10 @@ def register(sub: Any) -> None:
     add_suspect_args(v)
     v.add_argument("--account", help="only this account's watermarked queries")
     v.add_argument("--alpha", type=float, default=1e-6, help="verdict threshold (p < alpha)")
+    v.add_argument(
+        "--signal-probes", type=int, default=1000, metavar="N",
+        help="boundary probes replayed for the signal test, nearest first (default 1000)",
+    )  # fmt: skip
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.set_defaults(func=run_verify)
 
@@ -97,7 +103,8 @@ def run_verify(args: argparse.Namespace) -> int:
     ledger = open_ledger(args)
     suspect, close = open_suspect(args)
     try:
-        report = verify(ledger, suspect, account=args.account, alpha=args.alpha)
+        report = verify(ledger, suspect, account=args.account, alpha=args.alpha,
+                        signal_probes=args.signal_probes)  # fmt: skip
     finally:
         close()
     if args.json:
