@@ -251,6 +251,9 @@ class DefenseSecrets:
     audit_key: AuditKey | None
     save_interval_s: float = 2.0
     _saver: LedgerSaver | None = field(default=None, init=False, repr=False)
+    # One save at a time, snapshot taken inside: a slow older save can never land
+    # after a newer one and put back an older ledger.
+    _save_lock: threading.Lock = field(default_factory=threading.Lock, init=False, repr=False)
 
     @classmethod
     def open(cls, cfg: DefenseConfig, platform: Platform | None) -> DefenseSecrets:
@@ -269,7 +272,8 @@ class DefenseSecrets:
 
     def save_ledger(self) -> None:
         """Seal and write the ledger now."""
-        self.state.save_ledger(self.ledger)
+        with self._save_lock:
+            self.state.save_ledger(self.ledger)
 
     def note_marked(self) -> None:
         """An answer carried a watermark: write the ledger soon, off the request path."""

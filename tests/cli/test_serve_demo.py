@@ -25,7 +25,9 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     assert "request without a token refused" in text
     acc = float(text.split("accuracy ")[1].split(";")[0])
     agree = float(text.split("unperturbed model ")[1].split(";")[0])
-    assert acc > 0.9 and agree >= 0.98
+    # The demo marks 1% of answers (a fresh key each run): on 100 requests, 6 or more
+    # marks (agreement < 0.95) has probability 5e-4; 3 or more has 8%, so 0.98 flaked.
+    assert acc > 0.9 and agree >= 0.95
     assert "malformed request refused" in text
     assert "[mallory] uniform-noise extraction refused after" in text
     assert "still served during the attack" in text
