@@ -416,11 +416,6 @@ class WatermarkLedger:
         with self._lock:
             return list(self._signals.values())
 
-    def models(self) -> list[str]:
-        with self._lock:
-            names = {e.model for e in self._entries} | {m for _, m in self._probes}
-        return sorted(names | set(self._signals))
-
     # -- serialisation -------------------------------------------------------------
     def to_bytes(self) -> bytes:
         """Plaintext serialisation; seal it before it leaves memory (see :meth:`save`)."""
