@@ -195,7 +195,7 @@ class KeyedNoise:
         once per bound profile).
         """
         need = 2 * width
-        if len(digests[0]) >= need:
+        if digests and len(digests[0]) >= need:
             raw = digests[0][:need] if len(digests) == 1 else b"".join(d[:need] for d in digests)
         else:
             raw = b"".join([hashlib.shake_256(d).digest(need) for d in digests])
@@ -612,6 +612,8 @@ class BoundProfile:
         n = shape[0]
         if len(inputs) != n:
             raise ConfigError(f"batch mismatch: {len(inputs)} inputs but {n} outputs")
+        if n == 0:  # nothing to answer: nothing to perturb, mark or record
+            return self._empty(x.reshape(shape))
         cells = p.coarsener.row_bytes(inputs) if self._need_cells else []
         marks: Marks | None = None
         if self._watermark is not None:
@@ -701,6 +703,18 @@ class BoundProfile:
         if self._ledger is not None:
             self._record(marks, values, indices, inputs, cells, account, model, now)
         return Release(values=values, marked=marks.selected, form=form, indices=indices)
+
+    def _empty(self, x: np.ndarray) -> Release:
+        """The release of a batch of no rows, in the form the profile gives."""
+        none = np.zeros(0, dtype=bool)
+        p = self.profile
+        if p.label_only:
+            return Release(values=np.zeros(0, dtype=np.int64), marked=none, form="label")
+        if p.top_k is not None and p.top_k.mode == "omit" and p.top_k.k < self._width:
+            k = p.top_k.k
+            return Release(values=np.zeros((0, k)), marked=none, form="top_k",
+                           indices=np.zeros((0, k), dtype=np.int64))  # fmt: skip
+        return Release(values=x, marked=none)
 
     def _clip(self, x: np.ndarray) -> None:
         np.minimum(x, self._hi_a, out=x)

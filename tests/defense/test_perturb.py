@@ -375,3 +375,26 @@ def test_a_row_gets_the_same_answer_alone_or_in_a_batch(output: str) -> None:
         one = b.apply_at_time(p[i : i + 1], inputs=x[i : i + 1], account="a", model="m", now=0.0)
         assert np.array_equal(one.values, whole.values[i : i + 1]), i
         assert one.marked[0] == whole.marked[i]
+
+
+P10_ = OutputSpec.probabilities(10)
+
+
+@pytest.mark.parametrize("output", ["probabilities", "score"])
+def test_an_empty_batch_gives_an_empty_answer(output: str) -> None:
+    spec = OutputSpec.probabilities(10) if output == "probabilities" else OutputSpec.score()
+    b = Profile.default(spec, coarsen={"input_scale": 16.0}).bind(
+        key=b"k" * 32, ledger=WatermarkLedger()
+    )
+    shape = (0, 10) if output == "probabilities" else (0, 1)
+    r = b.apply_at_time(np.zeros(shape), inputs=np.zeros((0, 64)), account="a", model="m",
+                        now=0.0)  # fmt: skip
+    assert r.values.shape[0] == 0 and r.marked.shape == (0,)
+    top = Profile.from_mapping("t", {"top_k": {"k": 3, "mode": "omit"}}, output=P10_)
+    rt = top.bind(key=None).apply_at_time(np.zeros((0, 10)), inputs=np.zeros((0, 64)),
+                                          account="a", model="m", now=0.0)  # fmt: skip
+    assert rt.form == "top_k" and rt.values.shape == (0, 3) and rt.indices is not None
+    lab = Profile.from_mapping("l", {"label_only": True}, output=P10_)
+    rl = lab.bind(key=None).apply_at_time(np.zeros((0, 10)), inputs=np.zeros((0, 64)),
+                                          account="a", model="m", now=0.0)  # fmt: skip
+    assert rl.form == "label" and rl.values.shape == (0,)
