@@ -8,6 +8,7 @@ from __future__ import annotations
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
 from sealserve.defense.store import Remaining
+from sealserve.errors import InputError
 from sealserve.server.engine import Engine, LoadedModel
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo
 
@@ -61,6 +62,11 @@ class DataPlane:
         """
         first = next(iter(request.inputs.values()), None)
         batch = int(first.shape[0]) if first is not None and first.ndim else 1
+        if batch < 1:
+            raise InputError(
+                f"input {next(iter(request.inputs))!r} has no rows (batch size 0): send at "
+                "least one"
+            )
         remaining = self.guard.admit(caller, request.model, batch_size=batch, pow_=pow_)
         response = await self.engine.infer(request)
         response.outputs = self.guard.release(

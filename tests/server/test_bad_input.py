@@ -78,6 +78,12 @@ def _typed_count(req: pb.ModelInferRequest) -> None:
     req.inputs[0].contents.fp32_contents.extend([0.0] * 63)
 
 
+def _empty_batch(req: pb.ModelInferRequest) -> None:
+    del req.inputs[0].shape[:]
+    req.inputs[0].shape.extend([0, 64])
+    req.raw_input_contents[0] = b""
+
+
 def _negative_dim(req: pb.ModelInferRequest) -> None:
     del req.inputs[0].shape[:]
     req.inputs[0].shape.extend([-1, 64])
@@ -96,6 +102,8 @@ CASES: list[tuple[str, pb.ModelInferRequest, grpc.StatusCode, str]] = [
      "input 'input': expected shape [-1, 64], got [2, 32]"),
     ("negative dim", _mutate(_negative_dim), grpc.StatusCode.INVALID_ARGUMENT,
      "negative dimension"),
+    ("empty batch", _mutate(_empty_batch), grpc.StatusCode.INVALID_ARGUMENT,
+     "has no rows (batch size 0)"),
     ("raw length", _mutate(_wrong_len), grpc.StatusCode.INVALID_ARGUMENT,
      "needs 256 bytes, raw contents hold 255"),
     ("raw and typed", _mutate(_typed_and_raw), grpc.StatusCode.INVALID_ARGUMENT,
