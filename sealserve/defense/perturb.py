@@ -196,7 +196,7 @@ class KeyedNoise:
         """
         need = 2 * width
         if digests and len(digests[0]) >= need:
-            raw = digests[0][:need] if len(digests) == 1 else b"".join(d[:need] for d in digests)
+            raw = b"".join([d[:need] for d in digests])
         else:
             raw = b"".join([hashlib.shake_256(d).digest(need) for d in digests])
         z: np.ndarray = table[np.frombuffer(raw, dtype="<u2")]

@@ -45,7 +45,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 from scipy.stats import binomtest, norm
@@ -168,7 +168,7 @@ def signal_test(spec: SignalSpec, probes: Sequence[ProbeEntry], raw: np.ndarray)
     """
     if len(probes) == 0:
         return SignalResult(0, 0, 0.0, 1.0)
-    x = _stack_probe_inputs(probes)
+    x = _stack_inputs(probes)
     kind = "score" if spec.classes == 1 else "class"
     lab = _predict_labels(lambda _: raw, x, kind, spec.threshold)
     rows = spec.rows
@@ -269,7 +269,22 @@ class VerifyReport:
         return "\n".join(lines)
 
 
-def _dedupe(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
+class _Recorded(Protocol):
+    """What marks and probes share: a model, a cell digest and an input."""
+
+    @property
+    def model(self) -> str: ...
+    @property
+    def cell(self) -> str: ...
+    @property
+    def input(self) -> np.ndarray: ...
+
+
+_R = TypeVar("_R", bound=_Recorded)
+
+
+def _dedupe(entries: Sequence[_R]) -> list[_R]:
+    """The first of each (model, cell), in order."""
     seen: set[tuple[str, str]] = set()
     out = []
     for e in entries:
@@ -280,7 +295,7 @@ def _dedupe(entries: Sequence[LedgerEntry]) -> list[LedgerEntry]:
     return out
 
 
-def _stack_inputs(entries: Sequence[LedgerEntry]) -> np.ndarray:
+def _stack_inputs(entries: Sequence[_Recorded]) -> np.ndarray:
     shapes = {e.input.shape for e in entries}
     if len(shapes) != 1:
         raise InputError(
@@ -330,7 +345,8 @@ def verify(
         raise InputError(f"the ledger mixes models {sorted(models)}; choose one with model=")
     name = next(iter(models))
     spec = ledger.signal(name)
-    probes = _dedupe_probes(all_probes)[:signal_probes] if spec is not None else []
+    # ledger.probes() lists nearest the boundary first; keep one per cell.
+    probes = _dedupe(all_probes)[:signal_probes] if spec is not None else []
     if len(probes) < MIN_SIGNAL_PROBES:
         probes = []
     if not all_entries and not probes:
@@ -339,7 +355,7 @@ def verify(
     ref_signal: list[float] = []
     if probes:
         assert spec is not None
-        x = _stack_probe_inputs(probes)
+        x = _stack_inputs(probes)
         signal = signal_test(spec, probes, np.asarray(suspect(x)))
         ref_signal = [signal_test(spec, probes, np.asarray(r(x))).p_value for r in references]
     if not all_entries:
@@ -382,24 +398,6 @@ def verify(
         marks_p_value=marks.p_value,
         signal=signal,
     )
-
-
-def _dedupe_probes(probes: Sequence[ProbeEntry]) -> list[ProbeEntry]:
-    """One probe per (model, cell), nearest the boundary first."""
-    seen: set[tuple[str, str]] = set()
-    out = []
-    for p in sorted(probes, key=lambda p: p.margin):
-        if (p.model, p.cell) not in seen:
-            seen.add((p.model, p.cell))
-            out.append(p)
-    return out
-
-
-def _stack_probe_inputs(probes: Sequence[ProbeEntry]) -> np.ndarray:
-    shapes = {p.input.shape for p in probes}
-    if len(shapes) != 1:
-        raise InputError(f"probe inputs have several shapes {sorted(shapes)}")
-    return np.stack([p.input for p in probes])
 
 
 @dataclass(frozen=True)
