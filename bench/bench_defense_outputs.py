@@ -27,9 +27,9 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from sealserve.defense.outputs import OutputSpec
-from sealserve.defense.perturb import Profile, Release
-from sealserve.defense.watermark import WatermarkLedger
-from sealserve.defense.watermark_verify import verify
+from sealserve.defense.release.profile import Profile, Release
+from sealserve.defense.watermark.marks import WatermarkLedger
+from sealserve.defense.watermark.verify import verify
 from tests.defense import digits_task as dt
 
 PROFILES: dict[str, dict[str, Any]] = {

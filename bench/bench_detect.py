@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sealserve.defense.audit import AuditKey, AuditLog, digest_array, sha256_hex
+from sealserve.defense.audit.log import AuditKey, AuditLog, digest_array, sha256_hex
 from sealserve.defense.detect import (
     DetectorSuite,
     DistributionConfig,
@@ -30,7 +30,7 @@ from sealserve.defense.detect import (
     VolumeConfig,
     VolumeDetector,
 )
-from sealserve.defense.response import AccountStatus, ResponsePolicy, Status
+from sealserve.defense.escalation import AccountStatus, ResponsePolicy, Status
 from tests.defense.streams import (
     digits_task,
     honest_stream,

@@ -22,7 +22,7 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sealserve.defense.store import MAX_DIFFICULTY, StateStore
+from sealserve.defense.store.base import MAX_DIFFICULTY, StateStore
 from sealserve.errors import ChallengeRequiredError, ConfigError
 
 MAGIC = "pow1"

@@ -13,7 +13,7 @@ from urllib.parse import quote
 
 from sealserve.defense.challenge import Challenges
 from sealserve.defense.limits import LimitsConfig, LimitSet, Period, Tier
-from sealserve.defense.store import (
+from sealserve.defense.store.base import (
     AccountStatus,
     AdmitResult,
     Check,

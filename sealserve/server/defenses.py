@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sealserve.defense.audit import AuditKey, AuditLog
+from sealserve.defense.audit.log import AuditKey, AuditLog
 from sealserve.defense.detect import (
     DetectorSuite,
     DistributionConfig,
@@ -30,13 +30,13 @@ from sealserve.defense.detect import (
     VolumeDetector,
 )
 from sealserve.defense.detect.state import BlobStore, MemoryBlobStore
+from sealserve.defense.escalation import ResponsePolicy
 from sealserve.defense.outputs import OutputSpec
-from sealserve.defense.perturb import Profile, derive_key
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.release import ModelDefense, OutputDefenses, Responses
-from sealserve.defense.response import ResponsePolicy
-from sealserve.defense.signal import DEFAULT_MAX_PROBES
-from sealserve.defense.watermark import WatermarkLedger
+from sealserve.defense.release.pipeline import ModelDefense, OutputDefenses, Responses
+from sealserve.defense.release.profile import Profile, derive_key
+from sealserve.defense.watermark.marks import WatermarkLedger
+from sealserve.defense.watermark.signal import DEFAULT_MAX_PROBES
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.sealed_state import SealedBox, SealedFile
 from sealserve.errors import ConfigError

@@ -23,7 +23,7 @@ from sealserve.defense.detect import (
     VolumeConfig,
     VolumeDetector,
 )
-from sealserve.defense.response import AccountStatus, ResponsePolicy, Status
+from sealserve.defense.escalation import AccountStatus, ResponsePolicy, Status
 from tests.defense.streams import (
     digits_task,
     honest_stream,

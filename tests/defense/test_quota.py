@@ -10,7 +10,7 @@ import pytest
 from sealserve.defense.challenge import ChallengeClaims, Challenges, leading_zero_bits, solve
 from sealserve.defense.limits import LimitsConfig
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.store import StateStore, StatusKind
+from sealserve.defense.store.base import StateStore, StatusKind
 from sealserve.errors import (
     ChallengeRequiredError,
     PermissionDeniedError,
