@@ -13,7 +13,6 @@ from sealserve.defense.store.base import AccountStatus, Check, StatusKind, Unsaf
 from sealserve.defense.store.redis import RedisStore
 from sealserve.defense.store.sqlite import SqliteStore
 from sealserve.errors import UnavailableError
-
 from tests.defense.conftest import RedisServer, free_port
 
 T0 = 1_700_000_000.0

@@ -12,7 +12,6 @@ import pytest
 from sealserve.defense.limits import Period
 from sealserve.defense.store.base import AccountStatus, Check, StateStore, StatusKind
 from sealserve.errors import ConfigError
-
 from tests.defense.conftest import make_store
 
 T0 = 1_700_000_000.0  # 2023-11-14T22:13:20Z
