@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from sealserve.defense.watermark.marks import WatermarkLedger
+from sealserve.defense.watermark.ledger import WatermarkLedger
 from sealserve.defense.watermark.verify import verify
 from sealserve.enclave.manifest import code_digest
 from sealserve.enclave.sealed_state import SealedBox

@@ -56,7 +56,7 @@ def add_suspect_args(p: argparse.ArgumentParser) -> None:
 
 def open_ledger(args: argparse.Namespace) -> Any:
     """Unseal the ledger with the platform's sealing key (bound to the measurement)."""
-    from sealserve.defense.watermark.marks import WatermarkLedger
+    from sealserve.defense.watermark.ledger import WatermarkLedger
     from sealserve.enclave.manifest import code_digest
     from sealserve.enclave.sealed_state import SealedBox
     from sealserve.errors import ConfigError

@@ -34,8 +34,9 @@ from sealserve.defense.escalation import ResponsePolicy
 from sealserve.defense.outputs import OutputSpec
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.pipeline import ModelDefense, OutputDefenses, Responses
-from sealserve.defense.release.profile import Profile, derive_key
-from sealserve.defense.watermark.marks import WatermarkLedger
+from sealserve.defense.release.profile import Profile
+from sealserve.defense.release.transforms import derive_key
+from sealserve.defense.watermark.ledger import WatermarkLedger
 from sealserve.defense.watermark.signal import DEFAULT_MAX_PROBES
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.sealed_state import SealedBox, SealedFile

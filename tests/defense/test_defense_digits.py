@@ -19,9 +19,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.svm import SVC
 
-from sealserve.defense.release.profile import Release
-from sealserve.defense.watermark.marks import WatermarkLedger
-from sealserve.defense.watermark.verify import boundary_inputs, replica_check, verify
+from sealserve.defense.release.hot_path import Release
+from sealserve.defense.watermark.ledger import WatermarkLedger
+from sealserve.defense.watermark.replica import boundary_inputs, replica_check
+from sealserve.defense.watermark.verify import verify
 from tests.defense import digits_task as dt
 
 QUERIES = 10_000

@@ -26,7 +26,7 @@ from sealserve.defense.detect import DetectorSuite
 from sealserve.defense.escalation import AccountStatus as PolicyStatus
 from sealserve.defense.escalation import ResponsePolicy, Status
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.release.profile import BoundProfile
+from sealserve.defense.release.hot_path import BoundProfile
 from sealserve.defense.store.base import StatusKind
 
 log = logging.getLogger("sealserve.defense")

@@ -1,4 +1,4 @@
-"""Proving a watermark on a suspect model, and comparing a suspect with the original.
+"""Proving a watermark on a suspect model (the replica check is in :mod:`.replica`).
 
 :func:`verify` replays the ledger's inputs to a suspect and tests whether it
 reproduces the watermark labels more often than a model that never saw them would.
@@ -43,27 +43,24 @@ and reported: they are a visible check that the test makes no false claim.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import numpy as np
 from scipy.stats import binomtest, norm
 
 from sealserve.defense.outputs import OutputKind
-from sealserve.defense.watermark.marks import LedgerEntry, ProbeEntry, WatermarkLedger
+from sealserve.defense.watermark.ledger import LedgerEntry, ProbeEntry, WatermarkLedger
 from sealserve.defense.watermark.signal import SignalSpec, log_scores
 from sealserve.errors import ConfigError, InputError
 
 __all__ = [
     "DEFAULT_ALPHA",
     "Predict",
-    "ProbeAgreement",
-    "ReplicaReport",
     "SignalResult",
     "VerifyReport",
-    "boundary_inputs",
-    "replica_check",
+    "predict_labels",
     "to_labels",
     "verify",
 ]
@@ -73,11 +70,6 @@ Predict = Callable[[np.ndarray], np.ndarray]
 
 DEFAULT_ALPHA = 1e-6
 DEFAULT_SIGNAL_PROBES = 1000
-STAND_OUT = 3.0
-"""How many spreads of the reference models' agreement a suspect must stand out by in
-:func:`replica_check` (with a handful of references, merely beating the best of them
-happens to one innocent model in n + 1)."""
-_MIN_SPREAD = 0.02  # the spread is estimated from few references: never below 2 points
 _GRAM_RIDGE = 1e-3
 MIN_SIGNAL_PROBES = 20
 _CONTROL_CONFIDENCE = 0.99
@@ -106,9 +98,7 @@ def to_labels(pred: np.ndarray, *, kind: str = "class", threshold: float = 0.5) 
     raise InputError(f"the suspect returned an output of shape {a.shape} that is not labels")
 
 
-def _predict_labels(
-    predict: Predict, inputs: np.ndarray, kind: str, threshold: float
-) -> np.ndarray:
+def predict_labels(predict: Predict, inputs: np.ndarray, kind: str, threshold: float) -> np.ndarray:
     labels = to_labels(predict(inputs), kind=kind, threshold=threshold)
     if labels.shape != (len(inputs),):
         raise InputError(f"the suspect returned {labels.shape[0]} answers for {len(inputs)} inputs")
@@ -170,7 +160,7 @@ def signal_test(spec: SignalSpec, probes: Sequence[ProbeEntry], raw: np.ndarray)
         return SignalResult(0, 0, 0.0, 1.0)
     x = _stack_inputs(probes)
     kind = "score" if spec.classes == 1 else "class"
-    lab = _predict_labels(lambda _: raw, x, kind, spec.threshold)
+    lab = predict_labels(lambda _: raw, x, kind, spec.threshold)
     rows = spec.rows
     if lab.min() < 0 or lab.max() >= rows:
         raise InputError(f"the suspect returned a label outside 0..{rows - 1}")
@@ -427,7 +417,7 @@ def _marks_test(
     wm = np.array([e.label for e in entries], dtype=np.int64)
     orig = np.array([e.original for e in entries], dtype=np.int64)
     raw = np.asarray(suspect(inputs))
-    labels = _predict_labels(lambda _: raw, inputs, kind, threshold)
+    labels = predict_labels(lambda _: raw, inputs, kind, threshold)
     if num_classes is None:
         num_classes = (
             raw.shape[1]
@@ -457,8 +447,8 @@ def _marks_test(
                 "a score or two-class watermark has no key randomness in its label; give "
                 "original= and controls= (unmarked natural inputs) to estimate the chance rate"
             )
-        o = _predict_labels(original, controls, kind, threshold)
-        s = _predict_labels(suspect, controls, kind, threshold)
+        o = predict_labels(original, controls, kind, threshold)
+        s = predict_labels(suspect, controls, kind, threshold)
         dis = int(np.sum(o != s))
         ci = binomtest(dis, len(controls)).proportion_ci(_CONTROL_CONFIDENCE, method="exact")
         chance = float(min(max(ci.high, 1.0 / (len(controls) + 1)), 1.0))
@@ -470,162 +460,7 @@ def _marks_test(
         ref_p0 = chance
     refs = []
     for ref in references:
-        rl = _predict_labels(ref, inputs, kind, threshold)
+        rl = predict_labels(ref, inputs, kind, threshold)
         hits, _, _, rpv = test(rl, ref_p0)
         refs.append((hits, rpv))
     return _Marks(n, k, trials, float(p0), float(chance), method, pv, refs)
-
-
-# -- replica check -------------------------------------------------------------------
-
-
-def boundary_inputs(predict_proba: Predict, candidates: np.ndarray, *, count: int) -> np.ndarray:
-    """The ``count`` candidates with the smallest top-1/top-2 probability margin."""
-    p = np.asarray(predict_proba(candidates), dtype=np.float64)
-    if p.ndim != 2 or p.shape[1] < 2:
-        raise InputError("boundary_inputs needs a predictor that returns class probabilities")
-    top2 = np.sort(p, axis=1)[:, -2:]
-    order = np.argsort(top2[:, 1] - top2[:, 0], kind="stable")
-    return candidates[order[:count]]
-
-
-@dataclass(frozen=True)
-class ProbeAgreement:
-    """Top-1 agreement of the suspect with the original on one probe set, and what
-    independently trained reference models reach (mean, max and min)."""
-
-    probe: str
-    size: int
-    agreement: float
-    baseline_mean: float | None
-    baseline_max: float | None
-    baseline_min: float | None = None
-    baseline_sd: float | None = None
-    """Spread of the references' agreement (None for a fixed baseline)."""
-
-    def _z(self) -> float | None:
-        if self.baseline_mean is None or self.baseline_sd is None:
-            return None
-        return (self.agreement - self.baseline_mean) / max(self.baseline_sd, _MIN_SPREAD)
-
-    @property
-    def exceeds_baseline(self) -> bool:
-        """Above every reference by a clear margin (``STAND_OUT`` spreads; with a fixed
-        baseline, simply above it); on the watermark set also as far below (a suspect
-        that gives the watermark answers disagrees with the original there)."""
-        if self.baseline_max is None:
-            return False
-        z = self._z()
-        if z is None:
-            return self.agreement > self.baseline_max
-        return (z >= STAND_OUT and self.agreement > self.baseline_max) or self.below_baseline
-
-    @property
-    def below_baseline(self) -> bool:
-        if self.probe != "watermark" or self.baseline_min is None:
-            return False
-        z = self._z()
-        if z is None:
-            return self.agreement < self.baseline_min
-        return z <= -STAND_OUT and self.agreement < self.baseline_min
-
-
-@dataclass(frozen=True)
-class ReplicaReport:
-    """Outcome of :func:`replica_check`. ``replica_likely`` when the suspect agrees with
-    the original beyond every reference on the boundary probes (where independent
-    models disagree most), or on the watermark probes beyond or below every reference
-    (below: it reproduces the watermark answers)."""
-
-    probes: list[ProbeAgreement]
-    replica_likely: bool
-    basis: str = "references"
-    """``references`` (independent models run on the same probes: a verdict) or
-    ``orientation`` (fixed figures from another setting: no verdict is drawn)."""
-
-    def to_json(self) -> str:
-        body: dict[str, Any] = {
-            "probes": [asdict(p) | {"exceeds_baseline": p.exceeds_baseline} for p in self.probes],
-            "replica_likely": self.replica_likely,
-            "basis": self.basis,
-        }
-        return json.dumps(body, indent=2, sort_keys=True)
-
-    def render(self) -> str:
-        lines = ["Replica check: top-1 agreement with the original", ""]
-        lines.append(f"  {'probe set':<12} {'n':>6} {'suspect':>8} {'indep. mean':>12} {'max':>6}")
-        for p in self.probes:
-            bm = "-" if p.baseline_mean is None else f"{p.baseline_mean:.1%}"
-            bx = "-" if p.baseline_max is None else f"{p.baseline_max:.1%}"
-            flag = (
-                "  <- below every independent model (it gives the watermark answers)"
-                if p.below_baseline
-                else "  <- above every independent model"
-                if p.exceeds_baseline
-                else ""
-            )
-            lines.append(f"  {p.probe:<12} {p.size:>6} {p.agreement:>8.1%} {bm:>12} {bx:>6}{flag}")
-        lines.append("")
-        if self.basis == "orientation":
-            lines.append(
-                "  verdict: none. The baseline above was measured on the demo task with "
-                "other models and inputs; train a few independent models and pass them "
-                "as references for a verdict."
-            )
-        else:
-            lines.append(
-                "  verdict: "
-                + (
-                    "the suspect behaves like a replica"
-                    if self.replica_likely
-                    else "no replica signal"
-                )
-            )
-        return "\n".join(lines)
-
-
-def replica_check(
-    original: Predict,
-    suspect: Predict,
-    probes: Mapping[str, np.ndarray],
-    *,
-    references: Sequence[Predict] = (),
-    baseline: Mapping[str, float] | None = None,
-    kind: str = "class",
-    threshold: float = 0.5,
-) -> ReplicaReport:
-    """Compare ``suspect`` with ``original`` on named probe sets (for example
-    ``"watermark"``, ``"boundary"``, ``"natural"``).
-
-    The baseline for each set is the agreement of independently trained ``references``
-    with the original (mean, max, min and spread); a suspect stands out when it is
-    beyond every reference and ``STAND_OUT`` spreads (at least 2 points each) from
-    their mean. Without references, ``baseline`` gives fixed values measured once
-    (used as mean, max and min; standing out is then simply being above). Independent
-    models agree on natural inputs almost as much as a replica does; the boundary and
-    watermark sets are where a replica stands out.
-
-    Raises:
-        InputError: an empty probe set or a predictor output that is not labels.
-    """
-    results = []
-    for name, x in probes.items():
-        if len(x) == 0:
-            raise InputError(f"probe set {name!r} is empty")
-        o = _predict_labels(original, x, kind, threshold)
-        agree = float(np.mean(_predict_labels(suspect, x, kind, threshold) == o))
-        rates = [float(np.mean(_predict_labels(r, x, kind, threshold) == o)) for r in references]
-        bmean: float | None
-        bmax: float | None
-        bmin: float | None
-        if rates:
-            bmean, bmax, bmin = float(np.mean(rates)), float(np.max(rates)), float(np.min(rates))
-            bsd: float | None = float(np.std(rates, ddof=1)) if len(rates) > 1 else 0.0
-        elif baseline is not None and name in baseline:
-            bmean = bmax = bmin = float(baseline[name])
-            bsd = None
-        else:
-            bmean = bmax = bmin = bsd = None
-        results.append(ProbeAgreement(name, len(x), agree, bmean, bmax, bmin, bsd))
-    likely = any(p.exceeds_baseline for p in results if p.probe in ("boundary", "watermark"))
-    return ReplicaReport(results, likely)

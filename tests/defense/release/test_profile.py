@@ -10,8 +10,9 @@ import pytest
 
 from sealserve.defense.outputs import OutputSpec
 from sealserve.defense.release.coarsen import Coarsener
-from sealserve.defense.release.profile import DEFAULT_PROFILE, Profile, ReverseSigmoid
-from sealserve.defense.watermark.marks import WatermarkLedger
+from sealserve.defense.release.profile import DEFAULT_PROFILE, Profile
+from sealserve.defense.release.transforms import ReverseSigmoid
+from sealserve.defense.watermark.ledger import WatermarkLedger
 from sealserve.errors import ConfigError
 
 KEY = b"k" * 32

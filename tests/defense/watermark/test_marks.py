@@ -10,12 +10,8 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealserve.defense.outputs import OutputSpec
 from sealserve.defense.release.profile import Profile
-from sealserve.defense.watermark.marks import (
-    LEDGER_MAGIC,
-    LEDGER_VERSION,
-    Watermark,
-    WatermarkLedger,
-)
+from sealserve.defense.watermark.ledger import LEDGER_MAGIC, LEDGER_VERSION, WatermarkLedger
+from sealserve.defense.watermark.marks import Watermark
 from sealserve.errors import ConfigError, SealedFormatError
 
 KEY = b"w" * 32
@@ -156,7 +152,7 @@ def test_ledger_round_trip_and_filters() -> None:
     assert all(e.account == "acct-2" for e in back.entries(account="acct-2"))
 
 
-def test_sealed_save_and_load(tmp_path: Any) -> None:
+def test_sealed_round_trip() -> None:
     ledger = filled_ledger()
     key = AESGCM.generate_key(bit_length=256)
     nonce = b"\x00" * 12  # test only: one message per key
@@ -167,15 +163,13 @@ def test_sealed_save_and_load(tmp_path: Any) -> None:
     def unseal(b: bytes) -> bytes:
         return AESGCM(key).decrypt(nonce, b, b"ledger")
 
-    path = tmp_path / "ledger.sealed"
-    ledger.save(path, seal=seal)
-    assert LEDGER_MAGIC not in path.read_bytes()  # nothing in plaintext
-    assert len(WatermarkLedger.load(path, unseal=unseal)) == len(ledger)
-    tampered = bytearray(path.read_bytes())
+    blob = seal(ledger.to_bytes())
+    assert LEDGER_MAGIC not in blob  # nothing in plaintext
+    assert len(WatermarkLedger.from_sealed(blob, unseal=unseal)) == len(ledger)
+    tampered = bytearray(blob)
     tampered[20] ^= 1
-    path.write_bytes(bytes(tampered))
     with pytest.raises(SealedFormatError, match="watermark ledger could not be unsealed"):
-        WatermarkLedger.load(path, unseal=unseal)
+        WatermarkLedger.from_sealed(bytes(tampered), unseal=unseal)
 
 
 @pytest.mark.parametrize(

@@ -10,7 +10,7 @@ from scipy.stats import kstest
 
 from sealserve.defense.outputs import OutputSpec
 from sealserve.defense.release.profile import Profile
-from sealserve.defense.watermark.marks import LEDGER_MAGIC, ProbeEntry, WatermarkLedger
+from sealserve.defense.watermark.ledger import LEDGER_MAGIC, ProbeEntry, WatermarkLedger
 from sealserve.defense.watermark.signal import SignalSpec, log_scores
 from sealserve.defense.watermark.verify import signal_test, verify
 from sealserve.errors import ConfigError, SealedFormatError

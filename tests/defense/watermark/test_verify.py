@@ -10,14 +10,10 @@ import pytest
 
 from sealserve.defense.outputs import OutputSpec
 from sealserve.defense.release.profile import Profile
-from sealserve.defense.watermark.marks import LedgerEntry, WatermarkLedger
+from sealserve.defense.watermark.ledger import LedgerEntry, WatermarkLedger
+from sealserve.defense.watermark.replica import boundary_inputs, replica_check
 from sealserve.defense.watermark.suspect import OnnxSuspect
-from sealserve.defense.watermark.verify import (
-    boundary_inputs,
-    replica_check,
-    to_labels,
-    verify,
-)
+from sealserve.defense.watermark.verify import to_labels, verify
 from sealserve.errors import ConfigError, InputError
 
 KEY = b"v" * 32
