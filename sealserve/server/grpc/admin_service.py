@@ -10,8 +10,8 @@ from sealserve._proto import admin_pb2 as adm
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.store.base import StatusKind
 from sealserve.errors import InputError, UnavailableError
+from sealserve.rpc.status import abort
 from sealserve.server.grpc.auth_interceptor import current_principal
-from sealserve.server.grpc.status import abort
 
 
 class AdminServicer:

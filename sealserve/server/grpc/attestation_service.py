@@ -11,7 +11,7 @@ from sealserve._proto import attestation_pb2 as apb
 from sealserve.attestation.binding import check_nonce
 from sealserve.enclave.platform import Platform, attest
 from sealserve.errors import AttestationError, InputError
-from sealserve.server.grpc.status import abort
+from sealserve.rpc.status import abort
 
 
 class AttestationServicer:

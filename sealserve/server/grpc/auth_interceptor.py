@@ -24,7 +24,7 @@ from sealserve.auth.principal import (
     Principal,
 )
 from sealserve.errors import AuthenticationError, ConfigError
-from sealserve.server.grpc.status import abort
+from sealserve.rpc.status import abort
 from sealserve.server.metrics import Metrics
 
 log = logging.getLogger("sealserve.auth")

@@ -10,6 +10,7 @@ import grpc
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve.defense.guard import Caller, ProofOfWork
 from sealserve.defense.store.base import Remaining
+from sealserve.rpc.status import abort, abort_status, to_status
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.grpc.auth_interceptor import current_principal
 from sealserve.server.grpc.codec import (
@@ -17,7 +18,6 @@ from sealserve.server.grpc.codec import (
     encode_infer_response,
     encode_model_metadata,
 )
-from sealserve.server.grpc.status import abort, abort_status, to_status
 from sealserve.server.metrics import Metrics
 
 
