@@ -38,13 +38,12 @@ from sealserve.broker.store import (
     check_roots,
 )
 from sealserve.enclave.key_wrap import SealedKey, seal_data_key
-from sealserve.errors import AttestationError, CryptoError, InputError, KeyReleaseError
+from sealserve.errors import AttestationError, CryptoError, InputError, KeyReleaseError, quote
 
 log = logging.getLogger("sealserve.broker")
 
 REFUSED_MESSAGE = "key release refused"
 _POLICY_CACHE = 1024
-_LOGGED_ID = 256  # longest key id quoted in the log (ids come from unauthenticated callers)
 
 
 class _Refusal(Exception):
@@ -107,9 +106,9 @@ class KeyBroker:
         try:
             sealed, record, ev, detail = self._release(key_id, evidence)
         except _Refusal as refusal:
-            key_id = key_id[:_LOGGED_ID]
+            key_id = quote(key_id)
             log.warning(
-                "key release refused: key_id=%r peer=%s check=%s reason=%s",
+                "key release refused: key_id=%s peer=%s check=%s reason=%s",
                 key_id,
                 peer,
                 refusal.check,
@@ -159,9 +158,9 @@ class KeyBroker:
         # 3. the key and its policy
         record = self.store.get(key_id) if isinstance(key_id, str) else None
         if record is None:
-            raise _Refusal(f"unknown key id {key_id[:_LOGGED_ID]!r}", "unknown_key")
+            raise _Refusal(f"unknown key id {quote(key_id)}", "unknown_key")
         if record.revoked:
-            raise _Refusal(f"key id {key_id!r} is revoked", "revoked_key")
+            raise _Refusal(f"key id {quote(key_id)} is revoked", "revoked_key")
         if not record.policy_toml:
             raise _Refusal("the key has no release policy (default deny)", "no_policy")
         try:

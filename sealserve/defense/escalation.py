@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sealserve.defense.detect.base import DetectorScore
-from sealserve.errors import ConfigError
+from sealserve.errors import ConfigError, quote
 
 
 class Status(enum.IntEnum):
@@ -59,7 +59,7 @@ class Status(enum.IntEnum):
             return cls[value.upper()]
         except KeyError as exc:
             raise ConfigError(
-                f"unknown account status {value!r} (expected one of "
+                f"unknown account status {quote(value)} (expected one of "
                 f"{', '.join(s.label for s in cls)})"
             ) from exc
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from sealserve._proto import grpc_service_pb2 as pb
-from sealserve.errors import TensorError
+from sealserve.errors import TensorError, quote, quote_shape
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo, TensorSpec
 from sealserve.tensors import (
     CONTENTS_FIELD,
@@ -26,18 +26,24 @@ from sealserve.tensors import (
 )
 
 
+def _datatype(datatype: str) -> str:
+    if datatype in OIP_TO_NUMPY:
+        return datatype
+    return quote(datatype) if datatype else "(empty)"
+
+
 def _check_shape(name: str, spec: TensorSpec, shape: Sequence[int]) -> tuple[int, ...]:
     if len(shape) != len(spec.shape):
         raise TensorError(
             f"input '{name}': expected rank {len(spec.shape)} with shape "
-            f"{list(spec.shape)}, got shape {list(shape)}"
+            f"{list(spec.shape)}, got shape {quote_shape(shape)}"
         )
     for got, want in zip(shape, spec.shape, strict=True):
         if got < 0:
-            raise TensorError(f"input '{name}': negative dimension in shape {list(shape)}")
+            raise TensorError(f"input '{name}': negative dimension in shape {quote_shape(shape)}")
         if want >= 0 and got != want:
             raise TensorError(
-                f"input '{name}': expected shape {list(spec.shape)}, got {list(shape)}"
+                f"input '{name}': expected shape {list(spec.shape)}, got {quote_shape(shape)}"
             )
     return tuple(shape)
 
@@ -91,7 +97,7 @@ def decode_infer_request(
         spec = specs.get(name)
         if spec is None:
             raise TensorError(
-                f"input '{name}' is not an input of model '{info.name}' "
+                f"input {quote(name)} is not an input of model '{info.name}' "
                 f"(inputs: {', '.join(sorted(specs))})"
             )
         if name in inputs:
@@ -99,7 +105,7 @@ def decode_infer_request(
         if tensor.datatype != spec.datatype:
             raise TensorError(
                 f"input '{name}': expected datatype {spec.datatype}, "
-                f"got {tensor.datatype or '(empty)'}"
+                f"got {_datatype(tensor.datatype)}"
             )
         shape = _check_shape(name, spec, tensor.shape)
         count = math.prod(shape)
@@ -144,7 +150,7 @@ def decode_infer_request(
     for out in outputs:
         if out not in known:
             raise TensorError(
-                f"requested output '{out}' is not an output of model '{info.name}' "
+                f"requested output {quote(out)} is not an output of model '{info.name}' "
                 f"(outputs: {', '.join(sorted(known))})"
             )
     return InferRequest(
