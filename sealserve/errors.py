@@ -165,9 +165,18 @@ class SuspendedError(RefusedError):
 
 
 class UnavailableError(SealserveError):
-    """A dependency (state store, key broker, model) is not available right now."""
+    """A dependency (state store, key broker, model) is not available right now.
+
+    ``retry_after`` is a hint in seconds when one is known.
+    """
 
     remedy = "Retry later; if it persists, the operator should check the server log."
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, remedy: str | None = None
+    ) -> None:
+        super().__init__(message, remedy=remedy)
+        self.retry_after = retry_after
 
 
 class OverloadedError(UnavailableError):

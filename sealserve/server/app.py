@@ -221,6 +221,13 @@ class Server:
             extra=extra,
         )
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        # Every service registered through `protected` checks bearer tokens and scopes
+        # (health, attestation and, when configured, liveness stay public: a client
+        # verifies first) and answers undecodable bodies INVALID_ARGUMENT.
+        protected = AuthenticatingRegistrar(
+            self._server, self.authenticator, self.metrics,
+            public_liveness=s.public_liveness,
+        )  # fmt: skip
         if self.platform is not None and self.tls is not None:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
                 AttestationServicer(
@@ -228,8 +235,9 @@ class Server:
                     tls_spki=self.tls.spki_der,
                     manifest=self.manifest.to_bytes(),
                     hpke_public_key=self.hpke_public_key,
+                    per_peer_per_minute=s.evidence_per_peer_per_minute,
                 ),
-                self._server,
+                protected,
             )
             services.append(ATTESTATION_SERVICE)
             log.info(
@@ -245,17 +253,12 @@ class Server:
             manifest=self.manifest.to_bytes(),
             hpke_private_key=self.hpke_private_key,
         )
-        # Every service registered through `protected` checks bearer tokens and scopes;
-        # health, reflection and attestation stay public (a client verifies first).
-        protected: Any = self._server
-        if self.authenticator is not None:
-            protected = AuthenticatingRegistrar(self._server, self.authenticator, self.metrics)
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.plane, self.metrics), protected
         )
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane.guard.quota), protected)
         services.append(ADMIN_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, protected)
         _ensure_health_in_pool()
         reflection.enable_server_reflection(services, self._server, pool=POOL)
         address = f"{s.host}:{s.port}"

@@ -8,11 +8,13 @@ from __future__ import annotations
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
 from sealserve.defense.store.base import Remaining
-from sealserve.errors import InputError
+from sealserve.errors import InputError, UnavailableError
 from sealserve.server.engine import Engine, LoadedModel
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo
 
 EXTENSIONS = ("model_repository_readonly",)
+#: The retry hint (seconds) while models are loading or the server is stopping.
+NOT_READY_RETRY_S = 2.0
 
 
 class DataPlane:
@@ -46,11 +48,18 @@ class DataPlane:
         return self.server_name, __version__, EXTENSIONS
 
     def model(self, name: str, version: str) -> LoadedModel:
-        """Raises NotFoundError for an unknown model or version."""
+        """Raises NotFoundError for an unknown model or version, and UnavailableError
+        (with a retry hint) while the models are still loading."""
+        if not self._ready:
+            raise UnavailableError(
+                "the server is loading its models (or stopping); retry shortly",
+                retry_after=NOT_READY_RETRY_S,
+                remedy="Retry after the time given in 'retry-after'.",
+            )
         return self.engine.resolve(name, version)
 
     def model_metadata(self, name: str, version: str) -> ModelInfo:
-        return self.engine.resolve(name, version).info
+        return self.model(name, version).info
 
     async def infer(
         self, request: InferRequest, caller: Caller, *, pow_: ProofOfWork | None = None

@@ -155,6 +155,19 @@ class Settings(BaseSettings):
         default=False,
         description="Serve without authentication. Local experiments only; logged loudly.",
     )
+    public_liveness: bool = Field(
+        default=True,
+        description=(
+            "OIP ServerLive and ServerReady answer without a token, like health "
+            "(OIP clients probe them without one); false: they need the metadata scope."
+        ),
+    )
+    evidence_per_peer_per_minute: int = Field(
+        default=60,
+        ge=1,
+        le=100_000,
+        description="GetEvidence calls one client address may make per minute (public RPC).",
+    )
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
