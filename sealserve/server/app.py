@@ -120,6 +120,15 @@ def _ensure_health_in_pool() -> None:
         POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
 
 
+#: Bytes gRPC accepts beyond the tensors for names, shapes and protobuf framing.
+REQUEST_ENVELOPE_BYTES = 1 << 20
+
+
+def receive_limit(max_request_bytes: int) -> int:
+    """gRPC's max receive length for a cap: requests up to twice the cap are refused by
+    the codec (INVALID_ARGUMENT, the documented message), larger ones by gRPC."""
+    return min(2 * max_request_bytes + REQUEST_ENVELOPE_BYTES, 2**31 - 1)
+
 STORE_FIX = (
     "Point state_store at a reachable store: sqlite://PATH in a writable directory, "
     "redis://HOST:PORT/DB of a running Redis, or memory: for one process."
@@ -197,7 +206,10 @@ class Server:
                     ),
                 )
         self.authenticator = authenticator
-        limit = settings.max_request_bytes + (1 << 20)
+        # gRPC refuses a message before reading it only with its own RESOURCE_EXHAUSTED;
+        # its limit sits at twice the cap (plus framing) so that every request up to
+        # there reaches the codec and gets INVALID_ARGUMENT with the documented message.
+        limit = receive_limit(settings.max_request_bytes)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),

@@ -99,7 +99,11 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024,
         ge=1024,
         le=2**31 - 1,
-        description="Largest total tensor payload one request may carry.",
+        description=(
+            "Largest total tensor payload one request may carry. Above it: "
+            "INVALID_ARGUMENT 'request tensors exceed the size limit of N bytes' (up to "
+            "twice the cap; gRPC refuses larger messages with RESOURCE_EXHAUSTED)."
+        ),
     )
     log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"

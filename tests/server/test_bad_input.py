@@ -230,3 +230,16 @@ def test_long_client_input_is_quoted_short(
     assert message in info.value.details()
     assert len(info.value.details()) < 400
     _valid_still_works(stub)
+
+
+def test_just_over_the_cap_plus_a_mebibyte_is_invalid_argument(stub: Any) -> None:
+    # Before: gRPC's own limit was the cap + 1 MiB, so this got RESOURCE_EXHAUSTED.
+    rows = (256 * 1024 + (1 << 20) + 4096) // 256
+    x = np.zeros((rows, 64), np.float32)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(_digits_request(x), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details() == (
+        "input 'input': request tensors exceed the size limit of 262144 bytes"
+    )
+    _valid_still_works(stub)
