@@ -11,7 +11,7 @@ from sealserve._proto import attestation_pb2 as apb
 from sealserve.attestation.binding import check_nonce
 from sealserve.enclave.platform import Platform, attest
 from sealserve.errors import AttestationError, InputError
-from sealserve.rpc.status import abort
+from sealserve.rpc.status import grpc_errors
 
 
 class AttestationServicer:
@@ -38,14 +38,11 @@ class AttestationServicer:
         )
         return evidence.to_bytes()
 
+    @grpc_errors
     async def GetEvidence(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> apb.GetEvidenceResponse:
-        try:
-            loop = asyncio.get_running_loop()
-            # A real platform's report goes through the kernel: keep it off the loop.
-            data = await loop.run_in_executor(None, self.evidence, bytes(request.nonce))
-            return apb.GetEvidenceResponse(evidence=data)
-        except Exception as exc:
-            await abort(context, exc)
-            raise
+        loop = asyncio.get_running_loop()
+        # A real platform's report goes through the kernel: keep it off the loop.
+        data = await loop.run_in_executor(None, self.evidence, bytes(request.nonce))
+        return apb.GetEvidenceResponse(evidence=data)
