@@ -37,11 +37,11 @@ from sealserve.attestation.tdx_pck import (
     PckChain,
     PckExtension,
     check_validity,
-    common_name,
     verify_chain,
     verify_raw_p256,
 )
 from sealserve.attestation.tdx_quote import BODY_TYPE_TD15, QeReport, TdxQuote
+from sealserve.attestation.x509names import common_name
 from sealserve.errors import VerificationError
 
 

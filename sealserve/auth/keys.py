@@ -33,6 +33,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from sealserve.auth.settings import SUPPORTED_ALGORITHMS, IssuerSettings, check_fetch_url
+from sealserve.canonical import canonical_json
 from sealserve.errors import ConfigError, UnavailableError
 
 logger = logging.getLogger("sealserve.auth")
@@ -80,8 +81,7 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
         members = {name: jwk[name] for name in required[kty]}
     except KeyError as exc:
         raise ConfigError(f"JWK is missing member {exc.args[0]!r}") from exc
-    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
-    digest = hashlib.sha256(canonical).digest()
+    digest = hashlib.sha256(canonical_json(members)).digest()
     return jwt.utils.base64url_encode(digest).decode()
 
 

@@ -74,10 +74,6 @@ class Check:
         if self.period is None and not self.rate > 0:
             raise ConfigError(f"{self.label}: rate must be greater than zero")
 
-    def storage_key(self, now: float) -> str:
-        """The store key holding this check's state at ``now``."""
-        return resolve([self], now)[0][0]
-
     def describe(self) -> str:
         """Human-readable description of the refusal, for the client and the log."""
         if self.period is None:
