@@ -1,5 +1,7 @@
 """AMD SEV-SNP certificates: the cert table, VCEK extensions, trusted roots, the chain.
 
+Over 400 lines: the cert table, VCEK extensions and chain are one AMD spec.
+
 Chain (AMD VCEK/KDS spec): ARK (self-signed) -> ASK (or ASVK for VLEKs) -> VCEK (or
 VLEK). ARK/ASK signatures are RSASSA-PSS with SHA-384, MGF1-SHA-384, salt 48. The
 verified ARK/ASK pairs and VCEK signatures are cached per process (keyed by the

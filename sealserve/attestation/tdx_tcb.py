@@ -2,6 +2,8 @@
 CRLs, QE identity, TDX module identity, TCB level matching and status convergence,
 and the collateral's own signatures when the TCB-signing chain is supplied.
 
+Over 400 lines: one QVL walk, kept whole so its numbered sections read in order.
+
 The objects checked here are parsed by :mod:`sealserve.attestation.tdx_collateral`;
 see its docstring for the algorithm and its limits.
 """

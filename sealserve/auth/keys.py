@@ -1,5 +1,7 @@
 """Issuer public keys: JWKS parsing, key-type/algorithm binding, and key sources.
 
+Over 400 lines: JWKS parsing and its key sources share one refresh state machine.
+
 A :class:`JwksSource` holds one issuer's current keys by ``kid``. Reads never block
 and never fetch; :meth:`JwksSource.refresh_for_unknown_kid` is the only path from a
 request to a fetch, and it is rate-limited per source. Two sources:

@@ -1,5 +1,7 @@
 """The encrypted model file format (``.sealed``), version 1.
 
+Over 400 lines: one file format, writer and reader, with streaming and zeroing.
+
 A file is a header followed by the model as AES-256-GCM chunks (``cryptography``'s
 ``AESGCM``; nothing here is hand-written crypto). Byte layout (big-endian)::
 

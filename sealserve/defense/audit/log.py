@@ -1,5 +1,7 @@
 """Append-only, hash-chained, signed audit log (writer side).
 
+Over 400 lines: the writer of one file format (records, chain, checkpoints, rotation).
+
 Format (``sealserve-audit/1``): UTF-8 JSON lines, one record per line, each the
 canonical JSON (sorted keys, no spaces) of an object with at least::
 

@@ -1,5 +1,7 @@
 """The state store interface shared by every defense component, and its value types.
 
+Over 400 lines: the contract and the quota math every backend shares, so all agree.
+
 A :class:`StateStore` keeps rate-limit buckets, quota windows, account statuses, opaque
 blobs and single-use nonces. Backends: :class:`~sealserve.defense.store.memory.MemoryStore`
 (tests, one process), :class:`~sealserve.defense.store.sqlite.SqliteStore` (embedded

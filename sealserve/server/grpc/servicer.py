@@ -49,16 +49,17 @@ class InferenceServicer:
         pow_ = ProofOfWork(challenge, solution) if challenge and solution else None
         return caller, pow_
 
-    def _ok_metrics(self, model: str, version: str) -> tuple[Any, Any]:
-        key = (model, version)
+    def _count_ok(self, labels: list[str], seconds: float) -> None:
+        key = (labels[0], labels[1])
         pair = self._ok.get(key)
         if pair is None:
             pair = (
-                self._metrics.requests.labels(model, version, "OK"),
-                self._metrics.latency.labels(model, version),
+                self._metrics.requests.labels(*key, "OK"),
+                self._metrics.latency.labels(*key),
             )
             self._ok[key] = pair
-        return pair
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -100,9 +101,7 @@ class InferenceServicer:
         except Exception as exc:
             self._metrics.requests.labels(*labels, status_code(exc).name).inc()
             raise
-        ok, latency = self._ok_metrics(*labels)
-        ok.inc()
-        latency.observe(time.perf_counter() - t0)
+        self._count_ok(labels, time.perf_counter() - t0)
         return response
 
     async def _infer(
