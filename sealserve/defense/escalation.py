@@ -29,7 +29,6 @@ as any detector flags.
 
 from __future__ import annotations
 
-import enum
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -37,31 +36,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from sealserve.defense.detect.base import DetectorScore
-from sealserve.errors import ConfigError, quote
-
-
-class Status(enum.IntEnum):
-    """Account status set by the policy; the order is the severity."""
-
-    OK = 0
-    THROTTLE = 1
-    CHALLENGE = 2
-    SUSPEND = 3
-
-    @property
-    def label(self) -> str:
-        return self.name.lower()
-
-    @classmethod
-    def parse(cls, value: str) -> Status:
-        """``"throttle"`` -> ``Status.THROTTLE``. Raises ``ConfigError`` if unknown."""
-        try:
-            return cls[value.upper()]
-        except KeyError as exc:
-            raise ConfigError(
-                f"unknown account status {quote(value)} (expected one of "
-                f"{', '.join(s.label for s in cls)})"
-            ) from exc
+from sealserve.defense.status import AccountStatus, Status
+from sealserve.errors import ConfigError
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,20 +47,6 @@ class Level:
     up: float
     down: float
     duration_s: float
-
-
-@dataclass(frozen=True, slots=True)
-class AccountStatus:
-    """What the store holds for an account: its status and when that lapses."""
-
-    status: Status = Status.OK
-    expires_at: float | None = None
-
-    def effective_at_time(self, now: float) -> Status:
-        """The status at ``now``: ``OK`` once ``expires_at`` has passed."""
-        if self.expires_at is not None and now >= self.expires_at:
-            return Status.OK
-        return self.status
 
 
 @dataclass(frozen=True, slots=True)
@@ -128,7 +90,7 @@ class ResponsePolicy:
 
     def __init__(self, levels: Mapping[Status, Level], *, log_at: float) -> None:
         """Validate and keep the levels. Raises ``ConfigError`` if inconsistent."""
-        if Status.OK in levels:
+        if Status.NORMAL in levels:
             raise ConfigError("response: 'ok' is not a level; it is the absence of one")
         if not levels:
             raise ConfigError("response: at least one level is required")
@@ -207,18 +169,18 @@ class ResponsePolicy:
         """Apply the thresholds to the highest score in ``scores`` at time ``now``."""
         score = max((s.score for s in scores), default=0.0)
         prev = current.effective_at_time(now)
-        target = Status.OK
+        target = Status.NORMAL
         for status, lv in self.levels.items():
             if score >= lv.up:
                 target = status
         if target > prev:
             new = target
             why = f"escalated to {target.label}: score {score:.2f} >= {self.levels[target].up:g}"
-        elif prev != Status.OK and score >= self._level(prev).down:
+        elif prev != Status.NORMAL and score >= self._level(prev).down:
             new = prev
             why = f"{prev.label} held: score {score:.2f} >= {self._level(prev).down:g}"
-        elif prev != Status.OK:
-            new = Status.OK
+        elif prev != Status.NORMAL:
+            new = Status.NORMAL
             for status, lv in self.levels.items():
                 if status < prev and score >= lv.down:
                     new = status
@@ -226,8 +188,8 @@ class ResponsePolicy:
                 f"{self._level(prev).down:g}"
             )
         else:
-            new, why = Status.OK, f"no response: score {score:.2f}"
-        expires = None if new == Status.OK else now + self._level(new).duration_s
+            new, why = Status.NORMAL, f"no response: score {score:.2f}"
+        expires = None if new == Status.NORMAL else now + self._level(new).duration_s
         flagged = sorted((s for s in scores if s.score >= self.log_at), key=lambda s: -s.score)
         if flagged:
             why += "; " + "; ".join(s.explanation for s in flagged)
@@ -237,8 +199,8 @@ class ResponsePolicy:
             expires_at=expires,
             score=score,
             changed=new != prev,
-            renewed=new != Status.OK and new == prev,
-            write=new != prev or new != current.status or new != Status.OK,
+            renewed=new != Status.NORMAL and new == prev,
+            write=new != prev or new != current.kind or new != Status.NORMAL,
             log=score >= self.log_at or new != prev,
             reason=why,
         )

@@ -1,14 +1,23 @@
-"""The one place where sealserve errors become gRPC status codes.
+"""The one place where sealserve errors become gRPC status codes (server and broker).
 
 Known errors carry a message written for the client. Anything else becomes INTERNAL
-with a generic message and an incident id; the details go to the server log only.
+with a generic message and an incident id; the details go to the server log only
+(never ``str(err)``, unlike MLServer's adapter). :class:`~sealserve.errors.ConfigError`
+is the operator's own configuration, not the client's fault: INTERNAL too. A service
+that takes configuration *from* its client (the broker's admin policies) raises
+:class:`~sealserve.errors.InputError` for it at its boundary.
+
+Servicer methods are wrapped with :func:`grpc_errors` and contain no try/except.
 """
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import uuid
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import grpc
 
@@ -45,6 +54,17 @@ _CODES: tuple[tuple[type[SealserveError], grpc.StatusCode], ...] = (
 )
 
 
+def status_code(exc: BaseException) -> grpc.StatusCode:
+    """The status code for ``exc``, without side effects (for metrics labels)."""
+    if isinstance(exc, OverloadedError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED
+    if isinstance(exc, SealserveError):
+        for cls, code in _CODES:
+            if isinstance(exc, cls):
+                return code
+    return grpc.StatusCode.INTERNAL
+
+
 def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, Metadata]:
     """Map an exception to (code, client-facing message, trailing metadata)."""
     if isinstance(exc, OverloadedError):
@@ -75,3 +95,27 @@ async def abort_status(
     if meta:
         context.set_trailing_metadata(meta)
     await context.abort(code, message)
+
+
+S = TypeVar("S")
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+Method = Callable[[S, Req, grpc.aio.ServicerContext], Awaitable[Resp]]
+
+
+def grpc_errors(method: Method[S, Req, Resp]) -> Method[S, Req, Resp]:
+    """Wrap an async unary servicer method: any exception it raises aborts the RPC
+    with :func:`to_status`'s code and message (an abort the method made itself passes
+    through unchanged)."""
+
+    @functools.wraps(method)
+    async def wrapper(self: S, request: Req, context: grpc.aio.ServicerContext) -> Resp:
+        try:
+            return await method(self, request, context)
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            await abort(context, exc)
+            raise  # unreachable: abort raises
+
+    return wrapper

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 
 from sealserve.defense.detect import DetectorScore
-from sealserve.defense.escalation import AccountStatus, ResponsePolicy, Status
+from sealserve.defense.escalation import ResponsePolicy
+from sealserve.defense.status import AccountStatus, Status
 from sealserve.errors import ConfigError
 
 
@@ -23,48 +24,48 @@ POLICY = ResponsePolicy.default()
 
 def test_scores_map_to_levels_and_reason_carries_explanation() -> None:
     d = POLICY.decide_at_time(AccountStatus(), s(0.1), now=0)
-    assert d.status == Status.OK and not d.changed and not d.log
+    assert d.status == Status.NORMAL and not d.changed and not d.log
     assert d.reason == "no response: score 0.10"
     d = POLICY.decide_at_time(AccountStatus(), s(0.55, "37 outliers"), now=0)
-    assert d.status == Status.THROTTLE and d.changed and d.escalated and d.write
+    assert d.status == Status.THROTTLED and d.changed and d.escalated and d.write
     assert d.expires_at == 3600.0
     assert d.reason.startswith("escalated to throttle: score 0.55 >= 0.5")
     assert "Distribution: 37 outliers" in d.reason and "Volume" not in d.reason
     d = POLICY.decide_at_time(AccountStatus(), s(0.99), now=0)
-    assert d.status == Status.SUSPEND  # strong evidence skips levels
+    assert d.status == Status.SUSPENDED  # strong evidence skips levels
 
 
 def test_hysteresis_holds_until_below_down_then_steps_down() -> None:
-    cur = AccountStatus(Status.CHALLENGE, 10_000.0)
+    cur = AccountStatus.make(Status.CHALLENGED, expires_at=10_000.0)
     d = POLICY.decide_at_time(cur, s(0.65), now=100)
-    assert d.status == Status.CHALLENGE and not d.changed and d.renewed and d.write
+    assert d.status == Status.CHALLENGED and not d.changed and d.renewed and d.write
     assert d.expires_at == 100 + 6 * 3600.0
     assert d.reason.startswith("challenge held: score 0.65 >= 0.6")
     d = POLICY.decide_at_time(cur, s(0.4), now=100)
-    assert d.status == Status.THROTTLE and d.changed and not d.escalated
+    assert d.status == Status.THROTTLED and d.changed and not d.escalated
     assert d.reason.startswith("de-escalated from challenge to throttle: score 0.40 < 0.6")
     d = POLICY.decide_at_time(cur, s(0.1), now=100)
-    assert d.status == Status.OK and d.expires_at is None and d.log  # changes are logged
+    assert d.status == Status.NORMAL and d.expires_at is None and d.log  # changes are logged
 
 
 def test_expired_status_lapses_to_ok() -> None:
-    cur = AccountStatus(Status.SUSPEND, 500.0)
-    assert cur.effective_at_time(499) == Status.SUSPEND
-    assert cur.effective_at_time(500) == Status.OK
+    cur = AccountStatus.make(Status.SUSPENDED, expires_at=500.0)
+    assert cur.effective_at_time(499) == Status.SUSPENDED
+    assert cur.effective_at_time(500) == Status.NORMAL
     d = POLICY.decide_at_time(cur, s(0.2), now=600)
-    assert d.previous == Status.OK and d.status == Status.OK and not d.changed
+    assert d.previous == Status.NORMAL and d.status == Status.NORMAL and not d.changed
     assert d.write  # the store still says suspend: clear it
     d = POLICY.decide_at_time(cur, s(0.6), now=600)
-    assert d.status == Status.THROTTLE and d.escalated
+    assert d.status == Status.THROTTLED and d.escalated
 
 
 def test_custom_policy_without_some_levels() -> None:
     p = ResponsePolicy.from_mapping(
         {"log_at": 0.2, "levels": {"suspend": {"up": 0.9, "down": 0.5, "duration_s": 60}}}
     )
-    assert p.decide_at_time(AccountStatus(), s(0.8), now=0).status == Status.OK
+    assert p.decide_at_time(AccountStatus(), s(0.8), now=0).status == Status.NORMAL
     d = p.decide_at_time(AccountStatus(), s(0.9), now=0)
-    assert d.status == Status.SUSPEND and d.expires_at == 60
+    assert d.status == Status.SUSPENDED and d.expires_at == 60
 
 
 @pytest.mark.parametrize(

@@ -1,5 +1,7 @@
 """Append-only, hash-chained, signed audit log (writer side).
 
+Over 400 lines: the writer of one file format (records, chain, checkpoints, rotation).
+
 Format (``sealserve-audit/1``): UTF-8 JSON lines, one record per line, each the
 canonical JSON (sorted keys, no spaces) of an object with at least::
 
@@ -36,9 +38,9 @@ import os
 import re
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
@@ -48,22 +50,13 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from sealserve.canonical import canonical_json
 from sealserve.errors import AuditError, ConfigError
-
-if TYPE_CHECKING:
-    from sealserve.defense.audit.verify import AuditReport
 
 FORMAT = "sealserve-audit/1"
 GENESIS = "0" * 64
 FILE_PATTERN = re.compile(r"^audit-(\d{6})\.jsonl$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-
-
-def canonical_json(obj: Mapping[str, Any]) -> bytes:
-    """Canonical JSON bytes: sorted keys, no whitespace, UTF-8, no NaN."""
-    return json.dumps(
-        obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
-    ).encode()
 
 
 def sha256_hex(data: bytes) -> str:
@@ -374,10 +367,6 @@ class AuditLog:
             },
         )
 
-    def append_query(self, **kwargs: Any) -> dict[str, Any]:
-        """:meth:`append_query_at_time` at the current time."""
-        return self.append_query_at_time(time.time(), **kwargs)
-
     def append_status_change_at_time(
         self,
         now: float,
@@ -455,18 +444,3 @@ class AuditLog:
 def log_files(directory: str | os.PathLike[str]) -> list[Path]:
     """The log's files in ``directory``, in chain order."""
     return sorted(p for p in Path(directory).iterdir() if FILE_PATTERN.match(p.name))
-
-
-def verify_audit_log(
-    paths: Sequence[str | os.PathLike[str]],
-    *,
-    trusted_public_keys: Iterable[bytes],
-    allow_unsigned_tail: bool = False,
-) -> AuditReport:
-    """Verify the log files ``paths`` in chain order; raise ``AuditError`` naming the first
-    bad record. Same as :func:`sealserve.defense.audit.verify.verify_audit_log`."""
-    from sealserve.defense.audit.verify import verify_audit_log as verify
-
-    return verify(
-        paths, trusted_public_keys=trusted_public_keys, allow_unsigned_tail=allow_unsigned_tail
-    )

@@ -26,9 +26,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealserve.canonical import canonical_json
 from sealserve.defense.audit.log import (
     GENESIS,
-    canonical_json,
     public_key_fingerprint,
     sha256_hex,
     signing_payload,

@@ -23,21 +23,19 @@ import numpy as np
 
 from sealserve.defense.audit.log import AuditLog, digest_array
 from sealserve.defense.detect import DetectorSuite
-from sealserve.defense.escalation import AccountStatus as PolicyStatus
-from sealserve.defense.escalation import ResponsePolicy, Status
+from sealserve.defense.escalation import ResponsePolicy
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.hot_path import BoundProfile
-from sealserve.defense.store.base import StatusKind
+from sealserve.defense.status import (
+    DEFAULT_DIFFICULTY,
+    DEFAULT_THROTTLE_FACTOR,
+    AccountStatus,
+    Status,
+)
 
 log = logging.getLogger("sealserve.defense")
 
 DETECTOR = "detector"
-_TO_POLICY = {
-    StatusKind.NORMAL: Status.OK,
-    StatusKind.THROTTLED: Status.THROTTLE,
-    StatusKind.CHALLENGED: Status.CHALLENGE,
-    StatusKind.SUSPENDED: Status.SUSPEND,
-}
 
 
 @dataclass
@@ -63,11 +61,11 @@ class ModelDefense:
 
 @dataclass
 class Responses:
-    """How policy statuses become state-store statuses."""
+    """The detection policy and the parameters of the statuses it sets."""
 
     policy: ResponsePolicy
-    throttle_factor: float = 0.1
-    challenge_difficulty: int = 16
+    throttle_factor: float = DEFAULT_THROTTLE_FACTOR
+    challenge_difficulty: int = DEFAULT_DIFFICULTY
 
 
 class OutputDefenses:
@@ -149,7 +147,7 @@ class OutputDefenses:
         if (
             decision.write
             and self.quota is not None
-            and (decision.status > current.status or not operator_set)
+            and (decision.status > current.kind or not operator_set)
         ):
             self._write(account, decision.status, decision.reason, decision.expires_at, now)
         if decision.changed:
@@ -163,30 +161,22 @@ class OutputDefenses:
                 )  # fmt: skip
         return decision.status.label, top.flags()
 
-    def _current(self, account: str, now: float) -> tuple[PolicyStatus, str]:
-        """The account's status as the policy sees it, and who set it."""
+    def _current(self, account: str, now: float) -> tuple[AccountStatus, str]:
+        """The account's status, and who set it."""
         if self.quota is None:
-            return PolicyStatus(), ""
+            return AccountStatus(), ""
         st = self.quota.status(account, now=now)
-        return PolicyStatus(_TO_POLICY[st.kind], st.expires_at), st.set_by
+        return st, st.set_by
 
     def _write(
         self, account: str, status: Status, reason: str, expires_at: float | None, now: float
     ) -> None:
         assert self.quota is not None and self.responses is not None
         ttl = None if expires_at is None else max(1.0, expires_at - now)
-        q, r = self.quota, self.responses
-        if status is Status.OK:
-            q.lift(account, reason=reason, set_by=DETECTOR, now=now)
-        elif status is Status.THROTTLE:
-            q.throttle(
-                account, r.throttle_factor, reason=reason, set_by=DETECTOR, ttl_s=ttl, now=now
-            )
-        elif status is Status.CHALLENGE:
-            q.challenge(account, r.challenge_difficulty, reason=reason, set_by=DETECTOR, ttl_s=ttl,
-                        now=now)  # fmt: skip
-        else:
-            q.suspend(account, reason=reason, set_by=DETECTOR, ttl_s=ttl, now=now)
+        r = self.responses
+        self.quota.apply_status(account, status, reason=reason, set_by=DETECTOR, ttl_s=ttl,
+                                factor=r.throttle_factor, difficulty=r.challenge_difficulty,
+                                now=now)  # fmt: skip
 
 
 def _rows(inputs: Mapping[str, np.ndarray], name: str | None) -> np.ndarray:

@@ -1,5 +1,7 @@
 """The state store interface shared by every defense component, and its value types.
 
+Over 400 lines: the contract and the quota math every backend shares, so all agree.
+
 A :class:`StateStore` keeps rate-limit buckets, quota windows, account statuses, opaque
 blobs and single-use nonces. Backends: :class:`~sealserve.defense.store.memory.MemoryStore`
 (tests, one process), :class:`~sealserve.defense.store.sqlite.SqliteStore` (embedded
@@ -18,17 +20,16 @@ named, way to admit anyway.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from enum import StrEnum
-from typing import Any, NamedTuple, Protocol
+from typing import NamedTuple, Protocol
 
 from sealserve.defense.limits import Period, window_bounds
+from sealserve.defense.status import AccountStatus, Status
 from sealserve.errors import ConfigError, UnavailableError
 
 log = logging.getLogger(__name__)
@@ -36,7 +37,6 @@ log = logging.getLogger(__name__)
 #: Extra lifetime given to stored window/bucket state beyond the moment it stops
 #: mattering, so that replicas whose clocks differ slightly agree.
 STATE_SLACK_S = 3600.0
-MAX_DIFFICULTY = 32
 #: A bucket holding ``cost - TOKEN_EPS`` tokens admits ``cost``: float time arithmetic at
 #: Unix-epoch magnitudes loses ~1e-7 s, which must not refuse a request that is on time.
 #: The shortfall is carried (tokens go slightly negative), so it can never accumulate.
@@ -76,10 +76,6 @@ class Check:
         if self.period is None and not self.rate > 0:
             raise ConfigError(f"{self.label}: rate must be greater than zero")
 
-    def storage_key(self, now: float) -> str:
-        """The store key holding this check's state at ``now``."""
-        return resolve([self], now)[0][0]
-
     def describe(self) -> str:
         """Human-readable description of the refusal, for the client and the log."""
         if self.period is None:
@@ -114,128 +110,6 @@ class AdmitResult:
     refused_by: Check | None = None
     retry_after: float | None = None
     status: AccountStatus | None = None
-
-
-class StatusKind(StrEnum):
-    NORMAL = "normal"
-    THROTTLED = "throttled"
-    CHALLENGED = "challenged"
-    SUSPENDED = "suspended"
-
-
-@dataclass(frozen=True)
-class AccountStatus:
-    """An account's graduated-response status, who set it, why, and until when.
-
-    Build with the named constructors. ``expires_at`` None means it persists until
-    changed. Raises ConfigError for a factor outside (0, 1] or a difficulty outside
-    1..32.
-    """
-
-    kind: StatusKind = StatusKind.NORMAL
-    factor: float | None = None
-    difficulty: int | None = None
-    reason: str = ""
-    set_by: str = ""
-    set_at: float = 0.0
-    expires_at: float | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind is StatusKind.THROTTLED:
-            if self.factor is None or not 0 < self.factor <= 1:
-                raise ConfigError(f"throttle factor must be in (0, 1], got {self.factor!r}")
-        elif self.factor is not None:
-            raise ConfigError(f"a {self.kind} status takes no throttle factor")
-        if self.kind is StatusKind.CHALLENGED:
-            if not isinstance(self.difficulty, int) or not 1 <= self.difficulty <= MAX_DIFFICULTY:
-                raise ConfigError(
-                    f"challenge difficulty must be 1..{MAX_DIFFICULTY} bits, "
-                    f"got {self.difficulty!r}"
-                )
-        elif self.difficulty is not None:
-            raise ConfigError(f"a {self.kind} status takes no difficulty")
-
-    @classmethod
-    def normal(cls, *, reason: str = "", set_by: str = "", set_at: float = 0.0) -> AccountStatus:
-        return cls(StatusKind.NORMAL, reason=reason, set_by=set_by, set_at=set_at)
-
-    @classmethod
-    def throttled(
-        cls,
-        factor: float,
-        *,
-        reason: str,
-        set_by: str,
-        set_at: float,
-        expires_at: float | None = None,
-    ) -> AccountStatus:
-        return cls(
-            StatusKind.THROTTLED,
-            factor=factor,
-            reason=reason,
-            set_by=set_by,
-            set_at=set_at,
-            expires_at=expires_at,
-        )
-
-    @classmethod
-    def challenged(
-        cls,
-        difficulty: int,
-        *,
-        reason: str,
-        set_by: str,
-        set_at: float,
-        expires_at: float | None = None,
-    ) -> AccountStatus:
-        return cls(
-            StatusKind.CHALLENGED,
-            difficulty=difficulty,
-            reason=reason,
-            set_by=set_by,
-            set_at=set_at,
-            expires_at=expires_at,
-        )
-
-    @classmethod
-    def suspended(
-        cls, *, reason: str, set_by: str, set_at: float, expires_at: float | None = None
-    ) -> AccountStatus:
-        return cls(
-            StatusKind.SUSPENDED, reason=reason, set_by=set_by, set_at=set_at, expires_at=expires_at
-        )
-
-    def active_at(self, now: float) -> bool:
-        """True while the status applies (not expired at ``now``)."""
-        return self.expires_at is None or now < self.expires_at
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {
-                "kind": self.kind.value,
-                "factor": self.factor,
-                "difficulty": self.difficulty,
-                "reason": self.reason,
-                "set_by": self.set_by,
-                "set_at": self.set_at,
-                "expires_at": self.expires_at,
-            },
-            separators=(",", ":"),
-            sort_keys=True,
-        )
-
-    @classmethod
-    def from_json(cls, text: str | bytes) -> AccountStatus:
-        data: dict[str, Any] = json.loads(text)
-        return cls(
-            StatusKind(data["kind"]),
-            factor=data["factor"],
-            difficulty=data["difficulty"],
-            reason=data["reason"],
-            set_by=data["set_by"],
-            set_at=data["set_at"],
-            expires_at=data["expires_at"],
-        )
 
 
 class StateStore(ABC):
@@ -329,11 +203,11 @@ def gate(
     """Apply an account status: ``(active status or None, blocked, rate factor)``.
 
     The Redis Lua script mirrors this exactly."""
-    if status is None or not status.active_at(now) or status.kind is StatusKind.NORMAL:
+    if status is None or not status.active_at(now) or status.kind is Status.NORMAL:
         return None, False, 1.0
-    if status.kind is StatusKind.SUSPENDED:
+    if status.kind is Status.SUSPENDED:
         return status, True, 1.0
-    if status.kind is StatusKind.CHALLENGED:
+    if status.kind is Status.CHALLENGED:
         assert status.difficulty is not None
         return status, work < status.difficulty, 1.0
     assert status.factor is not None
@@ -342,7 +216,7 @@ def gate(
 
 def blocked_result(status: AccountStatus, now: float) -> AdmitResult:
     wait = None
-    if status.kind is StatusKind.SUSPENDED and status.expires_at is not None:
+    if status.kind is Status.SUSPENDED and status.expires_at is not None:
         wait = status.expires_at - now
     return AdmitResult(False, (), status=status, retry_after=wait)
 

@@ -7,12 +7,8 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
-from sealserve.defense.store.base import (
-    HISTORY_LIMIT,
-    AccountStatus,
-    TransactionalStore,
-    Txn,
-)
+from sealserve.defense.status import AccountStatus
+from sealserve.defense.store.base import HISTORY_LIMIT, TransactionalStore, Txn
 
 
 class _MemoryTxn:

@@ -23,10 +23,10 @@ from typing import TypeVar
 
 import redis
 
+from sealserve.defense.status import AccountStatus
 from sealserve.defense.store.base import (
     HISTORY_LIMIT,
     STATE_SLACK_S,
-    AccountStatus,
     AdmitResult,
     Check,
     Remaining,

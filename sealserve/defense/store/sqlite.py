@@ -16,12 +16,8 @@ from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from pathlib import Path
 
-from sealserve.defense.store.base import (
-    HISTORY_LIMIT,
-    AccountStatus,
-    TransactionalStore,
-    Txn,
-)
+from sealserve.defense.status import AccountStatus
+from sealserve.defense.store.base import HISTORY_LIMIT, TransactionalStore, Txn
 from sealserve.errors import UnavailableError
 
 SCHEMA_VERSION = 1

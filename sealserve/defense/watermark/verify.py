@@ -1,5 +1,7 @@
 """Proving a watermark on a suspect model (the replica check is in :mod:`.replica`).
 
+Over 400 lines: the marks and signal tests share the chance-rate reasoning below.
+
 :func:`verify` replays the ledger's inputs to a suspect and tests whether it
 reproduces the watermark labels more often than a model that never saw them would.
 

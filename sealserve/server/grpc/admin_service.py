@@ -8,9 +8,9 @@ import grpc
 
 from sealserve._proto import admin_pb2 as adm
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.store.base import StatusKind
+from sealserve.defense.status import MAX_DIFFICULTY, Status
 from sealserve.errors import InputError, UnavailableError
-from sealserve.rpc.status import abort
+from sealserve.rpc.status import grpc_errors
 from sealserve.server.grpc.auth_interceptor import current_principal
 
 
@@ -37,52 +37,38 @@ class AdminServicer:
         info.history_json.extend(s.to_json() for s in q.history(account)[:50])
         return info
 
+    @grpc_errors
     async def GetAccount(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
-        try:
-            return self._info(request.account, request.tier, request.model)
-        except Exception as exc:
-            await abort(context, exc)
-            raise
+        return self._info(request.account, request.tier, request.model)
 
+    @grpc_errors
     async def ResetQuota(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
-        try:
-            if not request.tier:
-                raise InputError("tier is required to reset an account's quota")
-            self._q().reset(request.account, request.tier, model=request.model or None)
-            return self._info(request.account, request.tier, request.model)
-        except Exception as exc:
-            await abort(context, exc)
-            raise
+        if not request.tier:
+            raise InputError("tier is required to reset an account's quota")
+        self._q().reset(request.account, request.tier, model=request.model or None)
+        return self._info(request.account, request.tier, request.model)
 
+    @grpc_errors
     async def SetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
-        try:
-            q = self._q()
-            principal = current_principal()
-            by = f"admin:{principal.account}" if principal else "admin"
-            reason = request.reason or "set by an operator"
-            ttl = request.ttl_seconds or None
-            account = request.account
-            if not account:
-                raise InputError("account is required")
-            try:
-                kind = StatusKind(request.status)
-            except ValueError as exc:
-                raise InputError(
-                    f"status must be one of {', '.join(k.value for k in StatusKind)}"
-                ) from exc
-            if kind is StatusKind.NORMAL:
-                q.lift(account, reason=reason, set_by=by)
-            elif kind is StatusKind.THROTTLED:
-                if not 0 < request.factor < 1:
-                    raise InputError("throttled needs a factor in (0, 1), e.g. 0.1")
-                q.throttle(account, request.factor, reason=reason, set_by=by, ttl_s=ttl)
-            elif kind is StatusKind.CHALLENGED:
-                if not 1 <= request.difficulty <= 32:
-                    raise InputError("challenged needs a difficulty of 1..32 bits")
-                q.challenge(account, request.difficulty, reason=reason, set_by=by, ttl_s=ttl)
-            else:
-                q.suspend(account, reason=reason, set_by=by, ttl_s=ttl)
-            return self._info(account, request.tier, "")
-        except Exception as exc:
-            await abort(context, exc)
-            raise
+        q, status = self._q(), _requested_status(request)
+        principal = current_principal()
+        q.apply_status(request.account, status, reason=request.reason or "set by an operator",
+                       set_by=f"admin:{principal.account}" if principal else "admin",
+                       factor=request.factor or None, difficulty=request.difficulty or None,
+                       ttl_s=request.ttl_seconds or None)  # fmt: skip
+        return self._info(request.account, request.tier, "")
+
+
+def _requested_status(request: Any) -> Status:
+    """The status an operator asked for, with its parameters checked (InputError)."""
+    if not request.account:
+        raise InputError("account is required")
+    try:
+        status = Status(request.status)
+    except ValueError as exc:
+        raise InputError(f"status must be one of {', '.join(k.value for k in Status)}") from exc
+    if status is Status.THROTTLED and not 0 < request.factor < 1:
+        raise InputError("throttled needs a factor in (0, 1), e.g. 0.1")
+    if status is Status.CHALLENGED and not 1 <= request.difficulty <= MAX_DIFFICULTY:
+        raise InputError(f"challenged needs a difficulty of 1..{MAX_DIFFICULTY} bits")
+    return status

@@ -11,7 +11,7 @@ from sealserve._proto import attestation_pb2 as apb
 from sealserve.attestation.binding import check_nonce
 from sealserve.enclave.platform import Platform, attest
 from sealserve.errors import AttestationError, InputError, RateLimitedError
-from sealserve.rpc.status import abort
+from sealserve.rpc.status import grpc_errors
 from sealserve.server.grpc.per_peer import PeerRate
 
 
@@ -48,19 +48,16 @@ class AttestationServicer:
         )
         return evidence.to_bytes()
 
+    @grpc_errors
     async def GetEvidence(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> apb.GetEvidenceResponse:
-        try:
-            wait = self._rate.take(context.peer() or "")
-            if wait:
-                raise RateLimitedError(
-                    "GetEvidence rate limit for this address exceeded", retry_after=wait
-                )
-            loop = asyncio.get_running_loop()
-            # A real platform's report goes through the kernel: keep it off the loop.
-            data = await loop.run_in_executor(None, self.evidence, bytes(request.nonce))
-            return apb.GetEvidenceResponse(evidence=data)
-        except Exception as exc:
-            await abort(context, exc)
-            raise
+        wait = self._rate.take(context.peer() or "")
+        if wait:
+            raise RateLimitedError(
+                "GetEvidence rate limit for this address exceeded", retry_after=wait
+            )
+        loop = asyncio.get_running_loop()
+        # A real platform's report goes through the kernel: keep it off the loop.
+        data = await loop.run_in_executor(None, self.evidence, bytes(request.nonce))
+        return apb.GetEvidenceResponse(evidence=data)

@@ -21,7 +21,6 @@ from sealserve.auth import Authenticator
 from sealserve.auth.authenticator import KeyRefreshNeeded
 from sealserve.auth.principal import (
     SCOPE_ADMIN,
-    SCOPE_AUDIT,
     SCOPE_INFER,
     SCOPE_METADATA,
     Principal,
@@ -56,7 +55,6 @@ SCOPES: dict[str, str] = {
 }
 SERVICE_SCOPES: dict[str, str] = {
     "/sealserve.v1.Admin/": SCOPE_ADMIN,
-    "/sealserve.v1.Audit/": SCOPE_AUDIT,
 }
 
 

@@ -10,7 +10,7 @@ import grpc
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve.defense.guard import Caller, ProofOfWork
 from sealserve.defense.store.base import Remaining
-from sealserve.rpc.status import abort, abort_status, to_status
+from sealserve.rpc.status import grpc_errors, status_code
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.grpc.auth_interceptor import current_principal
 from sealserve.server.grpc.codec import (
@@ -49,16 +49,17 @@ class InferenceServicer:
         pow_ = ProofOfWork(challenge, solution) if challenge and solution else None
         return caller, pow_
 
-    def _ok_metrics(self, model: str, version: str) -> tuple[Any, Any]:
-        key = (model, version)
+    def _count_ok(self, labels: list[str], seconds: float) -> None:
+        key = (labels[0], labels[1])
         pair = self._ok.get(key)
         if pair is None:
             pair = (
-                self._metrics.requests.labels(model, version, "OK"),
-                self._metrics.latency.labels(model, version),
+                self._metrics.requests.labels(*key, "OK"),
+                self._metrics.latency.labels(*key),
             )
             self._ok[key] = pair
-        return pair
+        pair[0].inc()
+        pair[1].observe(seconds)
 
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
@@ -81,44 +82,43 @@ class InferenceServicer:
         name, version, extensions = self._plane.server_metadata()
         return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
 
+    @grpc_errors
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelMetadataResponse:
-        try:
-            return encode_model_metadata(self._plane.model_metadata(request.name, request.version))
-        except Exception as exc:
-            await abort(context, exc)
-            raise  # unreachable: abort raises
+        return encode_model_metadata(self._plane.model_metadata(request.name, request.version))
 
+    @grpc_errors
     async def ModelInfer(
         self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInferResponse:
         t0 = time.perf_counter()
         # Metric labels only name served models: arbitrary client strings would let
         # anyone grow the label set without bound.
-        model, version = "(unknown)", ""
+        labels = ["(unknown)", ""]
         try:
-            loaded = self._plane.model(request.model_name, request.model_version)
-            model, version = loaded.info.name, loaded.info.version
-            req = decode_infer_request(
-                request, loaded.info, max_bytes=self._plane.max_request_bytes
-            )
-            caller, pow_ = self._caller(context)
-            result, remaining = await self._plane.infer(req, caller, pow_=pow_)
-            response = encode_infer_response(result)
-            if remaining:
-                context.set_trailing_metadata(
-                    (("sealserve-quota-remaining", format_remaining(remaining)),)
-                )
+            response = await self._infer(request, context, labels)
         except Exception as exc:
-            status = to_status(exc)
-            self._metrics.requests.labels(model, version, status[0].name).inc()
-            await abort_status(context, *status)
+            self._metrics.requests.labels(*labels, status_code(exc).name).inc()
             raise
-        ok, latency = self._ok_metrics(model, version)
-        ok.inc()
-        latency.observe(time.perf_counter() - t0)
+        self._count_ok(labels, time.perf_counter() - t0)
         return response
+
+    async def _infer(
+        self, request: pb.ModelInferRequest, context: grpc.aio.ServicerContext, labels: list[str]
+    ) -> pb.ModelInferResponse:
+        """Decode, admit, infer, release, encode; ``labels`` gets the served model's
+        name and version as soon as it is known."""
+        loaded = self._plane.model(request.model_name, request.model_version)
+        labels[:] = [loaded.info.name, loaded.info.version]
+        req = decode_infer_request(request, loaded.info, max_bytes=self._plane.max_request_bytes)
+        caller, pow_ = self._caller(context)
+        result, remaining = await self._plane.infer(req, caller, pow_=pow_)
+        if remaining:
+            context.set_trailing_metadata(
+                (("sealserve-quota-remaining", format_remaining(remaining)),)
+            )
+        return encode_infer_response(result)
 
 
 def format_remaining(remaining: tuple[Remaining, ...]) -> str:

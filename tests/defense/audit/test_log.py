@@ -8,17 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from sealserve.canonical import canonical_json
 from sealserve.defense.audit.log import (
     AuditKey,
     AuditLog,
-    canonical_json,
     digest_array,
     load_public_key,
     log_files,
     sha256_hex,
-    verify_audit_log,
 )
-from sealserve.defense.audit.verify import check_audit_log
+from sealserve.defense.audit.verify import check_audit_log, verify_audit_log
 from sealserve.errors import AuditError, ConfigError
 
 

@@ -12,7 +12,8 @@ from sealserve.defense.audit.log import AuditKey, AuditLog, digest_array, log_fi
 from sealserve.defense.audit.report import summarize_accounts
 from sealserve.defense.audit.verify import read_records, verify_audit_log
 from sealserve.defense.detect import MemoryBlobStore
-from sealserve.defense.escalation import AccountStatus, ResponsePolicy, Status
+from sealserve.defense.escalation import ResponsePolicy
+from sealserve.defense.status import AccountStatus, Status
 from tests.defense.streams import digits_task, honest_stream, uniform_stream
 from tests.defense.test_detection_digits import make_suite
 
@@ -34,7 +35,7 @@ def test_flag_and_throttle_story(tmp_path: Path) -> None:
     for i in range(300):
         for account, xs in streams.items():
             now = 10.0 + i
-            if statuses[account].effective_at_time(now) >= Status.THROTTLE:
+            if statuses[account].effective_at_time(now) >= Status.THROTTLED:
                 continue  # the guard refuses before inference
             x = xs[i]
             probs = task.model.predict_proba(x[None, :])[0]
@@ -52,7 +53,9 @@ def test_flag_and_throttle_story(tmp_path: Path) -> None:
                 flags=result.flags(),
             )
             if decision.write:
-                statuses[account] = AccountStatus(decision.status, decision.expires_at)
+                statuses[account] = AccountStatus.make(
+                    decision.status, expires_at=decision.expires_at
+                )
             if decision.changed:
                 log.append_status_change_at_time(
                     now,
@@ -65,7 +68,7 @@ def test_flag_and_throttle_story(tmp_path: Path) -> None:
                 )
     log.close_at_time(400.0)
     assert served["honest"] == 300
-    assert served["attacker"] <= 25 and statuses["attacker"].status >= Status.THROTTLE
+    assert served["attacker"] <= 25 and statuses["attacker"].kind >= Status.THROTTLED
     report = verify_audit_log(log_files(tmp_path), trusted_public_keys=[key.public_bytes])
     assert report.ok
     records = list(read_records(log_files(tmp_path)))

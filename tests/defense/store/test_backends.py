@@ -9,7 +9,8 @@ import pytest
 import redis
 
 from sealserve.defense.limits import Period
-from sealserve.defense.store.base import AccountStatus, Check, StatusKind, UnsafeFailOpen
+from sealserve.defense.status import AccountStatus, Status
+from sealserve.defense.store.base import Check, UnsafeFailOpen
 from sealserve.defense.store.redis import RedisStore
 from sealserve.defense.store.sqlite import SqliteStore
 from sealserve.errors import UnavailableError
@@ -29,7 +30,7 @@ def test_sqlite_quota_survives_restart(tmp_path: Path) -> None:
     reopened = SqliteStore(path)
     refused = reopened.admit([DAY], cost=1, now=T0 + 1)
     assert not refused.admitted and refused.refused_by == DAY
-    assert reopened.get_status("bob", now=T0).kind is StatusKind.SUSPENDED
+    assert reopened.get_status("bob", now=T0).kind is Status.SUSPENDED
     reopened.close()
 
 
@@ -95,7 +96,7 @@ def test_unsafe_fail_open_admits_and_warns(
     with caplog.at_level(logging.WARNING):
         assert store.admit([DAY], cost=1, now=T0).admitted
         assert store.admit([DAY], cost=1, now=T0).admitted
-        assert store.get_status("alice", now=T0).kind is StatusKind.NORMAL
+        assert store.get_status("alice", now=T0).kind is Status.NORMAL
     loud = [r for r in caplog.records if "UNSAFE FAIL-OPEN" in r.getMessage()]
     assert len(loud) == 3
     with pytest.raises(UnavailableError):

@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from sealserve.defense.limits import Period
-from sealserve.defense.store.base import AccountStatus, Check, StateStore, StatusKind
+from sealserve.defense.status import AccountStatus, Status
+from sealserve.defense.store.base import Check, StateStore
 from sealserve.errors import ConfigError
 from tests.defense.conftest import make_store
 
@@ -167,14 +168,14 @@ def test_suspended_and_challenged_are_refused_inside_admit(store: StateStore) ->
 
 
 def test_status_expiry_and_history(store: StateStore) -> None:
-    assert store.get_status("alice", now=T0).kind is StatusKind.NORMAL
+    assert store.get_status("alice", now=T0).kind is Status.NORMAL
     assert store.status_history("alice") == []
     s1 = AccountStatus.challenged(
         8, reason="sweep", set_by="detector", set_at=T0, expires_at=T0 + 60
     )
     store.set_status("alice", s1)
     assert store.get_status("alice", now=T0 + 59) == s1
-    assert store.get_status("alice", now=T0 + 60).kind is StatusKind.NORMAL
+    assert store.get_status("alice", now=T0 + 60).kind is Status.NORMAL
     s2 = AccountStatus.suspended(reason="abuse", set_by="op:carol", set_at=T0 + 1)
     store.set_status("alice", s2)
     assert store.get_status("alice", now=T0 + 10**9) == s2
