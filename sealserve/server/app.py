@@ -108,7 +108,9 @@ def startup_step(settings: Settings, key: str, *, fix: str | None = None) -> Ite
     and ``key`` (the CLI prints it as one ``error:`` line and exits 2)."""
     try:
         yield
-    except (ConfigError, CryptoError, UnavailableError) as exc:
+    except CryptoError as exc:  # keeps its class: a tampered model is not a typo
+        raise type(exc)(f"{settings.where(key)}: {exc.message}", remedy=exc.remedy) from exc
+    except (ConfigError, UnavailableError) as exc:
         raise settings.problem(key, exc, fix=fix) from exc
 
 

@@ -12,7 +12,8 @@ import pytest
 import yaml
 
 from sealserve.defense.limits import Period
-from sealserve.defense.store.base import AccountStatus, Check, StatusKind
+from sealserve.defense.status import AccountStatus, Status
+from sealserve.defense.store.base import Check
 from sealserve.defense.store.factory import open_store
 from tests._redis import REDIS_SERVER, RedisServer
 
@@ -84,7 +85,7 @@ def test_redis_restart_keeps_suspensions_and_all_but_one_second_of_quota(
         server.start()  # same port, same directory: it replays the append-only file
         store = open_store(server.url, prefix="persist")
         status = store.get_status("mallory", now=time.time())
-        assert status.kind is StatusKind.SUSPENDED, "a suspension was lost"
+        assert status.kind is Status.SUSPENDED, "a suspension was lost"
         after = _used(store, time.time())
         if stop == "restart":
             assert after == before  # a clean shutdown loses nothing
