@@ -61,8 +61,7 @@ class Status(StrEnum):
             if name == label:
                 return status
         raise ConfigError(
-            f"unknown account status {quote(label)} "
-            f"(expected one of {', '.join(_LABELS.values())})"
+            f"unknown account status {quote(label)} (expected one of {', '.join(_LABELS.values())})"
         )
 
     def __lt__(self, other: object) -> bool:

@@ -51,6 +51,7 @@ log = logging.getLogger("sealserve.server")
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ATTESTATION_SERVICE = apb.DESCRIPTOR.services_by_name["Attestation"].full_name
+MODEL_INFER = f"/{INFERENCE_SERVICE}/ModelInfer"
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 # Names in the in-memory certificate. Attested clients pin the certificate itself and
 # connect with the fixed name ``sealserve.attested``, whatever host they dialled.
@@ -130,6 +131,7 @@ def receive_limit(max_request_bytes: int) -> int:
     """gRPC's max receive length for a cap: requests up to twice the cap are refused by
     the codec (INVALID_ARGUMENT, the documented message), larger ones by gRPC."""
     return min(2 * max_request_bytes + REQUEST_ENVELOPE_BYTES, 2**31 - 1)
+
 
 STORE_FIX = (
     "Point state_store at a reachable store: sqlite://PATH in a writable directory, "
@@ -288,9 +290,12 @@ class Server:
         # Every service registered through `protected` checks bearer tokens and scopes
         # (health, attestation and, when configured, liveness stay public: a client
         # verifies first) and answers undecodable bodies INVALID_ARGUMENT.
+        inference = InferenceServicer(self.plane, self.metrics)
         protected = AuthenticatingRegistrar(
             self._server, self.authenticator, self.metrics,
             public_liveness=s.public_liveness,
+            # ModelInfer refuses a recently refused account before reading its body.
+            before_body={MODEL_INFER: inference.before_body},
         )  # fmt: skip
         if self.platform is not None and self.tls is not None:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
@@ -317,9 +322,7 @@ class Server:
             manifest=self.manifest.to_bytes(),
             hpke_private_key=self.hpke_private_key,
         )
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.plane, self.metrics), protected
-        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, protected)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane.guard.quota), protected)
         services.append(ADMIN_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, protected)

@@ -208,3 +208,38 @@ def test_unknown_method_paths_are_not_cached() -> None:
         assert wrapper.service(details(f"/x.Y/Z{i}", ())) is None
     assert wrapper.service(details("/inference.GRPCInferenceService/ServerLive", ()))
     assert len(wrapper._wrapped) == 1
+
+
+def test_refused_admission_never_decodes_and_is_remembered_for_a_second() -> None:
+    from sealserve.defense.guard import Caller
+    from sealserve.errors import RateLimitedError, SuspendedError
+    from sealserve.server.dataplane import DataPlane, PendingRequest, RecentRefusals
+
+    class RefusingGuard:
+        def admit(self, *args: Any, **kwargs: Any) -> Any:
+            raise RateLimitedError("account day quota exhausted", retry_after=30.0)
+
+    plane = DataPlane(None, server_name="s", max_request_bytes=1024)  # type: ignore[arg-type]
+    plane.guard = RefusingGuard()  # type: ignore[assignment]
+    decoded: list[int] = []
+
+    def decode() -> Any:
+        decoded.append(1)
+        raise AssertionError("tensors decoded for a refused request")
+
+    caller = Caller("greedy", "t", "127.0.0.1")
+    with pytest.raises(RateLimitedError):
+        asyncio.run(plane.infer_pending(PendingRequest("m", 4, decode), caller))
+    assert decoded == []
+    with pytest.raises(RateLimitedError, match="quota exhausted") as info:
+        plane.refused_recently("greedy")
+    assert info.value.retry_after is not None and 29 < info.value.retry_after <= 30
+    plane.refused_recently("someone-else")  # others are not affected
+
+    now = [100.0]
+    memo = RecentRefusals(hold_s=1.0, clock=lambda: now[0])
+    memo.remember("a", SuspendedError("account is suspended"))
+    with pytest.raises(SuspendedError):
+        memo.check("a")
+    now[0] += 1.01  # a lifted suspension is seen within the hold
+    memo.check("a")

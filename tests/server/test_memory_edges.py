@@ -113,3 +113,72 @@ def test_unknown_method_paths_do_not_grow_the_server(served: tuple[int, str]) ->
         after = _status(pid, "VmRSS")
     growth = after - before
     assert growth <= 5 * 1024 * 1024, f"RSS grew {growth} bytes over 20,000 unknown paths"
+
+
+def test_over_quota_64_mib_request_is_refused_before_its_body(tmp_path: Path) -> None:
+    """An account already over its quota sends 64 MiB: refused (RESOURCE_EXHAUSTED)
+    with the server's peak RSS growing by at most 10 MiB (the body is not read)."""
+    import numpy as np
+
+    from sealserve import demo
+    from sealserve.auth import TokenIssuer, generate_keypair
+
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("needs Linux /proc/PID/clear_refs to measure peak RSS")
+    import shutil
+
+    shutil.copytree(demo.repository(), tmp_path / "models")
+    pem, jwks = generate_keypair("ES256")
+    (tmp_path / "jwks.json").write_text(json.dumps(jwks))
+    issuer = TokenIssuer.from_pem(pem, issuer="https://i.invalid", audience="a")
+    token = issuer.issue("greedy", tier="t", scopes=["infer"], tos_version="1", ttl=600)
+    cfg = tmp_path / "sealserve.toml"
+    cfg.write_text(
+        'model_repository = "models"\nport = 0\nunsafe_plaintext = true\n'
+        'attestation_platform = "none"\nharden_process = false\nlog_level = "warning"\n'
+        f"max_request_bytes = {80 << 20}\n"
+        'state_store = "memory:"\n[limits.tiers.t]\nper_day = 1\n'
+        '[auth]\naudience = "a"\nrequired_tos_version = "1"\n'
+        '[[auth.issuers]]\nissuer = "https://i.invalid"\njwks_file = "jwks.json"\n'
+    )
+    ready = tmp_path / "ready.json"
+    proc = subprocess.Popen(
+        sealserve_cmd("serve", "--config", str(cfg), "--ready-file", str(ready)),
+        env=sealserve_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 60
+        while not ready.exists():
+            assert proc.poll() is None and time.monotonic() < deadline, "server did not start"
+            time.sleep(0.05)
+        target = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+
+        def request(rows: int) -> pb.ModelInferRequest:
+            x = np.zeros((rows, 64), np.float32)
+            req = pb.ModelInferRequest(model_name="digits")
+            req.inputs.add(name="input", datatype="FP32", shape=x.shape)
+            req.raw_input_contents.append(x.tobytes())
+            return req
+
+        big = request((64 << 20) // 256)
+        meta = (("authorization", f"Bearer {token}"),)
+        options = [("grpc.max_send_message_length", 100 << 20)]
+        with grpc.insecure_channel(target, options=options) as ch:
+            stub = pb_grpc.GRPCInferenceServiceStub(ch)
+            stub.ModelInfer(request(1), timeout=30, metadata=meta)  # the day's one request
+            for _ in range(2):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.ModelInfer(request(1), timeout=30, metadata=meta)
+                assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            _reset_peak(proc.pid)
+            before = _status(proc.pid, "VmRSS")
+            with pytest.raises(grpc.RpcError) as info:
+                stub.ModelInfer(big, timeout=60, metadata=meta)
+            peak = _status(proc.pid, "VmHWM")
+        assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, info.value.details()
+        assert "quota" in info.value.details()
+        growth = peak - before
+        assert growth <= 10 << 20, f"peak RSS grew {growth >> 20} MiB refusing 64 MiB"
+    finally:
+        proc.terminate()
+        proc.wait(15)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -57,6 +57,10 @@ SERVICE_SCOPES: dict[str, str] = {
     "/sealserve.v1.Admin/": SCOPE_ADMIN,
 }
 
+
+#: A method's check on the request header alone (the principal is set), before its
+#: body is read; it raises to refuse.
+BeforeBody = Callable[[grpc.aio.ServicerContext], None]
 
 UNDECODABLE_MESSAGE = (
     "the request body is not a valid protobuf message for this method; "
@@ -139,12 +143,14 @@ class Authenticating(grpc.GenericRpcHandler):  # type: ignore[misc]
         *,
         undecodable_log: PeerLog,
         public_liveness: bool = False,
+        before_body: Mapping[str, BeforeBody] | None = None,
     ) -> None:
         self._inner = inner
         self._auth = authenticator
         self._refused = metrics.refusals
         self._undecodable_log = undecodable_log
         self._public_liveness = public_liveness
+        self._before_body = dict(before_body or {})
         self._wrapped: dict[str, grpc.RpcMethodHandler | None] = {}
 
     def service(self, details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler | None:
@@ -158,7 +164,9 @@ class Authenticating(grpc.GenericRpcHandler):  # type: ignore[misc]
         scope = None if self._auth is None else scope_for(
             method, public_liveness=self._public_liveness
         )  # fmt: skip
-        if handler.unary_unary is not None:
+        if handler.unary_unary is not None and method in self._before_body:
+            wrapped = self._wrap_lazy(handler, scope, self._before_body[method])
+        elif handler.unary_unary is not None:
             wrapped = self._wrap(handler, scope)
         elif scope is None:
             wrapped = handler
@@ -223,6 +231,50 @@ class Authenticating(grpc.GenericRpcHandler):  # type: ignore[misc]
             response_serializer=handler.response_serializer,
         )
 
+    async def _authenticate(self, context: grpc.aio.ServicerContext, scope: str) -> Principal:
+        header = _authorization(context.invocation_metadata())
+        try:
+            return await self._principal(header, scope)
+        except ConfigError as exc:
+            await abort(context, exc)
+            raise
+        except Exception as exc:
+            reason = "auth" if isinstance(exc, AuthenticationError) else "permission"
+            self._refused.labels(reason).inc()
+            await abort(context, exc)
+            raise
+
+    def _wrap_lazy(
+        self, handler: grpc.RpcMethodHandler, scope: str | None, before_body: BeforeBody
+    ) -> grpc.RpcMethodHandler:
+        """A unary method served as stream-unary (the same on the wire), so that the
+        token and ``before_body`` are checked before the request body is read."""
+        inner = handler.unary_unary
+
+        async def lazy(requests: Any, context: grpc.aio.ServicerContext) -> Any:
+            principal = None if scope is None else await self._authenticate(context, scope)
+            token = _PRINCIPAL.set(principal)
+            try:
+                try:
+                    before_body(context)
+                except Exception as exc:
+                    await abort(context, exc)
+                    raise
+                request = await context.read()
+                if request is grpc.aio.EOF:
+                    await context.abort(grpc.StatusCode.INVALID_ARGUMENT, "no request message")
+                if isinstance(request, Undecodable):
+                    await self._undecodable(request, context)
+                return await inner(request, context)
+            finally:
+                _PRINCIPAL.reset(token)
+
+        return grpc.stream_unary_rpc_method_handler(
+            lazy,
+            request_deserializer=_tolerant(handler.request_deserializer),
+            response_serializer=handler.response_serializer,
+        )
+
 
 class AuthenticatingRegistrar:
     """Stands in for the server when a generated ``add_*Servicer_to_server`` registers a
@@ -235,11 +287,13 @@ class AuthenticatingRegistrar:
         metrics: Metrics,
         *,
         public_liveness: bool = False,
+        before_body: Mapping[str, BeforeBody] | None = None,
     ) -> None:
         self._server = server
         self._auth = authenticator
         self._metrics = metrics
         self._public_liveness = public_liveness
+        self._before_body = before_body
         self._undecodable_log = PeerLog(log)
 
     def add_generic_rpc_handlers(self, handlers: Any) -> None:
@@ -251,6 +305,7 @@ class AuthenticatingRegistrar:
                     self._metrics,
                     undecodable_log=self._undecodable_log,
                     public_liveness=self._public_liveness,
+                    before_body=self._before_body,
                 )
                 for h in handlers
             )

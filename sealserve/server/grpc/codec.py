@@ -72,6 +72,15 @@ def _decode_typed(name: str, datatype: str, contents: Any, count: int) -> np.nda
         raise TensorError(f"input '{name}': values out of range for {datatype}") from exc
 
 
+def declared_batch(req: pb.ModelInferRequest) -> int:
+    """The batch size the first input's shape declares (1 for a scalar input, 0 or
+    less when it declares none), read without touching any tensor contents."""
+    if not req.inputs:
+        return 0
+    shape = req.inputs[0].shape
+    return int(shape[0]) if len(shape) else 1
+
+
 def decode_infer_request(
     req: pb.ModelInferRequest, info: ModelInfo, *, max_bytes: int
 ) -> InferRequest:
