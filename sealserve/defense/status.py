@@ -58,7 +58,7 @@ class Status(StrEnum):
     def parse(cls, label: str) -> Status:
         """``"throttle"`` -> ``Status.THROTTLED``. Raises ``ConfigError`` if unknown."""
         for status, name in _LABELS.items():
-            if name == label:
+            if name == label.lower():
                 return status
         raise ConfigError(
             f"unknown account status {quote(label)} (expected one of {', '.join(_LABELS.values())})"
