@@ -40,13 +40,14 @@ from sealserve.attestation.tdx_pck import (
     PckExtension,
     common_name,
     intel_sgx_root_ca,
+    load_pem_chain,
     pck_extension,
     verify_pck_chain,
     verify_raw_p256,
 )
 from sealserve.attestation.tdx_quote import INTEL_QE_VENDOR_ID, TdxQuote
 from sealserve.attestation.tdx_tcb import evaluate_collateral
-from sealserve.errors import VerificationError
+from sealserve.errors import EvidenceFormatError, VerificationError
 
 # Intel's TD quoting enclave, as published in every TD_QE identity Intel signs: used
 # when no QE identity collateral is given, so that a quote is never accepted from an
@@ -198,6 +199,18 @@ def verify_tdx_at_time(
         checks=tuple(checks),
         extra={"mrsignerseam": td.mrsignerseam.hex(), "body_type": quote.body_type},
     )
+
+
+def quote_fmspc(raw: bytes) -> bytes:
+    """The FMSPC in a quote's PCK certificate (unverified: to pick collateral by).
+
+    Raises EvidenceFormatError when the quote or its PCK certificate cannot be parsed.
+    """
+    quote = TdxQuote.from_bytes(raw)
+    certs = load_pem_chain(quote.pck_chain_pem, what="PCK certificate chain")
+    if not certs:
+        raise EvidenceFormatError("TDX quote: no PCK certificate", check="quote_format")
+    return pck_extension(certs[0]).fmspc
 
 
 def _check_intel_qe(quote: TdxQuote) -> Check:

@@ -91,6 +91,14 @@ class BrokerSettings(BaseSettings):
             "directory, for keys whose roots include 'unsafe-simulated'."
         ),
     )
+    tdx_collateral_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Intel TDX collateral cache: '<fmspc hex>.json' files in dcap-qvl's collateral "
+            "JSON form (what a PCCS serves, with its signatures). Used when a TD's evidence "
+            "carries no collateral; TDX evidence with neither is refused."
+        ),
+    )
     nonce_ttl_seconds: float = Field(
         default=60.0, gt=0, le=600, description="How long a challenge nonce stays valid."
     )
@@ -171,6 +179,7 @@ class BrokerSettings(BaseSettings):
             "store_file",
             "master_key_file",
             "unsafe_simulated_root_dir",
+            "tdx_collateral_dir",
         ):
             value = getattr(self, key)
             if value is not None and not value.is_absolute():

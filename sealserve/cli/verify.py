@@ -41,7 +41,7 @@ def register(sub: Any) -> None:
 def _roots(simulated: list[Path]) -> Any:
     from sealserve.attestation.snp_certs import TrustedRoots
 
-    roots = TrustedRoots.amd()
+    roots = TrustedRoots.vendors()
     for d in simulated:
         roots = roots + TrustedRoots.from_dir(d)
     return roots
