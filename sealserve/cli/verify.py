@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     report: dict[str, Any] = {"ok": False, "mode": mode}
     evidence = None
     passed: list[Any] = []
+    extra: list[tuple[str, bool | None, str]] = []
     try:
         if args.report:
             claims, passed = verify_raw(args, policy=policy, roots=roots)
@@ -79,9 +80,7 @@ def run(args: argparse.Namespace) -> int:
         elif args.endpoint:
             endpoint = attest(args.endpoint, policy=policy, roots=roots, timeout=args.timeout)
             evidence, claims = endpoint.evidence, endpoint.claims
-            extra: list[tuple[str, bool | None, str]] = [
-                ("tls_binding", True, "channel TLS key == key bound in evidence")
-            ]
+            extra = [("tls_binding", True, "channel TLS key == key bound in evidence")]
         else:
             try:
                 evidence = Evidence.from_bytes(args.evidence.read_bytes())

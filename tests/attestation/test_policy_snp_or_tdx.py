@@ -100,12 +100,16 @@ def test_tdx_section_does_not_pass_snp_claims() -> None:
 
 def test_each_platform_is_judged_by_its_own_section() -> None:
     mrtd = TDX_EXPECTED[TDX_REL]["mrtd"]
-    both = f'version = 1\n[sev-snp]\nmeasurement = ["{SNP_MEASUREMENT}"]\n[tdx]\nmrtd = ["{mrtd}"]\n'
+    both = (
+        f'version = 1\n[sev-snp]\nmeasurement = ["{SNP_MEASUREMENT}"]\n[tdx]\nmrtd = ["{mrtd}"]\n'
+    )
     policy = policy_from_toml(both)
     policy.verify(_snp_claims())
     policy.verify(_tdx_claims())
     with pytest.raises(PolicyError, match="mrtd"):
         policy_from_toml(both.replace(mrtd, "00" * 48)).verify(_tdx_claims())
     # An explicitly empty section admits its platform with the top-level rules only.
-    empty = policy_from_toml(f'version = 1\n[sev-snp]\nmeasurement = ["{SNP_MEASUREMENT}"]\n[tdx]\n')
+    empty = policy_from_toml(
+        f'version = 1\n[sev-snp]\nmeasurement = ["{SNP_MEASUREMENT}"]\n[tdx]\n'
+    )
     empty.verify(_tdx_claims())
