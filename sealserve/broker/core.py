@@ -211,12 +211,21 @@ class KeyBroker:
         return sealed, record, evidence, detail
 
     def _tdx_collateral(self, evidence: Evidence) -> TdxCollateral | None:
-        """The cache's collateral for a TDX quote that brought none of its own."""
+        """The cache's collateral for a TDX quote that brought none of its own; a TDX
+        quote with neither is refused here, before anything else is spent on it."""
         if evidence.platform is not Platform.TDX or evidence.certs:
             return None
-        if self._tdx_collateral_dir is None:
-            return None
-        return TdxCollateral.from_cache_dir(self._tdx_collateral_dir, quote_fmspc(evidence.report))
+        found = None
+        if self._tdx_collateral_dir is not None:
+            fmspc = quote_fmspc(evidence.report)
+            found = TdxCollateral.from_cache_dir(self._tdx_collateral_dir, fmspc)
+        if found is None:
+            raise _Refusal(
+                "TDX evidence without collateral, and none cached for its FMSPC (the broker "
+                "always evaluates TDX collateral)",
+                "collateral",
+            )
+        return found
 
     def _roots_for(self, names: tuple[str, ...]) -> TrustedRoots:
         missing = [n for n in names if n not in self._roots]
