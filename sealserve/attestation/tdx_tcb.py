@@ -411,9 +411,12 @@ def evaluate_collateral(
         collateral.tcb_signing_chain, "TCB info", root=root, root_crl=collateral.root_crl, now=now
     )
     qe_chain = collateral.qe_identity_signing_chain or collateral.tcb_signing_chain
-    qe_leaf = _signing_leaf(
-        qe_chain, "QE identity", root=root, root_crl=collateral.root_crl, now=now
-    )
+    if qe_chain == collateral.tcb_signing_chain:  # PCS serves one chain for both
+        qe_leaf = tcb_leaf
+    else:
+        qe_leaf = _signing_leaf(
+            qe_chain, "QE identity", root=root, root_crl=collateral.root_crl, now=now
+        )
     signed: list[str] = []
     unsigned: list[str] = []
     if collateral.tcb_info is not None:
