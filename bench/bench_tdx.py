@@ -17,11 +17,10 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import statistics
-import time
 from collections.abc import Callable
 from pathlib import Path
 
+from bench.bench_attestation import measure
 from sealserve.attestation.snp_certs import VCEK_GUID, CertTable, TrustedRoots
 from sealserve.attestation.snp_verify import verify_snp_at_time
 from sealserve.attestation.tdx import verify_tdx_at_time
@@ -33,19 +32,6 @@ TDX = VECTORS / "tdx"
 SNP_NOW = datetime.datetime(2025, 6, 1, tzinfo=datetime.UTC)
 TDX_NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 DCAP_NOW = datetime.datetime(2025, 6, 20, tzinfo=datetime.UTC)
-
-
-def measure(fn: Callable[[], object], n: int) -> tuple[float, float, float]:
-    start = time.perf_counter()
-    fn()  # cold: loads and pin-checks the roots
-    cold = (time.perf_counter() - start) * 1e3
-    times = []
-    for _ in range(n):
-        start = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - start) * 1e3)
-    times.sort()
-    return cold, statistics.median(times), times[int(0.95 * (n - 1))]
 
 
 def main() -> None:
