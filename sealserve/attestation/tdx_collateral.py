@@ -376,6 +376,8 @@ DCAP_JSON_KEYS = (
     "qe_identity",
     "qe_identity_signature",
 )
+# Written by newer dcap-qvl; the PCK chain that counts is the one inside the quote.
+DCAP_JSON_IGNORED = ("pck_certificate_chain",)
 MAX_COLLATERAL = 1 << 20
 
 
@@ -427,7 +429,7 @@ class TdxCollateral:
         missing = [k for k in DCAP_JSON_KEYS if not isinstance(doc.get(k), str)]
         if missing:
             raise _fmt("collateral", f"missing or non-string key(s) {', '.join(missing)}")
-        unknown = sorted(set(doc) - set(DCAP_JSON_KEYS))
+        unknown = sorted(set(doc) - set(DCAP_JSON_KEYS) - set(DCAP_JSON_IGNORED))
         if unknown:
             raise _fmt("collateral", f"unknown key(s) {', '.join(k[:40] for k in unknown[:5])}")
 

@@ -15,6 +15,7 @@ from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.auth import Authenticator
 from sealserve.broker.core import KeyBroker
 from sealserve.broker.nonces import NonceBook
+from sealserve.broker.pccs import PccsClient
 from sealserve.broker.service import KeyBrokerServicer
 from sealserve.broker.settings import BrokerSettings
 from sealserve.broker.store import ROOT_AMD, ROOT_INTEL, ROOT_SIMULATED, KeyStore
@@ -67,6 +68,15 @@ def build_broker(
         nonces=nonces,
         roots=roots,
         tdx_collateral_dir=settings.tdx_collateral_dir,
+        pccs=(
+            PccsClient(
+                settings.tdx_pccs_url,
+                timeout=settings.tdx_pccs_timeout_seconds,
+                ttl=settings.tdx_pccs_cache_seconds,
+            )
+            if settings.tdx_pccs_url
+            else None
+        ),
         **({"clock": clock} if clock else {}),
     )
 

@@ -31,6 +31,7 @@ from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.attestation.tdx import quote_fmspc
 from sealserve.attestation.tdx_collateral import TdxCollateral
 from sealserve.broker.nonces import NonceBook, NonceExpired, NonceUnknown
+from sealserve.broker.pccs import PccsClient
 from sealserve.broker.store import (
     DATA_KEY_LEN,
     ROOT_SIMULATED,
@@ -41,7 +42,13 @@ from sealserve.broker.store import (
     check_roots,
 )
 from sealserve.enclave.key_wrap import SealedKey, seal_data_key
-from sealserve.errors import AttestationError, CryptoError, InputError, KeyReleaseError
+from sealserve.errors import (
+    AttestationError,
+    CryptoError,
+    InputError,
+    KeyReleaseError,
+    UnavailableError,
+)
 
 log = logging.getLogger("sealserve.broker")
 
@@ -65,8 +72,8 @@ class KeyBroker:
     ``roots`` maps root names ("amd", "intel", and "unsafe-simulated" only when
     configured) to TrustedRoots. ``clock`` (seconds since the epoch) is the time
     evidence is verified at. TDX evidence is always judged with collateral: the
-    evidence's own, else ``tdx_collateral_dir``'s file for the quote's FMSPC; without
-    complete, verified collateral it is refused.
+    evidence's own, else ``tdx_collateral_dir``'s file for the quote's FMSPC, else what
+    ``pccs`` fetches; without complete, verified collateral it is refused.
     """
 
     def __init__(
@@ -77,9 +84,11 @@ class KeyBroker:
         roots: Mapping[str, TrustedRoots],
         clock: Callable[[], float] = time.time,
         tdx_collateral_dir: Path | None = None,
+        pccs: PccsClient | None = None,
     ) -> None:
         self.store = store
         self._tdx_collateral_dir = tdx_collateral_dir
+        self._pccs = pccs
         self.nonces = nonces
         self._roots = dict(roots)
         self._clock = clock
@@ -216,9 +225,15 @@ class KeyBroker:
         if evidence.platform is not Platform.TDX or evidence.certs:
             return None
         found = None
-        if self._tdx_collateral_dir is not None:
+        if self._tdx_collateral_dir is not None or self._pccs is not None:
             fmspc = quote_fmspc(evidence.report)
-            found = TdxCollateral.from_cache_dir(self._tdx_collateral_dir, fmspc)
+            if self._tdx_collateral_dir is not None:
+                found = TdxCollateral.from_cache_dir(self._tdx_collateral_dir, fmspc)
+            if found is None and self._pccs is not None:
+                try:
+                    found = self._pccs.collateral(fmspc, evidence.report)
+                except UnavailableError as exc:
+                    raise _Refusal(exc.message, "collateral_fetch") from exc
         if found is None:
             raise _Refusal(
                 "TDX evidence without collateral, and none cached for its FMSPC (the broker "
