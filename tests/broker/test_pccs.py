@@ -146,3 +146,25 @@ def test_broker_uses_the_pccs_for_a_td_without_collateral(
     # Collateral fetched and verified; the genuine quote cannot bind the broker's nonce.
     assert record.check == "report_data_binding"
     assert _Pccs.hits
+
+
+@pytest.mark.parametrize(
+    ("url", "ok"),
+    [
+        ("https://pccs.example:8081", True),
+        ("http://127.0.0.1:8081", True),
+        ("http://pccs.example:8081", False),
+        ("ftp://127.0.0.1/", False),
+    ],
+)
+def test_pccs_url_must_be_https_or_loopback(
+    tmp_path: Path, admin_issuer: tuple[object, Path], url: str, ok: bool
+) -> None:
+    from sealserve.errors import ConfigError
+    from tests.broker.conftest import broker_settings
+
+    if ok:
+        assert broker_settings(tmp_path, admin_issuer[1], None, tdx_pccs_url=url).tdx_pccs_url
+    else:
+        with pytest.raises(ConfigError, match="use https"):
+            broker_settings(tmp_path, admin_issuer[1], None, tdx_pccs_url=url)
