@@ -147,7 +147,7 @@ def verify_tdx_at_time(
         )
     checks.append(Check("qe_report_binding", True, "attestation key bound by the QE report"))
     # 4b. The QE is Intel's TD QE (the collateral's QE identity adds its TCB level).
-    checks.append(_check_intel_qe(quote))
+    checks.append(check_intel_qe(quote))
     # 5. The attestation key signed the header and TD report.
     try:
         att_key = ec.EllipticCurvePublicKey.from_encoded_point(
@@ -213,7 +213,9 @@ def quote_fmspc(raw: bytes) -> bytes:
     return pck_extension(certs[0]).fmspc
 
 
-def _check_intel_qe(quote: TdxQuote) -> Check:
+def check_intel_qe(quote: TdxQuote) -> Check:
+    """The quote's QE is Intel's TD QE (vendor id, MRSIGNER, ISVPRODID): checked with or
+    without QE identity collateral. Raises VerificationError (``check="qe_identity"``)."""
     qe = quote.qe_report
     problems = []
     if quote.header.qe_vendor_id != INTEL_QE_VENDOR_ID:
