@@ -155,7 +155,7 @@ def verify_report_at_time(
         TdxQuote.from_bytes(report)  # a format error is named before the collateral's
         if tdx_collateral is None and certs:
             # Guest-supplied collateral is safe to take: every part is signed by Intel.
-            tdx_collateral = TdxCollateral.from_dcap_json(certs)
+            tdx_collateral = TdxCollateral.from_dcap_json_cached(certs)
         # The PCK chain travels inside the quote; collateral decides the TCB status.
         return verify_tdx_at_time(report, now=now, collateral=tdx_collateral)
     raise VerificationError(

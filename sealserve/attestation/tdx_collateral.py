@@ -24,7 +24,9 @@ signatures cannot be checked, and the result says so (``collateral_signature``,
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,9 @@ TCB_LEVEL_STATUSES = frozenset(
 #: Every value ``fields["tcb_status"]`` can take (Revoked raises instead).
 TCB_STATUSES = TCB_LEVEL_STATUSES | {RELAUNCH, RELAUNCH_CONFIG}
 CONFIG_STATUSES = frozenset({CONFIG_NEEDED, OUT_OF_DATE_CONFIG, CONFIG_AND_SW, RELAUNCH_CONFIG})
+
+
+_HEX = re.compile(rb"[0-9a-fA-F]+")
 
 
 def _fmt(what: str, message: str) -> EvidenceFormatError:
@@ -355,9 +360,7 @@ def load_crl(source: bytes | Path, *, what: str) -> x509.CertificateRevocationLi
     try:
         if stripped.startswith(b"-----BEGIN"):
             return x509.load_pem_x509_crl(stripped)
-        if stripped[:2] in (b"30", b"30".upper()) and all(
-            c in b"0123456789abcdefABCDEF" for c in stripped
-        ):
+        if stripped[:2] == b"30" and _HEX.fullmatch(stripped):
             return x509.load_der_x509_crl(bytes.fromhex(stripped.decode()))
         return x509.load_der_x509_crl(data)
     except ValueError as exc:
@@ -449,6 +452,13 @@ class TdxCollateral:
             qe_identity_signing_chain=chain("qe_identity_issuer_chain"),
         )
 
+    @staticmethod
+    def from_dcap_json_cached(data: bytes) -> TdxCollateral:
+        """:meth:`from_dcap_json` of ``data``, remembered for the same bytes (a TD sends
+        the same collateral until Intel reissues it; parsing is most of the cost).
+        Only parsing is cached: every check still runs on every verification."""
+        return _parse_dcap_json(bytes(data))
+
     @classmethod
     def from_cache_dir(cls, directory: str | Path, fmspc: bytes) -> TdxCollateral | None:
         """The collateral for ``fmspc`` in a cache directory: ``<fmspc hex>.json`` in
@@ -493,3 +503,8 @@ class TdxCollateral:
             pck_crl=load_crl(read(pck_crl), what="PCK CRL") if pck_crl is not None else None,
             tcb_signing_chain=chain,
         )
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_dcap_json(data: bytes) -> TdxCollateral:
+    return TdxCollateral.from_dcap_json(data)
