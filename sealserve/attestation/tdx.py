@@ -38,7 +38,6 @@ from sealserve.attestation.tdx_collateral import TdxCollateral
 from sealserve.attestation.tdx_pck import (
     PckChain,
     PckExtension,
-    common_name,
     intel_sgx_root_ca,
     load_pem_chain,
     pck_extension,
@@ -47,6 +46,7 @@ from sealserve.attestation.tdx_pck import (
 )
 from sealserve.attestation.tdx_quote import INTEL_QE_VENDOR_ID, TdxQuote
 from sealserve.attestation.tdx_tcb import evaluate_collateral
+from sealserve.attestation.x509names import common_name
 from sealserve.errors import EvidenceFormatError, VerificationError
 
 # Intel's TD quoting enclave, as published in every TD_QE identity Intel signs: used

@@ -93,7 +93,8 @@ def _snp_signer(args: argparse.Namespace, roots: TrustedRoots) -> tuple[bytes | 
     ones the roots already hold (a bundle cannot bring its own trust anchor)."""
     from cryptography.hazmat.primitives.serialization import Encoding
 
-    from sealserve.attestation.snp_certs import common_name, load_amd_certificates
+    from sealserve.attestation.snp_certs import load_amd_certificates
+    from sealserve.attestation.x509names import common_name
 
     signer = _read(args.vcek, "--vcek") if args.vcek is not None else None
     if args.cert_chain is None:
