@@ -54,8 +54,8 @@ class InferenceServicer:
         pair = self._ok.get(key)
         if pair is None:
             pair = (
-                self._metrics.requests.labels(model, version, "OK"),
-                self._metrics.latency.labels(model, version),
+                self._metrics.requests.labels(model, version, "OK", "grpc"),
+                self._metrics.latency.labels(model, version, "grpc"),
             )
             self._ok[key] = pair
         return pair
@@ -112,7 +112,7 @@ class InferenceServicer:
                 )
         except Exception as exc:
             status = to_status(exc)
-            self._metrics.requests.labels(model, version, status[0].name).inc()
+            self._metrics.requests.labels(model, version, status[0].name, "grpc").inc()
             await abort_status(context, *status)
             raise
         ok, latency = self._ok_metrics(model, version)
