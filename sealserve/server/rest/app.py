@@ -99,6 +99,9 @@ class RestApp:
             status, message, extra = to_http(exc)
             body = error_body(message)
             extra = [(b"content-type", JSON), *extra]
+        if not scope.get(_BODY_READ) and _has_body(headers):
+            # Answered before the body was read (refused early): do not drain it.
+            extra = [*extra, (b"connection", b"close")]
         await send(
             {
                 "type": "http.response.start",
@@ -183,7 +186,7 @@ class RestApp:
                     f"Content-Encoding {quote(headers[b'content-encoding'].decode('latin-1'))} "
                     "is not accepted; send the body uncompressed",
                 )
-            body = await self._read_body(headers, receive)
+            body = await self._read_body(scope, headers, receive)
             decoded = decode_infer_request(
                 body,
                 loaded.info,
@@ -237,7 +240,9 @@ class RestApp:
             self._ok[key] = pair
         return pair
 
-    async def _read_body(self, headers: dict[bytes, bytes], receive: Receive) -> bytes:
+    async def _read_body(
+        self, scope: Scope, headers: dict[bytes, bytes], receive: Receive
+    ) -> bytes:
         """The whole body, refused (413) before it is read whole when over the cap and
         (408) when it arrives slower than the body timeout."""
         declared = headers.get(b"content-length")
@@ -266,6 +271,7 @@ class RestApp:
                     chunks.append(chunk)
                     if not message.get("more_body", False):
                         break
+            scope[_BODY_READ] = True
         except TimeoutError:
             raise HttpError(
                 408, f"request body not received within {self._body_timeout:g} s"
@@ -292,6 +298,11 @@ class RestApp:
 
 
 _JSON: Headers = [(b"content-type", JSON)]
+_BODY_READ = "sealserve.body_read"
+
+
+def _has_body(headers: dict[bytes, bytes]) -> bool:
+    return headers.get(b"content-length", b"0") != b"0" or b"transfer-encoding" in headers
 
 
 def _boolean(key: str, value: bool) -> tuple[int, bytes, Headers]:

@@ -68,7 +68,6 @@ def _guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[Ht
 
         def _arm(self) -> None:
             self._disarm()
-            self._header_bytes = 0
             self._header_timer = self.loop.call_later(header_timeout_s, self._expired)
 
         def _disarm(self) -> None:
@@ -95,15 +94,29 @@ def _guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[Ht
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
-            if self._header_timer is not None:
-                self._header_bytes += len(data)
-                if self._header_bytes > max_header_bytes:
-                    self._refuse(size_reply)
-                    return
             super().data_received(data)
+            # A header the parser holds unfinished is not counted yet: bound the
+            # bytes of an unfinished head too.
+            if self._header_timer is not None and len(data) > max_header_bytes:
+                self._refuse(size_reply)
+
+        def _count(self, size: int) -> None:
+            self._header_bytes += size
+            if self._header_bytes > max_header_bytes:
+                self._refuse(size_reply)
+                raise ValueError("request headers too large")  # stops the parser
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
             self._disarm()
+            self._header_bytes = 0
             super().on_headers_complete()
 
         def on_response_complete(self) -> None:
