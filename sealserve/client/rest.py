@@ -185,9 +185,7 @@ def encode_infer(
         arr = np.asarray(value)
         datatype = numpy_to_oip(arr.dtype)
         blob = (
-            encode_bytes_tensor(arr)
-            if datatype == "BYTES"
-            else np.ascontiguousarray(arr).tobytes()
+            encode_bytes_tensor(arr) if datatype == "BYTES" else np.ascontiguousarray(arr).tobytes()
         )
         entries.append(
             {

@@ -118,7 +118,7 @@ def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
         return out
     target = OIP_TO_NUMPY[datatype]
     if target.kind in _INT_KINDS:
-        info = np.iinfo(target)
+        info = np.iinfo(target)  # type: ignore[type-var]
         if flat.min() < info.min or flat.max() > info.max:
             raise TensorError(f"input {quote(name)}: values out of range for {datatype}")
     return flat.astype(target, copy=False)
@@ -150,8 +150,9 @@ def decode_infer_request(
     does not match the shape, binary sizes that disagree with the body, unknown
     requested outputs, or tensors whose total size exceeds ``max_bytes``.
     """
+    binary: memoryview | bytes = b""
     if header_length is None:
-        header, binary = body, b""
+        header = body
     else:
         if header_length > len(body):
             raise TensorError(
@@ -224,8 +225,7 @@ def decode_infer_request(
             total += count * itemsize  # BYTES: counted once decoded, below
         if total > max_bytes:
             raise TensorError(
-                f"input {quote(name)}: request tensors exceed the size limit of "
-                f"{max_bytes} bytes"
+                f"input {quote(name)}: request tensors exceed the size limit of {max_bytes} bytes"
             )
         if size is not None:
             data = bytes(binary[offset : offset + size])
@@ -316,10 +316,7 @@ def encode_infer_response(
         datatype = NUMPY_TO_OIP.get(arr.dtype) or numpy_to_oip(arr.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if all_binary or name in binary_outputs:
-            if datatype == "BYTES":
-                blob = encode_bytes_tensor(arr)
-            else:
-                blob = arr.tobytes()
+            blob = encode_bytes_tensor(arr) if datatype == "BYTES" else arr.tobytes()
             entry["parameters"] = {"binary_data_size": len(blob)}
             blobs.append(blob)
         else:

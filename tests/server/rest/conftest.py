@@ -27,7 +27,9 @@ class Rest:
     def port(self) -> int:
         return int(self.running.server.rest_port)
 
-    def token(self, account: str = "acct-1", scopes: tuple[str, ...] = ("infer", "metadata")) -> str:
+    def token(
+        self, account: str = "acct-1", scopes: tuple[str, ...] = ("infer", "metadata")
+    ) -> str:
         return self.issuer.issue(
             account, tier="standard", scopes=list(scopes), tos_version=TOS, ttl=600
         )

@@ -34,7 +34,7 @@ def test_tritonclient_http_every_datatype(rest_server: Any, binary: bool) -> Non
     rng = np.random.default_rng(0)
     inputs, want = [], {}
     for dt, np_type in TYPES.items():
-        value = (rng.integers(0, 100, (2, 3)) if dt != "BOOL" else rng.integers(0, 2, (2, 3)))
+        value = rng.integers(0, 100, (2, 3)) if dt != "BOOL" else rng.integers(0, 2, (2, 3))
         arr = value.astype(np_type)
         if dt == "FP16" and not binary:
             continue  # tritonclient refuses FP16 as JSON (no JSON form in its codec)
@@ -58,7 +58,9 @@ def test_tritonclient_http_every_datatype(rest_server: Any, binary: bool) -> Non
         got = result.as_numpy(name)
         assert got is not None and got.shape == arr.shape, name
         if name == "out_BYTES":
-            assert [bytes(x) if isinstance(x, bytes) else str(x).encode() for x in got.reshape(-1)] == list(arr.reshape(-1))
+            assert [
+                bytes(x) if isinstance(x, bytes) else str(x).encode() for x in got.reshape(-1)
+            ] == list(arr.reshape(-1))
         else:
             np.testing.assert_array_equal(got, arr, err_msg=name)
     client.close()

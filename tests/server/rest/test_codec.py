@@ -102,7 +102,10 @@ def test_binary_extension_decodes_and_sizes_must_agree() -> None:
         (b'{"inputs": [', "request body is not valid JSON"),
         (b"[1, 2]", "the request body must be a JSON object, got list"),
         ({"inputs": []}, "'inputs' must be a non-empty JSON array"),
-        (_with("x", data=["1.0", "2", "3"]), "'x': data holds string values, datatype FP32 needs numbers"),
+        (
+            _with("x", data=["1.0", "2", "3"]),
+            "'x': data holds string values, datatype FP32 needs numbers",
+        ),
         (_with("x", data=[1, None, 3]), "'x': data holds mixed or null values"),
         (_with("i", data=[1.5, 2]), "'i': data holds number values, datatype INT8 needs integers"),
         (_with("i", data=[1, 300]), "'i': values out of range for INT8"),
@@ -115,10 +118,16 @@ def test_binary_extension_decodes_and_sizes_must_agree() -> None:
         (_with("x", shape=[1, 4]), r"'x': expected shape \[-1, 3\], got \[1, 4\]"),
         (_with("x", shape=[1, "3"]), "'x': shape must be a list of integers"),
         (_with("x", shape=[-1, 3]), "'x': negative dimension"),
-        (_with("x", name="z" * 500), r"input 'zzzz.*\.\.\. \(500 chars\) is not an input of model 'm'"),
+        (
+            _with("x", name="z" * 500),
+            r"input 'zzzz.*\.\.\. \(500 chars\) is not an input of model 'm'",
+        ),
         ({"inputs": GOOD + GOOD[:1]}, "'x' appears more than once"),
         ({"inputs": GOOD[:2]}, r"missing input\(s\): s"),
-        ({"inputs": GOOD, "outputs": [{"name": "nope"}]}, "requested output 'nope' is not an output"),
+        (
+            {"inputs": GOOD, "outputs": [{"name": "nope"}]},
+            "requested output 'nope' is not an output",
+        ),
         ({"inputs": GOOD, "id": 5}, "'id' must be a string, got int"),
     ],
 )
@@ -134,7 +143,9 @@ def test_size_limits() -> None:
     strings = _with("s", shape=[2], data=["a" * 600, "b" * 600])
     with pytest.raises(TensorError, match="'s': request tensors exceed the size limit of 1024"):
         _decode(strings, max_bytes=1024)
-    with pytest.raises(TensorError, match=r"JSON part of the request is \d+ bytes, over the limit of 1024"):
+    with pytest.raises(
+        TensorError, match=r"JSON part of the request is \d+ bytes, over the limit of 1024"
+    ):
         _decode(big, max_json_bytes=1024)
 
 
