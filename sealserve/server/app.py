@@ -325,11 +325,12 @@ class Server:
         app = RestApp(
             self.plane, self.metrics, authenticator=self.authenticator,
             evidence=attestation.evidence if attestation is not None else None,
-            max_json_bytes=rest.max_json_bytes, body_timeout_s=rest.body_timeout_s,
+            max_json_bytes=rest.max_json_bytes,
         )  # fmt: skip
         self.rest = RestServer(
             app, host=rest.host, port=rest.port, tls=self.tls,
-            header_timeout_s=rest.header_timeout_s, keep_alive_s=rest.keep_alive_s,
+            header_timeout_s=rest.header_timeout_s, body_timeout_s=rest.body_timeout_s,
+            keep_alive_s=rest.keep_alive_s,
             max_connections=rest.max_connections,
         )  # fmt: skip
         try:

@@ -14,7 +14,7 @@ gRPC method needs (``metadata``, ``infer``). Proof of work travels in headers
 (``sealserve-challenge`` out; ``sealserve-pow-challenge`` and ``sealserve-pow-solution``
 in), quota left in ``sealserve-quota-remaining``. The body is refused before it is read
 whole: ``Content-Length`` over the cap is 413 at once, a chunked body is cut off at the
-cap, a body that trickles in slower than ``body_timeout_s`` is 408.
+cap (slow headers and bodies are the connection's business: server.py).
 
 Bare ASGI rather than a framework: see docs/rest.md (the measured cost per request).
 """
@@ -75,7 +75,6 @@ class RestApp:
         authenticator: Authenticator | None,
         evidence: Callable[[bytes], bytes] | None = None,
         max_json_bytes: int = 8 << 20,
-        body_timeout_s: float = 30.0,
     ) -> None:
         self._plane = plane
         self._metrics = metrics
@@ -83,16 +82,13 @@ class RestApp:
         self._evidence = evidence
         self._max_json = max_json_bytes
         self._max_body = max(plane.max_request_bytes, max_json_bytes) + _ENVELOPE
-        self._body_timeout = body_timeout_s
         self._ok: dict[tuple[str, str], tuple[Any, Any]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return  # lifespan is off; websockets are not served
-        headers: dict[bytes, bytes] = {}
-        for key, value in scope["headers"]:
-            # A repeated header keeps its first value; none of ours may repeat.
-            headers.setdefault(key, value)
+        # A repeated header keeps its last value (none of ours may repeat).
+        headers: dict[bytes, bytes] = dict(scope["headers"])
         try:
             status, body, extra = await self._route(scope, headers, receive)
         except Exception as exc:
@@ -180,11 +176,12 @@ class RestApp:
             principal = await self._authenticate(headers, SCOPE_INFER)
             loaded = self._plane.model(model, version)
             label = (loaded.info.name, loaded.info.version)
-            if b"content-encoding" in headers and headers[b"content-encoding"] != b"identity":
+            encoding = headers.get(b"content-encoding")
+            if encoding is not None and encoding != b"identity":
                 raise HttpError(
                     415,
-                    f"Content-Encoding {quote(headers[b'content-encoding'].decode('latin-1'))} "
-                    "is not accepted; send the body uncompressed",
+                    f"Content-Encoding {quote(encoding.decode('latin-1'))} is not accepted; "
+                    "send the body uncompressed",
                 )
             body = await self._read_body(scope, headers, receive)
             decoded = decode_infer_request(
@@ -195,24 +192,29 @@ class RestApp:
                 max_json_bytes=self._max_json,
             )
             client = scope.get("client")
+            forwarded = headers.get(b"x-forwarded-for")
             caller = self._plane.guard.caller(
                 account=principal.account if principal else None,
                 tier=principal.tier if principal else None,
-                transport_peer=_peer(client),
-                forwarded_for=_text(headers.get(b"x-forwarded-for")),
+                # The address alone: per-peer limits count hosts, and the guard caches
+                # resolved peers by it.
+                transport_peer=client[0] if client else "",
+                forwarded_for=forwarded.decode("latin-1") if forwarded is not None else None,
                 protocol=PROTOCOL,
             )
-            challenge = _text(headers.get(b"sealserve-pow-challenge"))
-            solution = _text(headers.get(b"sealserve-pow-solution"))
-            pow_ = ProofOfWork(challenge, solution) if challenge and solution else None
+            pow_ = None
+            challenge = headers.get(b"sealserve-pow-challenge")
+            if challenge is not None:
+                solution = headers.get(b"sealserve-pow-solution", b"")
+                pow_ = ProofOfWork(challenge.decode("latin-1"), solution.decode("latin-1"))
             result, remaining = await self._plane.infer(decoded.request, caller, pow_=pow_)
             body, header_length = encode_infer_response(
                 result, binary_outputs=decoded.binary_outputs, all_binary=decoded.all_binary
             )
         except Exception as exc:
-            status = to_http(exc)[0]
+            status, message, extra = to_http(exc)  # logs an internal error, once
             self._metrics.requests.labels(*label, str(status), PROTOCOL).inc()
-            raise
+            raise HttpError(status, message, extra) from exc
         out: Headers
         if header_length is None:
             out = [(b"content-type", JSON)]
@@ -243,8 +245,7 @@ class RestApp:
     async def _read_body(
         self, scope: Scope, headers: dict[bytes, bytes], receive: Receive
     ) -> bytes:
-        """The whole body, refused (413) before it is read whole when over the cap and
-        (408) when it arrives slower than the body timeout."""
+        """The whole body, refused (413) before it is read whole when over the cap."""
         declared = headers.get(b"content-length")
         if declared is not None:
             if not declared.isdigit():
@@ -254,28 +255,21 @@ class RestApp:
                     413, f"request body of {int(declared)} bytes is over the limit of "
                     f"{self._max_body} bytes"
                 )  # fmt: skip
+        # The body's deadline is the connection's (server.py: 408, then close).
         chunks: list[bytes] = []
         size = 0
-        try:
-            async with asyncio.timeout(self._body_timeout):
-                while True:
-                    message = await receive()
-                    if message["type"] == "http.disconnect":
-                        raise HttpError(400, "the client went away before the body was sent")
-                    chunk = message.get("body", b"")
-                    size += len(chunk)
-                    if size > self._max_body:
-                        raise HttpError(
-                            413, f"request body is over the limit of {self._max_body} bytes"
-                        )
-                    chunks.append(chunk)
-                    if not message.get("more_body", False):
-                        break
-            scope[_BODY_READ] = True
-        except TimeoutError:
-            raise HttpError(
-                408, f"request body not received within {self._body_timeout:g} s"
-            ) from None
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                raise HttpError(400, "the client went away before the body was sent")
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self._max_body:
+                raise HttpError(413, f"request body is over the limit of {self._max_body} bytes")
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        scope[_BODY_READ] = True
         return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
     async def _get_evidence(self, scope: Scope) -> tuple[int, bytes, Headers]:
@@ -339,12 +333,3 @@ def _header_length(headers: dict[bytes, bytes]) -> int | None:
     return int(value)
 
 
-def _peer(client: Any) -> str:
-    if not client:
-        return ""
-    host, port = client[0], client[1]
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def _text(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("latin-1")

@@ -18,7 +18,7 @@ an output's ``parameters.binary_data``), the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -48,29 +48,30 @@ def quote(text: str, limit: int = 32) -> str:
     return f"{text[:limit]!r}... ({len(text)} chars)"
 
 
-@dataclass(frozen=True)
+@dataclass(slots=True)
 class DecodedRequest:
     request: InferRequest
     binary_outputs: frozenset[str]
     all_binary: bool
 
 
-def _object(value: Any, what: str) -> dict[str, Any]:
-    if not isinstance(value, dict):
-        raise TensorError(f"{what} must be a JSON object, got {type(value).__name__}")
+def _object(value: Any, what: str | Callable[[], str]) -> dict[str, Any]:
+    """``value`` if it is a JSON object; ``what`` names it (a callable: built on error)."""
+    if type(value) is not dict:
+        label = what if isinstance(what, str) else what()
+        raise TensorError(f"{label} must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def _str(value: Any, what: str) -> str:
-    if not isinstance(value, str):
-        raise TensorError(f"{what} must be a string, got {type(value).__name__}")
+def _str(value: Any, what: str | Callable[[], str]) -> str:
+    if type(value) is not str:
+        label = what if isinstance(what, str) else what()
+        raise TensorError(f"{label} must be a string, got {type(value).__name__}")
     return value
 
 
 def _shape(name: str, spec: TensorSpec, value: Any) -> tuple[int, ...]:
-    if not isinstance(value, list) or not all(
-        isinstance(d, int) and not isinstance(d, bool) for d in value
-    ):
+    if type(value) is not list or any(type(d) is not int for d in value):
         raise TensorError(f"input {quote(name)}: shape must be a list of integers")
     if len(value) != len(spec.shape):
         raise TensorError(
@@ -188,7 +189,7 @@ def decode_infer_request(
             )
         if name in inputs:
             raise TensorError(f"input {quote(name)} appears more than once")
-        datatype = _str(tensor.get("datatype"), f"input {quote(name)}: 'datatype'")
+        datatype = _str(tensor.get("datatype"), lambda: f"input {quote(name)}: 'datatype'")
         if datatype != spec.datatype:
             raise TensorError(
                 f"input {quote(name)}: expected datatype {spec.datatype}, "
@@ -198,7 +199,9 @@ def decode_infer_request(
         count = math.prod(shape)
         itemsize = 0 if datatype == "BYTES" else OIP_TO_NUMPY[datatype].itemsize
         params = tensor.get("parameters") or {}
-        size = _object(params, f"input {quote(name)}: 'parameters'").get("binary_data_size")
+        size = _object(params, lambda: f"input {quote(name)}: 'parameters'").get(
+            "binary_data_size"
+        )
         if size is not None:
             if "data" in tensor:
                 raise TensorError(
@@ -288,7 +291,9 @@ def _requested_outputs(value: Any, info: ModelInfo) -> tuple[tuple[str, ...], fr
                 f"requested output {quote(name)} is not an output of model '{info.name}' "
                 f"(outputs: {', '.join(sorted(info.output_names))})"
             )
-        params = _object(out.get("parameters") or {}, f"output {quote(name)}: 'parameters'")
+        params = _object(
+            out.get("parameters") or {}, lambda: f"output {quote(name)}: 'parameters'"
+        )
         if params.get("binary_data") is True:
             binary.add(name)
         names.append(name)

@@ -5,9 +5,9 @@ only from paths, so the PEM goes through an anonymous memory file (``memfd_creat
 close-on-exec) that is read once and closed; nothing touches a disk.
 
 uvicorn times out idle keep-alive connections but not a client that sends its request
-headers slowly (slow loris); :func:`_guarded_protocol` adds a header deadline and a
-header size cap (408 / 431, then the connection closes). The body has its own
-deadline in the application (408).
+slowly (slow loris); :func:`_guarded_protocol` adds a deadline for the headers, then
+one for the body, and a header size cap (408 / 431, then the connection closes). One
+timer per request does both deadlines, cheaper than a timeout in the application.
 """
 
 from __future__ import annotations
@@ -52,10 +52,16 @@ def _canned(status: int, reason: str, message: str) -> bytes:
     ).encode() + body
 
 
-def _guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with a deadline and a size cap on request headers."""
-    timeout_reply = _canned(
+def _guarded_protocol(
+    header_timeout_s: float, body_timeout_s: float, max_header_bytes: int
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with deadlines on request headers and body and a
+    size cap on the headers."""
+    header_reply = _canned(
         408, "Request Timeout", f"request headers not received within {header_timeout_s:g} s"
+    )
+    body_reply = _canned(
+        408, "Request Timeout", f"request body not received within {body_timeout_s:g} s"
     )
     size_reply = _canned(
         431, "Request Header Fields Too Large",
@@ -63,41 +69,41 @@ def _guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[Ht
     )  # fmt: skip
 
     class GuardedProtocol(HttpToolsProtocol):
-        _header_timer: asyncio.TimerHandle | None = None
+        # The deadline of the phase the connection is in (headers, then body); a sweep
+        # (RestServer) refuses the late ones: cheaper than a timer per request.
+        deadline: float | None = None
+        late_reply = b""
+        _in_headers = False
         _header_bytes = 0
 
-        def _arm(self) -> None:
-            self._disarm()
-            self._header_timer = self.loop.call_later(header_timeout_s, self._expired)
-
-        def _disarm(self) -> None:
-            if self._header_timer is not None:
-                self._header_timer.cancel()
-                self._header_timer = None
-
         def _refuse(self, reply: bytes) -> None:
-            self._disarm()
+            self.deadline = None
             if not self.transport.is_closing():
                 self.transport.write(reply)
                 self.transport.close()
 
-        def _expired(self) -> None:
-            self._header_timer = None
-            self._refuse(timeout_reply)
+        def expire(self) -> None:
+            self._refuse(self.late_reply)
+
+        def _expect_headers(self) -> None:
+            self._in_headers = True
+            self._header_bytes = 0
+            self.deadline = self.loop.time() + header_timeout_s
+            self.late_reply = header_reply
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._arm()
+            self._expect_headers()
 
         def connection_lost(self, exc: Exception | None) -> None:
-            self._disarm()
+            self.deadline = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
             super().data_received(data)
             # A header the parser holds unfinished is not counted yet: bound the
             # bytes of an unfinished head too.
-            if self._header_timer is not None and len(data) > max_header_bytes:
+            if self._in_headers and len(data) > max_header_bytes:
                 self._refuse(size_reply)
 
         def _count(self, size: int) -> None:
@@ -115,14 +121,19 @@ def _guarded_protocol(header_timeout_s: float, max_header_bytes: int) -> type[Ht
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:
-            self._disarm()
-            self._header_bytes = 0
+            self._in_headers = False
+            self.deadline = self.loop.time() + body_timeout_s
+            self.late_reply = body_reply
             super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self.deadline = None
+            super().on_message_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
-                self._arm()  # the next request's headers get the same deadline
+                self._expect_headers()  # the next request gets the same deadlines
 
     return GuardedProtocol
 
@@ -138,6 +149,7 @@ class RestServer:
         port: int,
         tls: TlsIdentity | None,
         header_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
         keep_alive_s: int = 5,
         max_header_bytes: int = 16 * 1024,
         max_connections: int | None = 1000,
@@ -149,7 +161,7 @@ class RestServer:
         self._config = uvicorn.Config(
             app,
             lifespan="off",
-            http=_guarded_protocol(header_timeout_s, max_header_bytes),
+            http=_guarded_protocol(header_timeout_s, body_timeout_s, max_header_bytes),
             log_config=None,
             access_log=False,
             server_header=False,
@@ -160,13 +172,17 @@ class RestServer:
         self._server = uvicorn.Server(self._config)
         self._sock: socket.socket | None = None
         self._ticker: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_s = min(max(min(header_timeout_s, body_timeout_s) / 5, 0.02), 1.0)
 
     async def start(self) -> int:
         """Bind and start serving. Returns the bound port."""
         self._config.load()
         self._server.lifespan = self._config.lifespan_class(self._config)  # "off"
         family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only
+        # when the listener says TCP (proto 0 costs a 40 ms Nagle/delayed-ACK stall).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             sock.bind((self._host, self._port))
@@ -179,13 +195,31 @@ class RestServer:
         self.port = sock.getsockname()[1]
         # uvicorn's tick keeps the Date header current; its signal handling stays out.
         self._ticker = asyncio.ensure_future(self._server.main_loop())
+        self._sweeper = asyncio.ensure_future(self._sweep())
         log.info(
             "REST (OIP over HTTP) on %s:%d (%s)",
             self._host, self.port, "TLS" if self._tls is not None else "plaintext",
         )  # fmt: skip
         return self.port
 
+    async def _sweep(self) -> None:
+        """Refuse connections past their header or body deadline (408, then close)."""
+        loop = asyncio.get_running_loop()
+        connections = self._server.server_state.connections
+        while True:
+            await asyncio.sleep(self._sweep_s)
+            now = loop.time()
+            for conn in list(connections):
+                deadline = getattr(conn, "deadline", None)
+                if deadline is not None and deadline < now:
+                    conn.expire()  # type: ignore[union-attr]
+
     async def stop(self, grace: float = 5.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
         if self._ticker is None:
             return
         self._server.should_exit = True
