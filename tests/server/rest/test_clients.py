@@ -113,3 +113,18 @@ def test_kserve_rest_wire_format(rest_server: Any) -> None:
         assert [o["name"] for o in r.json()["outputs"]] == ["label"]
         r = http.post("/v2/models/digits/versions/9/infer", json=body)
         assert r.status_code == 404 and "version" in r.json()["error"]
+
+
+def test_accepted_connections_send_without_nagle_delay(rest_server: Any) -> None:
+    """Responses go out as two writes (head, body): without TCP_NODELAY the second waits
+    for the client's delayed ACK (40 ms a request)."""
+    import socket
+
+    rest = rest_server()
+    with httpx.Client(base_url=f"http://{rest.target}", headers=rest.headers(), timeout=10) as h:
+        assert h.get("/v2/health/live").status_code == 200  # the connection stays open
+        conns = list(rest.running.server.rest._server.server_state.connections)
+        assert conns
+        for conn in conns:
+            sock = conn.transport.get_extra_info("socket")
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) != 0
