@@ -169,7 +169,10 @@ def main() -> int:
                        "--server", server, "--framework", framework, "--ready-file", str(ready)],
                       ready, env)  # fmt: skip
             procs.append(p)
-            servers[f"{framework} ASGI on {server}"] = (p.pid, json.loads(ready.read_text())["port"])
+            servers[f"{framework} ASGI on {server}"] = (
+                p.pid,
+                json.loads(ready.read_text())["port"],
+            )
         ready = tmp / "sealserve.json"
         p = start([sys.executable, "-m", "sealserve", "serve", "--config", str(cfg),
                    "--ready-file", str(ready)], ready, env)  # fmt: skip
@@ -180,13 +183,13 @@ def main() -> int:
         for c in (1, 16):
             systems: dict[str, tuple[int, object]] = {}
             for name, (pid, port) in servers.items():
-                systems[name] = (pid, lambda s, port=port: http_load(
+                systems[name] = (pid, lambda s, port=port, c=c: http_load(
                     port, json_req, concurrency=c, seconds=s))  # fmt: skip
-            systems["sealserve REST (JSON)"] = (seal_pid, lambda s: http_load(
+            systems["sealserve REST (JSON)"] = (seal_pid, lambda s, c=c: http_load(
                 seal_rest, json_req, concurrency=c, seconds=s))  # fmt: skip
-            systems["sealserve REST (binary)"] = (seal_pid, lambda s: http_load(
+            systems["sealserve REST (binary)"] = (seal_pid, lambda s, c=c: http_load(
                 seal_rest, binary_req, concurrency=c, seconds=s))  # fmt: skip
-            systems["sealserve gRPC"] = (seal_pid, lambda s: grpc_load(
+            systems["sealserve gRPC"] = (seal_pid, lambda s, c=c: grpc_load(
                 f"127.0.0.1:{seal_grpc}", grpc_payload, concurrency=c, seconds=s))  # fmt: skip
             got: dict[str, list[Result]] = {name: [] for name in systems}
             for _ in range(args.rounds):
@@ -238,7 +241,9 @@ def main() -> int:
         "like the baselines; its gRPC row is the same server's gRPC port. Server CPU is the "
         "server's process tree (granian runs its app in a worker process). "
         f"{args.rounds} alternating rounds of {args.seconds:g} s each, averaged.\n\n"
-        + table + "\n\nTargets:\n" + "\n".join(verdicts)
+        + table
+        + "\n\nTargets:\n"
+        + "\n".join(verdicts)
     )
     print(body)
     if not args.no_write:

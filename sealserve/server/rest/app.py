@@ -331,5 +331,3 @@ def _header_length(headers: dict[bytes, bytes]) -> int | None:
     if not value.isdigit():
         raise HttpError(400, "Inference-Header-Content-Length is not a number")
     return int(value)
-
-

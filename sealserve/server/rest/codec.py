@@ -18,7 +18,7 @@ an output's ``parameters.binary_data``), the same way.
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,18 +55,21 @@ class DecodedRequest:
     all_binary: bool
 
 
-def _object(value: Any, what: str | Callable[[], str]) -> dict[str, Any]:
-    """``value`` if it is a JSON object; ``what`` names it (a callable: built on error)."""
+def _label(what: str, of: tuple[str, str] | None) -> str:
+    # Built only on error: quoting a name on every request costs more than the check.
+    return what if of is None else f"{of[0]} {quote(of[1])}: {what}"
+
+
+def _object(value: Any, what: str, of: tuple[str, str] | None = None) -> dict[str, Any]:
+    """``value`` if it is a JSON object; ``what`` (of ``(kind, name)``) names it."""
     if type(value) is not dict:
-        label = what if isinstance(what, str) else what()
-        raise TensorError(f"{label} must be a JSON object, got {type(value).__name__}")
+        raise TensorError(f"{_label(what, of)} must be a JSON object, got {type(value).__name__}")
     return value
 
 
-def _str(value: Any, what: str | Callable[[], str]) -> str:
+def _str(value: Any, what: str, of: tuple[str, str] | None = None) -> str:
     if type(value) is not str:
-        label = what if isinstance(what, str) else what()
-        raise TensorError(f"{label} must be a string, got {type(value).__name__}")
+        raise TensorError(f"{_label(what, of)} must be a string, got {type(value).__name__}")
     return value
 
 
@@ -189,7 +192,7 @@ def decode_infer_request(
             )
         if name in inputs:
             raise TensorError(f"input {quote(name)} appears more than once")
-        datatype = _str(tensor.get("datatype"), lambda: f"input {quote(name)}: 'datatype'")
+        datatype = _str(tensor.get("datatype"), "'datatype'", ("input", name))
         if datatype != spec.datatype:
             raise TensorError(
                 f"input {quote(name)}: expected datatype {spec.datatype}, "
@@ -199,9 +202,7 @@ def decode_infer_request(
         count = math.prod(shape)
         itemsize = 0 if datatype == "BYTES" else OIP_TO_NUMPY[datatype].itemsize
         params = tensor.get("parameters") or {}
-        size = _object(params, lambda: f"input {quote(name)}: 'parameters'").get(
-            "binary_data_size"
-        )
+        size = _object(params, "'parameters'", ("input", name)).get("binary_data_size")
         if size is not None:
             if "data" in tensor:
                 raise TensorError(
@@ -291,9 +292,7 @@ def _requested_outputs(value: Any, info: ModelInfo) -> tuple[tuple[str, ...], fr
                 f"requested output {quote(name)} is not an output of model '{info.name}' "
                 f"(outputs: {', '.join(sorted(info.output_names))})"
             )
-        params = _object(
-            out.get("parameters") or {}, lambda: f"output {quote(name)}: 'parameters'"
-        )
+        params = _object(out.get("parameters") or {}, "'parameters'", ("output", name))
         if params.get("binary_data") is True:
             binary.add(name)
         names.append(name)

@@ -17,9 +17,7 @@ from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, Rate
 from tests.server.test_defenses_rpc import _defense
 
 
-def test_uniform_sweep_over_rest_is_stopped_and_audited(
-    rest_server: Any, tmp_path: Path
-) -> None:
+def test_uniform_sweep_over_rest_is_stopped_and_audited(rest_server: Any, tmp_path: Path) -> None:
     rest = rest_server(
         model_repository=demo.repository(),
         state_store="memory:",
