@@ -173,7 +173,9 @@ class RestApp:
         # Metric labels only name served models (client strings would grow them).
         label = ("(unknown)", "")
         try:
-            principal = await self._authenticate(headers, SCOPE_INFER)
+            principal = (
+                await self._authenticate(headers, SCOPE_INFER) if self._auth is not None else None
+            )
             loaded = self._plane.model(model, version)
             label = (loaded.info.name, loaded.info.version)
             encoding = headers.get(b"content-encoding")
