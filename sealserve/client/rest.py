@@ -109,7 +109,8 @@ class RestConnection:
     ) -> tuple[int, http.client.HTTPMessage, bytes]:  # fmt: skip
         """(status, headers, body). Raises UnavailableError when the server is unreachable."""
         with self._lock:
-            for attempt in range(2):
+            for _ in range(2):
+                reused = self._conn is not None
                 if self._conn is None:
                     self._conn = self._open()
                 try:
@@ -118,7 +119,7 @@ class RestConnection:
                     data = resp.read()
                 except (http.client.RemoteDisconnected, BrokenPipeError, ConnectionResetError):
                     self.close_locked()
-                    if attempt:
+                    if not reused:
                         raise UnavailableError(
                             f"{self._host}:{self._port} closed the connection"
                         ) from None

@@ -195,3 +195,13 @@ def test_curl_against_sealserve_serve_with_auth(tmp_path: Path, auth_config: Any
     finally:
         proc.terminate()
         proc.wait(15)
+
+
+def test_http_client_reconnects_after_the_server_closes_an_idle_connection(
+    rest_server: Any,
+) -> None:
+    rest = rest_server(rest={"keep_alive_s": 1})
+    with Client(rest.target, protocol="http", unsafe_plaintext=True, token=rest.token()) as c:
+        c.infer("digits", X)
+        time.sleep(1.6)  # the server closes the idle keep-alive connection
+        assert c.infer("digits", X)["label"].shape == (1,)
