@@ -133,6 +133,8 @@ def test_auth_routes_and_methods(rest_server: Any) -> None:
     assert "(311 chars)" in r.json()["error"]
     r = httpx.post(f"{base}/v2/models/nope/infer", json=GOOD, headers=h, timeout=10)
     assert r.status_code == 404 and r.json()["error"] == "model 'nope' is not served"
+    r = httpx.head(f"{base}/v2/models/digits", headers=h, timeout=10)
+    assert r.status_code == 200 and r.content == b""  # HEAD: GET's status, no body
     r = httpx.get(f"{base}/v2/sealserve/evidence?nonce=00", timeout=10)
     assert r.status_code == 404 and "no attestation evidence" in r.json()["error"]
     _still_serving(rest)
