@@ -165,6 +165,10 @@ class RestServer:
             log_config=None,
             access_log=False,
             server_header=False,
+            # The peer address is the socket's: X-Forwarded-For counts only from the
+            # operator's trusted_proxies, which the guard applies (defense/peer.py).
+            # uvicorn would otherwise rewrite the client from it for any loopback peer.
+            proxy_headers=False,
             timeout_keep_alive=keep_alive_s,
             limit_concurrency=max_connections,
             ssl_context_factory=(lambda _c, _d: ssl_context(tls)) if tls is not None else None,
