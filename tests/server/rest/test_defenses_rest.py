@@ -12,7 +12,7 @@ import numpy as np
 
 from sealserve import demo
 from sealserve.client import Client
-from sealserve.defense.audit import log_files
+from sealserve.defense.audit.log import log_files
 from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
 from tests.server.test_defenses_rpc import _defense
 
