@@ -10,8 +10,10 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 ensure_os_packages() {
   # redis-server: the quota/state-store tests start a real one on loopback.
+  # curl: the REST tests call a running server with it (tests/server/rest).
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v curl >/dev/null 2>&1 || missing+=(curl)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing OS packages: ${missing[*]}"
     as_root apt-get update -qq

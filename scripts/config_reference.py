@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT))
 
 
 def table() -> str:
-    from sealserve.server.settings import EngineSettings, Settings
+    from sealserve.server.settings import EngineSettings, RestSettings, Settings
 
     rows = ["| key | default | meaning |", "|---|---|---|"]
 
@@ -31,6 +31,7 @@ def table() -> str:
             rows.append(f"| `{prefix}{name}` | {shown} | {desc} |")
 
     add("", Settings)
+    add("rest.", RestSettings)  # an optional table: its keys when [rest] is set
     del EngineSettings
     return "\n".join(rows)
 

@@ -49,6 +49,7 @@ KEY_ID = "digits-v1"
 
 
 async def _demo(args: argparse.Namespace) -> int:
+    import asyncio
     import json
     import shutil
     import tempfile
@@ -63,7 +64,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from sealserve.auth import TokenIssuer, generate_keypair
     from sealserve.broker.app import BrokerServer
     from sealserve.broker.settings import AdminSettings, BrokerSettings
-    from sealserve.client import AsyncClient
+    from sealserve.client import AsyncClient, Client
     from sealserve.enclave.manifest import code_digest
     from sealserve.enclave.model_file import encrypt_stream, generate_key
     from sealserve.enclave.simulated import SimulatedPlatform
@@ -162,6 +163,7 @@ async def _demo(args: argparse.Namespace) -> int:
         limits=limits,
         defense=defense,
         harden_process=False,
+        rest={"port": 0},
     )
     server = Server(settings)
     try:
@@ -227,6 +229,22 @@ async def _demo(args: argparse.Namespace) -> int:
                 await alice.infer("digits", {"input": x[:1, :10]})
             except InputError as exc:
                 _say("alice", f"malformed request refused: {exc.message}")
+            # The same account over HTTP (KServe V2 REST): the SDK attests the REST port,
+            # which serves the gRPC port's TLS key, then posts JSON/binary tensors.
+            rest_target = f"127.0.0.1:{server.rest_port}"
+
+            def rest_call() -> tuple[bool, dict[str, np.ndarray]]:
+                with Client(rest_target, protocol="http", policy=policy, roots=roots,
+                            token=token("alice")) as c:  # fmt: skip
+                    same_key = c.attestation is not None and (
+                        c.attestation.evidence.tls_spki == server.tls.spki_der  # type: ignore[union-attr]
+                    )
+                    return same_key, c.infer("digits", {"input": x[:1]})
+
+            same_key, out = await asyncio.get_running_loop().run_in_executor(None, rest_call)
+            _say("alice", f"over REST on {rest_target} (POST /v2/models/digits/infer): "
+                          f"attested, same TLS key as gRPC: {same_key}; label "
+                          f"{int(out['label'][0])}")  # fmt: skip
 
             # -- 5. an extraction attack from another account --
             rng = np.random.default_rng(0)

@@ -2,7 +2,8 @@
 
 1. Fetch the server's TLS certificate (unauthenticated, not yet trusted).
 2. Open a TLS channel that trusts exactly that certificate, and ask it for evidence
-   with a fresh random nonce (``Attestation.GetEvidence``: no token is sent).
+   with a fresh random nonce (``Attestation.GetEvidence``, or on the REST port
+   ``GET /v2/sealserve/evidence?nonce=HEX``: no token is sent).
 3. Verify the evidence against the caller's policy and trusted roots: the hardware
    report and its chain, the nonce (freshness), and the REPORT_DATA binding of the
    nonce, the TLS key, the workload manifest and the HPKE key.
@@ -99,6 +100,25 @@ def get_evidence(channel: grpc.Channel, nonce: bytes, *, timeout: float = 10.0) 
     return Evidence.from_bytes(bytes(resp.evidence))
 
 
+def get_evidence_http(
+    target: str, cert_pem: bytes, nonce: bytes, *, timeout: float = 10.0
+) -> Evidence:
+    """Evidence from a REST port, over TLS that trusts exactly ``cert_pem``."""
+    from sealserve.client.rest import RestConnection, from_http_error, pinned_context
+
+    conn = RestConnection(
+        target, context=pinned_context(cert_pem), server_name=ATTESTED_NAME, timeout=timeout
+    )
+    try:
+        status, headers, body = conn.request("GET", f"/v2/sealserve/evidence?nonce={nonce.hex()}")
+    finally:
+        conn.close()
+    if status != 200:
+        error = from_http_error(status, headers, body)
+        raise UnavailableError(f"GetEvidence failed: HTTP {status}: {error.message}")
+    return Evidence.from_bytes(body)
+
+
 def resolve_policy(policy: Policy | str | Path | None) -> Policy:
     if policy is None:
         return DEFAULT_POLICY
@@ -115,11 +135,13 @@ def attest(
     timeout: float = 10.0,
     nonce_source: Callable[[int], bytes] = os.urandom,
     verify: Callable[..., Claims] = verify_evidence,
+    protocol: str = "grpc",
 ) -> AttestedEndpoint:
     """Attest ``target`` (steps 1-4 of the module docstring) and return what was proven.
 
     ``policy`` is a policy object, a policy file path, or None for the default policy
     (real TEEs only, no debug). ``roots`` defaults to AMD's and Intel's pinned roots.
+    ``protocol``: "grpc" (the gRPC port) or "http" (the REST port).
     Raises AttestationError (``check`` names the failed step) or UnavailableError.
     """
     rules = resolve_policy(policy)
@@ -127,11 +149,14 @@ def attest(
     cert_pem = fetch_certificate(target, timeout=timeout)
     spki = spki_of(cert_pem)
     nonce = nonce_source(NONCE_BYTES)
-    channel = pinned_channel(target, cert_pem)
-    try:
-        evidence = get_evidence(channel, nonce, timeout=timeout)
-    finally:
-        channel.close()
+    if protocol == "http":
+        evidence = get_evidence_http(target, cert_pem, nonce, timeout=timeout)
+    else:
+        channel = pinned_channel(target, cert_pem)
+        try:
+            evidence = get_evidence(channel, nonce, timeout=timeout)
+        finally:
+            channel.close()
     claims = verify(evidence, policy=rules, roots=trusted, expected_nonce=nonce)
     if not hmac.compare_digest(evidence.tls_spki, spki):
         raise VerificationError(

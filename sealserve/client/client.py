@@ -14,7 +14,7 @@ import asyncio
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any, TypeGuard
+from typing import Any, Literal, TypeGuard
 
 import grpc
 import numpy as np
@@ -26,6 +26,7 @@ from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.client.attested import ATTESTED_NAME, AttestedEndpoint, attest
 from sealserve.client.codec import decode_response, encode_request
 from sealserve.client.errors import from_rpc_error
+from sealserve.client.rest import RestCalls, RestConnection, pinned_context
 from sealserve.defense.challenge import solve
 from sealserve.errors import ChallengeRequiredError
 
@@ -69,6 +70,9 @@ class Client:
     ``unsafe_plaintext=True`` talks without TLS (local experiments only).
     ``token`` is a JWT or a callable returning a current one (see RefreshingToken).
     ``solve_challenges``: when the server demands proof of work, solve it and retry.
+    ``protocol``: "grpc" (default) or "http": ``target`` is then the REST port, the
+    evidence comes from ``/v2/sealserve/evidence`` over TLS pinned to the certificate
+    it binds, and ``model_metadata`` returns the JSON document (a dict).
     """
 
     def __init__(
@@ -83,7 +87,21 @@ class Client:
         timeout: float = 30.0,
         server_hostname: str = "localhost",
         solve_challenges: bool = True,
+        protocol: Literal["grpc", "http"] = "grpc",
     ) -> None:
+        self._rest: RestCalls | None = None
+        if protocol == "http":
+            connection, self.attestation = open_rest(
+                target, policy=policy, roots=roots, root_certificates=root_certificates,
+                unsafe_plaintext=unsafe_plaintext, timeout=timeout,
+                server_hostname=server_hostname,
+            )  # fmt: skip
+            self._rest = RestCalls(connection, token=token, solve_challenges=solve_challenges)
+            self._token = token
+            self._timeout = timeout
+            return
+        if protocol != "grpc":
+            raise ValueError(f"protocol must be 'grpc' or 'http', got {protocol[:16]!r}")
         self._channel, self.attestation = open_channel(
             target,
             policy=policy,
@@ -97,13 +115,23 @@ class Client:
         self._token = token
         self._timeout = timeout
         self.solve_challenges = solve_challenges
-        #: Remaining quota reported by the server with the last successful inference.
-        self.quota_remaining: str | None = None
+        self._quota: str | None = None
 
     @property
     def channel(self) -> grpc.Channel:
-        """The verified channel, for other sealserve services (admin)."""
+        """The verified channel, for other sealserve services (admin); gRPC only."""
+        if self._rest is not None:
+            raise ValueError("an HTTP client has no gRPC channel (protocol='http')")
         return self._channel
+
+    @property
+    def quota_remaining(self) -> str | None:
+        """Remaining quota reported by the server with the last successful inference."""
+        return self._rest.quota_remaining if self._rest is not None else self._quota
+
+    @quota_remaining.setter
+    def quota_remaining(self, value: str | None) -> None:
+        self._quota = value
 
     def _call(self, method: str, request: Any, extra: tuple[tuple[str, str], ...] = ()) -> Any:
         try:
@@ -127,14 +155,20 @@ class Client:
         return response
 
     def server_ready(self) -> bool:
+        if self._rest is not None:
+            return self._rest.server_ready()
         return bool(self._call("ServerReady", pb.ServerReadyRequest()).ready)
 
     def model_ready(self, model: str, version: str = "") -> bool:
+        if self._rest is not None:
+            return self._rest.model_ready(model, version)
         return bool(
             self._call("ModelReady", pb.ModelReadyRequest(name=model, version=version)).ready
         )
 
     def model_metadata(self, model: str, version: str = "") -> Any:
+        if self._rest is not None:
+            return self._rest.model_metadata(model, version)
         return self._call("ModelMetadata", pb.ModelMetadataRequest(name=model, version=version))
 
     def infer(
@@ -146,10 +180,15 @@ class Client:
         outputs: Sequence[str] = (),
     ) -> dict[str, np.ndarray]:
         """Run ``model`` on ``inputs``; returns the outputs by name."""
+        if self._rest is not None:
+            return self._rest.infer(model, inputs, version=version, outputs=outputs)
         req = encode_request(model, inputs, version=version, outputs=outputs)
         return decode_response(self._call("ModelInfer", req))
 
     def close(self) -> None:
+        if self._rest is not None:
+            self._rest.close()
+            return
         self._channel.close()
 
     def __enter__(self) -> Client:
@@ -297,6 +336,30 @@ def _plan(
         pem, name = endpoint.certificate_pem, ATTESTED_NAME
     options.append(("grpc.ssl_target_name_override", name))
     return _credentials(pem), options, endpoint
+
+
+def open_rest(
+    target: str,
+    *,
+    policy: Policy | str | Path | None = None,
+    roots: TrustedRoots | None = None,
+    root_certificates: bytes | None = None,
+    unsafe_plaintext: bool = False,
+    timeout: float = 30.0,
+    server_hostname: str = "localhost",
+) -> tuple[RestConnection, AttestedEndpoint | None]:
+    """A connection to a REST port: attested (default), pinned, or plaintext (see Client)."""
+    if unsafe_plaintext:
+        return RestConnection(target, context=None, timeout=timeout), None
+    endpoint = None
+    pem, name = root_certificates, server_hostname
+    if pem is None:
+        endpoint = attest(target, policy=policy, roots=roots, timeout=timeout, protocol="http")
+        pem, name = endpoint.certificate_pem, ATTESTED_NAME
+    connection = RestConnection(
+        target, context=pinned_context(pem), server_name=name, timeout=timeout
+    )
+    return connection, endpoint
 
 
 def open_channel(

@@ -30,6 +30,7 @@ class Caller:
     account: str
     tier: str | None
     peer: str
+    protocol: str = "grpc"  # which front door: "grpc" or "rest" (metrics, audit)
 
 
 @dataclass(frozen=True)
@@ -57,6 +58,7 @@ class Guard:
         tier: str | None,
         transport_peer: str,
         forwarded_for: str | None,
+        protocol: str = "grpc",
     ) -> Caller:
         key = (transport_peer, forwarded_for)
         peer = self._peers.get(key)
@@ -66,7 +68,7 @@ class Guard:
             if len(self._peers) > 10_000:
                 self._peers.clear()
             self._peers[key] = peer
-        return Caller(account or ANONYMOUS, tier, peer)
+        return Caller(account or ANONYMOUS, tier, peer, protocol)
 
     def admit(
         self,
@@ -102,4 +104,6 @@ class Guard:
         here when configured. Raises UnavailableError (state store down)."""
         if self.output is None:
             return outputs
-        return self.output.release(caller.account, caller.tier, model, inputs, outputs)
+        return self.output.release(
+            caller.account, caller.tier, model, inputs, outputs, protocol=caller.protocol
+        )

@@ -45,7 +45,9 @@ from sealserve.server.manifest import build_manifest, measure_entries, simulated
 from sealserve.server.metrics import Metrics
 from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import ModelEntry, scan_repository
-from sealserve.server.settings import Settings
+from sealserve.server.rest.app import RestApp
+from sealserve.server.rest.server import RestServer
+from sealserve.server.settings import RestSettings, Settings
 
 log = logging.getLogger("sealserve.server")
 
@@ -189,6 +191,8 @@ class Server:
         self.tls: TlsIdentity | None = None
         self.port = 0
         self.health_port = 0
+        self.rest: RestServer | None = None
+        self.rest_port = 0
         self._health_server: grpc.aio.Server | None = None
         self.manifest: WorkloadManifest | None = None
         self.platform: Platform | None = None
@@ -297,17 +301,16 @@ class Server:
             # ModelInfer refuses a recently refused account before reading its body.
             before_body={MODEL_INFER: inference.before_body},
         )  # fmt: skip
+        attestation: AttestationServicer | None = None
         if self.platform is not None and self.tls is not None:
-            attestation_pb2_grpc.add_AttestationServicer_to_server(
-                AttestationServicer(
-                    self.platform,
-                    tls_spki=self.tls.spki_der,
-                    manifest=self.manifest.to_bytes(),
-                    hpke_public_key=self.hpke_public_key,
-                    per_peer_per_minute=s.evidence_per_peer_per_minute,
-                ),
-                protected,
+            attestation = AttestationServicer(
+                self.platform,
+                tls_spki=self.tls.spki_der,
+                manifest=self.manifest.to_bytes(),
+                hpke_public_key=self.hpke_public_key,
+                per_peer_per_minute=s.evidence_per_peer_per_minute,
             )
+            attestation_pb2_grpc.add_AttestationServicer_to_server(attestation, protected)
             services.append(ATTESTATION_SERVICE)
             log.info(
                 "attestation: %s platform, manifest sha256 %s",
@@ -336,6 +339,8 @@ class Server:
             creds = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
             self.port = _bind(s, "port", address, lambda a: self._server.add_secure_port(a, creds))
         await self._server.start()
+        if s.rest is not None:
+            await self._start_rest(s.rest, attestation)
         if s.health_port is not None:
             # Health only, plaintext: it carries no data and no credentials.
             self._health_server = grpc.aio.server()
@@ -368,6 +373,8 @@ class Server:
                     )  # fmt: skip
         except BaseException:
             await self._server.stop(0)
+            if self.rest is not None:
+                await self.rest.stop(0)
             if self._health_server is not None:
                 await self._health_server.stop(0)
             raise
@@ -385,6 +392,28 @@ class Server:
         )
         return self.port
 
+    async def _start_rest(
+        self, rest: RestSettings, attestation: AttestationServicer | None
+    ) -> None:
+        """The OIP REST port: the same plane, authenticator, metrics and TLS identity."""
+        app = RestApp(
+            self.plane, self.metrics, authenticator=self.authenticator,
+            evidence=attestation.evidence if attestation is not None else None,
+            evidence_rate=attestation.check_rate if attestation is not None else None,
+            max_json_bytes=rest.max_json_bytes,
+        )  # fmt: skip
+        self.rest = RestServer(
+            app, host=rest.host, port=rest.port, tls=self.tls,
+            header_timeout_s=rest.header_timeout_s, body_timeout_s=rest.body_timeout_s,
+            keep_alive_s=rest.keep_alive_s,
+            max_connections=rest.max_connections,
+        )  # fmt: skip
+        try:
+            self.rest_port = await self.rest.start()
+        except BaseException:
+            await self._server.stop(0)
+            raise
+
     def _hardening_json(self) -> dict[str, str]:
         # Outcomes only (not details), so an auditor can predict them: see
         # server.manifest.EXPECTED_HARDENING.
@@ -398,6 +427,8 @@ class Server:
     async def stop(self, grace: float = 5.0) -> None:
         self.plane.set_ready(False)
         await self.health.enter_graceful_shutdown()
+        if self.rest is not None:
+            await self.rest.stop(grace)
         await self._server.stop(grace)
         if self._health_server is not None:
             await self._health_server.stop(0)
@@ -417,6 +448,7 @@ class Server:
         data = {
             "host": self.settings.host,
             "port": self.port,
+            "rest_port": self.rest_port or None,
             "tls_cert_pem": self.tls.cert_pem.decode() if self.tls else None,
             "pid": os.getpid(),
         }

@@ -21,14 +21,15 @@ class Metrics:
         r = self.registry
         self.requests = Counter(
             "sealserve_requests",
-            "Inference requests by model, version and gRPC status code.",
-            ["model", "version", "code"],
+            "Inference requests by model, version, status code (the gRPC code's name on "
+            "the gRPC port, the HTTP status on the REST port) and protocol (grpc, rest).",
+            ["model", "version", "code", "protocol"],
             registry=r,
         )
         self.latency = Histogram(
             "sealserve_request_latency_seconds",
-            "ModelInfer latency inside the server (decode to encode).",
-            ["model", "version"],
+            "Inference latency inside the server (decode to encode), by protocol.",
+            ["model", "version", "protocol"],
             buckets=_LATENCY_BUCKETS,
             registry=r,
         )

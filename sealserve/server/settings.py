@@ -37,6 +37,34 @@ class EngineSettings(BaseModel):
     )
 
 
+class RestSettings(BaseModel):
+    """The OIP REST port ([rest]; docs/rest.md): same data plane, auth and TLS identity."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    port: int = Field(default=8000, ge=0, le=65535, description="REST port (0 = pick one).")
+    host: str = Field(default="127.0.0.1", description="Address the REST port binds.")
+    max_json_bytes: int = Field(
+        default=8 * 1024 * 1024,
+        ge=1024,
+        le=2**31 - 1,
+        description=(
+            "Largest JSON part of a request (a JSON number costs ~30 bytes once parsed); "
+            "larger tensors go in the binary data extension."
+        ),
+    )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0, le=300, description="Time a client has to send its request headers."
+    )
+    body_timeout_s: float = Field(
+        default=30.0, gt=0, le=3600, description="Time a client has to send a request body."
+    )
+    keep_alive_s: int = Field(default=5, ge=1, le=300, description="Idle keep-alive timeout.")
+    max_connections: int = Field(
+        default=1000, ge=1, description="Open connections beyond this get 503."
+    )
+
+
 class Settings(BaseSettings):
     """Everything ``sealserve serve`` needs. Field docs are the config reference."""
 
@@ -166,6 +194,15 @@ class Settings(BaseSettings):
         ge=1,
         le=100_000,
         description="GetEvidence calls one client address may make per minute (public RPC).",
+    )
+
+    rest: RestSettings | None = Field(
+        default=None,
+        description=(
+            "The Open Inference Protocol over HTTP on a second port ([rest] table: port, "
+            "host, max_json_bytes, header_timeout_s, body_timeout_s, keep_alive_s, "
+            "max_connections; docs/rest.md). Unset = gRPC only."
+        ),
     )
 
     # The config file these settings came from (None: arguments and environment only).
@@ -360,6 +397,7 @@ class Settings(BaseSettings):
             "unsafe_fail_open": self.unsafe_fail_open,
             "key_broker": self.key_broker is not None,
             "defense": _describe_defense(self.defense_config()),
+            "rest": self.rest is not None,
         }  # fmt: skip
 
 

@@ -122,7 +122,7 @@ def test_get_evidence_is_rate_limited_per_peer(
         with pytest.raises(grpc.RpcError) as info:
             get(apb.GetEvidenceRequest(nonce=b"n" * 32), timeout=30)
     assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "GetEvidence rate limit" in info.value.details()
+    assert "evidence rate limit" in info.value.details()
     retry = dict(info.value.trailing_metadata() or ())["retry-after"]
     assert 1 <= int(retry) <= 20
 

@@ -37,6 +37,20 @@ def test_toml_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
     assert s.port == 9200 and s.engine.intra_op_threads == 3
 
 
+def test_rest_port_is_off_unless_configured(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert Settings.load(None, unsafe_disable_auth=True).rest is None
+    cfg = tmp_path / "s.toml"
+    cfg.write_text("unsafe_disable_auth = true\n[rest]\nport = 8080\n")
+    s = Settings.load(cfg)
+    assert s.rest is not None and s.rest.port == 8080 and s.rest.host == "127.0.0.1"
+    assert s.measured()["rest"] is True
+    monkeypatch.setenv("SEALSERVE_REST__PORT", "8081")
+    rest = Settings.load(cfg).rest
+    assert rest is not None and rest.port == 8081
+
+
 @pytest.mark.parametrize(
     ("text", "message"),
     [
@@ -45,6 +59,9 @@ def test_toml_and_env_override(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) 
         ('tls_cert_file = "c.pem"\n', "tls_cert_file and tls_key_file must be set together"),
         ("port = [\n", "not valid TOML"),
         ("[engine]\nintra_op_threads = 0\n", "engine.intra_op_threads"),
+        ("[rest]\nport = 70000\n", "rest.port: Input should be less than or equal to 65535"),
+        ("[rest]\nbogus = 1\n", "rest.bogus: Extra inputs are not permitted"),
+        ("[rest]\nheader_timeout_s = 0\n", "rest.header_timeout_s"),
     ],
 )
 def test_bad_config_is_a_clear_error(tmp_path: Path, text: str, message: str) -> None:

@@ -54,9 +54,12 @@ def test_metrics_endpoint(start_server: Any, repo: Path) -> None:
         with pytest.raises(Exception):
             c.infer("digits", {"input": np.zeros((1, 3), np.float32)})
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    assert 'sealserve_requests_total{code="OK",model="digits",version="1"} 3.0' in body
     assert (
-        'sealserve_requests_total{code="INVALID_ARGUMENT",model="digits",version="1"} 1.0' in body
+        'sealserve_requests_total{code="OK",model="digits",protocol="grpc",version="1"} 3.0' in body
+    )
+    assert (
+        'sealserve_requests_total{code="INVALID_ARGUMENT",model="digits",protocol="grpc",version="1"} 1.0'
+        in body
     )
     assert "sealserve_request_latency_seconds_bucket" in body
     assert "sealserve_batch_size_bucket" in body

@@ -349,8 +349,10 @@ class AuditLog:
         output_sha256: str,
         decision: str,
         flags: Mapping[str, float],
+        protocol: str = "grpc",
     ) -> dict[str, Any]:
-        """Record one inference. Digests only: raises ``ConfigError`` on non-digests."""
+        """Record one inference (``protocol``: the front door that served it, "grpc" or
+        "rest"). Digests only: raises ``ConfigError`` on non-digests."""
         for name, value in (("input_sha256", input_sha256), ("output_sha256", output_sha256)):
             if not _HEX64.match(value):
                 raise ConfigError(f"audit {name} must be a lowercase hex SHA-256 digest")
@@ -364,6 +366,7 @@ class AuditLog:
                 "output_sha256": output_sha256,
                 "decision": decision,
                 "flags": {k: float(v) for k, v in flags.items()},
+                "protocol": protocol,
             },
         )
 

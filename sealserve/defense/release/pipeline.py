@@ -94,6 +94,8 @@ class OutputDefenses:
         model: str,
         inputs: Mapping[str, np.ndarray],
         outputs: dict[str, np.ndarray],
+        *,
+        protocol: str = "grpc",
     ) -> dict[str, np.ndarray]:
         d = self.models.get(model)
         if d is None and self.audit is None:
@@ -119,6 +121,7 @@ class OutputDefenses:
                 output_sha256=digest_array(_first(outputs)),
                 decision=decision_label,
                 flags=flags,
+                protocol=protocol,
             )
             self.audit.maybe_checkpoint_at_time(now)
         return outputs

@@ -33,6 +33,13 @@ class AttestationServicer:
         self._manifest = manifest
         self._hpke = hpke_public_key
 
+    def check_rate(self, peer: str) -> None:
+        """Take one evidence call from ``peer``'s per-minute allowance (gRPC and REST
+        share it). Raises RateLimitedError when it is spent."""
+        wait = self._rate.take(peer)
+        if wait:
+            raise RateLimitedError("evidence rate limit for this address exceeded", retry_after=wait)
+
     def evidence(self, nonce: bytes) -> bytes:
         """Evidence bytes binding ``nonce``, this server's TLS key, manifest and HPKE key."""
         try:
@@ -52,11 +59,7 @@ class AttestationServicer:
     async def GetEvidence(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> apb.GetEvidenceResponse:
-        wait = self._rate.take(context.peer() or "")
-        if wait:
-            raise RateLimitedError(
-                "GetEvidence rate limit for this address exceeded", retry_after=wait
-            )
+        self.check_rate(context.peer() or "")
         loop = asyncio.get_running_loop()
         # A real platform's report goes through the kernel: keep it off the loop.
         data = await loop.run_in_executor(None, self.evidence, bytes(request.nonce))

@@ -55,8 +55,8 @@ class InferenceServicer:
         pair = self._ok.get(key)
         if pair is None:
             pair = (
-                self._metrics.requests.labels(*key, "OK"),
-                self._metrics.latency.labels(*key),
+                self._metrics.requests.labels(*key, "OK", "grpc"),
+                self._metrics.latency.labels(*key, "grpc"),
             )
             self._ok[key] = pair
         pair[0].inc()
@@ -106,7 +106,7 @@ class InferenceServicer:
         try:
             response = await self._infer(request, context, labels)
         except Exception as exc:
-            self._metrics.requests.labels(*labels, status_code(exc).name).inc()
+            self._metrics.requests.labels(*labels, status_code(exc).name, "grpc").inc()
             raise
         self._count_ok(labels, time.perf_counter() - t0)
         return response

@@ -88,6 +88,7 @@ def test_intact_log_verifies_and_holds_no_raw_input(tmp_path: Path, key: AuditKe
         "output_sha256",
         "decision",
         "flags",
+        "protocol",
     }
     for raw in lines(files[0]):
         assert raw.rstrip(b"\n") == canonical_json(json.loads(raw))

@@ -1,0 +1,234 @@
+"""The REST port: uvicorn (httptools) in the server's event loop, TLS from memory.
+
+The TLS key is the gRPC port's in-memory key: ``ssl.SSLContext`` loads certificates
+only from paths, so the PEM goes through an anonymous memory file (``memfd_create``,
+close-on-exec) that is read once and closed; nothing touches a disk.
+
+uvicorn times out idle keep-alive connections but not a client that sends its request
+slowly (slow loris); :func:`_guarded_protocol` adds a deadline for the headers, then
+one for the body, and a header size cap (408 / 431, then the connection closes). One
+timer per request does both deadlines, cheaper than a timeout in the application.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any
+
+import uvicorn
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from sealserve.enclave.tls import TlsIdentity
+from sealserve.server.rest.errors import error_body
+
+log = logging.getLogger("sealserve.rest")
+
+
+def ssl_context(identity: TlsIdentity) -> ssl.SSLContext:
+    """A server SSLContext holding ``identity``'s certificate and key, read from memory."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_alpn_protocols(["http/1.1"])
+    fd = os.memfd_create("sealserve-tls", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, identity.cert_pem + b"\n" + identity.key_pem)
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+    return ctx
+
+
+def _canned(status: int, reason: str, message: str) -> bytes:
+    body = error_body(message)
+    return (
+        f"HTTP/1.1 {status} {reason}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\nconnection: close\r\n\r\n"
+    ).encode() + body
+
+
+def _guarded_protocol(
+    header_timeout_s: float, body_timeout_s: float, max_header_bytes: int
+) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with deadlines on request headers and body and a
+    size cap on the headers."""
+    header_reply = _canned(
+        408, "Request Timeout", f"request headers not received within {header_timeout_s:g} s"
+    )
+    body_reply = _canned(
+        408, "Request Timeout", f"request body not received within {body_timeout_s:g} s"
+    )
+    size_reply = _canned(
+        431, "Request Header Fields Too Large",
+        f"request headers over the limit of {max_header_bytes} bytes",
+    )  # fmt: skip
+
+    class GuardedProtocol(HttpToolsProtocol):
+        # The deadline of the phase the connection is in (headers, then body); a sweep
+        # (RestServer) refuses the late ones: cheaper than a timer per request.
+        deadline: float | None = None
+        late_reply = b""
+        _in_headers = False
+        _header_bytes = 0
+
+        def _refuse(self, reply: bytes) -> None:
+            self.deadline = None
+            if not self.transport.is_closing():
+                self.transport.write(reply)
+                self.transport.close()
+
+        def expire(self) -> None:
+            self._refuse(self.late_reply)
+
+        def _expect_headers(self) -> None:
+            self._in_headers = True
+            self._header_bytes = 0
+            self.deadline = self.loop.time() + header_timeout_s
+            self.late_reply = header_reply
+
+        def connection_made(self, transport: Any) -> None:
+            super().connection_made(transport)
+            self._expect_headers()
+
+        def connection_lost(self, exc: Exception | None) -> None:
+            self.deadline = None
+            super().connection_lost(exc)
+
+        def data_received(self, data: bytes) -> None:
+            super().data_received(data)
+            # A header the parser holds unfinished is not counted yet: bound the
+            # bytes of an unfinished head too.
+            if self._in_headers and len(data) > max_header_bytes:
+                self._refuse(size_reply)
+
+        def _count(self, size: int) -> None:
+            self._header_bytes += size
+            if self._header_bytes > max_header_bytes:
+                self._refuse(size_reply)
+                raise ValueError("request headers too large")  # stops the parser
+
+        def on_url(self, url: bytes) -> None:
+            self._count(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count(len(name) + len(value) + 4)
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._in_headers = False
+            self.deadline = self.loop.time() + body_timeout_s
+            self.late_reply = body_reply
+            super().on_headers_complete()
+
+        def on_message_complete(self) -> None:
+            self.deadline = None
+            super().on_message_complete()
+
+        def on_response_complete(self) -> None:
+            super().on_response_complete()
+            if not self.transport.is_closing():
+                self._expect_headers()  # the next request gets the same deadlines
+
+    return GuardedProtocol
+
+
+class RestServer:
+    """uvicorn serving ``app`` on ``host:port`` (0 = pick one) in the running loop."""
+
+    def __init__(
+        self,
+        app: Callable[..., Any],
+        *,
+        host: str,
+        port: int,
+        tls: TlsIdentity | None,
+        header_timeout_s: float = 10.0,
+        body_timeout_s: float = 30.0,
+        keep_alive_s: int = 5,
+        max_header_bytes: int = 16 * 1024,
+        max_connections: int | None = 1000,
+    ) -> None:
+        self._host = host
+        self._port = port
+        self._tls = tls
+        self.port = 0
+        self._config = uvicorn.Config(
+            app,
+            lifespan="off",
+            http=_guarded_protocol(header_timeout_s, body_timeout_s, max_header_bytes),
+            log_config=None,
+            access_log=False,
+            server_header=False,
+            # The peer address is the socket's: X-Forwarded-For counts only from the
+            # operator's trusted_proxies, which the guard applies (defense/peer.py).
+            # uvicorn would otherwise rewrite the client from it for any loopback peer.
+            proxy_headers=False,
+            timeout_keep_alive=keep_alive_s,
+            limit_concurrency=max_connections,
+            ssl_context_factory=(lambda _c, _d: ssl_context(tls)) if tls is not None else None,
+        )
+        self._server = uvicorn.Server(self._config)
+        self._sock: socket.socket | None = None
+        self._ticker: asyncio.Task[None] | None = None
+        self._sweeper: asyncio.Task[None] | None = None
+        self._sweep_s = min(max(min(header_timeout_s, body_timeout_s) / 5, 0.02), 1.0)
+
+    async def start(self) -> int:
+        """Bind and start serving. Returns the bound port."""
+        self._config.load()
+        self._server.lifespan = self._config.lifespan_class(self._config)  # "off"
+        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+        # IPPROTO_TCP explicitly: asyncio sets TCP_NODELAY on accepted sockets only
+        # when the listener says TCP (proto 0 costs a 40 ms Nagle/delayed-ACK stall).
+        sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((self._host, self._port))
+        except OSError:
+            sock.close()
+            raise
+        sock.set_inheritable(False)
+        self._sock = sock
+        await self._server.startup(sockets=[sock])
+        self.port = sock.getsockname()[1]
+        # uvicorn's tick keeps the Date header current; its signal handling stays out.
+        self._ticker = asyncio.ensure_future(self._server.main_loop())
+        self._sweeper = asyncio.ensure_future(self._sweep())
+        log.info(
+            "REST (OIP over HTTP) on %s:%d (%s)",
+            self._host, self.port, "TLS" if self._tls is not None else "plaintext",
+        )  # fmt: skip
+        return self.port
+
+    async def _sweep(self) -> None:
+        """Refuse connections past their header or body deadline (408, then close)."""
+        loop = asyncio.get_running_loop()
+        connections = self._server.server_state.connections
+        while True:
+            await asyncio.sleep(self._sweep_s)
+            now = loop.time()
+            for conn in list(connections):
+                deadline = getattr(conn, "deadline", None)
+                if deadline is not None and deadline < now:
+                    conn.expire()  # type: ignore[union-attr]
+
+    async def stop(self, grace: float = 5.0) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sweeper
+            self._sweeper = None
+        if self._ticker is None:
+            return
+        self._server.should_exit = True
+        self._config.timeout_graceful_shutdown = max(1, int(grace))
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._ticker
+        await self._server.shutdown(sockets=[self._sock] if self._sock else None)
+        self._ticker = None
