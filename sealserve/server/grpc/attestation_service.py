@@ -38,7 +38,9 @@ class AttestationServicer:
         share it). Raises RateLimitedError when it is spent."""
         wait = self._rate.take(peer)
         if wait:
-            raise RateLimitedError("evidence rate limit for this address exceeded", retry_after=wait)
+            raise RateLimitedError(
+                "evidence rate limit for this address exceeded", retry_after=wait
+            )
 
     def evidence(self, nonce: bytes) -> bytes:
         """Evidence bytes binding ``nonce``, this server's TLS key, manifest and HPKE key."""
