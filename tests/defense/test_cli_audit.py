@@ -98,7 +98,7 @@ def test_report_table_html_and_png(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_cli_subprocess_exit_code(tmp_path: Path) -> None:
     key = AuditKey.generate()
     files = demo_log(tmp_path, key)
-    files[0].write_bytes(files[0].read_bytes() + b'{"v":1}\n')
+    files[0].write_bytes(files[0].read_bytes() + b'{"v":2}\n')
     out = subprocess.run(
         sealserve_cmd("audit", "verify", str(tmp_path), "--public-key", key.public_bytes.hex()),
         capture_output=True,
