@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from sealserve._proto import admin_pb2 as adm
+from sealserve.defense.audit import AuditLog
+from sealserve.defense.audit_state import record_status
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.store import StatusKind
 from sealserve.errors import InputError, UnavailableError
@@ -15,8 +19,13 @@ from sealserve.server.status import abort
 
 
 class AdminServicer:
-    def __init__(self, quota: QuotaGuard | None) -> None:
+    """``audit()``: the audit log operators' status changes go to (None: no log)."""
+
+    def __init__(
+        self, quota: QuotaGuard | None, audit: Callable[[], AuditLog | None] = lambda: None
+    ) -> None:
         self._quota = quota
+        self._audit = audit
 
     def _q(self) -> QuotaGuard:
         if self._quota is None:
@@ -70,18 +79,24 @@ class AdminServicer:
                 raise InputError(
                     f"status must be one of {', '.join(k.value for k in StatusKind)}"
                 ) from exc
+            previous = q.status(account).kind.value
             if kind is StatusKind.NORMAL:
-                q.lift(account, reason=reason, set_by=by)
+                status = q.lift(account, reason=reason, set_by=by)
             elif kind is StatusKind.THROTTLED:
                 if not 0 < request.factor < 1:
                     raise InputError("throttled needs a factor in (0, 1), e.g. 0.1")
-                q.throttle(account, request.factor, reason=reason, set_by=by, ttl_s=ttl)
+                status = q.throttle(account, request.factor, reason=reason, set_by=by, ttl_s=ttl)
             elif kind is StatusKind.CHALLENGED:
                 if not 1 <= request.difficulty <= 32:
                     raise InputError("challenged needs a difficulty of 1..32 bits")
-                q.challenge(account, request.difficulty, reason=reason, set_by=by, ttl_s=ttl)
+                status = q.challenge(
+                    account, request.difficulty, reason=reason, set_by=by, ttl_s=ttl
+                )
             else:
-                q.suspend(account, reason=reason, set_by=by, ttl_s=ttl)
+                status = q.suspend(account, reason=reason, set_by=by, ttl_s=ttl)
+            audit = self._audit()
+            if audit is not None:  # so that a store that loses it gets it back at start
+                record_status(audit, account, status, previous=previous, now=time.time())
             return self._info(account, request.tier, "")
         except Exception as exc:
             await abort(context, exc)

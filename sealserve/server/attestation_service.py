@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -16,12 +17,20 @@ from sealserve.server.status import abort
 
 class AttestationServicer:
     def __init__(
-        self, platform: Platform, *, tls_spki: bytes, manifest: bytes, hpke_public_key: bytes
+        self,
+        platform: Platform,
+        *,
+        tls_spki: bytes,
+        manifest: bytes,
+        hpke_public_key: bytes,
+        audit_head: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self._platform = platform
         self._tls_spki = tls_spki
         self._manifest = manifest
         self._hpke = hpke_public_key
+        # The audit log's head signed for the nonce (by the key the manifest names).
+        self._audit_head = audit_head
 
     def evidence(self, nonce: bytes) -> bytes:
         """Evidence bytes binding ``nonce``, this server's TLS key, manifest and HPKE key."""
@@ -44,8 +53,10 @@ class AttestationServicer:
         try:
             loop = asyncio.get_running_loop()
             # A real platform's report goes through the kernel: keep it off the loop.
-            data = await loop.run_in_executor(None, self.evidence, bytes(request.nonce))
-            return apb.GetEvidenceResponse(evidence=data)
+            nonce = bytes(request.nonce)
+            data = await loop.run_in_executor(None, self.evidence, nonce)
+            head = self._audit_head(nonce) if self._audit_head is not None else None
+            return apb.GetEvidenceResponse(evidence=data, audit_head=head or b"")
         except Exception as exc:
             await abort(context, exc)
             raise

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,6 +21,15 @@ import numpy as np
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sealserve.defense.audit import AuditKey, AuditLog
+from sealserve.defense.audit_refusals import RefusalCounter
+from sealserve.defense.audit_state import (
+    LEDGER,
+    check_sealed_version,
+    file_sha256,
+    reapply_statuses,
+    unwrap_versioned,
+    wrap_versioned,
+)
 from sealserve.defense.detect import (
     DetectorSuite,
     DistributionConfig,
@@ -72,6 +82,14 @@ class AuditConfig(BaseModel):
     dir: Path = Path("audit")
     checkpoint_every: int = Field(default=1000, ge=1)
     checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    refusals_per_interval: int = Field(
+        default=20,
+        ge=0,
+        le=100_000,
+        description="Refused requests recorded one by one per account and interval; "
+        "beyond that they are added up into one record per reason.",
+    )
+    refusal_interval_s: float = Field(default=60.0, gt=0, le=86_400)
 
 
 class DefenseConfig(BaseModel):
@@ -169,18 +187,23 @@ class SealedState:
         f.write(value)
         return value
 
-    def save_ledger(self, ledger: WatermarkLedger) -> None:
-        f = self._file("watermark-ledger")
-        if f is not None:
-            f.write(ledger.to_bytes())
+    def save_ledger(self, ledger: WatermarkLedger, version: int) -> Path | None:
+        """Seal ``ledger`` as ``version``; returns the file written (None: ephemeral)."""
+        f = self._file(LEDGER)
+        if f is None:
+            return None
+        f.write(wrap_versioned(version, ledger.to_bytes()))
+        return f.path
 
-    def load_ledger(self, max_probes: int = DEFAULT_MAX_PROBES) -> WatermarkLedger:
-        f = self._file("watermark-ledger")
+    def load_ledger(self, max_probes: int = DEFAULT_MAX_PROBES) -> tuple[WatermarkLedger, int]:
+        """The sealed ledger and its version (0 when there is none yet)."""
+        f = self._file(LEDGER)
         if f is None or not f.exists():
-            return WatermarkLedger(max_probes=max_probes)
-        ledger = WatermarkLedger.from_bytes(f.read())
+            return WatermarkLedger(max_probes=max_probes), 0
+        version, payload = unwrap_versioned(f.read())
+        ledger = WatermarkLedger.from_bytes(payload)
         ledger.set_max_probes(max_probes)
-        return ledger
+        return ledger, version
 
 
 def _spec(kind: str, width: int) -> OutputSpec:
@@ -250,6 +273,9 @@ class DefenseSecrets:
     ledger: WatermarkLedger
     audit_key: AuditKey | None
     save_interval_s: float = 2.0
+    # The ledger's version; each save bumps it and records it in the audit log.
+    ledger_version: int = 0
+    audit: AuditLog | None = field(default=None, init=False, repr=False)
     _saver: LedgerSaver | None = field(default=None, init=False, repr=False)
     # One save at a time, snapshot taken inside: a slow older save can never land
     # after a newer one and put back an older ledger.
@@ -267,13 +293,21 @@ class DefenseSecrets:
             if cfg.state_dir is not None:
                 cfg.state_dir.mkdir(parents=True, exist_ok=True)
                 (cfg.state_dir / "audit-public.pem").write_bytes(audit_key.public_key_pem())
-        return cls(state, root, state.load_ledger(cfg.watermark_probes), audit_key,
-                   cfg.ledger_save_interval_s)  # fmt: skip
+        ledger, version = state.load_ledger(cfg.watermark_probes)
+        return cls(state, root, ledger, audit_key, cfg.ledger_save_interval_s, version)
 
     def save_ledger(self) -> None:
-        """Seal and write the ledger now."""
+        """Seal and write the ledger now, then bind its new version into the audit log."""
         with self._save_lock:
-            self.state.save_ledger(self.ledger)
+            path = self.state.save_ledger(self.ledger, self.ledger_version + 1)
+            if path is None:
+                return
+            self.ledger_version += 1
+            if self.audit is not None:
+                self.audit.append_sealed_at_time(
+                    time.time(), name=LEDGER, version=self.ledger_version,
+                    sha256=file_sha256(path),
+                )  # fmt: skip
 
     def note_marked(self) -> None:
         """An answer carried a watermark: write the ledger soon, off the request path."""
@@ -349,12 +383,30 @@ def build_defenses(
         audit = AuditLog.open(
             cfg.audit.dir, secrets.audit_key, checkpoint_every=cfg.audit.checkpoint_every,
             checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
+            refusals=RefusalCounter(cfg.audit.refusals_per_interval, cfg.audit.refusal_interval_s),
         )  # fmt: skip
+        _bind_state(cfg, secrets, audit, quota)
     policy = ResponsePolicy.from_mapping(cfg.response) if cfg.response else ResponsePolicy.default()
     responses = Responses(policy, cfg.throttle_factor, cfg.challenge_difficulty)
     return OutputDefenses(
         models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked
     )
+
+
+def _bind_state(
+    cfg: DefenseConfig, secrets: DefenseSecrets, audit: AuditLog, quota: QuotaGuard | None
+) -> None:
+    """Audit hooks at start: the ledger's version against the log (a rolled-back ledger
+    raises a signed alarm), statuses the state store lost re-applied from the log."""
+    now = time.time()
+    secrets.audit = audit
+    if not secrets.state.ephemeral and cfg.state_dir is not None:
+        path = cfg.state_dir / LEDGER
+        check_sealed_version(audit, name=LEDGER, version=secrets.ledger_version, path=path,
+                             now=now)  # fmt: skip
+    if quota is not None:
+        reapply_statuses(audit, quota, now=now, throttle_factor=cfg.throttle_factor,
+                         challenge_difficulty=cfg.challenge_difficulty)  # fmt: skip
 
 
 def describe(cfg: DefenseConfig) -> dict[str, Any]:
