@@ -448,6 +448,10 @@ class AuditLog:
         self._open_file(self._file_no + 1)
         self._write(now, "rotate", {"previous_file": previous, "key": self.key.fingerprint})
 
+    @property
+    def closed(self) -> bool:
+        return self._fh is None
+
     def head(self) -> tuple[int, str]:
         """``(seq, sha256 of its line)`` of the last record written (the log's head)."""
         with self._lock:

@@ -303,7 +303,7 @@ class DefenseSecrets:
             if path is None:
                 return
             self.ledger_version += 1
-            if self.audit is not None:
+            if self.audit is not None and not self.audit.closed:
                 self.audit.append_sealed_at_time(
                     time.time(), name=LEDGER, version=self.ledger_version,
                     sha256=file_sha256(path),
