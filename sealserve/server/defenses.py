@@ -385,7 +385,7 @@ def build_defenses(
             checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
             refusals=RefusalCounter(cfg.audit.refusals_per_interval, cfg.audit.refusal_interval_s),
         )  # fmt: skip
-        _bind_state(cfg, secrets, audit, quota)
+        bind_audit_state(cfg, secrets, audit, quota)
     policy = ResponsePolicy.from_mapping(cfg.response) if cfg.response else ResponsePolicy.default()
     responses = Responses(policy, cfg.throttle_factor, cfg.challenge_difficulty)
     return OutputDefenses(
@@ -393,7 +393,7 @@ def build_defenses(
     )
 
 
-def _bind_state(
+def bind_audit_state(
     cfg: DefenseConfig, secrets: DefenseSecrets, audit: AuditLog, quota: QuotaGuard | None
 ) -> None:
     """Audit hooks at start: the ledger's version against the log (a rolled-back ledger
