@@ -109,11 +109,22 @@ def _key(spec: str) -> bytes:
     from sealserve.errors import ConfigError
 
     p = Path(spec)
-    if p.is_file():
+    if _is_file(p):
         return load_public_key(p.read_bytes())
     if len(spec) == 64:
         return load_public_key(spec)
-    raise ConfigError(f"--public-key {spec!r} is neither a readable file nor 64 hex characters")
+    shown = spec[:32] + ("..." if len(spec) > 32 else "")
+    raise ConfigError(
+        f"--public-key {shown!r} ({len(spec)} chars) is neither a readable file nor 64 hex "
+        "characters"
+    )
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:  # e.g. a long literal that is no file name
+        return False
 
 
 def _expected_head(spec: str | None) -> Any:
@@ -122,7 +133,7 @@ def _expected_head(spec: str | None) -> Any:
     if spec is None:
         return None
     p = Path(spec)
-    if p.is_file():
+    if _is_file(p):
         if p.stat().st_size > MAX_HEAD_BYTES:
             raise ConfigError(f"--expect-head {p}: larger than a head ({MAX_HEAD_BYTES} bytes)")
         return AuditHead.parse(p.read_text(encoding="utf-8", errors="replace"))
