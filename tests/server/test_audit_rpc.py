@@ -21,7 +21,7 @@ from sealserve._proto import admin_pb2, admin_pb2_grpc, audit_pb2, audit_pb2_grp
 from sealserve._proto import attestation_pb2 as apb
 from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.client import Client
-from sealserve.defense.audit import log_files, public_key_fingerprint
+from sealserve.defense.audit import AuditLog, log_files, public_key_fingerprint
 from sealserve.defense.audit_head import AuditHead, head_public_key
 from sealserve.defense.audit_report import summarize_accounts
 from sealserve.defense.audit_verify import read_records, verify_audit_log
@@ -31,13 +31,13 @@ ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"
 THRESHOLD = 3
 
 
-@pytest.fixture
-def limited(start_server: Any, tmp_path: Path, sim_root: Path) -> tuple[Any, TokenIssuer]:
+def _settings(tmp_path: Path, sim_root: Path) -> dict[str, Any]:
     pem, jwks = generate_keypair("ES256")
     (tmp_path / "jwks.json").write_text(json.dumps(jwks))
+    (tmp_path / "issuer.pem").write_bytes(pem)
     auth = {"audience": AUD, "required_tos_version": TOS,
             "issuers": [{"issuer": ISS, "jwks_file": str(tmp_path / "jwks.json")}]}  # fmt: skip
-    running = start_server(
+    return dict(
         model_repository=demo.repository(),
         unsafe_plaintext=True,
         auth=auth,
@@ -53,6 +53,12 @@ def limited(start_server: Any, tmp_path: Path, sim_root: Path) -> tuple[Any, Tok
                                   "profile": "none", "detection": False}},
         },
     )  # fmt: skip
+
+
+@pytest.fixture
+def limited(start_server: Any, tmp_path: Path, sim_root: Path) -> tuple[Any, TokenIssuer]:
+    running = start_server(**_settings(tmp_path, sim_root))
+    pem = (tmp_path / "issuer.pem").read_bytes()
     return running, TokenIssuer.from_pem(pem, issuer=ISS, audience=AUD)
 
 
@@ -170,3 +176,51 @@ def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path
     # The manifest (bound into the report) names the key; the head carries that key.
     assert public_key_fingerprint(head_public_key(head)) == manifest["extra"]["audit_public_key"]
     head.verify({head.key: head_public_key(head)}, nonce=nonce.hex())
+
+
+def test_audit_head_command_writes_a_head_that_verify_accepts(
+    limited: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sealserve.cli.main import main
+
+    running, issuer = limited
+    _send(running, _token(issuer, "someone", ["infer"]), 3)
+    (tmp_path / "audit.token").write_text(_token(issuer, "auditor", ["audit"]))
+    out = tmp_path / "head.json"
+    assert main(["audit", "head", "--target", running.target, "--plaintext",
+                 "--token-file", str(tmp_path / "audit.token"), "-o", str(out)]) == 0  # fmt: skip
+    assert f"wrote {out}: seq " in capsys.readouterr().out
+    running.server.plane.guard.output.audit.close_at_time(time.time())
+    pem = tmp_path / "state" / "audit-public.pem"
+    assert main(["audit", "verify", str(tmp_path / "audit"), "--public-key", str(pem),
+                 "--expect-head", str(out)]) == 0  # fmt: skip
+
+
+def test_server_starts_on_a_torn_audit_tail_and_reports_it(
+    start_server: Any, tmp_path: Path, sim_root: Path
+) -> None:
+    from sealserve.enclave.manifest import code_digest
+    from sealserve.enclave.simulated import SimulatedPlatform
+    from sealserve.server.defenses import DefenseConfig, DefenseSecrets
+    from sealserve.server.manifest import simulated_measurement
+
+    settings = _settings(tmp_path, sim_root)
+    cfg = DefenseConfig.parse(settings["defense"], base=tmp_path)
+    platform = SimulatedPlatform(sim_root, measurement=simulated_measurement(code_digest()))
+    key = DefenseSecrets.open(cfg, platform).audit_key
+    assert key is not None
+    # A previous run that died mid-write: unsigned records and a torn last one.
+    crashed = AuditLog.open(tmp_path / "audit", key, checkpoint_every=50, fsync=False)
+    for i in range(7):
+        crashed.append_key_release_at_time(float(i), model="digits", key_id="k", outcome="ok")
+    f = crashed.current_path
+    f.write_bytes(f.read_bytes()[:-9])
+    running = start_server(**settings)
+    audit = running.server.plane.guard.output.audit
+    assert audit.recovery["torn_file"] == f.name + ".torn-1"
+    assert audit.recovery["recovered"] == 7 and "mac_failures" not in audit.recovery
+    audit.close_at_time(time.time())
+    report = verify_audit_log(log_files(tmp_path / "audit"), trusted_public_keys=[key.public_bytes])
+    assert report.ok
+    assert any("a torn last record" in w for w in report.warnings)
+    assert (tmp_path / "audit" / (f.name + ".torn-1")).stat().st_size > 0
