@@ -358,21 +358,23 @@ class AuditLog:
         # Records after the file's last checkpoint (or since its first record, which
         # follows the previous file's closing checkpoint) are still to be signed.
         tail: list[bytes] = []
+        anchor: bytes | None = None  # the checkpoint the tail follows, if in this file
         for raw in reversed(lines):
             if b'"kind":"checkpoint"' in raw and _kind(raw) == "checkpoint":
+                anchor = raw
                 break
             tail.append(raw)
         tail.reverse()
         self._covers_from = self.seq - len(tail)
         self._since_checkpoint = len(tail)
         if tail:
-            recovery.update(self._check_tail(file, tail))
+            recovery.update(self._check_tail(file, tail, anchor))
         return recovery
 
-    def _check_tail(self, file: Path, tail: list[bytes]) -> dict[str, Any]:
-        """Check the MACs (and links) of the unsigned records a crash left behind."""
+    def _check_tail(self, file: Path, tail: list[bytes], anchor: bytes | None) -> dict[str, Any]:
+        """Check the MACs and links of the unsigned records a crash left behind."""
         failures, first_bad = 0, None
-        prev: bytes | None = None
+        prev = anchor
         for i, raw in enumerate(tail):
             linked = prev is None or _prev_of(raw) == sha256_hex(prev)
             if not (linked and mac_ok(self.key.mac_key, raw)):

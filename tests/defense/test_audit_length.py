@@ -259,3 +259,17 @@ def test_expect_head_bad_input_is_named(key: AuditKey) -> None:
     with pytest.raises(ConfigError, match="a seq >= 0 and a 64-hex-digit hash"):
         AuditHead.from_json(json.dumps({"format": "sealserve-audit-head/1", "seq": 1,
                                         "hash": "zz"}))  # fmt: skip
+
+
+def test_record_removed_from_the_unsigned_tail_is_caught_at_restart(
+    tmp_path: Path, key: AuditKey
+) -> None:
+    _crash(tmp_path, key)
+    f = log_files(tmp_path)[0]
+    body = _lines(f)
+    last_cp = max(i for i, x in enumerate(body) if json.loads(x)["kind"] == "checkpoint")
+    removed = json.loads(body[last_cp + 1])["seq"]
+    f.write_bytes(b"".join(body[: last_cp + 1] + body[last_cp + 2 :]))  # MACs all intact
+    resumed = _open(tmp_path, key, now=50.0)
+    assert resumed.recovery["mac_failures"] == 1
+    assert resumed.recovery["first_bad_seq"] == removed + 1
