@@ -360,7 +360,7 @@ class AuditLog:
         tail: list[bytes] = []
         anchor: bytes | None = None  # the checkpoint the tail follows, if in this file
         for raw in reversed(lines):
-            if b'"kind":"checkpoint"' in raw and _kind(raw) == "checkpoint":
+            if b'"kind":"checkpoint"' in raw and _field(raw, "kind") == "checkpoint":
                 anchor = raw
                 break
             tail.append(raw)
@@ -376,7 +376,7 @@ class AuditLog:
         failures, first_bad = 0, None
         prev = anchor
         for i, raw in enumerate(tail):
-            linked = prev is None or _prev_of(raw) == sha256_hex(prev)
+            linked = prev is None or _field(raw, "prev") == sha256_hex(prev)
             if not (linked and mac_ok(self.key.mac_key, raw)):
                 failures += 1
                 if first_bad is None:
@@ -630,20 +630,13 @@ class AuditLog:
         self.close_at_time(time.time())
 
 
-def _kind(line: bytes) -> str | None:
+def _field(line: bytes, name: str) -> Any:
+    """Field ``name`` of a record line (None if unreadable)."""
     try:
         rec = json.loads(line)
     except ValueError:
         return None
-    return rec.get("kind") if isinstance(rec, dict) else None
-
-
-def _prev_of(line: bytes) -> str | None:
-    try:
-        rec = json.loads(line)
-    except ValueError:
-        return None
-    return rec.get("prev") if isinstance(rec, dict) else None
+    return rec.get(name) if isinstance(rec, dict) else None
 
 
 def _keep_aside(file: Path, torn: bytes) -> Path:

@@ -23,7 +23,6 @@ the last unexpired non-normal status of each account at start
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import struct
 from collections.abc import Iterable, Mapping
@@ -31,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from sealserve.defense.audit import AuditLog, log_files
+from sealserve.defense.audit_verify import read_records
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.store import AccountStatus, StatusKind
 
@@ -70,18 +70,8 @@ def recorded_versions(records: Iterable[Mapping[str, Any]]) -> dict[str, list[tu
 
 
 def _scan(directory: Path, marker: bytes) -> Iterable[dict[str, Any]]:
-    """The records of the log in ``directory`` whose line holds ``marker`` (cheap filter)."""
-    for f in log_files(directory):
-        with open(f, "rb") as fh:
-            for raw in fh:
-                if marker not in raw:
-                    continue
-                try:
-                    rec = json.loads(raw)
-                except ValueError:
-                    continue
-                if isinstance(rec, dict):
-                    yield rec
+    """The records of the log in ``directory`` whose line holds ``marker``."""
+    return read_records(log_files(directory), containing=marker)
 
 
 def check_sealed_version(

@@ -397,11 +397,16 @@ def verify_audit_log(
     return report
 
 
-def read_records(paths: Sequence[str | os.PathLike[str]]) -> Iterator[dict[str, Any]]:
+def read_records(
+    paths: Sequence[str | os.PathLike[str]], *, containing: bytes = b""
+) -> Iterator[dict[str, Any]]:
     """Parse the records of ``paths`` without verifying them (for reports); lines that
-    are not JSON objects are skipped."""
+    are not JSON objects are skipped, and so are lines without ``containing`` (a cheap
+    filter before parsing, e.g. ``b'"kind":"status"'``)."""
     for p in paths:
         for _, raw in _lines(Path(p)):
+            if containing not in raw:
+                continue
             try:
                 rec = json.loads(raw)
             except ValueError:
