@@ -379,7 +379,7 @@ def build_defenses(
         )
     audit = None
     if secrets.audit_key is not None:
-        cfg.audit.dir.mkdir(parents=True, exist_ok=True)
+        cfg.audit.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         audit = AuditLog.open(
             cfg.audit.dir, secrets.audit_key, checkpoint_every=cfg.audit.checkpoint_every,
             checkpoint_interval_s=cfg.audit.checkpoint_interval_s,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import stat
 import time
 from collections import Counter
 from pathlib import Path
@@ -154,6 +155,9 @@ def test_get_head_needs_the_audit_scope_and_is_signed(limited: Any, tmp_path: Pa
         expect_head=head,
     )  # fmt: skip
     assert report.ok and report.last_seq is not None and report.last_seq >= head.seq
+    # What the server created is private to it.
+    assert stat.S_IMODE((tmp_path / "audit").stat().st_mode) == 0o700
+    assert {stat.S_IMODE(f.stat().st_mode) for f in log_files(tmp_path / "audit")} == {0o600}
 
 
 def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path) -> None:
