@@ -15,7 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from sealserve.defense.audit import (
+from sealserve.defense.audit.head import sign_head
+from sealserve.defense.audit.log import (
     AuditKey,
     AuditLog,
     canonical_json,
@@ -24,8 +25,7 @@ from sealserve.defense.audit import (
     mac_ok,
     record_mac,
 )
-from sealserve.defense.audit_head import sign_head
-from sealserve.defense.audit_refusals import RefusalCounter
+from sealserve.defense.audit.refusals import RefusalCounter
 
 QUERY = {
     "account": "acct-000123",

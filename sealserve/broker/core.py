@@ -33,11 +33,11 @@ from sealserve.broker.store import (
     ROOT_SIMULATED,
     KeyRecord,
     KeyStore,
-    check_key_id,
     check_policy,
     check_roots,
 )
 from sealserve.enclave.key_wrap import SealedKey, seal_data_key
+from sealserve.enclave.model_file import check_key_id
 from sealserve.errors import AttestationError, CryptoError, InputError, KeyReleaseError
 
 log = logging.getLogger("sealserve.broker")
@@ -216,7 +216,7 @@ class KeyBroker:
         Raises InputError (bad id, existing id, key not 32 bytes) or ConfigError
         (invalid policy or roots).
         """
-        check_key_id(key_id)
+        check_key_id(key_id, error=InputError)
         check_policy(policy_toml)
         checked = check_roots(roots, simulated_allowed=self.simulated_allowed)
         generated = key is None

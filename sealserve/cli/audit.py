@@ -86,7 +86,7 @@ def register(subparsers: Any) -> None:
 
 
 def _expand(logs: list[str]) -> list[Path]:
-    from sealserve.defense.audit import log_files
+    from sealserve.defense.audit.log import log_files
     from sealserve.errors import ConfigError
 
     out: list[Path] = []
@@ -105,7 +105,7 @@ def _expand(logs: list[str]) -> list[Path]:
 
 
 def _key(spec: str) -> bytes:
-    from sealserve.defense.audit import load_public_key
+    from sealserve.defense.audit.log import load_public_key
     from sealserve.errors import ConfigError
 
     p = Path(spec)
@@ -128,7 +128,7 @@ def _is_file(p: Path) -> bool:
 
 
 def _expected_head(spec: str | None) -> Any:
-    from sealserve.defense.audit_head import MAX_HEAD_BYTES, AuditHead
+    from sealserve.defense.audit.head import MAX_HEAD_BYTES, AuditHead
 
     if spec is None:
         return None
@@ -141,8 +141,8 @@ def _expected_head(spec: str | None) -> Any:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from sealserve.defense.audit_state import check_sealed_files
-    from sealserve.defense.audit_verify import check_audit_log, read_records
+    from sealserve.defense.audit.state import check_sealed_files
+    from sealserve.defense.audit.verify import check_audit_log, read_records
     from sealserve.errors import AuditError
 
     files = _expand(args.logs)
@@ -188,7 +188,7 @@ def _head(args: argparse.Namespace) -> int:
     from sealserve.cli._connect import connection_kwargs, token_from
     from sealserve.client.client import open_channel
     from sealserve.client.errors import from_rpc_error
-    from sealserve.defense.audit_head import AuditHead, head_public_key
+    from sealserve.defense.audit.head import AuditHead, head_public_key
 
     nonce = os.urandom(32)
     channel, _ = open_channel(args.target, **connection_kwargs(args))
@@ -326,8 +326,8 @@ def _html(summaries: list[Any], top: int, png: bytes, files: list[Path]) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sealserve.defense.audit_report import summarize_accounts
-    from sealserve.defense.audit_verify import read_records
+    from sealserve.defense.audit.report import summarize_accounts
+    from sealserve.defense.audit.verify import read_records
     from sealserve.errors import ConfigError
 
     if args.top < 1:

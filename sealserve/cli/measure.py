@@ -26,7 +26,7 @@ def register(sub: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from sealserve.defense.audit import load_public_key, public_key_fingerprint
+    from sealserve.defense.audit.log import load_public_key, public_key_fingerprint
     from sealserve.enclave.manifest import code_digest
     from sealserve.server.manifest import (
         build_manifest,

@@ -56,7 +56,7 @@ def add_suspect_args(p: argparse.ArgumentParser) -> None:
 
 def open_ledger(args: argparse.Namespace) -> Any:
     """Unseal the ledger with the platform's sealing key (bound to the measurement)."""
-    from sealserve.defense.watermark import WatermarkLedger
+    from sealserve.defense.watermark.ledger import WatermarkLedger
     from sealserve.enclave.manifest import code_digest
     from sealserve.enclave.sealed_state import SealedBox
     from sealserve.errors import ConfigError
@@ -80,7 +80,7 @@ def open_ledger(args: argparse.Namespace) -> Any:
         blob = args.ledger.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read ledger {args.ledger}: {exc.strerror}") from exc
-    from sealserve.defense.audit_state import unwrap_versioned
+    from sealserve.defense.audit.state import unwrap_versioned
 
     # The sealed payload carries the ledger's version (bound into the audit log) first.
     return WatermarkLedger.from_sealed(
@@ -91,7 +91,7 @@ def open_ledger(args: argparse.Namespace) -> Any:
 def open_suspect(args: argparse.Namespace) -> tuple[Any, Any]:
     """(predict callable, closer) for --suspect or --suspect-endpoint."""
     if args.suspect is not None:
-        from sealserve.defense.suspect import OnnxSuspect
+        from sealserve.defense.watermark.suspect import OnnxSuspect
 
         return OnnxSuspect(args.suspect), lambda: None
     from sealserve.cli._connect import connection_kwargs, token_from
@@ -103,7 +103,7 @@ def open_suspect(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from sealserve.defense.watermark_verify import verify
+    from sealserve.defense.watermark.verify import verify
 
     ledger = open_ledger(args)
     suspect, close = open_suspect(args)

@@ -16,11 +16,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from sealserve.defense.audit_refusals import refusal_reason
+from sealserve.defense.audit.refusals import refusal_reason
 from sealserve.defense.peer import peer_address
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.release import OutputDefenses
-from sealserve.defense.store import Remaining
+from sealserve.defense.release.pipeline import OutputDefenses
+from sealserve.defense.store.base import Remaining
 from sealserve.errors import RefusedError
 
 ANONYMOUS = "anonymous"

@@ -29,30 +29,30 @@ from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
 from sealserve.auth import Authenticator
 from sealserve.auth.revocation import FileRevocationList
-from sealserve.defense.audit import AuditLog
-from sealserve.defense.audit_head import sign_head
+from sealserve.defense.audit.head import sign_head
+from sealserve.defense.audit.log import AuditLog
 from sealserve.defense.challenge import Challenges
 from sealserve.defense.guard import Guard
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.store import StateStore
-from sealserve.defense.store_factory import open_store
+from sealserve.defense.store.base import StateStore
+from sealserve.defense.store.factory import open_store
 from sealserve.enclave.hardening import HardeningReport, harden_process
 from sealserve.enclave.manifest import WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.tls import TlsIdentity
 from sealserve.errors import UnavailableError
-from sealserve.server.admin_service import AdminServicer
-from sealserve.server.attestation_service import AttestationServicer
-from sealserve.server.audit_service import AuditServicer
-from sealserve.server.auth_interceptor import AuthenticatingRegistrar
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
+from sealserve.server.grpc.admin_service import AdminServicer
+from sealserve.server.grpc.attestation_service import AttestationServicer
+from sealserve.server.grpc.audit_service import AuditServicer
+from sealserve.server.grpc.auth_interceptor import AuthenticatingRegistrar
+from sealserve.server.grpc.servicer import InferenceServicer
 from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
 from sealserve.server.metrics import Metrics
 from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import ModelEntry, scan_repository
-from sealserve.server.servicer import InferenceServicer
 from sealserve.server.settings import Settings
 
 log = logging.getLogger("sealserve.server")

@@ -8,6 +8,7 @@ from typing import Any
 
 from sealserve import __version__
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
+from sealserve.server.model_keys import EncryptedModelSource
 from sealserve.server.repository import ModelEntry
 from sealserve.server.settings import Settings
 
@@ -38,8 +39,6 @@ def simulated_measurement(code: str) -> bytes:
 def measure_entries(entries: Iterable[ModelEntry]) -> list[ModelMeasurement]:
     """Model digests: the plaintext SHA-256 the server will load. For an encrypted
     model, from its header (no key needed): decryption refuses any other plaintext."""
-    from sealserve.server.model_keys import EncryptedModelSource
-
     out = []
     for e in entries:
         if isinstance(e.source, EncryptedModelSource):

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sealserve.cli.main import main
-from sealserve.defense.audit import AuditKey, AuditLog, log_files, sha256_hex
+from sealserve.defense.audit.log import AuditKey, AuditLog, log_files, sha256_hex
 from tests.conftest import ROOT, sealserve_cmd, sealserve_env
 
 
@@ -114,7 +114,7 @@ def test_cli_subprocess_exit_code(tmp_path: Path) -> None:
 def test_verify_expect_head_detects_a_cut_and_names_a_mismatch(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    from sealserve.defense.audit_head import sign_head
+    from sealserve.defense.audit.head import sign_head
 
     key = AuditKey.generate()
     log = AuditLog.open(tmp_path / "log", key, checkpoint_every=50, fsync=False, now=0.0)

@@ -22,10 +22,10 @@ from sealserve._proto import admin_pb2, admin_pb2_grpc, audit_pb2, audit_pb2_grp
 from sealserve._proto import attestation_pb2 as apb
 from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.client import Client
-from sealserve.defense.audit import AuditLog, log_files, public_key_fingerprint
-from sealserve.defense.audit_head import AuditHead, head_public_key
-from sealserve.defense.audit_report import summarize_accounts
-from sealserve.defense.audit_verify import read_records, verify_audit_log
+from sealserve.defense.audit.head import AuditHead, head_public_key
+from sealserve.defense.audit.log import AuditLog, log_files, public_key_fingerprint
+from sealserve.defense.audit.report import summarize_accounts
+from sealserve.defense.audit.verify import read_records, verify_audit_log
 from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
 
 ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"
@@ -163,7 +163,7 @@ def test_get_head_needs_the_audit_scope_and_is_signed(limited: Any, tmp_path: Pa
 def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path) -> None:
     from sealserve.enclave.manifest import code_digest
     from sealserve.enclave.simulated import SimulatedPlatform
-    from sealserve.server.attestation_service import AttestationServicer
+    from sealserve.server.grpc.attestation_service import AttestationServicer
     from sealserve.server.manifest import simulated_measurement
 
     running, _ = limited

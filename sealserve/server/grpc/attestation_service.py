@@ -1,0 +1,59 @@
+"""gRPC adapter for ``sealserve.v1.Attestation``: fresh evidence for a verifier's nonce."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+
+from sealserve._proto import attestation_pb2 as apb
+from sealserve.attestation.binding import check_nonce
+from sealserve.enclave.platform import Platform, attest
+from sealserve.errors import AttestationError, InputError
+from sealserve.rpc.status import grpc_errors
+
+
+class AttestationServicer:
+    def __init__(
+        self,
+        platform: Platform,
+        *,
+        tls_spki: bytes,
+        manifest: bytes,
+        hpke_public_key: bytes,
+        audit_head: Callable[[bytes], bytes | None] | None = None,
+    ) -> None:
+        self._platform = platform
+        self._tls_spki = tls_spki
+        self._manifest = manifest
+        self._hpke = hpke_public_key
+        # The audit log's head signed for the nonce (by the key the manifest names).
+        self._audit_head = audit_head
+
+    def evidence(self, nonce: bytes) -> bytes:
+        """Evidence bytes binding ``nonce``, this server's TLS key, manifest and HPKE key."""
+        try:
+            check_nonce(nonce)
+        except AttestationError as exc:
+            raise InputError(exc.message) from exc
+        evidence = attest(
+            self._platform,
+            nonce=nonce,
+            tls_spki=self._tls_spki,
+            manifest=self._manifest,
+            hpke_public_key=self._hpke,
+        )
+        return evidence.to_bytes()
+
+    @grpc_errors
+    async def GetEvidence(
+        self, request: Any, context: grpc.aio.ServicerContext
+    ) -> apb.GetEvidenceResponse:
+        loop = asyncio.get_running_loop()
+        # A real platform's report goes through the kernel: keep it off the loop.
+        nonce = bytes(request.nonce)
+        data = await loop.run_in_executor(None, self.evidence, nonce)
+        head = self._audit_head(nonce) if self._audit_head is not None else None
+        return apb.GetEvidenceResponse(evidence=data, audit_head=head or b"")
