@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x11\x61ttestation.proto\x12\x0csealserve.v1\"#\n\x12GetEvidenceRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\"\'\n\x13GetEvidenceResponse\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x32\x63\n\x0b\x41ttestation\x12T\n\x0bGetEvidence\x12 .sealserve.v1.GetEvidenceRequest\x1a!.sealserve.v1.GetEvidenceResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x11\x61ttestation.proto\x12\x0csealserve.v1\"#\n\x12GetEvidenceRequest\x12\r\n\x05nonce\x18\x01 \x01(\x0c\";\n\x13GetEvidenceResponse\x12\x10\n\x08\x65vidence\x18\x01 \x01(\x0c\x12\x12\n\naudit_head\x18\x02 \x01(\x0c\x32\x63\n\x0b\x41ttestation\x12T\n\x0bGetEvidence\x12 .sealserve.v1.GetEvidenceRequest\x1a!.sealserve.v1.GetEvidenceResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -25,7 +25,7 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_GETEVIDENCEREQUEST']._serialized_start=35
   _globals['_GETEVIDENCEREQUEST']._serialized_end=70
   _globals['_GETEVIDENCERESPONSE']._serialized_start=72
-  _globals['_GETEVIDENCERESPONSE']._serialized_end=111
-  _globals['_ATTESTATION']._serialized_start=113
-  _globals['_ATTESTATION']._serialized_end=212
+  _globals['_GETEVIDENCERESPONSE']._serialized_end=131
+  _globals['_ATTESTATION']._serialized_start=133
+  _globals['_ATTESTATION']._serialized_end=232
 # @@protoc_insertion_point(module_scope)

@@ -11,7 +11,9 @@ class GetEvidenceRequest(_message.Message):
     def __init__(self, nonce: _Optional[bytes] = ...) -> None: ...
 
 class GetEvidenceResponse(_message.Message):
-    __slots__ = ("evidence",)
+    __slots__ = ("evidence", "audit_head")
     EVIDENCE_FIELD_NUMBER: _ClassVar[int]
+    AUDIT_HEAD_FIELD_NUMBER: _ClassVar[int]
     evidence: bytes
-    def __init__(self, evidence: _Optional[bytes] = ...) -> None: ...
+    audit_head: bytes
+    def __init__(self, evidence: _Optional[bytes] = ..., audit_head: _Optional[bytes] = ...) -> None: ...

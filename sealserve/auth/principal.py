@@ -7,9 +7,10 @@ from dataclasses import dataclass
 SCOPE_INFER = "infer"
 SCOPE_METADATA = "metadata"
 SCOPE_ADMIN = "admin"
+SCOPE_AUDIT = "audit"  # sealserve.v1.Audit: the audit log's signed head, for auditors
 
 #: Every scope an RPC may require. A scope is never implied by another one.
-SCOPES: frozenset[str] = frozenset({SCOPE_INFER, SCOPE_METADATA, SCOPE_ADMIN})
+SCOPES: frozenset[str] = frozenset({SCOPE_INFER, SCOPE_METADATA, SCOPE_ADMIN, SCOPE_AUDIT})
 
 
 @dataclass(frozen=True)

@@ -1,10 +1,14 @@
 """``sealserve audit``: verify the signed audit log; report per-account query volume.
 
-    sealserve audit verify LOG... --public-key KEY [--allow-unsigned-tail]
+    sealserve audit verify LOG... --public-key KEY [--expect-head HEAD]
+                          [--allow-unsigned-tail] [--allow-missing-start]
+                          [--sealed-state DIR]
+    sealserve audit head --target HOST:PORT [-o HEAD.json]   (audit scope)
     sealserve audit report LOG... [--html OUT.html] [--png OUT.png] [--top N]
 
 LOG is a log file or a directory holding ``audit-NNNNNN.jsonl`` files (taken in
-order). KEY is a file (PEM, raw 32 bytes or hex) or 64 hex characters.
+order). KEY is a file (PEM, raw 32 bytes or hex) or 64 hex characters. HEAD is a
+file written by ``audit head`` (or a head's JSON) or ``SEQ:HASH``.
 """
 
 from __future__ import annotations
@@ -16,6 +20,8 @@ import io
 import time
 from pathlib import Path
 from typing import Any
+
+from sealserve.errors import ConfigError
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -36,11 +42,41 @@ def register(subparsers: Any) -> None:
         help="trusted audit public key: file (PEM/raw/hex) or 64 hex chars; repeatable",
     )
     verify.add_argument(
+        "--expect-head",
+        metavar="HEAD",
+        help="a head you saw earlier (file from `audit head`, its JSON, or SEQ:HASH): "
+        "fail unless the log holds exactly that record (detects a log cut short)",
+    )
+    verify.add_argument(
         "--allow-unsigned-tail",
         action="store_true",
-        help="warn, instead of failing, about records after the last checkpoint",
+        help="warn, instead of failing, about records after the last checkpoint "
+        "(a live server's log always has some)",
+    )
+    verify.add_argument(
+        "--allow-missing-start",
+        action="store_true",
+        help="warn, instead of failing, when the log does not start with its open record "
+        "(earlier files left out on purpose)",
+    )
+    verify.add_argument(
+        "--sealed-state",
+        type=Path,
+        metavar="DIR",
+        help="the server's defense.state_dir: its sealed files must be the versions the "
+        "log recorded last (detects a rolled-back watermark ledger)",
     )
     verify.set_defaults(func=_verify)
+    head = sub.add_parser(
+        "head",
+        help="fetch a running server's signed audit-log head (keep it for --expect-head)",
+    )
+    head.add_argument("--target", required=True, metavar="HOST:PORT")
+    head.add_argument("-o", "--output", type=Path, metavar="HEAD.json", help="write it here")
+    from sealserve.cli._connect import add_connection_args
+
+    add_connection_args(head)
+    head.set_defaults(func=_head)
     report = sub.add_parser("report", help="accounts ranked by volume and detector score")
     report.add_argument("logs", nargs="+", metavar="LOG", help="log files or directories")
     report.add_argument("--html", type=Path, metavar="OUT.html", help="write an HTML report")
@@ -73,42 +109,129 @@ def _key(spec: str) -> bytes:
     from sealserve.errors import ConfigError
 
     p = Path(spec)
-    if p.is_file():
+    if _is_file(p):
         return load_public_key(p.read_bytes())
     if len(spec) == 64:
         return load_public_key(spec)
-    raise ConfigError(f"--public-key {spec!r} is neither a readable file nor 64 hex characters")
+    shown = spec[:32] + ("..." if len(spec) > 32 else "")
+    raise ConfigError(
+        f"--public-key {shown!r} ({len(spec)} chars) is neither a readable file nor 64 hex "
+        "characters"
+    )
+
+
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except OSError:  # e.g. a long literal that is no file name
+        return False
+
+
+def _expected_head(spec: str | None) -> Any:
+    from sealserve.defense.audit.head import MAX_HEAD_BYTES, AuditHead
+
+    if spec is None:
+        return None
+    p = Path(spec)
+    if _is_file(p):
+        if p.stat().st_size > MAX_HEAD_BYTES:
+            raise ConfigError(f"--expect-head {p}: larger than a head ({MAX_HEAD_BYTES} bytes)")
+        return AuditHead.parse(p.read_text(encoding="utf-8", errors="replace"))
+    return AuditHead.parse(spec)
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from sealserve.defense.audit.verify import check_audit_log
+    from sealserve.defense.audit.state import check_sealed_files
+    from sealserve.defense.audit.verify import check_audit_log, read_records
+    from sealserve.errors import AuditError
 
     files = _expand(args.logs)
     keys = [_key(k) for k in args.public_key]
-    report = check_audit_log(
-        files, trusted_public_keys=keys, allow_unsigned_tail=args.allow_unsigned_tail
-    )
+    expect = _expected_head(args.expect_head)
+    try:
+        report = check_audit_log(
+            files, trusted_public_keys=keys, allow_unsigned_tail=args.allow_unsigned_tail,
+            allow_missing_start=args.allow_missing_start, expect_head=expect,
+        )  # fmt: skip
+    except AuditError as exc:
+        if expect is None:
+            raise
+        print(f"--expect-head refused: {exc.message}")
+        return EXIT_FAILED
     for warning in report.warnings:
         print(f"warning: {warning}")
+    failed = report.problem is not None
+    if args.sealed_state is not None:
+        for fatal, message in check_sealed_files(read_records(files), args.sealed_state):
+            print(f"{'sealed state' if fatal else 'warning'}: {message}")
+            failed = failed or fatal
     print(report.summary())
     if report.problem is not None:
         print(f"first bad record: {report.problem}")
-        return EXIT_FAILED
+        if "not covered by any signature" in report.problem.problem:
+            print(
+                "hint: a running server's log always ends in records not signed yet; "
+                "pass --allow-unsigned-tail to accept them (and --expect-head with a head "
+                "from `sealserve audit head` to pin them)"
+            )
+    elif expect is not None:
+        print(f"expected head {expect.seq} found: the log was not cut short below it")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _head(args: argparse.Namespace) -> int:
+    import os
+
+    import grpc
+
+    from sealserve._proto import audit_pb2, audit_pb2_grpc
+    from sealserve.cli._connect import connection_kwargs, token_from
+    from sealserve.client.client import open_channel
+    from sealserve.client.errors import from_rpc_error
+    from sealserve.defense.audit.head import AuditHead, head_public_key
+
+    nonce = os.urandom(32)
+    channel, _ = open_channel(args.target, **connection_kwargs(args))
+    token = token_from(args)
+    md = (("authorization", f"Bearer {token}"),) if token else ()
+    try:
+        reply = audit_pb2_grpc.AuditStub(channel).GetHead(
+            audit_pb2.GetHeadRequest(nonce=nonce), metadata=md, timeout=10
+        )
+    except grpc.RpcError as exc:
+        raise from_rpc_error(exc) from exc
+    finally:
+        channel.close()
+    head = AuditHead.from_json(reply.head)
+    # Fresh (answers our nonce) and signed by the key it names; that key's fingerprint
+    # is what the attested manifest binds (`sealserve verify` shows it).
+    head.verify({head.key: head_public_key(head)}, nonce=nonce.hex())
+    data = head.to_json().decode()
+    if args.output is not None:
+        args.output.write_text(data + "\n", encoding="utf-8")
+        print(f"wrote {args.output}: seq {head.seq}, hash {head.hash}, key {head.key}")
+    else:
+        print(data)
     return EXIT_OK
 
 
 def _table(summaries: list[Any], top: int) -> str:
     head = (
-        f"{'account':<24} {'queries':>8} {'peak/h':>7} {'refused':>7} {'max score':>9} "
-        f"{'by':<13} {'coverage':>8} {'status':<10}"
+        f"{'account':<24} {'answered':>8} {'throttld':>8} {'refused':>7} {'peak/h':>7} "
+        f"{'max score':>9} {'by':<13} {'coverage':>8} {'status':<10}"
     )
     rows = [head, "-" * len(head)]
     for a in summaries[:top]:
         cov = "-" if a.coverage_ratio is None else f"{a.coverage_ratio:.2f}x"
         rows.append(
-            f"{a.account[:24]:<24} {a.queries:>8} {a.peak_per_hour:>7} {a.refused:>7} "
-            f"{a.max_score:>9.2f} {a.top_detector:<13} {cov:>8} {a.status:<10}"
+            f"{a.account[:24]:<24} {a.queries:>8} {a.throttled:>8} {a.refused:>7} "
+            f"{a.peak_per_hour:>7} {a.max_score:>9.2f} {a.top_detector:<13} {cov:>8} "
+            f"{a.status:<10}"
         )
+    rows.append(
+        "answered: queries answered (throttld: of those, answered while throttled or "
+        "challenged); refused: refused before inference (rate limit, suspended, challenge)"
+    )
     return "\n".join(rows)
 
 
@@ -162,8 +285,10 @@ def _html(summaries: list[Any], top: int, png: bytes, files: list[Path]) -> str:
             for v in (
                 a.account,
                 a.queries,
-                a.peak_per_hour,
+                a.throttled,
                 a.refused,
+                ", ".join(f"{k} {n}" for k, n in sorted(a.refused_by.items())) or "-",
+                a.peak_per_hour,
                 f"{a.max_score:.2f}",
                 a.top_detector,
                 "-" if a.coverage_ratio is None else f"{a.coverage_ratio:.2f}x",
@@ -193,8 +318,9 @@ def _html(summaries: list[Any], top: int, png: bytes, files: list[Path]) -> str:
         "<code>sealserve audit verify</code> for that.</p>"
         f"<h2>Flagged accounts</h2><ul>{flagged or '<li>none</li>'}</ul>"
         f"<h2>Plots</h2><img alt='plots' src='data:image/png;base64,{img}'>"
-        "<h2>Accounts by volume</h2><table><tr><th>account</th><th>queries</th>"
-        "<th>peak/h</th><th>refused</th><th>max score</th><th>by</th><th>coverage</th>"
+        "<h2>Accounts by volume</h2><table><tr><th>account</th><th>answered</th>"
+        "<th>answered throttled</th><th>refused</th><th>refused by</th><th>peak/h</th>"
+        "<th>max score</th><th>by</th><th>coverage</th>"
         f"<th>status</th><th>last reason</th></tr>{rows}</table></body></html>"
     )
 

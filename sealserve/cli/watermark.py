@@ -80,7 +80,12 @@ def open_ledger(args: argparse.Namespace) -> Any:
         blob = args.ledger.read_bytes()
     except OSError as exc:
         raise ConfigError(f"cannot read ledger {args.ledger}: {exc.strerror}") from exc
-    return WatermarkLedger.from_sealed(blob, unseal=lambda b: box.unseal(b, label=label))
+    from sealserve.defense.audit.state import unwrap_versioned
+
+    # The sealed payload carries the ledger's version (bound into the audit log) first.
+    return WatermarkLedger.from_sealed(
+        blob, unseal=lambda b: unwrap_versioned(box.unseal(b, label=label))[1]
+    )
 
 
 def open_suspect(args: argparse.Namespace) -> tuple[Any, Any]:

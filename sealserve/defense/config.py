@@ -50,6 +50,14 @@ class AuditConfig(BaseModel):
     dir: Path = Path("audit")
     checkpoint_every: int = Field(default=1000, ge=1)
     checkpoint_interval_s: float = Field(default=60.0, gt=0)
+    refusals_per_interval: int = Field(
+        default=20,
+        ge=0,
+        le=100_000,
+        description="Refused requests recorded one by one per account and interval; "
+        "beyond that they are added up into one record per reason.",
+    )
+    refusal_interval_s: float = Field(default=60.0, gt=0, le=86_400)
 
 
 class DefenseConfig(BaseModel):

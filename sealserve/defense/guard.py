@@ -9,17 +9,22 @@ Transport-free: the server hands in who is calling (:class:`Caller`) and numpy a
 
 from __future__ import annotations
 
+import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
 
+from sealserve.defense.audit.refusals import refusal_reason
 from sealserve.defense.peer import peer_address
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.pipeline import OutputDefenses
 from sealserve.defense.store.base import Remaining
+from sealserve.errors import RefusedError
 
 ANONYMOUS = "anonymous"
+log = logging.getLogger("sealserve.defense")
 
 
 @dataclass(frozen=True)
@@ -84,17 +89,36 @@ class Guard:
         left of every limit."""
         if self.quota is None:
             return ()
-        result = self.quota.admit(
-            caller.account,
-            caller.tier,
-            caller.peer,
-            model,
-            batch_size=batch_size,
-            challenge=pow_.challenge if pow_ else None,
-            solution=pow_.solution if pow_ else None,
-            now=now,
-        )
+        try:
+            result = self.quota.admit(
+                caller.account,
+                caller.tier,
+                caller.peer,
+                model,
+                batch_size=batch_size,
+                challenge=pow_.challenge if pow_ else None,
+                solution=pow_.solution if pow_ else None,
+                now=now,
+            )
+        except RefusedError as exc:
+            self._audit_refusal(caller, model, exc, batch_size, now)
+            raise
         return result.remaining
+
+    def _audit_refusal(
+        self, caller: Caller, model: str, exc: RefusedError, rows: int, now: float | None
+    ) -> None:
+        """Refusals go to the audit log too (added up beyond a threshold per account)."""
+        audit = self.output.audit if self.output is not None else None
+        if audit is None:
+            return
+        try:
+            audit.append_refusal_at_time(
+                time.time() if now is None else now, account=caller.account, model=model,
+                reason=refusal_reason(exc), detail=exc.message, rows=rows,
+            )  # fmt: skip
+        except Exception:  # a full disk must not turn a refusal into an internal error
+            log.exception("could not record a refusal in the audit log")
 
     def release(
         self, caller: Caller, model: str, inputs: Mapping[str, np.ndarray],

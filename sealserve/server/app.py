@@ -18,12 +18,21 @@ from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from sealserve._proto import POOL, admin_pb2, admin_pb2_grpc, attestation_pb2_grpc
+from sealserve._proto import (
+    POOL,
+    admin_pb2,
+    admin_pb2_grpc,
+    attestation_pb2_grpc,
+    audit_pb2,
+    audit_pb2_grpc,
+)
 from sealserve._proto import attestation_pb2 as apb
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
 from sealserve.auth import Authenticator
 from sealserve.auth.revocation import FileRevocationList
+from sealserve.defense.audit.head import sign_head
+from sealserve.defense.audit.log import AuditLog
 from sealserve.defense.challenge import Challenges
 from sealserve.defense.guard import Guard
 from sealserve.defense.quota import QuotaGuard
@@ -39,6 +48,7 @@ from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
 from sealserve.server.grpc.admin_service import AdminServicer
 from sealserve.server.grpc.attestation_service import AttestationServicer
+from sealserve.server.grpc.audit_service import AuditServicer
 from sealserve.server.grpc.auth_interceptor import AuthenticatingRegistrar
 from sealserve.server.grpc.servicer import InferenceServicer
 from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
@@ -55,6 +65,7 @@ INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_
 ATTESTATION_SERVICE = apb.DESCRIPTOR.services_by_name["Attestation"].full_name
 MODEL_INFER = f"/{INFERENCE_SERVICE}/ModelInfer"
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
+AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["Audit"].full_name
 # Names in the in-memory certificate. Attested clients pin the certificate itself and
 # connect with the fixed name ``sealserve.attested``, whatever host they dialled.
 ATTESTED_TLS_NAMES = ("sealserve.attested", "localhost", "127.0.0.1", "::1")
@@ -309,6 +320,7 @@ class Server:
                 manifest=self.manifest.to_bytes(),
                 hpke_public_key=self.hpke_public_key,
                 per_peer_per_minute=s.evidence_per_peer_per_minute,
+                audit_head=self.audit_head,
             )
             attestation_pb2_grpc.add_AttestationServicer_to_server(attestation, protected)
             services.append(ATTESTATION_SERVICE)
@@ -326,8 +338,12 @@ class Server:
             hpke_private_key=self.hpke_private_key,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, protected)
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane.guard.quota), protected)
+        admin_pb2_grpc.add_AdminServicer_to_server(
+            AdminServicer(self.plane.guard.quota, audit=self._audit_log), protected
+        )
         services.append(ADMIN_SERVICE)
+        audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(self.audit_head), protected)
+        services.append(AUDIT_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, protected)
         _ensure_health_in_pool()
         reflection.enable_server_reflection(services, self._server, pool=POOL)
@@ -414,6 +430,15 @@ class Server:
             await self._server.stop(0)
             raise
 
+    def _audit_log(self) -> AuditLog | None:
+        output = self.plane.guard.output
+        return output.audit if output is not None else None
+
+    def audit_head(self, nonce: bytes) -> bytes | None:
+        """The audit log's head signed for ``nonce`` (JSON), or None without a log."""
+        audit = self._audit_log()
+        return None if audit is None else sign_head(audit, nonce=nonce).to_json()
+
     def _hardening_json(self) -> dict[str, str]:
         # Outcomes only (not details), so an auditor can predict them: see
         # server.manifest.EXPECTED_HARDENING.
@@ -433,11 +458,11 @@ class Server:
         if self._health_server is not None:
             await self._health_server.stop(0)
         self.engine.close()
-        output = self.plane.guard.output
-        if output is not None and output.audit is not None:
-            output.audit.close()
         if self.defense_secrets is not None:
-            self.defense_secrets.close()
+            self.defense_secrets.close()  # the last ledger save is recorded in the log
+        audit = self._audit_log()
+        if audit is not None:
+            audit.close()
         if self.store is not None:
             self.store.close()
         if self.authenticator is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +20,15 @@ from typing import Any
 import numpy as np
 
 from sealserve.defense.audit.log import AuditKey, AuditLog
+from sealserve.defense.audit.refusals import RefusalCounter
+from sealserve.defense.audit.state import (
+    LEDGER,
+    check_sealed_version,
+    file_sha256,
+    reapply_statuses,
+    unwrap_versioned,
+    wrap_versioned,
+)
 from sealserve.defense.config import DefenseConfig, ModelDefenseConfig
 from sealserve.defense.detect import (
     DetectorSuite,
@@ -83,18 +93,23 @@ class SealedState:
         f.write(value)
         return value
 
-    def save_ledger(self, ledger: WatermarkLedger) -> None:
-        f = self._file("watermark-ledger")
-        if f is not None:
-            f.write(ledger.to_bytes())
+    def save_ledger(self, ledger: WatermarkLedger, version: int) -> Path | None:
+        """Seal ``ledger`` as ``version``; returns the file written (None: ephemeral)."""
+        f = self._file(LEDGER)
+        if f is None:
+            return None
+        f.write(wrap_versioned(version, ledger.to_bytes()))
+        return f.path
 
-    def load_ledger(self, max_probes: int = DEFAULT_MAX_PROBES) -> WatermarkLedger:
-        f = self._file("watermark-ledger")
+    def load_ledger(self, max_probes: int = DEFAULT_MAX_PROBES) -> tuple[WatermarkLedger, int]:
+        """The sealed ledger and its version (0 when there is none yet)."""
+        f = self._file(LEDGER)
         if f is None or not f.exists():
-            return WatermarkLedger(max_probes=max_probes)
-        ledger = WatermarkLedger.from_bytes(f.read())
+            return WatermarkLedger(max_probes=max_probes), 0
+        version, payload = unwrap_versioned(f.read())
+        ledger = WatermarkLedger.from_bytes(payload)
         ledger.set_max_probes(max_probes)
-        return ledger
+        return ledger, version
 
 
 def _spec(kind: str, width: int) -> OutputSpec:
@@ -164,6 +179,9 @@ class DefenseSecrets:
     ledger: WatermarkLedger
     audit_key: AuditKey | None
     save_interval_s: float = 2.0
+    # The ledger's version; each save bumps it and records it in the audit log.
+    ledger_version: int = 0
+    audit: AuditLog | None = field(default=None, init=False, repr=False)
     _saver: LedgerSaver | None = field(default=None, init=False, repr=False)
     # One save at a time, snapshot taken inside: a slow older save can never land
     # after a newer one and put back an older ledger.
@@ -181,13 +199,21 @@ class DefenseSecrets:
             if cfg.state_dir is not None:
                 cfg.state_dir.mkdir(parents=True, exist_ok=True)
                 (cfg.state_dir / "audit-public.pem").write_bytes(audit_key.public_key_pem())
-        return cls(state, root, state.load_ledger(cfg.watermark_probes), audit_key,
-                   cfg.ledger_save_interval_s)  # fmt: skip
+        ledger, version = state.load_ledger(cfg.watermark_probes)
+        return cls(state, root, ledger, audit_key, cfg.ledger_save_interval_s, version)
 
     def save_ledger(self) -> None:
-        """Seal and write the ledger now."""
+        """Seal and write the ledger now, then bind its new version into the audit log."""
         with self._save_lock:
-            self.state.save_ledger(self.ledger)
+            path = self.state.save_ledger(self.ledger, self.ledger_version + 1)
+            if path is None:
+                return
+            self.ledger_version += 1
+            if self.audit is not None and not self.audit.closed:
+                self.audit.append_sealed_at_time(
+                    time.time(), name=LEDGER, version=self.ledger_version,
+                    sha256=file_sha256(path),
+                )  # fmt: skip
 
     def note_marked(self) -> None:
         """An answer carried a watermark: write the ledger soon, off the request path."""
@@ -259,16 +285,35 @@ def build_defenses(
         )
     audit = None
     if secrets.audit_key is not None:
-        cfg.audit.dir.mkdir(parents=True, exist_ok=True)
+        cfg.audit.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         audit = AuditLog.open(
             cfg.audit.dir, secrets.audit_key, checkpoint_every=cfg.audit.checkpoint_every,
             checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
+            refusals=RefusalCounter(cfg.audit.refusals_per_interval, cfg.audit.refusal_interval_s),
         )  # fmt: skip
+        bind_audit_state(cfg, secrets, audit, quota)
     policy = ResponsePolicy.from_mapping(cfg.response) if cfg.response else ResponsePolicy.default()
     responses = Responses(policy, cfg.throttle_factor, cfg.challenge_difficulty)
     return OutputDefenses(
         models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked
     )
+
+
+def bind_audit_state(
+    cfg: DefenseConfig, secrets: DefenseSecrets, audit: AuditLog, quota: QuotaGuard | None
+) -> None:
+    """Audit hooks at start: the ledger's version against the log (a rolled-back ledger
+    raises a signed alarm), statuses the state store lost re-applied from the log."""
+    now = time.time()
+    secrets.audit = audit
+    if not secrets.state.ephemeral and cfg.state_dir is not None:
+        path = cfg.state_dir / LEDGER
+        check_sealed_version(audit, name=LEDGER, version=secrets.ledger_version, path=path,
+                             now=now)  # fmt: skip
+    if quota is not None:
+        reapply_statuses(audit, quota, now=now, throttle_factor=cfg.throttle_factor,
+                         challenge_difficulty=cfg.challenge_difficulty)  # fmt: skip
+
 
 
 def _input_width(info: Any, name: str | None) -> int:

@@ -98,7 +98,7 @@ def test_report_table_html_and_png(tmp_path: Path, capsys: pytest.CaptureFixture
 def test_cli_subprocess_exit_code(tmp_path: Path) -> None:
     key = AuditKey.generate()
     files = demo_log(tmp_path, key)
-    files[0].write_bytes(files[0].read_bytes() + b'{"v":1}\n')
+    files[0].write_bytes(files[0].read_bytes() + b'{"v":2}\n')
     out = subprocess.run(
         sealserve_cmd("audit", "verify", str(tmp_path), "--public-key", key.public_bytes.hex()),
         capture_output=True,
@@ -109,3 +109,55 @@ def test_cli_subprocess_exit_code(tmp_path: Path) -> None:
     )
     assert out.returncode == 1
     assert "record lacks an integer seq" in out.stdout
+
+
+def test_verify_expect_head_detects_a_cut_and_names_a_mismatch(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from sealserve.defense.audit.head import sign_head
+
+    key = AuditKey.generate()
+    log = AuditLog.open(tmp_path / "log", key, checkpoint_every=50, fsync=False, now=0.0)
+    for i in range(120):
+        log.append_key_release_at_time(float(i), model="m", key_id="k", outcome="released")
+    head_file = tmp_path / "head.json"
+    head_file.write_bytes(sign_head(log, now=200.0).to_json())
+    seq, digest = log.head()
+    log.close_at_time(201.0)
+    pub = key.public_bytes.hex()
+    base = ["audit", "verify", str(tmp_path / "log"), "--public-key", pub]
+    assert main([*base, "--expect-head", str(head_file)]) == 0
+    assert f"expected head {seq} found: the log was not cut short" in capsys.readouterr().out
+    assert main([*base, "--expect-head", f"{seq}:{digest}"]) == 0
+    capsys.readouterr()
+    # A head from another log (same seq, other hash) is refused, with the record named.
+    assert main([*base, "--expect-head", f"{seq}:{'0' * 64}"]) == 1
+    out = capsys.readouterr().out
+    assert f"record {seq}: record differs from the expected head (0000000000000000...)" in out
+    # A head beyond the log's end: cut off.
+    assert main([*base, "--expect-head", f"{seq + 40}:{digest}"]) == 1
+    out = capsys.readouterr().out
+    # (The log's last record is the closing checkpoint, one after the head.)
+    assert f"the expected head is seq {seq + 40}: 39 record(s) were cut off" in out
+    # A head signed by someone else's key is refused before the log is read.
+    other = AuditKey.generate()
+    forged = AuditLog.open(tmp_path / "other", other, fsync=False, now=0.0)
+    head_file.write_bytes(sign_head(forged, now=1.0).to_json())
+    assert main([*base, "--expect-head", str(head_file)]) == 1
+    assert "--expect-head refused: the audit head is signed by an untrusted key" in (
+        capsys.readouterr().out
+    )
+    # Bad input: a clear message, client text quoted short.
+    assert main([*base, "--expect-head", "12:" + "z" * 500]) == 1
+    err = capsys.readouterr().err
+    assert "is neither SEQ:HASH" in err and "(503 chars)" in err and "z" * 40 not in err
+
+
+def test_verify_unsigned_tail_hints_at_the_option(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    key = AuditKey.generate()
+    log = AuditLog.open(tmp_path, key, checkpoint_every=50, fsync=False, now=0.0)
+    log.append_key_release_at_time(1.0, model="m", key_id="k", outcome="released")
+    assert main(["audit", "verify", str(tmp_path), "--public-key", key.public_bytes.hex()]) == 1
+    assert "pass --allow-unsigned-tail" in capsys.readouterr().out

@@ -1,39 +1,67 @@
 """Append-only, hash-chained, signed audit log (writer side).
 
-Over 400 lines: the writer of one file format (records, chain, checkpoints, rotation).
+Over 400 lines: the writer of one file format (records, MACs, chain, checkpoints,
+rotation, crash recovery).
 
-Format (``sealserve-audit/1``): UTF-8 JSON lines, one record per line, each the
+Format (``sealserve-audit/2``): UTF-8 JSON lines, one record per line, each the
 canonical JSON (sorted keys, no spaces) of an object with at least::
 
-    v     1                      format version
+    _mac  hex HMAC-SHA256, under the audit MAC key, of the record's canonical JSON
+          without ``_mac`` (sorts first: every other top-level key is lowercase)
+    v     2                      format version
     seq   0, 1, 2, ...           position in the chain, across files
     time  Unix seconds (float)
-    kind  open | resume | rotate | query | status | key_release | checkpoint
+    kind  open | resume | rotate | query | refusal | refusals | status | key_release
+          | sealed | alarm | checkpoint
     prev  hex SHA-256 of the previous record's line bytes ("0"*64 for seq 0)
+
+The MAC key is derived (HKDF) from the sealed audit key, so only the server can write
+a record that carries a valid ``_mac``: a stopped server's unsigned tail cannot be
+rewritten, even with the hash chain recomputed, without the server noticing when it
+resumes (it checks every record since the last checkpoint). The Ed25519 checkpoints
+are what anyone holding the public key can check; the MACs are the server's own check.
 
 ``query`` records hold ``account``, ``model``, ``input_sha256``, ``output_sha256``,
 ``decision`` and ``flags`` (detector name -> score); raw inputs never enter the log,
-the writer accepts digests only. ``status`` records hold a status change with the
-detectors' explanation; ``key_release`` records a model key release.
+the writer accepts digests only. ``refusal``/``refusals`` records hold requests refused
+before inference (see :mod:`sealserve.defense.audit.refusals`). ``status`` records hold
+a status change (the detectors' or an operator's) with its reason; ``key_release``
+records a model key release; ``sealed`` records bind a version of sealed state (the
+watermark ledger) into the chain; ``alarm`` records something the server detected
+about its own state (a rolled-back ledger).
+
+A ``resume`` record starts every run after the first. When the previous run did not
+end with a checkpoint (a crash), it says how many unsigned records it found
+(``recovered``), how many of them failed their MAC (``mac_failures``, from
+``first_bad_seq``) and how many bytes of a torn last record it moved aside
+(``torn_bytes`` into ``torn_file``, kept for forensics); a checkpoint follows at once,
+so the recovered records are signed.
 
 Every ``checkpoint_every`` records, or when ``checkpoint_interval_s`` has passed since
 the last checkpoint, a ``checkpoint`` record is appended carrying ``key`` (the audit
 key's fingerprint, ``sha256:<hex of the raw Ed25519 public key>``, which the attested
 manifest binds), ``covers_from`` (first seq since the previous checkpoint) and ``sig``,
 the Ed25519 signature over the canonical JSON of the record without ``sig``. Because
-the record includes ``prev``, a signature commits to the whole chain before it.
+the record includes ``prev``, a signature commits to the whole chain before it. The
+signature covers the record without ``sig`` and ``_mac``.
 
-Files are ``audit-000001.jsonl``, ``audit-000002.jsonl``, ... A file is closed with a
-checkpoint and the next starts with a ``rotate`` record whose ``prev`` is the last hash
-of the previous file, so the chain runs across files. Verification is in
-:mod:`sealserve.defense.audit.verify`.
+The log's head (last seq and its line's SHA-256) is published signed
+(:mod:`sealserve.defense.audit.head`); an auditor who saw a head detects any log that
+was cut or rewritten below it.
+
+Files are ``audit-000001.jsonl``, ``audit-000002.jsonl``, ... created 0600 in a 0700
+directory. A file is closed with a checkpoint and the next starts with a ``rotate``
+record whose ``prev`` is the last hash of the previous file, so the chain runs across
+files. Verification is in :mod:`sealserve.defense.audit.verify`.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+import hmac
 import json
+import logging
 import os
 import re
 import threading
@@ -44,19 +72,29 @@ from typing import Any
 
 import numpy as np
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PrivateKey,
     Ed25519PublicKey,
 )
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from sealserve.canonical import canonical_json
+from sealserve.defense.audit.refusals import RefusalCounter
 from sealserve.errors import AuditError, ConfigError
 
-FORMAT = "sealserve-audit/1"
+FORMAT = "sealserve-audit/2"
+VERSION = 2
 GENESIS = "0" * 64
 FILE_PATTERN = re.compile(r"^audit-(\d{6})\.jsonl$")
+MAC_FIELD = "_mac"
+_MAC_PREFIX = b'{"_mac":"'
+_MAC_END = len(_MAC_PREFIX) + 64
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+_FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
+_MAC_INFO = b"sealserve/audit-mac/v1"
+
+log = logging.getLogger("sealserve.audit")
 
 
 def sha256_hex(data: bytes) -> str:
@@ -69,6 +107,35 @@ def digest_array(array: object) -> str:
     a = np.ascontiguousarray(array)
     head = f"{a.dtype.str}|{','.join(map(str, a.shape))}|".encode()
     return hashlib.sha256(head + a.tobytes()).hexdigest()
+
+
+def record_mac(mac_key: bytes, body: bytes) -> str:
+    """Hex HMAC-SHA256 of a record's canonical JSON without ``_mac``."""
+    return hmac.digest(mac_key, body, "sha256").hex()
+
+
+def encode_record(record: Mapping[str, Any], mac_key: bytes) -> bytes:
+    """A record's line (without the newline): its canonical JSON with ``_mac`` first.
+
+    Every other top-level key starts with a lowercase letter, so ``_mac`` sorts first
+    and the line is still canonical JSON; the body is serialised once.
+    """
+    body = canonical_json(record)
+    return _MAC_PREFIX + record_mac(mac_key, body).encode() + b'",' + body[1:]
+
+
+def split_mac(line: bytes) -> tuple[str, bytes] | None:
+    """``(mac, body without _mac)`` of a record line, or None if it carries no MAC."""
+    if not line.startswith(_MAC_PREFIX) or line[_MAC_END : _MAC_END + 2] != b'",':
+        return None
+    mac = line[len(_MAC_PREFIX) : _MAC_END].decode("ascii", "replace")
+    return (mac, b"{" + line[_MAC_END + 2 :]) if _HEX64.match(mac) else None
+
+
+def mac_ok(mac_key: bytes, line: bytes) -> bool:
+    """Whether a record line carries a valid MAC under ``mac_key`` (constant time)."""
+    parts = split_mac(line)
+    return parts is not None and hmac.compare_digest(parts[0], record_mac(mac_key, parts[1]))
 
 
 def public_key_fingerprint(public_key: bytes) -> str:
@@ -107,6 +174,10 @@ class AuditKey:
             serialization.Encoding.Raw, serialization.PublicFormat.Raw
         )
         self.fingerprint = public_key_fingerprint(self.public_bytes)
+        # The per-record MAC key: derived, so the one sealed secret serves both.
+        self.mac_key = HKDF(algorithm=hashes.SHA256(), length=32, salt=None, info=_MAC_INFO).derive(
+            self.to_private_bytes()
+        )
 
     @classmethod
     def generate(cls) -> AuditKey:
@@ -148,8 +219,8 @@ def verify_signature(public_key: bytes, signature: bytes, data: bytes) -> bool:
 
 
 def signing_payload(record: Mapping[str, Any]) -> bytes:
-    """The bytes a checkpoint's ``sig`` covers: the record without ``sig``."""
-    return canonical_json({k: v for k, v in record.items() if k != "sig"})
+    """The bytes a checkpoint's ``sig`` covers: the record without ``sig`` and ``_mac``."""
+    return canonical_json({k: v for k, v in record.items() if k not in ("sig", MAC_FIELD)})
 
 
 class AuditLog:
@@ -169,6 +240,7 @@ class AuditLog:
         checkpoint_interval_s: float,
         max_file_bytes: int,
         fsync: bool,
+        refusals: RefusalCounter | None = None,
     ) -> None:
         if checkpoint_every < 1:
             raise ConfigError("audit.checkpoint_every must be at least 1")
@@ -182,6 +254,7 @@ class AuditLog:
         self.checkpoint_interval_s = checkpoint_interval_s
         self.max_file_bytes = max_file_bytes
         self.fsync = fsync
+        self.refusals = refusals if refusals is not None else RefusalCounter()
         self._lock = threading.Lock()
         self.seq = 0  # seq of the next record
         self.last_hash = GENESIS
@@ -191,6 +264,8 @@ class AuditLog:
         self._file_no = 0
         self._fh: Any = None
         self._size = 0
+        # What resuming found (empty for a new log or a clean restart); see module doc.
+        self.recovery: dict[str, Any] = {}
 
     @classmethod
     def open(
@@ -202,16 +277,21 @@ class AuditLog:
         checkpoint_interval_s: float = 60.0,
         max_file_bytes: int = 64 * 1024 * 1024,
         fsync: bool = True,
+        refusals: RefusalCounter | None = None,
         now: float | None = None,
     ) -> AuditLog:
         """Start a new log in ``directory`` or continue the one there.
 
         A new log starts with an ``open`` record (seq 0); an existing one gets a
-        ``resume`` record chained to its last record. Raises ``AuditError`` if the
-        last file ends in an incomplete record (a crash mid-write).
+        ``resume`` record chained to its last record. After a crash the last file may
+        end in a torn record: it is moved aside into ``<file>.torn-N`` and reported in
+        the ``resume`` record. Unsigned records left by a crash are checked against
+        their MACs, reported, and signed by a checkpoint written at once. Raises
+        ``AuditError`` when the last file cannot be continued (empty, or its last
+        complete record unreadable).
         """
         path = Path(directory)
-        path.mkdir(parents=True, exist_ok=True)
+        path.mkdir(parents=True, exist_ok=True, mode=0o700)
         log = cls(
             path,
             key,
@@ -219,6 +299,7 @@ class AuditLog:
             checkpoint_interval_s=checkpoint_interval_s,
             max_file_bytes=max_file_bytes,
             fsync=fsync,
+            refusals=refusals,
         )
         t = time.time() if now is None else now
         log._last_checkpoint_time = t
@@ -229,27 +310,36 @@ class AuditLog:
                 log._write(t, "open", {"format": FORMAT, "key": key.fingerprint})
             else:
                 last = files[-1]
-                log._resume_from(last)
+                log.recovery = log._resume_from(last)
                 log._open_file(int(FILE_PATTERN.match(last.name).group(1)))  # type: ignore[union-attr]
-                log._write(t, "resume", {"format": FORMAT, "key": key.fingerprint})
+                log._write(t, "resume", {"format": FORMAT, "key": key.fingerprint,
+                                         **log.recovery})  # fmt: skip
+                if log.recovery:
+                    log._checkpoint(t)  # sign what the crash left unsigned, now
         return log
 
     @property
     def current_path(self) -> Path:
         return self.directory / f"audit-{self._file_no:06d}.jsonl"
 
-    def _resume_from(self, file: Path) -> None:
+    def _resume_from(self, file: Path) -> dict[str, Any]:
         data = file.read_bytes()
+        recovery: dict[str, Any] = {}
         if data and not data.endswith(b"\n"):
-            raise AuditError(
-                f"{file} ends with an incomplete record (crash during a write)",
-                file=str(file),
-                problem="incomplete last record",
-                remedy="Move the file aside for the auditor and start a new log directory.",
-            )
+            cut = data.rfind(b"\n") + 1
+            aside = _keep_aside(file, data[cut:])
+            os.truncate(file, cut)
+            recovery.update(torn_bytes=len(data) - cut, torn_file=aside.name)
+            log.error("audit: %s ended in a torn record (%d bytes): moved aside to %s",
+                      file, len(data) - cut, aside)  # fmt: skip
+            data = data[:cut]
         lines = data.splitlines()
         if not lines:
-            raise AuditError(f"{file} is empty; cannot continue its chain", file=str(file))
+            raise AuditError(
+                f"{file} holds no complete record; cannot continue its chain",
+                file=str(file),
+                remedy="Move the file aside for the auditor and start the server again.",
+            )
         try:
             rec = json.loads(lines[-1])
             self.seq = int(rec["seq"]) + 1
@@ -260,28 +350,54 @@ class AuditLog:
         self.last_hash = sha256_hex(lines[-1])
         # Records after the file's last checkpoint (or since its first record, which
         # follows the previous file's closing checkpoint) are still to be signed.
-        self._covers_from = self.seq
+        tail: list[bytes] = []
+        anchor: bytes | None = None  # the checkpoint the tail follows, if in this file
         for raw in reversed(lines):
-            try:
-                rec = json.loads(raw)
-            except ValueError:
-                continue
-            self._covers_from = int(rec["seq"]) + (1 if rec.get("kind") == "checkpoint" else 0)
-            if rec.get("kind") == "checkpoint":
+            if b'"kind":"checkpoint"' in raw and _field(raw, "kind") == "checkpoint":
+                anchor = raw
                 break
-        self._since_checkpoint = self.seq - self._covers_from
+            tail.append(raw)
+        tail.reverse()
+        self._covers_from = self.seq - len(tail)
+        self._since_checkpoint = len(tail)
+        if tail:
+            recovery.update(self._check_tail(file, tail, anchor))
+        return recovery
+
+    def _check_tail(self, file: Path, tail: list[bytes], anchor: bytes | None) -> dict[str, Any]:
+        """Check the MACs and links of the unsigned records a crash left behind."""
+        failures, first_bad = 0, None
+        prev = anchor
+        for i, raw in enumerate(tail):
+            linked = prev is None or _field(raw, "prev") == sha256_hex(prev)
+            if not (linked and mac_ok(self.key.mac_key, raw)):
+                failures += 1
+                if first_bad is None:
+                    first_bad = self._covers_from + i
+            prev = raw
+        out: dict[str, Any] = {"recovered": len(tail), "recovered_from": self._covers_from}
+        if failures:
+            out.update(mac_failures=failures, first_bad_seq=first_bad)
+            log.error("audit: %d of %d unsigned records in %s fail their MAC from seq %s: "
+                      "the log was rewritten while the server was stopped",
+                      failures, len(tail), file, first_bad)  # fmt: skip
+        else:
+            log.warning("audit: recovered %d unsigned records in %s (MACs verify)",
+                        len(tail), file)  # fmt: skip
+        return out
 
     def _open_file(self, number: int) -> None:
         self._file_no = number
-        self._fh = open(self.current_path, "ab")  # noqa: SIM115 - kept open for appends
+        fd = os.open(self.current_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        self._fh = os.fdopen(fd, "ab")
         self._size = self._fh.tell()
 
     def _write(self, now: float, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         record: dict[str, Any] = dict(fields)
-        record.update(v=1, seq=self.seq, time=float(now), kind=kind, prev=self.last_hash)
+        record.update(v=VERSION, seq=self.seq, time=float(now), kind=kind, prev=self.last_hash)
         if kind == "checkpoint":
             record["sig"] = base64.b64encode(self.key.sign(signing_payload(record))).decode()
-        line = canonical_json(record)
+        line = encode_record(record, self.key.mac_key)
         self._fh.write(line + b"\n")
         self._fh.flush()
         self._size += len(line) + 1
@@ -309,6 +425,8 @@ class AuditLog:
         )
 
     def _after_append(self, now: float) -> None:
+        for aggregate in self.refusals.due(now):
+            self._write(now, "refusals", aggregate)
         due = self._since_checkpoint >= self.checkpoint_every or (
             now - self._last_checkpoint_time >= self.checkpoint_interval_s
         )
@@ -325,6 +443,15 @@ class AuditLog:
         self._open_file(self._file_no + 1)
         self._write(now, "rotate", {"previous_file": previous, "key": self.key.fingerprint})
 
+    @property
+    def closed(self) -> bool:
+        return self._fh is None
+
+    def head(self) -> tuple[int, str]:
+        """``(seq, sha256 of its line)`` of the last record written (the log's head)."""
+        with self._lock:
+            return self.seq - 1, self.last_hash
+
     def append_at_time(self, now: float, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
         """Append a record of ``kind`` with ``fields``; returns the record written."""
         if kind in {"open", "resume", "rotate", "checkpoint"}:
@@ -332,6 +459,9 @@ class AuditLog:
         reserved = {"v", "seq", "time", "kind", "prev", "sig"} & set(fields)
         if reserved:
             raise ConfigError(f"audit record fields {sorted(reserved)} are reserved")
+        bad = [k for k in fields if not _FIELD_NAME.match(k)]
+        if bad:
+            raise ConfigError(f"audit record field names must be lowercase words, not {bad[:3]}")
         with self._lock:
             if self._fh is None:
                 raise AuditError("the audit log is closed")
@@ -380,20 +510,62 @@ class AuditLog:
         status: str,
         expires_at: float | None,
         reason: str,
+        set_by: str = "detector",
+        factor: float | None = None,
+        difficulty: int | None = None,
     ) -> dict[str, Any]:
-        """Record an account status change with the policy's reason."""
+        """Record an account status change (the detectors' or an operator's) with its
+        reason; ``factor``/``difficulty`` for throttle/challenge, so that it can be
+        re-applied if the state store loses it."""
+        fields: dict[str, Any] = {
+            "account": account,
+            "model": model,
+            "previous": previous,
+            "status": status,
+            "expires_at": expires_at,
+            "reason": reason,
+            "set_by": set_by,
+        }
+        if factor is not None:
+            fields["factor"] = float(factor)
+        if difficulty is not None:
+            fields["difficulty"] = int(difficulty)
+        return self.append_at_time(now, "status", fields)
+
+    def append_refusal_at_time(
+        self, now: float, *, account: str, model: str, reason: str, detail: str, rows: int = 1
+    ) -> dict[str, Any] | None:
+        """Record a request refused before inference (``reason``: ``rate_limit``,
+        ``suspended``, ``challenge``; ``detail``: which limit). Beyond the counter's
+        threshold per account and interval it is added up instead (returns None); see
+        :mod:`sealserve.defense.audit.refusals`."""
+        with self._lock:
+            if self._fh is None:
+                raise AuditError("the audit log is closed")
+            due, own = self.refusals.note(
+                now, account=account, model=model, reason=reason, detail=detail, rows=rows
+            )
+            for aggregate in due:
+                self._write(now, "refusals", aggregate)
+            record = self._write(now, "refusal", own) if own is not None else None
+            if due or record is not None:
+                self._after_append(now)
+            return record
+
+    def append_sealed_at_time(
+        self, now: float, *, name: str, version: int, sha256: str
+    ) -> dict[str, Any]:
+        """Bind version ``version`` of sealed state ``name`` (its sealed file's SHA-256)
+        into the chain, so that an older copy put back is detected."""
         return self.append_at_time(
-            now,
-            "status",
-            {
-                "account": account,
-                "model": model,
-                "previous": previous,
-                "status": status,
-                "expires_at": expires_at,
-                "reason": reason,
-            },
+            now, "sealed", {"name": name, "version": int(version), "sha256": sha256}
         )
+
+    def append_alarm_at_time(self, now: float, *, problem: str, detail: str) -> dict[str, Any]:
+        """Record (and sign at once) something the server found wrong with its own state."""
+        record = self.append_at_time(now, "alarm", {"problem": problem, "detail": detail})
+        self.checkpoint_at_time(now)
+        return record
 
     def append_key_release_at_time(
         self, now: float, *, model: str, key_id: str, outcome: str, detail: str = ""
@@ -409,7 +581,11 @@ class AuditLog:
         """Checkpoint if ``checkpoint_interval_s`` has passed with unsigned records
         (call from a timer so an idle log gets signed). Returns whether it did."""
         with self._lock:
-            if self._fh is None or not self._since_checkpoint:
+            if self._fh is None:
+                return False
+            for aggregate in self.refusals.due(now):
+                self._write(now, "refusals", aggregate)
+            if not self._since_checkpoint:
                 return False
             if now - self._last_checkpoint_time < self.checkpoint_interval_s:
                 return False
@@ -435,6 +611,8 @@ class AuditLog:
         with self._lock:
             if self._fh is None:
                 return
+            for aggregate in self.refusals.drain():
+                self._write(now, "refusals", aggregate)
             if self._since_checkpoint:
                 self._checkpoint(now)
             self._fh.close()
@@ -442,6 +620,31 @@ class AuditLog:
 
     def close(self) -> None:
         self.close_at_time(time.time())
+
+
+def _field(line: bytes, name: str) -> Any:
+    """Field ``name`` of a record line (None if unreadable)."""
+    try:
+        rec = json.loads(line)
+    except ValueError:
+        return None
+    return rec.get(name) if isinstance(rec, dict) else None
+
+
+def _keep_aside(file: Path, torn: bytes) -> Path:
+    """Write a torn record's bytes to ``<file>.torn-N`` (0600, never overwriting)."""
+    for n in range(1, 10_000):
+        aside = file.with_name(f"{file.name}.torn-{n}")
+        try:
+            fd = os.open(aside, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            continue
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(torn)
+            fh.flush()
+            os.fsync(fh.fileno())
+        return aside
+    raise AuditError(f"{file}: too many torn records kept aside already", file=str(file))
 
 
 def log_files(directory: str | os.PathLike[str]) -> list[Path]:

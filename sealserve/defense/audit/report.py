@@ -1,9 +1,14 @@
 """The owner's query-volume analysis of an audit log (numbers only; the CLI draws).
 
-Reads ``query`` and ``status`` records and summarises each account: volume, peak
-hourly rate, the highest score each detector gave it, its input-space coverage
-relative to honest traffic (``distribution.coverage_ratio``; 1.0 = like the honest
-reference) and its status history.
+Reads ``query``, ``refusal``/``refusals`` and ``status`` records and summarises each
+account: answered requests (``queries``), of which answered while throttled or
+challenged (``throttled``: the detectors' decision on that answer was not ``ok``),
+requests refused before inference (``refused``, by reason: rate limit, suspended,
+challenge; aggregated records count their ``count``, so the column equals the
+refusals clients were sent), peak hourly rate, the highest score each detector gave
+it, its input-space coverage relative to honest traffic
+(``distribution.coverage_ratio``; 1.0 = like the honest reference) and its status
+history.
 """
 
 from __future__ import annotations
@@ -21,7 +26,9 @@ class AccountSummary:
 
     account: str
     queries: int = 0
+    throttled: int = 0
     refused: int = 0
+    refused_by: dict[str, int] = field(default_factory=lambda: defaultdict(int))
     models: set[str] = field(default_factory=set)
     first: float = math.inf
     last: float = -math.inf
@@ -53,7 +60,7 @@ def summarize_accounts(records: Iterable[Mapping[str, Any]]) -> list[AccountSumm
     accounts: dict[str, AccountSummary] = {}
     for rec in records:
         kind = rec.get("kind")
-        if kind not in ("query", "status"):
+        if kind not in ("query", "status", "refusal", "refusals"):
             continue
         name = str(rec.get("account", "?"))
         acc = accounts.setdefault(name, AccountSummary(name))
@@ -64,9 +71,15 @@ def summarize_accounts(records: Iterable[Mapping[str, Any]]) -> list[AccountSumm
             acc.status_changes += 1
             acc.last_reason = str(rec.get("reason", ""))
             continue
+        if kind in ("refusal", "refusals"):
+            n = rec.get("count", 1) if kind == "refusals" else 1
+            n = n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 1
+            acc.refused += n
+            acc.refused_by[str(rec.get("refusal", "?"))] += n
+            continue
         acc.queries += 1
         if rec.get("decision") not in (None, "ok", "log"):
-            acc.refused += 1
+            acc.throttled += 1
         acc.models.add(str(rec.get("model", "?")))
         acc.first, acc.last = min(acc.first, t), max(acc.last, t)
         acc.per_hour[int(t // 3600)] += 1

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 
 from sealserve._proto import admin_pb2 as adm
+from sealserve.defense.audit.log import AuditLog
+from sealserve.defense.audit.state import record_status
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.status import MAX_DIFFICULTY, Status
 from sealserve.errors import InputError, UnavailableError
@@ -15,8 +19,13 @@ from sealserve.server.grpc.auth_interceptor import current_principal
 
 
 class AdminServicer:
-    def __init__(self, quota: QuotaGuard | None) -> None:
+    """``audit()``: the audit log operators' status changes go to (None: no log)."""
+
+    def __init__(
+        self, quota: QuotaGuard | None, audit: Callable[[], AuditLog | None] = lambda: None
+    ) -> None:
         self._quota = quota
+        self._audit = audit
 
     def _q(self) -> QuotaGuard:
         if self._quota is None:
@@ -52,10 +61,15 @@ class AdminServicer:
     async def SetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
         q, status = self._q(), _requested_status(request)
         principal = current_principal()
-        q.apply_status(request.account, status, reason=request.reason or "set by an operator",
-                       set_by=f"admin:{principal.account}" if principal else "admin",
-                       factor=request.factor or None, difficulty=request.difficulty or None,
-                       ttl_s=request.ttl_seconds or None)  # fmt: skip
+        previous = q.status(request.account).kind.value
+        st = q.apply_status(request.account, status,
+                            reason=request.reason or "set by an operator",
+                            set_by=f"admin:{principal.account}" if principal else "admin",
+                            factor=request.factor or None, difficulty=request.difficulty or None,
+                            ttl_s=request.ttl_seconds or None)  # fmt: skip
+        audit = self._audit()
+        if audit is not None:  # so that a store that loses it gets it back at start
+            record_status(audit, request.account, st, previous=previous, now=time.time())
         return self._info(request.account, request.tier, "")
 
 

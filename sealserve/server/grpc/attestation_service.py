@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -24,6 +25,7 @@ class AttestationServicer:
         manifest: bytes,
         hpke_public_key: bytes,
         per_peer_per_minute: int = 60,
+        audit_head: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
         self._platform = platform
         # Evidence is public (a client verifies before it sends a token) and costs a
@@ -32,6 +34,8 @@ class AttestationServicer:
         self._tls_spki = tls_spki
         self._manifest = manifest
         self._hpke = hpke_public_key
+        # The audit log's head signed for the nonce (by the key the manifest names).
+        self._audit_head = audit_head
 
     def check_rate(self, peer: str) -> None:
         """Take one evidence call from ``peer``'s per-minute allowance (gRPC and REST
@@ -64,5 +68,7 @@ class AttestationServicer:
         self.check_rate(context.peer() or "")
         loop = asyncio.get_running_loop()
         # A real platform's report goes through the kernel: keep it off the loop.
-        data = await loop.run_in_executor(None, self.evidence, bytes(request.nonce))
-        return apb.GetEvidenceResponse(evidence=data)
+        nonce = bytes(request.nonce)
+        data = await loop.run_in_executor(None, self.evidence, nonce)
+        head = self._audit_head(nonce) if self._audit_head is not None else None
+        return apb.GetEvidenceResponse(evidence=data, audit_head=head or b"")

@@ -21,6 +21,7 @@ from sealserve.auth import Authenticator
 from sealserve.auth.authenticator import KeyRefreshNeeded
 from sealserve.auth.principal import (
     SCOPE_ADMIN,
+    SCOPE_AUDIT,
     SCOPE_INFER,
     SCOPE_METADATA,
     Principal,
@@ -55,6 +56,7 @@ SCOPES: dict[str, str] = {
 }
 SERVICE_SCOPES: dict[str, str] = {
     "/sealserve.v1.Admin/": SCOPE_ADMIN,
+    "/sealserve.v1.Audit/": SCOPE_AUDIT,
 }
 
 

@@ -13,6 +13,7 @@ from sealserve.defense.audit.log import (
     AuditKey,
     AuditLog,
     digest_array,
+    encode_record,
     load_public_key,
     log_files,
     sha256_hex,
@@ -77,6 +78,7 @@ def test_intact_log_verifies_and_holds_no_raw_input(tmp_path: Path, key: AuditKe
     assert kinds == {"open", "query", "checkpoint", "status", "key_release"}
     q = next(r for r in records if r["kind"] == "query")
     assert set(q) == {
+        "_mac",
         "v",
         "seq",
         "time",
@@ -178,7 +180,7 @@ def test_appended_after_checkpoint_names_the_record(tmp_path: Path, key: AuditKe
     body = lines(files[0])
     last = json.loads(body[-1])
     forged = {
-        "v": 1,
+        "v": 2,
         "seq": last["seq"] + 1,
         "time": 200.0,
         "kind": "query",
@@ -190,13 +192,17 @@ def test_appended_after_checkpoint_names_the_record(tmp_path: Path, key: AuditKe
         "decision": "ok",
         "flags": {},
     }
-    files[0].write_bytes(b"".join(body) + canonical_json(forged) + b"\n")
+    # A forger lacks the MAC key: the MAC is one made under another key.
+    files[0].write_bytes(b"".join(body) + encode_record(forged, b"k" * 32) + b"\n")
     with pytest.raises(
         AuditError,
         match=r":20: record 19: 1 record\(s\) from here on follow the last signed checkpoint "
         r"\(seq 18\)",
     ):
         verify(files, key)
+    # The server (holding the MAC key) sees the forgery itself.
+    with pytest.raises(AuditError, match=r":20: record 19: record's MAC does not verify"):
+        verify_audit_log(files, trusted_public_keys=[key.public_bytes], mac_key=key.mac_key)
     report = check_audit_log(
         files, trusted_public_keys=[key.public_bytes], allow_unsigned_tail=True
     )
@@ -233,14 +239,24 @@ def test_rotation_keeps_the_chain_and_detects_a_missing_file(tmp_path: Path, key
     assert json.loads(lines(files[0])[-1])["kind"] == "checkpoint"  # each file ends signed
     report = verify_audit_log(files, trusted_public_keys=[key.public_bytes])
     assert report.ok and len(report.files) == 2
-    # The later file alone verifies with a warning (its start is a signed boundary).
-    alone = verify_audit_log(files[1:], trusted_public_keys=[key.public_bytes])
+    # The later file alone fails: the first file is missing (deleted by whoever cut it).
+    with pytest.raises(
+        AuditError, match=r"audit-000002.jsonl:1: record 12: the log starts at seq 12, not "
+        r"with its open record \(seq 0\): its first file\(s\) are missing"
+    ):
+        verify(files[1:], key)
+    # ... and verifies with a warning when left out on purpose (a signed boundary).
+    alone = verify_audit_log(
+        files[1:], trusted_public_keys=[key.public_bytes], allow_missing_start=True
+    )
     assert "earlier records were not supplied" in alone.warnings[0]
     # Files in the wrong order: the chain breaks at the first record of the second.
     with pytest.raises(
         AuditError, match=r"audit-000001.jsonl:1: record 0: seq 0 where .* a file is missing"
     ):
-        verify([files[1], files[0]], key)
+        verify_audit_log(
+            [files[1], files[0]], trusted_public_keys=[key.public_bytes], allow_missing_start=True
+        )
 
 
 def test_size_based_rotation_and_resume(tmp_path: Path, key: AuditKey) -> None:
@@ -288,11 +304,11 @@ def test_time_based_checkpoint_and_timer(tmp_path: Path, key: AuditKey) -> None:
         log.rotate_at_time(32.0)
 
 
-def test_resume_refuses_a_torn_last_record(tmp_path: Path, key: AuditKey) -> None:
-    files = write_log(tmp_path, key)
-    files[-1].write_bytes(files[-1].read_bytes()[:-5])
-    with pytest.raises(AuditError, match="ends with an incomplete record"):
+def test_resume_refuses_a_log_without_a_complete_record(tmp_path: Path, key: AuditKey) -> None:
+    (tmp_path / "audit-000001.jsonl").write_bytes(b'{"_mac":"00')
+    with pytest.raises(AuditError, match="holds no complete record; cannot continue"):
         AuditLog.open(tmp_path, key, fsync=False)
+    assert (tmp_path / "audit-000001.jsonl.torn-1").read_bytes() == b'{"_mac":"00'
 
 
 def test_audit_key_roundtrip_and_public_key_forms(key: AuditKey) -> None:
