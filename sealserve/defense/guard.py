@@ -101,11 +101,11 @@ class Guard:
                 now=now,
             )
         except RefusedError as exc:
-            self._audit_refusal(caller, model, exc, batch_size, now)
+            self.audit_refusal(caller, model, exc, batch_size, now)
             raise
         return result.remaining
 
-    def _audit_refusal(
+    def audit_refusal(
         self, caller: Caller, model: str, exc: RefusedError, rows: int, now: float | None
     ) -> None:
         """Refusals go to the audit log too (added up beyond a threshold per account)."""

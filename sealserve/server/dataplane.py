@@ -107,8 +107,14 @@ class DataPlane:
 
     def refused_recently(self, account: str) -> None:
         """Raise the refusal this process gave ``account`` within the last second, if
-        any: checked from the request's header before its body is read (no I/O)."""
-        self.recent_refusals.check(account)
+        any: checked from the request's header before its body is read (no I/O). The
+        refusal is audited like any other (the model is not known yet: its name is in
+        the body)."""
+        try:
+            self.recent_refusals.check(account)
+        except RefusedError as exc:
+            self.guard.audit_refusal(Caller(account, None, ""), "", exc, 0, None)
+            raise
 
 
 @dataclass(frozen=True)

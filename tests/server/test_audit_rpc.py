@@ -173,7 +173,11 @@ def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path
         audit_head=running.server.audit_head,
     )  # fmt: skip
     nonce = os.urandom(32)
-    reply = asyncio.run(servicer.GetEvidence(apb.GetEvidenceRequest(nonce=nonce), None))  # type: ignore[arg-type]
+    class _Ctx:  # the one thing GetEvidence reads from its context: the peer (its rate)
+        def peer(self) -> str:
+            return "ipv4:127.0.0.1:5555"
+
+    reply = asyncio.run(servicer.GetEvidence(apb.GetEvidenceRequest(nonce=nonce), _Ctx()))  # type: ignore[arg-type]
     assert reply.evidence
     head = AuditHead.from_json(reply.audit_head)
     manifest = json.loads(running.server.manifest.to_bytes())

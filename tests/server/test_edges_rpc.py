@@ -219,6 +219,10 @@ def test_refused_admission_never_decodes_and_is_remembered_for_a_second() -> Non
         def admit(self, *args: Any, **kwargs: Any) -> Any:
             raise RateLimitedError("account day quota exhausted", retry_after=30.0)
 
+        def audit_refusal(self, *args: Any) -> None:
+            audited.append(args)
+
+    audited: list[Any] = []
     plane = DataPlane(None, server_name="s", max_request_bytes=1024)  # type: ignore[arg-type]
     plane.guard = RefusingGuard()  # type: ignore[assignment]
     decoded: list[int] = []
