@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
 from sealserve.defense.store.base import Remaining
-from sealserve.errors import ChallengeRequiredError, InputError, RefusedError, UnavailableError
+from sealserve.errors import InputError, RateLimitedError, RefusedError, UnavailableError
 from sealserve.server.engine import Engine, LoadedModel
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo
 
@@ -155,8 +155,10 @@ class RecentRefusals:
         self._until: dict[str, tuple[float, float, RefusedError]] = {}
 
     def remember(self, account: str, exc: RefusedError) -> None:
-        if isinstance(exc, ChallengeRequiredError):
-            return  # the next call may carry the answer
+        if not isinstance(exc, RateLimitedError):
+            # Only spent limits: a lifted suspension or an answered challenge must
+            # take effect at once.
+            return
         if len(self._until) >= self._capacity:
             self._until.clear()
         now = self._clock()

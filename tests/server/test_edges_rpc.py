@@ -242,8 +242,10 @@ def test_refused_admission_never_decodes_and_is_remembered_for_a_second() -> Non
 
     now = [100.0]
     memo = RecentRefusals(hold_s=1.0, clock=lambda: now[0])
-    memo.remember("a", SuspendedError("account is suspended"))
-    with pytest.raises(SuspendedError):
+    memo.remember("a", RateLimitedError("account rate limit exceeded", retry_after=5.0))
+    with pytest.raises(RateLimitedError):
         memo.check("a")
-    now[0] += 1.01  # a lifted suspension is seen within the hold
+    now[0] += 1.01  # a reset quota is seen within the hold
     memo.check("a")
+    memo.remember("b", SuspendedError("account is suspended"))
+    memo.check("b")  # never remembered: a lift takes effect at once
