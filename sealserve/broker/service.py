@@ -111,6 +111,7 @@ class KeyBrokerServicer:
                 policy_toml=request.policy_toml,
                 roots=tuple(request.roots),
                 actor=actor,
+                unsafe_allow_incomplete=request.unsafe_allow_incomplete_policy,
             )
 
         generated = await self._run(context, add)
@@ -126,6 +127,7 @@ class KeyBrokerServicer:
                 policy_toml=request.policy_toml,
                 roots=tuple(request.roots),
                 actor=actor,
+                unsafe_allow_incomplete=request.unsafe_allow_incomplete_policy,
             )
 
         await self._run(context, set_policy)

@@ -52,8 +52,9 @@ def register(subparsers: Any) -> None:
         "--broker-root",
         action="append",
         default=[],
-        choices=("amd", "unsafe-simulated"),
-        help="trusted root for this key (repeatable; default amd)",
+        choices=("amd", "intel", "unsafe-simulated"),
+        help="trusted root for this key (repeatable, no default; one per platform the "
+        "policy names: amd, intel, unsafe-simulated)",
     )
     parser.add_argument(
         "--chunk-size",

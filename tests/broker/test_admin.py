@@ -64,8 +64,8 @@ def test_add_list_set_policy_revoke(start_broker: Callable[..., Running]) -> Non
             admin.add_key("c", b"short")
         with pytest.raises(InputError, match="policy: unknown key"):
             admin.add_key("c", generate_key(), policy_toml="no_such_rule = 1\n")
-        with pytest.raises(InputError, match="unknown root 'intel'"):
-            admin.add_key("c", generate_key(), roots=["intel"])
+        with pytest.raises(InputError, match="unknown root 'nvidia'"):
+            admin.add_key("c", generate_key(), roots=["nvidia"])
     assert running.broker.store.get("b").key == b""  # type: ignore[union-attr]
 
 
@@ -81,7 +81,7 @@ def test_keys_survive_a_restart(start_broker: Callable[..., Running], tmp_path: 
     running = start_broker()
     key = generate_key()
     with running.admin() as admin:
-        admin.add_key("persist", key, policy_toml=SIM_POLICY)
+        admin.add_key("persist", key, policy_toml=SIM_POLICY, roots=["unsafe-simulated"])
     reopened = KeyStore.open(tmp_path / "keys.sealed", master_key=bytes.fromhex(MASTER_HEX))
     record = reopened.get("persist")
     assert record is not None and record.key == key and record.policy_toml == SIM_POLICY
