@@ -439,8 +439,9 @@ def policy_from_toml(text: str) -> Policy:
 
     Top-level defaults (when a key is absent): ``platforms = ["sev-snp", "tdx"]`` unless
     ``unsafe_allow_simulated`` is given (then the simulated platform only: naming it
-    never opens the real platforms too), ``allow_debug = false``, ``[sev-snp] allow_migration_agent = false``. Each
-    ``[[any_of]]`` entry is a rule table; at least one must pass.
+    never opens the real platforms too), ``allow_debug = false``,
+    ``[sev-snp] allow_migration_agent = false``. Each ``[[any_of]]`` entry is a rule
+    table; at least one must pass.
 
     Raises ConfigError naming the offending key on bad TOML, unknown keys or bad values.
     """

@@ -91,7 +91,9 @@ def test_measure_launch_cli_prints_and_writes_the_policy(tmp_path: Path) -> None
     assert KNOWN[0][-1] in r.stdout  # type: ignore[operator]
     text = out.read_text()
     assert f'measurement = ["{KNOWN[0][-1]}"]' in text
-    assert "min_tcb = { bl = 4, snp = 22, ucode = 217 }" in text and 'platforms = ["sev-snp"]' in text
+    assert (
+        "min_tcb = { bl = 4, snp = 22, ucode = 217 }" in text and 'platforms = ["sev-snp"]' in text
+    )
     tdx = subprocess.run(sealserve_cmd("measure", "--launch", "tdx"), env=sealserve_env(),
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert tdx.returncode == 1 and "tdx-measure" in tdx.stderr

@@ -12,7 +12,6 @@ from pathlib import Path
 import pytest
 
 from sealserve.broker.completeness import policy_gaps
-
 from tests.conftest import sealserve_cmd, sealserve_env
 
 
