@@ -38,7 +38,13 @@ from sealserve.server.auth_interceptor import AuthenticatingRegistrar
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
-from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
+from sealserve.server.manifest import (
+    build_manifest,
+    is_real_platform,
+    measure_entries,
+    runtime_json,
+    simulated_measurement,
+)
 from sealserve.server.metrics import Metrics
 from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import ModelEntry, scan_repository
@@ -219,6 +225,7 @@ class Server:
             code=code,
             hardening=self._hardening_json(),
             extra=extra,
+            runtime=runtime_json(s, real_platform=is_real_platform(self.platform)),
         )
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.platform is not None and self.tls is not None:
