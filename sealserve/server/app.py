@@ -226,6 +226,7 @@ class Server:
             hardening=self._hardening_json(),
             extra=extra,
             runtime=runtime_json(s, real_platform=is_real_platform(self.platform)),
+            token_keys=self.authenticator.attested_keys() if self.authenticator else {},
         )
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         if self.platform is not None and self.tls is not None:

@@ -63,6 +63,17 @@ def runtime_json(settings: Settings, *, real_platform: bool) -> dict[str, Any]:
     return record.to_json(unsafe_allow_python_hooks=allow)
 
 
+def token_keys_for(settings: Settings) -> dict[str, Any]:
+    """The token-key record (thumbprints of file issuers' keys; URL issuers trusted for
+    no admin) for the configured issuers; {} without [auth]."""
+    auth = settings.auth_settings()
+    if auth is None:
+        return {}
+    from sealserve.auth.keys import attested_key_record_for
+
+    return attested_key_record_for(auth.issuers)
+
+
 def build_manifest(
     settings: Settings,
     models: Iterable[ModelMeasurement],
@@ -72,11 +83,18 @@ def build_manifest(
     hardening: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
     runtime: Mapping[str, Any] | None = None,
+    token_keys: Mapping[str, Any] | None = None,
 ) -> WorkloadManifest:
     """The manifest; ``runtime`` defaults to this process's record (``measure``
-    reproduces a server's from the same installation and environment)."""
+    reproduces a server's from the same installation and environment), ``token_keys``
+    to the record of the configured issuers' JWKS files as they are now (a server
+    passes its authenticator's, pinned at start)."""
     if runtime is None:
         runtime = runtime_json(settings, real_platform=False)
+    if token_keys is None:
+        token_keys = token_keys_for(settings)
+    if token_keys:
+        extra = {**(extra or {}), "token_keys": dict(token_keys)}
     return WorkloadManifest(
         sealserve_version=__version__,
         code_digest=code or code_digest(),
