@@ -10,8 +10,10 @@ as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 
 ensure_os_packages() {
   # redis-server: the quota/state-store tests start a real one on loopback.
+  # cpio: deploy/measured-image/build.sh packs the initramfs (tests/deploy).
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
+  command -v cpio >/dev/null 2>&1 || missing+=(cpio)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing OS packages: ${missing[*]}"
     as_root apt-get update -qq

@@ -17,13 +17,14 @@ and, for a refusal, the reason. The caller of a refused release learns only
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 
-from sealserve.attestation.claims import Claims, Policy
+from sealserve.attestation.claims import Claims, Platform, Policy
 from sealserve.attestation.evidence import Evidence, verify_evidence_at_time
 from sealserve.attestation.policy import policy_from_toml
 from sealserve.attestation.snp_certs import TrustedRoots
@@ -61,6 +62,15 @@ class _Refusal(Exception):
         super().__init__(reason)
         self.reason = reason
         self.check = check
+
+
+# Decoy policies (never matching: all-zero measurements) by platform: section and
+# registers, and the platform rule.
+_DECOYS = {
+    Platform.SEV_SNP: (("sev-snp", ("measurement",)), 'platforms = ["sev-snp"]'),
+    Platform.SIMULATED_SNP: (("sev-snp", ("measurement",)), "unsafe_allow_simulated = true"),
+    Platform.TDX: (("tdx", ("mrtd", "rtmr0", "rtmr1", "rtmr2")), 'platforms = ["tdx"]'),
+}
 
 
 class _Captured:
@@ -181,6 +191,14 @@ class KeyBroker:
         )
         return sealed
 
+    def _decoy(self, claims: Claims) -> None:
+        register, platform_rule = _DECOYS[claims.platform]
+        text = f"version = 1\n{platform_rule}\n[{register[0]}]\n" + "".join(
+            f'{r} = ["{"00" * 48}"]\n' for r in register[1]
+        )
+        with contextlib.suppress(AttestationError):
+            self._policy(text).verify(claims)
+
     def _release(self, key_id: str, data: bytes) -> tuple[SealedKey, KeyRecord, Evidence, str]:
         # The evidence is verified in full (steps 1-3) before the key id is looked at,
         # so an existing and an unknown key id cost the same and fail the same way.
@@ -213,6 +231,10 @@ class KeyBroker:
         claims = captured.claims
         # 4. the key, its roots and its policy
         record = self.store.get(key_id) if isinstance(key_id, str) else None
+        if record is None or record.revoked or not record.policy_toml:
+            # A decoy policy of a real key's shape runs first, so that these refusals
+            # take as long as one by a key's policy (bench/bench_refusal_timing.py).
+            self._decoy(claims)
         if record is None:
             raise _Refusal(f"unknown key id {key_id[:_LOGGED_ID]!r}", "unknown_key")
         if record.revoked:
