@@ -27,9 +27,10 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 from sealserve.defense.outputs import OutputSpec
-from sealserve.defense.perturb import Profile, Release
-from sealserve.defense.watermark import WatermarkLedger
-from sealserve.defense.watermark_verify import verify
+from sealserve.defense.release.hot_path import Release
+from sealserve.defense.release.profile import Profile
+from sealserve.defense.watermark.ledger import WatermarkLedger
+from sealserve.defense.watermark.verify import verify
 from tests.defense import digits_task as dt
 
 PROFILES: dict[str, dict[str, Any]] = {

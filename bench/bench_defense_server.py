@@ -25,8 +25,8 @@ sys.path.insert(0, str(ROOT))
 from sealserve import demo  # noqa: E402
 from sealserve._proto import grpc_service_pb2 as pb  # noqa: E402
 from sealserve.server.app import Server  # noqa: E402
+from sealserve.server.grpc.servicer import InferenceServicer  # noqa: E402
 from sealserve.server.logs import configure  # noqa: E402
-from sealserve.server.servicer import InferenceServicer  # noqa: E402
 from sealserve.server.settings import Settings  # noqa: E402
 
 LIMITS = {"tiers": {"standard": {"rate": 1e6, "burst": 1000000, "per_day": 10**9}},

@@ -19,7 +19,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from sealserve.defense.audit import AuditKey, AuditLog, digest_array, sha256_hex
+from sealserve.defense.audit.log import AuditKey, AuditLog, digest_array, sha256_hex
 from sealserve.defense.detect import (
     DetectorSuite,
     DistributionConfig,
@@ -30,7 +30,8 @@ from sealserve.defense.detect import (
     VolumeConfig,
     VolumeDetector,
 )
-from sealserve.defense.response import AccountStatus, ResponsePolicy, Status
+from sealserve.defense.escalation import ResponsePolicy
+from sealserve.defense.status import AccountStatus, Status
 from tests.defense.streams import (
     digits_task,
     honest_stream,
@@ -133,8 +134,8 @@ def first_flag(
         result = suite.observe_at_time(account, "digits", x[i], labels[i], now=now)
         d = policy.decide_at_time(status, result.scores, now=now)
         if d.write:
-            status = AccountStatus(d.status, d.expires_at)
-        if d.status >= Status.THROTTLE:
+            status = AccountStatus.make(d.status, expires_at=d.expires_at)
+        if d.status >= Status.THROTTLED:
             top = result.top
             return i + 1, top.detector if top else "?"
     return None, "-"
@@ -209,8 +210,8 @@ def honest(accounts: int, queries: int) -> None:
                     maxima[sc.detector] = max(maxima[sc.detector], sc.score)
                 d = policy.decide_at_time(status, r.scores, now=now)
                 if d.write:
-                    status = AccountStatus(d.status, d.expires_at)
-                hit = hit or d.status >= Status.THROTTLE
+                    status = AccountStatus.make(d.status, expires_at=d.expires_at)
+                hit = hit or d.status >= Status.THROTTLED
             flagged += hit
         print(
             f"| {split_name} | {flagged}/{accounts} | {maxima['prada']:.2f} | "

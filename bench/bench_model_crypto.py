@@ -11,8 +11,8 @@ fresh subprocess (so ``ru_maxrss`` is that measurement's own peak):
 - ``decrypt_to_bytes`` end to end (allocation, AES-GCM, SHA-256), pinned to one core
   and unpinned (it hashes on a second thread);
 - onnxruntime load from the plaintext path (the baseline), from plaintext bytes, and
-  from the encrypted file, two ways: decrypt_to_bytes then InferenceSession(bytes), and
-  load_decrypted (decryption streams into a pipe that InferenceSession reads).
+  from the encrypted file (decrypt_to_bytes then InferenceSession(bytes), as the
+  server loads it).
 
 The plaintext model is written to a temporary directory only for the baseline; the
 encrypted path reads only the encrypted file and never writes plaintext anywhere.
@@ -102,11 +102,6 @@ def child(mode: str, plain: str, sealed: str, key_hex: str) -> dict[str, float]:
         with open(sealed, "rb") as f:
             model = mf.decrypt_to_bytes(f, key=key)
         ort.InferenceSession(model, providers=providers)
-    elif mode == "load-encrypted-pipe":
-        with open(sealed, "rb") as f:
-            mf.load_decrypted(
-                f, key=key, loader=lambda p: ort.InferenceSession(p, providers=providers)
-            )
     else:
         raise SystemExit(f"unknown mode {mode}")
     seconds = time.perf_counter() - t0
@@ -168,7 +163,6 @@ def main() -> None:
             "load-path",
             "load-plain-bytes",
             "load-encrypted",
-            "load-encrypted-pipe",
         ]
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         for _ in range(args.repeat):  # interleaved, so drift hits every mode alike
@@ -204,7 +198,6 @@ def main() -> None:
         ("load-path", "onnxruntime load, plaintext path (baseline)"),
         ("load-plain-bytes", "onnxruntime load, plaintext bytes"),
         ("load-encrypted", "decrypt_to_bytes + onnxruntime load from bytes"),
-        ("load-encrypted-pipe", "load_decrypted: decrypt into a pipe onnxruntime reads"),
     ]:
         t, rss = med(m, "seconds"), med(m, "maxrss_mb")
         print(f"| {label} | {t:.3f} | | {t / base_t:.2f}x | {rss:.0f} (+{rss - base_rss:.0f}) |")

@@ -24,10 +24,10 @@ import redis
 
 from sealserve.defense.limits import LimitsConfig
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.store import StateStore
-from sealserve.defense.store_memory import MemoryStore
-from sealserve.defense.store_redis import RedisStore
-from sealserve.defense.store_sqlite import SqliteStore
+from sealserve.defense.store.base import StateStore
+from sealserve.defense.store.memory import MemoryStore
+from sealserve.defense.store.redis import RedisStore
+from sealserve.defense.store.sqlite import SqliteStore
 
 CONFIG = {
     "tiers": {

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import numpy as np
 
-from sealserve.defense.watermark import WatermarkLedger
-from sealserve.defense.watermark_verify import verify
+from sealserve.defense.watermark.ledger import WatermarkLedger
+from sealserve.defense.watermark.verify import verify
 from sealserve.enclave.manifest import code_digest
 from sealserve.enclave.sealed_state import SealedBox
 from sealserve.enclave.simulated import SimulatedPlatform

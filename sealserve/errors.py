@@ -2,7 +2,7 @@
 
 Every error the library raises derives from :class:`SealserveError`, which carries a
 human-readable ``remedy``. The library raises; only the CLI exits. The mapping from
-these classes to gRPC status codes lives in one place (``sealserve.server.status``)
+these classes to gRPC status codes lives in one place (``sealserve.rpc.status``)
 and nowhere else: this module knows nothing of gRPC.
 
 ::

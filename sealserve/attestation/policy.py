@@ -1,5 +1,7 @@
 """Composable attestation policies and the TOML policy file.
 
+Over 400 lines: each policy is small; the TOML file maps onto all of them.
+
 A policy is an object with ``verify(claims) -> None`` that raises
 :class:`~sealserve.errors.PolicyError` naming what failed. Policies see only claims.
 ``AllOf`` / ``AnyOf`` combine them; an empty list fails. The file format is documented

@@ -1,5 +1,7 @@
 """The SEV-SNP attestation report (AMD SEV-SNP Firmware ABI, "ATTESTATION_REPORT").
 
+Over 400 lines: the report layout is one spec table, parsed field by field.
+
 A report is 1184 (0x4A0) bytes, little-endian. Versions 2 to 5 are understood:
 version 3 adds the CPUID family/model/stepping of the chip, version 5 the launch and
 current mitigation vectors. The ECDSA P-384 signature at 0x2A0 covers 0x000..0x29F.

@@ -1,5 +1,7 @@
 """AMD SEV-SNP certificates: the cert table, VCEK extensions, trusted roots, the chain.
 
+Over 400 lines: the cert table, VCEK extensions and chain are one AMD spec.
+
 Chain (AMD VCEK/KDS spec): ARK (self-signed) -> ASK (or ASVK for VLEKs) -> VCEK (or
 VLEK). ARK/ASK signatures are RSASSA-PSS with SHA-384, MGF1-SHA-384, salt 48. The
 verified ARK/ASK pairs and VCEK signatures are cached per process (keyed by the
@@ -26,7 +28,8 @@ from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.utils import CryptographyDeprecationWarning
 
-from sealserve.errors import ConfigError, EvidenceFormatError, UnavailableError, VerificationError
+from sealserve.attestation.x509names import common_name
+from sealserve.errors import ConfigError, EvidenceFormatError, VerificationError
 
 # --- the cert table (GHCB spec "SNP Extended Guest Request"; Linux configfs-tsm auxblob)
 
@@ -149,11 +152,6 @@ def load_amd_certificates(data: bytes) -> list[x509.Certificate]:
 def fingerprint(cert: x509.Certificate) -> str:
     """sha256 of the DER, lowercase hex."""
     return hashlib.sha256(cert.public_bytes(Encoding.DER)).hexdigest()
-
-
-def common_name(name: x509.Name) -> str:
-    attrs = name.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else name.rfc4514_string()
 
 
 # --- VCEK / VLEK extensions (AMD VCEK spec, OID arc 1.3.6.1.4.1.3704.1)
@@ -312,17 +310,6 @@ class TrustedRoots:
             raise ConfigError(f"roots: {path} holds no ask.pem or asvk.pem")
         return cls((RootSet(name or f"local:{path}", ark, ask, asvk),))
 
-    @classmethod
-    def from_certificates(
-        cls,
-        *,
-        name: str,
-        ark: x509.Certificate,
-        ask: x509.Certificate | None = None,
-        asvk: x509.Certificate | None = None,
-    ) -> TrustedRoots:
-        return cls((RootSet(name, ark, ask, asvk),))
-
     def __add__(self, other: TrustedRoots) -> TrustedRoots:
         return TrustedRoots(self.sets + other.sets)
 
@@ -431,33 +418,3 @@ def kds_vcek_url(product: str, chip_id: bytes, spl: Mapping[str, int]) -> str:
         if n in spl
     )
     return f"https://kdsintf.amd.com/vcek/v1/{product}/{hwid.hex()}?{params}"
-
-
-def fetch_vcek_from_kds(
-    product: str,
-    chip_id: bytes,
-    spl: Mapping[str, int],
-    *,
-    cache_dir: str | Path,
-    timeout: float = 10.0,
-) -> bytes:
-    """Download a VCEK from AMD's KDS into ``cache_dir`` and return its DER.
-
-    Opt-in and never called by the verifier (which is offline by default); the file
-    is only a cache: the downloaded certificate is verified like any other. Raises
-    UnavailableError when KDS cannot be reached.
-    """
-    import urllib.request
-
-    url = kds_vcek_url(product, chip_id, spl)
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (fixed https URL)
-            der = bytes(resp.read(64 * 1024))
-    except OSError as exc:
-        raise UnavailableError(f"kds: cannot fetch {url}: {exc}") from exc
-    name = f"vcek-{product}-{chip_id[:8].hex()}-" + "-".join(
-        f"{k}{v}" for k, v in sorted(spl.items())
-    )
-    Path(cache_dir).mkdir(parents=True, exist_ok=True)
-    (Path(cache_dir) / f"{name}.der").write_bytes(der)
-    return der

@@ -26,13 +26,13 @@ from sealserve.attestation.snp_certs import (
     CertTable,
     TrustedRoots,
     amd_extensions,
-    common_name,
     find_cached_vcek,
     hwid_matches,
     load_amd_certificate,
     require_signed_by,
     require_valid_at,
 )
+from sealserve.attestation.x509names import common_name
 from sealserve.errors import VerificationError
 
 

@@ -37,7 +37,6 @@ from sealserve.attestation.tdx_collateral import TdxCollateral
 from sealserve.attestation.tdx_pck import (
     PckChain,
     PckExtension,
-    common_name,
     intel_sgx_root_ca,
     pck_extension,
     verify_pck_chain,
@@ -45,6 +44,7 @@ from sealserve.attestation.tdx_pck import (
 )
 from sealserve.attestation.tdx_quote import TdxQuote
 from sealserve.attestation.tdx_tcb import evaluate_collateral
+from sealserve.attestation.x509names import common_name
 from sealserve.errors import VerificationError
 
 __all__ = ["TdxCollateral", "TdxQuote", "tdx_fields", "verify_tdx", "verify_tdx_at_time"]

@@ -21,8 +21,8 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec, utils
 from cryptography.hazmat.primitives.serialization import Encoding
 from cryptography.x509 import verification as x509v
-from cryptography.x509.oid import NameOID
 
+from sealserve.attestation.x509names import common_name
 from sealserve.errors import EvidenceFormatError, VerificationError
 
 INTEL_SGX_ROOT_CA_SHA256 = "44a0196b2b99f889b8e149e95b807a350e7424964399e885a7cbb8ccfab674d3"
@@ -83,12 +83,6 @@ def verify_raw_p256(public_key: object, signature: bytes, data: bytes) -> bool:
     except InvalidSignature:
         return False
     return True
-
-
-def common_name(name: x509.Name) -> str:
-    """The first CN of a name, or '' when it has none."""
-    attrs = name.get_attributes_for_oid(NameOID.COMMON_NAME)
-    return str(attrs[0].value) if attrs else ""
 
 
 def load_pem_chain(pem: bytes, *, what: str) -> list[x509.Certificate]:

@@ -2,6 +2,8 @@
 CRLs, QE identity, TDX module identity, TCB level matching and status convergence,
 and the collateral's own signatures when the TCB-signing chain is supplied.
 
+Over 400 lines: one QVL walk, kept whole so its numbered sections read in order.
+
 The objects checked here are parsed by :mod:`sealserve.attestation.tdx_collateral`;
 see its docstring for the algorithm and its limits.
 """
@@ -37,11 +39,11 @@ from sealserve.attestation.tdx_pck import (
     PckChain,
     PckExtension,
     check_validity,
-    common_name,
     verify_chain,
     verify_raw_p256,
 )
 from sealserve.attestation.tdx_quote import BODY_TYPE_TD15, QeReport, TdxQuote
+from sealserve.attestation.x509names import common_name
 from sealserve.errors import VerificationError
 
 

@@ -17,7 +17,6 @@ from sealserve.auth.keys import (
 )
 from sealserve.auth.principal import (
     SCOPE_ADMIN,
-    SCOPE_AUDIT,
     SCOPE_INFER,
     SCOPE_METADATA,
     SCOPES,
@@ -35,7 +34,6 @@ __all__ = [
     "INVALID_TOKEN_MESSAGE",
     "SCOPES",
     "SCOPE_ADMIN",
-    "SCOPE_AUDIT",
     "SCOPE_INFER",
     "SCOPE_METADATA",
     "AuthSettings",

@@ -1,5 +1,7 @@
 """Issuer public keys: JWKS parsing, key-type/algorithm binding, and key sources.
 
+Over 400 lines: JWKS parsing and its key sources share one refresh state machine.
+
 A :class:`JwksSource` holds one issuer's current keys by ``kid``. Reads never block
 and never fetch; :meth:`JwksSource.refresh_for_unknown_kid` is the only path from a
 request to a fetch, and it is rate-limited per source. Two sources:
@@ -33,6 +35,7 @@ import jwt
 from cryptography.hazmat.primitives.asymmetric import ec, ed448, ed25519, rsa
 
 from sealserve.auth.settings import SUPPORTED_ALGORITHMS, IssuerSettings, check_fetch_url
+from sealserve.canonical import canonical_json
 from sealserve.errors import ConfigError, UnavailableError
 
 logger = logging.getLogger("sealserve.auth")
@@ -80,8 +83,7 @@ def jwk_thumbprint(jwk: Mapping[str, Any]) -> str:
         members = {name: jwk[name] for name in required[kty]}
     except KeyError as exc:
         raise ConfigError(f"JWK is missing member {exc.args[0]!r}") from exc
-    canonical = json.dumps(members, separators=(",", ":"), sort_keys=True).encode()
-    digest = hashlib.sha256(canonical).digest()
+    digest = hashlib.sha256(canonical_json(members)).digest()
     return jwt.utils.base64url_encode(digest).decode()
 
 

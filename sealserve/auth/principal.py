@@ -7,10 +7,9 @@ from dataclasses import dataclass, field
 SCOPE_INFER = "infer"
 SCOPE_METADATA = "metadata"
 SCOPE_ADMIN = "admin"
-SCOPE_AUDIT = "audit"
 
 #: Every scope an RPC may require. A scope is never implied by another one.
-SCOPES: frozenset[str] = frozenset({SCOPE_INFER, SCOPE_METADATA, SCOPE_ADMIN, SCOPE_AUDIT})
+SCOPES: frozenset[str] = frozenset({SCOPE_INFER, SCOPE_METADATA, SCOPE_ADMIN})
 
 
 @dataclass(frozen=True)

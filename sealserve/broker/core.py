@@ -35,11 +35,11 @@ from sealserve.broker.store import (
     ROOT_SIMULATED,
     KeyRecord,
     KeyStore,
-    check_key_id,
     check_policy,
     check_roots,
 )
 from sealserve.enclave.key_wrap import SealedKey, seal_data_key
+from sealserve.enclave.model_file import check_key_id
 from sealserve.errors import (
     AttestationError,
     CryptoError,
@@ -289,7 +289,7 @@ class KeyBroker:
         Raises InputError (bad id, existing id, key not 32 bytes) or ConfigError
         (invalid or incomplete policy, bad roots).
         """
-        check_key_id(key_id)
+        check_key_id(key_id, error=InputError)
         check_policy(policy_toml)
         checked = check_roots(roots, simulated_allowed=self.simulated_allowed)
         if policy_toml:

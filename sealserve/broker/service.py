@@ -1,8 +1,9 @@
 """gRPC adapter for ``sealserve.v1.KeyBroker``: thin methods over :class:`KeyBroker`.
 
-Error mapping lives here, once (the broker is its own process and does not import the
-server's). A refused release is PERMISSION_DENIED "key release refused" whatever the
-reason; admin calls need ``authorization: Bearer <JWT>`` with scope ``admin``.
+Errors map to statuses through the adapter the server uses too
+(:func:`sealserve.rpc.status.grpc_errors`). A refused release is PERMISSION_DENIED
+"key release refused" whatever the reason; admin calls need ``authorization: Bearer
+<JWT>`` with scope ``admin``.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import uuid
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -20,42 +20,22 @@ from sealserve._proto import broker_pb2 as bpb
 from sealserve.auth import SCOPE_ADMIN, Authenticator
 from sealserve.broker.core import KeyBroker
 from sealserve.errors import (
-    AuthenticationError,
     ConfigError,
     InputError,
-    KeyReleaseError,
-    NotFoundError,
-    OverloadedError,
-    PermissionDeniedError,
-    SealserveError,
-    UnavailableError,
 )
+from sealserve.rpc.status import grpc_errors
 
 log = logging.getLogger("sealserve.broker")
 T = TypeVar("T")
 
-_CODES: tuple[tuple[type[SealserveError], grpc.StatusCode], ...] = (
-    (NotFoundError, grpc.StatusCode.NOT_FOUND),
-    (InputError, grpc.StatusCode.INVALID_ARGUMENT),
-    (ConfigError, grpc.StatusCode.INVALID_ARGUMENT),  # an admin sent a bad policy/roots
-    (AuthenticationError, grpc.StatusCode.UNAUTHENTICATED),
-    (PermissionDeniedError, grpc.StatusCode.PERMISSION_DENIED),
-    (KeyReleaseError, grpc.StatusCode.PERMISSION_DENIED),
-    (OverloadedError, grpc.StatusCode.RESOURCE_EXHAUSTED),
-    (UnavailableError, grpc.StatusCode.UNAVAILABLE),
-)
 
-
-def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str]:
-    """(code, client-facing message) for ``exc``; anything unexpected is INTERNAL
-    with an incident id (details only in the log)."""
-    if isinstance(exc, SealserveError):
-        for cls, code in _CODES:
-            if isinstance(exc, cls):
-                return code, exc.message
-    incident = uuid.uuid4().hex[:12]
-    log.error("internal error (incident %s)", incident, exc_info=exc)
-    return grpc.StatusCode.INTERNAL, f"internal error (incident {incident})"
+def _policy_from_admin(fn: Callable[[], T]) -> T:
+    """Run ``fn``; a bad policy or roots *sent by the admin* is the client's input
+    (INVALID_ARGUMENT with the reason), not this broker's configuration."""
+    try:
+        return fn()
+    except ConfigError as exc:
+        raise InputError(exc.message) from exc
 
 
 class KeyBrokerServicer:
@@ -64,13 +44,8 @@ class KeyBrokerServicer:
         self._auth = authenticator
 
     async def _run(self, context: grpc.aio.ServicerContext, fn: Callable[[], T]) -> T:
-        try:
-            # Verification and the store's fsync are blocking work: off the event loop.
-            return await asyncio.get_running_loop().run_in_executor(None, fn)
-        except Exception as exc:
-            code, message = to_status(exc)
-            await context.abort(code, message)
-            raise  # unreachable: abort raises
+        # Verification and the store's fsync are blocking work: off the event loop.
+        return await asyncio.get_running_loop().run_in_executor(None, fn)
 
     def _admin(self, context: grpc.aio.ServicerContext) -> Callable[[], str]:
         """A check to run off the loop: verifies the bearer token (scope ``admin``) and
@@ -79,12 +54,14 @@ class KeyBrokerServicer:
         value = header if isinstance(header, str) else None
         return lambda: self._auth.authenticate(value, required_scope=SCOPE_ADMIN).account
 
+    @grpc_errors
     async def GetChallenge(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         nonce = await self._run(context, self._broker.challenge)
         return bpb.GetChallengeResponse(
             nonce=nonce, ttl_seconds=max(1, int(self._broker.nonces.ttl))
         )
 
+    @grpc_errors
     async def ReleaseKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         release = functools.partial(
             self._broker.release, request.key_id, bytes(request.evidence), peer=context.peer()
@@ -98,6 +75,7 @@ class KeyBrokerServicer:
             ciphertext=sealed.ciphertext,
         )
 
+    @grpc_errors
     async def AddKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         authorize = self._admin(context)
 
@@ -105,34 +83,40 @@ class KeyBrokerServicer:
             actor = authorize()
             if request.generate == bool(request.key):
                 raise InputError("give either a key or generate = true, not both or neither")
-            return self._broker.add_key(
-                request.key_id,
-                None if request.generate else bytes(request.key),
-                policy_toml=request.policy_toml,
-                roots=tuple(request.roots),
-                actor=actor,
-                unsafe_allow_incomplete=request.unsafe_allow_incomplete_policy,
+            return _policy_from_admin(
+                lambda: self._broker.add_key(
+                    request.key_id,
+                    None if request.generate else bytes(request.key),
+                    policy_toml=request.policy_toml,
+                    roots=tuple(request.roots),
+                    actor=actor,
+                    unsafe_allow_incomplete=request.unsafe_allow_incomplete_policy,
+                )
             )
 
         generated = await self._run(context, add)
         return bpb.AddKeyResponse(key_id=request.key_id, generated_key=generated or b"")
 
+    @grpc_errors
     async def SetPolicy(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         authorize = self._admin(context)
 
         def set_policy() -> None:
             actor = authorize()
-            self._broker.set_policy(
-                request.key_id,
-                policy_toml=request.policy_toml,
-                roots=tuple(request.roots),
-                actor=actor,
-                unsafe_allow_incomplete=request.unsafe_allow_incomplete_policy,
+            _policy_from_admin(
+                lambda: self._broker.set_policy(
+                    request.key_id,
+                    policy_toml=request.policy_toml,
+                    roots=tuple(request.roots),
+                    actor=actor,
+                    unsafe_allow_incomplete=request.unsafe_allow_incomplete_policy,
+                )
             )
 
         await self._run(context, set_policy)
         return bpb.SetPolicyResponse()
 
+    @grpc_errors
     async def ListKeys(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         authorize = self._admin(context)
 
@@ -152,6 +136,7 @@ class KeyBrokerServicer:
 
         return bpb.ListKeysResponse(keys=await self._run(context, list_keys))
 
+    @grpc_errors
     async def RevokeKey(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         authorize = self._admin(context)
 

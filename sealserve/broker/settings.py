@@ -22,6 +22,7 @@ from pydantic_settings import (
 from sealserve.auth.settings import AuthSettings, IssuerSettings
 from sealserve.broker.store import load_master_key
 from sealserve.errors import ConfigError
+from sealserve.validation import describe_validation_error
 
 ADMIN_AUDIENCE = "sealserve-broker"
 ADMIN_TOS = "broker-admin"
@@ -183,8 +184,4 @@ class BrokerSettings(BaseSettings):
 
 
 def _format(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(settings)"
-        parts.append(f"{loc}: {err['msg'].removeprefix('Value error, ')}")
-    return "invalid broker settings: " + "; ".join(parts)
+    return "invalid broker settings: " + describe_validation_error(exc)

@@ -28,6 +28,7 @@ from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 
 from sealserve.attestation.policy import policy_from_toml
+from sealserve.enclave.model_file import check_key_id
 from sealserve.errors import (
     ConfigError,
     CryptoError,
@@ -41,7 +42,6 @@ MAGIC = b"SEALKBRK"
 VERSION = 1
 MASTER_KEY_LEN = 32
 DATA_KEY_LEN = 32
-MAX_KEY_ID_LEN = 256
 MAX_POLICY_LEN = 64 * 1024
 ROOT_AMD = "amd"
 ROOT_INTEL = "intel"
@@ -68,15 +68,6 @@ class KeyRecord:
             f"KeyRecord(key_id={self.key_id!r}, roots={self.roots}, revoked={self.revoked}, "
             f"has_policy={bool(self.policy_toml)})"
         )
-
-
-def check_key_id(key_id: str) -> str:
-    """Raise InputError unless ``key_id`` is 1..256 UTF-8 bytes of printable text."""
-    if not isinstance(key_id, str) or not 1 <= len(key_id.encode("utf-8")) <= MAX_KEY_ID_LEN:
-        raise InputError(f"a key id must be 1..{MAX_KEY_ID_LEN} bytes of UTF-8")
-    if not key_id.isprintable():
-        raise InputError("a key id must be printable text")
-    return key_id
 
 
 def check_policy(policy_toml: str) -> str:
@@ -196,7 +187,7 @@ class KeyStore:
     ) -> KeyRecord:
         """Store a new key. Raises InputError if the id exists (also when revoked: a
         revoked id is never reused) or the key is not 32 bytes."""
-        check_key_id(key_id)
+        check_key_id(key_id, error=InputError)
         if len(key) != DATA_KEY_LEN:
             raise InputError(f"a data key must be {DATA_KEY_LEN} bytes, got {len(key)}")
         with self._lock:

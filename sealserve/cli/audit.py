@@ -50,7 +50,7 @@ def register(subparsers: Any) -> None:
 
 
 def _expand(logs: list[str]) -> list[Path]:
-    from sealserve.defense.audit import log_files
+    from sealserve.defense.audit.log import log_files
     from sealserve.errors import ConfigError
 
     out: list[Path] = []
@@ -69,7 +69,7 @@ def _expand(logs: list[str]) -> list[Path]:
 
 
 def _key(spec: str) -> bytes:
-    from sealserve.defense.audit import load_public_key
+    from sealserve.defense.audit.log import load_public_key
     from sealserve.errors import ConfigError
 
     p = Path(spec)
@@ -81,7 +81,7 @@ def _key(spec: str) -> bytes:
 
 
 def _verify(args: argparse.Namespace) -> int:
-    from sealserve.defense.audit_verify import check_audit_log
+    from sealserve.defense.audit.verify import check_audit_log
 
     files = _expand(args.logs)
     keys = [_key(k) for k in args.public_key]
@@ -200,8 +200,8 @@ def _html(summaries: list[Any], top: int, png: bytes, files: list[Path]) -> str:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from sealserve.defense.audit_report import summarize_accounts
-    from sealserve.defense.audit_verify import read_records
+    from sealserve.defense.audit.report import summarize_accounts
+    from sealserve.defense.audit.verify import read_records
     from sealserve.errors import ConfigError
 
     if args.top < 1:

@@ -268,7 +268,7 @@ async def _demo(args: argparse.Namespace) -> int:
             from sklearn.datasets import load_digits
             from sklearn.neural_network import MLPClassifier
 
-            from sealserve.defense.watermark_verify import verify
+            from sealserve.defense.watermark.verify import verify
 
             xs, ys = load_digits(return_X_y=True)
             # Natural digits, then lightly jittered copies: traffic that looks honest.
@@ -296,8 +296,8 @@ async def _demo(args: argparse.Namespace) -> int:
                           f" -> {'PROVEN' if clean.watermark_present else 'no claim'}")  # fmt: skip
 
         # -- 7. the audit trail --
-        from sealserve.defense.audit import log_files
-        from sealserve.defense.audit_verify import verify_audit_log
+        from sealserve.defense.audit.log import log_files
+        from sealserve.defense.audit.verify import verify_audit_log
 
         output = server.plane.guard.output
         assert output is not None and output.audit is not None

@@ -90,7 +90,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> tuple[bytes, str]:
-    from sealserve.defense.audit import load_public_key, public_key_fingerprint
+    from sealserve.defense.audit.log import load_public_key, public_key_fingerprint
     from sealserve.enclave.manifest import code_digest
     from sealserve.server.manifest import (
         build_manifest,

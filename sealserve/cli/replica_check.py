@@ -46,8 +46,8 @@ BASELINE = {"watermark": 0.65, "boundary": 0.42, "natural": 0.971}
 def run(args: argparse.Namespace) -> int:
     import numpy as np
 
-    from sealserve.defense.suspect import OnnxSuspect
-    from sealserve.defense.watermark_verify import boundary_inputs, replica_check
+    from sealserve.defense.watermark.replica import boundary_inputs, replica_check
+    from sealserve.defense.watermark.suspect import OnnxSuspect
 
     original = OnnxSuspect(args.original)
     if args.natural is not None:

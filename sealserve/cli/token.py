@@ -49,7 +49,7 @@ def register(subparsers: Any) -> None:
         "--scope",
         action="append",
         required=True,
-        choices=("infer", "metadata", "admin", "audit"),
+        choices=("infer", "metadata", "admin"),
         help="a granted scope (repeat for several)",
     )
     issue.add_argument("--tos", required=True, help="accepted terms-of-service version")

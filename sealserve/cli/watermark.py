@@ -56,7 +56,7 @@ def add_suspect_args(p: argparse.ArgumentParser) -> None:
 
 def open_ledger(args: argparse.Namespace) -> Any:
     """Unseal the ledger with the platform's sealing key (bound to the measurement)."""
-    from sealserve.defense.watermark import WatermarkLedger
+    from sealserve.defense.watermark.ledger import WatermarkLedger
     from sealserve.enclave.manifest import code_digest
     from sealserve.enclave.sealed_state import SealedBox
     from sealserve.errors import ConfigError
@@ -86,7 +86,7 @@ def open_ledger(args: argparse.Namespace) -> Any:
 def open_suspect(args: argparse.Namespace) -> tuple[Any, Any]:
     """(predict callable, closer) for --suspect or --suspect-endpoint."""
     if args.suspect is not None:
-        from sealserve.defense.suspect import OnnxSuspect
+        from sealserve.defense.watermark.suspect import OnnxSuspect
 
         return OnnxSuspect(args.suspect), lambda: None
     from sealserve.cli._connect import connection_kwargs, token_from
@@ -98,7 +98,7 @@ def open_suspect(args: argparse.Namespace) -> tuple[Any, Any]:
 
 
 def run_verify(args: argparse.Namespace) -> int:
-    from sealserve.defense.watermark_verify import verify
+    from sealserve.defense.watermark.verify import verify
 
     ledger = open_ledger(args)
     suspect, close = open_suspect(args)

@@ -22,7 +22,8 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sealserve.defense.store import MAX_DIFFICULTY, StateStore
+from sealserve.defense.status import MAX_DIFFICULTY
+from sealserve.defense.store.base import StateStore
 from sealserve.errors import ChallengeRequiredError, ConfigError
 
 MAGIC = "pow1"

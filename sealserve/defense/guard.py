@@ -16,8 +16,8 @@ import numpy as np
 
 from sealserve.defense.peer import peer_address
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.release import OutputDefenses
-from sealserve.defense.store import Remaining
+from sealserve.defense.release.pipeline import OutputDefenses
+from sealserve.defense.store.base import Remaining
 
 ANONYMOUS = "anonymous"
 

@@ -13,14 +13,8 @@ from urllib.parse import quote
 
 from sealserve.defense.challenge import Challenges
 from sealserve.defense.limits import LimitsConfig, LimitSet, Period, Tier
-from sealserve.defense.store import (
-    AccountStatus,
-    AdmitResult,
-    Check,
-    Remaining,
-    StateStore,
-    StatusKind,
-)
+from sealserve.defense.status import AccountStatus, Status
+from sealserve.defense.store.base import AdmitResult, Check, Remaining, StateStore
 from sealserve.errors import (
     ChallengeRequiredError,
     ConfigError,
@@ -191,7 +185,7 @@ class QuotaGuard:
             return result
         status = result.status
         if result.refused_by is None and status is not None:
-            if status.kind is StatusKind.SUSPENDED:
+            if status.kind is Status.SUSPENDED:
                 # The reason stays with the operator: it may describe how we detect abuse.
                 raise SuspendedError("account is suspended", retry_after=result.retry_after)
             self._require_work(account, status, work, work_error, now)
@@ -242,6 +236,33 @@ class QuotaGuard:
 
     def set_status(self, account: str, status: AccountStatus) -> None:
         self.store.set_status(account, status)
+
+    def apply_status(
+        self,
+        account: str,
+        status: Status,
+        *,
+        reason: str,
+        set_by: str,
+        factor: float | None = None,
+        difficulty: int | None = None,
+        ttl_s: float | None = None,
+        now: float | None = None,
+    ) -> AccountStatus:
+        """Set ``account``'s status: the one dispatch used by detection and the Admin
+        service. A throttle without ``factor`` and a challenge without ``difficulty``
+        get the defaults of :meth:`AccountStatus.make`; a normal status never expires.
+
+        Raises:
+            ConfigError: a factor outside (0, 1] or a difficulty outside 1..32.
+            UnavailableError: the store cannot be reached.
+        """
+        now = time.time() if now is None else now
+        expires = None if ttl_s is None else now + ttl_s
+        st = AccountStatus.make(status, factor=factor, difficulty=difficulty, reason=reason,
+                                set_by=set_by, set_at=now, expires_at=expires)  # fmt: skip
+        self.store.set_status(account, st)
+        return st
 
     def throttle(
         self, account: str, factor: float, *, reason: str, set_by: str,

@@ -20,15 +20,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from sealserve.canonical import canonical_json
 from sealserve.errors import EvidenceFormatError
 
 SCHEMA = "sealserve.manifest/v1"
 _SKIP_DIRS = {"__pycache__"}
 _SKIP_SUFFIXES = (".pyc", ".pyo")
-
-
-def canonical_json(value: Any) -> bytes:
-    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def code_digest(package_dir: Path | None = None) -> str:

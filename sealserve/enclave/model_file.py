@@ -1,5 +1,7 @@
 """The encrypted model file format (``.sealed``), version 1.
 
+Over 400 lines: one file format, writer and reader, with streaming and zeroing.
+
 A file is a header followed by the model as AES-256-GCM chunks (``cryptography``'s
 ``AESGCM``; nothing here is hand-written crypto). Byte layout (big-endian)::
 
@@ -25,7 +27,6 @@ header edits and bit flips all fail with a :class:`SealedFormatError` naming wha
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import hmac
@@ -45,10 +46,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-from sealserve.errors import CryptoError, SealedFormatError
-
-if sys.platform != "win32":  # load_decrypted only; imported up front to work after setuid
-    import fcntl
+from sealserve.errors import CryptoError, SealedFormatError, SealserveError
 
 MAGIC = b"SEALONNX"
 FORMAT_VERSION = 1
@@ -84,12 +82,16 @@ def check_key(key: bytes) -> bytes:
     return bytes(key)
 
 
-def check_key_id(key_id: str) -> str:
-    """Return ``key_id`` if it is a usable key id; raise :class:`CryptoError` otherwise."""
-    raw = key_id.encode("utf-8")
+def check_key_id(key_id: str, *, error: type[SealserveError] = CryptoError) -> str:
+    """Return ``key_id`` if it is a usable key id (1..256 bytes of printable UTF-8), the
+    one rule for model files, key files and the broker; raise ``error`` otherwise (the
+    broker passes InputError: there the id is a client's input)."""
+    raw = key_id.encode("utf-8", "replace") if isinstance(key_id, str) else b""
     if not 1 <= len(raw) <= MAX_KEY_ID_BYTES or not key_id.isprintable():
-        raise CryptoError(
-            f"key id must be 1..{MAX_KEY_ID_BYTES} bytes of printable UTF-8, got {key_id!r}"
+        shown = repr(key_id[:32]) if isinstance(key_id, str) else type(key_id).__name__
+        raise error(
+            f"key id must be 1..{MAX_KEY_ID_BYTES} bytes of printable UTF-8, got {shown} "
+            f"({len(raw)} bytes)"
         )
     return key_id
 
@@ -480,71 +482,6 @@ def decrypt_to_bytes(src: BinaryIO, *, key: bytes, expected_sha256: bytes | None
         _zero(plain)
         raise
     return result if len(result) == length else bytes(plain)
-
-
-def load_decrypted(
-    src: BinaryIO,
-    *,
-    key: bytes,
-    loader: Callable[[str], T],
-    expected_sha256: bytes | None = None,
-) -> T:
-    """Decrypt ``src`` into a pipe while ``loader(path)`` reads the model from it.
-
-    ``loader`` gets a path (``/proc/self/fd/N``, a pipe: nothing on any file system)
-    and must read the model to its end, e.g. ``lambda p: InferenceSession(p)``. A thread
-    decrypts chunk by chunk into the pipe, so loading overlaps decryption and the
-    plaintext never exists whole outside the loader: memory is the loader's plus two
-    chunks. Only authenticated chunks enter the pipe, and the loader's result is
-    returned only if every check of :func:`decrypt_to_bytes` passed once it returned;
-    otherwise it is dropped and :class:`SealedFormatError` raised. The header is
-    authenticated before ``loader`` starts. Linux only (:class:`CryptoError` elsewhere).
-    An exception from ``loader`` propagates when decryption itself succeeded.
-    """
-    if not sys.platform.startswith("linux"):
-        raise CryptoError("load_decrypted needs Linux; use decrypt_to_bytes here")
-    dec = _Decryption(src, key)
-    read_fd, write_fd = os.pipe()
-    with contextlib.suppress(OSError):  # bigger pipe, fewer wake-ups; best effort
-        fcntl.fcntl(write_fd, getattr(fcntl, "F_SETPIPE_SZ", 1031), 1 << 20)
-    failure: list[BaseException] = []  # a decryption check that failed
-    stopped: list[bool] = []  # the loader closed the pipe before the end
-
-    def pump() -> None:
-        buf = memoryview(bytearray(min(dec.header.chunk_size, dec.header.plaintext_length)))
-        h = hashlib.sha256()
-        try:
-            for index, _start, n in dec.spans():
-                dec.open_chunk(index, buf[:n])
-                h.update(buf[:n])
-                view = buf[:n]
-                while view:
-                    view = view[os.write(write_fd, view) :]
-            dec.finish(h.digest(), expected_sha256)
-        except BrokenPipeError:
-            stopped.append(True)
-        except BaseException as exc:
-            failure.append(exc)
-        finally:
-            _zero(buf)
-            os.close(write_fd)  # EOF for the loader, after the last check
-
-    thread = threading.Thread(target=pump, name="sealserve-decrypt", daemon=True)
-    thread.start()
-    try:
-        result = loader(f"/proc/self/fd/{read_fd}")
-    except Exception as exc:
-        if _failure_after(thread, read_fd, failure):
-            raise failure[0] from exc  # the loader failed because decryption did
-        raise
-    except BaseException:  # KeyboardInterrupt and the like: still release the pipe
-        _failure_after(thread, read_fd, failure)
-        raise
-    if _failure_after(thread, read_fd, failure):
-        raise failure[0]
-    if stopped:
-        raise CryptoError("the loader returned before reading the whole model")
-    return result
 
 
 def _failure_after(thread: threading.Thread, read_fd: int, failure: list[BaseException]) -> bool:

@@ -15,7 +15,6 @@ from typing import Protocol
 from sealserve.attestation.binding import compute_report_data
 from sealserve.attestation.claims import Platform as PlatformKind
 from sealserve.attestation.evidence import Evidence
-from sealserve.errors import UnavailableError
 
 DEFAULT_CONFIGFS_TSM = Path("/sys/kernel/config/tsm/report")
 
@@ -66,28 +65,4 @@ def attest(
         tls_spki=tls_spki,
         hpke_public_key=hpke_public_key,
         nonce=nonce,
-    )
-
-
-def detect_platform(
-    *,
-    configfs_root: str | Path = DEFAULT_CONFIGFS_TSM,
-    simulated_dir: str | Path | None = None,
-) -> Platform:
-    """The platform this process runs on.
-
-    A real TEE (configfs-tsm present) wins; otherwise the simulated platform in
-    ``simulated_dir`` if one is given. Raises UnavailableError when neither exists.
-    """
-    from sealserve.enclave.configfs_tsm import ConfigfsTsmPlatform
-    from sealserve.enclave.simulated import SimulatedPlatform
-
-    if Path(configfs_root).is_dir():
-        return ConfigfsTsmPlatform(configfs_root)
-    if simulated_dir is not None:
-        return SimulatedPlatform(simulated_dir)
-    raise UnavailableError(
-        f"no TEE found ({configfs_root} does not exist) and no simulated platform given",
-        remedy="Run inside an SEV-SNP guest, or create a simulated root with "
-        "SimulatedPlatform.create_root(DIR) and pass it.",
     )

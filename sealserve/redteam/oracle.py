@@ -1,6 +1,8 @@
 """The attacker's view of a deployment: a query budget spent through the public SDK,
 rotated over accounts and connections, with refusals handled as an attacker would.
 
+Over 400 lines: local and remote oracles share one budget and refusal logic.
+
 ``RemoteOracle`` talks to an endpoint with ``sealserve.client.AsyncClient`` (one per
 account and connection). Each request carries ``batch`` input rows (default 1); every
 count (budget, sent, admitted, refused) is in rows, i.e. queries. On ``RateLimitedError`` it

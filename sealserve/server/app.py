@@ -25,19 +25,20 @@ from sealserve.auth.revocation import FileRevocationList
 from sealserve.defense.challenge import Challenges
 from sealserve.defense.guard import Guard
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.store import StateStore
-from sealserve.defense.store_factory import open_store
+from sealserve.defense.store.base import StateStore
+from sealserve.defense.store.factory import open_store
 from sealserve.enclave.hardening import HardeningReport, harden_process
 from sealserve.enclave.manifest import WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.tls import TlsIdentity
 from sealserve.errors import UnavailableError
-from sealserve.server.admin_service import AdminServicer
-from sealserve.server.attestation_service import AttestationServicer
-from sealserve.server.auth_interceptor import AuthenticatingRegistrar
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
+from sealserve.server.grpc.admin_service import AdminServicer
+from sealserve.server.grpc.attestation_service import AttestationServicer
+from sealserve.server.grpc.auth_interceptor import AuthenticatingRegistrar
+from sealserve.server.grpc.servicer import InferenceServicer
 from sealserve.server.manifest import (
     build_manifest,
     is_real_platform,
@@ -48,7 +49,6 @@ from sealserve.server.manifest import (
 from sealserve.server.metrics import Metrics
 from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import ModelEntry, scan_repository
-from sealserve.server.servicer import InferenceServicer
 from sealserve.server.settings import Settings
 
 log = logging.getLogger("sealserve.server")

@@ -14,16 +14,28 @@ import logging
 import time
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import numpy as np
 
 from sealserve.errors import OverloadedError, TensorError
 from sealserve.server.metrics import Metrics
 from sealserve.server.repository import BatchingConfig
+from sealserve.server.types import ModelInfo
 
-if TYPE_CHECKING:
-    from sealserve.server.engine import LoadedModel
+
+class BatchableModel(Protocol):
+    """What the batcher needs of a loaded model (``engine.LoadedModel`` is one)."""
+
+    info: ModelInfo
+    output_names: list[str]
+
+    def run(
+        self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...] = ()
+    ) -> list[np.ndarray]: ...
+
+    def warmup_us(self, runs: int = 5) -> float | None: ...
+
 
 log = logging.getLogger("sealserve.batcher")
 
@@ -56,7 +68,7 @@ class Batcher:
 
     def __init__(
         self,
-        model: LoadedModel,
+        model: BatchableModel,
         config: BatchingConfig,
         executor: Executor,
         metrics: Metrics,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
-from sealserve.defense.store import Remaining
+from sealserve.defense.store.base import Remaining
 from sealserve.errors import InputError
 from sealserve.server.engine import Engine, LoadedModel
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo

@@ -17,9 +17,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sealserve.defense.audit import AuditKey, AuditLog
+from sealserve.defense.audit.log import AuditKey, AuditLog
+from sealserve.defense.config import DefenseConfig, ModelDefenseConfig
 from sealserve.defense.detect import (
     DetectorSuite,
     DistributionConfig,
@@ -30,106 +30,20 @@ from sealserve.defense.detect import (
     VolumeDetector,
 )
 from sealserve.defense.detect.state import BlobStore, MemoryBlobStore
+from sealserve.defense.escalation import ResponsePolicy
 from sealserve.defense.outputs import OutputSpec
-from sealserve.defense.perturb import Profile, derive_key
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.release import ModelDefense, OutputDefenses, Responses
-from sealserve.defense.response import ResponsePolicy
-from sealserve.defense.signal import DEFAULT_MAX_PROBES
-from sealserve.defense.watermark import WatermarkLedger
+from sealserve.defense.release.pipeline import ModelDefense, OutputDefenses, Responses
+from sealserve.defense.release.profile import Profile
+from sealserve.defense.release.transforms import derive_key
+from sealserve.defense.watermark.ledger import WatermarkLedger
+from sealserve.defense.watermark.signal import DEFAULT_MAX_PROBES
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.sealed_state import SealedBox, SealedFile
 from sealserve.errors import ConfigError
 from sealserve.server.engine import Engine
 
 log = logging.getLogger("sealserve.defense")
-
-
-class ModelDefenseConfig(BaseModel):
-    """``[defense.models.NAME]``: which tensors the defenses act on, and how."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    input: str | None = Field(default=None, description="Input tensor (default: all).")
-    output: str = Field(description="Output tensor the profile rewrites.")
-    output_kind: str = Field(default="probabilities", description="probabilities|logits|score")
-    label: str | None = Field(default=None, description="Output recomputed as argmax.")
-    profile: str = Field(default="default", description="Profile name, or 'none'.")
-    tiers: dict[str, str] = Field(default_factory=dict, description="tier -> profile name")
-    detection: bool = Field(default=True)
-    reference: Path | None = Field(
-        default=None, description="npz with 'x': honest inputs for the distribution detector."
-    )
-    prada: dict[str, Any] = Field(default_factory=dict)
-    distribution: dict[str, Any] = Field(default_factory=dict)
-    volume: dict[str, Any] = Field(default_factory=dict)
-
-
-class AuditConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    enabled: bool = True
-    dir: Path = Path("audit")
-    checkpoint_every: int = Field(default=1000, ge=1)
-    checkpoint_interval_s: float = Field(default=60.0, gt=0)
-
-
-class DefenseConfig(BaseModel):
-    """``[defense]``; validated at load, built at start (needs the models' metadata)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    state_dir: Path | None = Field(default=None, description="Sealed state directory.")
-    throttle_factor: float = Field(default=0.1, gt=0, lt=1)
-    challenge_difficulty: int = Field(default=16, ge=1, le=32)
-    ledger_save_interval_s: float = Field(
-        default=2.0,
-        gt=0,
-        le=3600,
-        description="The sealed watermark ledger is written off the request path, at most "
-        "once per this many seconds after a mark (and at shutdown).",
-    )
-    watermark_probes: int = Field(
-        default=DEFAULT_MAX_PROBES,
-        ge=0,
-        le=100_000,
-        description="Boundary probes kept per account and model in the sealed watermark "
-        "ledger: the signal watermark's evidence (0 turns the signal test off).",
-    )
-    response: dict[str, Any] | None = None
-    audit: AuditConfig = AuditConfig()
-    profiles: dict[str, dict[str, Any]] = Field(default_factory=dict)
-    models: dict[str, ModelDefenseConfig] = Field(default_factory=dict)
-
-    @classmethod
-    def parse(cls, data: dict[str, Any], *, base: Path) -> DefenseConfig:
-        try:
-            cfg = cls.model_validate(data)
-        except ValidationError as exc:
-            from sealserve.server.settings import format_validation_error
-
-            raise ConfigError("[defense]: " + format_validation_error(exc)) from exc
-        if cfg.response is not None:
-            ResponsePolicy.from_mapping(cfg.response)
-        for name, m in cfg.models.items():
-            for p in (m.profile, *m.tiers.values()):
-                if p not in ("none", "default") and p not in cfg.profiles:
-                    raise ConfigError(f"[defense.models.{name}] names unknown profile {p!r}")
-        return cfg._relative(base)
-
-    def _relative(self, base: Path) -> DefenseConfig:
-        def fix(p: Path | None) -> Path | None:
-            return None if p is None or p.is_absolute() else base / p
-
-        models = {
-            n: m.model_copy(update={"reference": fix(m.reference) or m.reference})
-            for n, m in self.models.items()
-        }
-        audit = self.audit.model_copy(update={"dir": fix(self.audit.dir) or self.audit.dir})
-        return self.model_copy(
-            update={"state_dir": fix(self.state_dir) or self.state_dir, "models": models,
-                    "audit": audit}
-        )  # fmt: skip
 
 
 @dataclass
@@ -355,28 +269,6 @@ def build_defenses(
     return OutputDefenses(
         models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked
     )
-
-
-def describe(cfg: DefenseConfig) -> dict[str, Any]:
-    """The configured defenses for the workload manifest: no secrets, no paths, so
-    `sealserve measure` reproduces it from the config alone."""
-    return {
-        "profiles": cfg.profiles,
-        "models": {
-            name: {
-                "output": m.output, "output_kind": m.output_kind, "label": m.label,
-                "profile": m.profile, "tiers": m.tiers, "detection": m.detection,
-                "distribution_reference": m.reference is not None,
-                "prada": m.prada, "distribution": m.distribution, "volume": m.volume,
-            }
-            for name, m in cfg.models.items()
-        },
-        "response": cfg.response or "default",
-        "throttle_factor": cfg.throttle_factor,
-        "challenge_difficulty": cfg.challenge_difficulty,
-        "audit": cfg.audit.enabled,
-        "sealed_state": cfg.state_dir is not None,
-    }  # fmt: skip
 
 
 def _input_width(info: Any, name: str | None) -> int:

@@ -11,6 +11,7 @@ from sealserve.attestation.claims import Platform as PlatformKind
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.runtime import check_hooks, record_runtime
+from sealserve.server.model_keys import EncryptedModelSource
 from sealserve.server.repository import ModelEntry
 from sealserve.server.settings import Settings
 
@@ -41,8 +42,6 @@ def simulated_measurement(code: str) -> bytes:
 def measure_entries(entries: Iterable[ModelEntry]) -> list[ModelMeasurement]:
     """Model digests: the plaintext SHA-256 the server will load. For an encrypted
     model, from its header (no key needed): decryption refuses any other plaintext."""
-    from sealserve.server.model_keys import EncryptedModelSource
-
     out = []
     for e in entries:
         if isinstance(e.source, EncryptedModelSource):

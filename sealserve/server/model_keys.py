@@ -13,19 +13,30 @@ import logging
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
+from pydantic import BaseModel, ConfigDict, Field
 
 from sealserve.enclave.key_file import KeyFile
 from sealserve.enclave.model_file import decrypt_to_bytes, read_header
 from sealserve.enclave.platform import Platform
 from sealserve.errors import ConfigError, KeyReleaseError
 
-if TYPE_CHECKING:
-    from sealserve.server.settings import KeyBrokerSettings
-
 log = logging.getLogger("sealserve.keys")
+
+
+class KeyBrokerSettings(BaseModel):
+    """Where encrypted models' keys are released from ([key_broker])."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    target: str = Field(description="The key broker's HOST:PORT.")
+    ca_file: Path | None = Field(
+        default=None, description="PEM certificate (or CA) that the broker's TLS must match."
+    )
+    server_name: str | None = Field(default=None, description="Name to check in its cert.")
+    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
+    retries: int = Field(default=6, ge=0, le=50, description="Attempts while unreachable.")
 
 
 @dataclass

@@ -12,14 +12,13 @@ import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal, Protocol
+from typing import Literal, Protocol
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-if TYPE_CHECKING:
-    from sealserve.server.model_keys import KeyProvider
-
 from sealserve.errors import ConfigError
+from sealserve.server.model_keys import EncryptedModelSource, KeyProvider
+from sealserve.validation import describe_validation_error
 
 log = logging.getLogger("sealserve.repository")
 
@@ -117,18 +116,10 @@ def _load_model_config(path: Path) -> ModelConfig:
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
     except ValidationError as exc:
-        raise ConfigError(f"{path}: {_format_validation(exc)}") from exc
+        raise ConfigError(f"{path}: {describe_validation_error(exc, root='(root)')}") from exc
     if cfg.version_policy == "specific" and not cfg.versions:
         raise ConfigError(f"{path}: version_policy 'specific' needs a non-empty 'versions' list")
     return cfg
-
-
-def _format_validation(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(root)"
-        parts.append(f"{loc}: {err['msg']}")
-    return "; ".join(parts)
 
 
 def scan_repository(root: Path, *, keys: KeyProvider | None = None) -> list[ModelEntry]:
@@ -138,8 +129,6 @@ def scan_repository(root: Path, *, keys: KeyProvider | None = None) -> list[Mode
     (encrypted; its key comes from ``keys``). Raises :class:`ConfigError` when the
     repository is missing, holds no model, or a model's config is invalid.
     """
-    from sealserve.server.model_keys import EncryptedModelSource, KeyProvider
-
     keys = keys if keys is not None else KeyProvider()
     if not root.is_dir():
         raise ConfigError(f"model repository {root} is not a directory")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import tomllib
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_settings import (
@@ -20,11 +20,11 @@ from pydantic_settings import (
 )
 
 from sealserve.auth.settings import AuthSettings, IssuerSettings
+from sealserve.defense.config import DefenseConfig, describe
 from sealserve.defense.limits import LimitsConfig
 from sealserve.errors import ConfigError
-
-if TYPE_CHECKING:
-    from sealserve.server.defenses import DefenseConfig
+from sealserve.server.model_keys import KeyBrokerSettings
+from sealserve.validation import describe_validation_error
 
 
 class EngineSettings(BaseModel):
@@ -33,20 +33,6 @@ class EngineSettings(BaseModel):
     intra_op_threads: int = Field(
         default=1, ge=1, le=256, description="onnxruntime threads per session run."
     )
-
-
-class KeyBrokerSettings(BaseModel):
-    """Where encrypted models' keys are released from ([key_broker])."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    target: str = Field(description="The key broker's HOST:PORT.")
-    ca_file: Path | None = Field(
-        default=None, description="PEM certificate (or CA) that the broker's TLS must match."
-    )
-    server_name: str | None = Field(default=None, description="Name to check in its cert.")
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-    retries: int = Field(default=6, ge=0, le=50, description="Attempts while unreachable.")
 
 
 class Settings(BaseSettings):
@@ -196,8 +182,6 @@ class Settings(BaseSettings):
 
     def defense_config(self) -> DefenseConfig | None:
         """The [defense] table validated (paths already made absolute by ``load``)."""
-        from sealserve.server.defenses import DefenseConfig
-
         if self.defense is None:
             return None
         return DefenseConfig.parse(self.defense, base=Path.cwd())
@@ -356,18 +340,9 @@ def _absolute_defense_paths(defense: dict[str, Any], base: Path) -> dict[str, An
     return out
 
 
-def _describe_defense(cfg: Any) -> Any:
-    if cfg is None:
-        return None
-    from sealserve.server.defenses import describe
-
-    return describe(cfg)
+def _describe_defense(cfg: DefenseConfig | None) -> Any:
+    return None if cfg is None else describe(cfg)
 
 
 def format_validation_error(exc: ValidationError) -> str:
-    parts = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"]) or "(settings)"
-        msg = err["msg"].removeprefix("Value error, ")
-        parts.append(f"{loc}: {msg}")
-    return "invalid settings: " + "; ".join(parts)
+    return "invalid settings: " + describe_validation_error(exc)

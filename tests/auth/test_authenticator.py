@@ -49,12 +49,12 @@ def count_decodes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 def test_valid_token_yields_principal(auth: Authenticator, issuer: TokenIssuer) -> None:
-    token = good_token(issuer, sub="acct-42", tier="pro", jti="tok-1", scopes=["infer", "audit"])
-    principal = auth.authenticate_at_time(f"Bearer {token}", required_scope="audit", now=NOW)
+    token = good_token(issuer, sub="acct-42", tier="pro", jti="tok-1", scopes=["infer", "metadata"])
+    principal = auth.authenticate_at_time(f"Bearer {token}", required_scope="metadata", now=NOW)
     assert principal == Principal(
         account="acct-42",
         tier="pro",
-        scopes=frozenset({"infer", "audit"}),
+        scopes=frozenset({"infer", "metadata"}),
         tos_version=TOS,
         token_id="tok-1",
         expires_at=NOW + 3600,

@@ -13,7 +13,7 @@ from sealserve.attestation.policy import policy_from_toml
 from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.client import AsyncClient, Client
 from sealserve.errors import PolicyError, VerificationError
-from sealserve.server.attestation_service import AttestationServicer
+from sealserve.server.grpc.attestation_service import AttestationServicer
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")  # UnsafeAllowSimulated warns
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 from threadpoolctl import threadpool_limits
 
-from sealserve.defense.store import StateStore
-from sealserve.defense.store_memory import MemoryStore
-from sealserve.defense.store_redis import RedisStore
-from sealserve.defense.store_sqlite import SqliteStore
+from sealserve.defense.store.base import StateStore
+from sealserve.defense.store.memory import MemoryStore
+from sealserve.defense.store.redis import RedisStore
+from sealserve.defense.store.sqlite import SqliteStore
 from tests._redis import RedisServer, free_port  # noqa: F401 (re-exported for tests)
 
 _prefix_counter = iter(range(1_000_000))

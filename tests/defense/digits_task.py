@@ -17,7 +17,8 @@ from sklearn.model_selection import train_test_split
 from sklearn.neural_network import MLPClassifier, MLPRegressor
 
 from sealserve.defense.outputs import OutputSpec
-from sealserve.defense.perturb import Profile, Release
+from sealserve.defense.release.hot_path import Release
+from sealserve.defense.release.profile import Profile
 
 KEY = bytes(range(32))
 SPEC = OutputSpec.probabilities(10)

@@ -12,8 +12,8 @@ from sealserve.defense.challenge import (
     leading_zero_bits,
     solve,
 )
-from sealserve.defense.store import StateStore
-from sealserve.defense.store_memory import MemoryStore
+from sealserve.defense.store.base import StateStore
+from sealserve.defense.store.memory import MemoryStore
 from sealserve.errors import ChallengeRequiredError, ConfigError
 
 NOW = 1_700_000_000.0

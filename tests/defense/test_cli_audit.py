@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from sealserve.cli.main import main
-from sealserve.defense.audit import AuditKey, AuditLog, log_files, sha256_hex
+from sealserve.defense.audit.log import AuditKey, AuditLog, log_files, sha256_hex
 from tests.conftest import ROOT, sealserve_cmd, sealserve_env
 
 

@@ -10,10 +10,10 @@ from pathlib import Path
 import pytest
 
 from sealserve.defense.limits import Period
-from sealserve.defense.store import Check, StateStore
-from sealserve.defense.store_memory import MemoryStore
-from sealserve.defense.store_redis import RedisStore
-from sealserve.defense.store_sqlite import SqliteStore
+from sealserve.defense.store.base import Check, StateStore
+from sealserve.defense.store.memory import MemoryStore
+from sealserve.defense.store.redis import RedisStore
+from sealserve.defense.store.sqlite import SqliteStore
 
 from .conftest import RedisServer
 

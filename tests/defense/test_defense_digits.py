@@ -19,9 +19,10 @@ from sklearn.neighbors import KNeighborsClassifier
 from sklearn.neural_network import MLPClassifier
 from sklearn.svm import SVC
 
-from sealserve.defense.perturb import Release
-from sealserve.defense.watermark import WatermarkLedger
-from sealserve.defense.watermark_verify import boundary_inputs, replica_check, verify
+from sealserve.defense.release.hot_path import Release
+from sealserve.defense.watermark.ledger import WatermarkLedger
+from sealserve.defense.watermark.replica import boundary_inputs, replica_check
+from sealserve.defense.watermark.verify import verify
 from tests.defense import digits_task as dt
 
 QUERIES = 10_000

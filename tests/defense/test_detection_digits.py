@@ -23,7 +23,8 @@ from sealserve.defense.detect import (
     VolumeConfig,
     VolumeDetector,
 )
-from sealserve.defense.response import AccountStatus, ResponsePolicy, Status
+from sealserve.defense.escalation import ResponsePolicy
+from sealserve.defense.status import AccountStatus, Status
 from tests.defense.streams import (
     digits_task,
     honest_stream,
@@ -67,8 +68,8 @@ def first_flag(
         result = suite.observe_at_time(account, "digits", x[i], int(labels[i]), now=now)
         decision = policy.decide_at_time(status, result.scores, now=now)
         if decision.write:
-            status = AccountStatus(decision.status, decision.expires_at)
-        if decision.status >= Status.THROTTLE:
+            status = AccountStatus.make(decision.status, expires_at=decision.expires_at)
+        if decision.status >= Status.THROTTLED:
             return i + 1, decision.reason
     return None, ""
 

@@ -10,7 +10,8 @@ import pytest
 from sealserve.defense.challenge import ChallengeClaims, Challenges, leading_zero_bits, solve
 from sealserve.defense.limits import LimitsConfig
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.store import StateStore, StatusKind
+from sealserve.defense.status import Status
+from sealserve.defense.store.base import StateStore
 from sealserve.errors import (
     ChallengeRequiredError,
     PermissionDeniedError,
@@ -130,7 +131,7 @@ def test_throttle_then_lift(guard: QuotaGuard) -> None:
     admit(guard, now=NOW + 10)
     guard.lift("alice", reason="false positive", set_by="op:carol", now=NOW + 10)
     admit(guard, now=NOW + 11)
-    assert [s.kind for s in guard.history("alice")] == [StatusKind.NORMAL, StatusKind.THROTTLED]
+    assert [s.kind for s in guard.history("alice")] == [Status.NORMAL, Status.THROTTLED]
 
 
 def test_suspend_and_lift(guard: QuotaGuard) -> None:

@@ -55,7 +55,7 @@ def _inputs(tmp: Path, config_text: str) -> list[str]:
             "--guest-features", "0x21"]  # fmt: skip
 
 
-def _build(tmp: Path, out: Path, config_text: str = 'port = 8001\n') -> dict[str, str]:
+def _build(tmp: Path, out: Path, config_text: str = "port = 8001\n") -> dict[str, str]:
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
     r = subprocess.run(["bash", str(SCRIPT), *_inputs(tmp, config_text), "--out", str(out)],
                        env=env, capture_output=True, text=True, timeout=300)  # fmt: skip

@@ -8,8 +8,7 @@ import pytest
 
 from sealserve.attestation.claims import Platform
 from sealserve.enclave.configfs_tsm import ConfigfsTsmPlatform
-from sealserve.enclave.platform import attest, detect_platform
-from sealserve.enclave.simulated import SimulatedPlatform
+from sealserve.enclave.platform import attest
 from sealserve.errors import UnavailableError, VerificationError
 from tests.attestation.conftest import read_vector
 
@@ -129,11 +128,3 @@ def test_attest_builds_evidence(tmp_path: Path) -> None:
             manifest=b"",
             hpke_public_key=b"",
         )
-
-
-def test_detect_platform(tmp_path: Path, sim_root: Path) -> None:
-    assert isinstance(detect_platform(configfs_root=tmp_path), ConfigfsTsmPlatform)
-    found = detect_platform(configfs_root=tmp_path / "absent", simulated_dir=sim_root)
-    assert isinstance(found, SimulatedPlatform)
-    with pytest.raises(UnavailableError, match="no TEE found"):
-        detect_platform(configfs_root=tmp_path / "absent")

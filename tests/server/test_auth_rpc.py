@@ -86,7 +86,7 @@ def test_health_and_reflection_need_no_token(
 
 
 def test_unlisted_rpcs_need_admin_scope() -> None:
-    from sealserve.server.auth_interceptor import scope_for
+    from sealserve.server.grpc.auth_interceptor import scope_for
 
     assert scope_for("/inference.GRPCInferenceService/ModelInfer") == "infer"
     assert scope_for("/inference.GRPCInferenceService/ModelMetadata") == "metadata"

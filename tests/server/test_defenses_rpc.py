@@ -14,8 +14,8 @@ import pytest
 from sealserve import demo
 from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.client import Client
-from sealserve.defense.audit import load_public_key, log_files, public_key_fingerprint
-from sealserve.defense.audit_verify import verify_audit_log
+from sealserve.defense.audit.log import load_public_key, log_files, public_key_fingerprint
+from sealserve.defense.audit.verify import verify_audit_log
 from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
 
 ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"

@@ -56,8 +56,8 @@ def test_a_failed_write_is_retried_and_close_without_marks_writes_once() -> None
 
 
 def test_interval_must_be_positive() -> None:
+    from sealserve.defense.config import DefenseConfig
     from sealserve.errors import ConfigError
-    from sealserve.server.defenses import DefenseConfig
 
     with pytest.raises(ConfigError, match="ledger_save_interval_s"):
         DefenseConfig.parse({"ledger_save_interval_s": 0}, base=__import__("pathlib").Path("."))

@@ -223,12 +223,6 @@ class DistributionDetector:
         d2 = float((index_sq - 2.0 * (index @ z)).min()) + float(z @ z)
         return d2 > thr * thr
 
-    def outlier_fraction(self, x: object, labels: object) -> float:
-        """Fraction of the rows of ``x`` (with predicted ``labels``) that are outliers."""
-        rows = np.atleast_2d(np.asarray(x, dtype=np.float64))
-        labs = np.asarray(labels, dtype=np.int64).reshape(-1)
-        return float(np.mean([self.is_outlier(r, int(c)) for r, c in zip(rows, labs, strict=True)]))
-
     def observe(self, account: str, model: str, x: object, label: object) -> DetectorScore:
         return self.observe_at_time(account, model, x, label, now=time.time())
 

@@ -1,0 +1,481 @@
+"""The state store interface shared by every defense component, and its value types.
+
+Over 400 lines: the contract and the quota math every backend shares, so all agree.
+
+A :class:`StateStore` keeps rate-limit buckets, quota windows, account statuses, opaque
+blobs and single-use nonces. Backends: :class:`~sealserve.defense.store.memory.MemoryStore`
+(tests, one process), :class:`~sealserve.defense.store.sqlite.SqliteStore` (embedded
+default, several processes on one machine) and
+:class:`~sealserve.defense.store.redis.RedisStore` (several replicas). All three give the
+same answers for the same sequence of calls (tests/defense/store/test_conformance.py).
+
+Time: quota math uses the ``now`` the caller passes (Unix seconds), never the store's
+clock, so replicas must keep their clocks in sync (NTP). Blob and nonce TTLs are wall
+clock durations measured by the backend.
+
+A store that cannot be reached raises :class:`~sealserve.errors.UnavailableError`; the
+caller refuses the request (fail closed). :class:`UnsafeFailOpen` is the one, explicitly
+named, way to admit anyway.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from contextlib import AbstractContextManager
+from dataclasses import dataclass, field
+from typing import NamedTuple, Protocol
+
+from sealserve.defense.limits import Period, window_bounds
+from sealserve.defense.status import AccountStatus, Status
+from sealserve.errors import ConfigError, UnavailableError
+
+log = logging.getLogger(__name__)
+
+#: Extra lifetime given to stored window/bucket state beyond the moment it stops
+#: mattering, so that replicas whose clocks differ slightly agree.
+STATE_SLACK_S = 3600.0
+#: A bucket holding ``cost - TOKEN_EPS`` tokens admits ``cost``: float time arithmetic at
+#: Unix-epoch magnitudes loses ~1e-7 s, which must not refuse a request that is on time.
+#: The shortfall is carried (tokens go slightly negative), so it can never accumulate.
+TOKEN_EPS = 1e-3
+
+
+@dataclass(frozen=True)
+class Check:
+    """One limit applied to one subject for one request.
+
+    ``period`` None means a token bucket of ``limit`` (burst) tokens refilled at
+    ``rate`` per second; otherwise a fixed window of ``limit`` units. When ``throttle`` is
+    set, a throttled status of the admitted account multiplies ``rate`` inside the same
+    atomic admit.
+    """
+
+    name: str
+    label: str
+    key: str
+    limit: int
+    period: Period | None = None
+    rate: float = 0.0
+    throttle: bool = False
+    unit: str = "requests"
+    prefix: str = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        # Storage keys are built per admit; precompute the constant part once. The
+        # subject comes first so that one account's state sits together (SQLite pages).
+        object.__setattr__(
+            self,
+            "prefix",
+            f"{self.key}/rate" if self.period is None else f"{self.key}/{self.period.value}/",
+        )
+        if self.limit <= 0:
+            raise ConfigError(f"{self.label}: limit must be greater than zero")
+        if self.period is None and not self.rate > 0:
+            raise ConfigError(f"{self.label}: rate must be greater than zero")
+
+    def describe(self) -> str:
+        """Human-readable description of the refusal, for the client and the log."""
+        if self.period is None:
+            return f"{self.label} of {self.rate:g}/s (burst {self.limit}) exceeded"
+        return f"{self.label} of {self.limit} {self.unit} exhausted"
+
+
+class Remaining(NamedTuple):
+    """What is left of one limit: ``remaining`` of ``limit`` units; the window resets (or
+    the bucket is full again) ``reset_after`` seconds from now."""
+
+    name: str
+    limit: int
+    remaining: int
+    reset_after: float
+
+
+@dataclass(frozen=True)
+class AdmitResult:
+    """The answer of :meth:`StateStore.admit`.
+
+    Admitted: ``remaining`` holds every limit after this request was counted.
+    Refused: nothing was consumed; ``refused_by`` is the limit that was hit and
+    ``retry_after`` the seconds to wait (``None`` when waiting cannot help, e.g. a cost
+    larger than the limit). Refused with ``refused_by`` None: the account's ``status``
+    (suspended, or challenged without enough work) refused it before any limit.
+    ``status`` is the admitted account's active status (None: normal or no account).
+    """
+
+    admitted: bool
+    remaining: tuple[Remaining, ...]
+    refused_by: Check | None = None
+    retry_after: float | None = None
+    status: AccountStatus | None = None
+
+
+class StateStore(ABC):
+    """Where defense state lives. Every method raises UnavailableError when the store
+    cannot be reached; none ever answers without having checked."""
+
+    @abstractmethod
+    def admit(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+    ) -> AdmitResult:
+        """Atomically check and consume ``cost`` units from every check: all or nothing.
+
+        With ``account``, the account's status is read in the same atomic step: a
+        suspended account, or a challenged one whose verified proof of work ``work``
+        (bits) is below the required difficulty, is refused before any limit; a
+        throttled one has the rate of its ``throttle`` checks multiplied by its factor.
+        Raises ConfigError for a cost that is not a positive integer.
+        """
+
+    @abstractmethod
+    def usage(
+        self, checks: Sequence[Check], *, now: float, account: str | None = None
+    ) -> tuple[Remaining, ...]:
+        """What is left of each check at ``now`` (throttled by ``account``'s status),
+        consuming nothing."""
+
+    @abstractmethod
+    def reset(self, checks: Sequence[Check], *, now: float) -> None:
+        """Forget the consumption of each check (current window; bucket refilled)."""
+
+    @abstractmethod
+    def get_status(self, account: str, *, now: float) -> AccountStatus:
+        """The account's status at ``now`` (normal when none is set or it expired)."""
+
+    @abstractmethod
+    def set_status(self, account: str, status: AccountStatus) -> None:
+        """Set the account's status and append it to the account's history."""
+
+    @abstractmethod
+    def status_history(self, account: str) -> list[AccountStatus]:
+        """Every status ever set for the account, newest first (at most 1000)."""
+
+    @abstractmethod
+    def get_blob(self, key: str) -> bytes | None:
+        """The blob stored under ``key``, or None when absent or expired."""
+
+    @abstractmethod
+    def put_blob(self, key: str, value: bytes, *, ttl_s: float | None) -> None:
+        """Store ``value`` under ``key`` for ``ttl_s`` seconds (None: forever)."""
+
+    @abstractmethod
+    def consume_once(self, key: str, *, ttl_s: float) -> bool:
+        """True the first time ``key`` is consumed within ``ttl_s`` seconds, else False."""
+
+    def close(self) -> None:  # noqa: B027 - optional hook
+        """Release connections."""
+
+
+HISTORY_LIMIT = 1000
+
+
+def validate_cost(cost: int) -> None:
+    if isinstance(cost, bool) or not isinstance(cost, int) or cost < 1:
+        raise ConfigError(f"cost must be a positive integer, got {cost!r}")
+
+
+def resolve(checks: Sequence[Check], now: float) -> list[tuple[str, float]]:
+    """For each check at ``now``: its storage key and its window's end (0 for buckets)."""
+    bounds: dict[Period, tuple[float, float]] = {}
+    out = []
+    for c in checks:
+        if c.period is None:
+            out.append((c.prefix, 0.0))
+            continue
+        b = bounds.get(c.period)
+        if b is None:
+            b = bounds[c.period] = window_bounds(c.period, now)
+        out.append((c.prefix + str(int(b[0])), b[1]))
+    return out
+
+
+def gate(
+    status: AccountStatus | None, *, now: float, work: int
+) -> tuple[AccountStatus | None, bool, float]:
+    """Apply an account status: ``(active status or None, blocked, rate factor)``.
+
+    The Redis Lua script mirrors this exactly."""
+    if status is None or not status.active_at(now) or status.kind is Status.NORMAL:
+        return None, False, 1.0
+    if status.kind is Status.SUSPENDED:
+        return status, True, 1.0
+    if status.kind is Status.CHALLENGED:
+        assert status.difficulty is not None
+        return status, work < status.difficulty, 1.0
+    assert status.factor is not None
+    return status, False, status.factor
+
+
+def blocked_result(status: AccountStatus, now: float) -> AdmitResult:
+    wait = None
+    if status.kind is Status.SUSPENDED and status.expires_at is not None:
+        wait = status.expires_at - now
+    return AdmitResult(False, (), status=status, retry_after=wait)
+
+
+def bucket_level(
+    tokens: float | None, ts: float | None, check: Check, rate: float, now: float
+) -> float:
+    """Tokens in the bucket at ``now`` (the Redis Lua script mirrors this exactly)."""
+    if tokens is None or ts is None:
+        return float(check.limit)
+    return min(float(check.limit), tokens + max(0.0, now - ts) * rate)
+
+
+def fits(check: Check, level: float, cost: int) -> bool:
+    if check.period is None:
+        return level + TOKEN_EPS >= cost
+    return level + cost <= check.limit
+
+
+def peek(
+    checks: Sequence[Check],
+    ends: Sequence[float],
+    levels: Sequence[float],
+    rates: Sequence[float],
+    *,
+    now: float,
+    used: int = 0,
+) -> tuple[Remaining, ...]:
+    """What is left of each check given its level (bucket tokens or window count) after
+    ``used`` more units were consumed."""
+    out = []
+    for check, end, level, rate in zip(checks, ends, levels, rates, strict=True):
+        if check.period is None:
+            after = level - used
+            out.append(
+                Remaining(
+                    check.name, check.limit, max(0, math.floor(after)), (check.limit - after) / rate
+                )
+            )
+        else:
+            out.append(
+                Remaining(
+                    check.name, check.limit, max(0, check.limit - int(level) - used), end - now
+                )
+            )
+    return tuple(out)
+
+
+def finish(
+    checks: Sequence[Check],
+    ends: Sequence[float],
+    levels: Sequence[float],
+    rates: Sequence[float],
+    *,
+    cost: int,
+    now: float,
+    admitted: bool,
+    status: AccountStatus | None,
+) -> AdmitResult:
+    """Turn per-check levels (before this request) into an AdmitResult. Shared by every
+    backend so they answer identically."""
+    if admitted:
+        return AdmitResult(
+            True, peek(checks, ends, levels, rates, now=now, used=cost), status=status
+        )
+    worst: tuple[Check, float | None] | None = None
+    for check, end, level, rate in zip(checks, ends, levels, rates, strict=True):
+        if fits(check, level, cost):
+            continue
+        wait: float | None
+        if cost > check.limit:
+            wait = None
+        elif check.period is None:
+            wait = (cost - level) / rate
+        else:
+            wait = end - now
+        if worst is None or (worst[1] is not None and (wait is None or wait > worst[1])):
+            worst = (check, wait)
+    assert worst is not None, "refused without a failing check"
+    return AdmitResult(
+        False,
+        peek(checks, ends, levels, rates, now=now),
+        refused_by=worst[0],
+        retry_after=worst[1],
+        status=status,
+    )
+
+
+class Txn(Protocol):
+    """Primitive operations a transactional backend offers inside one transaction."""
+
+    def read(
+        self, bucket_keys: Sequence[str], window_keys: Sequence[str], account: str | None
+    ) -> tuple[dict[str, tuple[float, float]], dict[str, int], AccountStatus | None]: ...
+
+    def write(
+        self,
+        buckets: Sequence[tuple[str, float, float, float]],
+        windows: Sequence[tuple[str, int, float]],
+    ) -> None: ...
+
+    def delete(self, keys: Sequence[str]) -> None: ...
+
+
+class TransactionalStore(StateStore):
+    """Quota logic over a backend that offers serialisable transactions (memory, SQLite).
+
+    Subclasses provide :meth:`transaction`; this class holds the arithmetic, so the two
+    backends cannot drift apart.
+    """
+
+    @abstractmethod
+    def transaction(self) -> AbstractContextManager[Txn]:
+        """An exclusive read-write transaction, committed when the block exits cleanly."""
+
+    @staticmethod
+    def _split(
+        checks: Sequence[Check], slots: list[tuple[str, float]]
+    ) -> tuple[list[str], list[str]]:
+        bkeys: list[str] = []
+        wkeys: list[str] = []
+        for c, (key, _) in zip(checks, slots, strict=True):
+            (bkeys if c.period is None else wkeys).append(key)
+        return bkeys, wkeys
+
+    @staticmethod
+    def _levels(
+        checks: Sequence[Check],
+        slots: list[tuple[str, float]],
+        buckets: dict[str, tuple[float, float]],
+        windows: dict[str, int],
+        factor: float,
+        now: float,
+    ) -> tuple[list[float], list[float]]:
+        levels: list[float] = []
+        rates: list[float] = []
+        for check, (key, _) in zip(checks, slots, strict=True):
+            if check.period is None:
+                rate = check.rate * factor if check.throttle else check.rate
+                state = buckets.get(key)
+                levels.append(
+                    float(check.limit)
+                    if state is None
+                    else bucket_level(state[0], state[1], check, rate, now)
+                )
+                rates.append(rate)
+            else:
+                levels.append(float(windows.get(key, 0)))
+                rates.append(0.0)
+        return levels, rates
+
+    def admit(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+    ) -> AdmitResult:
+        validate_cost(cost)
+        # Everything that needs no stored state is computed before taking the lock.
+        slots = resolve(checks, now)
+        bkeys, wkeys = self._split(checks, slots)
+        with self.transaction() as tx:
+            buckets, windows, raw_status = tx.read(bkeys, wkeys, account)
+            status, blocked, factor = gate(raw_status, now=now, work=work)
+            if blocked:
+                assert status is not None
+                return blocked_result(status, now)
+            levels, rates = self._levels(checks, slots, buckets, windows, factor, now)
+            ok = all(fits(c, lv, cost) for c, lv in zip(checks, levels, strict=True))
+            if ok:
+                bw: list[tuple[str, float, float, float]] = []
+                ww: list[tuple[str, int, float]] = []
+                for check, (key, end), level, rate in zip(
+                    checks, slots, levels, rates, strict=True
+                ):
+                    if check.period is None:
+                        tokens = level - cost
+                        old = buckets.get(key)
+                        ts = now if old is None else max(old[1], now)
+                        full_at = now + (check.limit - tokens) / rate
+                        bw.append((key, tokens, ts, full_at + STATE_SLACK_S))
+                    else:
+                        ww.append((key, int(level) + cost, end + STATE_SLACK_S))
+                tx.write(bw, ww)
+        ends = [end for _, end in slots]
+        return finish(checks, ends, levels, rates, cost=cost, now=now, admitted=ok, status=status)
+
+    def usage(
+        self, checks: Sequence[Check], *, now: float, account: str | None = None
+    ) -> tuple[Remaining, ...]:
+        slots = resolve(checks, now)
+        bkeys, wkeys = self._split(checks, slots)
+        with self.transaction() as tx:
+            buckets, windows, raw_status = tx.read(bkeys, wkeys, account)
+        _, _, factor = gate(raw_status, now=now, work=0)
+        levels, rates = self._levels(checks, slots, buckets, windows, factor, now)
+        return peek(checks, [e for _, e in slots], levels, rates, now=now)
+
+    def reset(self, checks: Sequence[Check], *, now: float) -> None:
+        with self.transaction() as tx:
+            tx.delete([k for k, _ in resolve(checks, now)])
+
+
+class UnsafeFailOpen(StateStore):
+    """UNSAFE: wraps a store so that quota admits and status reads succeed when the store
+    is unreachable. Every such use logs a warning. Blobs, nonces, status writes and resets
+    still raise. Use only when availability matters more than the limits."""
+
+    def __init__(self, inner: StateStore) -> None:
+        self.inner = inner
+        log.warning("UnsafeFailOpen enabled: quotas are NOT enforced while the store is down")
+
+    def admit(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+    ) -> AdmitResult:
+        try:
+            return self.inner.admit(checks, cost=cost, now=now, account=account, work=work)
+        except UnavailableError as exc:
+            log.warning("UNSAFE FAIL-OPEN: admitting a request unchecked: %s", exc)
+            return AdmitResult(True, ())
+
+    def usage(
+        self, checks: Sequence[Check], *, now: float, account: str | None = None
+    ) -> tuple[Remaining, ...]:
+        return self.inner.usage(checks, now=now, account=account)
+
+    def reset(self, checks: Sequence[Check], *, now: float) -> None:
+        self.inner.reset(checks, now=now)
+
+    def get_status(self, account: str, *, now: float) -> AccountStatus:
+        try:
+            return self.inner.get_status(account, now=now)
+        except UnavailableError as exc:
+            log.warning("UNSAFE FAIL-OPEN: treating account status as normal: %s", exc)
+            return AccountStatus.normal()
+
+    def set_status(self, account: str, status: AccountStatus) -> None:
+        self.inner.set_status(account, status)
+
+    def status_history(self, account: str) -> list[AccountStatus]:
+        return self.inner.status_history(account)
+
+    def get_blob(self, key: str) -> bytes | None:
+        return self.inner.get_blob(key)
+
+    def put_blob(self, key: str, value: bytes, *, ttl_s: float | None) -> None:
+        self.inner.put_blob(key, value, ttl_s=ttl_s)
+
+    def consume_once(self, key: str, *, ttl_s: float) -> bool:
+        return self.inner.consume_once(key, ttl_s=ttl_s)
+
+    def close(self) -> None:
+        self.inner.close()

@@ -1,0 +1,74 @@
+"""gRPC adapter for ``sealserve.v1.Admin`` (admin scope, enforced by the interceptor)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+
+from sealserve._proto import admin_pb2 as adm
+from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.status import MAX_DIFFICULTY, Status
+from sealserve.errors import InputError, UnavailableError
+from sealserve.rpc.status import grpc_errors
+from sealserve.server.grpc.auth_interceptor import current_principal
+
+
+class AdminServicer:
+    def __init__(self, quota: QuotaGuard | None) -> None:
+        self._quota = quota
+
+    def _q(self) -> QuotaGuard:
+        if self._quota is None:
+            raise UnavailableError(
+                "no [limits] are configured on this server: nothing to administer"
+            )
+        return self._quota
+
+    def _info(self, account: str, tier: str, model: str) -> adm.AccountInfo:
+        q = self._q()
+        if not account:
+            raise InputError("account is required")
+        info = adm.AccountInfo(account=account, status_json=q.status(account).to_json())
+        if tier:
+            for r in q.usage(account, tier, model=model or None):
+                info.usage.add(name=r.name, limit=r.limit, remaining=r.remaining,
+                               reset_after=r.reset_after)  # fmt: skip
+        info.history_json.extend(s.to_json() for s in q.history(account)[:50])
+        return info
+
+    @grpc_errors
+    async def GetAccount(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
+        return self._info(request.account, request.tier, request.model)
+
+    @grpc_errors
+    async def ResetQuota(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
+        if not request.tier:
+            raise InputError("tier is required to reset an account's quota")
+        self._q().reset(request.account, request.tier, model=request.model or None)
+        return self._info(request.account, request.tier, request.model)
+
+    @grpc_errors
+    async def SetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
+        q, status = self._q(), _requested_status(request)
+        principal = current_principal()
+        q.apply_status(request.account, status, reason=request.reason or "set by an operator",
+                       set_by=f"admin:{principal.account}" if principal else "admin",
+                       factor=request.factor or None, difficulty=request.difficulty or None,
+                       ttl_s=request.ttl_seconds or None)  # fmt: skip
+        return self._info(request.account, request.tier, "")
+
+
+def _requested_status(request: Any) -> Status:
+    """The status an operator asked for, with its parameters checked (InputError)."""
+    if not request.account:
+        raise InputError("account is required")
+    try:
+        status = Status(request.status)
+    except ValueError as exc:
+        raise InputError(f"status must be one of {', '.join(k.value for k in Status)}") from exc
+    if status is Status.THROTTLED and not 0 < request.factor < 1:
+        raise InputError("throttled needs a factor in (0, 1), e.g. 0.1")
+    if status is Status.CHALLENGED and not 1 <= request.difficulty <= MAX_DIFFICULTY:
+        raise InputError(f"challenged needs a difficulty of 1..{MAX_DIFFICULTY} bits")
+    return status
