@@ -6,9 +6,11 @@ Release protocol (docs/key-broker.md):
 2. The enclave makes evidence whose REPORT_DATA binds that nonce, its TLS key, its
    workload manifest and its HPKE public key, and calls ``release(key_id, evidence)``.
 3. The broker parses the evidence, redeems its nonce (used up whatever follows),
-   finds the live key and its policy, verifies the evidence against the key's trusted
-   roots and policy (``verify_evidence_at_time``: chain, nonce, binding, policy) and
-   seals the data key to the evidence's HPKE public key (RFC 9180, ``key_wrap``).
+   verifies it against every root it has (``verify_evidence_at_time``: chain, nonce,
+   binding, and for TDX its collateral) before it looks at the key id, then finds the
+   live key, checks that the key trusts the root the evidence chains to and that the
+   claims pass the key's policy, and seals the data key to the evidence's HPKE public
+   key (RFC 9180, ``key_wrap``).
 
 Every release and refusal is logged on ``sealserve.broker`` with the key id, the peer
 and, for a refusal, the reason. The caller of a refused release learns only
@@ -23,13 +25,17 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 
 from sealserve.attestation.claims import Claims, Platform, Policy
 from sealserve.attestation.evidence import Evidence, verify_evidence_at_time
 from sealserve.attestation.policy import policy_from_toml
 from sealserve.attestation.snp_certs import TrustedRoots
+from sealserve.attestation.tdx import quote_fmspc
+from sealserve.attestation.tdx_collateral import TdxCollateral
 from sealserve.broker.completeness import ROOT_FOR_PLATFORM, require_complete
 from sealserve.broker.nonces import NonceBook, NonceExpired, NonceUnknown
+from sealserve.broker.pccs import PccsClient
 from sealserve.broker.store import (
     DATA_KEY_LEN,
     ROOT_SIMULATED,
@@ -46,13 +52,14 @@ from sealserve.errors import (
     InputError,
     KeyReleaseError,
     NotFoundError,
+    UnavailableError,
+    quote,
 )
 
 log = logging.getLogger("sealserve.broker")
 
 REFUSED_MESSAGE = "key release refused"
 _POLICY_CACHE = 1024
-_LOGGED_ID = 256  # longest key id quoted in the log (ids come from unauthenticated callers)
 
 
 class _Refusal(Exception):
@@ -93,9 +100,11 @@ class _Captured:
 class KeyBroker:
     """Holds the store, the nonce book and the trusted roots; one per broker process.
 
-    ``roots`` maps root names ("amd", and "unsafe-simulated" only when configured) to
-    TrustedRoots. ``clock`` (seconds since the epoch) is the time evidence is
-    verified at.
+    ``roots`` maps root names ("amd", "intel", and "unsafe-simulated" only when
+    configured) to TrustedRoots. ``clock`` (seconds since the epoch) is the time
+    evidence is verified at. TDX evidence is always judged with collateral: the
+    evidence's own, else ``tdx_collateral_dir``'s file for the quote's FMSPC, else what
+    ``pccs`` fetches; without complete, verified collateral it is refused.
     """
 
     def __init__(
@@ -105,8 +114,12 @@ class KeyBroker:
         nonces: NonceBook,
         roots: Mapping[str, TrustedRoots],
         clock: Callable[[], float] = time.time,
+        tdx_collateral_dir: Path | None = None,
+        pccs: PccsClient | None = None,
     ) -> None:
         self.store = store
+        self._tdx_collateral_dir = tdx_collateral_dir
+        self._pccs = pccs
         self.nonces = nonces
         self._roots = dict(roots)
         # Evidence is verified against all of them before the key is looked up (one cost
@@ -146,7 +159,7 @@ class KeyBroker:
         no policy, untrusted root, failed policy, unusable HPKE key); the reason is
         logged only.
         """
-        logged_id = key_id[:_LOGGED_ID] if isinstance(key_id, str) else type(key_id).__name__
+        logged_id = quote(key_id)
         try:
             sealed, record, ev, detail = self._release(key_id, evidence)
         except Exception as exc:  # every failure is the same refusal to the caller
@@ -156,7 +169,7 @@ class KeyBroker:
                 else _Refusal(f"unexpected {type(exc).__name__}: {exc}", "internal")
             )
             log.warning(
-                "key release refused: key_id=%r peer=%s check=%s reason=%s",
+                "key release refused: key_id=%s peer=%s check=%s reason=%s",
                 logged_id,
                 peer,
                 refusal.check,
@@ -214,21 +227,30 @@ class KeyBroker:
             raise _Refusal(str(exc), "nonce_unknown_or_replayed") from exc
         except NonceExpired as exc:
             raise _Refusal(str(exc), "nonce_expired") from exc
-        # 3. verify it against every root this broker has (chain, nonce, binding);
-        #    which root it chains to is a claim that the key's roots decide on (4).
+        # 3. verify it against every root this broker has (chain, nonce, binding, and
+        #    for TDX its collateral); which root it chains to is a claim that the key's
+        #    roots decide on (4).
         now = datetime.fromtimestamp(self._clock(), UTC)
         captured = _Captured()
         try:
+            collateral = self._tdx_collateral(evidence)
             verify_evidence_at_time(
                 evidence,
                 policy=captured,
                 roots=self._all_roots,
                 expected_nonce=evidence.nonce,
                 now=now,
+                tdx_collateral=collateral,
             )
         except AttestationError as exc:
             raise _Refusal(exc.message, exc.check or type(exc).__name__) from exc
         claims = captured.claims
+        if claims.platform is Platform.TDX and claims.fields.get("collateral_verified") is not True:
+            raise _Refusal(
+                "TDX evidence without complete, verified collateral (the broker always "
+                "evaluates it: send it in the evidence or set tdx_collateral_dir)",
+                "collateral",
+            )
         # 4. the key, its roots and its policy
         record = self.store.get(key_id) if isinstance(key_id, str) else None
         if record is None or record.revoked or not record.policy_toml:
@@ -236,9 +258,9 @@ class KeyBroker:
             # take as long as one by a key's policy (bench/bench_refusal_timing.py).
             self._decoy(claims)
         if record is None:
-            raise _Refusal(f"unknown key id {key_id[:_LOGGED_ID]!r}", "unknown_key")
+            raise _Refusal(f"unknown key id {quote(key_id)}", "unknown_key")
         if record.revoked:
-            raise _Refusal(f"key id {key_id!r} is revoked", "revoked_key")
+            raise _Refusal(f"key id {quote(key_id)} is revoked", "revoked_key")
         if not record.policy_toml:
             raise _Refusal("the key has no release policy (default deny)", "no_policy")
         root = ROOT_FOR_PLATFORM[claims.platform]
@@ -269,6 +291,29 @@ class KeyBroker:
         measurement = claims.measurements.get("measurement", b"")
         detail = f"measurement={measurement.hex()}" if measurement else ""
         return sealed, record, evidence, detail
+
+    def _tdx_collateral(self, evidence: Evidence) -> TdxCollateral | None:
+        """The cache's collateral for a TDX quote that brought none of its own; a TDX
+        quote with neither is refused here, before anything else is spent on it."""
+        if evidence.platform is not Platform.TDX or evidence.certs:
+            return None
+        found = None
+        if self._tdx_collateral_dir is not None or self._pccs is not None:
+            fmspc = quote_fmspc(evidence.report)
+            if self._tdx_collateral_dir is not None:
+                found = TdxCollateral.from_cache_dir(self._tdx_collateral_dir, fmspc)
+            if found is None and self._pccs is not None:
+                try:
+                    found = self._pccs.collateral(fmspc, evidence.report)
+                except UnavailableError as exc:
+                    raise _Refusal(exc.message, "collateral_fetch") from exc
+        if found is None:
+            raise _Refusal(
+                "TDX evidence without collateral, and none cached for its FMSPC (the broker "
+                "always evaluates TDX collateral)",
+                "collateral",
+            )
+        return found
 
     # -- administration ---------------------------------------------------------
 
@@ -327,7 +372,7 @@ class KeyBroker:
         if checked is None:
             current = self.store.get(key_id) if isinstance(key_id, str) else None
             if current is None or current.revoked:
-                raise NotFoundError(f"no live key with id {str(key_id)[:_LOGGED_ID]!r}")
+                raise NotFoundError(f"no live key with id {quote(key_id)}")
             effective = current.roots
         else:
             effective = checked

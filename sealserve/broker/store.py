@@ -36,6 +36,7 @@ from sealserve.errors import (
     NotFoundError,
     SealedFormatError,
     UnavailableError,
+    quote,
 )
 
 MAGIC = b"SEALKBRK"
@@ -192,7 +193,9 @@ class KeyStore:
             raise InputError(f"a data key must be {DATA_KEY_LEN} bytes, got {len(key)}")
         with self._lock:
             if key_id in self._records:
-                raise InputError(f"key id {key_id!r} already exists (key ids are never reused)")
+                raise InputError(
+                    f"key id {quote(key_id)} already exists (key ids are never reused)"
+                )
             now = self._clock()
             record = KeyRecord(key_id, bytes(key), policy_toml, roots, False, now, now)
             self._commit({**self._records, key_id: record})
@@ -220,7 +223,7 @@ class KeyStore:
     def _live(self, key_id: str) -> KeyRecord:
         record = self._records.get(key_id)
         if record is None or record.revoked:
-            raise NotFoundError(f"no live key with id {key_id!r}")
+            raise NotFoundError(f"no live key with id {quote(key_id)}")
         return record
 
     def _commit(self, records: dict[str, KeyRecord]) -> None:

@@ -196,7 +196,7 @@ async def _demo(args: argparse.Namespace) -> int:
                 manifest_digest=expected.digest(),
             )
         )
-        roots = TrustedRoots.amd() + TrustedRoots.from_dir(work / "platform")
+        roots = TrustedRoots.vendors() + TrustedRoots.from_dir(work / "platform")
         target = f"127.0.0.1:{port}"
         x, y = demo.holdout()
         n = max(1, min(args.requests, len(x)))

@@ -91,7 +91,8 @@ def test_every_refusal_is_the_same_for_existing_and_unknown_key_ids(
     stub = broker_pb2_grpc.KeyBrokerStub(channel)
     outcomes: dict[tuple[str, str], tuple[grpc.StatusCode, str]] = {}
     with channel, caplog.at_level(logging.INFO, logger="sealserve.broker"):
-        for name, make in _tampered(stub, SimulatedPlatform(sim_root), hpke_key).items():
+        cases = _tampered(stub, SimulatedPlatform(sim_root), hpke_key)
+        for name, make in cases.items():
             for key_id in ("real", "no-such-key", "x" * 300):
                 outcomes[(name, key_id[:20])] = _refused(stub, key_id, make())
     assert len(outcomes) == 21
@@ -102,7 +103,12 @@ def test_every_refusal_is_the_same_for_existing_and_unknown_key_ids(
     # the evidence is verified before the key id is looked at.
     checks = {r.check for r in refusals}
     assert "unknown_key" not in checks
-    assert "report_data_binding" in checks or "quote" in " ".join(checks)
+    # Each broken evidence fails the same check for the existing and the unknown ids.
+    by_case = [{r.check for r in refusals[i : i + 3]} for i in range(0, 21, 3)]
+    assert all(len(case) == 1 for case in by_case), by_case
+    # The TD's quote came without collateral: refused for that (the broker always
+    # evaluates TDX collateral), still before any key id is looked at.
+    assert by_case[list(cases).index("other_tdx_workload")] == {"collateral"}
     assert all(r.reason for r in refusals)
 
 
