@@ -14,6 +14,8 @@ ensure_os_packages() {
   local missing=()
   command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
   command -v curl >/dev/null 2>&1 || missing+=(curl)
+  # cpio: deploy/measured-image/build.sh packs the initramfs (tests/deploy).
+  command -v cpio >/dev/null 2>&1 || missing+=(cpio)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing OS packages: ${missing[*]}"
     as_root apt-get update -qq

@@ -15,7 +15,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x0c\x62roker.proto\x12\x0csealserve.v1\"\x15\n\x13GetChallengeRequest\":\n\x14GetChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"5\n\x11ReleaseKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\"f\n\x12ReleaseKeyResponse\x12\x0e\n\x06kem_id\x18\x01 \x01(\r\x12\x0e\n\x06kdf_id\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x65\x61\x64_id\x18\x03 \x01(\r\x12\x0b\n\x03\x65nc\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\"b\n\rAddKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x10\n\x08generate\x18\x03 \x01(\x08\x12\x13\n\x0bpolicy_toml\x18\x04 \x01(\t\x12\r\n\x05roots\x18\x05 \x03(\t\"7\n\x0e\x41\x64\x64KeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x15\n\rgenerated_key\x18\x02 \x01(\x0c\"F\n\x10SetPolicyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_toml\x18\x02 \x01(\t\x12\r\n\x05roots\x18\x03 \x03(\t\"\x13\n\x11SetPolicyResponse\"\x11\n\x0fListKeysRequest\"v\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_toml\x18\x02 \x01(\t\x12\r\n\x05roots\x18\x03 \x03(\t\x12\x0f\n\x07revoked\x18\x04 \x01(\x08\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\"7\n\x10ListKeysResponse\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x15.sealserve.v1.KeyInfo\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x13\n\x11RevokeKeyResponse2\xeb\x03\n\tKeyBroker\x12W\n\x0cGetChallenge\x12!.sealserve.v1.GetChallengeRequest\x1a\".sealserve.v1.GetChallengeResponse\"\x00\x12Q\n\nReleaseKey\x12\x1f.sealserve.v1.ReleaseKeyRequest\x1a .sealserve.v1.ReleaseKeyResponse\"\x00\x12\x45\n\x06\x41\x64\x64Key\x12\x1b.sealserve.v1.AddKeyRequest\x1a\x1c.sealserve.v1.AddKeyResponse\"\x00\x12N\n\tSetPolicy\x12\x1e.sealserve.v1.SetPolicyRequest\x1a\x1f.sealserve.v1.SetPolicyResponse\"\x00\x12K\n\x08ListKeys\x12\x1d.sealserve.v1.ListKeysRequest\x1a\x1e.sealserve.v1.ListKeysResponse\"\x00\x12N\n\tRevokeKey\x12\x1e.sealserve.v1.RevokeKeyRequest\x1a\x1f.sealserve.v1.RevokeKeyResponse\"\x00\x62\x06proto3')
+DESCRIPTOR = _POOL.AddSerializedFile(b'\n\x0c\x62roker.proto\x12\x0csealserve.v1\"\x15\n\x13GetChallengeRequest\":\n\x14GetChallengeResponse\x12\r\n\x05nonce\x18\x01 \x01(\x0c\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"5\n\x11ReleaseKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x10\n\x08\x65vidence\x18\x02 \x01(\x0c\"f\n\x12ReleaseKeyResponse\x12\x0e\n\x06kem_id\x18\x01 \x01(\r\x12\x0e\n\x06kdf_id\x18\x02 \x01(\r\x12\x0f\n\x07\x61\x65\x61\x64_id\x18\x03 \x01(\r\x12\x0b\n\x03\x65nc\x18\x04 \x01(\x0c\x12\x12\n\nciphertext\x18\x05 \x01(\x0c\"\x8a\x01\n\rAddKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x10\n\x08generate\x18\x03 \x01(\x08\x12\x13\n\x0bpolicy_toml\x18\x04 \x01(\t\x12\r\n\x05roots\x18\x05 \x03(\t\x12&\n\x1eunsafe_allow_incomplete_policy\x18\x06 \x01(\x08\"7\n\x0e\x41\x64\x64KeyResponse\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x15\n\rgenerated_key\x18\x02 \x01(\x0c\"n\n\x10SetPolicyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_toml\x18\x02 \x01(\t\x12\r\n\x05roots\x18\x03 \x03(\t\x12&\n\x1eunsafe_allow_incomplete_policy\x18\x04 \x01(\x08\"\x13\n\x11SetPolicyResponse\"\x11\n\x0fListKeysRequest\"v\n\x07KeyInfo\x12\x0e\n\x06key_id\x18\x01 \x01(\t\x12\x13\n\x0bpolicy_toml\x18\x02 \x01(\t\x12\r\n\x05roots\x18\x03 \x03(\t\x12\x0f\n\x07revoked\x18\x04 \x01(\x08\x12\x12\n\ncreated_at\x18\x05 \x01(\x01\x12\x12\n\nupdated_at\x18\x06 \x01(\x01\"7\n\x10ListKeysResponse\x12#\n\x04keys\x18\x01 \x03(\x0b\x32\x15.sealserve.v1.KeyInfo\"\"\n\x10RevokeKeyRequest\x12\x0e\n\x06key_id\x18\x01 \x01(\t\"\x13\n\x11RevokeKeyResponse2\xeb\x03\n\tKeyBroker\x12W\n\x0cGetChallenge\x12!.sealserve.v1.GetChallengeRequest\x1a\".sealserve.v1.GetChallengeResponse\"\x00\x12Q\n\nReleaseKey\x12\x1f.sealserve.v1.ReleaseKeyRequest\x1a .sealserve.v1.ReleaseKeyResponse\"\x00\x12\x45\n\x06\x41\x64\x64Key\x12\x1b.sealserve.v1.AddKeyRequest\x1a\x1c.sealserve.v1.AddKeyResponse\"\x00\x12N\n\tSetPolicy\x12\x1e.sealserve.v1.SetPolicyRequest\x1a\x1f.sealserve.v1.SetPolicyResponse\"\x00\x12K\n\x08ListKeys\x12\x1d.sealserve.v1.ListKeysRequest\x1a\x1e.sealserve.v1.ListKeysResponse\"\x00\x12N\n\tRevokeKey\x12\x1e.sealserve.v1.RevokeKeyRequest\x1a\x1f.sealserve.v1.RevokeKeyResponse\"\x00\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -30,24 +30,24 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_RELEASEKEYREQUEST']._serialized_end=166
   _globals['_RELEASEKEYRESPONSE']._serialized_start=168
   _globals['_RELEASEKEYRESPONSE']._serialized_end=270
-  _globals['_ADDKEYREQUEST']._serialized_start=272
-  _globals['_ADDKEYREQUEST']._serialized_end=370
-  _globals['_ADDKEYRESPONSE']._serialized_start=372
-  _globals['_ADDKEYRESPONSE']._serialized_end=427
-  _globals['_SETPOLICYREQUEST']._serialized_start=429
-  _globals['_SETPOLICYREQUEST']._serialized_end=499
-  _globals['_SETPOLICYRESPONSE']._serialized_start=501
-  _globals['_SETPOLICYRESPONSE']._serialized_end=520
-  _globals['_LISTKEYSREQUEST']._serialized_start=522
-  _globals['_LISTKEYSREQUEST']._serialized_end=539
-  _globals['_KEYINFO']._serialized_start=541
-  _globals['_KEYINFO']._serialized_end=659
-  _globals['_LISTKEYSRESPONSE']._serialized_start=661
-  _globals['_LISTKEYSRESPONSE']._serialized_end=716
-  _globals['_REVOKEKEYREQUEST']._serialized_start=718
-  _globals['_REVOKEKEYREQUEST']._serialized_end=752
-  _globals['_REVOKEKEYRESPONSE']._serialized_start=754
-  _globals['_REVOKEKEYRESPONSE']._serialized_end=773
-  _globals['_KEYBROKER']._serialized_start=776
-  _globals['_KEYBROKER']._serialized_end=1267
+  _globals['_ADDKEYREQUEST']._serialized_start=273
+  _globals['_ADDKEYREQUEST']._serialized_end=411
+  _globals['_ADDKEYRESPONSE']._serialized_start=413
+  _globals['_ADDKEYRESPONSE']._serialized_end=468
+  _globals['_SETPOLICYREQUEST']._serialized_start=470
+  _globals['_SETPOLICYREQUEST']._serialized_end=580
+  _globals['_SETPOLICYRESPONSE']._serialized_start=582
+  _globals['_SETPOLICYRESPONSE']._serialized_end=601
+  _globals['_LISTKEYSREQUEST']._serialized_start=603
+  _globals['_LISTKEYSREQUEST']._serialized_end=620
+  _globals['_KEYINFO']._serialized_start=622
+  _globals['_KEYINFO']._serialized_end=740
+  _globals['_LISTKEYSRESPONSE']._serialized_start=742
+  _globals['_LISTKEYSRESPONSE']._serialized_end=797
+  _globals['_REVOKEKEYREQUEST']._serialized_start=799
+  _globals['_REVOKEKEYREQUEST']._serialized_end=833
+  _globals['_REVOKEKEYRESPONSE']._serialized_start=835
+  _globals['_REVOKEKEYRESPONSE']._serialized_end=854
+  _globals['_KEYBROKER']._serialized_start=857
+  _globals['_KEYBROKER']._serialized_end=1348
 # @@protoc_insertion_point(module_scope)

@@ -41,18 +41,20 @@ class ReleaseKeyResponse(_message.Message):
     def __init__(self, kem_id: _Optional[int] = ..., kdf_id: _Optional[int] = ..., aead_id: _Optional[int] = ..., enc: _Optional[bytes] = ..., ciphertext: _Optional[bytes] = ...) -> None: ...
 
 class AddKeyRequest(_message.Message):
-    __slots__ = ("key_id", "key", "generate", "policy_toml", "roots")
+    __slots__ = ("key_id", "key", "generate", "policy_toml", "roots", "unsafe_allow_incomplete_policy")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     GENERATE_FIELD_NUMBER: _ClassVar[int]
     POLICY_TOML_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
+    UNSAFE_ALLOW_INCOMPLETE_POLICY_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     key: bytes
     generate: bool
     policy_toml: str
     roots: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key_id: _Optional[str] = ..., key: _Optional[bytes] = ..., generate: _Optional[bool] = ..., policy_toml: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ...) -> None: ...
+    unsafe_allow_incomplete_policy: bool
+    def __init__(self, key_id: _Optional[str] = ..., key: _Optional[bytes] = ..., generate: _Optional[bool] = ..., policy_toml: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., unsafe_allow_incomplete_policy: _Optional[bool] = ...) -> None: ...
 
 class AddKeyResponse(_message.Message):
     __slots__ = ("key_id", "generated_key")
@@ -63,14 +65,16 @@ class AddKeyResponse(_message.Message):
     def __init__(self, key_id: _Optional[str] = ..., generated_key: _Optional[bytes] = ...) -> None: ...
 
 class SetPolicyRequest(_message.Message):
-    __slots__ = ("key_id", "policy_toml", "roots")
+    __slots__ = ("key_id", "policy_toml", "roots", "unsafe_allow_incomplete_policy")
     KEY_ID_FIELD_NUMBER: _ClassVar[int]
     POLICY_TOML_FIELD_NUMBER: _ClassVar[int]
     ROOTS_FIELD_NUMBER: _ClassVar[int]
+    UNSAFE_ALLOW_INCOMPLETE_POLICY_FIELD_NUMBER: _ClassVar[int]
     key_id: str
     policy_toml: str
     roots: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, key_id: _Optional[str] = ..., policy_toml: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ...) -> None: ...
+    unsafe_allow_incomplete_policy: bool
+    def __init__(self, key_id: _Optional[str] = ..., policy_toml: _Optional[str] = ..., roots: _Optional[_Iterable[str]] = ..., unsafe_allow_incomplete_policy: _Optional[bool] = ...) -> None: ...
 
 class SetPolicyResponse(_message.Message):
     __slots__ = ()

@@ -285,15 +285,23 @@ def _to_bytes(value: bytes | str, *, what: str) -> bytes:
         raise ConfigError(f"{what}: {value!r} is not hex") from exc
 
 
+def _starter_tcb() -> MinimumTcb:
+    from sealserve.attestation.launch import STARTER_MIN_TCB
+
+    return MinimumTcb(**STARTER_MIN_TCB)
+
+
 DEFAULT_POLICY: Policy = AllOf(
     [
         PlatformIn(REAL_PLATFORMS),
         DebugDisallowed(),
         OnPlatforms(SNP_PLATFORMS, MigrationAgentDisallowed()),
+        OnPlatforms(frozenset({Platform.SEV_SNP}), _starter_tcb()),
     ]
 )
 """Real TEEs only (simulated evidence is refused), no debug guests, no SEV-SNP
-migration agent. It pins no measurement: deployments add their reference values."""
+migration agent, a SEV-SNP TCB floor (``launch.STARTER_MIN_TCB``). It pins no
+measurement: deployments add their reference values."""
 
 
 # --- the TOML file: table-driven ------------------------------------------------------
@@ -465,11 +473,13 @@ POLICY_FORMAT_VERSION = 1
 def policy_from_toml(text: str) -> Policy:
     """Build a policy from the TOML format of docs/attestation-policy.md.
 
-    Top-level defaults (when a key is absent): ``platforms = ["sev-snp", "tdx"]``,
-    ``allow_debug = false``, ``[sev-snp] allow_migration_agent = false``. Each
-    ``[[any_of]]`` entry is a rule table; at least one must pass. In a table that has
-    platform sections (``[sev-snp]``, ``[tdx]``), claims are judged by their own
-    platform's section and refused when it has none (:class:`PlatformSections`).
+    Top-level defaults (when a key is absent): ``platforms = ["sev-snp", "tdx"]`` unless
+    ``unsafe_allow_simulated`` is given (then the simulated platform only: naming it
+    never opens the real platforms too), ``allow_debug = false``,
+    ``[sev-snp] allow_migration_agent = false``. Each ``[[any_of]]`` entry is a rule
+    table; at least one must pass. In a table that has platform sections
+    (``[sev-snp]``, ``[tdx]``), claims are judged by their own platform's section and
+    refused when it has none (:class:`PlatformSections`).
 
     Raises ConfigError naming the offending key on bad TOML, unknown keys or bad values.
     """
@@ -480,7 +490,9 @@ def policy_from_toml(text: str) -> Policy:
     version = doc.get("version", POLICY_FORMAT_VERSION)
     if version != POLICY_FORMAT_VERSION:
         raise ConfigError(f"policy: unsupported version {version!r} (this sealserve reads 1)")
-    defaults = {"platforms": sorted(p.value for p in REAL_PLATFORMS), "allow_debug": False}
+    defaults: dict[str, Any] = {"allow_debug": False}
+    if "unsafe_allow_simulated" not in doc:
+        defaults["platforms"] = sorted(p.value for p in REAL_PLATFORMS)
     top = {**defaults, **{k: v for k, v in doc.items() if k != "any_of"}}
     # The migration-agent default is its own rule: it must not make a [sev-snp] section
     # appear, which would refuse every platform without one.

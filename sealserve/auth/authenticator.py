@@ -36,8 +36,8 @@ from typing import Any
 
 import jwt
 
-from sealserve.auth.keys import JwksSource, source_for_issuer_settings
-from sealserve.auth.principal import SCOPES, Principal
+from sealserve.auth.keys import JwksSource, attested_key_record, source_for_issuer_settings
+from sealserve.auth.principal import SCOPE_ADMIN, SCOPES, Principal
 from sealserve.auth.revocation import FileRevocationList, InMemoryRevocationList, RevocationList
 from sealserve.auth.settings import AuthSettings
 from sealserve.errors import AuthenticationError, ConfigError, PermissionDeniedError, quote
@@ -143,6 +143,8 @@ class Authenticator:
         self._clock = clock
         self._cache = _TokenCache(settings.cache_max_entries)
         self._algorithms = frozenset(settings.algorithms)
+        # Issuer -> thumbprints that may sign `admin` tokens; pinned by start().
+        self._admin_keys: dict[str, frozenset[str]] = {}
 
     @classmethod
     def from_settings(
@@ -176,6 +178,25 @@ class Authenticator:
         """
         for source in self._sources.values():
             source.start()
+        # The keys admin tokens may be signed with: those held at start, which the
+        # workload manifest records (attested_keys); a key added to the JWKS file later
+        # verifies other scopes but never `admin`.
+        self._admin_keys = {
+            iss: frozenset(entry.get("thumbprints", ()))
+            for iss, entry in attested_key_record(self._sources).items()
+            if entry["admin"]
+        }
+
+    def attested_keys(self) -> dict[str, Any]:
+        """The token-key record for the workload manifest (pinned at :meth:`start`)."""
+        return {
+            iss: (
+                {**entry, "thumbprints": sorted(self._admin_keys.get(iss, ()))}
+                if entry["admin"]
+                else entry
+            )
+            for iss, entry in attested_key_record(self._sources).items()
+        }
 
     def close(self) -> None:
         """Stop background refreshes. Idempotent."""
@@ -344,13 +365,15 @@ class Authenticator:
         nbf = _numeric(claims, "nbf")
         assert exp is not None and iat is not None  # required above
         self._check_times(exp, nbf, iat, now)
-        principal = self._principal_from_claims(claims, iss, exp)
+        principal = self._principal_from_claims(claims, iss, exp, key.fingerprint)
         cached_until = min(
             exp + self.settings.leeway_seconds, now + self.settings.cache_ttl_seconds
         )
         return _Verified(principal, source, kid, key.fingerprint, exp, nbf, iat, cached_until)
 
-    def _principal_from_claims(self, claims: Mapping[str, Any], iss: str, exp: float) -> Principal:
+    def _principal_from_claims(
+        self, claims: Mapping[str, Any], iss: str, exp: float, thumbprint: str
+    ) -> Principal:
         s = self.settings
         sub, jti = claims.get("sub"), claims.get("jti")
         if not isinstance(sub, str) or not sub:
@@ -374,6 +397,7 @@ class Authenticator:
             token_id=jti,
             expires_at=exp,
             issuer=iss,
+            key_thumbprint=thumbprint,
         )
 
     def _authorize(self, principal: Principal, required_scope: str) -> None:
@@ -408,4 +432,16 @@ class Authenticator:
                 f"token lacks the {required_scope!r} scope this call requires",
                 log_detail=f"account {quote(principal.account)} lacks scope {required_scope!r}",
                 remedy=f"Ask the operator for a token with the {required_scope!r} scope.",
+            )
+        if required_scope == SCOPE_ADMIN and principal.key_thumbprint not in self._admin_keys.get(
+            principal.issuer, frozenset()
+        ):
+            raise PermissionDeniedError(
+                "the key that signed this token is not among the attested token keys: "
+                "it may not use the 'admin' scope",
+                log_detail=f"account {principal.account!r}: admin token signed by key "
+                f"{principal.key_thumbprint!r} of {principal.issuer!r}, which is not in the "
+                "set pinned at start (added later, or a jwks_url issuer)",
+                remedy="Sign admin tokens with a key that was in the JWKS file when the "
+                "server started (restart it to attest a new key).",
             )

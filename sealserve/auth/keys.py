@@ -26,7 +26,7 @@ import threading
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +177,10 @@ class JwksSource:
     def get(self, kid: str) -> VerificationKey | None:
         """The current key for ``kid``, or ``None``."""
         return self._keys.get(kid)
+
+    def thumbprints(self) -> frozenset[str]:
+        """RFC 7638 thumbprints of the keys held now."""
+        return frozenset(k.fingerprint for k in self._keys.values())
 
     def kids(self) -> frozenset[str]:
         """The ``kid`` of every current key."""
@@ -439,6 +443,41 @@ class UrlJwksSource(JwksSource):
         thread, self._thread = self._thread, None
         if thread is not None:
             thread.join(timeout=self._timeout + 1)
+
+
+def attested_key_record(sources: Mapping[str, JwksSource]) -> dict[str, Any]:
+    """The token keys as the workload manifest records them, by issuer: a file or
+    in-memory JWKS is pinned (its thumbprints, trusted for every scope, ``admin``
+    included); a URL issuer's keys change without the workload's knowledge, so it is
+    trusted for the other scopes only (``admin: false``, no thumbprints)."""
+    out: dict[str, Any] = {}
+    for issuer in sorted(sources):
+        source = sources[issuer]
+        if isinstance(source, UrlJwksSource):
+            out[issuer] = {"source": "url", "admin": False}
+        else:
+            out[issuer] = {
+                "source": "file" if isinstance(source, FileJwksSource) else "static",
+                "admin": True,
+                "thumbprints": sorted(source.thumbprints()),
+            }
+    return out
+
+
+def attested_key_record_for(issuers: Iterable[IssuerSettings]) -> dict[str, Any]:
+    """:func:`attested_key_record` of configured issuers, reading their JWKS files now
+    (URL issuers are not fetched: their record has no keys). What ``sealserve
+    measure`` expects a server started with these files to attest. Raises ConfigError
+    for a missing or empty JWKS file."""
+    sources: dict[str, JwksSource] = {}
+    for issuer in issuers:
+        source = source_for_issuer_settings(
+            issuer, refresh=300.0, min_refresh=30.0, timeout=3.0, max_stale=86_400.0
+        )
+        if isinstance(source, FileJwksSource):
+            source.start()
+        sources[issuer.issuer] = source
+    return attested_key_record(sources)
 
 
 def source_for_issuer_settings(

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 SCOPE_INFER = "infer"
 SCOPE_METADATA = "metadata"
@@ -20,6 +20,7 @@ class Principal:
     ``account`` is the token's ``sub``; ``token_id`` its ``jti``; ``expires_at`` its
     ``exp`` (seconds since the epoch); ``issuer`` its ``iss``. ``scopes`` holds every
     scope the token carries (unknown ones included, so they can be logged).
+    ``key_thumbprint`` is the RFC 7638 thumbprint of the key that signed it.
     """
 
     account: str
@@ -29,6 +30,7 @@ class Principal:
     token_id: str
     expires_at: float
     issuer: str
+    key_thumbprint: str = field(default="", compare=False)
 
     def has_scope(self, scope: str) -> bool:
         """True when the token carries ``scope``."""

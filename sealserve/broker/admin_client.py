@@ -108,6 +108,7 @@ class BrokerAdmin:
         *,
         policy_toml: str = "",
         roots: Iterable[str] = (),
+        unsafe_allow_incomplete_policy: bool = False,
     ) -> bytes | None:
         """Deposit ``key`` (or, with None, have the broker generate one, returned once).
 
@@ -122,16 +123,29 @@ class BrokerAdmin:
                 generate=key is None,
                 policy_toml=policy_toml,
                 roots=list(roots),
+                unsafe_allow_incomplete_policy=unsafe_allow_incomplete_policy,
             ),
         )
         return bytes(response.generated_key) or None
 
-    def set_policy(self, key_id: str, policy_toml: str, *, roots: Iterable[str] = ()) -> None:
+    def set_policy(
+        self,
+        key_id: str,
+        policy_toml: str,
+        *,
+        roots: Iterable[str] = (),
+        unsafe_allow_incomplete_policy: bool = False,
+    ) -> None:
         """Replace a key's release policy (and roots when given). Raises as add_key,
         and NotFoundError for an unknown or revoked key."""
         self._call(
             "SetPolicy",
-            bpb.SetPolicyRequest(key_id=key_id, policy_toml=policy_toml, roots=list(roots)),
+            bpb.SetPolicyRequest(
+                key_id=key_id,
+                policy_toml=policy_toml,
+                roots=list(roots),
+                unsafe_allow_incomplete_policy=unsafe_allow_incomplete_policy,
+            ),
         )
 
     def list_keys(self) -> list[KeyInfo]:

@@ -90,6 +90,7 @@ class KeyBrokerServicer:
                     policy_toml=request.policy_toml,
                     roots=tuple(request.roots),
                     actor=actor,
+                    unsafe_allow_incomplete=request.unsafe_allow_incomplete_policy,
                 )
             )
 
@@ -108,6 +109,7 @@ class KeyBrokerServicer:
                     policy_toml=request.policy_toml,
                     roots=tuple(request.roots),
                     actor=actor,
+                    unsafe_allow_incomplete=request.unsafe_allow_incomplete_policy,
                 )
             )
 

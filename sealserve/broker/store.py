@@ -81,9 +81,10 @@ def check_policy(policy_toml: str) -> str:
 
 
 def check_roots(roots: Iterable[str], *, simulated_allowed: bool) -> tuple[str, ...]:
-    """Validate root names. Raises ConfigError for an unknown name, or for
-    ``unsafe-simulated`` when the broker has no simulated root configured."""
-    out = tuple(dict.fromkeys(roots)) or (ROOT_AMD,)
+    """Validate root names (no default: a key trusts the roots it names, and a key with
+    a release policy must name at least one). Raises ConfigError for an unknown name,
+    or for ``unsafe-simulated`` when the broker has no simulated root configured."""
+    out = tuple(dict.fromkeys(roots))
     for name in out:
         if name not in ROOT_NAMES:
             raise ConfigError(f"roots: unknown root {name!r} (choose from {', '.join(ROOT_NAMES)})")

@@ -75,8 +75,15 @@ def _policy_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
         action="append",
         default=[],
         choices=("amd", "intel", "unsafe-simulated"),
-        help="trusted root for this key (repeatable; default amd). 'unsafe-simulated' "
-        "needs the broker's unsafe_simulated_root_dir: development only",
+        help="trusted root for this key (repeatable, no default): amd for sev-snp, intel "
+        "for tdx, 'unsafe-simulated' for the simulated platform (needs the broker's "
+        "unsafe_simulated_root_dir: development only)",
+    )
+    p.add_argument(
+        "--unsafe-allow-incomplete-policy",
+        action="store_true",
+        help="UNSAFE: accept a policy that names no platform, no trusted root or no launch "
+        "measurement (such a key may be released to any guest of that platform)",
     )
 
 
@@ -159,7 +166,13 @@ def _add_key(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.key_file} holds key id {key.key_id!r}, not {args.key_id!r}")
     policy = read_policy(args.policy)
     with connect(args) as admin:
-        admin.add_key(args.key_id, key.key, policy_toml=policy, roots=args.root)
+        admin.add_key(
+            args.key_id,
+            key.key,
+            policy_toml=policy,
+            roots=args.root,
+            unsafe_allow_incomplete_policy=args.unsafe_allow_incomplete_policy,
+        )
     print(f"key {args.key_id!r} deposited" + ("" if policy else " (no policy yet: never released)"))
     return 0
 
@@ -167,7 +180,12 @@ def _add_key(args: argparse.Namespace) -> int:
 def _set_policy(args: argparse.Namespace) -> int:
     policy = read_policy(args.policy)
     with connect(args) as admin:
-        admin.set_policy(args.key_id, policy, roots=args.root)
+        admin.set_policy(
+            args.key_id,
+            policy,
+            roots=args.root,
+            unsafe_allow_incomplete_policy=args.unsafe_allow_incomplete_policy,
+        )
     print(f"policy of key {args.key_id!r} replaced")
     return 0
 

@@ -59,6 +59,7 @@ async def _demo(args: argparse.Namespace) -> int:
     from pydantic import SecretStr
 
     from sealserve import demo
+    from sealserve.attestation.launch import reference_policy
     from sealserve.attestation.policy import UnsafePolicyWarning, policy_from_toml
     from sealserve.attestation.snp_certs import TrustedRoots
     from sealserve.auth import TokenIssuer, generate_keypair
@@ -100,9 +101,11 @@ async def _demo(args: argparse.Namespace) -> int:
         encrypt_stream(src, dst, key=data_key, key_id=KEY_ID)
     _say("owner", f"encrypted the model as key '{KEY_ID}' (no plaintext in the repository)")
     code = code_digest()
-    release_policy = (
-        "version = 1\nunsafe_allow_simulated = true\n"
-        f'[sev-snp]\nmeasurement = ["{simulated_measurement(code).hex()}"]\n'
+    # The form `broker set-policy` accepts without any unsafe flag: the platform (the
+    # simulated one, trusted through the broker's explicitly configured local root),
+    # its launch measurement and a TCB floor (`sealserve measure --launch simulated`).
+    release_policy = reference_policy(
+        platform="simulated-sev-snp", measurement=simulated_measurement(code)
     )
     (work / "broker").mkdir()
     warnings.filterwarnings("ignore", message="UNSAFE: the key broker trusts the SIMULATED")
@@ -120,7 +123,7 @@ async def _demo(args: argparse.Namespace) -> int:
     await broker.start()
     (work / "broker-cert.pem").write_bytes(broker.cert_pem)
     _say("broker", f"holds '{KEY_ID}'; releases it only to evidence with the expected "
-                   "measurement, debug off")  # fmt: skip
+                   "launch measurement, TCB floor, debug off")  # fmt: skip
 
     # -- 2. the server, on the simulated platform, with defenses --
     auth = {
@@ -189,8 +192,11 @@ async def _demo(args: argparse.Namespace) -> int:
         )  # fmt: skip
         _say("auditor", f"expected manifest sha256 {expected.digest().hex()}")
         policy = policy_from_toml(
-            "version = 1\nunsafe_allow_simulated = true\n"
-            f'manifest_digests = ["{expected.digest().hex()}"]\n'
+            reference_policy(
+                platform="simulated-sev-snp",
+                measurement=simulated_measurement(code),
+                manifest_digest=expected.digest(),
+            )
         )
         roots = TrustedRoots.vendors() + TrustedRoots.from_dir(work / "platform")
         target = f"127.0.0.1:{port}"

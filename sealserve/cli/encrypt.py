@@ -53,7 +53,8 @@ def register(subparsers: Any) -> None:
         action="append",
         default=[],
         choices=("amd", "intel", "unsafe-simulated"),
-        help="trusted root for this key (repeatable; default amd)",
+        help="trusted root for this key (repeatable, no default; one per platform the "
+        "policy names: amd, intel, unsafe-simulated)",
     )
     parser.add_argument(
         "--chunk-size",

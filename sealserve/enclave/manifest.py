@@ -6,7 +6,9 @@ computes it from a build and a config so an auditor can reproduce the reference 
 
 Contents: the package version; the digest of the installed code; the effective config
 (secrets excluded) and its digest; each model's plaintext SHA-256 and key id; the
-defense profiles; process hardening; anything later layers add under ``extra``.
+defense profiles; process hardening; the runtime record (interpreter, distributions,
+loaded modules outside them, Python hooks: ``sealserve.enclave.runtime``); anything
+later layers add under ``extra``.
 """
 
 from __future__ import annotations
@@ -71,6 +73,8 @@ class WorkloadManifest:
     defenses: Mapping[str, Any] = field(default_factory=dict)
     hardening: Mapping[str, Any] = field(default_factory=dict)
     extra: Mapping[str, Any] = field(default_factory=dict)
+    # What the process runs beyond sealserve's package (sealserve.enclave.runtime).
+    runtime: Mapping[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
         config = dict(self.config)
@@ -84,6 +88,7 @@ class WorkloadManifest:
             "defenses": dict(self.defenses),
             "hardening": dict(self.hardening),
             "extra": dict(self.extra),
+            "runtime": dict(self.runtime),
         }
 
     def to_bytes(self) -> bytes:
@@ -112,6 +117,7 @@ class WorkloadManifest:
                 defenses=dict(obj.get("defenses", {})),
                 hardening=dict(obj.get("hardening", {})),
                 extra=dict(obj.get("extra", {})),
+                runtime=dict(obj.get("runtime", {})),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise EvidenceFormatError(

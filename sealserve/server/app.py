@@ -51,7 +51,13 @@ from sealserve.server.grpc.attestation_service import AttestationServicer
 from sealserve.server.grpc.audit_service import AuditServicer
 from sealserve.server.grpc.auth_interceptor import AuthenticatingRegistrar
 from sealserve.server.grpc.servicer import InferenceServicer
-from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
+from sealserve.server.manifest import (
+    build_manifest,
+    is_real_platform,
+    measure_entries,
+    runtime_json,
+    simulated_measurement,
+)
 from sealserve.server.metrics import Metrics
 from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import ModelEntry, scan_repository
@@ -300,6 +306,8 @@ class Server:
             code=code,
             hardening=self._hardening_json(),
             extra=extra,
+            runtime=runtime_json(s, real_platform=is_real_platform(self.platform)),
+            token_keys=self.authenticator.attested_keys() if self.authenticator else {},
         )
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
         # Every service registered through `protected` checks bearer tokens and scopes

@@ -7,7 +7,10 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from sealserve import __version__
+from sealserve.attestation.claims import Platform as PlatformKind
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
+from sealserve.enclave.platform import Platform
+from sealserve.enclave.runtime import check_hooks, record_runtime
 from sealserve.server.model_keys import EncryptedModelSource
 from sealserve.server.repository import ModelEntry
 from sealserve.server.settings import Settings
@@ -50,6 +53,26 @@ def measure_entries(entries: Iterable[ModelEntry]) -> list[ModelMeasurement]:
     return out
 
 
+def runtime_json(settings: Settings, *, real_platform: bool) -> dict[str, Any]:
+    """This process's runtime record for the manifest; on a real platform, refuses
+    (ConfigError) while a Python hook is present unless unsafe_allow_python_hooks."""
+    record = record_runtime()
+    allow = settings.unsafe_allow_python_hooks
+    check_hooks(record, real_platform=real_platform, unsafe_allow_python_hooks=allow)
+    return record.to_json(unsafe_allow_python_hooks=allow)
+
+
+def token_keys_for(settings: Settings) -> dict[str, Any]:
+    """The token-key record (thumbprints of file issuers' keys; URL issuers trusted for
+    no admin) for the configured issuers; {} without [auth]."""
+    auth = settings.auth_settings()
+    if auth is None:
+        return {}
+    from sealserve.auth.keys import attested_key_record_for
+
+    return attested_key_record_for(auth.issuers)
+
+
 def build_manifest(
     settings: Settings,
     models: Iterable[ModelMeasurement],
@@ -58,7 +81,19 @@ def build_manifest(
     defenses: Mapping[str, Any] | None = None,
     hardening: Mapping[str, Any] | None = None,
     extra: Mapping[str, Any] | None = None,
+    runtime: Mapping[str, Any] | None = None,
+    token_keys: Mapping[str, Any] | None = None,
 ) -> WorkloadManifest:
+    """The manifest; ``runtime`` defaults to this process's record (``measure``
+    reproduces a server's from the same installation and environment), ``token_keys``
+    to the record of the configured issuers' JWKS files as they are now (a server
+    passes its authenticator's, pinned at start)."""
+    if runtime is None:
+        runtime = runtime_json(settings, real_platform=False)
+    if token_keys is None:
+        token_keys = token_keys_for(settings)
+    if token_keys:
+        extra = {**(extra or {}), "token_keys": dict(token_keys)}
     return WorkloadManifest(
         sealserve_version=__version__,
         code_digest=code or code_digest(),
@@ -67,4 +102,10 @@ def build_manifest(
         defenses=dict(defenses or {}),
         hardening=dict(hardening or {}),
         extra={"hpke_kem": "X25519", **(extra or {})},
+        runtime=dict(runtime),
     )
+
+
+def is_real_platform(platform: Platform | None) -> bool:
+    """Evidence from this platform is a hardware TEE's (not simulated, not none)."""
+    return platform is not None and platform.kind is not PlatformKind.SIMULATED_SNP

@@ -182,6 +182,12 @@ class Settings(BaseSettings):
         default=False,
         description="Serve without authentication. Local experiments only; logged loudly.",
     )
+    unsafe_allow_python_hooks: bool = Field(
+        default=False,
+        description="Start on a real platform although PYTHONPATH, LD_PRELOAD, a "
+        "sitecustomize/usercustomize module or an executing .pth file is present (the "
+        "attested manifest then says so). Never in production.",
+    )
     public_liveness: bool = Field(
         default=True,
         description=(

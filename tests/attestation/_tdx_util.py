@@ -36,6 +36,14 @@ NOW_DCAP = datetime.datetime(2025, 6, 20, tzinfo=datetime.UTC)
 NOW_2026_02 = datetime.datetime(2026, 2, 10, tzinfo=datetime.UTC)
 
 
+def launch_policy(quote_bytes: bytes, *, extra: str = 'tcb_status = ["UpToDate"]\n') -> str:
+    """A complete TDX release policy (platform, MRTD and RTMR0..2) pinning ``quote_bytes``'s
+    launch measurement, as the broker accepts it (sealserve.broker.completeness)."""
+    td = TdxQuote.from_bytes(quote_bytes).td_report
+    pins = "".join(f'rtmr{i} = ["{td.rtmr[i].hex()}"]\n' for i in range(3))
+    return f'platforms = ["tdx"]\n[tdx]\nmrtd = ["{td.mrtd.hex()}"]\n{pins}{extra}'
+
+
 def raw(name: str) -> bytes:
     return (VECTORS / name).read_bytes()
 

@@ -186,8 +186,13 @@ def test_unsafe_allow_simulated_in_toml() -> None:
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         policy.verify(claims(platform=Platform.SIMULATED_SNP))
-        policy.verify(claims())  # real platforms still pass
+        # Naming the simulated platform does not open the real ones (issue trust-root:
+        # such a key policy released to any genuine TD); they must be named.
+        denies(policy, claims(), "sev-snp is not simulated")
         denies(policy, claims(platform=Platform.SIMULATED_SNP, debug=True), "DEBUG")
+        both = policy_from_toml('platforms = ["sev-snp"]\nunsafe_allow_simulated = true\n')
+        both.verify(claims())
+        both.verify(claims(platform=Platform.SIMULATED_SNP))
     assert any(w.category is UnsafePolicyWarning for w in caught)
 
 

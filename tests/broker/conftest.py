@@ -22,10 +22,14 @@ from sealserve.enclave.simulated import DEFAULT_MEASUREMENT
 
 ISSUER = "https://admin.example"
 MASTER_HEX = "11" * 32
-SIM_POLICY = "unsafe_allow_simulated = true\n"
+# The smallest policy set-policy accepts for the simulated platform: the platform, and
+# its launch measurement (with roots=["unsafe-simulated"] at the broker).
 PINNED_POLICY = (
     f'unsafe_allow_simulated = true\n[sev-snp]\nmeasurement = ["{DEFAULT_MEASUREMENT.hex()}"]\n'
 )
+SIM_POLICY = PINNED_POLICY
+# A complete policy for genuine SEV-SNP (roots=["amd"]).
+AMD_POLICY = f'platforms = ["sev-snp"]\n[sev-snp]\nmeasurement = ["{"ab" * 48}"]\n'
 
 
 @dataclass

@@ -81,7 +81,7 @@ def test_keys_survive_a_restart(start_broker: Callable[..., Running], tmp_path: 
     running = start_broker()
     key = generate_key()
     with running.admin() as admin:
-        admin.add_key("persist", key, policy_toml=SIM_POLICY)
+        admin.add_key("persist", key, policy_toml=SIM_POLICY, roots=["unsafe-simulated"])
     reopened = KeyStore.open(tmp_path / "keys.sealed", master_key=bytes.fromhex(MASTER_HEX))
     record = reopened.get("persist")
     assert record is not None and record.key == key and record.policy_toml == SIM_POLICY

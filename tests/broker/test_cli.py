@@ -15,7 +15,7 @@ from sealserve.cli.main import main
 from sealserve.enclave.key_release import fetch_model_key
 from sealserve.enclave.model_file import decrypt_to_bytes
 from sealserve.enclave.simulated import SimulatedPlatform
-from tests.broker.conftest import ISSUER, PINNED_POLICY, Running, admin_token
+from tests.broker.conftest import AMD_POLICY, ISSUER, PINNED_POLICY, Running, admin_token
 from tests.conftest import sealserve_cmd, sealserve_env
 
 pytestmark = [
@@ -111,13 +111,58 @@ def test_broker_add_key_and_set_policy_from_files(
     assert main(["broker", "add-key", "kf", "--key-file", str(keys / "kf.key"), *conn]) == 0
     assert "(no policy yet: never released)" in capsys.readouterr().out
     policy = tmp_path / "p.toml"
-    policy.write_text("platforms = ['sev-snp']\n")
-    assert main(["broker", "set-policy", "kf", "--policy", str(policy), *conn]) == 0
+    policy.write_text(AMD_POLICY)
+    assert (
+        main(["broker", "set-policy", "kf", "--policy", str(policy), "--root", "amd", *conn]) == 0
+    )
     record = running.broker.store.get("kf")
     assert record is not None and record.key == key.key and "sev-snp" in record.policy_toml
     policy.write_text("platforms = 3\n")
     assert main(["broker", "set-policy", "kf", "--policy", str(policy), *conn]) == 1
     assert "platforms" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("policy", "roots", "missing"),
+    [
+        ("manifest_digests = ['" + "00" * 32 + "']\n", ["amd"], "platforms: the policy names no"),
+        ("platforms = ['sev-snp']\n", ["amd"], "launch measurement: sev-snp needs [sev-snp]"),
+        (AMD_POLICY, [], "roots: sev-snp evidence needs the 'amd' root"),
+        (AMD_POLICY, ["unsafe-simulated"], "roots: sev-snp evidence needs the 'amd' root"),
+        (
+            "platforms = ['tdx']\n[tdx]\nmrtd = ['" + "11" * 48 + "']\n",
+            ["intel"],
+            "launch measurement: tdx needs [tdx] rtmr0, rtmr1, rtmr2",
+        ),
+        (
+            PINNED_POLICY.replace("[sev-snp]", "[tdx]").replace("measurement", "mrtd"),
+            ["unsafe-simulated"],
+            "launch measurement: simulated-sev-snp needs",
+        ),
+    ],
+)
+def test_set_policy_refuses_an_incomplete_policy_naming_the_missing_part(
+    start_broker: Callable[..., Running],
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    policy: str,
+    roots: list[str],
+    missing: str,
+) -> None:
+    running = start_broker()
+    conn = _conn(running, tmp_path)
+    running.broker.add_key("k", None, actor="test")
+    path = tmp_path / "p.toml"
+    path.write_text(policy)
+    root_args = [a for r in roots for a in ("--root", r)]
+    argv = ["broker", "set-policy", "k", "--policy", str(path), *root_args, *conn]
+    assert main(argv) == 1
+    err = capsys.readouterr().err
+    assert "release policy is incomplete" in err and missing in err
+    assert running.broker.store.get("k").policy_toml == ""  # type: ignore[union-attr]
+    # The named unsafe flag takes it, and the broker's log says UNSAFE.
+    assert main([*argv, "--unsafe-allow-incomplete-policy"]) == 0
+    assert running.broker.store.get("k").policy_toml == policy  # type: ignore[union-attr]
 
 
 def test_broker_serve_runs_as_a_process(

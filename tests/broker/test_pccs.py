@@ -21,13 +21,12 @@ from sealserve.attestation.claims import Platform
 from sealserve.attestation.evidence import Evidence
 from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.attestation.tdx import quote_fmspc, verify_tdx_at_time
-from sealserve.attestation.tdx_quote import TdxQuote
 from sealserve.broker.core import REFUSED_MESSAGE, KeyBroker
 from sealserve.broker.nonces import NonceBook
 from sealserve.broker.pccs import PccsClient
 from sealserve.broker.store import KeyStore
 from sealserve.errors import KeyReleaseError, UnavailableError
-from tests.attestation._tdx_util import DCAP_COLLATERAL, DCAP_QUOTE, NOW_DCAP
+from tests.attestation._tdx_util import DCAP_COLLATERAL, DCAP_QUOTE, NOW_DCAP, launch_policy
 
 DOC = json.loads(DCAP_COLLATERAL.read_text())
 QUOTE = DCAP_QUOTE.read_bytes()
@@ -119,7 +118,6 @@ def test_pccs_that_does_not_answer_is_unavailable() -> None:
 def test_broker_uses_the_pccs_for_a_td_without_collateral(
     pccs: str, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    mrtd = TdxQuote.from_bytes(QUOTE).td_report.mrtd.hex()
     store = KeyStore.open(tmp_path / "keys.sealed", master_key=secrets.token_bytes(32))
     broker = KeyBroker(
         store,
@@ -128,8 +126,7 @@ def test_broker_uses_the_pccs_for_a_td_without_collateral(
         clock=NOW_DCAP.timestamp,
         pccs=PccsClient(pccs, timeout=10),
     )
-    policy = f'platforms = ["tdx"]\n[tdx]\nmrtd = ["{mrtd}"]\ntcb_status = ["UpToDate"]\n'
-    broker.add_key("k", None, policy_toml=policy, roots=("intel",))
+    broker.add_key("k", None, policy_toml=launch_policy(QUOTE), roots=("intel",))
     evidence = Evidence(
         platform=Platform.TDX,
         report=QUOTE,

@@ -21,7 +21,7 @@ from sealserve.enclave.model_file import decrypt_to_bytes, encrypt_stream, gener
 from sealserve.enclave.platform import attest
 from sealserve.enclave.simulated import SimulatedPlatform
 from sealserve.errors import KeyReleaseError
-from tests.broker.conftest import PINNED_POLICY, SIM_POLICY, Running
+from tests.broker.conftest import AMD_POLICY, PINNED_POLICY, SIM_POLICY, Running
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::sealserve.attestation.policy.UnsafePolicyWarning"),
@@ -108,7 +108,7 @@ def test_refusals_are_identical_to_the_client_and_named_in_the_log(
             "pinned", generate_key(), policy_toml=PINNED_POLICY, roots=["unsafe-simulated"]
         )
         admin.add_key("nopolicy", generate_key(), roots=["unsafe-simulated"])
-        admin.add_key("amd-only", generate_key(), policy_toml=SIM_POLICY)
+        admin.add_key("amd-only", generate_key(), policy_toml=AMD_POLICY, roots=["amd"])
         admin.add_key("revoked", generate_key(), policy_toml=SIM_POLICY, roots=["unsafe-simulated"])
         admin.revoke_key("revoked")
     good = SimulatedPlatform(sim_root)
@@ -165,7 +165,7 @@ def test_refusals_are_identical_to_the_client_and_named_in_the_log(
         ("unknown_key", "unknown key id 'no-such-key'"),
         ("report_data_binding", "REPORT_DATA does not bind"),
         ("no_policy", "no release policy (default deny)"),
-        ("trusted_root", "is no ASK/ASVK of the trusted roots"),
+        ("trusted_root", "chains to the 'unsafe-simulated' root, which this key does not"),
         ("revoked_key", "key id 'revoked' is revoked"),
         ("evidence", "wrong magic"),
     ]

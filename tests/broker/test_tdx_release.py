@@ -9,37 +9,40 @@ import shutil
 from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
+import sealserve.attestation.evidence as evidence_module
 from sealserve.attestation.claims import Platform
 from sealserve.attestation.evidence import Evidence
 from sealserve.attestation.snp_certs import TrustedRoots
-from sealserve.attestation.tdx_quote import TdxQuote
 from sealserve.broker.core import REFUSED_MESSAGE, KeyBroker
 from sealserve.broker.nonces import NonceBook
 from sealserve.broker.store import KeyStore
-from sealserve.errors import KeyReleaseError
-from tests.attestation._tdx_util import DCAP_COLLATERAL, DCAP_QUOTE, NOW_DCAP
+from sealserve.enclave.key_release import hpke_public_bytes
+from sealserve.errors import ConfigError, KeyReleaseError
+from tests.attestation._tdx_util import DCAP_COLLATERAL, DCAP_QUOTE, NOW_DCAP, launch_policy
 
 QUOTE = DCAP_QUOTE.read_bytes()
-MRTD = TdxQuote.from_bytes(QUOTE).td_report.mrtd.hex()
-POLICY = f'platforms = ["tdx"]\n[tdx]\nmrtd = ["{MRTD}"]\ntcb_status = ["UpToDate"]\n'
+POLICY = launch_policy(QUOTE)
 
 
-def _broker(tmp_path: Path, *, cache: Path | None = None) -> KeyBroker:
+def _broker(
+    tmp_path: Path, *, cache: Path | None = None, roots: tuple[str, ...] = ("amd", "intel")
+) -> KeyBroker:
     store = KeyStore.open(tmp_path / "keys.sealed", master_key=secrets.token_bytes(32))
+    known = {"amd": TrustedRoots.amd(), "intel": TrustedRoots.intel_sgx()}
     broker = KeyBroker(
         store,
         nonces=NonceBook(ttl=60),
-        roots={"amd": TrustedRoots.amd(), "intel": TrustedRoots.intel_sgx()},
+        roots={name: known[name] for name in roots},
         clock=NOW_DCAP.timestamp,
         tdx_collateral_dir=cache,
     )
     broker.add_key("intel-key", None, policy_toml=POLICY, roots=("intel",))
-    broker.add_key("amd-key", None, policy_toml=POLICY, roots=("amd",))
     return broker
 
 
-def _evidence(broker: KeyBroker, *, collateral: bytes = b"") -> bytes:
+def _evidence(broker: KeyBroker, *, collateral: bytes = b"", hpke: bytes = bytes(32)) -> bytes:
     # A genuine quote cannot bind the broker's nonce: every path ends in a refusal, and
     # the log says which check refused it.
     return Evidence(
@@ -48,7 +51,7 @@ def _evidence(broker: KeyBroker, *, collateral: bytes = b"") -> bytes:
         certs=collateral,
         manifest=b"{}",
         tls_spki=b"spki",
-        hpke_public_key=bytes(32),
+        hpke_public_key=hpke,
         nonce=broker.challenge(),
     ).to_bytes()
 
@@ -65,10 +68,37 @@ def _refused_check(
     return str(record.check)
 
 
-def test_amd_roots_do_not_release_to_a_td(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_tdx_policy_needs_the_intel_root(tmp_path: Path) -> None:
     broker = _broker(tmp_path)
+    with pytest.raises(ConfigError, match="tdx evidence needs the 'intel' root"):
+        broker.add_key("amd-key", None, policy_toml=POLICY, roots=("amd",))
+
+
+def test_amd_roots_do_not_release_to_a_td(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    broker = _broker(tmp_path)
+    broker.add_key(
+        "amd-key", None, policy_toml=POLICY, roots=("amd",), unsafe_allow_incomplete=True
+    )
+    # The one step a genuine quote of another TD cannot pass is the nonce binding; with
+    # it switched off, the evidence is verified (chain, QE, collateral) and the key's
+    # roots decide: the TD chains to the 'intel' root, which amd-key does not trust.
+    monkeypatch.setattr(evidence_module, "verify_report_data_binding", lambda *a, **k: None)
+    hpke = hpke_public_bytes(X25519PrivateKey.generate())
+    collateral = DCAP_COLLATERAL.read_bytes()
+    ev = _evidence(broker, collateral=collateral, hpke=hpke)
+    assert _refused_check(broker, "amd-key", ev, caplog) == "trusted_root"
+    # The same evidence releases intel-key's key (roots and policy pass).
+    assert broker.release("intel-key", _evidence(broker, collateral=collateral, hpke=hpke))
+
+
+def test_a_broker_without_the_intel_root_refuses_every_td(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    broker = _broker(tmp_path, roots=("amd",))
     ev = _evidence(broker, collateral=DCAP_COLLATERAL.read_bytes())
-    assert _refused_check(broker, "amd-key", ev, caplog) == "roots"
+    assert _refused_check(broker, "intel-key", ev, caplog) == "roots"
 
 
 def test_td_without_collateral_is_refused(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

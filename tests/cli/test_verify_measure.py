@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from sealserve.broker.completeness import policy_gaps
 from tests.conftest import sealserve_cmd, sealserve_env
 
 
@@ -54,10 +55,15 @@ def test_measure_then_verify_online_and_offline(
 ) -> None:
     target, cfg = served
     policy = tmp_path / "policy.toml"
-    m = _run("measure", "--config", str(cfg), "--policy-out", str(policy))
+    bare = _run("measure", "--config", str(cfg), "--policy-out", str(policy))
+    assert bare.returncode == 1 and "a policy needs the launch measurement" in bare.stderr
+    m = _run("measure", "--config", str(cfg), "--launch", "simulated", "--policy-out", str(policy))
     assert m.returncode == 0, m.stderr
     digest = m.stdout.split("manifest sha256")[1].split()[0]
-    policy.write_text(policy.read_text() + "unsafe_allow_simulated = true\n")
+    text = policy.read_text()
+    # The form set-policy accepts: platform, launch measurement, manifest, TCB floor.
+    assert policy_gaps(text, ["unsafe-simulated"]) == []
+    assert f'manifest_digests = ["{digest}"]' in text and "min_tcb = { bl = 3, snp = 8 }" in text
     saved = tmp_path / "evidence.bin"
     v = _run("verify", "--endpoint", target, "--policy", str(policy),
              "--simulated-root", str(sim_root), "--save", str(saved))  # fmt: skip

@@ -136,10 +136,12 @@ def test_installed_server_attests_to_what_its_measure_predicts(
 ) -> None:
     target, cfg, _ = served
     policy = tmp_path / "policy.toml"
-    m = _installed(build, "measure", "--config", str(cfg), "--policy-out", str(policy))
+    m = _installed(build, "measure", "--config", str(cfg), "--launch", "simulated",
+                   "--policy-out", str(policy))  # fmt: skip
     assert m.returncode == 0, m.stderr
     assert f"code digest               {code_digest(build.site / 'sealserve')}" in m.stdout
-    policy.write_text(policy.read_text() + "unsafe_allow_simulated = true\n")
+    # The written policy pins the (simulated) launch measurement and the manifest.
+    assert "unsafe_allow_simulated = true" in policy.read_text()
     v = _installed(build, "verify", "--endpoint", target, "--policy", str(policy),
                    "--simulated-root", str(sim_root))  # fmt: skip
     assert v.returncode == 0, v.stdout + v.stderr
