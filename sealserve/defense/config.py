@@ -35,6 +35,11 @@ class ModelDefenseConfig(BaseModel):
     profile: str = Field(default="default", description="Profile name, or 'none'.")
     tiers: dict[str, str] = Field(default_factory=dict, description="tier -> profile name")
     detection: bool = Field(default=True)
+    unsafe_undefended_outputs: list[str] = Field(
+        default_factory=list,
+        description="Other outputs served as the model computes them, with no defense "
+        "(every output not named here, nor output/label, is refused).",
+    )
     reference: Path | None = Field(
         default=None, description="npz with 'x': honest inputs for the distribution detector."
     )
@@ -119,6 +124,7 @@ def describe(cfg: DefenseConfig) -> dict[str, Any]:
             name: {
                 "output": m.output, "output_kind": m.output_kind, "label": m.label,
                 "profile": m.profile, "tiers": m.tiers, "detection": m.detection,
+                "unsafe_undefended_outputs": m.unsafe_undefended_outputs,
                 "distribution_reference": m.reference is not None,
                 "prada": m.prada, "distribution": m.distribution, "volume": m.volume,
             }

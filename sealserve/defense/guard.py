@@ -94,12 +94,23 @@ class Guard:
         )
         return result.remaining
 
+    def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The outputs inference must produce for a request naming ``requested``: a
+        defended model always computes its defended output, whatever was asked for.
+        Raises InputError for an output the defenses do not cover."""
+        if self.output is None:
+            return requested
+        return self.output.to_compute(model, requested)
+
     def release(
         self, caller: Caller, model: str, inputs: Mapping[str, np.ndarray],
-        outputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray], *, requested: tuple[str, ...] = (),
     ) -> dict[str, np.ndarray]:  # fmt: skip
-        """The outputs to send back: detection, perturbation, watermark and audit run
-        here when configured. Raises UnavailableError (state store down)."""
+        """The outputs to send back (those in ``requested``; all when empty):
+        detection, perturbation, watermark and audit run here when configured, on every
+        row, whichever outputs were asked for. Raises UnavailableError (state store
+        down)."""
         if self.output is None:
             return outputs
-        return self.output.release(caller.account, caller.tier, model, inputs, outputs)
+        released = self.output.release(caller.account, caller.tier, model, inputs, outputs)
+        return self.output.served(model, requested, released)

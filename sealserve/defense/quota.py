@@ -159,6 +159,7 @@ class QuotaGuard:
 
         ``challenge``/``solution``: the proof of work a challenged account sends with its
         call (ignored for other accounts). Raises SuspendedError (account suspended),
+        InputError (more rows than the tier allows per request),
         ChallengeRequiredError (challenged account without a valid answer;
         ``.challenge`` holds a fresh one), RateLimitedError (a limit is hit;
         ``retry_after`` and the limit in the message), PermissionDeniedError (unknown
@@ -167,6 +168,7 @@ class QuotaGuard:
         """
         now = time.time() if now is None else now
         t = self._tier(tier)
+        t.check_rows(batch_size)
         cost = t.cost_of(batch_size)
         work, work_error = 0, None
         if challenge and solution is not None and self.challenges is not None:

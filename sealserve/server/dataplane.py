@@ -67,9 +67,12 @@ class DataPlane:
                 f"input {next(iter(request.inputs))!r} has no rows (batch size 0): send at "
                 "least one"
             )
+        requested = request.outputs
+        compute = self.guard.to_compute(request.model, requested)
         remaining = self.guard.admit(caller, request.model, batch_size=batch, pow_=pow_)
+        request.outputs = compute
         response = await self.engine.infer(request)
         response.outputs = self.guard.release(
-            caller, request.model, request.inputs, response.outputs
+            caller, request.model, request.inputs, response.outputs, requested=requested
         )
         return response, remaining

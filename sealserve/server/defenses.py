@@ -231,6 +231,14 @@ def build_defenses(
             raise ConfigError(f"[defense.models.{name}] output {mc.output!r} is not an output")
         if mc.label is not None and mc.label not in outs:
             raise ConfigError(f"[defense.models.{name}] label {mc.label!r} is not an output")
+        for extra in mc.unsafe_undefended_outputs:
+            if extra not in outs:
+                raise ConfigError(
+                    f"[defense.models.{name}] unsafe_undefended_outputs: {extra!r} is not an output"
+                )
+        if mc.unsafe_undefended_outputs:
+            log.warning("model %s: outputs %s are served UNDEFENDED (unsafe_undefended_outputs)",
+                        name, ", ".join(mc.unsafe_undefended_outputs))  # fmt: skip
         width = outs[mc.output].shape[-1] if len(outs[mc.output].shape) > 1 else 1
         spec = _spec(mc.output_kind, max(width, 1))
         n_features = _input_width(info, mc.input)
@@ -256,6 +264,7 @@ def build_defenses(
             label_name=mc.label,
             profiles=profiles,
             suite=suite,
+            unsafe_undefended_outputs=frozenset(mc.unsafe_undefended_outputs),
         )
     audit = None
     if secrets.audit_key is not None:

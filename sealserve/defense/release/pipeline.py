@@ -32,6 +32,7 @@ from sealserve.defense.status import (
     AccountStatus,
     Status,
 )
+from sealserve.errors import InputError
 
 log = logging.getLogger("sealserve.defense")
 
@@ -46,6 +47,8 @@ class ModelDefense:
     row). ``output_name``: the tensor the profile rewrites. ``label_name``: an output
     recomputed as the argmax of the rewritten one, so the two stay consistent.
     ``profiles`` maps tier -> profile; key ``None`` is every other tier.
+    ``unsafe_undefended_outputs``: other outputs the operator declared safe to serve
+    as the model computes them (every other output of a defended model is refused).
     """
 
     model: str
@@ -54,6 +57,40 @@ class ModelDefense:
     label_name: str | None = None
     profiles: Mapping[str | None, BoundProfile] = field(default_factory=dict)
     suite: DetectorSuite | None = None
+    unsafe_undefended_outputs: frozenset[str] = frozenset()
+
+    def covered(self) -> frozenset[str]:
+        """The output names a client may ask for."""
+        names = {self.output_name, self.label_name} - {None}
+        return frozenset(n for n in names if n is not None) | self.unsafe_undefended_outputs
+
+    def to_compute(self, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The outputs inference must produce for ``requested`` (empty: all): always the
+        defended output, so that every answer passes the defenses whatever was asked
+        for. Raises InputError for an output the defenses do not cover."""
+        if not requested or self.output_name is None:
+            return requested
+        covered = self.covered()
+        for name in requested:
+            if name not in covered:
+                raise InputError(
+                    f"output {_short(name)} of model {_short(self.model)} is not covered "
+                    f"by its defenses and is not served (ask for: "
+                    f"{', '.join(sorted(covered))})"
+                )
+        return tuple(dict.fromkeys((*requested, self.output_name)))
+
+    def served(
+        self, requested: tuple[str, ...], outputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Of the released ``outputs``, those the client asked for (and the names the
+        profile derives from them: ``NAME_classes``, ``NAME_label``)."""
+        if not requested:
+            return outputs
+        keep = set(requested)
+        if self.output_name in keep:
+            keep |= {f"{self.output_name}_classes", f"{self.output_name}_label"}
+        return {k: v for k, v in outputs.items() if k in keep}
 
     def profile_for(self, tier: str | None) -> BoundProfile | None:
         return self.profiles.get(tier, self.profiles.get(None))
@@ -86,6 +123,19 @@ class OutputDefenses:
         self._clock = clock
         # Called after an answer carried the watermark (persist the sealed ledger).
         self.on_marked = on_marked
+
+    def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The outputs inference must produce for a request naming ``requested``.
+        Raises InputError for an output of a defended model the defenses do not cover."""
+        d = self.models.get(model)
+        return requested if d is None else d.to_compute(requested)
+
+    def served(
+        self, model: str, requested: tuple[str, ...], outputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Of the released outputs, those the client asked for."""
+        d = self.models.get(model)
+        return outputs if d is None else d.served(requested, outputs)
 
     def release(
         self,
@@ -177,6 +227,13 @@ class OutputDefenses:
         self.quota.apply_status(account, status, reason=reason, set_by=DETECTOR, ttl_s=ttl,
                                 factor=r.throttle_factor, difficulty=r.challenge_difficulty,
                                 now=now)  # fmt: skip
+
+
+def _short(text: str, limit: int = 32) -> str:
+    """Client input quoted short: a prefix and its length."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _rows(inputs: Mapping[str, np.ndarray], name: str | None) -> np.ndarray:
