@@ -14,7 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sealserve.defense.escalation import ResponsePolicy
+from sealserve.defense.escalation import (
+    DEFAULT_BATCH_ROWS,
+    DEFAULT_LIFT_GRACE_S,
+    DEFAULT_REPEAT_BITS,
+    ResponsePolicy,
+)
 from sealserve.defense.status import DEFAULT_DIFFICULTY, DEFAULT_THROTTLE_FACTOR, MAX_DIFFICULTY
 from sealserve.defense.watermark.signal import DEFAULT_MAX_PROBES
 from sealserve.errors import ConfigError
@@ -65,6 +70,25 @@ class DefenseConfig(BaseModel):
     state_dir: Path | None = Field(default=None, description="Sealed state directory.")
     throttle_factor: float = Field(default=DEFAULT_THROTTLE_FACTOR, gt=0, lt=1)
     challenge_difficulty: int = Field(default=DEFAULT_DIFFICULTY, ge=1, le=MAX_DIFFICULTY)
+    lift_grace_s: float = Field(
+        default=DEFAULT_LIFT_GRACE_S,
+        ge=0,
+        description="After an operator lifts or forgives an account, detection does not "
+        "escalate it again for this many seconds.",
+    )
+    challenge_repeat_bits: int = Field(
+        default=DEFAULT_REPEAT_BITS,
+        ge=0,
+        le=8,
+        description="Bits added to a detection challenge for each earlier episode of "
+        "detected suspicion (challenge or suspension) of the account.",
+    )
+    batch_scoring_rows: int = Field(
+        default=DEFAULT_BATCH_ROWS,
+        ge=1,
+        description="A request of at least this many rows is scored before it is "
+        "answered (off the event loop); one that trips challenge or suspension is refused.",
+    )
     ledger_save_interval_s: float = Field(
         default=2.0,
         gt=0,
@@ -133,6 +157,9 @@ def describe(cfg: DefenseConfig) -> dict[str, Any]:
         "response": cfg.response or "default",
         "throttle_factor": cfg.throttle_factor,
         "challenge_difficulty": cfg.challenge_difficulty,
+        "challenge_repeat_bits": cfg.challenge_repeat_bits,
+        "lift_grace_s": cfg.lift_grace_s,
+        "batch_scoring_rows": cfg.batch_scoring_rows,
         "audit": cfg.audit.enabled,
         "sealed_state": cfg.state_dir is not None,
     }  # fmt: skip

@@ -102,6 +102,10 @@ class Guard:
             return requested
         return self.output.to_compute(model, requested)
 
+    def large_batch(self, rows: int) -> bool:
+        """Whether a request of ``rows`` rows is judged before it is answered."""
+        return self.output is not None and self.output.large_batch(rows)
+
     def release(
         self, caller: Caller, model: str, inputs: Mapping[str, np.ndarray],
         outputs: dict[str, np.ndarray], *, requested: tuple[str, ...] = (),

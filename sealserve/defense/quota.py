@@ -173,7 +173,9 @@ class QuotaGuard:
         work, work_error = 0, None
         if challenge and solution is not None and self.challenges is not None:
             try:
-                work = self.challenges.verify(account, challenge, solution, now=now)
+                work = self.challenges.verify(
+                    account, challenge, solution, now=now, rows=batch_size
+                )
             except ChallengeRequiredError as exc:
                 work_error = exc.message
         result = self.store.admit(
@@ -190,13 +192,14 @@ class QuotaGuard:
             if status.kind is Status.SUSPENDED:
                 # The reason stays with the operator: it may describe how we detect abuse.
                 raise SuspendedError("account is suspended", retry_after=result.retry_after)
-            self._require_work(account, status, work, work_error, now)
+            self._require_work(account, status, work, work_error, now, batch_size)
         assert result.refused_by is not None
         raise RateLimitedError(result.refused_by.describe(), retry_after=result.retry_after)
 
     def _require_work(
-        self, account: str, status: AccountStatus, work: int, work_error: str | None, now: float
-    ) -> None:
+        self, account: str, status: AccountStatus, work: int, work_error: str | None, now: float,
+        rows: int,
+    ) -> None:  # fmt: skip
         assert status.difficulty is not None
         if self.challenges is None:
             raise ChallengeRequiredError(
@@ -210,8 +213,18 @@ class QuotaGuard:
         else:
             message = "proof-of-work answer required: solve the challenge and send it with the call"
         raise ChallengeRequiredError(
-            message, challenge=self.challenges.issue(account, status.difficulty, now=now)
+            message,
+            challenge=self.challenges.issue(account, status.difficulty, now=now, rows=rows),
         )
+
+    def issue_challenge(self, account: str, *, rows: int, now: float | None = None) -> str:
+        """A fresh challenge for the account's current difficulty and ``rows`` rows
+        ("" when this server issues none or the account is not challenged)."""
+        now = time.time() if now is None else now
+        status = self.status(account, now=now)
+        if self.challenges is None or status.difficulty is None:
+            return ""
+        return self.challenges.issue(account, status.difficulty, now=now, rows=rows)
 
     # Admin operations -----------------------------------------------------------
 

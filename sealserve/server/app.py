@@ -253,7 +253,8 @@ class Server:
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(
             InferenceServicer(self.plane, self.metrics), protected
         )
-        admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane.guard.quota), protected)
+        admin = AdminServicer(self.plane.guard.quota, self.plane.guard)
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, protected)
         services.append(ADMIN_SERVICE)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         _ensure_health_in_pool()

@@ -5,6 +5,9 @@ Later layers (authentication, the defense guard) hook in here, not in the servic
 
 from __future__ import annotations
 
+import asyncio
+from functools import partial
+
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
 from sealserve.defense.store.base import Remaining
@@ -72,7 +75,11 @@ class DataPlane:
         remaining = self.guard.admit(caller, request.model, batch_size=batch, pow_=pow_)
         request.outputs = compute
         response = await self.engine.infer(request)
-        response.outputs = self.guard.release(
-            caller, request.model, request.inputs, response.outputs, requested=requested
-        )
+        release = partial(self.guard.release, caller, request.model, request.inputs,
+                          response.outputs, requested=requested)  # fmt: skip
+        if self.guard.large_batch(batch):
+            # A large batch is scored before it is answered: off the event loop.
+            response.outputs = await asyncio.to_thread(release)
+        else:
+            response.outputs = release()
         return response, remaining

@@ -274,10 +274,14 @@ def build_defenses(
             checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
         )  # fmt: skip
     policy = ResponsePolicy.from_mapping(cfg.response) if cfg.response else ResponsePolicy.default()
-    responses = Responses(policy, cfg.throttle_factor, cfg.challenge_difficulty)
+    responses = Responses(
+        policy, cfg.throttle_factor, cfg.challenge_difficulty, lift_grace_s=cfg.lift_grace_s,
+        repeat_bits=cfg.challenge_repeat_bits, batch_rows=cfg.batch_scoring_rows,
+    )  # fmt: skip
     return OutputDefenses(
-        models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked
-    )
+        models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked,
+        blobs=blobs,
+    )  # fmt: skip
 
 
 def _input_width(info: Any, name: str | None) -> int:

@@ -18,25 +18,35 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import numpy as np
 
 from sealserve.defense.audit.log import AuditLog, digest_array
 from sealserve.defense.detect import DetectorSuite
-from sealserve.defense.escalation import ResponsePolicy
+from sealserve.defense.detect.state import BlobStore
+from sealserve.defense.escalation import (
+    DEFAULT_BATCH_ROWS,
+    DEFAULT_LIFT_GRACE_S,
+    DEFAULT_REPEAT_BITS,
+    ResponsePolicy,
+)
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.hot_path import BoundProfile
 from sealserve.defense.status import (
     DEFAULT_DIFFICULTY,
     DEFAULT_THROTTLE_FACTOR,
+    MAX_DIFFICULTY,
     AccountStatus,
     Status,
 )
-from sealserve.errors import InputError
+from sealserve.errors import ChallengeRequiredError, InputError, SuspendedError
 
 log = logging.getLogger("sealserve.defense")
 
 DETECTOR = "detector"
+FORGIVEN = "forgiven"
+"""The reason an operator's forgiveness starts with (detection state cleared)."""
 
 
 @dataclass
@@ -103,6 +113,14 @@ class Responses:
     policy: ResponsePolicy
     throttle_factor: float = DEFAULT_THROTTLE_FACTOR
     challenge_difficulty: int = DEFAULT_DIFFICULTY
+    lift_grace_s: float = DEFAULT_LIFT_GRACE_S
+    """After an operator lifts or forgives an account, detection does not escalate it
+    again for this long (its detectors still observe)."""
+    repeat_bits: int = DEFAULT_REPEAT_BITS
+    """Bits added to a detection challenge per earlier detection challenge/suspension."""
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    """A request of at least this many rows is judged before it is answered: a batch
+    whose own rows escalate the account to challenge or suspend is not answered."""
 
 
 class OutputDefenses:
@@ -115,8 +133,11 @@ class OutputDefenses:
         audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
         on_marked: Callable[[], None] | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.models = dict(models)
+        # Where the detectors keep their state (and the forgiveness epochs).
+        self.blobs = blobs
         self.responses = responses
         self.quota = quota
         self.audit = audit
@@ -154,6 +175,7 @@ class OutputDefenses:
         flags: dict[str, float] = {}
         if d is not None and d.suite is not None and d.output_name in outputs:
             decision_label, flags = self._detect(account, model, d, x, outputs[d.output_name], now)
+            self._judge_batch(account, model, x, decision_label, flags, now)
         if d is not None and d.output_name is not None and d.output_name in outputs:
             profile = d.profile_for(tier)
             if profile is not None:
@@ -181,8 +203,9 @@ class OutputDefenses:
         labels = np.argmax(probs.reshape(len(x), -1), axis=1) if probs.ndim > 1 else (
             (probs.reshape(-1) >= 0.5).astype(np.int64))  # fmt: skip
         top = None
+        subject = self._subject(account)
         for row, label in zip(x, labels, strict=True):
-            result = d.suite.observe_at_time(account, model, row, int(label), now=now)
+            result = d.suite.observe_at_time(subject, model, row, int(label), now=now)
             if top is None or result.score > top.score:
                 top = result
         if top is None or self.responses is None:
@@ -194,6 +217,14 @@ class OutputDefenses:
         decision = policy.decide_at_time(current, top.scores, now=now)
         # Never weaken a status an operator set; detection only adds to it.
         operator_set = set_by not in ("", DETECTOR)
+        if (
+            operator_set
+            and current.kind is Status.NORMAL
+            and current.set_at > 0
+            and now - current.set_at < self.responses.lift_grace_s
+        ):
+            # An operator's lift or forgiveness holds for its grace period.
+            return Status.NORMAL.label, top.flags()
         if (
             decision.write
             and self.quota is not None
@@ -211,6 +242,77 @@ class OutputDefenses:
                 )  # fmt: skip
         return decision.status.label, top.flags()
 
+    def _subject(self, account: str) -> str:
+        """The name the account's detector state is kept under: the account, followed
+        by its forgiveness epoch once an operator has forgiven it (a fresh state; the
+        old one lapses with its TTL)."""
+        epoch = self._epoch(account)
+        return account if epoch == 0 else f"{account}\x00{epoch}"
+
+    def _epoch(self, account: str) -> int:
+        blobs = self._blobs()
+        raw = blobs.get_blob(_epoch_key(account)) if blobs is not None else None
+        return int(raw.decode("ascii")) if raw else 0
+
+    def _blobs(self) -> BlobStore | None:
+        return self.blobs
+
+    def forgive(self, account: str, *, by: str, now: float | None = None) -> int:
+        """Clear ``account``'s detector state (every model), set it back to normal and
+        say so in the audit log. Returns the new forgiveness epoch. Detection does not
+        escalate it again for ``lift_grace_s``. Raises UnavailableError (store down)."""
+        now = self._clock() if now is None else now
+        blobs = self._blobs()
+        epoch = self._epoch(account) + 1
+        if blobs is not None:
+            blobs.put_blob(_epoch_key(account), str(epoch).encode("ascii"), ttl_s=None)
+        previous, _ = self._current(account, now)
+        reason = f"{FORGIVEN} by {by}: detector state cleared (epoch {epoch})"
+        if self.quota is not None:
+            self.quota.apply_status(account, Status.NORMAL, reason=reason, set_by=by, now=now)
+        if self.audit is not None:
+            self.audit.append_status_change_at_time(
+                now, account=account, model="*", previous=previous.kind.label,
+                status=Status.NORMAL.label, expires_at=None, reason=reason,
+            )  # fmt: skip
+        log.warning("account %s: %s", account, reason)
+        return epoch
+
+    def large_batch(self, rows: int) -> bool:
+        """Whether a request of ``rows`` rows is judged before it is answered."""
+        r = self.responses
+        return r is not None and rows >= r.batch_rows
+
+    def _judge_batch(
+        self, account: str, model: str, x: np.ndarray, decision: str, flags: dict[str, float],
+        now: float,
+    ) -> None:  # fmt: skip
+        """A large batch whose own rows escalated the account to challenge or suspend
+        is refused whole (its rows are already counted and observed)."""
+        rows = len(x)
+        if not self.large_batch(rows) or decision not in (
+            Status.CHALLENGED.label,
+            Status.SUSPENDED.label,
+        ):
+            return
+        if self.audit is not None:
+            self.audit.append_query_at_time(
+                now, account=account, model=model, input_sha256=digest_array(x),
+                output_sha256=digest_array(np.zeros(0)), decision=f"refused-{decision}",
+                flags={"rows": float(rows), **flags},
+            )  # fmt: skip
+        if decision == Status.SUSPENDED.label:
+            raise SuspendedError(
+                f"account is suspended: this batch of {rows} rows was not answered"
+            )
+        raise ChallengeRequiredError(
+            f"account must now solve a proof-of-work challenge: this batch of {rows} rows "
+            "was not answered",
+            challenge=self.quota.issue_challenge(account, rows=rows, now=now)
+            if self.quota is not None
+            else "",
+        )
+
     def _current(self, account: str, now: float) -> tuple[AccountStatus, str]:
         """The account's status, and who set it."""
         if self.quota is None:
@@ -224,9 +326,34 @@ class OutputDefenses:
         assert self.quota is not None and self.responses is not None
         ttl = None if expires_at is None else max(1.0, expires_at - now)
         r = self.responses
+        difficulty = r.challenge_difficulty
+        if status is Status.CHALLENGED:
+            difficulty = self._repeat_difficulty(account)
         self.quota.apply_status(account, status, reason=reason, set_by=DETECTOR, ttl_s=ttl,
-                                factor=r.throttle_factor, difficulty=r.challenge_difficulty,
+                                factor=r.throttle_factor, difficulty=difficulty,
                                 now=now)  # fmt: skip
+
+    def _repeat_difficulty(self, account: str) -> int:
+        """Challenges get harder with repeated suspicion: the base difficulty plus
+        ``repeat_bits`` per earlier challenge or suspension detection set (docs/defenses.md,
+        "Challenges with teeth")."""
+        assert self.quota is not None and self.responses is not None
+        r = self.responses
+        history = self.quota.history(account)  # newest first
+        if history and history[0].kind is Status.CHALLENGED and history[0].difficulty:
+            return history[0].difficulty  # a renewal keeps the episode's difficulty
+        strikes, later = 0, Status.NORMAL
+        for st in history:
+            if st.reason.startswith(FORGIVEN):
+                break  # forgiveness clears the record
+            if st.set_by == DETECTOR and st.kind >= Status.CHALLENGED > later:
+                strikes += 1  # the start of one episode of suspicion
+            later = st.kind
+        return min(MAX_DIFFICULTY, r.challenge_difficulty + r.repeat_bits * strikes)
+
+
+def _epoch_key(account: str) -> str:
+    return f"detect-epoch/{quote(account, safe='')}"
 
 
 def _short(text: str, limit: int = 32) -> str:

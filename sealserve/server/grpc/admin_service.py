@@ -7,6 +7,7 @@ from typing import Any
 import grpc
 
 from sealserve._proto import admin_pb2 as adm
+from sealserve.defense.guard import Guard
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.status import MAX_DIFFICULTY, Status
 from sealserve.errors import InputError, UnavailableError
@@ -15,8 +16,10 @@ from sealserve.server.grpc.auth_interceptor import current_principal
 
 
 class AdminServicer:
-    def __init__(self, quota: QuotaGuard | None) -> None:
+    def __init__(self, quota: QuotaGuard | None, guard: Guard | None = None) -> None:
         self._quota = quota
+        # The guard's output defenses are built after the models load: read them late.
+        self._guard = guard
 
     def _q(self) -> QuotaGuard:
         if self._quota is None:
@@ -47,6 +50,20 @@ class AdminServicer:
             raise InputError("tier is required to reset an account's quota")
         self._q().reset(request.account, request.tier, model=request.model or None)
         return self._info(request.account, request.tier, request.model)
+
+    @grpc_errors
+    async def Forgive(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
+        self._q()
+        if not request.account:
+            raise InputError("account is required")
+        output = self._guard.output if self._guard is not None else None
+        if output is None:
+            raise UnavailableError("no [defense] is configured on this server: nothing to forgive")
+        principal = current_principal()
+        by = f"admin:{principal.account}" if principal else "admin"
+        reason = f" ({request.reason})" if request.reason else ""
+        output.forgive(request.account, by=by + reason)
+        return self._info(request.account, request.tier, "")
 
     @grpc_errors
     async def SetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
