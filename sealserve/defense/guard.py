@@ -18,8 +18,10 @@ from sealserve.defense.peer import peer_address
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.pipeline import OutputDefenses
 from sealserve.defense.store.base import Remaining
+from sealserve.errors import PermissionDeniedError
 
 ANONYMOUS = "anonymous"
+RESERVED = "\x00"
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class Guard:
         transport_peer: str,
         forwarded_for: str | None,
     ) -> Caller:
+        if account is not None and account.startswith(RESERVED):
+            # Pooled detection streams live under such names (release/cohort.py).
+            raise PermissionDeniedError("account names may not start with a NUL character")
         key = (transport_peer, forwarded_for)
         peer = self._peers.get(key)
         if peer is None:

@@ -224,3 +224,53 @@ def test_without_grace_lift_was_undone(start_server: Any, tmp_path: Path, sim_ro
     quota.lift("mallory", reason="reviewed", set_by="admin:op")
     assert _flag(running, issuer, "mallory", rows[200:]) < 20
     assert quota.status("mallory").set_by == "detector"
+
+
+def test_sybils_below_min_queries_are_escalated_as_a_cohort(
+    start_server: Any, tmp_path: Path, sim_root: Path
+) -> None:
+    # 50 accounts x 19 uniform-noise rows: each below the distribution detector's
+    # min_queries, so no account is ever judged on its own.
+    running, issuer = _start(start_server, tmp_path, sim_root)
+    rng = np.random.default_rng(19)
+    answered, refused_accounts = 0, 0
+    for n in range(50):
+        with _client(running, issuer, f"sybil-{n}") as c:
+            for _ in range(19):
+                try:
+                    c.infer("digits", {"input": rng.uniform(0, 16, (1, 64)).astype(np.float32)})
+                    answered += 1
+                except REFUSED:
+                    refused_accounts += 1
+                    break
+    quota = running.server.plane.guard.quota
+    # Escalated before it completes: most of the 950 rows were never answered.
+    assert answered < 950 // 2, answered
+    assert refused_accounts >= 40
+    late = quota.status("sybil-49")
+    assert late.kind.value == "challenged" and "flagged cohort" in late.reason
+    text = "".join(p.read_text() for p in sorted((tmp_path / "audit").glob("*.jsonl")))
+    assert "cohort of young accounts" in text
+
+
+def test_young_honest_accounts_are_not_flagged_as_a_cohort(
+    start_server: Any, tmp_path: Path, sim_root: Path
+) -> None:
+    running, issuer = _start(start_server, tmp_path, sim_root)
+    x, _ = demo.holdout()
+    quota = running.server.plane.guard.quota
+    for n in range(30):
+        with _client(running, issuer, f"newcomer-{n}") as c:
+            for i in range(10):
+                c.infer("digits", {"input": x[(n * 10 + i) % len(x)][None, :]})
+        assert quota.status(f"newcomer-{n}").kind.value == "normal"
+
+
+def test_a_reserved_account_name_is_refused(
+    start_server: Any, tmp_path: Path, sim_root: Path
+) -> None:
+    running, issuer = _start(start_server, tmp_path, sim_root)
+    x, _ = demo.holdout()
+    with _client(running, issuer, "\x00cohort/standard/digits") as c:
+        with pytest.raises(PermissionDeniedError, match="may not start with a NUL"):
+            c.infer("digits", {"input": x[:1]})

@@ -24,6 +24,7 @@ import numpy as np
 
 from sealserve.defense.audit.log import AuditLog, digest_array
 from sealserve.defense.detect import DetectorSuite
+from sealserve.defense.detect.base import SuiteResult
 from sealserve.defense.detect.state import BlobStore
 from sealserve.defense.escalation import (
     DEFAULT_BATCH_ROWS,
@@ -32,6 +33,7 @@ from sealserve.defense.escalation import (
     ResponsePolicy,
 )
 from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.release.cohort import CohortWatch, is_young
 from sealserve.defense.release.hot_path import BoundProfile
 from sealserve.defense.status import (
     DEFAULT_DIFFICULTY,
@@ -116,6 +118,8 @@ class Responses:
     lift_grace_s: float = DEFAULT_LIFT_GRACE_S
     """After an operator lifts or forgives an account, detection does not escalate it
     again for this long (its detectors still observe)."""
+    cohort: bool = True
+    """Judge young accounts of a tier together too (release/cohort.py)."""
     repeat_bits: int = DEFAULT_REPEAT_BITS
     """Bits added to a detection challenge per earlier detection challenge/suspension."""
     batch_rows: int = DEFAULT_BATCH_ROWS
@@ -138,6 +142,12 @@ class OutputDefenses:
         self.models = dict(models)
         # Where the detectors keep their state (and the forgiveness epochs).
         self.blobs = blobs
+        self.cohort = (
+            CohortWatch(responses.policy, quota, audit=audit,
+                        difficulty=responses.challenge_difficulty)
+            if responses is not None and quota is not None and responses.cohort
+            else None
+        )  # fmt: skip
         self.responses = responses
         self.quota = quota
         self.audit = audit
@@ -174,7 +184,9 @@ class OutputDefenses:
         decision_label: str = "ok"
         flags: dict[str, float] = {}
         if d is not None and d.suite is not None and d.output_name in outputs:
-            decision_label, flags = self._detect(account, model, d, x, outputs[d.output_name], now)
+            decision_label, flags = self._detect(
+                account, tier, model, d, x, outputs[d.output_name], now
+            )
             self._judge_batch(account, model, x, decision_label, flags, now)
         if d is not None and d.output_name is not None and d.output_name in outputs:
             profile = d.profile_for(tier)
@@ -196,18 +208,36 @@ class OutputDefenses:
         return outputs
 
     def _detect(
-        self, account: str, model: str, d: ModelDefense, x: np.ndarray, probs: np.ndarray,
-        now: float,
+        self, account: str, tier: str | None, model: str, d: ModelDefense, x: np.ndarray,
+        probs: np.ndarray, now: float,
     ) -> tuple[str, dict[str, float]]:  # fmt: skip
         assert d.suite is not None
         labels = np.argmax(probs.reshape(len(x), -1), axis=1) if probs.ndim > 1 else (
             (probs.reshape(-1) >= 0.5).astype(np.int64))  # fmt: skip
         top = None
         subject = self._subject(account)
+        results = []
         for row, label in zip(x, labels, strict=True):
             result = d.suite.observe_at_time(subject, model, row, int(label), now=now)
+            results.append(result)
             if top is None or result.score > top.score:
                 top = result
+        label, flags = self._decide(account, model, top, now)
+        # The aggregate view: young accounts' rows are judged together too.
+        if (
+            self.cohort is not None
+            and is_young(results)
+            and self.cohort.observe(d.suite, account=account, tier=tier, model=model, x=x,
+                                    labels=labels, now=now)
+            and Status.parse(label) < Status.CHALLENGED
+        ):  # fmt: skip
+            label = Status.CHALLENGED.label
+        return label, flags
+
+    def _decide(
+        self, account: str, model: str, top: SuiteResult | None, now: float
+    ) -> tuple[str, dict[str, float]]:
+        """The account's own verdict from its highest-scoring row."""
         if top is None or self.responses is None:
             return "ok", top.flags() if top else {}
         policy = self.responses.policy
