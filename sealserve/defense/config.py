@@ -76,6 +76,12 @@ class DefenseConfig(BaseModel):
         description="After an operator lifts or forgives an account, detection does not "
         "escalate it again for this many seconds.",
     )
+    cohort_detection: bool = Field(
+        default=False,
+        description="Also judge young accounts of a tier as one pooled stream and challenge "
+        "the young accounts of a flagged cohort (off by default: a flagged cohort also "
+        "challenges honest newcomers while it holds).",
+    )
     challenge_repeat_bits: int = Field(
         default=DEFAULT_REPEAT_BITS,
         ge=0,
@@ -159,6 +165,7 @@ def describe(cfg: DefenseConfig) -> dict[str, Any]:
         "challenge_difficulty": cfg.challenge_difficulty,
         "challenge_repeat_bits": cfg.challenge_repeat_bits,
         "lift_grace_s": cfg.lift_grace_s,
+        "cohort_detection": cfg.cohort_detection,
         "batch_scoring_rows": cfg.batch_scoring_rows,
         "audit": cfg.audit.enabled,
         "sealed_state": cfg.state_dir is not None,

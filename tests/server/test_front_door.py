@@ -231,7 +231,7 @@ def test_sybils_below_min_queries_are_escalated_as_a_cohort(
 ) -> None:
     # 50 accounts x 19 uniform-noise rows: each below the distribution detector's
     # min_queries, so no account is ever judged on its own.
-    running, issuer = _start(start_server, tmp_path, sim_root)
+    running, issuer = _start(start_server, tmp_path, sim_root, cohort_detection=True)
     rng = np.random.default_rng(19)
     answered, refused_accounts = 0, 0
     for n in range(50):
@@ -256,7 +256,7 @@ def test_sybils_below_min_queries_are_escalated_as_a_cohort(
 def test_young_honest_accounts_are_not_flagged_as_a_cohort(
     start_server: Any, tmp_path: Path, sim_root: Path
 ) -> None:
-    running, issuer = _start(start_server, tmp_path, sim_root)
+    running, issuer = _start(start_server, tmp_path, sim_root, cohort_detection=True)
     x, _ = demo.holdout()
     quota = running.server.plane.guard.quota
     for n in range(30):

@@ -29,8 +29,9 @@ log = logging.getLogger("sealserve.defense")
 
 COHORT_PREFIX = "\x00cohort/"
 """Pooled streams are kept under names starting with this (no account may)."""
-COHORT_SETTER = "detector:cohort"
-"""``set_by`` of the statuses the cohort view writes."""
+COHORT_SETTER = "detector"
+"""``set_by`` of the statuses the cohort view writes: detection's own (so they expire
+and step down like any detector status; the reason names the cohort)."""
 YOUNG_DETECTOR = "distribution"
 
 
@@ -65,7 +66,7 @@ class CohortWatch:
         self.audit = audit
         self.difficulty = difficulty
         self.alerts = 0
-        """Cohort flags raised by this process (exported as a metric)."""
+        """Cohort flags raised by this process (not yet a Prometheus metric)."""
 
     def observe(
         self, suite: DetectorSuite, *, account: str, tier: str | None, model: str,
@@ -80,9 +81,12 @@ class CohortWatch:
             if top is None or result.score > top.score:
                 top = result
         current = self.quota.status(name, now=now)
-        if top is not None and top.score >= self.policy.log_at:
+        flagged = current.effective_at_time(now) > Status.NORMAL
+        if top is not None and (flagged or top.score >= self.policy.log_at):
+            # Decided like an account, hysteresis included: once honest young rows
+            # dominate the pooled stream again, the cohort steps down.
             decision = self.policy.decide_at_time(current, top.scores, now=now)
-            if decision.write and decision.status >= current.kind:
+            if decision.write:
                 ttl = None if decision.expires_at is None else max(1.0, decision.expires_at - now)
                 self.quota.apply_status(name, decision.status, reason=decision.reason,
                                         set_by=COHORT_SETTER, ttl_s=ttl,
@@ -101,7 +105,7 @@ class CohortWatch:
             return False
         mine = self.quota.status(account, now=now)
         if mine.effective_at_time(now) < Status.CHALLENGED:
-            reason = f"young account in a flagged cohort ({name[1:]})"
+            reason = f"young account in a flagged cohort ({name[1:]}): {current.reason}"
             ttl = None if current.expires_at is None else max(1.0, current.expires_at - now)
             self.quota.apply_status(account, Status.CHALLENGED, reason=reason,
                                     set_by=COHORT_SETTER, ttl_s=ttl,
