@@ -35,23 +35,30 @@ def main() -> None:
         dt = time.perf_counter() - t0
         per_hash.append(dt / (int(sol) + 1))
     t_hash = statistics.median(per_hash)
-    print(f"solver: {t_hash * 1e6:.2f} µs per SHA-256 try (median over {args.n} "
-          f"{args.bits}-bit challenges); serving cost {args.row_us:.0f} µs per row\n")
-    print("| account | difficulty per row (bits) | expected µs of work per row | "
-          "cost vs unchallenged |")
+    print(
+        f"solver: {t_hash * 1e6:.2f} µs per SHA-256 try (median over {args.n} "
+        f"{args.bits}-bit challenges); serving cost {args.row_us:.0f} µs per row\n"
+    )
+    print(
+        "| account | difficulty per row (bits) | expected µs of work per row | "
+        "cost vs unchallenged |"
+    )
     print("|---|---:|---:|---:|")
     rows = [("honest, never challenged (honest-stream tests)", None)]
-    rows += [(f"challenged, {k} earlier episode(s), default base 16", 16 + 2 * k)
-             for k in range(0, 4)]
+    rows += [
+        (f"challenged, {k} earlier episode(s), default base 16", 16 + 2 * k) for k in range(0, 4)
+    ]
     rows += [(f"challenged, {k} earlier episode(s), base 9", 9 + 2 * k) for k in range(0, 5)]
     for name, bits in rows:
         work = 0.0 if bits is None else (2.0**bits) * t_hash * 1e6
         ratio = (args.row_us + work) / args.row_us
         print(f"| {name} | {'-' if bits is None else bits} | {work:,.0f} | {ratio:,.1f}x |")
-    print(f"\nA request of R rows carries row_bits(R) more bits (e.g. {row_bits(32)} for 32 "
-          f"rows, {row_bits(4096)} for 4096), so the work per row does not fall with "
-          "batching. 2-core dev machine; the SDK's solver is pure Python, a native "
-          "solver is ~20-50x faster, which divides every work figure above.")
+    print(
+        f"\nA request of R rows carries row_bits(R) more bits (e.g. {row_bits(32)} for 32 "
+        f"rows, {row_bits(4096)} for 4096), so the work per row does not fall with "
+        "batching. 2-core dev machine; the SDK's solver is pure Python, a native "
+        "solver is ~20-50x faster, which divides every work figure above."
+    )
 
 
 if __name__ == "__main__":
