@@ -57,3 +57,13 @@ class SetStatusRequest(_message.Message):
     reason: str
     tier: str
     def __init__(self, account: _Optional[str] = ..., status: _Optional[str] = ..., factor: _Optional[float] = ..., difficulty: _Optional[int] = ..., ttl_seconds: _Optional[float] = ..., reason: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...
+
+class ForgiveRequest(_message.Message):
+    __slots__ = ("account", "reason", "tier")
+    ACCOUNT_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
+    account: str
+    reason: str
+    tier: str
+    def __init__(self, account: _Optional[str] = ..., reason: _Optional[str] = ..., tier: _Optional[str] = ...) -> None: ...

@@ -27,6 +27,10 @@ class AdminStub:
                 '/sealserve.v1.Admin/ResetQuota',
                 request_serializer=admin__pb2.AccountRequest.SerializeToString,
                 response_deserializer=admin__pb2.AccountInfo.FromString)
+        self.Forgive = channel.unary_unary(
+                '/sealserve.v1.Admin/Forgive',
+                request_serializer=admin__pb2.ForgiveRequest.SerializeToString,
+                response_deserializer=admin__pb2.AccountInfo.FromString)
 
 
 class AdminServicer:
@@ -50,6 +54,14 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Forgive(self, request, context):
+        """Clear the account's detector state, set it back to normal (recorded in the audit
+        log); detection does not escalate it again for the configured grace period.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -66,6 +78,11 @@ def add_AdminServicer_to_server(servicer, server):
             'ResetQuota': grpc.unary_unary_rpc_method_handler(
                     servicer.ResetQuota,
                     request_deserializer=admin__pb2.AccountRequest.FromString,
+                    response_serializer=admin__pb2.AccountInfo.SerializeToString,
+            ),
+            'Forgive': grpc.unary_unary_rpc_method_handler(
+                    servicer.Forgive,
+                    request_deserializer=admin__pb2.ForgiveRequest.FromString,
                     response_serializer=admin__pb2.AccountInfo.SerializeToString,
             ),
     }
@@ -146,6 +163,32 @@ class Admin:
             target,
             '/sealserve.v1.Admin/ResetQuota',
             admin__pb2.AccountRequest.SerializeToString,
+            admin__pb2.AccountInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata)
+
+    @staticmethod
+    def Forgive(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/sealserve.v1.Admin/Forgive',
+            admin__pb2.ForgiveRequest.SerializeToString,
             admin__pb2.AccountInfo.FromString,
             options,
             channel_credentials,

@@ -41,9 +41,13 @@ def register(sub: Any) -> None:
     account_arg(s)
     lift = actions.add_parser("lift", help="back to normal")
     account_arg(lift)
+    f = actions.add_parser(
+        "forgive", help="clear the account's detector state and lift it (audited)"
+    )
+    account_arg(f)
     r = actions.add_parser("reset", help="forget the account's current quota usage")
     account_arg(r)
-    for q in (t, c, s, lift):
+    for q in (t, c, s, lift, f):
         q.add_argument("--reason", default="", help="recorded with the change")
     for q in (t, c, s):
         q.add_argument("--ttl", type=float, default=0.0, help="seconds until it expires")
@@ -67,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
         if action == "account":
             info = stub.GetAccount(adm.AccountRequest(account=args.account, tier=args.tier),
                                    metadata=md, timeout=10)  # fmt: skip
+        elif action == "forgive":
+            info = stub.Forgive(
+                adm.ForgiveRequest(account=args.account, tier=args.tier, reason=args.reason),
+                metadata=md, timeout=10,
+            )  # fmt: skip
         elif action == "reset":
             info = stub.ResetQuota(adm.AccountRequest(account=args.account, tier=args.tier),
                                    metadata=md, timeout=10)  # fmt: skip

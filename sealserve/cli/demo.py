@@ -149,7 +149,8 @@ async def _demo(args: argparse.Namespace) -> int:
             },
         },
     }  # fmt: skip
-    limits = {"tiers": {"standard": {"rate": 500, "burst": 500, "per_day": 200000}}}
+    # Rows are the unit on a defended server: the burst holds the thief's 32-row batches.
+    limits = {"tiers": {"standard": {"rate": 5000, "burst": 5000, "per_day": 200000}}}
     settings = Settings.load(
         None,
         port=0,

@@ -6,8 +6,11 @@ with ``difficulty`` zero bits and send both with its call. Format::
 
     pow1.<base64url(payload JSON)>.<base64url(HMAC-SHA256(key, label ‖ payload))>
 
-where the payload holds the account, the difficulty, the expiry (Unix seconds) and a
-random nonce. The server keeps no state per issued challenge; replays are stopped by
+where the payload holds the account, the difficulty, the rows the answer pays for, the
+expiry (Unix seconds) and a random nonce. The work scales with the rows asked for:
+a challenge for ``rows`` rows carries :func:`row_bits` more bits than the account's
+base difficulty (about ``rows`` times the hashes), and is accepted only for a request
+of exactly that many rows. The server keeps no state per issued challenge; replays are stopped by
 consuming the nonce once in the state store when a solution is accepted.
 """
 
@@ -45,6 +48,12 @@ def leading_zero_bits(digest: bytes) -> int:
     return len(digest) * 8 - value.bit_length()
 
 
+def row_bits(rows: int) -> int:
+    """Extra difficulty bits for ``rows`` rows: ceil(log2(rows)), so the hashes a
+    request costs grow in proportion to its rows (1 row: 0 bits)."""
+    return max(0, math.ceil(math.log2(max(1, rows))))
+
+
 def _work(challenge: str, solution: str) -> int:
     return leading_zero_bits(hashlib.sha256(challenge.encode() + solution.encode()).digest())
 
@@ -57,6 +66,7 @@ class ChallengeClaims:
     difficulty: int
     expires_at: float
     nonce: str
+    rows: int = 1
 
     @classmethod
     def from_challenge(cls, challenge: str) -> ChallengeClaims:
@@ -66,7 +76,8 @@ class ChallengeClaims:
             if magic != MAGIC:
                 raise ValueError("magic")
             data: dict[str, Any] = json.loads(_b64d(payload))
-            claims = cls(str(data["a"]), int(data["d"]), float(data["e"]), str(data["n"]))
+            claims = cls(str(data["a"]), int(data["d"]), float(data["e"]), str(data["n"]),
+                         int(data.get("r", 1)))  # fmt: skip
         except (ValueError, KeyError, TypeError) as exc:
             raise ChallengeRequiredError("proof-of-work challenge is malformed") from exc
         return claims
@@ -113,15 +124,20 @@ class Challenges:
     def _mac(self, payload: str) -> bytes:
         return hmac.new(self._key, _LABEL + payload.encode("ascii"), hashlib.sha256).digest()
 
-    def issue(self, account: str, difficulty: int, *, now: float) -> str:
-        """A fresh challenge for ``account`` valid until ``now + ttl_s``."""
+    def issue(self, account: str, difficulty: int, *, now: float, rows: int = 1) -> str:
+        """A fresh challenge for ``account`` valid until ``now + ttl_s``, for a request of
+        ``rows`` rows: its difficulty is ``difficulty + row_bits(rows)`` (at most
+        MAX_DIFFICULTY)."""
         if not 1 <= difficulty <= MAX_DIFFICULTY:
             raise ConfigError(f"challenge difficulty must be 1..{MAX_DIFFICULTY} bits")
+        if rows < 1:
+            raise ConfigError(f"a challenge pays for at least 1 row, got {rows}")
         payload = _b64e(
             json.dumps(
                 {
                     "a": account,
-                    "d": difficulty,
+                    "d": min(MAX_DIFFICULTY, difficulty + row_bits(rows)),
+                    "r": rows,
                     "e": math.ceil(now + self.ttl_s),
                     "n": secrets.token_hex(16),
                 },
@@ -132,10 +148,12 @@ class Challenges:
         return f"{MAGIC}.{payload}.{_b64e(self._mac(payload))}"
 
     def verify(
-        self, account: str, challenge: str, solution: str, *, now: float, min_difficulty: int = 1
-    ) -> int:
-        """Accept ``solution`` to ``challenge`` for ``account`` once, or raise; return the
-        challenge's difficulty (the work proven, in bits).
+        self, account: str, challenge: str, solution: str, *, now: float, min_difficulty: int = 1,
+        rows: int = 1,
+    ) -> int:  # fmt: skip
+        """Accept ``solution`` to ``challenge`` for ``account`` and a request of ``rows``
+        rows once, or raise; return the work proven per row, in bits (the challenge's
+        difficulty less :func:`row_bits` of its rows).
 
         Raises ChallengeRequiredError when the challenge is malformed, not signed by this
         server, expired, issued to another account, easier than ``min_difficulty``,
@@ -155,6 +173,11 @@ class Challenges:
             raise ChallengeRequiredError("proof-of-work challenge has expired")
         if not hmac.compare_digest(claims.account.encode(), account.encode()):
             raise ChallengeRequiredError("proof-of-work challenge was issued to another account")
+        if claims.rows != rows:
+            raise ChallengeRequiredError(
+                f"proof-of-work challenge was issued for {claims.rows} rows; this request "
+                f"has {rows}: ask for a new challenge"
+            )
         if claims.difficulty < min_difficulty:
             raise ChallengeRequiredError("proof-of-work challenge is easier than now required")
         # 3. The work itself.
@@ -164,4 +187,4 @@ class Challenges:
         ttl = max(1.0, claims.expires_at - now + 1.0)
         if not self._store.consume_once(f"pow/{claims.nonce}", ttl_s=ttl):
             raise ChallengeRequiredError("proof-of-work challenge was already used")
-        return claims.difficulty
+        return max(0, claims.difficulty - row_bits(claims.rows))

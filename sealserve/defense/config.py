@@ -14,7 +14,12 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from sealserve.defense.escalation import ResponsePolicy
+from sealserve.defense.escalation import (
+    DEFAULT_BATCH_ROWS,
+    DEFAULT_LIFT_GRACE_S,
+    DEFAULT_REPEAT_BITS,
+    ResponsePolicy,
+)
 from sealserve.defense.status import DEFAULT_DIFFICULTY, DEFAULT_THROTTLE_FACTOR, MAX_DIFFICULTY
 from sealserve.defense.watermark.signal import DEFAULT_MAX_PROBES
 from sealserve.errors import ConfigError
@@ -35,6 +40,11 @@ class ModelDefenseConfig(BaseModel):
     profile: str = Field(default="default", description="Profile name, or 'none'.")
     tiers: dict[str, str] = Field(default_factory=dict, description="tier -> profile name")
     detection: bool = Field(default=True)
+    unsafe_undefended_outputs: list[str] = Field(
+        default_factory=list,
+        description="Other outputs served as the model computes them, with no defense "
+        "(every output not named here, nor output/label, is refused).",
+    )
     reference: Path | None = Field(
         default=None, description="npz with 'x': honest inputs for the distribution detector."
     )
@@ -68,6 +78,31 @@ class DefenseConfig(BaseModel):
     state_dir: Path | None = Field(default=None, description="Sealed state directory.")
     throttle_factor: float = Field(default=DEFAULT_THROTTLE_FACTOR, gt=0, lt=1)
     challenge_difficulty: int = Field(default=DEFAULT_DIFFICULTY, ge=1, le=MAX_DIFFICULTY)
+    lift_grace_s: float = Field(
+        default=DEFAULT_LIFT_GRACE_S,
+        ge=0,
+        description="After an operator lifts or forgives an account, detection does not "
+        "escalate it again for this many seconds.",
+    )
+    cohort_detection: bool = Field(
+        default=False,
+        description="Also judge young accounts of a tier as one pooled stream and challenge "
+        "the young accounts of a flagged cohort (off by default: a flagged cohort also "
+        "challenges honest newcomers while it holds).",
+    )
+    challenge_repeat_bits: int = Field(
+        default=DEFAULT_REPEAT_BITS,
+        ge=0,
+        le=8,
+        description="Bits added to a detection challenge for each earlier episode of "
+        "detected suspicion (challenge or suspension) of the account.",
+    )
+    batch_scoring_rows: int = Field(
+        default=DEFAULT_BATCH_ROWS,
+        ge=1,
+        description="A request of at least this many rows is scored before it is "
+        "answered (off the event loop); one that trips challenge or suspension is refused.",
+    )
     ledger_save_interval_s: float = Field(
         default=2.0,
         gt=0,
@@ -127,6 +162,7 @@ def describe(cfg: DefenseConfig) -> dict[str, Any]:
             name: {
                 "output": m.output, "output_kind": m.output_kind, "label": m.label,
                 "profile": m.profile, "tiers": m.tiers, "detection": m.detection,
+                "unsafe_undefended_outputs": m.unsafe_undefended_outputs,
                 "distribution_reference": m.reference is not None,
                 "prada": m.prada, "distribution": m.distribution, "volume": m.volume,
             }
@@ -135,6 +171,10 @@ def describe(cfg: DefenseConfig) -> dict[str, Any]:
         "response": cfg.response or "default",
         "throttle_factor": cfg.throttle_factor,
         "challenge_difficulty": cfg.challenge_difficulty,
+        "challenge_repeat_bits": cfg.challenge_repeat_bits,
+        "lift_grace_s": cfg.lift_grace_s,
+        "cohort_detection": cfg.cohort_detection,
+        "batch_scoring_rows": cfg.batch_scoring_rows,
         "audit": cfg.audit.enabled,
         "sealed_state": cfg.state_dir is not None,
     }  # fmt: skip

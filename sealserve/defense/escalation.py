@@ -75,6 +75,13 @@ class Decision:
         return self.status > self.previous
 
 
+DEFAULT_BATCH_ROWS = 32
+"""A request of at least this many rows is judged before it is answered."""
+DEFAULT_LIFT_GRACE_S = 3600.0
+"""How long an operator's lift or forgiveness holds against detection."""
+DEFAULT_REPEAT_BITS = 2
+"""Bits a detection challenge gains per earlier episode of suspicion (4x the work)."""
+
 _DEFAULT: dict[str, Any] = {
     "log_at": 0.3,
     "levels": {

@@ -21,9 +21,10 @@ from sealserve.defense.peer import peer_address
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.pipeline import OutputDefenses
 from sealserve.defense.store.base import Remaining
-from sealserve.errors import RefusedError
+from sealserve.errors import PermissionDeniedError, RefusedError
 
 ANONYMOUS = "anonymous"
+RESERVED = "\x00"
 log = logging.getLogger("sealserve.defense")
 
 
@@ -65,6 +66,9 @@ class Guard:
         forwarded_for: str | None,
         protocol: str = "grpc",
     ) -> Caller:
+        if account is not None and account.startswith(RESERVED):
+            # Pooled detection streams live under such names (release/cohort.py).
+            raise PermissionDeniedError("account names may not start with a NUL character")
         key = (transport_peer, forwarded_for)
         peer = self._peers.get(key)
         if peer is None:
@@ -120,14 +124,29 @@ class Guard:
         except Exception:  # a full disk must not turn a refusal into an internal error
             log.exception("could not record a refusal in the audit log")
 
+    def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The outputs inference must produce for a request naming ``requested``: a
+        defended model always computes its defended output, whatever was asked for.
+        Raises InputError for an output the defenses do not cover."""
+        if self.output is None:
+            return requested
+        return self.output.to_compute(model, requested)
+
+    def large_batch(self, rows: int) -> bool:
+        """Whether a request of ``rows`` rows is judged before it is answered."""
+        return self.output is not None and self.output.large_batch(rows)
+
     def release(
         self, caller: Caller, model: str, inputs: Mapping[str, np.ndarray],
-        outputs: dict[str, np.ndarray],
+        outputs: dict[str, np.ndarray], *, requested: tuple[str, ...] = (),
     ) -> dict[str, np.ndarray]:  # fmt: skip
-        """The outputs to send back: detection, perturbation, watermark and audit run
-        here when configured. Raises UnavailableError (state store down)."""
+        """The outputs to send back (those in ``requested``; all when empty):
+        detection, perturbation, watermark and audit run here when configured, on every
+        row, whichever outputs were asked for. Raises UnavailableError (state store
+        down)."""
         if self.output is None:
             return outputs
-        return self.output.release(
+        released = self.output.release(
             caller.account, caller.tier, model, inputs, outputs, protocol=caller.protocol
         )
+        return self.output.served(model, requested, released)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sealserve.errors import ConfigError, quote
+from sealserve.errors import ConfigError, InputError, quote
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -48,6 +48,10 @@ def _month_of_day(day: int) -> tuple[float, float]:
     first = datetime(moment.year, moment.month, 1, tzinfo=UTC)
     nxt = datetime(moment.year + (moment.month == 12), moment.month % 12 + 1, 1, tzinfo=UTC)
     return first.timestamp(), nxt.timestamp()
+
+
+DEFENDED_MAX_ROWS = 4096
+"""A tier's default cap on rows per request when the server defends its models."""
 
 
 class CostMode(StrEnum):
@@ -130,12 +134,24 @@ class Tier:
     limits: LimitSet
     cost: CostMode = CostMode.REQUEST
     per_model: bool = False
+    max_rows: int | None = None
+    """The most rows one request may carry (None: no cap); checked before inference."""
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
             raise ConfigError(f"tier name must be a non-empty string, got {self.name!r}")
         if not isinstance(self.cost, CostMode):
             raise ConfigError(f"limits.tiers.{self.name}.cost must be 'request' or 'batch'")
+        if self.max_rows is not None:
+            _positive(f"limits.tiers.{self.name}", "max_rows", self.max_rows, integer=True)
+
+    def check_rows(self, rows: int) -> None:
+        """Refuse a request of more rows than the tier allows. Raises InputError."""
+        if self.max_rows is not None and rows > self.max_rows:
+            raise InputError(
+                f"request has {rows} rows; tier {self.name!r} allows at most "
+                f"{self.max_rows} rows per request: split it into smaller requests"
+            )
 
     def cost_of(self, batch_size: int) -> int:
         """The quota units one request of ``batch_size`` items uses under this tier."""
@@ -144,16 +160,20 @@ class Tier:
         return batch_size if self.cost is CostMode.BATCH else 1
 
     @classmethod
-    def from_mapping(cls, name: str, data: Mapping[str, Any]) -> Tier:
+    def from_mapping(cls, name: str, data: Mapping[str, Any], *, defended: bool = False) -> Tier:
+        """Build from the tier's table. ``defended``: the server defends its models, so
+        by default a tier counts rows (``cost = "batch"``) and caps a request at
+        :data:`DEFENDED_MAX_ROWS` rows."""
         where = f"limits.tiers.{name}"
         if not isinstance(data, Mapping):
             raise ConfigError(f"{where} must be a table")
         _known(
             data,
-            {"rate", "burst", "per_minute", "per_day", "per_month", "cost", "per_model"},
+            {"rate", "burst", "per_minute", "per_day", "per_month", "cost", "per_model",
+             "max_rows"},
             where,
-        )
-        cost_raw = data.get("cost", "request")
+        )  # fmt: skip
+        cost_raw = data.get("cost", "batch" if defended else "request")
         try:
             cost = CostMode(cost_raw)
         except ValueError:
@@ -164,7 +184,8 @@ class Tier:
         if not isinstance(per_model, bool):
             raise ConfigError(f"{where}.per_model must be true or false, got {per_model!r}")
         limits = LimitSet._from_known(data, where=where)
-        return cls(name=name, limits=limits, cost=cost, per_model=per_model)
+        max_rows = data.get("max_rows", DEFENDED_MAX_ROWS if defended else None)
+        return cls(name=name, limits=limits, cost=cost, per_model=per_model, max_rows=max_rows)
 
 
 @dataclass(frozen=True)
@@ -216,8 +237,9 @@ class LimitsConfig:
         return self.models.get(model, self.model)
 
     @classmethod
-    def from_mapping(cls, data: Mapping[str, Any]) -> LimitsConfig:
-        """Build from the ``[limits]`` TOML table (docs/quotas.md).
+    def from_mapping(cls, data: Mapping[str, Any], *, defended: bool = False) -> LimitsConfig:
+        """Build from the ``[limits]`` TOML table (docs/quotas.md). ``defended``: the
+        server defends its models (tiers count rows and cap them by default).
 
         Raises ConfigError naming the key for unknown keys, wrong types, zero or
         negative limits and an unknown default tier.
@@ -230,7 +252,9 @@ class LimitsConfig:
         tiers_raw = data.get("tiers", {})
         if not isinstance(tiers_raw, Mapping):
             raise ConfigError("limits.tiers must be a table of tiers")
-        tiers = {name: Tier.from_mapping(name, t) for name, t in tiers_raw.items()}
+        tiers = {
+            name: Tier.from_mapping(name, t, defended=defended) for name, t in tiers_raw.items()
+        }
         peer = LimitSet.from_mapping(_table(data, "peer"), where="limits.peer")
         model = LimitSet.from_mapping(_table(data, "model"), where="limits.model")
         models_raw = _table(data, "models")

@@ -159,6 +159,7 @@ class QuotaGuard:
 
         ``challenge``/``solution``: the proof of work a challenged account sends with its
         call (ignored for other accounts). Raises SuspendedError (account suspended),
+        InputError (more rows than the tier allows per request),
         ChallengeRequiredError (challenged account without a valid answer;
         ``.challenge`` holds a fresh one), RateLimitedError (a limit is hit;
         ``retry_after`` and the limit in the message), PermissionDeniedError (unknown
@@ -167,11 +168,14 @@ class QuotaGuard:
         """
         now = time.time() if now is None else now
         t = self._tier(tier)
+        t.check_rows(batch_size)
         cost = t.cost_of(batch_size)
         work, work_error = 0, None
         if challenge and solution is not None and self.challenges is not None:
             try:
-                work = self.challenges.verify(account, challenge, solution, now=now)
+                work = self.challenges.verify(
+                    account, challenge, solution, now=now, rows=batch_size
+                )
             except ChallengeRequiredError as exc:
                 work_error = exc.message
         result = self.store.admit(
@@ -188,13 +192,14 @@ class QuotaGuard:
             if status.kind is Status.SUSPENDED:
                 # The reason stays with the operator: it may describe how we detect abuse.
                 raise SuspendedError("account is suspended", retry_after=result.retry_after)
-            self._require_work(account, status, work, work_error, now)
+            self._require_work(account, status, work, work_error, now, batch_size)
         assert result.refused_by is not None
         raise RateLimitedError(result.refused_by.describe(), retry_after=result.retry_after)
 
     def _require_work(
-        self, account: str, status: AccountStatus, work: int, work_error: str | None, now: float
-    ) -> None:
+        self, account: str, status: AccountStatus, work: int, work_error: str | None, now: float,
+        rows: int,
+    ) -> None:  # fmt: skip
         assert status.difficulty is not None
         if self.challenges is None:
             raise ChallengeRequiredError(
@@ -208,8 +213,18 @@ class QuotaGuard:
         else:
             message = "proof-of-work answer required: solve the challenge and send it with the call"
         raise ChallengeRequiredError(
-            message, challenge=self.challenges.issue(account, status.difficulty, now=now)
+            message,
+            challenge=self.challenges.issue(account, status.difficulty, now=now, rows=rows),
         )
+
+    def issue_challenge(self, account: str, *, rows: int, now: float | None = None) -> str:
+        """A fresh challenge for the account's current difficulty and ``rows`` rows
+        ("" when this server issues none or the account is not challenged)."""
+        now = time.time() if now is None else now
+        status = self.status(account, now=now)
+        if self.challenges is None or status.difficulty is None:
+            return ""
+        return self.challenges.issue(account, status.difficulty, now=now, rows=rows)
 
     # Admin operations -----------------------------------------------------------
 

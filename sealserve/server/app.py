@@ -346,9 +346,8 @@ class Server:
             hpke_private_key=self.hpke_private_key,
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, protected)
-        admin_pb2_grpc.add_AdminServicer_to_server(
-            AdminServicer(self.plane.guard.quota, audit=self._audit_log), protected
-        )
+        admin = AdminServicer(self.plane.guard.quota, self.plane.guard, audit=self._audit_log)
+        admin_pb2_grpc.add_AdminServicer_to_server(admin, protected)
         services.append(ADMIN_SERVICE)
         audit_pb2_grpc.add_AuditServicer_to_server(AuditServicer(self.audit_head), protected)
         services.append(AUDIT_SERVICE)

@@ -5,9 +5,11 @@ Later layers (authentication, the defense guard) hook in here, not in the servic
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
@@ -99,10 +101,17 @@ class DataPlane:
             request = pending.decode()
             if _batch_of(request) != batch:  # the codec checks shapes; never expected
                 raise InputError("decoded batch size differs from the declared shape")
+        requested = request.outputs
+        # A defended model always computes its defended output, whatever was asked for.
+        request.outputs = self.guard.to_compute(request.model, requested)
         response = await self.engine.infer(request)
-        response.outputs = self.guard.release(
-            caller, request.model, request.inputs, response.outputs
-        )
+        release = partial(self.guard.release, caller, request.model, request.inputs,
+                          response.outputs, requested=requested)  # fmt: skip
+        if self.guard.large_batch(batch):
+            # A large batch is scored before it is answered: off the event loop.
+            response.outputs = await asyncio.to_thread(release)
+        else:
+            response.outputs = release()
         return response, remaining
 
     def refused_recently(self, account: str) -> None:

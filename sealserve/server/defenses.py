@@ -257,6 +257,14 @@ def build_defenses(
             raise ConfigError(f"[defense.models.{name}] output {mc.output!r} is not an output")
         if mc.label is not None and mc.label not in outs:
             raise ConfigError(f"[defense.models.{name}] label {mc.label!r} is not an output")
+        for extra in mc.unsafe_undefended_outputs:
+            if extra not in outs:
+                raise ConfigError(
+                    f"[defense.models.{name}] unsafe_undefended_outputs: {extra!r} is not an output"
+                )
+        if mc.unsafe_undefended_outputs:
+            log.warning("model %s: outputs %s are served UNDEFENDED (unsafe_undefended_outputs)",
+                        name, ", ".join(mc.unsafe_undefended_outputs))  # fmt: skip
         width = outs[mc.output].shape[-1] if len(outs[mc.output].shape) > 1 else 1
         spec = _spec(mc.output_kind, max(width, 1))
         n_features = _input_width(info, mc.input)
@@ -282,6 +290,7 @@ def build_defenses(
             label_name=mc.label,
             profiles=profiles,
             suite=suite,
+            unsafe_undefended_outputs=frozenset(mc.unsafe_undefended_outputs),
         )
     audit = None
     if secrets.audit_key is not None:
@@ -293,10 +302,15 @@ def build_defenses(
         )  # fmt: skip
         bind_audit_state(cfg, secrets, audit, quota)
     policy = ResponsePolicy.from_mapping(cfg.response) if cfg.response else ResponsePolicy.default()
-    responses = Responses(policy, cfg.throttle_factor, cfg.challenge_difficulty)
+    responses = Responses(
+        policy, cfg.throttle_factor, cfg.challenge_difficulty, lift_grace_s=cfg.lift_grace_s,
+        repeat_bits=cfg.challenge_repeat_bits, batch_rows=cfg.batch_scoring_rows,
+        cohort=cfg.cohort_detection,
+    )  # fmt: skip
     return OutputDefenses(
-        models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked
-    )
+        models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked,
+        blobs=blobs,
+    )  # fmt: skip
 
 
 def bind_audit_state(

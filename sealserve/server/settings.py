@@ -260,7 +260,11 @@ class Settings(BaseSettings):
 
     def limits_config(self) -> LimitsConfig | None:
         """The [limits] table validated; raises ConfigError naming the key."""
-        return None if self.limits is None else LimitsConfig.from_mapping(self.limits)
+        if self.limits is None:
+            return None
+        # A defended server counts rows and caps them by default (issue 16).
+        defended = bool(self.defense and self.defense.get("models"))
+        return LimitsConfig.from_mapping(self.limits, defended=defended)
 
     def where(self, key: str) -> str:
         """``FILE: key`` (or just ``key`` without a config file), for messages."""

@@ -10,6 +10,7 @@ from sealserve.defense.challenge import (
     ChallengeClaims,
     Challenges,
     leading_zero_bits,
+    row_bits,
     solve,
 )
 from sealserve.defense.store.base import StateStore
@@ -119,3 +120,21 @@ def test_solve_gives_up() -> None:
     c = Challenges(Challenges.generate_key(), MemoryStore())
     with pytest.raises(ChallengeRequiredError, match="no proof-of-work solution found in 1"):
         solve(c.issue("alice", 32, now=NOW), max_tries=1)
+
+
+def test_work_scales_with_rows_and_binds_the_row_count(challenges: Challenges) -> None:
+    # issue 16: a challenge pays for the rows asked for, and only for that many.
+    one = ChallengeClaims.from_challenge(challenges.issue("alice", 3, now=NOW))
+    hundred = ChallengeClaims.from_challenge(challenges.issue("alice", 3, now=NOW, rows=100))
+    assert (one.rows, one.difficulty) == (1, 3)
+    assert (hundred.rows, hundred.difficulty) == (100, 3 + row_bits(100)) == (100, 10)
+    ch = challenges.issue("alice", 3, now=NOW, rows=4)
+    sol = solve(ch)
+    with pytest.raises(ChallengeRequiredError, match="issued for 4 rows; this request has 5"):
+        challenges.verify("alice", ch, sol, now=NOW + 1, rows=5)
+    # The work proven per row is the base difficulty.
+    assert challenges.verify("alice", ch, sol, now=NOW + 1, rows=4) == 3
+
+
+def test_row_bits() -> None:
+    assert [row_bits(n) for n in (1, 2, 3, 4, 32, 33, 4096)] == [0, 1, 2, 2, 5, 6, 12]

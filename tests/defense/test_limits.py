@@ -135,3 +135,39 @@ def test_window_bounds() -> None:
     start, end = window_bounds(Period.MONTH, t)
     assert start == datetime(2024, 12, 1, tzinfo=UTC).timestamp()
     assert end == datetime(2025, 1, 1, tzinfo=UTC).timestamp()
+
+
+def test_a_defended_server_counts_rows_and_caps_them_by_default() -> None:
+    from sealserve.defense.limits import DEFENDED_MAX_ROWS, CostMode
+
+    plain = LimitsConfig.from_mapping({"tiers": {"free": {"per_day": 10}}})
+    assert plain.tier("free").cost is CostMode.REQUEST and plain.tier("free").max_rows is None
+    defended = LimitsConfig.from_mapping({"tiers": {"free": {"per_day": 10}}}, defended=True)
+    tier = defended.tier("free")
+    assert tier.cost is CostMode.BATCH and tier.max_rows == DEFENDED_MAX_ROWS
+    # An operator's explicit choice is honoured.
+    chosen = LimitsConfig.from_mapping(
+        {"tiers": {"free": {"per_day": 10, "cost": "request", "max_rows": 10}}}, defended=True
+    )
+    assert chosen.tier("free").cost is CostMode.REQUEST and chosen.tier("free").max_rows == 10
+
+
+def test_a_200000_row_request_is_refused_before_admission() -> None:
+    from sealserve.defense.quota import QuotaGuard
+    from sealserve.defense.store.memory import MemoryStore
+    from sealserve.errors import InputError
+
+    cfg = LimitsConfig.from_mapping({"tiers": {"free": {"rate": 5, "burst": 5}}}, defended=True)
+    store = MemoryStore()
+    guard = QuotaGuard(cfg, store)
+    with pytest.raises(InputError, match="request has 200000 rows; tier 'free' allows at most "
+                                         "4096 rows per request"):  # fmt: skip
+        guard.admit("thief", "free", "127.0.0.1", "digits", batch_size=200_000, now=1000.0)
+    # Nothing was consumed: the next one-row request still has the full burst.
+    result = guard.admit("thief", "free", "127.0.0.1", "digits", batch_size=1, now=1000.0)
+    assert next(r for r in result.remaining if r.name == "account.rate").remaining == 4
+
+
+def test_max_rows_must_be_a_positive_integer() -> None:
+    with pytest.raises(ConfigError, match="max_rows must be greater than zero"):
+        LimitsConfig.from_mapping({"tiers": {"free": {"max_rows": 0}}})

@@ -18,24 +18,37 @@ import logging
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from urllib.parse import quote
 
 import numpy as np
 
 from sealserve.defense.audit.log import AuditLog, digest_array
 from sealserve.defense.detect import DetectorSuite
-from sealserve.defense.escalation import ResponsePolicy
+from sealserve.defense.detect.base import SuiteResult
+from sealserve.defense.detect.state import BlobStore
+from sealserve.defense.escalation import (
+    DEFAULT_BATCH_ROWS,
+    DEFAULT_LIFT_GRACE_S,
+    DEFAULT_REPEAT_BITS,
+    ResponsePolicy,
+)
 from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.release.cohort import CohortWatch, is_young
 from sealserve.defense.release.hot_path import BoundProfile
 from sealserve.defense.status import (
     DEFAULT_DIFFICULTY,
     DEFAULT_THROTTLE_FACTOR,
+    MAX_DIFFICULTY,
     AccountStatus,
     Status,
 )
+from sealserve.errors import ChallengeRequiredError, InputError, SuspendedError
 
 log = logging.getLogger("sealserve.defense")
 
 DETECTOR = "detector"
+FORGIVEN = "forgiven"
+"""The reason an operator's forgiveness starts with (detection state cleared)."""
 
 
 @dataclass
@@ -46,6 +59,8 @@ class ModelDefense:
     row). ``output_name``: the tensor the profile rewrites. ``label_name``: an output
     recomputed as the argmax of the rewritten one, so the two stay consistent.
     ``profiles`` maps tier -> profile; key ``None`` is every other tier.
+    ``unsafe_undefended_outputs``: other outputs the operator declared safe to serve
+    as the model computes them (every other output of a defended model is refused).
     """
 
     model: str
@@ -54,6 +69,40 @@ class ModelDefense:
     label_name: str | None = None
     profiles: Mapping[str | None, BoundProfile] = field(default_factory=dict)
     suite: DetectorSuite | None = None
+    unsafe_undefended_outputs: frozenset[str] = frozenset()
+
+    def covered(self) -> frozenset[str]:
+        """The output names a client may ask for."""
+        names = {self.output_name, self.label_name} - {None}
+        return frozenset(n for n in names if n is not None) | self.unsafe_undefended_outputs
+
+    def to_compute(self, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The outputs inference must produce for ``requested`` (empty: all): always the
+        defended output, so that every answer passes the defenses whatever was asked
+        for. Raises InputError for an output the defenses do not cover."""
+        if not requested or self.output_name is None:
+            return requested
+        covered = self.covered()
+        for name in requested:
+            if name not in covered:
+                raise InputError(
+                    f"output {_short(name)} of model {_short(self.model)} is not covered "
+                    f"by its defenses and is not served (ask for: "
+                    f"{', '.join(sorted(covered))})"
+                )
+        return tuple(dict.fromkeys((*requested, self.output_name)))
+
+    def served(
+        self, requested: tuple[str, ...], outputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Of the released ``outputs``, those the client asked for (and the names the
+        profile derives from them: ``NAME_classes``, ``NAME_label``)."""
+        if not requested:
+            return outputs
+        keep = set(requested)
+        if self.output_name in keep:
+            keep |= {f"{self.output_name}_classes", f"{self.output_name}_label"}
+        return {k: v for k, v in outputs.items() if k in keep}
 
     def profile_for(self, tier: str | None) -> BoundProfile | None:
         return self.profiles.get(tier, self.profiles.get(None))
@@ -66,6 +115,16 @@ class Responses:
     policy: ResponsePolicy
     throttle_factor: float = DEFAULT_THROTTLE_FACTOR
     challenge_difficulty: int = DEFAULT_DIFFICULTY
+    lift_grace_s: float = DEFAULT_LIFT_GRACE_S
+    """After an operator lifts or forgives an account, detection does not escalate it
+    again for this long (its detectors still observe)."""
+    cohort: bool = True
+    """Judge young accounts of a tier together too (release/cohort.py)."""
+    repeat_bits: int = DEFAULT_REPEAT_BITS
+    """Bits added to a detection challenge per earlier detection challenge/suspension."""
+    batch_rows: int = DEFAULT_BATCH_ROWS
+    """A request of at least this many rows is judged before it is answered: a batch
+    whose own rows escalate the account to challenge or suspend is not answered."""
 
 
 class OutputDefenses:
@@ -78,14 +137,36 @@ class OutputDefenses:
         audit: AuditLog | None = None,
         clock: Callable[[], float] = time.time,
         on_marked: Callable[[], None] | None = None,
+        blobs: BlobStore | None = None,
     ) -> None:
         self.models = dict(models)
+        # Where the detectors keep their state (and the forgiveness epochs).
+        self.blobs = blobs
+        self.cohort = (
+            CohortWatch(responses.policy, quota, audit=audit,
+                        difficulty=responses.challenge_difficulty)
+            if responses is not None and quota is not None and responses.cohort
+            else None
+        )  # fmt: skip
         self.responses = responses
         self.quota = quota
         self.audit = audit
         self._clock = clock
         # Called after an answer carried the watermark (persist the sealed ledger).
         self.on_marked = on_marked
+
+    def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
+        """The outputs inference must produce for a request naming ``requested``.
+        Raises InputError for an output of a defended model the defenses do not cover."""
+        d = self.models.get(model)
+        return requested if d is None else d.to_compute(requested)
+
+    def served(
+        self, model: str, requested: tuple[str, ...], outputs: dict[str, np.ndarray]
+    ) -> dict[str, np.ndarray]:
+        """Of the released outputs, those the client asked for."""
+        d = self.models.get(model)
+        return outputs if d is None else d.served(requested, outputs)
 
     def release(
         self,
@@ -105,7 +186,10 @@ class OutputDefenses:
         decision_label: str = "ok"
         flags: dict[str, float] = {}
         if d is not None and d.suite is not None and d.output_name in outputs:
-            decision_label, flags = self._detect(account, model, d, x, outputs[d.output_name], now)
+            decision_label, flags = self._detect(
+                account, tier, model, d, x, outputs[d.output_name], now
+            )
+            self._judge_batch(account, model, x, decision_label, flags, now)
         if d is not None and d.output_name is not None and d.output_name in outputs:
             profile = d.profile_for(tier)
             if profile is not None:
@@ -127,17 +211,36 @@ class OutputDefenses:
         return outputs
 
     def _detect(
-        self, account: str, model: str, d: ModelDefense, x: np.ndarray, probs: np.ndarray,
-        now: float,
+        self, account: str, tier: str | None, model: str, d: ModelDefense, x: np.ndarray,
+        probs: np.ndarray, now: float,
     ) -> tuple[str, dict[str, float]]:  # fmt: skip
         assert d.suite is not None
         labels = np.argmax(probs.reshape(len(x), -1), axis=1) if probs.ndim > 1 else (
             (probs.reshape(-1) >= 0.5).astype(np.int64))  # fmt: skip
         top = None
+        subject = self._subject(account)
+        results = []
         for row, label in zip(x, labels, strict=True):
-            result = d.suite.observe_at_time(account, model, row, int(label), now=now)
+            result = d.suite.observe_at_time(subject, model, row, int(label), now=now)
+            results.append(result)
             if top is None or result.score > top.score:
                 top = result
+        label, flags = self._decide(account, model, top, now)
+        # The aggregate view: young accounts' rows are judged together too.
+        if (
+            self.cohort is not None
+            and is_young(results)
+            and self.cohort.observe(d.suite, account=account, tier=tier, model=model, x=x,
+                                    labels=labels, now=now)
+            and Status.parse(label) < Status.CHALLENGED
+        ):  # fmt: skip
+            label = Status.CHALLENGED.label
+        return label, flags
+
+    def _decide(
+        self, account: str, model: str, top: SuiteResult | None, now: float
+    ) -> tuple[str, dict[str, float]]:
+        """The account's own verdict from its highest-scoring row."""
         if top is None or self.responses is None:
             return "ok", top.flags() if top else {}
         policy = self.responses.policy
@@ -147,6 +250,14 @@ class OutputDefenses:
         decision = policy.decide_at_time(current, top.scores, now=now)
         # Never weaken a status an operator set; detection only adds to it.
         operator_set = set_by not in ("", DETECTOR)
+        if (
+            operator_set
+            and current.kind is Status.NORMAL
+            and current.set_at > 0
+            and now - current.set_at < self.responses.lift_grace_s
+        ):
+            # An operator's lift or forgiveness holds for its grace period.
+            return Status.NORMAL.label, top.flags()
         if (
             decision.write
             and self.quota is not None
@@ -164,6 +275,77 @@ class OutputDefenses:
                 )  # fmt: skip
         return decision.status.label, top.flags()
 
+    def _subject(self, account: str) -> str:
+        """The name the account's detector state is kept under: the account, followed
+        by its forgiveness epoch once an operator has forgiven it (a fresh state; the
+        old one lapses with its TTL)."""
+        epoch = self._epoch(account)
+        return account if epoch == 0 else f"{account}\x00{epoch}"
+
+    def _epoch(self, account: str) -> int:
+        blobs = self._blobs()
+        raw = blobs.get_blob(_epoch_key(account)) if blobs is not None else None
+        return int(raw.decode("ascii")) if raw else 0
+
+    def _blobs(self) -> BlobStore | None:
+        return self.blobs
+
+    def forgive(self, account: str, *, by: str, now: float | None = None) -> int:
+        """Clear ``account``'s detector state (every model), set it back to normal and
+        say so in the audit log. Returns the new forgiveness epoch. Detection does not
+        escalate it again for ``lift_grace_s``. Raises UnavailableError (store down)."""
+        now = self._clock() if now is None else now
+        blobs = self._blobs()
+        epoch = self._epoch(account) + 1
+        if blobs is not None:
+            blobs.put_blob(_epoch_key(account), str(epoch).encode("ascii"), ttl_s=None)
+        previous, _ = self._current(account, now)
+        reason = f"{FORGIVEN} by {by}: detector state cleared (epoch {epoch})"
+        if self.quota is not None:
+            self.quota.apply_status(account, Status.NORMAL, reason=reason, set_by=by, now=now)
+        if self.audit is not None:
+            self.audit.append_status_change_at_time(
+                now, account=account, model="*", previous=previous.kind.label,
+                status=Status.NORMAL.label, expires_at=None, reason=reason,
+            )  # fmt: skip
+        log.warning("account %s: %s", account, reason)
+        return epoch
+
+    def large_batch(self, rows: int) -> bool:
+        """Whether a request of ``rows`` rows is judged before it is answered."""
+        r = self.responses
+        return r is not None and rows >= r.batch_rows
+
+    def _judge_batch(
+        self, account: str, model: str, x: np.ndarray, decision: str, flags: dict[str, float],
+        now: float,
+    ) -> None:  # fmt: skip
+        """A large batch whose own rows escalated the account to challenge or suspend
+        is refused whole (its rows are already counted and observed)."""
+        rows = len(x)
+        if not self.large_batch(rows) or decision not in (
+            Status.CHALLENGED.label,
+            Status.SUSPENDED.label,
+        ):
+            return
+        if self.audit is not None:
+            self.audit.append_query_at_time(
+                now, account=account, model=model, input_sha256=digest_array(x),
+                output_sha256=digest_array(np.zeros(0)), decision=f"refused-{decision}",
+                flags={"rows": float(rows), **flags},
+            )  # fmt: skip
+        if decision == Status.SUSPENDED.label:
+            raise SuspendedError(
+                f"account is suspended: this batch of {rows} rows was not answered"
+            )
+        raise ChallengeRequiredError(
+            f"account must now solve a proof-of-work challenge: this batch of {rows} rows "
+            "was not answered",
+            challenge=self.quota.issue_challenge(account, rows=rows, now=now)
+            if self.quota is not None
+            else "",
+        )
+
     def _current(self, account: str, now: float) -> tuple[AccountStatus, str]:
         """The account's status, and who set it."""
         if self.quota is None:
@@ -177,9 +359,41 @@ class OutputDefenses:
         assert self.quota is not None and self.responses is not None
         ttl = None if expires_at is None else max(1.0, expires_at - now)
         r = self.responses
+        difficulty = r.challenge_difficulty
+        if status is Status.CHALLENGED:
+            difficulty = self._repeat_difficulty(account)
         self.quota.apply_status(account, status, reason=reason, set_by=DETECTOR, ttl_s=ttl,
-                                factor=r.throttle_factor, difficulty=r.challenge_difficulty,
+                                factor=r.throttle_factor, difficulty=difficulty,
                                 now=now)  # fmt: skip
+
+    def _repeat_difficulty(self, account: str) -> int:
+        """Challenges get harder with repeated suspicion: the base difficulty plus
+        ``repeat_bits`` per earlier challenge or suspension detection set (docs/defenses.md,
+        "Challenges with teeth")."""
+        assert self.quota is not None and self.responses is not None
+        r = self.responses
+        history = self.quota.history(account)  # newest first
+        if history and history[0].kind is Status.CHALLENGED and history[0].difficulty:
+            return history[0].difficulty  # a renewal keeps the episode's difficulty
+        strikes, later = 0, Status.NORMAL
+        for st in history:
+            if st.reason.startswith(FORGIVEN):
+                break  # forgiveness clears the record
+            if st.set_by == DETECTOR and st.kind >= Status.CHALLENGED > later:
+                strikes += 1  # the start of one episode of suspicion
+            later = st.kind
+        return min(MAX_DIFFICULTY, r.challenge_difficulty + r.repeat_bits * strikes)
+
+
+def _epoch_key(account: str) -> str:
+    return f"detect-epoch/{quote(account, safe='')}"
+
+
+def _short(text: str, limit: int = 32) -> str:
+    """Client input quoted short: a prefix and its length."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
 
 
 def _rows(inputs: Mapping[str, np.ndarray], name: str | None) -> np.ndarray:

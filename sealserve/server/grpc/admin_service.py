@@ -11,6 +11,7 @@ import grpc
 from sealserve._proto import admin_pb2 as adm
 from sealserve.defense.audit.log import AuditLog
 from sealserve.defense.audit.state import record_status
+from sealserve.defense.guard import Guard
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.status import MAX_DIFFICULTY, Status
 from sealserve.errors import InputError, UnavailableError
@@ -22,9 +23,14 @@ class AdminServicer:
     """``audit()``: the audit log operators' status changes go to (None: no log)."""
 
     def __init__(
-        self, quota: QuotaGuard | None, audit: Callable[[], AuditLog | None] = lambda: None
+        self,
+        quota: QuotaGuard | None,
+        guard: Guard | None = None,
+        audit: Callable[[], AuditLog | None] = lambda: None,
     ) -> None:
         self._quota = quota
+        # The guard's output defenses are built after the models load: read them late.
+        self._guard = guard
         self._audit = audit
 
     def _q(self) -> QuotaGuard:
@@ -56,6 +62,20 @@ class AdminServicer:
             raise InputError("tier is required to reset an account's quota")
         self._q().reset(request.account, request.tier, model=request.model or None)
         return self._info(request.account, request.tier, request.model)
+
+    @grpc_errors
+    async def Forgive(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
+        self._q()
+        if not request.account:
+            raise InputError("account is required")
+        output = self._guard.output if self._guard is not None else None
+        if output is None:
+            raise UnavailableError("no [defense] is configured on this server: nothing to forgive")
+        principal = current_principal()
+        by = f"admin:{principal.account}" if principal else "admin"
+        reason = f" ({request.reason})" if request.reason else ""
+        output.forgive(request.account, by=by + reason)
+        return self._info(request.account, request.tier, "")
 
     @grpc_errors
     async def SetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
