@@ -1,4 +1,5 @@
-"""``sealserve watermark verify``: prove a suspect model was trained on our answers."""
+"""``sealserve watermark verify``: prove a suspect model was trained on our answers
+(DAWN marks, signal tilt and band marks; ``--json`` holds each test)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ def register(sub: Any) -> None:
             "Replays the watermark ledger's marked inputs to a suspect, counts how often "
             "it reproduces the watermark answers (match rate, the rate expected by "
             "chance, one-sided binomial test), replays the ledger's boundary probes to "
-            "test for the keyed signal tilt (an exact Gaussian test), and reports both "
-            "with a combined p-value and a verdict."
+            "test for the keyed signal tilt (an exact Gaussian test), replays the recorded "
+            "band rows (labels only) for the band-marks test (an exact binomial test), "
+            "and reports each with a combined (Bonferroni) p-value and a verdict."
         ),
     )
     actions = p.add_subparsers(dest="watermark_action", metavar="ACTION", required=True)
