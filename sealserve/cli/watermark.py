@@ -34,6 +34,11 @@ def register(sub: Any) -> None:
         "--signal-probes", type=int, default=1000, metavar="N",
         help="boundary probes replayed for the signal test, nearest first (default 1000)",
     )  # fmt: skip
+    v.add_argument(
+        "--band-pool", choices=("fit", "all"), default="fit",
+        help="band test: pool the accounts on which the suspect's top-1 fit is high "
+        "(fit, coin-free, the default) or every account (all)",
+    )  # fmt: skip
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.set_defaults(func=run_verify)
 
@@ -106,7 +111,7 @@ def run_verify(args: argparse.Namespace) -> int:
     suspect, close = open_suspect(args)
     try:
         report = verify(ledger, suspect, account=args.account, alpha=args.alpha,
-                        signal_probes=args.signal_probes)  # fmt: skip
+                        signal_probes=args.signal_probes, band_pool=args.band_pool)  # fmt: skip
     finally:
         close()
     if args.json:

@@ -333,6 +333,7 @@ def verify(
     references: Sequence[Predict] = (),
     alpha: float = DEFAULT_ALPHA,
     signal_probes: int = DEFAULT_SIGNAL_PROBES,
+    band_pool: str = "fit",
 ) -> VerifyReport:
     """Replay the ledger (optionally one model's / one account's entries) to ``suspect``.
 
@@ -341,14 +342,19 @@ def verify(
     only undercount and so only makes the test more conservative).
     ``original`` and ``controls`` are needed for score / two-class ledgers (see the
     module docstring). ``signal_probes`` caps the probes the signal test replays
-    (the ones nearest a decision boundary first).
+    (the ones nearest a decision boundary first). ``band_pool`` says which accounts'
+    band rows the band test pools: ``"fit"`` (those on which the suspect's top-1 fit is
+    high, a coin-free choice; see :func:`~sealserve.defense.watermark.band.select_accounts`)
+    or ``"all"`` (every account selected by ``account=``).
 
     Raises:
         InputError: no matching entries or probes, mixed models or input shapes, or a
             suspect output that is not one label per input.
         ConfigError: a score / two-class ledger without ``original`` and ``controls``,
-            ``alpha`` outside (0, 1) or ``signal_probes`` < 1.
+            ``alpha`` outside (0, 1), ``signal_probes`` < 1 or an unknown ``band_pool``.
     """
+    if band_pool not in ("fit", "all"):
+        raise ConfigError(f"band_pool must be 'fit' or 'all', got {band_pool!r}")
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
     if signal_probes < 1:
@@ -389,9 +395,11 @@ def verify(
         def labels(raw: np.ndarray) -> np.ndarray:
             return to_labels(raw, kind="class")
 
-        band = band_test(band_spec, all_band, suspect, to_labels=labels)
+        pool = band_pool == "fit"
+        band = band_test(band_spec, all_band, suspect, to_labels=labels, pool=pool)
         ref_band = [
-            band_test(band_spec, all_band, r, to_labels=labels).p_value for r in references
+            band_test(band_spec, all_band, r, to_labels=labels, pool=pool).p_value
+            for r in references
         ]
     marks = (
         _marks_test(all_entries, suspect, num_classes, original, controls, references)

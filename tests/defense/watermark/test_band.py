@@ -225,3 +225,29 @@ def test_bad_band_config_is_refused(band: object, message: str) -> None:
 def test_band_needs_probability_outputs() -> None:
     with pytest.raises(ConfigError, match="watermark.band needs probability outputs"):
         Profile.from_mapping("p", {"watermark": {"band": BAND}}, output=OutputSpec.logits(10))
+
+
+def test_thief_split_over_accounts_is_found_among_honest_ones(task: dt.Digits) -> None:
+    """10 thief accounts hidden among 10 honest ones: pooling by the suspect's top-1 fit
+    (coin-free) picks thief accounts only; an unknown pooling rule is refused."""
+    ledger = WatermarkLedger()
+    bound = band_profile().bind(key=dt.KEY, ledger=ledger)
+    q = dt.augment(task.x_pool, 1000, seed=3)
+    honest = dt.augment(task.x_test, 1000, seed=11)
+    y = np.empty(len(q), dtype=np.int64)
+    for i, idx in enumerate(np.array_split(np.arange(1000), 10)):
+        r = bound.apply_at_time(task.proba(q[idx]), inputs=q[idx], account=f"thief{i}",
+                                model="digits", now=0.0)  # fmt: skip
+        y[idx] = np.argmax(r.values, 1)
+        bound.apply_at_time(task.proba(honest[idx]), inputs=honest[idx], account=f"honest{i}",
+                            model="digits", now=0.0)  # fmt: skip
+    replica = MLPClassifier((64,), max_iter=300, random_state=0).fit(q / 16.0, y)
+    rep = verify(ledger, labels_of(replica), model="digits")
+    assert rep.band is not None and rep.band.accounts
+    assert all(a.startswith("thief") for a in rep.band.accounts)
+    everyone = verify(ledger, labels_of(replica), model="digits", band_pool="all")
+    assert everyone.band is not None and everyone.band.runner_up > rep.band.runner_up
+    print(f"\npicked {len(rep.band.accounts)} thief accounts: p={rep.band.p_value:.3g}; "
+          f"all 20 pooled: p={everyone.band.p_value:.3g}")  # fmt: skip
+    with pytest.raises(ConfigError, match="band_pool must be 'fit' or 'all'"):
+        verify(ledger, labels_of(replica), model="digits", band_pool="some")
