@@ -47,6 +47,8 @@ class Release:
     indices: np.ndarray | None = None
     band: np.ndarray | None = None
     """Rows whose label the band marks turned into the runner-up (None: none)."""
+    band_rows: int = 0
+    """Rows of the batch in the band (offered to the ledger whether flipped or not)."""
 
 
 class BoundProfile:
@@ -263,13 +265,14 @@ class BoundProfile:
         if marks is None:
             return Release(
                 values=values, marked=np.zeros(n, dtype=bool), form=form, indices=indices,
-                band=flipped,
+                band=flipped, band_rows=len(band[0]) if band is not None else 0,
             )  # fmt: skip
         if self._recorder is not None:
             self._recorder.record(marks, values, indices, inputs, cells, account, model, now)
         return Release(
-            values=values, marked=marks.selected, form=form, indices=indices, band=flipped
-        )
+            values=values, marked=marks.selected, form=form, indices=indices, band=flipped,
+            band_rows=len(band[0]) if band is not None else 0,
+        )  # fmt: skip
 
     def _record_band(
         self,

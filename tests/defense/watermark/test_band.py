@@ -251,3 +251,24 @@ def test_thief_split_over_accounts_is_found_among_honest_ones(task: dt.Digits) -
           f"all 20 pooled: p={everyone.band.p_value:.3g}")  # fmt: skip
     with pytest.raises(ConfigError, match="band_pool must be 'fit' or 'all'"):
         verify(ledger, labels_of(replica), model="digits", band_pool="some")
+
+
+def test_a_recorded_band_row_asks_for_the_ledger_to_be_saved(task: dt.Digits) -> None:
+    """Band rows are recorded without any DAWN mark in the batch: the pipeline must still
+    tell the server that the sealed ledger changed."""
+    from sealserve.defense.release.pipeline import ModelDefense, OutputDefenses
+
+    ledger = WatermarkLedger()
+    bound = band_profile().bind(key=dt.KEY, ledger=ledger)
+    saved: list[int] = []
+    defenses = OutputDefenses(
+        {"digits": ModelDefense("digits", "input", "probs", profiles={None: bound})},
+        on_marked=lambda: saved.append(1),
+    )
+    q = dt.augment(task.x_pool, 300, seed=12)
+    p = task.proba(q)
+    margin = np.diff(np.sort(p, axis=1)[:, -2:], axis=1).ravel()
+    i = int(np.flatnonzero(margin < 0.3)[0])
+    defenses.release("a", None, "digits", {"input": q[i : i + 1]}, {"probs": p[i : i + 1]})
+    assert len(ledger.band_rows()) == 1 and len(ledger) == 0
+    assert saved == [1]
