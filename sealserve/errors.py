@@ -33,6 +33,33 @@ and nowhere else: this module knows nothing of gRPC.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+#: How much of a client-chosen string or shape an error message or log line may quote.
+QUOTE_CHARS = 64
+QUOTE_DIMS = 8
+
+
+def quote(value: object, *, limit: int = QUOTE_CHARS) -> str:
+    """Client input for a message: ``'text'`` when short, else a prefix and the length.
+
+    Every error or log line that repeats what a client sent goes through here (or
+    :func:`quote_shape`), so that a huge name cannot make the error itself too large
+    for the client's metadata limit or flood the log.
+    """
+    text = value.decode("utf-8", "replace") if isinstance(value, bytes) else str(value)
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} chars)"
+
+
+def quote_shape(shape: Sequence[int], *, limit: int = QUOTE_DIMS) -> str:
+    """A client's shape for a message: whole up to ``limit`` dimensions, else a prefix."""
+    dims = list(shape[:limit])
+    if len(shape) <= limit:
+        return str(dims)
+    return f"[{', '.join(str(d) for d in dims)}, ...] ({len(shape)} dims)"
+
 
 class SealserveError(Exception):
     """Base class of every sealserve error.
@@ -138,9 +165,18 @@ class SuspendedError(RefusedError):
 
 
 class UnavailableError(SealserveError):
-    """A dependency (state store, key broker, model) is not available right now."""
+    """A dependency (state store, key broker, model) is not available right now.
+
+    ``retry_after`` is a hint in seconds when one is known.
+    """
 
     remedy = "Retry later; if it persists, the operator should check the server log."
+
+    def __init__(
+        self, message: str, *, retry_after: float | None = None, remedy: str | None = None
+    ) -> None:
+        super().__init__(message, remedy=remedy)
+        self.retry_after = retry_after
 
 
 class OverloadedError(UnavailableError):

@@ -6,7 +6,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import pytest
@@ -22,11 +22,15 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """A throwaway redis-server on 127.0.0.1 without persistence."""
+    """A throwaway redis-server on 127.0.0.1, without persistence unless
+    ``persistence`` gives the arguments (e.g. the shipped manifest's)."""
 
-    def __init__(self, workdir: Path, port: int | None = None) -> None:
+    def __init__(
+        self, workdir: Path, port: int | None = None, *, persistence: Sequence[str] = ()
+    ) -> None:
         self.workdir = workdir
         self.port = port or free_port()
+        self.persistence = tuple(persistence) or ("--save", "", "--appendonly", "no")
         self.proc: subprocess.Popen[bytes] | None = None
 
     @property
@@ -42,10 +46,7 @@ class RedisServer:
                 str(self.port),
                 "--bind",
                 "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
+                *self.persistence,
                 "--dir",
                 str(self.workdir),
                 "--daemonize",
@@ -74,6 +75,13 @@ class RedisServer:
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
             self.proc.terminate()
+            self.proc.wait(timeout=10)
+        self.proc = None
+
+    def crash(self) -> None:
+        """SIGKILL: no shutdown, no final fsync (a node failure, an OOM kill)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
             self.proc.wait(timeout=10)
         self.proc = None
 

@@ -11,7 +11,8 @@ tag  field              value
 ==== =================  =================================================
 1    platform           UTF-8 ``Platform`` value ("sev-snp", ...)
 2    report             the raw hardware report (SNP: 1184 bytes) or quote
-3    certs              cert table (kernel auxblob format) or chain; may be empty
+3    certs              SNP: cert table (kernel auxblob format) or chain; TDX: the
+                        quote's collateral in dcap-qvl JSON form; may be empty
 4    manifest           the workload manifest (canonical JSON bytes)
 5    tls_spki           the server's TLS SubjectPublicKeyInfo, DER
 6    hpke_public_key    the enclave's HPKE public key (raw bytes)
@@ -117,6 +118,51 @@ def _bad(why: str) -> EvidenceFormatError:
     return EvidenceFormatError(f"evidence: {why}", check="evidence")
 
 
+def verify_report_at_time(
+    platform: Platform,
+    report: bytes,
+    *,
+    roots: TrustedRoots,
+    now: datetime,
+    certs: bytes = b"",
+    cache_dir: str | Path | None = None,
+    tdx_collateral: TdxCollateral | None = None,
+) -> Claims:
+    """Verify one raw hardware report of ``platform`` (no binding, no policy).
+
+    SEV-SNP (genuine or simulated, ``roots`` decides): the report with its VCEK/VLEK
+    from ``certs`` (cert table or PEM chain) or the cache. TDX: the quote, only if
+    ``roots`` trusts the pinned Intel SGX Root CA, with ``tdx_collateral``, else the
+    collateral in ``certs`` (dcap-qvl JSON) when there is any.
+
+    Raises EvidenceFormatError or VerificationError (``check`` names the step;
+    ``roots`` when the platform's vendor root is not trusted).
+    """
+    if platform in (Platform.SEV_SNP, Platform.SIMULATED_SNP):
+        return verify_snp_at_time(
+            report, roots=roots, now=now, cert_table=certs, cache_dir=cache_dir
+        )
+    if platform is Platform.TDX:
+        if not roots.intel:
+            raise VerificationError(
+                "roots: TDX quotes chain to the Intel SGX Root CA, which is not among the "
+                "trusted roots",
+                check="roots",
+            )
+        from sealserve.attestation.tdx import verify_tdx_at_time
+        from sealserve.attestation.tdx_quote import TdxQuote
+
+        TdxQuote.from_bytes(report)  # a format error is named before the collateral's
+        if tdx_collateral is None and certs:
+            # Guest-supplied collateral is safe to take: every part is signed by Intel.
+            tdx_collateral = TdxCollateral.from_dcap_json_cached(certs)
+        # The PCK chain travels inside the quote; collateral decides the TCB status.
+        return verify_tdx_at_time(report, now=now, collateral=tdx_collateral)
+    raise VerificationError(
+        f"platform: no verifier for {platform.value} evidence", check="platform"
+    )
+
+
 def verify_evidence_at_time(
     evidence: Evidence,
     *,
@@ -146,19 +192,15 @@ def verify_evidence_at_time(
         )
     checks.append(Check("nonce", True, "evidence answers our nonce"))
     # 2. platform report and chain
-    if evidence.platform in (Platform.SEV_SNP, Platform.SIMULATED_SNP):
-        claims = verify_snp_at_time(
-            evidence.report, roots=roots, now=now, cert_table=evidence.certs, cache_dir=cache_dir
-        )
-    elif evidence.platform is Platform.TDX:
-        from sealserve.attestation.tdx import verify_tdx_at_time
-
-        # The PCK chain travels inside the quote; TCB collateral is optional.
-        claims = verify_tdx_at_time(evidence.report, now=now, collateral=tdx_collateral)
-    else:
-        raise VerificationError(
-            f"platform: no verifier for {evidence.platform.value} evidence", check="platform"
-        )
+    claims = verify_report_at_time(
+        evidence.platform,
+        evidence.report,
+        roots=roots,
+        now=now,
+        certs=evidence.certs,
+        cache_dir=cache_dir,
+        tdx_collateral=tdx_collateral,
+    )
     if claims.platform is not evidence.platform:
         raise VerificationError(
             f"platform: evidence is labelled {evidence.platform.value} but its chain makes "

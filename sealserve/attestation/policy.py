@@ -77,6 +77,35 @@ class OnPlatforms:
 
 
 @dataclass(frozen=True)
+class PlatformSections:
+    """Per-platform rules, default deny: claims are judged by their own platform's
+    section, and claims from a platform with no section are refused. (A section never
+    passes claims of another platform: an SNP measurement says nothing about a TD.)"""
+
+    sections: Mapping[Platform, Policy]
+    names: Mapping[Platform, str]
+
+    def verify(self, claims: Claims) -> None:
+        policy = self.sections.get(claims.platform)
+        if policy is None:
+            have = ", ".join(f"[{n}]" for n in sorted(set(self.names.values())))
+            raise PolicyError(
+                f"platform {claims.platform.value}: the policy has no section for it "
+                f"(it has {have}); evidence from a platform without rules is refused"
+            )
+        policy.verify(claims)
+
+
+@dataclass(frozen=True)
+class NoPlatformRules:
+    """An explicitly empty platform section: the platform is allowed with no rules of
+    its own (the table's other rules still apply)."""
+
+    def verify(self, claims: Claims) -> None:
+        return None
+
+
+@dataclass(frozen=True)
 class PlatformIn:
     """The evidence comes from one of ``platforms`` (real TEEs only; for the
     simulated platform use :class:`UnsafeAllowSimulated`)."""
@@ -384,6 +413,8 @@ def _rule_table(table: Mapping[str, Any], where: str, *, top: bool = False) -> l
     policies: list[Policy] = []
     platform_rule: Policy | None = None
     simulated: Policy | None = None
+    sections: dict[Platform, Policy] = {}
+    names: dict[Platform, str] = {}
     for key, value in table.items():
         at = f"{where}{key}"
         if top and key in ("version", "any_of"):
@@ -392,8 +423,9 @@ def _rule_table(table: Mapping[str, Any], where: str, *, top: bool = False) -> l
             platforms, rules = SECTIONS[key]
             section = _typed(value, dict, at)
             inner = _apply(section, rules, f"{at}.")
-            if inner:
-                policies.append(OnPlatforms(platforms, AllOf(inner)))
+            for platform in platforms:
+                sections[platform] = AllOf(inner) if inner else NoPlatformRules()
+                names[platform] = key
             continue
         if key not in RULES:
             known = ", ".join(sorted([*RULES, *SECTIONS, *(["any_of"] if top else [])]))
@@ -405,6 +437,8 @@ def _rule_table(table: Mapping[str, Any], where: str, *, top: bool = False) -> l
             simulated = built
         elif built is not None:
             policies.append(built)
+    if sections:
+        policies.append(PlatformSections(sections, names))
     if simulated is not None:
         policies.insert(0, AnyOf([p for p in (platform_rule, simulated) if p is not None]))
     elif platform_rule is not None:
@@ -433,7 +467,9 @@ def policy_from_toml(text: str) -> Policy:
 
     Top-level defaults (when a key is absent): ``platforms = ["sev-snp", "tdx"]``,
     ``allow_debug = false``, ``[sev-snp] allow_migration_agent = false``. Each
-    ``[[any_of]]`` entry is a rule table; at least one must pass.
+    ``[[any_of]]`` entry is a rule table; at least one must pass. In a table that has
+    platform sections (``[sev-snp]``, ``[tdx]``), claims are judged by their own
+    platform's section and refused when it has none (:class:`PlatformSections`).
 
     Raises ConfigError naming the offending key on bad TOML, unknown keys or bad values.
     """
@@ -446,10 +482,12 @@ def policy_from_toml(text: str) -> Policy:
         raise ConfigError(f"policy: unsupported version {version!r} (this sealserve reads 1)")
     defaults = {"platforms": sorted(p.value for p in REAL_PLATFORMS), "allow_debug": False}
     top = {**defaults, **{k: v for k, v in doc.items() if k != "any_of"}}
-    snp = dict(_typed(top.get("sev-snp", {}), dict, "sev-snp"))
-    snp.setdefault("allow_migration_agent", False)
-    top["sev-snp"] = snp
+    # The migration-agent default is its own rule: it must not make a [sev-snp] section
+    # appear, which would refuse every platform without one.
+    snp = _typed(top.get("sev-snp", {}), dict, "sev-snp")
     policies = _rule_table(top, "", top=True)
+    if snp.get("allow_migration_agent", False) is False:
+        policies.append(OnPlatforms(SNP_PLATFORMS, MigrationAgentDisallowed()))
     if "any_of" in doc:
         entries = _typed(doc["any_of"], list, "any_of")
         alternatives: list[Policy] = []

@@ -262,12 +262,32 @@ class RootSet:
 class TrustedRoots:
     """The roots a relying party trusts. Pass explicitly; nothing is trusted implicitly.
 
-    ``TrustedRoots.amd()`` holds AMD's pinned roots; ``TrustedRoots.from_dir(path)`` a
-    local (e.g. simulated) root; combine with ``+``. Evidence chaining to a root that is
-    not a pinned AMD one is labelled ``Platform.SIMULATED_SNP``.
+    ``TrustedRoots.amd()`` holds AMD's pinned roots; ``TrustedRoots.intel_sgx()`` the
+    pinned Intel SGX Root CA (TDX quotes are refused unless it is trusted);
+    ``TrustedRoots.vendors()`` both; ``TrustedRoots.from_dir(path)`` a local (e.g.
+    simulated) root; combine with ``+``. SEV-SNP evidence chaining to a root that is not
+    a pinned AMD one is labelled ``Platform.SIMULATED_SNP``.
     """
 
     sets: tuple[RootSet, ...]
+    intel: bool = False
+
+    @classmethod
+    @functools.cache
+    def intel_sgx(cls) -> TrustedRoots:
+        """Trust the pinned Intel SGX Root CA (for TDX quotes) and nothing else.
+
+        Raises VerificationError (``check="pck_chain"``) if the packaged root was altered.
+        """
+        from sealserve.attestation.tdx_pck import intel_sgx_root_ca
+
+        intel_sgx_root_ca()  # pin-checked now, not at the first quote
+        return cls((), intel=True)
+
+    @classmethod
+    def vendors(cls) -> TrustedRoots:
+        """AMD's and Intel's pinned roots: every genuine platform sealserve verifies."""
+        return cls.amd() + cls.intel_sgx()
 
     @classmethod
     @functools.cache
@@ -311,7 +331,7 @@ class TrustedRoots:
         return cls((RootSet(name or f"local:{path}", ark, ask, asvk),))
 
     def __add__(self, other: TrustedRoots) -> TrustedRoots:
-        return TrustedRoots(self.sets + other.sets)
+        return TrustedRoots(self.sets + other.sets, intel=self.intel or other.intel)
 
     def find(self, leaf: x509.Certificate) -> tuple[RootSet, x509.Certificate] | None:
         """The root set and intermediate whose subject names ``leaf``'s issuer."""

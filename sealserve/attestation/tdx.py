@@ -12,13 +12,14 @@ raise is evidence that cannot be trusted at all; each failure is a
 ``pck_chain``               PCK leaf -> Platform/Processor CA -> pinned Intel root fails
 ``qe_report_signature``     the QE report is not signed by the PCK key
 ``qe_report_binding``       QE report_data[0:32] != SHA-256(attestation key || auth data)
+``qe_identity``             the QE is not Intel's TD QE (vendor id, MRSIGNER, ISVPRODID;
+                            with collateral also ATTRIBUTES/MISCSELECT and ISVSVN level)
+``tcb_info``                TCB info is not TDX TCB info for this FMSPC / PCE-ID
 ``quote_signature``         header + TD report not signed by the attestation key
 ``crl``                     a CRL is foreign, badly signed, stale, or revokes the chain
 ``collateral_freshness``    TCB info / QE identity not current at ``now``
-``collateral_signature``    a supplied TCB-signing chain or JSON signature is bad
-``tcb_info``                TCB info is not TDX TCB info for this FMSPC / PCE-ID
+``collateral_signature``    a TCB-signing chain (-> pinned root) or a JSON signature fails
 ``tdx_module``              MRSIGNERSEAM / SEAMATTRIBUTES do not match the TCB info
-``qe_identity``             the QE does not match the TD_QE identity
 ``tcb_status``              no TCB level matches, or the TCB is Revoked
 ==========================  ==========================================================
 """
@@ -38,14 +39,23 @@ from sealserve.attestation.tdx_pck import (
     PckChain,
     PckExtension,
     intel_sgx_root_ca,
+    load_pem_chain,
     pck_extension,
     verify_pck_chain,
     verify_raw_p256,
 )
-from sealserve.attestation.tdx_quote import TdxQuote
+from sealserve.attestation.tdx_quote import INTEL_QE_VENDOR_ID, TdxQuote
 from sealserve.attestation.tdx_tcb import evaluate_collateral
 from sealserve.attestation.x509names import common_name
-from sealserve.errors import VerificationError
+from sealserve.errors import EvidenceFormatError, VerificationError
+
+# Intel's TD quoting enclave, as published in every TD_QE identity Intel signs: used
+# when no QE identity collateral is given, so that a quote is never accepted from an
+# enclave that is not Intel's QE (the collateral, when given, is checked as well).
+INTEL_TD_QE_MRSIGNER = bytes.fromhex(
+    "dc9e2a7c6f948f17474e34a7fc43ed030f7c1563f1babddf6340c82e0e54a8c5"
+)
+INTEL_TD_QE_ISVPRODID = 2
 
 __all__ = ["TdxCollateral", "TdxQuote", "tdx_fields", "verify_tdx", "verify_tdx_at_time"]
 
@@ -136,6 +146,8 @@ def verify_tdx_at_time(
             check="qe_report_binding",
         )
     checks.append(Check("qe_report_binding", True, "attestation key bound by the QE report"))
+    # 4b. The QE is Intel's TD QE (the collateral's QE identity adds its TCB level).
+    checks.append(check_intel_qe(quote))
     # 5. The attestation key signed the header and TD report.
     try:
         att_key = ec.EllipticCurvePublicKey.from_encoded_point(
@@ -156,8 +168,14 @@ def verify_tdx_at_time(
     )
     fields = tdx_fields(quote, chain, pck)
     # 6. Collateral: CRLs, QE identity, TCB status (each only as far as supplied).
+    if quote.trailing:
+        checks.append(
+            Check("trailing_bytes", None, f"{quote.trailing} bytes after the signature data "
+                  "(covered by no signature) ignored")
+        )  # fmt: skip
     if collateral is None:
         checks.append(Check("crl", None, "not checked: no collateral supplied"))
+        checks.append(Check("collateral_signature", None, "no collateral supplied"))
         checks.append(Check("tcb_status", None, "not evaluated: no collateral supplied"))
     else:
         extra_fields, extra_checks = evaluate_collateral(
@@ -181,6 +199,37 @@ def verify_tdx_at_time(
         checks=tuple(checks),
         extra={"mrsignerseam": td.mrsignerseam.hex(), "body_type": quote.body_type},
     )
+
+
+def quote_fmspc(raw: bytes) -> bytes:
+    """The FMSPC in a quote's PCK certificate (unverified: to pick collateral by).
+
+    Raises EvidenceFormatError when the quote or its PCK certificate cannot be parsed.
+    """
+    quote = TdxQuote.from_bytes(raw)
+    certs = load_pem_chain(quote.pck_chain_pem, what="PCK certificate chain")
+    if not certs:
+        raise EvidenceFormatError("TDX quote: no PCK certificate", check="quote_format")
+    return pck_extension(certs[0]).fmspc
+
+
+def check_intel_qe(quote: TdxQuote) -> Check:
+    """The quote's QE is Intel's TD QE (vendor id, MRSIGNER, ISVPRODID): checked with or
+    without QE identity collateral. Raises VerificationError (``check="qe_identity"``)."""
+    qe = quote.qe_report
+    problems = []
+    if quote.header.qe_vendor_id != INTEL_QE_VENDOR_ID:
+        problems.append(f"QE vendor id {quote.header.qe_vendor_id.hex()} is not Intel's")
+    if not hmac.compare_digest(qe.mrsigner, INTEL_TD_QE_MRSIGNER):
+        problems.append(f"QE MRSIGNER {qe.mrsigner.hex()[:16]}... is not Intel's")
+    if qe.isvprodid != INTEL_TD_QE_ISVPRODID:
+        problems.append(f"QE ISVPRODID {qe.isvprodid} is not the TD QE's (2)")
+    if problems:
+        raise VerificationError(
+            "qe_identity: the quoting enclave is not Intel's TD QE: " + "; ".join(problems),
+            check="qe_identity",
+        )
+    return Check("qe_identity", True, "Intel TD QE (vendor id, MRSIGNER, ISVPRODID 2)")
 
 
 def verify_tdx(raw: bytes, *, collateral: TdxCollateral | None = None) -> Claims:

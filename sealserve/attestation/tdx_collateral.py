@@ -24,7 +24,9 @@ signatures cannot be checked, and the result says so (``collateral_signature``,
 from __future__ import annotations
 
 import datetime
+import functools
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +62,9 @@ TCB_LEVEL_STATUSES = frozenset(
 #: Every value ``fields["tcb_status"]`` can take (Revoked raises instead).
 TCB_STATUSES = TCB_LEVEL_STATUSES | {RELAUNCH, RELAUNCH_CONFIG}
 CONFIG_STATUSES = frozenset({CONFIG_NEEDED, OUT_OF_DATE_CONFIG, CONFIG_AND_SW, RELAUNCH_CONFIG})
+
+
+_HEX = re.compile(rb"[0-9a-fA-F]+")
 
 
 def _fmt(what: str, message: str) -> EvidenceFormatError:
@@ -108,6 +113,16 @@ def _signed_body(text: str, key: str, what: str) -> tuple[dict[str, Any], bytes,
         raise _fmt(what, f"cannot locate the signed body ({exc})") from exc
     signature = _hex(top.get("signature", ""), f"{what} signature", 64)
     return top[key], text[begin:end].encode(), signature
+
+
+def _object(text: str, what: str) -> dict[str, Any]:
+    try:
+        obj = json.loads(text)
+    except ValueError as exc:
+        raise _fmt(what, f"not JSON ({exc})") from exc
+    if not isinstance(obj, dict):
+        raise _fmt(what, "expected a JSON object")
+    return obj
 
 
 def _read_text(source: str | bytes | Path, what: str) -> str:
@@ -215,6 +230,19 @@ class TcbInfo:
         it). Raises EvidenceFormatError (``check="collateral_format"``)."""
         text = _read_text(source, "TCB info")
         info, body, signature = _signed_body(text, "tcbInfo", "TCB info")
+        return cls._build(info, body, signature)
+
+    @classmethod
+    def from_signed(cls, body: str | bytes, signature: bytes) -> TcbInfo:
+        """Parse the signed ``tcbInfo`` object given apart from its 64-byte r||s
+        signature (the form of dcap-qvl's collateral JSON). Raises EvidenceFormatError."""
+        text = _read_text(body, "TCB info")
+        return cls._build(_object(text, "TCB info"), text.encode(), signature)
+
+    @classmethod
+    def _build(cls, info: dict[str, Any], body: bytes, signature: bytes) -> TcbInfo:
+        if len(signature) != 64:
+            raise _fmt("TCB info signature", f"expected 64 bytes, got {len(signature)}")
         try:
             levels = tuple(
                 TcbLevel(
@@ -278,6 +306,19 @@ class QeIdentity:
         Raises EvidenceFormatError (``check="collateral_format"``)."""
         text = _read_text(source, "QE identity")
         ident, body, signature = _signed_body(text, "enclaveIdentity", "QE identity")
+        return cls._build(ident, body, signature)
+
+    @classmethod
+    def from_signed(cls, body: str | bytes, signature: bytes) -> QeIdentity:
+        """Parse the signed ``enclaveIdentity`` object given apart from its signature.
+        Raises EvidenceFormatError."""
+        text = _read_text(body, "QE identity")
+        return cls._build(_object(text, "QE identity"), text.encode(), signature)
+
+    @classmethod
+    def _build(cls, ident: dict[str, Any], body: bytes, signature: bytes) -> QeIdentity:
+        if len(signature) != 64:
+            raise _fmt("QE identity signature", f"expected 64 bytes, got {len(signature)}")
         try:
             levels = tuple(
                 ModuleLevel(
@@ -319,13 +360,28 @@ def load_crl(source: bytes | Path, *, what: str) -> x509.CertificateRevocationLi
     try:
         if stripped.startswith(b"-----BEGIN"):
             return x509.load_pem_x509_crl(stripped)
-        if stripped[:2] in (b"30", b"30".upper()) and all(
-            c in b"0123456789abcdefABCDEF" for c in stripped
-        ):
+        if stripped[:2] == b"30" and _HEX.fullmatch(stripped):
             return x509.load_der_x509_crl(bytes.fromhex(stripped.decode()))
         return x509.load_der_x509_crl(data)
     except ValueError as exc:
         raise _fmt(what, f"not a CRL ({exc})") from exc
+
+
+#: The keys of dcap-qvl's ``QuoteCollateralV3`` JSON (what ``from_dcap_json`` reads).
+DCAP_JSON_KEYS = (
+    "pck_crl_issuer_chain",
+    "root_ca_crl",
+    "pck_crl",
+    "tcb_info_issuer_chain",
+    "tcb_info",
+    "tcb_info_signature",
+    "qe_identity_issuer_chain",
+    "qe_identity",
+    "qe_identity_signature",
+)
+# Written by newer dcap-qvl; the PCK chain that counts is the one inside the quote.
+DCAP_JSON_IGNORED = ("pck_certificate_chain",)
+MAX_COLLATERAL = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -333,8 +389,10 @@ class TdxCollateral:
     """Collateral for TDX verification; every part is optional.
 
     ``tcb_signing_chain`` is the PEM chain from PCS's ``TCB-Info-Issuer-Chain`` header
-    (Intel SGX TCB Signing certificate, then the root). Without it the TCB info and QE
-    identity signatures are reported as not verified.
+    (Intel SGX TCB Signing certificate, then the root); ``qe_identity_signing_chain``
+    the one for the QE identity (the same chain unless given apart). Without them the
+    TCB info and QE identity signatures are not verified, the claims say
+    ``collateral_verified = false``, and TCB-status policy rules refuse.
     """
 
     tcb_info: TcbInfo | None = None
@@ -342,6 +400,76 @@ class TdxCollateral:
     root_crl: x509.CertificateRevocationList | None = None
     pck_crl: x509.CertificateRevocationList | None = None
     tcb_signing_chain: tuple[x509.Certificate, ...] | None = None
+    qe_identity_signing_chain: tuple[x509.Certificate, ...] | None = None
+
+    @property
+    def complete(self) -> bool:
+        """Every part present: both JSON documents, their signing chains, both CRLs."""
+        return None not in (
+            self.tcb_info,
+            self.qe_identity,
+            self.root_crl,
+            self.pck_crl,
+            self.tcb_signing_chain,
+        )
+
+    @classmethod
+    def from_dcap_json(cls, source: str | bytes | Path) -> TdxCollateral:
+        """Parse collateral in dcap-qvl's ``QuoteCollateralV3`` JSON form: the signed
+        TCB info and QE identity as strings with hex signatures and PEM issuer chains,
+        both CRLs as hex DER. Every key is required.
+
+        Raises EvidenceFormatError (``check="collateral_format"``) naming the bad part.
+        """
+        if isinstance(source, Path):
+            try:
+                source = source.read_bytes()
+            except OSError as exc:
+                raise _fmt(str(source), f"cannot read ({exc.strerror})") from exc
+        if len(source) > MAX_COLLATERAL:
+            raise _fmt("collateral", f"{len(source)} bytes is over the {MAX_COLLATERAL} limit")
+        doc = _object(_read_text(source, "collateral"), "collateral")
+        missing = [k for k in DCAP_JSON_KEYS if not isinstance(doc.get(k), str)]
+        if missing:
+            raise _fmt("collateral", f"missing or non-string key(s) {', '.join(missing)}")
+        unknown = sorted(set(doc) - set(DCAP_JSON_KEYS) - set(DCAP_JSON_IGNORED))
+        if unknown:
+            raise _fmt("collateral", f"unknown key(s) {', '.join(k[:40] for k in unknown[:5])}")
+
+        def chain(key: str) -> tuple[x509.Certificate, ...]:
+            return tuple(load_pem_chain(doc[key].encode(), what=f"collateral {key}"))
+
+        return cls(
+            tcb_info=TcbInfo.from_signed(
+                doc["tcb_info"], _hex(doc["tcb_info_signature"], "tcb_info_signature", 64)
+            ),
+            qe_identity=QeIdentity.from_signed(
+                doc["qe_identity"], _hex(doc["qe_identity_signature"], "qe_identity_signature", 64)
+            ),
+            root_crl=load_crl(doc["root_ca_crl"].encode(), what="root_ca_crl"),
+            pck_crl=load_crl(doc["pck_crl"].encode(), what="pck_crl"),
+            tcb_signing_chain=chain("tcb_info_issuer_chain"),
+            qe_identity_signing_chain=chain("qe_identity_issuer_chain"),
+        )
+
+    @staticmethod
+    def from_dcap_json_cached(data: bytes) -> TdxCollateral:
+        """:meth:`from_dcap_json` of ``data``, remembered for the same bytes (a TD sends
+        the same collateral until Intel reissues it; parsing is most of the cost).
+        Only parsing is cached: every check still runs on every verification."""
+        return _parse_dcap_json(bytes(data))
+
+    @classmethod
+    def from_cache_dir(cls, directory: str | Path, fmspc: bytes) -> TdxCollateral | None:
+        """The collateral for ``fmspc`` in a cache directory: ``<fmspc hex>.json`` in
+        dcap-qvl's JSON form (lowercase hex), or None when there is no such file.
+
+        Raises EvidenceFormatError when the file is there but unusable.
+        """
+        path = Path(directory) / f"{fmspc.hex()}.json"
+        if not path.is_file():
+            return None
+        return cls.from_dcap_json(path)
 
     @classmethod
     def from_files(
@@ -375,3 +503,8 @@ class TdxCollateral:
             pck_crl=load_crl(read(pck_crl), what="PCK CRL") if pck_crl is not None else None,
             tcb_signing_chain=chain,
         )
+
+
+@functools.lru_cache(maxsize=32)
+def _parse_dcap_json(data: bytes) -> TdxCollateral:
+    return TdxCollateral.from_dcap_json(data)

@@ -87,6 +87,13 @@ def verify_raw_p256(public_key: object, signature: bytes, data: bytes) -> bool:
 
 def load_pem_chain(pem: bytes, *, what: str) -> list[x509.Certificate]:
     """Parse a PEM bundle (NUL padding tolerated). Raises EvidenceFormatError."""
+    return list(_load_pem_chain(bytes(pem), what))
+
+
+# Parsing is a pure function of the bytes; the same chains come in every quote of a
+# platform (checks on them still run every time).
+@functools.lru_cache(maxsize=64)
+def _load_pem_chain(pem: bytes, what: str) -> tuple[x509.Certificate, ...]:
     try:
         certs = x509.load_pem_x509_certificates(pem.rstrip(b"\x00"))
         # cryptography decodes some parts lazily; decode them now so that a damaged
@@ -98,7 +105,7 @@ def load_pem_chain(pem: bytes, *, what: str) -> list[x509.Certificate]:
         raise EvidenceFormatError(
             f"{what}: not a valid PEM certificate chain ({exc})", check="quote_format"
         ) from exc
-    return certs
+    return tuple(certs)
 
 
 def check_validity(certs: list[x509.Certificate], *, now: datetime.datetime, what: str) -> None:
@@ -265,6 +272,7 @@ class PckExtension:
     cpusvn: bytes
 
 
+@functools.lru_cache(maxsize=64)
 def pck_extension(cert: x509.Certificate) -> PckExtension:
     """Decode FMSPC, PCE-ID and the SGX TCB (16 component SVNs, PCESVN, CPUSVN) from a
     PCK certificate. Raises EvidenceFormatError if the extension is missing or malformed.

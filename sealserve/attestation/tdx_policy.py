@@ -5,7 +5,8 @@ and each has a ``from_toml(table)`` constructor for the policy file loader.
 Generic rules (AllOf / AnyOf, MeasurementIn for MRTD and RTMRs, DebugDisallowed for
 TDATTRIBUTES.DEBUG) live with the generic policies; these cover what only TDX has.
 Every rule refuses evidence that is not TDX, and refuses when the claim it needs is
-missing (default deny): ``TcbStatusIn`` refuses claims verified without TCB info.
+missing (default deny): ``TcbStatusIn`` and ``AdvisoryIdsNotIn`` refuse claims verified
+without complete, signature-checked collateral (``fields["collateral_verified"]``).
 
 Proposed TOML (one table per rule, ``rule`` names it; see docs/tdx.md)::
 
@@ -38,6 +39,16 @@ def _field(claims: Claims, name: str, rule: str) -> Any:
     if name not in claims.fields:
         raise PolicyError(f"{rule}: the claims carry no {name}", check=rule)
     return claims.fields[name]
+
+
+def _require_verified_collateral(claims: Claims, rule: str) -> None:
+    """A TCB status is a fact only when the collateral it came from was verified."""
+    if claims.fields.get("collateral_verified") is not True:
+        raise PolicyError(
+            f"{rule}: the TCB status was not read from verified collateral (supply complete "
+            "collateral: TCB info and QE identity with their issuer chain, both CRLs)",
+            check=rule,
+        )
 
 
 def _hex_values(table: Mapping[str, Any], key: str, rule: str, size: int) -> frozenset[bytes]:
@@ -101,6 +112,7 @@ class TcbStatusIn:
                 f"{self.rule}: TCB status was not evaluated (verify with TCB info collateral)",
                 check=self.rule,
             )
+        _require_verified_collateral(claims, self.rule)
         if status not in self.allowed:
             advisories = claims.fields.get("tcb_advisory_ids") or []
             note = f" (advisories: {', '.join(advisories)})" if advisories else ""
@@ -132,6 +144,7 @@ class AdvisoryIdsNotIn:
 
     def verify(self, claims: Claims) -> None:
         ids = _field(claims, "tcb_advisory_ids", self.rule)
+        _require_verified_collateral(claims, self.rule)
         hit = sorted(self.denied & set(ids))
         if hit:
             raise PolicyError(

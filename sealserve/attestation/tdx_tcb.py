@@ -348,6 +348,43 @@ def evaluate_tcb(
     )
 
 
+TCB_SIGNING_CN = "Intel SGX TCB Signing"
+
+
+def _signing_leaf(
+    chain: Sequence[x509.Certificate] | None,
+    what: str,
+    *,
+    root: x509.Certificate,
+    root_crl: x509.CertificateRevocationList | None,
+    now: datetime.datetime,
+) -> x509.Certificate | None:
+    """Validate a TCB-signing chain (Intel SGX TCB Signing -> pinned root, valid at
+    ``now``, not revoked by the root CA CRL when one is given); None when absent."""
+    if chain is None:
+        return None
+    if not chain or common_name(chain[0].subject) != TCB_SIGNING_CN:
+        found = common_name(chain[0].subject) if chain else "nothing"
+        raise VerificationError(
+            f"collateral_signature: the {what} issuer chain starts with '{found}', "
+            f"expected '{TCB_SIGNING_CN}'",
+            check="collateral_signature",
+        )
+    verify_collateral_signatures(chain, [], root=root, now=now)
+    if root_crl is not None:
+        _check_one_crl(root_crl, issuer=root, subject=chain[0], now=now, what="root CA CRL")
+    return chain[0]
+
+
+def _verify_signed(leaf: x509.Certificate, name: str, body: bytes, signature: bytes) -> None:
+    if not verify_raw_p256(leaf.public_key(), signature, body):
+        raise VerificationError(
+            f"collateral_signature: the {name} signature does not verify with "
+            f"'{common_name(leaf.subject)}' (edited or foreign collateral)",
+            check="collateral_signature",
+        )
+
+
 def evaluate_collateral(
     collateral: TdxCollateral,
     quote: TdxQuote,
@@ -358,12 +395,64 @@ def evaluate_collateral(
     now: datetime.datetime,
 ) -> tuple[dict[str, Any], list[Check]]:
     """Run every collateral check this collateral allows; return the extra claim
-    fields and the checks. Raises VerificationError naming the failed check."""
+    fields and the checks. Raises VerificationError naming the failed check.
+
+    Order: 1 the CRLs (both issuers, windows, revocation of the PCK chain); 2 each JSON
+    document's signature against its issuer chain (TCB Signing -> pinned root), before
+    anything in it is believed; 3 validity windows; 4 the QE identity; 5 the FMSPC and
+    the TCB level. ``fields["collateral_verified"]`` is True only when every part was
+    present and verified: TCB-status rules refuse otherwise.
+    """
     fields: dict[str, Any] = {}
+    # 1. CRLs.
     checks: list[Check] = [
         check_crls(chain, root_crl=collateral.root_crl, pck_crl=collateral.pck_crl, now=now)
     ]
-    signed: list[tuple[str, bytes, bytes]] = []
+    # 2. Signatures first: nothing in an unsigned document is read as a fact below.
+    tcb_leaf = _signing_leaf(
+        collateral.tcb_signing_chain, "TCB info", root=root, root_crl=collateral.root_crl, now=now
+    )
+    qe_chain = collateral.qe_identity_signing_chain or collateral.tcb_signing_chain
+    if qe_chain == collateral.tcb_signing_chain:  # PCS serves one chain for both
+        qe_leaf = tcb_leaf
+    else:
+        qe_leaf = _signing_leaf(
+            qe_chain, "QE identity", root=root, root_crl=collateral.root_crl, now=now
+        )
+    signed: list[str] = []
+    unsigned: list[str] = []
+    if collateral.tcb_info is not None:
+        info = collateral.tcb_info
+        if tcb_leaf is None:
+            unsigned.append("TCB info")
+        else:
+            _verify_signed(tcb_leaf, "TCB info", info.signed_body, info.signature)
+            signed.append("TCB info")
+    if collateral.qe_identity is not None:
+        ident = collateral.qe_identity
+        if qe_leaf is None:
+            unsigned.append("QE identity")
+        else:
+            _verify_signed(qe_leaf, "QE identity", ident.signed_body, ident.signature)
+            signed.append("QE identity")
+    if unsigned:
+        checks.append(
+            Check(
+                "collateral_signature",
+                None,
+                f"not verified: no issuer chain for {', '.join(unsigned)}"
+                + (f"; {', '.join(signed)} signed by {TCB_SIGNING_CN}" if signed else ""),
+            )
+        )
+    elif signed:
+        checks.append(
+            Check(
+                "collateral_signature",
+                True,
+                f"{', '.join(signed)} signed by {TCB_SIGNING_CN} <- Intel SGX Root CA (pinned)",
+            )
+        )
+    # 3-4. QE identity: window, then the QE against it.
     qe_status = None
     if collateral.qe_identity is not None:
         ident = collateral.qe_identity
@@ -371,7 +460,7 @@ def evaluate_collateral(
         qe_status = evaluate_qe_identity(ident, quote.qe_report)
         fields["qe_identity_status"] = qe_status
         checks.append(Check("qe_identity", True, f"TD_QE identity matched, status {qe_status}"))
-        signed.append(("QE identity", ident.signed_body, ident.signature))
+    # 3, 5. TCB info: window, FMSPC, TCB level.
     if collateral.tcb_info is not None:
         info = collateral.tcb_info
         _fresh(info.issue_date, info.next_update, now, "TCB info")
@@ -381,26 +470,7 @@ def evaluate_collateral(
         fields["tcb_advisory_ids"] = list(result.advisory_ids)
         fields["tcb_evaluation_data_number"] = info.tcb_evaluation_data_number
         checks.append(Check("tcb_status", True, f"FMSPC {info.fmspc.hex()}: {result.status}"))
-        signed.insert(0, ("TCB info", info.signed_body, info.signature))
     else:
         checks.append(Check("tcb_status", None, "not evaluated: no TCB info supplied"))
-    if signed:
-        if collateral.tcb_signing_chain is None:
-            checks.append(
-                Check("collateral_signature", None, "not verified: TCB-signing chain not supplied")
-            )
-        else:
-            checks.append(
-                verify_collateral_signatures(
-                    collateral.tcb_signing_chain, signed, root=root, now=now
-                )
-            )
-            if collateral.root_crl is not None:
-                _check_one_crl(
-                    collateral.root_crl,
-                    issuer=root,
-                    subject=collateral.tcb_signing_chain[0],
-                    now=now,
-                    what="root CA CRL",
-                )
+    fields["collateral_verified"] = collateral.complete and not unsigned
     return fields, checks

@@ -40,7 +40,7 @@ from sealserve.auth.keys import JwksSource, source_for_issuer_settings
 from sealserve.auth.principal import SCOPES, Principal
 from sealserve.auth.revocation import FileRevocationList, InMemoryRevocationList, RevocationList
 from sealserve.auth.settings import AuthSettings
-from sealserve.errors import AuthenticationError, ConfigError, PermissionDeniedError
+from sealserve.errors import AuthenticationError, ConfigError, PermissionDeniedError, quote
 
 logger = logging.getLogger("sealserve.auth")
 
@@ -296,31 +296,30 @@ class Authenticator:
             if not isinstance(header, dict) or not isinstance(unverified, dict):
                 raise TypeError("header or payload is not a JSON object")
         except Exception as exc:  # PyJWT on hostile input: any failure is "invalid"
-            raise _invalid(f"malformed token: {type(exc).__name__}: {str(exc)[:200]}") from exc
+            raise _invalid(f"malformed token: {type(exc).__name__}: {quote(str(exc))}") from exc
         alg = header.get("alg")
         if not isinstance(alg, str) or alg not in self._algorithms:
-            raise _invalid(f"algorithm {str(alg)[:40]!r} is not accepted")
+            raise _invalid(f"algorithm {quote(str(alg))} is not accepted")
         kid = header.get("kid")
         if not isinstance(kid, str) or not kid:
             raise _invalid("token header has no 'kid'")
         iss = unverified.get("iss")
         source = self._sources.get(iss) if isinstance(iss, str) else None
         if source is None:
-            raise _invalid(f"issuer {str(iss)[:200]!r} is not trusted")
+            raise _invalid(f"issuer {quote(str(iss))} is not trusted")
         assert isinstance(iss, str)
         key = source.get(kid)
         if key is None and not may_block:
-            raise KeyRefreshNeeded(
-                INVALID_TOKEN_MESSAGE, log_detail=f"kid {kid[:100]!r} not cached"
-            )
+            raise KeyRefreshNeeded(INVALID_TOKEN_MESSAGE, log_detail=f"kid {quote(kid)} not cached")
         if key is None:
             source.refresh_for_unknown_kid()
             key = source.get(kid)
         if key is None:
-            raise _invalid(f"kid {kid[:100]!r} is not in the JWKS of {iss!r}")
+            raise _invalid(f"kid {quote(kid)} is not in the JWKS of {quote(iss)}")
         if alg not in key.algorithms:
             raise _invalid(
-                f"alg {alg!r} does not match key {kid!r} (allows {sorted(key.algorithms)})"
+                f"alg {quote(alg)} does not match key {quote(kid)} "
+                f"(allows {sorted(key.algorithms)})"
             )
         try:
             claims = jwt.decode(
@@ -339,7 +338,7 @@ class Authenticator:
                 },
             )
         except Exception as exc:  # see above
-            raise _invalid(f"verification failed: {type(exc).__name__}: {str(exc)[:200]}") from exc
+            raise _invalid(f"verification failed: {type(exc).__name__}: {quote(str(exc))}") from exc
         exp = _numeric(claims, "exp")
         iat = _numeric(claims, "iat")
         nbf = _numeric(claims, "nbf")
@@ -362,7 +361,7 @@ class Authenticator:
         if not isinstance(tier, str) or not tier:
             raise _invalid(f"claim {s.tier_claim!r} is missing or not a string")
         if s.allowed_tiers is not None and tier not in s.allowed_tiers:
-            raise _invalid(f"tier {tier[:100]!r} is not configured")
+            raise _invalid(f"tier {quote(tier)} is not configured")
         scope = claims.get(s.scope_claim, "")
         if not isinstance(scope, str):
             raise _invalid(f"claim {s.scope_claim!r} is not a space-separated string")
@@ -379,18 +378,18 @@ class Authenticator:
 
     def _authorize(self, principal: Principal, required_scope: str) -> None:
         if self.revocation.is_revoked(principal.token_id):
-            raise _invalid(f"token id {principal.token_id!r} is revoked")
+            raise _invalid(f"token id {quote(principal.token_id)} is revoked")
         if self.revocation.is_suspended(principal.account):
             raise PermissionDeniedError(
                 SUSPENDED_MESSAGE,
-                log_detail=f"account {principal.account!r} is suspended",
+                log_detail=f"account {quote(principal.account)} is suspended",
                 remedy="Contact the model owner.",
             )
         required = self.settings.required_tos_version
         if principal.tos_version != required:
             if principal.tos_version:
                 message = (
-                    f"token records terms of service version {principal.tos_version!r} but "
+                    f"token records terms of service version {quote(principal.tos_version)} but "
                     f"version {required!r} is required: accept it and obtain a new token"
                 )
             else:
@@ -400,13 +399,13 @@ class Authenticator:
                 )
             raise PermissionDeniedError(
                 message,
-                log_detail=f"account {principal.account!r} tos {principal.tos_version!r} "
+                log_detail=f"account {quote(principal.account)} tos {quote(principal.tos_version)} "
                 f"!= required {required!r}",
                 remedy=f"Accept terms of service version {required} and obtain a new token.",
             )
         if required_scope not in principal.scopes:
             raise PermissionDeniedError(
                 f"token lacks the {required_scope!r} scope this call requires",
-                log_detail=f"account {principal.account!r} lacks scope {required_scope!r}",
+                log_detail=f"account {quote(principal.account)} lacks scope {required_scope!r}",
                 remedy=f"Ask the operator for a token with the {required_scope!r} scope.",
             )

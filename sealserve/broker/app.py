@@ -15,9 +15,10 @@ from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.auth import Authenticator
 from sealserve.broker.core import KeyBroker
 from sealserve.broker.nonces import NonceBook
+from sealserve.broker.pccs import PccsClient
 from sealserve.broker.service import KeyBrokerServicer
 from sealserve.broker.settings import BrokerSettings
-from sealserve.broker.store import ROOT_AMD, ROOT_SIMULATED, KeyStore
+from sealserve.broker.store import ROOT_AMD, ROOT_INTEL, ROOT_SIMULATED, KeyStore
 from sealserve.enclave.tls import TlsIdentity
 from sealserve.errors import ConfigError
 
@@ -45,7 +46,7 @@ def build_broker(
     Raises ConfigError / CryptoError (wrong master key) / SealedFormatError.
     """
     store = KeyStore.open(settings.store_file, master_key=settings.read_master_key())
-    roots = {ROOT_AMD: TrustedRoots.amd()}
+    roots = {ROOT_AMD: TrustedRoots.amd(), ROOT_INTEL: TrustedRoots.intel_sgx()}
     if settings.unsafe_simulated_root_dir is not None:
         warnings.warn(
             f"UNSAFE: the key broker trusts the SIMULATED platform root in "
@@ -62,7 +63,22 @@ def build_broker(
         max_outstanding=settings.max_outstanding_nonces,
         **({"clock": nonce_clock} if nonce_clock else {}),
     )
-    return KeyBroker(store, nonces=nonces, roots=roots, **({"clock": clock} if clock else {}))
+    return KeyBroker(
+        store,
+        nonces=nonces,
+        roots=roots,
+        tdx_collateral_dir=settings.tdx_collateral_dir,
+        pccs=(
+            PccsClient(
+                settings.tdx_pccs_url,
+                timeout=settings.tdx_pccs_timeout_seconds,
+                ttl=settings.tdx_pccs_cache_seconds,
+            )
+            if settings.tdx_pccs_url
+            else None
+        ),
+        **({"clock": clock} if clock else {}),
+    )
 
 
 class BrokerServer:

@@ -22,12 +22,16 @@ import secrets
 import time
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
+from pathlib import Path
 
-from sealserve.attestation.claims import Policy
+from sealserve.attestation.claims import Platform, Policy
 from sealserve.attestation.evidence import Evidence, verify_evidence_at_time
 from sealserve.attestation.policy import policy_from_toml
 from sealserve.attestation.snp_certs import TrustedRoots
+from sealserve.attestation.tdx import quote_fmspc
+from sealserve.attestation.tdx_collateral import TdxCollateral
 from sealserve.broker.nonces import NonceBook, NonceExpired, NonceUnknown
+from sealserve.broker.pccs import PccsClient
 from sealserve.broker.store import (
     DATA_KEY_LEN,
     ROOT_SIMULATED,
@@ -38,13 +42,19 @@ from sealserve.broker.store import (
 )
 from sealserve.enclave.key_wrap import SealedKey, seal_data_key
 from sealserve.enclave.model_file import check_key_id
-from sealserve.errors import AttestationError, CryptoError, InputError, KeyReleaseError
+from sealserve.errors import (
+    AttestationError,
+    CryptoError,
+    InputError,
+    KeyReleaseError,
+    UnavailableError,
+    quote,
+)
 
 log = logging.getLogger("sealserve.broker")
 
 REFUSED_MESSAGE = "key release refused"
 _POLICY_CACHE = 1024
-_LOGGED_ID = 256  # longest key id quoted in the log (ids come from unauthenticated callers)
 
 
 class _Refusal(Exception):
@@ -59,9 +69,11 @@ class _Refusal(Exception):
 class KeyBroker:
     """Holds the store, the nonce book and the trusted roots; one per broker process.
 
-    ``roots`` maps root names ("amd", and "unsafe-simulated" only when configured) to
-    TrustedRoots. ``clock`` (seconds since the epoch) is the time evidence is
-    verified at.
+    ``roots`` maps root names ("amd", "intel", and "unsafe-simulated" only when
+    configured) to TrustedRoots. ``clock`` (seconds since the epoch) is the time
+    evidence is verified at. TDX evidence is always judged with collateral: the
+    evidence's own, else ``tdx_collateral_dir``'s file for the quote's FMSPC, else what
+    ``pccs`` fetches; without complete, verified collateral it is refused.
     """
 
     def __init__(
@@ -71,8 +83,12 @@ class KeyBroker:
         nonces: NonceBook,
         roots: Mapping[str, TrustedRoots],
         clock: Callable[[], float] = time.time,
+        tdx_collateral_dir: Path | None = None,
+        pccs: PccsClient | None = None,
     ) -> None:
         self.store = store
+        self._tdx_collateral_dir = tdx_collateral_dir
+        self._pccs = pccs
         self.nonces = nonces
         self._roots = dict(roots)
         self._clock = clock
@@ -107,9 +123,9 @@ class KeyBroker:
         try:
             sealed, record, ev, detail = self._release(key_id, evidence)
         except _Refusal as refusal:
-            key_id = key_id[:_LOGGED_ID]
+            key_id = quote(key_id)
             log.warning(
-                "key release refused: key_id=%r peer=%s check=%s reason=%s",
+                "key release refused: key_id=%s peer=%s check=%s reason=%s",
                 key_id,
                 peer,
                 refusal.check,
@@ -159,9 +175,9 @@ class KeyBroker:
         # 3. the key and its policy
         record = self.store.get(key_id) if isinstance(key_id, str) else None
         if record is None:
-            raise _Refusal(f"unknown key id {key_id[:_LOGGED_ID]!r}", "unknown_key")
+            raise _Refusal(f"unknown key id {quote(key_id)}", "unknown_key")
         if record.revoked:
-            raise _Refusal(f"key id {key_id!r} is revoked", "revoked_key")
+            raise _Refusal(f"key id {quote(key_id)} is revoked", "revoked_key")
         if not record.policy_toml:
             raise _Refusal("the key has no release policy (default deny)", "no_policy")
         try:
@@ -172,11 +188,23 @@ class KeyBroker:
         # 4. verify the evidence: chain, nonce, binding, then the key's policy
         now = datetime.fromtimestamp(self._clock(), UTC)
         try:
+            collateral = self._tdx_collateral(evidence)
             claims = verify_evidence_at_time(
-                evidence, policy=policy, roots=roots, expected_nonce=evidence.nonce, now=now
+                evidence,
+                policy=policy,
+                roots=roots,
+                expected_nonce=evidence.nonce,
+                now=now,
+                tdx_collateral=collateral,
             )
         except AttestationError as exc:
             raise _Refusal(exc.message, exc.check or type(exc).__name__) from exc
+        if claims.platform is Platform.TDX and claims.fields.get("collateral_verified") is not True:
+            raise _Refusal(
+                "TDX evidence without complete, verified collateral (the broker always "
+                "evaluates it: send it in the evidence or set tdx_collateral_dir)",
+                "collateral",
+            )
         # 5. seal the key to the attested HPKE public key
         try:
             sealed = seal_data_key(
@@ -190,6 +218,29 @@ class KeyBroker:
         measurement = claims.measurements.get("measurement", b"")
         detail = f"measurement={measurement.hex()}" if measurement else ""
         return sealed, record, evidence, detail
+
+    def _tdx_collateral(self, evidence: Evidence) -> TdxCollateral | None:
+        """The cache's collateral for a TDX quote that brought none of its own; a TDX
+        quote with neither is refused here, before anything else is spent on it."""
+        if evidence.platform is not Platform.TDX or evidence.certs:
+            return None
+        found = None
+        if self._tdx_collateral_dir is not None or self._pccs is not None:
+            fmspc = quote_fmspc(evidence.report)
+            if self._tdx_collateral_dir is not None:
+                found = TdxCollateral.from_cache_dir(self._tdx_collateral_dir, fmspc)
+            if found is None and self._pccs is not None:
+                try:
+                    found = self._pccs.collateral(fmspc, evidence.report)
+                except UnavailableError as exc:
+                    raise _Refusal(exc.message, "collateral_fetch") from exc
+        if found is None:
+            raise _Refusal(
+                "TDX evidence without collateral, and none cached for its FMSPC (the broker "
+                "always evaluates TDX collateral)",
+                "collateral",
+            )
+        return found
 
     def _roots_for(self, names: tuple[str, ...]) -> TrustedRoots:
         missing = [n for n in names if n not in self._roots]

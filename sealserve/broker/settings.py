@@ -52,6 +52,15 @@ class AdminSettings(BaseModel):
         )
 
 
+def _check_pccs_url(url: str) -> None:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    loopback = parts.hostname in ("127.0.0.1", "::1", "localhost")
+    if parts.scheme != "https" and not (parts.scheme == "http" and loopback):
+        raise ValueError(f"tdx_pccs_url {url[:60]!r}: use https (plain http only on loopback)")
+
+
 class BrokerSettings(BaseSettings):
     """Everything ``sealserve broker serve`` needs. Field docs are the config reference."""
 
@@ -92,6 +101,27 @@ class BrokerSettings(BaseSettings):
             "directory, for keys whose roots include 'unsafe-simulated'."
         ),
     )
+    tdx_collateral_dir: Path | None = Field(
+        default=None,
+        description=(
+            "Intel TDX collateral cache: '<fmspc hex>.json' files in dcap-qvl's collateral "
+            "JSON form (what a PCCS serves, with its signatures). Used when a TD's evidence "
+            "carries no collateral; TDX evidence with neither is refused."
+        ),
+    )
+    tdx_pccs_url: str | None = Field(
+        default=None,
+        description=(
+            "Intel PCCS (or PCS) base URL: fetch TDX collateral here when a TD sent none "
+            "and tdx_collateral_dir holds none for its FMSPC (https, or http on loopback)."
+        ),
+    )
+    tdx_pccs_timeout_seconds: float = Field(
+        default=10.0, gt=0, le=60, description="Deadline of one PCCS fetch."
+    )
+    tdx_pccs_cache_seconds: float = Field(
+        default=3600.0, ge=0, description="How long fetched collateral is reused per FMSPC."
+    )
     nonce_ttl_seconds: float = Field(
         default=60.0, gt=0, le=600, description="How long a challenge nonce stays valid."
     )
@@ -109,6 +139,8 @@ class BrokerSettings(BaseSettings):
             raise ValueError("tls_ephemeral_cert_out applies only without TLS files")
         if (self.master_key_file is None) == (self.master_key is None):
             raise ValueError("give exactly one of master_key_file and SEALSERVE_BROKER_MASTER_KEY")
+        if self.tdx_pccs_url is not None:
+            _check_pccs_url(self.tdx_pccs_url)
         try:
             self.admin.auth_settings()
         except ConfigError as exc:
@@ -172,6 +204,7 @@ class BrokerSettings(BaseSettings):
             "store_file",
             "master_key_file",
             "unsafe_simulated_root_dir",
+            "tdx_collateral_dir",
         ):
             value = getattr(self, key)
             if value is not None and not value.is_absolute():

@@ -36,6 +36,7 @@ from sealserve.errors import (
     NotFoundError,
     SealedFormatError,
     UnavailableError,
+    quote,
 )
 
 MAGIC = b"SEALKBRK"
@@ -44,8 +45,9 @@ MASTER_KEY_LEN = 32
 DATA_KEY_LEN = 32
 MAX_POLICY_LEN = 64 * 1024
 ROOT_AMD = "amd"
+ROOT_INTEL = "intel"
 ROOT_SIMULATED = "unsafe-simulated"
-ROOT_NAMES = (ROOT_AMD, ROOT_SIMULATED)
+ROOT_NAMES = (ROOT_AMD, ROOT_INTEL, ROOT_SIMULATED)
 _HEAD = len(MAGIC) + 1
 
 
@@ -190,7 +192,9 @@ class KeyStore:
             raise InputError(f"a data key must be {DATA_KEY_LEN} bytes, got {len(key)}")
         with self._lock:
             if key_id in self._records:
-                raise InputError(f"key id {key_id!r} already exists (key ids are never reused)")
+                raise InputError(
+                    f"key id {quote(key_id)} already exists (key ids are never reused)"
+                )
             now = self._clock()
             record = KeyRecord(key_id, bytes(key), policy_toml, roots, False, now, now)
             self._commit({**self._records, key_id: record})
@@ -218,7 +222,7 @@ class KeyStore:
     def _live(self, key_id: str) -> KeyRecord:
         record = self._records.get(key_id)
         if record is None or record.revoked:
-            raise NotFoundError(f"no live key with id {key_id!r}")
+            raise NotFoundError(f"no live key with id {quote(key_id)}")
         return record
 
     def _commit(self, records: dict[str, KeyRecord]) -> None:

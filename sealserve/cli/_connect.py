@@ -33,7 +33,7 @@ def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     elif args.ca is not None:
         kw["root_certificates"] = args.ca.read_bytes()
     else:
-        roots = TrustedRoots.amd()
+        roots = TrustedRoots.vendors()
         for d in args.simulated_root:
             roots = roots + TrustedRoots.from_dir(d)
         kw["roots"] = roots

@@ -74,7 +74,7 @@ def _policy_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
         "--root",
         action="append",
         default=[],
-        choices=("amd", "unsafe-simulated"),
+        choices=("amd", "intel", "unsafe-simulated"),
         help="trusted root for this key (repeatable; default amd). 'unsafe-simulated' "
         "needs the broker's unsafe_simulated_root_dir: development only",
     )

@@ -190,7 +190,7 @@ async def _demo(args: argparse.Namespace) -> int:
             "version = 1\nunsafe_allow_simulated = true\n"
             f'manifest_digests = ["{expected.digest().hex()}"]\n'
         )
-        roots = TrustedRoots.amd() + TrustedRoots.from_dir(work / "platform")
+        roots = TrustedRoots.vendors() + TrustedRoots.from_dir(work / "platform")
         target = f"127.0.0.1:{port}"
         x, y = demo.holdout()
         n = max(1, min(args.requests, len(x)))

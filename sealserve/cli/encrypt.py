@@ -52,7 +52,7 @@ def register(subparsers: Any) -> None:
         "--broker-root",
         action="append",
         default=[],
-        choices=("amd", "unsafe-simulated"),
+        choices=("amd", "intel", "unsafe-simulated"),
         help="trusted root for this key (repeatable; default amd)",
     )
     parser.add_argument(

@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from sealserve import __version__
-from sealserve.errors import SealserveError
+from sealserve.errors import ConfigError, CryptoError, SealserveError
 
 # Order is the order shown in --help.
 # Shown first in --help, in this order; any other subcommand module follows by name.
@@ -50,6 +50,9 @@ def subcommands() -> list[str]:
 EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
+# Commands whose errors are one line, configuration errors exiting EXIT_USAGE
+# (docs/operator-guide.md).
+ONE_LINE_CONFIG_ERRORS = frozenset({"serve"})
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,6 +85,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return int(args.func(args))
     except SealserveError as exc:
+        if args.command in ONE_LINE_CONFIG_ERRORS:
+            # One line an operator can act on: the file, the key, what is wrong, the fix.
+            print(f"error: {exc.message} (fix: {exc.remedy})", file=sys.stderr)
+            # A config the operator wrote, or a file it names that does not open.
+            return EXIT_USAGE if isinstance(exc, ConfigError | CryptoError) else EXIT_FAILED
         print(f"error: {exc.message}", file=sys.stderr)
         print(f"hint: {exc.remedy}", file=sys.stderr)
         return EXIT_FAILED

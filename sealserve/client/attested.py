@@ -119,11 +119,11 @@ def attest(
     """Attest ``target`` (steps 1-4 of the module docstring) and return what was proven.
 
     ``policy`` is a policy object, a policy file path, or None for the default policy
-    (real TEEs only, no debug). ``roots`` defaults to AMD's pinned roots.
+    (real TEEs only, no debug). ``roots`` defaults to AMD's and Intel's pinned roots.
     Raises AttestationError (``check`` names the failed step) or UnavailableError.
     """
     rules = resolve_policy(policy)
-    trusted = roots if roots is not None else TrustedRoots.amd()
+    trusted = roots if roots is not None else TrustedRoots.vendors()
     cert_pem = fetch_certificate(target, timeout=timeout)
     spki = spki_of(cert_pem)
     nonce = nonce_source(NONCE_BYTES)

@@ -17,7 +17,7 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from typing import Any
 
-from sealserve.errors import ConfigError
+from sealserve.errors import ConfigError, quote
 
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 
@@ -207,7 +207,8 @@ class LimitsConfig:
         """
         key = self.default_tier if name is None else name
         if key is None or key not in self.tiers:
-            raise ConfigError(f"unknown tier {name!r} (known: {', '.join(sorted(self.tiers))})")
+            shown = quote(name) if name is not None else None
+            raise ConfigError(f"unknown tier {shown} (known: {', '.join(sorted(self.tiers))})")
         return self.tiers[key]
 
     def model_limits(self, model: str) -> LimitSet:

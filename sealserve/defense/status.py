@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sealserve.errors import ConfigError
+from sealserve.errors import ConfigError, quote
 
 __all__ = [
     "DEFAULT_DIFFICULTY",
@@ -61,7 +61,7 @@ class Status(StrEnum):
             if name == label.lower():
                 return status
         raise ConfigError(
-            f"unknown account status {label!r} (expected one of {', '.join(_LABELS.values())})"
+            f"unknown account status {quote(label)} (expected one of {', '.join(_LABELS.values())})"
         )
 
     def __lt__(self, other: object) -> bool:

@@ -73,7 +73,7 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, Metadata]:
         for cls, code in _CODES:
             if isinstance(exc, cls):
                 meta: list[tuple[str, str]] = []
-                if isinstance(exc, RefusedError) and exc.retry_after is not None:
+                if isinstance(exc, RefusedError | UnavailableError) and exc.retry_after:
                     meta.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
                 if isinstance(exc, ChallengeRequiredError) and exc.challenge:
                     meta.append(("sealserve-challenge", exc.challenge))

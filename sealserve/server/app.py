@@ -7,6 +7,8 @@ import json
 import logging
 import os
 import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +33,7 @@ from sealserve.enclave.hardening import HardeningReport, harden_process
 from sealserve.enclave.manifest import WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.tls import TlsIdentity
-from sealserve.errors import UnavailableError
+from sealserve.errors import ConfigError, CryptoError, UnavailableError
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
@@ -49,6 +51,7 @@ log = logging.getLogger("sealserve.server")
 
 INFERENCE_SERVICE = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"].full_name
 ATTESTATION_SERVICE = apb.DESCRIPTOR.services_by_name["Attestation"].full_name
+MODEL_INFER = f"/{INFERENCE_SERVICE}/ModelInfer"
 ADMIN_SERVICE = admin_pb2.DESCRIPTOR.services_by_name["Admin"].full_name
 # Names in the in-memory certificate. Attested clients pin the certificate itself and
 # connect with the fixed name ``sealserve.attested``, whatever host they dialled.
@@ -100,12 +103,61 @@ def select_platform(settings: Settings, code: str) -> Platform | None:
     return None
 
 
+@contextmanager
+def startup_step(settings: Settings, key: str, *, fix: str | None = None) -> Iterator[None]:
+    """Turn a problem found while starting into one ConfigError naming the config file
+    and ``key`` (the CLI prints it as one ``error:`` line and exits 2)."""
+    try:
+        yield
+    except CryptoError as exc:  # keeps its class: a tampered model is not a typo
+        raise type(exc)(f"{settings.where(key)}: {exc.message}", remedy=exc.remedy) from exc
+    except (ConfigError, UnavailableError) as exc:
+        raise settings.problem(key, exc, fix=fix) from exc
+
+
 def _ensure_health_in_pool() -> None:
     # Reflection answers from our private pool; give it the health service too.
     try:
         POOL.FindFileByName(health_pb2.DESCRIPTOR.name)
     except KeyError:
         POOL.AddSerializedFile(health_pb2.DESCRIPTOR.serialized_pb)
+
+
+#: Bytes gRPC accepts beyond the tensors for names, shapes and protobuf framing.
+REQUEST_ENVELOPE_BYTES = 1 << 20
+
+
+def receive_limit(max_request_bytes: int) -> int:
+    """gRPC's max receive length for a cap: requests up to twice the cap are refused by
+    the codec (INVALID_ARGUMENT, the documented message), larger ones by gRPC."""
+    return min(2 * max_request_bytes + REQUEST_ENVELOPE_BYTES, 2**31 - 1)
+
+
+STORE_FIX = (
+    "Point state_store at a reachable store: sqlite://PATH in a writable directory, "
+    "redis://HOST:PORT/DB of a running Redis, or memory: for one process."
+)
+REPOSITORY_FIX = (
+    "Point model_repository at a directory of <model>/<version>/model.onnx or "
+    "model.sealed files the server can read, and check the file the message names."
+)
+
+
+def _bind(settings: Settings, key: str, address: str, add: Any) -> int:
+    """``add(address)`` (a grpc add_*_port), as a ConfigError when it cannot bind."""
+    try:
+        port = int(add(address))  # 0 (older grpc) or RuntimeError: could not bind
+        cause: BaseException | None = None
+    except RuntimeError as exc:
+        port, cause = 0, exc
+    if port == 0:
+        raise ConfigError(
+            f"{settings.where(key)}: cannot listen on {address}: the port is in use, "
+            "or the address is not one of this machine's",
+            remedy=f"Choose a free {key} (0 picks one), stop the process using it, or fix "
+            "the host.",
+        ) from cause
+    return port
 
 
 class Server:
@@ -148,16 +200,20 @@ class Server:
         if authenticator is None and not settings.unsafe_disable_auth:
             auth_settings = settings.auth_settings()
             assert auth_settings is not None  # Settings guarantees auth or unsafe flag
-            authenticator = Authenticator.from_settings(
-                auth_settings,
-                revocation=(
-                    FileRevocationList(auth_settings.revocation_file)
-                    if auth_settings.revocation_file
-                    else None
-                ),
-            )
+            with startup_step(settings, "auth"):
+                authenticator = Authenticator.from_settings(
+                    auth_settings,
+                    revocation=(
+                        FileRevocationList(auth_settings.revocation_file)
+                        if auth_settings.revocation_file
+                        else None
+                    ),
+                )
         self.authenticator = authenticator
-        limit = settings.max_request_bytes + (1 << 20)
+        # gRPC refuses a message before reading it only with its own RESOURCE_EXHAUSTED;
+        # its limit sits at twice the cap (plus framing) so that every request up to
+        # there reaches the codec and gets INVALID_ARGUMENT with the documented message.
+        limit = receive_limit(settings.max_request_bytes)
         self._server = grpc.aio.server(
             options=[
                 ("grpc.max_receive_message_length", limit),
@@ -172,14 +228,19 @@ class Server:
         if limits is None:
             log.warning("no [limits] configured: rate limits and quotas are OFF")
             return Guard()
-        self.store = open_store(
-            s.state_store, prefix=s.state_store_prefix, unsafe_fail_open=s.unsafe_fail_open
-        )
+        self.store = self._open_store()
         if s.unsafe_fail_open:
             log.warning("unsafe_fail_open: requests are admitted UNCHECKED when the store is down")
-        return Guard(
-            quota=QuotaGuard(limits, self.store, Challenges(_pow_key(self.store), self.store))
-        )
+        with startup_step(s, "state_store", fix=STORE_FIX):
+            pow_key = _pow_key(self.store)
+        return Guard(quota=QuotaGuard(limits, self.store, Challenges(pow_key, self.store)))
+
+    def _open_store(self) -> StateStore:
+        s = self.settings
+        with startup_step(s, "state_store", fix=STORE_FIX):
+            return open_store(
+                s.state_store, prefix=s.state_store_prefix, unsafe_fail_open=s.unsafe_fail_open
+            )
 
     async def start(self) -> int:
         """Load models, bind, start serving. Returns the bound port.
@@ -188,29 +249,34 @@ class Server:
         """
         s = self.settings
         if self.authenticator is not None:
-            self.authenticator.start()
+            with startup_step(s, "auth.issuers"):
+                self.authenticator.start()
         else:
             log.warning("authentication is OFF (unsafe_disable_auth): anyone may call every RPC")
-        entries = (
-            self._entries
-            if self._entries is not None
-            else scan_repository(s.model_repository, keys=self.keys)
-        )
-        # What will be served, measured before anything is decrypted: encrypted models'
-        # digests come from their headers, and decryption refuses any other plaintext.
-        measured = measure_entries(entries)
+        with startup_step(s, "model_repository", fix=REPOSITORY_FIX):
+            entries = (
+                self._entries
+                if self._entries is not None
+                else scan_repository(s.model_repository, keys=self.keys)
+            )
+            # What will be served, measured before anything is decrypted: encrypted models'
+            # digests come from their headers, and decryption refuses any other plaintext.
+            measured = measure_entries(entries)
         if not s.unsafe_plaintext:
             if s.tls_cert_file is not None and s.tls_key_file is not None:
-                self.tls = TlsIdentity.from_files(s.tls_cert_file, s.tls_key_file)
+                with startup_step(s, "tls_cert_file"):
+                    self.tls = TlsIdentity.from_files(s.tls_cert_file, s.tls_key_file)
             else:
                 self.tls = TlsIdentity.generate(hostnames=ATTESTED_TLS_NAMES)
         code = code_digest()
-        self.platform = select_platform(s, code)
+        with startup_step(s, "attestation_platform"):
+            self.platform = select_platform(s, code)
         defense = s.defense_config()
         extra: dict[str, Any] = {}
         if defense is not None:
             # Sealed secrets first: the manifest names the audit key.
-            self.defense_secrets = DefenseSecrets.open(defense, self.platform)
+            with startup_step(s, "defense"):
+                self.defense_secrets = DefenseSecrets.open(defense, self.platform)
             if self.defense_secrets.audit_key is not None:
                 extra["audit_public_key"] = self.defense_secrets.audit_key.fingerprint
         self.manifest = build_manifest(
@@ -221,6 +287,16 @@ class Server:
             extra=extra,
         )
         services = [INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME]
+        # Every service registered through `protected` checks bearer tokens and scopes
+        # (health, attestation and, when configured, liveness stay public: a client
+        # verifies first) and answers undecodable bodies INVALID_ARGUMENT.
+        inference = InferenceServicer(self.plane, self.metrics)
+        protected = AuthenticatingRegistrar(
+            self._server, self.authenticator, self.metrics,
+            public_liveness=s.public_liveness,
+            # ModelInfer refuses a recently refused account before reading its body.
+            before_body={MODEL_INFER: inference.before_body},
+        )  # fmt: skip
         if self.platform is not None and self.tls is not None:
             attestation_pb2_grpc.add_AttestationServicer_to_server(
                 AttestationServicer(
@@ -228,8 +304,9 @@ class Server:
                     tls_spki=self.tls.spki_der,
                     manifest=self.manifest.to_bytes(),
                     hpke_public_key=self.hpke_public_key,
+                    per_peer_per_minute=s.evidence_per_peer_per_minute,
                 ),
-                self._server,
+                protected,
             )
             services.append(ATTESTATION_SERVICE)
             log.info(
@@ -245,34 +322,32 @@ class Server:
             manifest=self.manifest.to_bytes(),
             hpke_private_key=self.hpke_private_key,
         )
-        # Every service registered through `protected` checks bearer tokens and scopes;
-        # health, reflection and attestation stay public (a client verifies first).
-        protected: Any = self._server
-        if self.authenticator is not None:
-            protected = AuthenticatingRegistrar(self._server, self.authenticator, self.metrics)
-        pb_grpc.add_GRPCInferenceServiceServicer_to_server(
-            InferenceServicer(self.plane, self.metrics), protected
-        )
+        pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, protected)
         admin_pb2_grpc.add_AdminServicer_to_server(AdminServicer(self.plane.guard.quota), protected)
         services.append(ADMIN_SERVICE)
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, protected)
         _ensure_health_in_pool()
         reflection.enable_server_reflection(services, self._server, pool=POOL)
         address = f"{s.host}:{s.port}"
         if self.tls is None:
             log.warning("TLS is OFF (unsafe_plaintext): requests and tokens travel in clear text")
-            self.port = self._server.add_insecure_port(address)
+            self.port = _bind(s, "port", address, self._server.add_insecure_port)
         else:
             creds = grpc.ssl_server_credentials([(self.tls.key_pem, self.tls.cert_pem)])
-            self.port = self._server.add_secure_port(address, creds)
+            self.port = _bind(s, "port", address, lambda a: self._server.add_secure_port(a, creds))
         await self._server.start()
         if s.health_port is not None:
             # Health only, plaintext: it carries no data and no credentials.
             self._health_server = grpc.aio.server()
             health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
-            self.health_port = self._health_server.add_insecure_port(
-                f"{s.health_host}:{s.health_port}"
-            )
+            try:
+                self.health_port = _bind(
+                    s, "health_port", f"{s.health_host}:{s.health_port}",
+                    self._health_server.add_insecure_port,
+                )  # fmt: skip
+            except ConfigError:
+                await self._server.stop(0)
+                raise
             await self._health_server.start()
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
@@ -280,18 +355,17 @@ class Server:
         # work: load off the event loop, while health answers NOT_SERVING.
         loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(None, self.engine.load, entries, measured)
+            with startup_step(s, "model_repository", fix=REPOSITORY_FIX):
+                await loop.run_in_executor(None, self.engine.load, entries, measured)
             if defense is not None:
                 assert self.defense_secrets is not None
                 if self.store is None and any(m.detection for m in defense.models.values()):
-                    self.store = open_store(
-                        s.state_store, prefix=s.state_store_prefix,
-                        unsafe_fail_open=s.unsafe_fail_open,
+                    self.store = self._open_store()
+                with startup_step(s, "defense"):
+                    self.plane.guard.output = build_defenses(
+                        defense, self.defense_secrets, engine=self.engine, store=self.store,
+                        quota=self.plane.guard.quota,
                     )  # fmt: skip
-                self.plane.guard.output = build_defenses(
-                    defense, self.defense_secrets, engine=self.engine, store=self.store,
-                    quota=self.plane.guard.quota,
-                )  # fmt: skip
         except BaseException:
             await self._server.stop(0)
             if self._health_server is not None:

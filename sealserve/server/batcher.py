@@ -53,12 +53,16 @@ def _to_ort(inputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     out = {}
     for name, arr in inputs.items():
         if arr.dtype == np.object_:
+            # An object array of str, never fixed-width: a numpy unicode array pads every
+            # element to the longest (count x 4 x longest bytes from one long element).
+            flat = arr.reshape(-1)
+            text = np.empty(flat.shape[0], dtype=np.object_)
             try:
-                arr = np.vectorize(
-                    lambda b: b.decode() if isinstance(b, bytes) else str(b), otypes=[np.str_]
-                )(arr)
+                for i, item in enumerate(flat):
+                    text[i] = item.decode() if isinstance(item, bytes) else str(item)
             except UnicodeDecodeError as exc:
                 raise TensorError(f"input '{name}': BYTES element is not UTF-8 text") from exc
+            arr = text.reshape(arr.shape)
         out[name] = arr
     return out
 

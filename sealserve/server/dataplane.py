@@ -5,14 +5,20 @@ Later layers (authentication, the defense guard) hook in here, not in the servic
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
 from sealserve.defense.store.base import Remaining
-from sealserve.errors import InputError
+from sealserve.errors import ChallengeRequiredError, InputError, RefusedError, UnavailableError
 from sealserve.server.engine import Engine, LoadedModel
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo
 
 EXTENSIONS = ("model_repository_readonly",)
+#: The retry hint (seconds) while models are loading or the server is stopping.
+NOT_READY_RETRY_S = 2.0
 
 
 class DataPlane:
@@ -29,6 +35,7 @@ class DataPlane:
         self.server_name = server_name
         self.max_request_bytes = max_request_bytes
         self._ready = False
+        self.recent_refusals = RecentRefusals()
 
     def set_ready(self, ready: bool) -> None:
         self._ready = ready
@@ -46,11 +53,18 @@ class DataPlane:
         return self.server_name, __version__, EXTENSIONS
 
     def model(self, name: str, version: str) -> LoadedModel:
-        """Raises NotFoundError for an unknown model or version."""
+        """Raises NotFoundError for an unknown model or version, and UnavailableError
+        (with a retry hint) while the models are still loading."""
+        if not self._ready:
+            raise UnavailableError(
+                "the server is loading its models (or stopping); retry shortly",
+                retry_after=NOT_READY_RETRY_S,
+                remedy="Retry after the time given in 'retry-after'.",
+            )
         return self.engine.resolve(name, version)
 
     def model_metadata(self, name: str, version: str) -> ModelInfo:
-        return self.engine.resolve(name, version).info
+        return self.model(name, version).info
 
     async def infer(
         self, request: InferRequest, caller: Caller, *, pow_: ProofOfWork | None = None
@@ -60,16 +74,99 @@ class DataPlane:
         Raises the guard's refusals (RefusedError family, PermissionDeniedError,
         UnavailableError) before any inference runs.
         """
-        first = next(iter(request.inputs.values()), None)
-        batch = int(first.shape[0]) if first is not None and first.ndim else 1
+        return await self.infer_pending(
+            PendingRequest(request.model, _batch_of(request), lambda: request), caller, pow_=pow_
+        )
+
+    async def infer_pending(
+        self, pending: PendingRequest, caller: Caller, *, pow_: ProofOfWork | None = None
+    ) -> tuple[InferResponse, tuple[Remaining, ...]]:
+        """:meth:`infer` for a request whose tensors are not decoded yet: admission runs
+        on the declared batch size first, so a refused caller's tensors are never
+        materialised. (A declared batch below 1 is decoded first: decoding says what is
+        wrong with it, or the batch check below does.)"""
+        request = None
+        batch = pending.declared_batch
         if batch < 1:
-            raise InputError(
-                f"input {next(iter(request.inputs))!r} has no rows (batch size 0): send at "
-                "least one"
-            )
-        remaining = self.guard.admit(caller, request.model, batch_size=batch, pow_=pow_)
+            request = pending.decode()
+            batch = _batch_of(request)
+        try:
+            remaining = self.guard.admit(caller, pending.model, batch_size=batch, pow_=pow_)
+        except RefusedError as exc:
+            self.recent_refusals.remember(caller.account, exc)
+            raise
+        if request is None:
+            request = pending.decode()
+            if _batch_of(request) != batch:  # the codec checks shapes; never expected
+                raise InputError("decoded batch size differs from the declared shape")
         response = await self.engine.infer(request)
         response.outputs = self.guard.release(
             caller, request.model, request.inputs, response.outputs
         )
         return response, remaining
+
+    def refused_recently(self, account: str) -> None:
+        """Raise the refusal this process gave ``account`` within the last second, if
+        any: checked from the request's header before its body is read (no I/O)."""
+        self.recent_refusals.check(account)
+
+
+@dataclass(frozen=True)
+class PendingRequest:
+    """A request admitted on what it declares (model, batch size) before ``decode``
+    materialises its tensors."""
+
+    model: str
+    declared_batch: int
+    decode: Callable[[], InferRequest]
+
+
+def _batch_of(request: InferRequest) -> int:
+    first = next(iter(request.inputs.values()), None)
+    batch = int(first.shape[0]) if first is not None and first.ndim else 1
+    if batch < 1:
+        raise InputError(
+            f"input {next(iter(request.inputs))!r} has no rows (batch size 0): send at least one"
+        )
+    return batch
+
+
+class RecentRefusals:
+    """Accounts refused in the last ``hold_s`` seconds, so that their next requests are
+    refused before their bodies are read. Bounded; a lifted suspension or a reset quota
+    is seen after at most ``hold_s``; each refusal comes from the store's own answer."""
+
+    def __init__(
+        self,
+        *,
+        hold_s: float = 1.0,
+        capacity: int = 10_000,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._hold = hold_s
+        self._capacity = capacity
+        self._clock = clock
+        self._until: dict[str, tuple[float, float, RefusedError]] = {}
+
+    def remember(self, account: str, exc: RefusedError) -> None:
+        if isinstance(exc, ChallengeRequiredError):
+            return  # the next call may carry the answer
+        if len(self._until) >= self._capacity:
+            self._until.clear()
+        now = self._clock()
+        hold = self._hold if exc.retry_after is None else min(self._hold, exc.retry_after)
+        self._until[account] = (now + hold, now, exc)
+
+    def check(self, account: str) -> None:
+        if not self._until:
+            return
+        entry = self._until.get(account)
+        if entry is None:
+            return
+        until, at, exc = entry
+        now = self._clock()
+        if now >= until:
+            del self._until[account]
+            return
+        retry = None if exc.retry_after is None else max(exc.retry_after - (now - at), 0.0)
+        raise type(exc)(exc.message, retry_after=retry, remedy=exc.remedy)

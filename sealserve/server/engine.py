@@ -18,7 +18,7 @@ import numpy as np
 import onnxruntime as ort
 
 from sealserve.enclave.manifest import ModelMeasurement
-from sealserve.errors import ConfigError, NotFoundError
+from sealserve.errors import ConfigError, NotFoundError, quote
 from sealserve.server.batcher import Batcher
 from sealserve.server.metrics import Metrics
 from sealserve.server.repository import FileModelSource, ModelEntry
@@ -170,9 +170,9 @@ class Engine:
         model = self._models.get((name, v))
         if model is None:
             if name not in self._latest:
-                raise NotFoundError(f"model '{name}' is not served")
+                raise NotFoundError(f"model {quote(name)} is not served")
             raise NotFoundError(
-                f"model '{name}' has no version '{version}' "
+                f"model {quote(name)} has no version {quote(version)} "
                 f"(served: {', '.join(self._models[(name, self._latest[name])].info.versions)})"
             )
         return model

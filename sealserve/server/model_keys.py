@@ -20,7 +20,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sealserve.enclave.key_file import KeyFile
 from sealserve.enclave.model_file import decrypt_to_bytes, read_header
 from sealserve.enclave.platform import Platform
-from sealserve.errors import ConfigError, KeyReleaseError
+from sealserve.errors import ConfigError, CryptoError, KeyReleaseError
 
 log = logging.getLogger("sealserve.keys")
 
@@ -119,13 +119,20 @@ class EncryptedModelSource:
                 header = read_header(f)
         except OSError as exc:
             raise ConfigError(f"cannot read encrypted model {self.path}: {exc.strerror}") from exc
+        except CryptoError as exc:
+            raise type(exc)(f"{self.path}: {exc.message}", remedy=exc.remedy) from exc
         return header.key_id, header.plaintext_sha256.hex()
 
     def read(self) -> bytes:
         key_id, digest = self.header_digest()
         key = self.keys.get(key_id)
-        with self.path.open("rb") as f:
-            data = decrypt_to_bytes(f, key=key, expected_sha256=bytes.fromhex(digest))
+        try:
+            with self.path.open("rb") as f:
+                data = decrypt_to_bytes(f, key=key, expected_sha256=bytes.fromhex(digest))
+        except OSError as exc:
+            raise ConfigError(f"cannot read encrypted model {self.path}: {exc.strerror}") from exc
+        except CryptoError as exc:
+            raise type(exc)(f"{self.path}: {exc.message}", remedy=exc.remedy) from exc
         return data
 
     def describe(self) -> str:

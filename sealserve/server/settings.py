@@ -7,11 +7,13 @@ TLS on (an in-memory key when no files are given), plaintext only through
 
 from __future__ import annotations
 
+import dataclasses
+import ipaddress
 import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,7 +24,7 @@ from pydantic_settings import (
 from sealserve.auth.settings import AuthSettings, IssuerSettings
 from sealserve.defense.config import DefenseConfig, describe
 from sealserve.defense.limits import LimitsConfig
-from sealserve.errors import ConfigError
+from sealserve.errors import ConfigError, SealserveError, quote
 from sealserve.server.model_keys import KeyBrokerSettings
 from sealserve.validation import describe_validation_error
 
@@ -58,6 +60,13 @@ class Settings(BaseSettings):
         default=False,
         description="Serve without TLS. Only for local experiments; logged loudly.",
     )
+    unsafe_plaintext_public: bool = Field(
+        default=False,
+        description=(
+            "Allow unsafe_plaintext on a non-loopback host (tokens and data in clear text "
+            "on the network). Refused without it."
+        ),
+    )
     health_port: int | None = Field(
         default=None,
         ge=0,
@@ -76,7 +85,11 @@ class Settings(BaseSettings):
         default=64 * 1024 * 1024,
         ge=1024,
         le=2**31 - 1,
-        description="Largest total tensor payload one request may carry.",
+        description=(
+            "Largest total tensor payload one request may carry. Above it: "
+            "INVALID_ARGUMENT 'request tensors exceed the size limit of N bytes' (up to "
+            "twice the cap; gRPC refuses larger messages with RESOURCE_EXHAUSTED)."
+        ),
     )
     log_format: Literal["json", "text"] = Field(default="json", description="Log line format.")
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -141,6 +154,22 @@ class Settings(BaseSettings):
         default=False,
         description="Serve without authentication. Local experiments only; logged loudly.",
     )
+    public_liveness: bool = Field(
+        default=True,
+        description=(
+            "OIP ServerLive and ServerReady answer without a token, like health "
+            "(OIP clients probe them without one); false: they need the metadata scope."
+        ),
+    )
+    evidence_per_peer_per_minute: int = Field(
+        default=60,
+        ge=1,
+        le=100_000,
+        description="GetEvidence calls one client address may make per minute (public RPC).",
+    )
+
+    # The config file these settings came from (None: arguments and environment only).
+    _source: Path | None = PrivateAttr(default=None)
 
     @model_validator(mode="after")
     def _tls_pair(self) -> Settings:
@@ -148,6 +177,12 @@ class Settings(BaseSettings):
             raise ValueError("tls_cert_file and tls_key_file must be set together")
         if self.unsafe_plaintext and self.tls_cert_file is not None:
             raise ValueError("unsafe_plaintext and tls_cert_file are mutually exclusive")
+        if self.unsafe_plaintext and not self.unsafe_plaintext_public and not _loopback(self.host):
+            raise ValueError(
+                f"host {quote(self.host)} is not a loopback address and unsafe_plaintext "
+                "is set: tokens and data would cross the network in clear text. Configure "
+                "TLS, bind 127.0.0.1, or set unsafe_plaintext_public = true"
+            )
         if self.auth is None and not self.unsafe_disable_auth:
             raise ValueError(
                 "authentication is required: configure [auth] (see docs/auth.md), or set "
@@ -184,6 +219,14 @@ class Settings(BaseSettings):
         """The [limits] table validated; raises ConfigError naming the key."""
         return None if self.limits is None else LimitsConfig.from_mapping(self.limits)
 
+    def where(self, key: str) -> str:
+        """``FILE: key`` (or just ``key`` without a config file), for messages."""
+        return f"{self._source}: {key}" if self._source is not None else key
+
+    def problem(self, key: str, exc: SealserveError, *, fix: str | None = None) -> ConfigError:
+        """A startup problem as one :class:`ConfigError` naming the file and the key."""
+        return ConfigError(f"{self.where(key)}: {exc.message}", remedy=fix or exc.remedy)
+
     def auth_settings(self) -> AuthSettings | None:
         """The [auth] table as :class:`AuthSettings`; raises ConfigError if invalid."""
         if self.auth is None:
@@ -192,6 +235,9 @@ class Settings(BaseSettings):
         issuers = data.pop("issuers", [])
         if not isinstance(issuers, list) or not all(isinstance(i, dict) for i in issuers):
             raise ConfigError("auth.issuers must be a list of tables ([[auth.issuers]])")
+        _known_keys("auth", data, AuthSettings)
+        for n, issuer in enumerate(issuers):
+            _known_keys(f"auth.issuers[{n}]", issuer, IssuerSettings)
         try:
             built = tuple(
                 IssuerSettings(
@@ -231,10 +277,18 @@ class Settings(BaseSettings):
         target: type[Settings] = cls
         if path is not None:
             if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
+                raise ConfigError(
+                    f"config file {path} does not exist",
+                    remedy="Pass the path of an existing TOML file to --config.",
+                )
             try:
                 tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as exc:
+            except OSError as exc:
+                raise ConfigError(
+                    f"{path}: cannot read the config file: {exc.strerror}",
+                    remedy="Make the file readable by the user the server runs as.",
+                ) from exc
+            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
                 raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
             target = type(
                 "Settings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
@@ -246,6 +300,7 @@ class Settings(BaseSettings):
             raise ConfigError(where + format_validation_error(exc)) from exc
         if path is not None:
             settings = settings._relative_to(path.resolve().parent)
+            settings._source = path
         return settings
 
     def _relative_to(self, base: Path) -> Settings:
@@ -306,6 +361,25 @@ class Settings(BaseSettings):
             "key_broker": self.key_broker is not None,
             "defense": _describe_defense(self.defense_config()),
         }  # fmt: skip
+
+
+def _loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _known_keys(table: str, data: dict[str, Any], cls: type[Any]) -> None:
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{table}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})",
+            remedy=f"Remove or correct the key; docs/auth.md lists the [{table}] keys.",
+        )
 
 
 def _absolute_defense_paths(defense: dict[str, Any], base: Path) -> dict[str, Any]:

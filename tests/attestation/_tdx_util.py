@@ -15,6 +15,10 @@ VECTORS = Path(__file__).resolve().parent.parent / "data" / "vectors"
 TDX = VECTORS / "tdx"
 GO = TDX / "go-tdx-guest"
 TRUSTEE = TDX / "trustee"
+# A genuine quote with complete signed collateral (Phala-Network/dcap-qvl, MIT).
+DCAP = TDX / "dcap-qvl"
+DCAP_QUOTE = DCAP / "tdx_quote"
+DCAP_COLLATERAL = DCAP / "tdx_quote_collateral.json"
 EXPECTED: dict[str, dict[str, Any]] = json.loads((VECTORS / "expected_fields.json").read_text())[
     "tdx"
 ]
@@ -24,6 +28,10 @@ TAMPERED = [name.replace(".dat", ".tampered.bin") for name in GENUINE]
 NOW = datetime.datetime(2026, 6, 1, tzinfo=datetime.UTC)
 # Inside the go-tdx-guest collateral's window (TCB info, QE identity, both CRLs).
 NOW_2023 = datetime.datetime(2023, 7, 1, 1, tzinfo=datetime.UTC)
+# Inside every window of the dcap-qvl collateral: after the latest issueDate / CRL
+# thisUpdate (QE identity, 2025-06-19T10:32:27Z), before the earliest nextUpdate (PCK
+# CRL, 2025-07-19T10:00:35Z).
+NOW_DCAP = datetime.datetime(2025, 6, 20, tzinfo=datetime.UTC)
 # Inside sample_tcbinfo_response_v5's window.
 NOW_2026_02 = datetime.datetime(2026, 2, 10, tzinfo=datetime.UTC)
 

@@ -210,8 +210,11 @@ def test_snp_report_labelled_tdx_is_refused(
     sim_root: Path, roots: TrustedRoots, nonce: bytes
 ) -> None:
     ev = dataclasses.replace(_evidence(sim_root, nonce), platform=Platform.TDX)
+    with_intel = roots + TrustedRoots.intel_sgx()
     with pytest.raises(EvidenceFormatError) as info:
-        verify_evidence_at_time(ev, policy=DEV_POLICY, roots=roots, expected_nonce=nonce, now=NOW)
+        verify_evidence_at_time(
+            ev, policy=DEV_POLICY, roots=with_intel, expected_nonce=nonce, now=NOW
+        )  # fmt: skip
     assert info.value.check == "quote_format"
 
 
@@ -230,10 +233,17 @@ def test_genuine_tdx_quote_in_evidence_goes_through_tdx_verifier(nonce: bytes) -
     )
     with pytest.raises(VerificationError) as info:
         verify_evidence_at_time(
-            ev, policy=DEV_POLICY, roots=TrustedRoots.amd(), expected_nonce=nonce,
+            ev, policy=DEV_POLICY, roots=TrustedRoots.vendors(), expected_nonce=nonce,
             now=datetime(2026, 6, 1, tzinfo=UTC),
         )  # fmt: skip
     assert info.value.check == "report_data_binding"
+    # AMD's roots alone do not trust Intel's: a TDX quote is refused before anything else.
+    with pytest.raises(VerificationError, match="Intel SGX Root CA, which is not among") as info:
+        verify_evidence_at_time(
+            ev, policy=DEV_POLICY, roots=TrustedRoots.amd(), expected_nonce=nonce,
+            now=datetime(2026, 6, 1, tzinfo=UTC),
+        )  # fmt: skip
+    assert info.value.check == "roots"
 
 
 def test_genuine_report_in_evidence_fails_binding(nonce: bytes) -> None:

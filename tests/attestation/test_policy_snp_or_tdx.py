@@ -79,3 +79,37 @@ def test_tdx_section_validates_keys() -> None:
         policy_from_toml('version = 1\n[tdx]\nmrtd = ["abcd"]\n')
     with pytest.raises(PolicyError, match="TCB status"):
         policy_from_toml('version = 1\n[tdx]\ntcb_status = ["UpToDate"]\n').verify(_tdx_claims())
+
+
+def test_snp_section_does_not_pass_tdx_claims() -> None:
+    # The attack of issue 15: a policy that pins an SNP measurement and omits
+    # `platforms` used to release to any genuine TD (the SNP rules were skipped).
+    policy = policy_from_toml(f'version = 1\n[sev-snp]\nmeasurement = ["{SNP_MEASUREMENT}"]\n')
+    policy.verify(_snp_claims())
+    with pytest.raises(PolicyError, match="platform tdx: the policy has no section for it"):
+        policy.verify(_tdx_claims())
+
+
+def test_tdx_section_does_not_pass_snp_claims() -> None:
+    mrtd = TDX_EXPECTED[TDX_REL]["mrtd"]
+    policy = policy_from_toml(f'version = 1\n[tdx]\nmrtd = ["{mrtd}"]\n')
+    policy.verify(_tdx_claims())
+    with pytest.raises(PolicyError, match="platform sev-snp: the policy has no section"):
+        policy.verify(_snp_claims())
+
+
+def test_each_platform_is_judged_by_its_own_section() -> None:
+    mrtd = TDX_EXPECTED[TDX_REL]["mrtd"]
+    both = (
+        f'version = 1\n[sev-snp]\nmeasurement = ["{SNP_MEASUREMENT}"]\n[tdx]\nmrtd = ["{mrtd}"]\n'
+    )
+    policy = policy_from_toml(both)
+    policy.verify(_snp_claims())
+    policy.verify(_tdx_claims())
+    with pytest.raises(PolicyError, match="mrtd"):
+        policy_from_toml(both.replace(mrtd, "00" * 48)).verify(_tdx_claims())
+    # An explicitly empty section admits its platform with the top-level rules only.
+    empty = policy_from_toml(
+        f'version = 1\n[sev-snp]\nmeasurement = ["{SNP_MEASUREMENT}"]\n[tdx]\n'
+    )
+    empty.verify(_tdx_claims())

@@ -86,7 +86,7 @@ def test_spr_e4_with_qe_identity_and_crls_only() -> None:
     assert _check(claims, "tcb_status").passed is None
     sig = _check(claims, "collateral_signature")
     assert sig.passed is None
-    assert sig.detail == "not verified: TCB-signing chain not supplied"
+    assert sig.detail == "not verified: no issuer chain for QE identity"
 
 
 def test_spr_e4_tcb_status_up_to_date_with_edited_level() -> None:

@@ -23,7 +23,7 @@ from sealserve.attestation.tdx_policy import (
 )
 from sealserve.errors import ConfigError, PolicyError
 
-from ._tdx_util import EXPECTED, GO, NOW, NOW_2026_02, raw
+from ._tdx_util import DCAP_COLLATERAL, DCAP_QUOTE, EXPECTED, GO, NOW, NOW_2026_02, NOW_DCAP, raw
 
 V5 = "tdx/go-tdx-guest/quote_v5_sample.dat"
 DEBUG = "tdx/trustee/tdx_quote_4.dat"
@@ -34,6 +34,12 @@ ZERO48 = bytes(48)
 def v5_claims() -> Claims:
     info = TcbInfo.from_json(GO / "sample_tcbinfo_response_v5")
     return verify_tdx_at_time(raw(V5), now=NOW_2026_02, collateral=TdxCollateral(tcb_info=info))
+
+
+@pytest.fixture(scope="module")
+def verified_claims() -> Claims:
+    collateral = TdxCollateral.from_dcap_json(DCAP_COLLATERAL)
+    return verify_tdx_at_time(DCAP_QUOTE.read_bytes(), now=NOW_DCAP, collateral=collateral)
 
 
 @pytest.fixture(scope="module")
@@ -51,13 +57,25 @@ def _snp_claims() -> Claims:
     )
 
 
-def test_tcb_status_in(v5_claims: Claims, bare_claims: Claims) -> None:
-    TcbStatusIn(allowed=frozenset({"UpToDate"})).verify(v5_claims)
+def test_tcb_status_in(verified_claims: Claims, bare_claims: Claims) -> None:
+    TcbStatusIn(allowed=frozenset({"UpToDate"})).verify(verified_claims)
     with pytest.raises(PolicyError, match="TCB status UpToDate is not one of OutOfDate") as exc:
-        TcbStatusIn(allowed=frozenset({"OutOfDate"})).verify(v5_claims)
+        TcbStatusIn(allowed=frozenset({"OutOfDate"})).verify(verified_claims)
     assert exc.value.check == "tdx.tcb_status_in"
     with pytest.raises(PolicyError, match="not evaluated"):
         TcbStatusIn(allowed=frozenset({"UpToDate"})).verify(bare_claims)
+
+
+def test_tcb_rules_refuse_unverified_collateral(v5_claims: Claims) -> None:
+    # TCB info without its issuer chain: evaluated and shown, but proves nothing.
+    assert v5_claims.fields["tcb_status"] == "UpToDate"
+    assert v5_claims.fields["collateral_verified"] is False
+    for rule in (
+        TcbStatusIn(allowed=frozenset({"UpToDate"})),
+        AdvisoryIdsNotIn(denied=frozenset({"INTEL-SA-00837"})),
+    ):
+        with pytest.raises(PolicyError, match="not read from verified collateral"):
+            rule.verify(v5_claims)
 
 
 def test_rules_refuse_other_platforms() -> None:
@@ -76,14 +94,14 @@ def test_tcb_status_names_are_validated() -> None:
         TcbStatusIn(allowed=frozenset())
 
 
-def test_advisory_ids_not_in(v5_claims: Claims, bare_claims: Claims) -> None:
-    AdvisoryIdsNotIn(denied=frozenset({"INTEL-SA-00837"})).verify(v5_claims)
+def test_advisory_ids_not_in(verified_claims: Claims, bare_claims: Claims) -> None:
+    AdvisoryIdsNotIn(denied=frozenset({"INTEL-SA-00837"})).verify(verified_claims)
     edited = Claims(
         platform=Platform.TDX,
         report_data=bytes(64),
         debug=False,
         measurements={},
-        fields={**v5_claims.fields, "tcb_advisory_ids": ["INTEL-SA-00837"]},
+        fields={**verified_claims.fields, "tcb_advisory_ids": ["INTEL-SA-00837"]},
     )
     with pytest.raises(PolicyError, match="affected by INTEL-SA-00837"):
         AdvisoryIdsNotIn(denied=frozenset({"INTEL-SA-00837"})).verify(edited)
@@ -129,9 +147,9 @@ def test_debug_td_attributes_rule() -> None:
         no_debug.verify(claims)
 
 
-def test_from_toml_and_dispatch(v5_claims: Claims) -> None:
+def test_from_toml_and_dispatch(verified_claims: Claims) -> None:
     rule = tdx_rule_from_toml({"rule": "tdx.tcb_status_in", "allowed": ["UpToDate"]})
-    rule.verify(v5_claims)
+    rule.verify(verified_claims)
     xfam = tdx_rule_from_toml({"rule": "tdx.xfam_equals", "value": "e702060000000000"})
     assert isinstance(xfam, XfamEquals) and xfam.mask == b"\xff" * 8
     assert set(TDX_RULES) == {
@@ -180,7 +198,7 @@ value = "e702060000000000"
 """
 
 
-def test_proposed_toml_shape_builds_rules(v5_claims: Claims) -> None:
+def test_proposed_toml_shape_builds_rules(v5_claims: Claims, verified_claims: Claims) -> None:
     # The shape proposed in docs/tdx.md: the tdx.* tables build with tdx_rule_from_toml.
     import tomllib
 
@@ -188,4 +206,4 @@ def test_proposed_toml_shape_builds_rules(v5_claims: Claims) -> None:
     rules = [tdx_rule_from_toml(t) for t in doc["policy"]["any_of"][0]["rules"]]
     assert [type(r) for r in rules] == [TcbStatusIn, MrConfigIdIn, XfamEquals]
     for r in rules:
-        r.verify(v5_claims)
+        r.verify(verified_claims if isinstance(r, TcbStatusIn) else v5_claims)

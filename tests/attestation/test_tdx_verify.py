@@ -206,3 +206,32 @@ def test_claims_are_immutable() -> None:
     with pytest.raises(TypeError):
         claims.fields["mrtd"] = "00"  # type: ignore[index]
     assert claims.extra["mrsignerseam"] == "00" * 48
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"qe_vendor_id": bytes(16)}, "QE vendor id 0000"),
+        ({"mrsigner": bytes(32)}, "QE MRSIGNER 0000000000000000... is not Intel's"),
+        ({"isvprodid": 1}, "QE ISVPRODID 1 is not the TD QE's"),
+    ],
+)
+def test_quote_from_another_quoting_enclave_is_refused_without_collateral(
+    change: dict[str, object], message: str
+) -> None:
+    # Such a quote cannot be made with a genuine PCK (the QE report is signed), so the
+    # check is exercised on the parsed quote; it runs on every quote, collateral or not.
+    import dataclasses
+
+    from sealserve.attestation.tdx import check_intel_qe
+    from sealserve.attestation.tdx_quote import TdxQuote
+
+    quote = TdxQuote.from_bytes(raw(GENUINE[0]))
+    assert check_intel_qe(quote).passed is True
+    if "qe_vendor_id" in change:
+        quote = dataclasses.replace(quote, header=dataclasses.replace(quote.header, **change))
+    else:
+        quote = dataclasses.replace(quote, qe_report=dataclasses.replace(quote.qe_report, **change))
+    with pytest.raises(VerificationError, match=message) as info:
+        check_intel_qe(quote)
+    assert info.value.check == "qe_identity"

@@ -64,8 +64,8 @@ def test_add_list_set_policy_revoke(start_broker: Callable[..., Running]) -> Non
             admin.add_key("c", b"short")
         with pytest.raises(InputError, match="policy: unknown key"):
             admin.add_key("c", generate_key(), policy_toml="no_such_rule = 1\n")
-        with pytest.raises(InputError, match="unknown root 'intel'"):
-            admin.add_key("c", generate_key(), roots=["intel"])
+        with pytest.raises(InputError, match="unknown root 'nvidia'"):
+            admin.add_key("c", generate_key(), roots=["nvidia"])
     assert running.broker.store.get("b").key == b""  # type: ignore[union-attr]
 
 

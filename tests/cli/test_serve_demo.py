@@ -62,7 +62,7 @@ def test_serve_with_bad_config_exits_with_message(tmp_path: Path) -> None:
         timeout=60,
         check=False,
     )
-    assert out.returncode == 1
+    assert out.returncode == 2  # a config error is a usage error
     assert (
         "error:" in out.stderr and "port: Input should be less than or equal to 65535" in out.stderr
     )

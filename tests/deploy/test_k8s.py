@@ -63,6 +63,7 @@ def test_the_expected_resources_exist() -> None:
         ("Deployment", "sealserve-redis"),
         ("Service", "sealserve"), ("Service", "sealserve-broker"), ("Service", "sealserve-redis"),
         ("PersistentVolumeClaim", "sealserve-models"),
+        ("PersistentVolumeClaim", "sealserve-redis-data"),
         ("NetworkPolicy", "default-deny-ingress"), ("NetworkPolicy", "server-ingress"),
         ("NetworkPolicy", "broker-from-server-only"), ("NetworkPolicy", "redis-from-server-only"),
     ])  # fmt: skip

@@ -181,3 +181,65 @@ def _np(dt: str) -> np.dtype[Any]:
     from sealserve.tensors import OIP_TO_NUMPY
 
     return OIP_TO_NUMPY[dt]
+
+
+def _long_shape(req: pb.ModelInferRequest) -> None:
+    del req.inputs[0].shape[:]
+    req.inputs[0].shape.extend([1] * 8192)
+
+
+def _long_input_name(req: pb.ModelInferRequest) -> None:
+    req.inputs[0].name = "n" * 65536
+
+
+def _long_output_name(req: pb.ModelInferRequest) -> None:
+    req.outputs.add(name="o" * 65536)
+
+
+def _long_datatype(req: pb.ModelInferRequest) -> None:
+    req.inputs[0].datatype = "D" * 65536
+
+
+LONG_ECHOES: list[tuple[str, pb.ModelInferRequest, grpc.StatusCode, str]] = [
+    ("64 KiB model name", pb.ModelInferRequest(model_name="m" * 65536),
+     grpc.StatusCode.NOT_FOUND, "(65536 chars) is not served"),
+    ("64 KiB version", _mutate(lambda r: setattr(r, "model_version", "v" * 65536)),
+     grpc.StatusCode.NOT_FOUND, "has no version 'vvvv"),
+    ("8192-dim shape", _mutate(_long_shape), grpc.StatusCode.INVALID_ARGUMENT,
+     "got shape [1, 1, 1, 1, 1, 1, 1, 1, ...] (8192 dims)"),
+    ("64 KiB input name", _mutate(_long_input_name), grpc.StatusCode.INVALID_ARGUMENT,
+     "(65536 chars) is not an input of model 'digits'"),
+    ("64 KiB output name", _mutate(_long_output_name), grpc.StatusCode.INVALID_ARGUMENT,
+     "(65536 chars) is not an output of model 'digits'"),
+    ("64 KiB datatype", _mutate(_long_datatype), grpc.StatusCode.INVALID_ARGUMENT,
+     "expected datatype FP32, got 'DDDD"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("case", "request_", "code", "message"), LONG_ECHOES, ids=[c[0] for c in LONG_ECHOES]
+)
+def test_long_client_input_is_quoted_short(
+    stub: Any, case: str, request_: pb.ModelInferRequest, code: grpc.StatusCode, message: str
+) -> None:
+    # Echoed whole, the message would exceed the client's metadata limit and the client
+    # would see RESOURCE_EXHAUSTED instead of the real answer.
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(request_, timeout=10)
+    assert info.value.code() == code, info.value.details()[:200]
+    assert message in info.value.details()
+    assert len(info.value.details()) < 400
+    _valid_still_works(stub)
+
+
+def test_just_over_the_cap_plus_a_mebibyte_is_invalid_argument(stub: Any) -> None:
+    # Before: gRPC's own limit was the cap + 1 MiB, so this got RESOURCE_EXHAUSTED.
+    rows = (256 * 1024 + (1 << 20) + 4096) // 256
+    x = np.zeros((rows, 64), np.float32)
+    with pytest.raises(grpc.RpcError) as info:
+        stub.ModelInfer(_digits_request(x), timeout=10)
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT, info.value.details()
+    assert info.value.details() == (
+        "input 'input': request tensors exceed the size limit of 262144 bytes"
+    )
+    _valid_still_works(stub)

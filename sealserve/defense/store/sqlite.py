@@ -8,6 +8,7 @@ process crash; the last few may be lost on power loss, which only forgets usage.
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import threading
 import time
@@ -95,6 +96,14 @@ class SqliteStore(TransactionalStore):
         self.path = Path(path)
         self._lock = threading.Lock()
         self._writes = 0
+        try:
+            # State is account data: created owner-only whatever the umask (SQLite
+            # gives its -wal and -shm files the database file's permissions).
+            os.close(os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600))
+        except OSError as exc:
+            raise UnavailableError(
+                f"state store unreachable: sqlite {self.path}: {exc.strerror}"
+            ) from exc
         try:
             self._conn = sqlite3.connect(
                 str(self.path),

@@ -10,15 +10,25 @@ import grpc
 from sealserve._proto import attestation_pb2 as apb
 from sealserve.attestation.binding import check_nonce
 from sealserve.enclave.platform import Platform, attest
-from sealserve.errors import AttestationError, InputError
+from sealserve.errors import AttestationError, InputError, RateLimitedError
 from sealserve.rpc.status import grpc_errors
+from sealserve.server.grpc.per_peer import PeerRate
 
 
 class AttestationServicer:
     def __init__(
-        self, platform: Platform, *, tls_spki: bytes, manifest: bytes, hpke_public_key: bytes
+        self,
+        platform: Platform,
+        *,
+        tls_spki: bytes,
+        manifest: bytes,
+        hpke_public_key: bytes,
+        per_peer_per_minute: int = 60,
     ) -> None:
         self._platform = platform
+        # Evidence is public (a client verifies before it sends a token) and costs a
+        # hardware report: each peer gets a bounded rate.
+        self._rate = PeerRate(per_peer_per_minute)
         self._tls_spki = tls_spki
         self._manifest = manifest
         self._hpke = hpke_public_key
@@ -42,6 +52,11 @@ class AttestationServicer:
     async def GetEvidence(
         self, request: Any, context: grpc.aio.ServicerContext
     ) -> apb.GetEvidenceResponse:
+        wait = self._rate.take(context.peer() or "")
+        if wait:
+            raise RateLimitedError(
+                "GetEvidence rate limit for this address exceeded", retry_after=wait
+            )
         loop = asyncio.get_running_loop()
         # A real platform's report goes through the kernel: keep it off the loop.
         data = await loop.run_in_executor(None, self.evidence, bytes(request.nonce))

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from sealserve._proto import grpc_service_pb2 as pb
-from sealserve.errors import TensorError
+from sealserve.errors import TensorError, quote, quote_shape
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo, TensorSpec
 from sealserve.tensors import (
     CONTENTS_FIELD,
@@ -26,18 +26,24 @@ from sealserve.tensors import (
 )
 
 
+def _datatype(datatype: str) -> str:
+    if datatype in OIP_TO_NUMPY:
+        return datatype
+    return quote(datatype) if datatype else "(empty)"
+
+
 def _check_shape(name: str, spec: TensorSpec, shape: Sequence[int]) -> tuple[int, ...]:
     if len(shape) != len(spec.shape):
         raise TensorError(
             f"input '{name}': expected rank {len(spec.shape)} with shape "
-            f"{list(spec.shape)}, got shape {list(shape)}"
+            f"{list(spec.shape)}, got shape {quote_shape(shape)}"
         )
     for got, want in zip(shape, spec.shape, strict=True):
         if got < 0:
-            raise TensorError(f"input '{name}': negative dimension in shape {list(shape)}")
+            raise TensorError(f"input '{name}': negative dimension in shape {quote_shape(shape)}")
         if want >= 0 and got != want:
             raise TensorError(
-                f"input '{name}': expected shape {list(spec.shape)}, got {list(shape)}"
+                f"input '{name}': expected shape {list(spec.shape)}, got {quote_shape(shape)}"
             )
     return tuple(shape)
 
@@ -66,6 +72,15 @@ def _decode_typed(name: str, datatype: str, contents: Any, count: int) -> np.nda
         raise TensorError(f"input '{name}': values out of range for {datatype}") from exc
 
 
+def declared_batch(req: pb.ModelInferRequest) -> int:
+    """The batch size the first input's shape declares (1 for a scalar input, 0 or
+    less when it declares none), read without touching any tensor contents."""
+    if not req.inputs:
+        return 0
+    shape = req.inputs[0].shape
+    return int(shape[0]) if len(shape) else 1
+
+
 def decode_infer_request(
     req: pb.ModelInferRequest, info: ModelInfo, *, max_bytes: int
 ) -> InferRequest:
@@ -91,7 +106,7 @@ def decode_infer_request(
         spec = specs.get(name)
         if spec is None:
             raise TensorError(
-                f"input '{name}' is not an input of model '{info.name}' "
+                f"input {quote(name)} is not an input of model '{info.name}' "
                 f"(inputs: {', '.join(sorted(specs))})"
             )
         if name in inputs:
@@ -99,7 +114,7 @@ def decode_infer_request(
         if tensor.datatype != spec.datatype:
             raise TensorError(
                 f"input '{name}': expected datatype {spec.datatype}, "
-                f"got {tensor.datatype or '(empty)'}"
+                f"got {_datatype(tensor.datatype)}"
             )
         shape = _check_shape(name, spec, tensor.shape)
         count = math.prod(shape)
@@ -144,7 +159,7 @@ def decode_infer_request(
     for out in outputs:
         if out not in known:
             raise TensorError(
-                f"requested output '{out}' is not an output of model '{info.name}' "
+                f"requested output {quote(out)} is not an output of model '{info.name}' "
                 f"(outputs: {', '.join(sorted(known))})"
             )
     return InferRequest(

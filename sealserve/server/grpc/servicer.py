@@ -8,12 +8,13 @@ from typing import Any
 import grpc
 
 from sealserve._proto import grpc_service_pb2 as pb
-from sealserve.defense.guard import Caller, ProofOfWork
+from sealserve.defense.guard import ANONYMOUS, Caller, ProofOfWork
 from sealserve.defense.store.base import Remaining
 from sealserve.rpc.status import grpc_errors, status_code
-from sealserve.server.dataplane import DataPlane
+from sealserve.server.dataplane import DataPlane, PendingRequest
 from sealserve.server.grpc.auth_interceptor import current_principal
 from sealserve.server.grpc.codec import (
+    declared_batch,
     decode_infer_request,
     encode_infer_response,
     encode_model_metadata,
@@ -82,6 +83,12 @@ class InferenceServicer:
         name, version, extensions = self._plane.server_metadata()
         return pb.ServerMetadataResponse(name=name, version=version, extensions=extensions)
 
+    def before_body(self, context: grpc.aio.ServicerContext) -> None:
+        """ModelInfer's check on its header alone, before its body is read: an account
+        refused within the last second is refused again without reading its tensors."""
+        principal = current_principal()
+        self._plane.refused_recently(principal.account if principal else ANONYMOUS)
+
     @grpc_errors
     async def ModelMetadata(
         self, request: pb.ModelMetadataRequest, context: grpc.aio.ServicerContext
@@ -111,9 +118,16 @@ class InferenceServicer:
         name and version as soon as it is known."""
         loaded = self._plane.model(request.model_name, request.model_version)
         labels[:] = [loaded.info.name, loaded.info.version]
-        req = decode_infer_request(request, loaded.info, max_bytes=self._plane.max_request_bytes)
         caller, pow_ = self._caller(context)
-        result, remaining = await self._plane.infer(req, caller, pow_=pow_)
+        # Admission on what the request declares; its tensors are decoded only after.
+        pending = PendingRequest(
+            loaded.info.name,
+            declared_batch(request),
+            lambda: decode_infer_request(
+                request, loaded.info, max_bytes=self._plane.max_request_bytes
+            ),
+        )
+        result, remaining = await self._plane.infer_pending(pending, caller, pow_=pow_)
         if remaining:
             context.set_trailing_metadata(
                 (("sealserve-quota-remaining", format_remaining(remaining)),)

@@ -34,3 +34,16 @@ def test_bad_urls(url: str) -> None:
 def test_bad_redis_prefix() -> None:
     with pytest.raises(ConfigError, match="redis key prefix must be non-empty"):
         open_store("redis://127.0.0.1:1/0", prefix="a b")
+
+
+def test_sqlite_state_file_is_created_owner_only(tmp_path: Path) -> None:
+    import os
+    import stat
+
+    old = os.umask(0o022)  # the usual umask would make it world-readable
+    try:
+        store = open_store(f"sqlite://{tmp_path / 'state.db'}")
+        store.close()
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE((tmp_path / "state.db").stat().st_mode) == 0o600
