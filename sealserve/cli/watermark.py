@@ -1,4 +1,5 @@
-"""``sealserve watermark verify``: prove a suspect model was trained on our answers."""
+"""``sealserve watermark verify``: prove a suspect model was trained on our answers
+(DAWN marks, signal tilt and band marks; ``--json`` holds each test)."""
 
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ def register(sub: Any) -> None:
             "Replays the watermark ledger's marked inputs to a suspect, counts how often "
             "it reproduces the watermark answers (match rate, the rate expected by "
             "chance, one-sided binomial test), replays the ledger's boundary probes to "
-            "test for the keyed signal tilt (an exact Gaussian test), and reports both "
-            "with a combined p-value and a verdict."
+            "test for the keyed signal tilt (an exact Gaussian test), replays the recorded "
+            "band rows (labels only) for the band-marks test (an exact binomial test), "
+            "and reports each with a combined (Bonferroni) p-value and a verdict."
         ),
     )
     actions = p.add_subparsers(dest="watermark_action", metavar="ACTION", required=True)
@@ -31,6 +33,11 @@ def register(sub: Any) -> None:
     v.add_argument(
         "--signal-probes", type=int, default=1000, metavar="N",
         help="boundary probes replayed for the signal test, nearest first (default 1000)",
+    )  # fmt: skip
+    v.add_argument(
+        "--band-pool", choices=("fit", "all"), default="fit",
+        help="band test: pool the accounts on which the suspect's top-1 fit is high "
+        "(fit, coin-free, the default) or every account (all)",
     )  # fmt: skip
     v.add_argument("--json", action="store_true", help="machine-readable report")
     v.set_defaults(func=run_verify)
@@ -109,7 +116,7 @@ def run_verify(args: argparse.Namespace) -> int:
     suspect, close = open_suspect(args)
     try:
         report = verify(ledger, suspect, account=args.account, alpha=args.alpha,
-                        signal_probes=args.signal_probes)  # fmt: skip
+                        signal_probes=args.signal_probes, band_pool=args.band_pool)  # fmt: skip
     finally:
         close()
     if args.json:

@@ -38,7 +38,8 @@ def test_watermark_proven_on_replica_not_on_innocent(
         "state_dir": str(tmp_path / "state"),
         "audit": {"enabled": False},
         "profiles": {"p": {"round": 3, "renormalise": True, "preserve_top1": True,
-                           "coarsen": {"input_scale": 16}, "watermark": {"fraction": 0.05}}},
+                           "coarsen": {"input_scale": 16}, "watermark": {"fraction": 0.05,
+                                         "band": {"margin": 0.3, "rate": 0.05}}}},
         "models": {"digits": {"output": "probabilities", "label": "label", "profile": "p",
                               "detection": False}},
     }  # fmt: skip
@@ -72,12 +73,14 @@ def test_watermark_proven_on_replica_not_on_innocent(
     assert stolen.returncode == 0, stolen.stderr
     assert "WATERMARK PRESENT" in stolen.stdout
     assert "probes replayed" in stolen.stdout  # the server kept boundary probes
-    p_stolen = float(stolen.stdout.split("p-value (one-sided, both tests)")[1].split()[0])
+    assert "band cells replayed" in stolen.stdout  # the band test ran beside the others
+    p_stolen = float(stolen.stdout.split("p-value (one-sided, all tests, Bonferroni)")[1].split()[0])
     assert p_stolen < 1e-6
     clean = run(*base, "--suspect", str(innocent_path), "--json")
     assert clean.returncode == 0, clean.stderr
     report = json.loads(clean.stdout)
     assert report["watermark_present"] is False and report["p_value"] > 0.01
+    assert report["band"]["examined"] > 0 and report["band"]["p_value"] > 1e-4
     # The same proof against a suspect that only answers over an OIP endpoint (here the
     # replica served by a second sealserve; any OIP server would do).
     suspect_repo = tmp_path / "suspect-repo"

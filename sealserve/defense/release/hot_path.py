@@ -18,6 +18,7 @@ import numpy as np
 
 from sealserve.defense.outputs import OutputKind
 from sealserve.defense.release.transforms import KeyedNoise, derive_key
+from sealserve.defense.watermark.band import BandMark
 from sealserve.defense.watermark.ledger import WatermarkLedger
 from sealserve.defense.watermark.marks import Marks, Watermark
 from sealserve.defense.watermark.recorder import LedgerRecorder
@@ -44,6 +45,10 @@ class Release:
     marked: np.ndarray
     form: Literal["full", "top_k", "label"] = "full"
     indices: np.ndarray | None = None
+    band: np.ndarray | None = None
+    """Rows whose label the band marks turned into the runner-up (None: none)."""
+    band_rows: int = 0
+    """Rows of the batch in the band (offered to the ledger whether flipped or not)."""
 
 
 class BoundProfile:
@@ -91,6 +96,16 @@ class BoundProfile:
             else None
         )
         self._signal_models: set[str] = set()
+        self._band = (
+            BandMark(
+                key=derive_key(key, "band"),
+                margin=profile.watermark_band[0],
+                rate=profile.watermark_band[1],
+            )
+            if profile.watermark_band is not None
+            else None
+        )
+        self._band_models: set[str] = set()
         out = profile.output
         self._unit = profile.round.unit if profile.round is not None else 0.0
         self._decimals = profile.round.decimals if profile.round is not None else None
@@ -153,20 +168,34 @@ class BoundProfile:
             return self._empty(x.reshape(shape))
         cells = p.coarsener.row_bytes(inputs) if self._need_cells else []
         marks: Marks | None = None
+        band = None
+        if self._band is not None:  # on the ORIGINAL answer, before anything moves it
+            band = self._band.select(x, model, cells)
+            if len(band[0]):
+                self._record_band(band, inputs, cells, account, model)
         if self._watermark is not None:
             marks, probes = self._watermark.apply(x, model, cells)
             if probes and self._recorder is not None:
                 self._recorder.record_probes(x, probes, inputs, account, model)
+        flipped: np.ndarray | None = None
+        new_top: np.ndarray | None = None
+        if band is not None and band[3].any():
+            new_top = self._flip(x, band, marks)
+            flipped = new_top >= 0 if new_top is not None else None
         # Rows whose top-1 must come out as it goes in: all of them (preserve_top1) or
         # the marked ones (a watermark answer must keep its alternative label).
         enforce: np.ndarray | None = None
         if p.preserve_top1:
             enforce = _ALL
         elif marks is not None:
-            enforce = marks.selected
+            enforce = marks.selected if flipped is None else marks.selected | flipped
+        elif flipped is not None:
+            enforce = flipped
         target: np.ndarray | None = None
         if enforce is not None:
             target = (x > self._t) if self._score else x.argmax(axis=1)
+            if new_top is not None and flipped is not None:  # a tie must not undo a flip
+                target[flipped] = new_top[flipped]
         if self._signal is not None:
             x = self._signal.apply(x, inputs, model, normalise=not p.renormalise)
             if model not in self._signal_models and self._ledger is not None:
@@ -235,11 +264,55 @@ class BoundProfile:
             values = x
         if marks is None:
             return Release(
-                values=values, marked=np.zeros(n, dtype=bool), form=form, indices=indices
-            )
+                values=values, marked=np.zeros(n, dtype=bool), form=form, indices=indices,
+                band=flipped, band_rows=len(band[0]) if band is not None else 0,
+            )  # fmt: skip
         if self._recorder is not None:
             self._recorder.record(marks, values, indices, inputs, cells, account, model, now)
-        return Release(values=values, marked=marks.selected, form=form, indices=indices)
+        return Release(
+            values=values, marked=marks.selected, form=form, indices=indices, band=flipped,
+            band_rows=len(band[0]) if band is not None else 0,
+        )  # fmt: skip
+
+    def _record_band(
+        self,
+        band: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        inputs: np.ndarray,
+        cells: list[bytes],
+        account: str,
+        model: str,
+    ) -> None:
+        if self._recorder is None or self._ledger is None:
+            return
+        assert self._band is not None
+        if model not in self._band_models:
+            self._ledger.set_band(self._band.spec(model))
+            self._band_models.add(model)
+        rows, t1, t2, _ = band
+        self._recorder.record_band(rows, t1, t2, inputs, cells, account, model)
+
+    def _flip(
+        self,
+        x: np.ndarray,
+        band: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray],
+        marks: Marks | None,
+    ) -> np.ndarray | None:
+        """Swap the top-1 and top-2 values of the coin-marked band rows of ``x`` (in
+        place; rows carrying a DAWN mark are left alone). Returns the new top-1 of each
+        row (-1 where unchanged), or None when no row flips."""
+        rows, t1, t2, flags = band
+        rows, t1, t2 = rows[flags], t1[flags], t2[flags]
+        if marks is not None:
+            free = ~marks.selected[rows]
+            rows, t1, t2 = rows[free], t1[free], t2[free]
+        if len(rows) == 0:
+            return None
+        hi = x[rows, t1]
+        x[rows, t1] = x[rows, t2]
+        x[rows, t2] = hi
+        out = np.full(len(x), -1, dtype=np.int64)
+        out[rows] = t2
+        return out
 
     def _empty(self, x: np.ndarray) -> Release:
         """The release of a batch of no rows, in the form the profile gives."""

@@ -152,7 +152,8 @@ class OutputDefenses:
         self.quota = quota
         self.audit = audit
         self._clock = clock
-        # Called after an answer carried the watermark (persist the sealed ledger).
+        # Called after an answer carried the watermark or was recorded as a band row
+        # (persist the sealed ledger).
         self.on_marked = on_marked
 
     def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
@@ -443,4 +444,5 @@ def _apply(
             out[f"{d.output_name}_label"] = labels
     if d.label_name is not None and d.label_name in out and labels is not None:
         out[d.label_name] = labels.astype(out[d.label_name].dtype)
-    return out, bool(np.any(rel.marked))
+    # Band rows are recorded whether flipped or not: they too make the ledger dirty.
+    return out, bool(np.any(rel.marked)) or rel.band_rows > 0

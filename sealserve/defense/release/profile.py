@@ -50,6 +50,11 @@ from sealserve.defense.outputs import OutputKind, OutputSpec
 from sealserve.defense.release.coarsen import DEFAULT_RELATIVE_STEP, Coarsener
 from sealserve.defense.release.hot_path import BoundProfile
 from sealserve.defense.release.transforms import KeyedNoise, ReverseSigmoid, Round, TopK
+from sealserve.defense.watermark.band import (
+    DEFAULT_BAND_MARGIN,
+    DEFAULT_BAND_RATE,
+    check_band,
+)
 from sealserve.defense.watermark.ledger import WatermarkLedger
 from sealserve.defense.watermark.marks import (
     DEFAULT_FRACTION,
@@ -110,6 +115,8 @@ class Profile:
     watermark_fraction: float | None = None
     watermark_margin: float = DEFAULT_SCORE_MARGIN
     watermark_signal: float = 0.0
+    watermark_band: tuple[float, float] | None = None
+    """Band marks (margin, rate) (:mod:`sealserve.defense.watermark.band`), or None."""
     input_scale: float = 1.0
 
     def __post_init__(self) -> None:
@@ -143,6 +150,15 @@ class Profile:
             check_strength(self.watermark_signal, out)
         elif self.watermark_signal:
             raise ConfigError(f"{where}: watermark_signal is set without a watermark")
+        if self.watermark_band is not None:
+            if self.watermark_fraction is None:
+                raise ConfigError(f"{where}: watermark band is set without a watermark")
+            if kind is not OutputKind.PROBABILITIES:
+                raise ConfigError(
+                    f"{where}: watermark.band needs probability outputs (its margin is a "
+                    f"top1 - top2 probability margin); this model gives {kind.value}"
+                )
+            check_band(*self.watermark_band)
 
     # -- construction ----------------------------------------------------------------
     @classmethod
@@ -184,8 +200,9 @@ class Profile:
                 {"watermark": {} if wm_v is True else wm_v},
                 "watermark",
                 where,
-                {"fraction", "margin", "signal"},
+                {"fraction", "margin", "signal", "band"},
             )
+            band = _band(wm, where) if wm is not None else None
             return cls(
                 name=name,
                 output=output,
@@ -217,6 +234,7 @@ class Profile:
                     if wm is not None
                     else 0.0
                 ),
+                watermark_band=band,
                 input_scale=float(coarsen.get("input_scale", 1.0)),
             )
         except ConfigError as exc:
@@ -267,6 +285,8 @@ class Profile:
                 wm["margin"] = self.watermark_margin
             if self.watermark_signal:
                 wm["signal"] = self.watermark_signal
+            if self.watermark_band is not None:
+                wm["band"] = {"margin": self.watermark_band[0], "rate": self.watermark_band[1]}
             steps.append(wm)
         if self.noise is not None:
             steps.append(
@@ -330,6 +350,16 @@ def _table(m: Mapping[str, Any], key: str, where: str, allowed: set[str]) -> dic
     if unknown:
         raise ConfigError(f"{where}: unknown key(s) in {key}: {', '.join(unknown)}")
     return dict(v)
+
+
+def _band(wm: Mapping[str, Any], where: str) -> tuple[float, float] | None:
+    """The ``band`` sub-table of ``watermark`` (None when absent or false)."""
+    v = wm.get("band")
+    if v is None or v is False:
+        return None
+    t = _table({"band": {} if v is True else v}, "band", where, {"margin", "rate"})
+    assert t is not None
+    return check_band(t.get("margin", DEFAULT_BAND_MARGIN), t.get("rate", DEFAULT_BAND_RATE))
 
 
 def _number(v: Any, name: str) -> float:

@@ -21,14 +21,16 @@ from typing import Any
 
 import numpy as np
 
+from sealserve.defense.watermark.band import DEFAULT_MAX_BAND_ROWS, BandEntry, BandSpec
 from sealserve.defense.watermark.signal import DEFAULT_MAX_PROBES, SignalSpec
 from sealserve.errors import ConfigError, SealedFormatError, SealserveError
 
 __all__ = ["LEDGER_MAGIC", "LEDGER_VERSION", "LedgerEntry", "ProbeEntry", "WatermarkLedger"]
 
 LEDGER_MAGIC = b"SSWMLEDG"
-LEDGER_VERSION = 2
-_READABLE_VERSIONS = (1, 2)
+LEDGER_VERSION = 3
+"""3 added the band marks (``band`` rows and ``bands`` specs); 1 and 2 still read."""
+_READABLE_VERSIONS = (1, 2, 3)
 
 
 @dataclass(frozen=True)
@@ -99,6 +101,10 @@ class WatermarkLedger:
     replaces the kept one farthest from a decision boundary, so the ledger keeps the
     account's most informative queries in bounded memory. A cell is kept once.
 
+    Band rows (:mod:`sealserve.defense.watermark.band`) are kept first-come, up to
+    ``max_band_rows`` distinct cells per (account, model): a cap that does not depend on
+    the band key, so the kept window is chosen without the coins.
+
     Serialised by :meth:`to_bytes` as ``LEDGER_MAGIC`` + version byte + UTF-8 JSON
     (arrays as dtype, shape and base64 little-endian bytes).
     """
@@ -110,9 +116,18 @@ class WatermarkLedger:
         probes: Iterable[ProbeEntry] = (),
         signals: Iterable[SignalSpec] = (),
         max_probes: int = DEFAULT_MAX_PROBES,
+        band: Iterable[BandEntry] = (),
+        bands: Iterable[BandSpec] = (),
+        max_band_rows: int = DEFAULT_MAX_BAND_ROWS,
     ) -> None:
         if max_probes < 0:
             raise ConfigError(f"max_probes must be >= 0, got {max_probes}")
+        if max_band_rows < 0:
+            raise ConfigError(f"max_band_rows must be >= 0, got {max_band_rows}")
+        self._max_band_rows = max_band_rows
+        self._band: list[BandEntry] = []
+        self._band_cells: dict[tuple[str, str], set[bytes]] = {}
+        self._bands: dict[str, BandSpec] = {b.model: b for b in bands}
         self._entries: list[LedgerEntry] = list(entries)
         self._lock = threading.Lock()
         self._max_probes = max_probes
@@ -122,6 +137,7 @@ class WatermarkLedger:
         self._seq = 0
         self._signals: dict[str, SignalSpec] = {s.model: s for s in signals}
         self.add_probes(probes)
+        self.add_band(band)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -202,6 +218,42 @@ class WatermarkLedger:
             ]
         return sorted(snap, key=lambda p: p.margin)
 
+    def wants_band(self, account: str, model: str) -> bool:
+        """Is there room for another band row of (account, model)? (A cheap check.)"""
+        cells = self._band_cells.get((account, model))
+        return cells is None or len(cells) < self._max_band_rows
+
+    def add_band(self, rows: Iterable[BandEntry]) -> None:
+        """Keep each band row whose cell is new for its (account, model), first-come,
+        up to ``max_band_rows`` (a cap that never reads the band key)."""
+        cap = self._max_band_rows
+        with self._lock:
+            for r in rows:
+                cells = self._band_cells.setdefault((r.account, r.model), set())
+                if r.cell in cells or len(cells) >= cap:
+                    continue
+                cells.add(r.cell)
+                self._band.append(r)
+
+    def band_rows(self, *, account: str | None = None, model: str | None = None) -> list[BandEntry]:
+        """The recorded band rows in arrival order (optionally one account's / model's)."""
+        with self._lock:
+            snap = list(self._band)
+        return [
+            r
+            for r in snap
+            if (account is None or r.account == account) and (model is None or r.model == model)
+        ]
+
+    def set_band(self, spec: BandSpec) -> None:
+        """Record the band marks of ``spec.model`` (first one wins)."""
+        with self._lock:
+            self._bands.setdefault(spec.model, spec)
+
+    def band(self, model: str) -> BandSpec | None:
+        with self._lock:
+            return self._bands.get(model)
+
     def set_signal(self, spec: SignalSpec) -> None:
         """Record the signal watermark of ``spec.model`` (first one wins: a model's
         seed never changes while its key does not)."""
@@ -211,6 +263,10 @@ class WatermarkLedger:
     def signal(self, model: str) -> SignalSpec | None:
         with self._lock:
             return self._signals.get(model)
+
+    def _band_list(self) -> list[BandSpec]:
+        with self._lock:
+            return list(self._bands.values())
 
     def _signal_list(self) -> list[SignalSpec]:
         with self._lock:
@@ -261,6 +317,22 @@ class WatermarkLedger:
                 for g in sorted(self._signal_list(), key=lambda g: g.model)
             ],
             "max_probes": self._max_probes,
+            "band": [
+                {
+                    "account": r.account,
+                    "model": r.model,
+                    "input": _arr_to_json(r.input),
+                    "cell": r.cell.hex(),
+                    "top1": r.top1,
+                    "top2": r.top2,
+                }
+                for r in self.band_rows()
+            ],
+            "bands": [
+                {"model": b.model, "key": b.key.hex(), "margin": b.margin, "rate": b.rate}
+                for b in sorted(self._band_list(), key=lambda b: b.model)
+            ],
+            "max_band_rows": self._max_band_rows,
         }
         text = json.dumps(body, separators=(",", ":"), sort_keys=True)
         return LEDGER_MAGIC + bytes([LEDGER_VERSION]) + text.encode()
@@ -324,7 +396,32 @@ class WatermarkLedger:
                 for d in body.get("signals", [])
             ]
             max_probes = int(body.get("max_probes", DEFAULT_MAX_PROBES))
-            return cls(entries, probes=probes, signals=signals, max_probes=max_probes)
+            # Versions 1 and 2 have no band marks: the keys are simply absent.
+            band = [
+                BandEntry(
+                    account=str(d["account"]),
+                    model=str(d["model"]),
+                    input=_arr_from_json(d["input"]),
+                    cell=bytes.fromhex(str(d["cell"])),
+                    top1=int(d["top1"]),
+                    top2=int(d["top2"]),
+                )
+                for d in body.get("band", [])
+            ]
+            bands = [
+                BandSpec(
+                    model=str(d["model"]),
+                    key=bytes.fromhex(str(d["key"])),
+                    margin=_finite(d["margin"]),
+                    rate=_finite(d["rate"]),
+                )
+                for d in body.get("bands", [])
+            ]
+            max_band_rows = int(body.get("max_band_rows", DEFAULT_MAX_BAND_ROWS))
+            return cls(
+                entries, probes=probes, signals=signals, max_probes=max_probes,
+                band=band, bands=bands, max_band_rows=max_band_rows,
+            )  # fmt: skip
         except (
             ValueError,
             KeyError,

@@ -12,6 +12,7 @@ import hashlib
 
 import numpy as np
 
+from sealserve.defense.watermark.band import BandEntry
 from sealserve.defense.watermark.ledger import LedgerEntry, ProbeEntry, WatermarkLedger
 from sealserve.defense.watermark.marks import Marks
 
@@ -71,6 +72,32 @@ class LedgerRecorder:
                     )
                 ]
             )
+
+    def record_band(
+        self,
+        rows: np.ndarray,
+        top1: np.ndarray,
+        top2: np.ndarray,
+        inputs: np.ndarray,
+        cells: list[bytes],
+        account: str,
+        model: str,
+    ) -> None:
+        """Offer the band rows (original top-1/top-2; not the flip) to the ledger."""
+        if not self._ledger.wants_band(account, model):
+            return
+        inp = np.asarray(inputs)
+        self._ledger.add_band(
+            BandEntry(
+                account=account,
+                model=model,
+                input=_compact(inp[r]).reshape(inp[r].shape),
+                cell=cells[r],
+                top1=int(a),
+                top2=int(b),
+            )
+            for r, a, b in zip(rows.tolist(), top1.tolist(), top2.tolist(), strict=True)
+        )
 
     def record(
         self,

@@ -38,6 +38,14 @@ simple to memorise the marks (logistic regression). Two tests are run, so the
 reported ``p_value`` is the Bonferroni combination ``min(1, 2 * min(p_marks,
 p_signal))``, which is a valid p-value whatever the dependence between the two.
 
+The band test
+-------------
+When the ledger holds band marks (:mod:`sealserve.defense.watermark.band`) and band rows,
+:func:`verify` replays them, labels only, and runs the exact binomial test described
+there (accounts pooled by the suspect's top-1 fit, a coin-free rule). With ``t`` tests
+run (marks, signal, band) the reported ``p_value`` is ``min(1, t * min(p_i))``
+(Bonferroni), valid whatever their dependence.
+
 Optional ``references`` (independently trained models) are run through the same tests
 and reported: they are a visible check that the test makes no false claim.
 """
@@ -53,6 +61,7 @@ import numpy as np
 from scipy.stats import binomtest, norm
 
 from sealserve.defense.outputs import OutputKind
+from sealserve.defense.watermark.band import BandResult, band_test
 from sealserve.defense.watermark.ledger import LedgerEntry, ProbeEntry, WatermarkLedger
 from sealserve.defense.watermark.signal import SignalSpec, log_scores
 from sealserve.errors import ConfigError, InputError
@@ -216,6 +225,8 @@ class VerifyReport:
     """The p-value of the marks test alone (None when the ledger has no marks)."""
     signal: SignalResult | None = None
     """The signal test (None when the ledger has no signal watermark or too few probes)."""
+    band: BandResult | None = None
+    """The band test (None when the ledger has no band marks or band rows)."""
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True)
@@ -252,8 +263,22 @@ class VerifyReport:
                 f"    z (exact N(0,1) if innocent)  {sig.z:.2f}",
                 f"    p-value             {sig.p_value:.3g}",
             ]
+        b = self.band
+        lines.append("  band marks (runner-up flips)")
+        if b is None:
+            lines.append("    not tested (no band marks in the ledger)")
+        else:
+            lines += [
+                f"    band cells replayed {b.examined} (accounts pooled by top-1 fit: "
+                f"{len(b.accounts)})",
+                f"    runner-up answers   {b.runner_up}, {b.hits} of them band-marked "
+                f"(exact Binomial({b.runner_up}, {b.rate:g}) if innocent)",
+                f"    p-value             {b.p_value:.3g}",
+                f"    e-value bound       {b.evalue_bound:.3g} (valid for adaptive queriers)",
+            ]
         lines += [
-            f"  p-value (one-sided, both tests)  {self.p_value:.3g}  (threshold {self.alpha:g})",
+            f"  p-value (one-sided, all tests, Bonferroni)  {self.p_value:.3g}  "
+            f"(threshold {self.alpha:g})",
             f"  verdict               {verdict}",
         ]
         for i, r in enumerate(self.references):
@@ -308,6 +333,7 @@ def verify(
     references: Sequence[Predict] = (),
     alpha: float = DEFAULT_ALPHA,
     signal_probes: int = DEFAULT_SIGNAL_PROBES,
+    band_pool: str = "fit",
 ) -> VerifyReport:
     """Replay the ledger (optionally one model's / one account's entries) to ``suspect``.
 
@@ -316,32 +342,43 @@ def verify(
     only undercount and so only makes the test more conservative).
     ``original`` and ``controls`` are needed for score / two-class ledgers (see the
     module docstring). ``signal_probes`` caps the probes the signal test replays
-    (the ones nearest a decision boundary first).
+    (the ones nearest a decision boundary first). ``band_pool`` says which accounts'
+    band rows the band test pools: ``"fit"`` (those on which the suspect's top-1 fit is
+    high, a coin-free choice; see :func:`~sealserve.defense.watermark.band.select_accounts`)
+    or ``"all"`` (every account selected by ``account=``).
 
     Raises:
         InputError: no matching entries or probes, mixed models or input shapes, or a
             suspect output that is not one label per input.
         ConfigError: a score / two-class ledger without ``original`` and ``controls``,
-            ``alpha`` outside (0, 1) or ``signal_probes`` < 1.
+            ``alpha`` outside (0, 1), ``signal_probes`` < 1 or an unknown ``band_pool``.
     """
+    if band_pool not in ("fit", "all"):
+        raise ConfigError(f"band_pool must be 'fit' or 'all', got {band_pool!r}")
     if not 0 < alpha < 1:
         raise ConfigError(f"alpha must be in (0, 1), got {alpha!r}")
     if signal_probes < 1:
         raise ConfigError(f"signal_probes must be >= 1, got {signal_probes!r}")
     all_entries = ledger.entries(account=account, model=model)
     all_probes = ledger.probes(account=account, model=model)
-    models = {e.model for e in all_entries} | {p.model for p in all_probes}
+    all_band = ledger.band_rows(account=account, model=model)
+    models = (
+        {e.model for e in all_entries} | {p.model for p in all_probes} | {r.model for r in all_band}
+    )
     if not models:
         raise InputError("the ledger holds no watermark entries for this model/account")
     if len(models) > 1:
         raise InputError(f"the ledger mixes models {sorted(models)}; choose one with model=")
     name = next(iter(models))
     spec = ledger.signal(name)
+    band_spec = ledger.band(name)
+    if band_spec is None:
+        all_band = []
     # ledger.probes() lists nearest the boundary first; keep one per cell.
     probes = _dedupe(all_probes)[:signal_probes] if spec is not None else []
     if len(probes) < MIN_SIGNAL_PROBES:
         probes = []
-    if not all_entries and not probes:
+    if not all_entries and not probes and not all_band:
         raise InputError("the ledger holds no watermark entries for this model/account")
     signal: SignalResult | None = None
     ref_signal: list[float] = []
@@ -350,28 +387,52 @@ def verify(
         x = _stack_inputs(probes)
         signal = signal_test(spec, probes, np.asarray(suspect(x)))
         ref_signal = [signal_test(spec, probes, np.asarray(r(x))).p_value for r in references]
-    if not all_entries:
-        assert signal is not None
-        refs = [ReferenceResult(0, p) for p in ref_signal]
+    band: BandResult | None = None
+    ref_band: list[float] = []
+    if all_band:
+        assert band_spec is not None
+
+        def labels(raw: np.ndarray) -> np.ndarray:
+            return to_labels(raw, kind="class")
+
+        pool = band_pool == "fit"
+        band = band_test(band_spec, all_band, suspect, to_labels=labels, pool=pool)
+        ref_band = [
+            band_test(band_spec, all_band, r, to_labels=labels, pool=pool).p_value
+            for r in references
+        ]
+    marks = (
+        _marks_test(all_entries, suspect, num_classes, original, controls, references)
+        if all_entries
+        else None
+    )
+    tests = sum(t is not None for t in (marks, signal, band))
+
+    def combine(*ps: float | None) -> float:
+        return float(min(1.0, tests * min(p for p in ps if p is not None)))
+
+    p = combine(
+        marks.p_value if marks is not None else None,
+        signal.p_value if signal is not None else None,
+        band.p_value if band is not None else None,
+    )
+    n_refs = len(references)
+    ref_marks = marks.references if marks is not None else [(0, None)] * n_refs
+    refs = [
+        ReferenceResult(
+            hits,
+            combine(rp, ref_signal[i] if ref_signal else None, ref_band[i] if ref_band else None),
+        )
+        for i, (hits, rp) in enumerate(ref_marks)
+    ]
+    if marks is None:
         return VerifyReport(
             model=name, account=account, entries=0, cells=0, matches=0, match_rate=0.0,
             chance_rate=0.0, chance_method="no marks in the ledger", trials=0,
-            trial_probability=0.0, p_value=signal.p_value, alpha=alpha,
-            watermark_present=bool(signal.p_value < alpha), references=refs,
-            marks_p_value=None, signal=signal,
+            trial_probability=0.0, p_value=p, alpha=alpha,
+            watermark_present=bool(p < alpha), references=refs,
+            marks_p_value=None, signal=signal, band=band,
         )  # fmt: skip
-    marks = _marks_test(all_entries, suspect, num_classes, original, controls, references)
-    tests = 2 if signal is not None else 1
-
-    def combine(p_marks: float, p_signal: float | None) -> float:
-        ps = [p_marks] if p_signal is None else [p_marks, p_signal]
-        return float(min(1.0, tests * min(ps)))
-
-    p = combine(marks.p_value, signal.p_value if signal is not None else None)
-    refs = [
-        ReferenceResult(hits, combine(rp, ref_signal[i] if ref_signal else None))
-        for i, (hits, rp) in enumerate(marks.references)
-    ]
     return VerifyReport(
         model=name,
         account=account,
@@ -389,6 +450,7 @@ def verify(
         references=refs,
         marks_p_value=marks.p_value,
         signal=signal,
+        band=band,
     )
 
 
@@ -401,7 +463,7 @@ class _Marks:
     chance: float
     method: str
     p_value: float
-    references: list[tuple[int, float]]
+    references: Sequence[tuple[int, float | None]]
 
 
 def _marks_test(
