@@ -207,7 +207,7 @@ def _honest(dep: Deployment, target: str, args: argparse.Namespace, evaluation: 
     return honest
 
 
-BLEND_ATTACKS = ("label-thief", "label-thief-x10", "sybil-noise")
+BLEND_ATTACKS = ("label-thief", "label-thief-x10", "label-thief-aug", "sybil-noise")
 
 
 def run_blend(
@@ -236,12 +236,14 @@ def run_blend(
                                                     time_limit=args.blend_time_limit)  # fmt: skip
             else:
                 k = 10 if attack.endswith("x10") else 1
+                # -aug: the band bench's thief (public digits shifted <= 1 px, N(0, 1) noise)
+                aug = {"shift": 1, "noise": 1.0} if attack.endswith("-aug") else {}
                 tier = args.paced_tier if extra else TIER
                 tokens = [(f"{attack}-{i}", dep.token(f"{attack}-{i}", tier=tier))
                           for i in range(k)]  # fmt: skip
                 stream, x, y = blend_in.label_thief(
                     target, tokens, budget=args.blend_budget, pace=pace, exclude=evaluation.x,
-                    client_kwargs=PLAIN, time_limit=args.blend_time_limit,
+                    client_kwargs=PLAIN, time_limit=args.blend_time_limit, **aug,
                 )  # fmt: skip
             # The replica at each checkpoint (a prefix of what it got), then the last.
             for b in sorted({*(c for c in (200, 500) if c < len(x)), len(x)}):
@@ -414,9 +416,10 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "",
         "Each honest account is new and sends held-out digits at 1 request/s (reading "
         "probabilities). *Before*: before any attack (the steady state); *after*: after "
-        "the attacks of the first table; *after the sybils*: the 100 honest newcomers who "
+        "the attacks of the first table; *after the sybils*: the honest newcomers who "
         "arrive right after the sybil noise stream (its own deployment). A refused "
-        "account saw a challenge, suspension or limit.",
+        "account saw a challenge, suspension or limit (with `cohort_detection`, a young "
+        "account that arrives while its tier's cohort is flagged is challenged).",
         "",
         "| deployment | when | accounts | answered | top-1 agreement | mean abs prob error | "
         "accounts refused |",
@@ -489,8 +492,8 @@ def blend_section(und: Profile, dfd: Profile, args: argparse.Namespace,
         "",
         "Independent attack code (`bench/theft/blend_in.py`: the public SDK, scikit-learn "
         "digits, an MLP replica), each attacker on a fresh deployment after 20 honest "
-        "users. *label-thief*: natural digits (public digits outside the held-out set, "
-        "shifted <= 1 px, N(0, 1) pixel noise), `label` output only, "
+        "users. *label-thief*: natural digits (the public scikit-learn digits outside the "
+        "held-out set, as they are: what honest users send), `label` output only, "
         f"{args.blend_budget} rows in requests of 10, paced by a client-side token bucket "
         f"at 90% of tier `{args.paced_tier}`"
         + (f" ({pace.rate:.1f} rows/s per account" if pace else "")
@@ -503,7 +506,9 @@ def blend_section(und: Profile, dfd: Profile, args: argparse.Namespace,
             if pace
             else ""
         )
-        + "; *-x10*: the same rows over 10 accounts at once, each paced. *sybil-noise*: "
+        + "; *-x10*: the same rows over 10 accounts at once, each paced; *-aug*: the "
+        "band-marks bench's thief (each digit shifted <= 1 px with N(0, 1) pixel noise). "
+        "*sybil-noise*: "
         "50 fresh accounts x 19 uniform-noise rows, one row per request, 5 accounts at a "
         "time, reading probabilities. An account stops when challenged or suspended.",
         "",

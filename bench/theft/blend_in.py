@@ -244,7 +244,11 @@ def label_thief(
     """The natural-data label thief: (stream, inputs answered, labels got). All of
     its accounts query at once, each under ``pace``."""
     rows = natural_digits(budget, exclude=exclude, seed=seed, shift=shift, noise=noise)
-    name = "label-thief" if len(tokens) == 1 else f"label-thief-x{len(tokens)}"
+    name = (
+        "label-thief"
+        + (f"-x{len(tokens)}" if len(tokens) > 1 else "")
+        + ("-aug" if shift or noise else "")
+    )
     return asyncio.run(_stream(
         name, target, tokens, rows, batch=batch, pace=pace, outputs=("label",),
         read=lambda out: np.asarray(out["label"], np.int64).reshape(-1),
