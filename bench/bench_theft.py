@@ -190,6 +190,9 @@ def run_profile(
               f"({m.admitted_rate:.0f}/s), fidelity {m.fidelity:.3f}, first refusal "
               f"{m.first_detection}, {m.stopped_because} [{time.monotonic() - t0:.0f} s]",
               flush=True)  # fmt: skip
+    if not args.attacks:  # nothing ran between: one steady-state batch
+        dep.stop()
+        return Profile(dep.name, runs, before)
     honest = _honest(dep, target, args, evaluation, "after")
     dep.stop()
     return Profile(dep.name, runs, honest, honest_before=before)
@@ -393,6 +396,15 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "throttled <= 10% < 5k | replica >= 20 pt worse or watermarked |",
         "|---|---:|---:|---:|---|---|---:|---|---|---|",
     ]
+    carried = getattr(args, "carried", None)
+    if carried:
+        out[-2:-2] = [
+            f"**This table was not re-run**: it is carried over from the run of "
+            f"{carried.get('stamp')} (`{carried.get('command')}`), on the profile of that "
+            "day (without `cohort_detection` and band marks); this run measured the "
+            "attackers who blend in and the honest users below, on the profile at the end.",
+            "",
+        ]
     for name in args.attacks:
         u, d = und.runs[name], dfd.runs[name]
         det, stop, rep = targets(u, d, top, day_quota(profile_text))
@@ -427,7 +439,8 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
     ]
     verdicts = []
     for p in (und, dfd):
-        for when, h in (("before the attacks", p.honest_before), ("after the attacks", p.honest),
+        main = "no attack on this deployment" if carried else "after the attacks"
+        for when, h in (("before the attacks", p.honest_before), (main, p.honest),
                         ("after the sybils", p.honest_after_sybils)):  # fmt: skip
             if h is None:
                 continue
@@ -638,6 +651,7 @@ def main() -> int:
         args.command, args.stamp = meta.get("command"), meta.get("stamp")
         for key, value in meta.get("args", {}).items():
             setattr(args, key, value)
+        args.carried = meta.get("carried")
         _pairs_plot(saved[0], saved[1], args, figs)
         args.out.write_text(render(saved[0], saved[1], args, saved[0].elapsed, profile_text))
         print(f"rewrote {args.out}")
@@ -656,6 +670,16 @@ def main() -> int:
         run_blend(name, extra, args, evaluation, make_watermark, results[-1])
     und, dfd = results
     figs.mkdir(exist_ok=True)
+    if not args.attacks and (figs / "defended.json").exists():
+        # Only the attackers who blend in ran: keep the last full run's attack table,
+        # said so in THEFT.md (its stamp and profile are not this run's).
+        carried = [_load(figs / f"{n}.json", n) for n in ("undefended", "defended")]
+        meta = json.loads((figs / "defended.json").read_text())
+        und.runs, dfd.runs = carried[0].runs, carried[1].runs
+        args.attacks = list(meta.get("args", {}).get("attacks", list(dfd.runs)))
+        args.budgets = list(meta.get("args", {}).get("budgets", args.budgets))
+        args.carried = meta.get("carried") or {"stamp": meta.get("stamp"),
+                                                "command": meta.get("command")}  # fmt: skip
     for prof in results:
         if prof.runs:
             plot(list(prof.runs.values()), figs / f"{prof.name}.png",
@@ -670,6 +694,7 @@ def main() -> int:
                      "time_limit": args.time_limit, "batch": args.batch,
                      "rotation_accounts": args.rotation_accounts, "blend_in": args.blend_in,
                      "blend_budget": args.blend_budget, "paced_tier": args.paced_tier},
+            "carried": getattr(args, "carried", None),
             "elapsed": time.monotonic() - t0,
             "command": _command(),
             "stamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
