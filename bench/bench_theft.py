@@ -36,6 +36,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -143,6 +144,8 @@ class Profile:
     blend: dict[str, blend_in.Stream] = field(default_factory=dict)
     #: honest newcomers right after the sybil stream (the cohort view's cost)
     honest_after_sybils: HonestUtility | None = None
+    #: honest users on the same profile with its band marks removed (their cost)
+    honest_no_band: HonestUtility | None = None
 
 
 def _load(path: Path, name: str) -> Profile:
@@ -157,6 +160,7 @@ def _load(path: Path, name: str) -> Profile:
         honest("honest_before"),
         {k: blend_in.Stream.from_dict(v) for k, v in d.get("blend", {}).items()},
         honest("honest_after_sybils"),
+        honest("honest_no_band"),
     )  # fmt: skip
 
 
@@ -441,7 +445,8 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
     for p in (und, dfd):
         main = "no attack on this deployment" if carried else "after the attacks"
         for when, h in (("before the attacks", p.honest_before), (main, p.honest),
-                        ("after the sybils", p.honest_after_sybils)):  # fmt: skip
+                        ("after the sybils", p.honest_after_sybils),
+                        ("band marks removed from the profile", p.honest_no_band)):  # fmt: skip
             if h is None:
                 continue
             out.append(f"| {p.name} | {when} | {h.accounts} | {h.answered}/{h.queries} | "
@@ -487,6 +492,23 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "",
     ]
     return "\n".join(out)
+
+
+BAND = re.compile(r",\s*band\s*=\s*\{[^}]*\}")
+
+
+def honest_without_band(args: argparse.Namespace, evaluation: Evaluation,
+                        profile_text: str) -> HonestUtility | None:  # fmt: skip
+    """--honest fresh honest accounts on the profile with its band marks removed (None
+    when it has none): what the band marks cost honest users, next to the same run."""
+    extra = BAND.sub("", profile_text)
+    if extra == profile_text:
+        return None
+    dep = Deployment("defended-no-band", extra)
+    try:
+        return _honest(dep, dep.start(), args, evaluation, "no-band")
+    finally:
+        dep.stop()
 
 
 def blend_section(und: Profile, dfd: Profile, args: argparse.Namespace,
@@ -623,6 +645,12 @@ def main() -> int:
     p.add_argument("--profile", type=Path, default=HERE / "theft_defended.toml")
     p.add_argument("--watermark", help="MODULE:FUNC returning the owner's watermark check")
     p.add_argument("--out", type=Path, default=HERE / "THEFT.md")
+    p.add_argument(
+        "--add-honest-without-band",
+        action="store_true",
+        help="run only the honest users on the profile without its band marks, "
+        "add them to bench/theft/defended.json and rewrite THEFT.md",
+    )
     p.add_argument("--render-only", action="store_true",
                    help="rewrite THEFT.md from bench/theft/*.json without running")  # fmt: skip
     args = p.parse_args()
@@ -645,13 +673,18 @@ def main() -> int:
     make_watermark = _load_watermark(args.watermark)
     t0 = time.monotonic()
     figs = HERE / "theft"
-    if args.render_only:
+    if args.render_only or args.add_honest_without_band:
         saved = [_load(figs / f"{n}.json", n) for n in ("undefended", "defended")]
         meta = json.loads((figs / "defended.json").read_text())
         args.command, args.stamp = meta.get("command"), meta.get("stamp")
         for key, value in meta.get("args", {}).items():
             setattr(args, key, value)
         args.carried = meta.get("carried")
+        if args.add_honest_without_band:
+            saved[1].honest_no_band = honest_without_band(args, evaluation, profile_text)
+            meta["honest_no_band"] = _json(saved[1].honest_no_band)
+            meta["command"] = args.command = f"{meta.get('command')} && {_command()}"
+            (figs / "defended.json").write_text(json.dumps(meta, indent=1))
         _pairs_plot(saved[0], saved[1], args, figs)
         args.out.write_text(render(saved[0], saved[1], args, saved[0].elapsed, profile_text))
         print(f"rewrote {args.out}")
@@ -668,6 +701,8 @@ def main() -> int:
         finally:
             dep.stop()
         run_blend(name, extra, args, evaluation, make_watermark, results[-1])
+        if extra:
+            results[-1].honest_no_band = honest_without_band(args, evaluation, extra)
     und, dfd = results
     figs.mkdir(exist_ok=True)
     if not args.attacks and (figs / "defended.json").exists():
@@ -689,6 +724,7 @@ def main() -> int:
             "honest": json.loads(prof.honest.to_json()),
             "honest_before": _json(prof.honest_before),
             "honest_after_sybils": _json(prof.honest_after_sybils),
+            "honest_no_band": _json(prof.honest_no_band),
             "blend": {k: v.to_dict() for k, v in prof.blend.items()},
             "args": {"budgets": args.budgets, "attacks": args.attacks,
                      "time_limit": args.time_limit, "batch": args.batch,
