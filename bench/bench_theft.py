@@ -481,6 +481,25 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "small task a replica distilled from those and their answers already agrees with "
         "the victim on ~89% of held-out digits, so volume limits cannot push it 20 points "
         "down; only answers that carry a watermark (or perturbation) can.",
+    ]
+    if dfd.blend:
+        out += [
+            "- *Attackers who blend in*: per-account detectors cannot tell the natural "
+            "label thief from an honest user (its queries are what honest users send). "
+            "Band marks exist only where the model's own margin is below 0.3; the public "
+            "digits outside the held-out set are the model's training data, where its "
+            "margin is almost never that small, so the thief's answers carry almost no "
+            "band marks and the watermark has nothing to prove (docs/perturbation-"
+            "watermark.md, *Honest limits*). A thief that augments its digits (shifts, "
+            "pixel noise) leaves the honest distribution and the distribution detector "
+            "suspends it within a few dozen rows.",
+            "- *Cohort detection* flags the sybil stream from the pooled rows of young "
+            "accounts; while the cohort holds (the challenge level's 6 h), every young "
+            "account of the tier is challenged: honest newcomers included (the *after the "
+            "sybils* row). That is the price of `cohort_detection`, which is why it is off "
+            "by default.",
+        ]
+    out += [
         "",
         "## Defended profile",
         "",
