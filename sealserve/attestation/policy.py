@@ -291,17 +291,26 @@ def _starter_tcb() -> MinimumTcb:
     return MinimumTcb(**STARTER_MIN_TCB)
 
 
+def _starter_tdx_tcb() -> Policy:
+    from sealserve.attestation.launch import STARTER_MIN_TEE_TCB_SVN
+    from sealserve.attestation.tdx_policy import MinimumTeeTcbSvn
+
+    return MinimumTeeTcbSvn(bytes.fromhex(STARTER_MIN_TEE_TCB_SVN))
+
+
 DEFAULT_POLICY: Policy = AllOf(
     [
         PlatformIn(REAL_PLATFORMS),
         DebugDisallowed(),
         OnPlatforms(SNP_PLATFORMS, MigrationAgentDisallowed()),
         OnPlatforms(frozenset({Platform.SEV_SNP}), _starter_tcb()),
+        OnPlatforms(frozenset({Platform.TDX}), _starter_tdx_tcb()),
     ]
 )
 """Real TEEs only (simulated evidence is refused), no debug guests, no SEV-SNP
-migration agent, a SEV-SNP TCB floor (``launch.STARTER_MIN_TCB``). It pins no
-measurement: deployments add their reference values."""
+migration agent, TCB floors: SEV-SNP ``launch.STARTER_MIN_TCB``, TDX
+``launch.STARTER_MIN_TEE_TCB_SVN``. It pins no measurement: deployments add their
+reference values."""
 
 
 # --- the TOML file: table-driven ------------------------------------------------------
@@ -395,6 +404,7 @@ def _tdx_rules() -> dict[str, Builder]:
             "mrseam": values(t.MrSeamIn),
             "xfam": masked(t.XfamEquals),
             "td_attributes": masked(t.TdAttributesEqual),
+            "min_tee_tcb_svn": lambda v, w: t.MinimumTeeTcbSvn.from_toml({"minimum": v}),
         }
     )
     return rules
