@@ -18,10 +18,10 @@ module ABI (TDH.MEM.PAGE.ADD, TDH.MR.EXTEND):
 4. MRTD is SHA-384 over that whole sequence (the TDX module keeps one running hash).
 
 The order of steps 2 and 3 is the VMM's: upstream Linux KVM (``KVM_TDX_INIT_MEM_REGION``
-with ``KVM_TDX_MEASURE_MEMORY_REGION``, QEMU ≥ 10.1) adds and extends page by page
-(``per-page``); some earlier TDX stacks added all pages of a section and then
-extended them (``per-section``). Both are offered; the right one is the one whose MRTD
-your TD reports.
+with ``KVM_TDX_MEASURE_MEMORY_REGION``) and QEMU 9+ TDX builds add and extend page by
+page (``per-page``); QEMU 8.x TDX builds added all pages of a section and then
+extended them (``per-section``; dstack-mr's "two-pass"). Both are offered; the right
+one is the one whose MRTD your TD reports.
 
 RTMR2 (QEMU direct boot of a Linux kernel through OVMF, kernel ≥ 6.x EFI stub): the
 stub measures, into PCR 9 → RTMR2, (a) the load options — the command line, with

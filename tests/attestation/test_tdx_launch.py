@@ -99,6 +99,18 @@ def test_firmware_without_tdvf_metadata_is_refused_with_the_reason(ovmf: bytes) 
         tdx_mrtd(ovmf, page_order="sideways")
 
 
+# quex's reproduceRtmr, run on these inputs (tests/data/launch/tdx/SOURCES.md).
+RTMR2_QUEX = (
+    "b48b0fdeeeec1ead9a00d12adb9c0b667f957a59f361a65a783e657f583f4639"
+    "69e2eb8f7ce98f1bc51b701570e6c7c7"
+)
+
+
+def test_rtmr2_equals_the_upstream_tool() -> None:
+    initrd = bytes((7 * i) % 256 for i in range(5000))
+    assert tdx_rtmr2(cmdline="console=hvc0 root=/dev/vda ro", initrd=initrd).hex() == RTMR2_QUEX
+
+
 def test_rtmr2_replays_the_efi_stub_events() -> None:
     initrd = b"\x07" * 1000
     # The event log the Linux EFI stub writes (PCR 9 -> RTMR2), spelled out: the load
