@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import secrets
 import subprocess
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 
 from sealserve.attestation.launch import reference_policy
 from sealserve.attestation.policy import policy_from_toml
+from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.attestation.tdx_launch import (
     TdxLaunch,
     tdvf_sections,
@@ -22,6 +24,9 @@ from sealserve.attestation.tdx_launch import (
     tdx_rtmr2,
 )
 from sealserve.broker.completeness import policy_gaps
+from sealserve.broker.core import KeyBroker
+from sealserve.broker.nonces import NonceBook
+from sealserve.broker.store import KeyStore
 from sealserve.errors import ConfigError
 from tests.conftest import sealserve_cmd, sealserve_env
 
@@ -175,6 +180,13 @@ def test_measure_launch_tdx_cli_writes_a_policy_set_policy_accepts(
     rtmr2 = tdx_rtmr2(cmdline="console=hvc0 root=/dev/vda", initrd=initrd.read_bytes()).hex()
     assert f'mrtd = ["{MRTD_PER_PAGE}"]' in text and f'rtmr2 = ["{rtmr2}"]' in text
     assert policy_gaps(text, ["intel"]) == []
+    broker = KeyBroker(
+        KeyStore.open(tmp_path / "keys.sealed", master_key=secrets.token_bytes(32)),
+        nonces=NonceBook(ttl=60),
+        roots={"intel": TrustedRoots.intel_sgx()},
+    )
+    broker.add_key("k", None, policy_toml=text, roots=("intel",))  # what set-policy checks
+    broker.set_policy("k", policy_toml=text)
     bad = subprocess.run(sealserve_cmd(*base, "--rtmr0", "ab" * 47), env=sealserve_env(),
                          capture_output=True, text=True, timeout=60)  # fmt: skip
     assert bad.returncode == 2 and "expected 48 bytes (96 hex), got 47" in bad.stderr
