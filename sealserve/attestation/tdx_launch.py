@@ -58,6 +58,9 @@ _ATTR_PAGE_AUG = 0x2
 _SECTION_TYPES = {0: "BFV", 1: "CFV", 2: "TD_HOB", 3: "TempMem", 4: "PermMem", 5: "Payload",
                   6: "PayloadParam", 7: "TD_INFO", 8: "TD_PARAMS"}  # fmt: skip
 _MAX_FIRMWARE = 64 << 20
+# Pages TDH.MEM.PAGE.ADDed at build time: a few MiB in any TDVF; a bound keeps a
+# corrupt size field from becoming an endless loop.
+_MAX_ADDED_MEMORY = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -109,6 +112,8 @@ def tdvf_sections(firmware: bytes) -> list[TdvfSection]:
         if entry_len < 18 or pos - entry_len < start:
             raise ConfigError(f"tdx firmware: bad OVMF table entry length {entry_len}")
         if guid == _TDX_OFFSET_GUID:
+            if entry_len < 22:
+                raise ConfigError(f"tdx firmware: TDX metadata entry of {entry_len} bytes")
             (meta_from_end,) = struct.unpack_from("<I", firmware, pos - 22)
             break
         pos -= entry_len
@@ -133,6 +138,12 @@ def tdvf_sections(firmware: bytes) -> list[TdvfSection]:
         if s.extend_mr and s.data_offset + s.memory_size > size:
             raise ConfigError(f"tdx firmware: section {i} ({s.kind_name}) lies outside the image")
         sections.append(s)
+    added = sum(s.memory_size for s in sections if not s.page_aug)
+    if added > _MAX_ADDED_MEMORY:
+        raise ConfigError(
+            f"tdx firmware: the sections add {added >> 20} MiB of pages at build time "
+            f"(more than {_MAX_ADDED_MEMORY >> 30} GiB: not a firmware image)"
+        )
     return sections
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import lzma
+import random
 import secrets
 import subprocess
 from pathlib import Path
@@ -102,6 +103,24 @@ def test_firmware_without_tdvf_metadata_is_refused_with_the_reason(ovmf: bytes) 
         tdx_mrtd(bytes(bad))
     with pytest.raises(ConfigError, match="page order"):
         tdx_mrtd(ovmf, page_order="sideways")
+
+
+def test_corrupt_metadata_gets_a_clear_error_never_a_crash_or_a_hang(ovmf: bytes) -> None:
+    meta = len(ovmf) - 0x840
+    bad = bytearray(ovmf)
+    bad[meta + 16 + 64 + 16 : meta + 16 + 64 + 24] = (1 << 62).to_bytes(8, "little")  # TempMem
+    with pytest.raises(ConfigError, match="not a firmware image"):
+        tdx_mrtd(bytes(bad))
+    rng = random.Random(15)
+    region = range(meta - 64, len(ovmf))  # the metadata and the OVMF table after it
+    for _ in range(300):
+        bad = bytearray(ovmf)
+        for _ in range(rng.randint(1, 4)):
+            bad[rng.choice(region)] = rng.randrange(256)
+        try:
+            tdvf_sections(bytes(bad))
+        except ConfigError:
+            pass
 
 
 # quex's reproduceRtmr, run on these inputs (tests/data/launch/tdx/SOURCES.md).
