@@ -5,6 +5,7 @@ RTMR2 follows the EFI stub's event log, and the written policy is one that
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import lzma
 import random
@@ -117,10 +118,8 @@ def test_corrupt_metadata_gets_a_clear_error_never_a_crash_or_a_hang(ovmf: bytes
         bad = bytearray(ovmf)
         for _ in range(rng.randint(1, 4)):
             bad[rng.choice(region)] = rng.randrange(256)
-        try:
+        with contextlib.suppress(ConfigError):  # anything else fails the test
             tdvf_sections(bytes(bad))
-        except ConfigError:
-            pass
 
 
 # quex's reproduceRtmr, run on these inputs (tests/data/launch/tdx/SOURCES.md).
