@@ -64,3 +64,48 @@ def test_the_floor_rule_refuses_nonsense() -> None:
         policy_from_toml('platforms = ["tdx"]\n[tdx]\nmin_tee_tcb_svn = "0300"\n')
     with pytest.raises(ConfigError, match="'zz' is not hex"):
         policy_from_toml('platforms = ["tdx"]\n[tdx]\nmin_tee_tcb_svn = "zz"\n')
+
+
+def test_a_policy_file_keeps_the_default_floors_unless_it_sets_its_own() -> None:
+    """docs/attestation-policy.md: an empty file is the default policy; absent keys take
+    the defaults, the TCB floors included."""
+    claims = verify_tdx_at_time(raw("tdx/go-tdx-guest/quote_v5_sample.dat"), now=NOW)
+    zero = _with_svn(claims, "00" * 16)
+    for text in (
+        "",
+        'platforms = ["tdx"]\n',
+        'platforms = ["tdx"]\n[tdx]\nxfam = "e702060000000000"\n',
+    ):
+        policy = policy_from_toml(text)
+        policy.verify(claims)
+        with pytest.raises(PolicyError, match="below the floor 0300020"):
+            policy.verify(zero)
+    # A floor of its own, even in one alternative, replaces the default for the file.
+    low = "00000100000000000000000000000000"
+    own = policy_from_toml(
+        f'platforms = ["tdx"]\n[[any_of]]\n[any_of.tdx]\nmin_tee_tcb_svn = "{low}"\n'
+    )
+    own.verify(_with_svn(claims, "00000100000000000000000000000000"))
+    with pytest.raises(PolicyError, match="byte 2: 0 < 1"):
+        own.verify(zero)
+
+
+def test_a_policy_file_keeps_the_snp_floor_too() -> None:
+    from sealserve.attestation.snp_certs import VCEK_GUID, CertTable, TrustedRoots
+    from sealserve.attestation.snp_verify import verify_snp_at_time
+    from tests.attestation.conftest import NOW as SNP_NOW
+    from tests.attestation.conftest import SIGNERS, read_vector
+
+    rel = "sev-snp/trustee/test-report.bin"
+    claims = verify_snp_at_time(
+        read_vector(rel), roots=TrustedRoots.amd(), now=SNP_NOW,
+        cert_table=CertTable.build({VCEK_GUID: SIGNERS[rel]}).to_bytes(),
+    )  # fmt: skip
+    low = dataclasses.replace(
+        claims,
+        fields={**claims.fields, "reported_tcb": {**claims.fields["reported_tcb"], "snp": 0}},
+    )
+    policy_from_toml("").verify(claims)
+    with pytest.raises(PolicyError, match="snp = 0 is below the minimum 8"):
+        policy_from_toml("").verify(low)
+    policy_from_toml("[sev-snp]\nmin_tcb = { bl = 1 }\n").verify(low)
