@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
         "head",
         help="fetch a running server's signed audit-log head (keep it for --expect-head)",
     )
-    head.add_argument("--target", required=True, metavar="HOST:PORT")
+    head.add_argument("--target", required=True, metavar="HOST:PORT", help="the server's gRPC port")
     head.add_argument("-o", "--output", type=Path, metavar="HEAD.json", help="write it here")
     from sealserve.cli._connect import add_connection_args
 

@@ -32,7 +32,10 @@ def register(subparsers: Any) -> None:
     keygen = sub.add_parser("keygen", help="write a new signing key and its JWKS")
     keygen.add_argument("--out-dir", type=Path, required=True, help="directory to write into")
     keygen.add_argument(
-        "--alg", default="ES256", choices=("ES256", "ES384", "EdDSA", "RS256", "PS256")
+        "--alg",
+        default="ES256",
+        choices=("ES256", "ES384", "EdDSA", "RS256", "PS256"),
+        help="signature algorithm (default: %(default)s)",
     )
     keygen.add_argument(
         "--key-name", default="signing-key", help="private key file stem (default signing-key)"
