@@ -226,8 +226,8 @@ class Authenticator:
         Raises:
             AuthenticationError: no usable token (``message`` is client-safe,
                 ``log_detail`` is for the server log).
-            PermissionDeniedError: valid token, but suspended, terms not accepted, or
-                scope missing.
+            PermissionDeniedError: valid token, but terms not accepted or scope missing.
+            SuspendedError: the revocation list suspends the account.
             UnavailableError: the revocation list cannot be read (fail closed).
             ConfigError: ``required_scope`` is not a known scope (a server bug).
             KeyRefreshNeeded: only with ``may_block=False``: the token names a key id
@@ -412,6 +412,7 @@ class Authenticator:
         if self.revocation.is_suspended(principal.account):
             # The same refusal as a suspension by the defense layer (SuspendedError),
             # so that clients handle one error for "this account is suspended".
+            logger.info("auth refused (SuspendedError): account %s", quote(principal.account))
             raise SuspendedError(SUSPENDED_MESSAGE)
         required = self.settings.required_tos_version
         if principal.tos_version != required:

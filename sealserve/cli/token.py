@@ -18,6 +18,10 @@ from typing import Any
 
 from sealserve.errors import ConfigError, InputError
 
+# sealserve.auth.principal.SCOPES, spelt out so that --help does not import the JWT stack
+# (tests/cli/test_help.py checks they agree).
+SCOPE_CHOICES = ("infer", "metadata", "admin", "audit")
+
 _REMEDY = "Check the arguments against 'sealserve token --help'."
 
 
@@ -52,7 +56,7 @@ def register(subparsers: Any) -> None:
         "--scope",
         action="append",
         required=True,
-        choices=("infer", "metadata", "admin"),
+        choices=SCOPE_CHOICES,
         help="a granted scope (repeat for several)",
     )
     issue.add_argument("--tos", required=True, help="accepted terms-of-service version")

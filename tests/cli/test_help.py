@@ -149,3 +149,10 @@ def test_redteam_tier_is_the_attackers_tier(capsys: pytest.CaptureFixture[str]) 
         main(["redteam", "--help"])
     out = " ".join(capsys.readouterr().out.split())
     assert "the attackers' tier" in out
+
+
+def test_token_issue_offers_every_scope_the_server_checks() -> None:
+    from sealserve.auth.principal import SCOPES
+    from sealserve.cli.token import SCOPE_CHOICES
+
+    assert set(SCOPE_CHOICES) == SCOPES
