@@ -44,14 +44,17 @@ def register(sub: Any) -> None:
     launch.add_argument("--initrd", type=Path, help="the initrd")
     launch.add_argument("--append", help="the kernel command line")
     launch.add_argument("--vcpus", type=int, default=1, help="sev-snp: vCPU count (default 1)")
-    launch.add_argument("--vcpu-type", default="EPYC-v4", help="sev-snp: QEMU CPU model")
+    launch.add_argument(
+        "--vcpu-type", default="EPYC-v4", help="sev-snp: QEMU CPU model (default: %(default)s)"
+    )
     launch.add_argument(
         "--guest-features",
         type=lambda x: int(x, 0),
         default=None,
         help="sev-snp: SEV_FEATURES word of the VMSA (default 0x1)",
     )
-    launch.add_argument("--vmm", choices=("qemu", "ec2", "gce"), default="qemu")
+    launch.add_argument("--vmm", choices=("qemu", "ec2", "gce"), default="qemu",
+                        help="sev-snp: the guest's VMM (default: %(default)s)")  # fmt: skip
     launch.add_argument(
         "--min-tcb",
         help="TCB floor for --policy-out, e.g. bl=4,snp=22,ucode=217 (default bl=3,snp=8)",

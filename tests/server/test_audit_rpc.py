@@ -26,7 +26,12 @@ from sealserve.defense.audit.head import AuditHead, head_public_key
 from sealserve.defense.audit.log import AuditLog, log_files, public_key_fingerprint
 from sealserve.defense.audit.report import summarize_accounts
 from sealserve.defense.audit.verify import read_records, verify_audit_log
-from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
+from sealserve.errors import (
+    ChallengeRequiredError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SuspendedError,
+)
 
 ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"
 THRESHOLD = 3
@@ -77,7 +82,12 @@ def _send(running: Any, token: str, n: int) -> Counter[str]:
             try:
                 client.infer("digits", {"input": x})
                 seen["answered"] += 1
-            except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError) as exc:
+            except (
+                RateLimitedError,
+                ChallengeRequiredError,
+                PermissionDeniedError,
+                SuspendedError,
+            ) as exc:
                 seen[type(exc).__name__] += 1
     return seen
 
@@ -173,6 +183,7 @@ def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path
         audit_head=running.server.audit_head,
     )  # fmt: skip
     nonce = os.urandom(32)
+
     class _Ctx:  # the one thing GetEvidence reads from its context: the peer (its rate)
         def peer(self) -> str:
             return "ipv4:127.0.0.1:5555"
