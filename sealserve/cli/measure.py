@@ -64,7 +64,7 @@ def register(sub: Any) -> None:
         choices=("per-page", "per-section"),
         default="per-page",
         help="tdx: how the VMM added and measured the firmware pages (per-page: upstream "
-        "KVM, QEMU 9+ TDX builds; per-section: QEMU 8.x TDX builds)",
+        "KVM, QEMU 9+ TDX builds; per-section: QEMU 8.x TDX builds; default: %(default)s)",
     )
     for reg in ("rtmr0", "rtmr1", "rtmr2"):
         launch.add_argument(
