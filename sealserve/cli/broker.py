@@ -12,7 +12,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from sealserve.cli._broker_conn import add_connection_args, connect
+from sealserve.cli._broker_conn import add_connection_args, connect, read_policy
 from sealserve.errors import ConfigError
 
 
@@ -85,16 +85,6 @@ def _policy_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
         help="UNSAFE: accept a policy that names no platform, no trusted root or no launch "
         "measurement (such a key may be released to any guest of that platform)",
     )
-
-
-def read_policy(path: Path | None) -> str:
-    """The policy file's text, checked locally first. Raises ConfigError."""
-    if path is None:
-        return ""
-    from sealserve.attestation.policy import load_policy
-
-    load_policy(path)
-    return path.read_text(encoding="utf-8")
 
 
 def _serve(args: argparse.Namespace) -> int:
