@@ -339,6 +339,8 @@ class Server:
             )
         elif self.platform is not None:
             log.warning("attestation is off: it binds the TLS key, and TLS is off")
+        with startup_step(s, "key_broker"):
+            self.keys.check()
         self.keys.bind(
             platform=self.platform if self.tls is not None else None,
             tls_spki=self.tls.spki_der if self.tls is not None else b"",
@@ -395,6 +397,7 @@ class Server:
                         quota=self.plane.guard.quota,
                     )  # fmt: skip
         except BaseException:
+            self.keys.stop()  # a key wait in progress ends with the server
             await self._server.stop(0)
             if self.rest is not None:
                 await self.rest.stop(0)
@@ -457,6 +460,7 @@ class Server:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.keys.stop()
         self.plane.set_ready(False)
         await self.health.enter_graceful_shutdown()
         if self.rest is not None:
