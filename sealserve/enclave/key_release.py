@@ -20,6 +20,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sealserve._proto import broker_pb2 as bpb
 from sealserve._proto import broker_pb2_grpc
+from sealserve.attestation.runtime_keys import NO_RUNTIME_KEYS
 from sealserve.enclave.key_wrap import SealedKey, open_data_key
 from sealserve.enclave.platform import Platform, attest
 from sealserve.errors import AttestationError, CryptoError, KeyReleaseError
@@ -43,6 +44,7 @@ def fetch_model_key(
     manifest: bytes,
     hpke_private_key: X25519PrivateKey,
     broker_ca_pem: bytes | None,
+    runtime_keys: bytes = NO_RUNTIME_KEYS,
     broker_server_name: str | None = None,
     timeout: float = 10.0,
     retries: int = 6,
@@ -52,8 +54,9 @@ def fetch_model_key(
 ) -> bytes:
     """Ask the broker at ``target`` ("host:port") for the data key ``key_id``.
 
-    ``tls_spki`` and ``manifest`` are what this server's own evidence binds (its TLS
-    SubjectPublicKeyInfo DER and workload manifest bytes); the evidence sent to the
+    ``tls_spki``, ``manifest`` and ``runtime_keys`` are what this server's own evidence
+    binds (its TLS SubjectPublicKeyInfo DER, workload manifest bytes and runtime keys
+    record); the evidence sent to the
     broker carries the raw X25519 public key of ``hpke_private_key``. ``broker_ca_pem``
     pins the broker's certificate (None: system roots); ``broker_server_name``
     overrides the name checked in it. Each RPC has ``timeout`` seconds. While the
@@ -84,6 +87,7 @@ def fetch_model_key(
                         tls_spki=tls_spki,
                         manifest=manifest,
                         hpke_public_key=public,
+                        runtime_keys=runtime_keys,
                     )
                 except AttestationError as exc:  # e.g. a broker that sent a short nonce
                     raise KeyReleaseError(
