@@ -172,14 +172,19 @@ def test_measure_after_first_start_still_agrees(served: Served) -> None:
     assert json.loads(again.stdout) == served.measured_before
 
 
+def _verify(tmp_path: Path, sim_root: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """`sealserve verify ARGS` under a policy that trusts the simulated root."""
+    policy = tmp_path / "policy.toml"
+    policy.write_text("version = 1\nunsafe_allow_simulated = true\n")
+    return _run("verify", *args, "--policy", str(policy), "--simulated-root", str(sim_root))
+
+
 def test_verify_prints_the_runtime_keys_and_writes_the_audit_key(
     served: Served, sim_root: Path, tmp_path: Path
 ) -> None:
-    policy = tmp_path / "policy.toml"
-    policy.write_text("version = 1\nunsafe_allow_simulated = true\n")
     pem = tmp_path / "audit-public.pem"
-    v = _run("verify", "--endpoint", served.target, "--policy", str(policy),
-             "--simulated-root", str(sim_root), "--audit-key-out", str(pem), "--json")  # fmt: skip
+    v = _verify(tmp_path, sim_root, "--endpoint", served.target, "--audit-key-out", str(pem),
+                "--json")  # fmt: skip
     assert v.returncode == 0, v.stdout + v.stderr
     report = json.loads(v.stdout)
     state_pem = (served.work / "state" / "audit-public.pem").read_bytes()
@@ -216,19 +221,15 @@ def test_client_refuses_a_runtime_keys_record_the_report_does_not_bind(
 def test_verify_refuses_saved_evidence_with_a_swapped_record(
     served: Served, sim_root: Path, tmp_path: Path
 ) -> None:
-    policy = tmp_path / "policy.toml"
-    policy.write_text("version = 1\nunsafe_allow_simulated = true\n")
     saved = tmp_path / "evidence.bin"
-    ok = _run("verify", "--endpoint", served.target, "--policy", str(policy),
-              "--simulated-root", str(sim_root), "--save", str(saved))  # fmt: skip
+    ok = _verify(tmp_path, sim_root, "--endpoint", served.target, "--save", str(saved))
     assert ok.returncode == 0, ok.stdout + ok.stderr
     assert "audit pubkey" in ok.stdout
     assert "runtime_keys             info   audit key sha256:" in ok.stdout
     forged = tmp_path / "forged.bin"
     forged.write_bytes(_forged(Evidence.from_bytes(saved.read_bytes())).to_bytes())
     pem = tmp_path / "never.pem"
-    v = _run("verify", "--evidence", str(forged), "--policy", str(policy),
-             "--simulated-root", str(sim_root), "--audit-key-out", str(pem))  # fmt: skip
+    v = _verify(tmp_path, sim_root, "--evidence", str(forged), "--audit-key-out", str(pem))
     assert v.returncode == 1, v.stdout + v.stderr
     assert "report_data_binding      FAIL" in v.stdout and "runtime keys" in v.stdout
     assert "result: REJECTED" in v.stdout and not pem.exists()
