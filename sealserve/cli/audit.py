@@ -203,8 +203,8 @@ def _head(args: argparse.Namespace) -> int:
     finally:
         channel.close()
     head = AuditHead.from_json(reply.head)
-    # Fresh (answers our nonce) and signed by the key it names; that key's fingerprint
-    # is what the attested manifest binds (`sealserve verify` shows it).
+    # Fresh (answers our nonce) and signed by the key it names; compare that key with
+    # the attested one (`sealserve verify` shows it, `--audit-key-out` writes it).
     head.verify({head.key: head_public_key(head)}, nonce=nonce.hex())
     data = head.to_json().decode()
     if args.output is not None:
