@@ -105,7 +105,8 @@ def served(tmp_path_factory: pytest.TempPathFactory, sim_root: Path) -> Iterator
     # Before the first start: nothing in state_dir exists, and measure makes nothing.
     as_json = _run("measure", "--config", str(cfg), "--json")
     assert as_json.returncode == 0, as_json.stderr
-    plain = _run("measure", "--config", str(cfg))
+    plain = _run("measure", "--config", str(cfg), "--launch", "simulated",
+                 "--policy-out", str(work / "policy.toml"))  # fmt: skip
     assert plain.returncode == 0, plain.stderr
     assert "warning" not in (plain.stdout + plain.stderr).lower()
     assert not (work / "state").exists() and not (work / "audit").exists()
@@ -233,3 +234,14 @@ def test_verify_refuses_saved_evidence_with_a_swapped_record(
     assert v.returncode == 1, v.stdout + v.stderr
     assert "report_data_binding      FAIL" in v.stdout and "runtime keys" in v.stdout
     assert "result: REJECTED" in v.stdout and not pem.exists()
+
+
+def test_the_policy_measure_wrote_before_the_first_start_admits_the_server(
+    served: Served, sim_root: Path
+) -> None:
+    policy = served.work / "policy.toml"
+    assert f'manifest_digests = ["{served.digest_before}"]' in policy.read_text()
+    v = _run("verify", "--endpoint", served.target, "--policy", str(policy),
+             "--simulated-root", str(sim_root))  # fmt: skip
+    assert v.returncode == 0, v.stdout + v.stderr
+    assert f"manifest sha256  {served.digest_before}" in v.stdout
