@@ -110,6 +110,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, sim_root: Path) -> Iterator
     assert plain.returncode == 0, plain.stderr
     assert "warning" not in (plain.stdout + plain.stderr).lower()
     assert not (work / "state").exists() and not (work / "audit").exists()
+    assert not (work / "state.db").exists()
     digest = plain.stdout.split("manifest sha256")[1].split()[0]
     ready = work / "ready.json"
     proc = subprocess.Popen(
