@@ -22,11 +22,13 @@ from sealserve.attestation.evidence import Evidence
 from sealserve.attestation.policy import UnsafeAllowSimulated, UnsafePolicyWarning
 from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.attestation.snp_certs import TrustedRoots
-from sealserve.auth import generate_keypair
+from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.canonical import canonical_json
 from sealserve.defense.audit.log import load_public_key
 from sealserve.errors import VerificationError
 from tests.conftest import sealserve_cmd, sealserve_env
+
+ISSUER = "https://issuer.example.com"
 
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
@@ -42,8 +44,12 @@ def write_config(work: Path, sim_root: Path) -> Path:
     from sealserve import demo
 
     shutil.copytree(demo.repository(), work / "models")
-    _, jwks = generate_keypair("ES256")
+    private_pem, jwks = generate_keypair("ES256")
     (work / "jwks.json").write_text(json.dumps(jwks))
+    issuer = TokenIssuer.from_pem(private_pem, issuer=ISSUER, audience="sealserve")
+    token = issuer.issue("auditor", tier="standard", scopes=["audit"], tos_version="2026-11",
+                         ttl=3600)  # fmt: skip
+    (work / "audit.token").write_text(token)
     cfg = work / "sealserve.toml"
     cfg.write_text(f"""\
 model_repository = "models"
@@ -61,7 +67,7 @@ audience = "sealserve"
 required_tos_version = "2026-11"
 
 [[auth.issuers]]
-issuer = "https://issuer.example.com"
+issuer = "{ISSUER}"
 jwks_file = "jwks.json"
 
 [limits.tiers.standard]
@@ -246,3 +252,37 @@ def test_the_policy_measure_wrote_before_the_first_start_admits_the_server(
              "--simulated-root", str(sim_root))  # fmt: skip
     assert v.returncode == 0, v.stdout + v.stderr
     assert f"manifest sha256  {served.digest_before}" in v.stdout
+
+
+def test_audit_head_checks_the_head_against_the_attested_audit_key(
+    served: Served, sim_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    policy = tmp_path / "policy.toml"
+    policy.write_text("version = 1\nunsafe_allow_simulated = true\n")
+    args = ["audit", "head", "--target", served.target, "--policy", str(policy),
+            "--simulated-root", str(sim_root), "--token-file", str(served.work / "audit.token"),
+            "-o", str(tmp_path / "head.json")]  # fmt: skip
+    ok = _run(*args)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "head signed by the attested audit key sha256:" in ok.stderr
+    # A head signed by another key than the attested one (e.g. a log kept by something
+    # else than the attested server) is refused.
+    import sealserve.client.client as client_module
+    from sealserve.cli.main import main
+
+    real = client_module.open_channel
+
+    def other_key(*a: object, **k: object) -> object:
+        channel, endpoint = real(*a, **k)  # type: ignore[arg-type]
+        claims = dataclasses.replace(
+            endpoint.claims, runtime_keys=RuntimeKeys(audit_public_key=b"\x07" * 32)
+        )
+        return channel, dataclasses.replace(endpoint, claims=claims)
+
+    monkeypatch.setattr(client_module, "open_channel", other_key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnsafePolicyWarning)
+        assert main(args) == 1
+    err = capsys.readouterr().err
+    assert "not by the attested audit key (sha256:" in err
