@@ -206,11 +206,12 @@ async def _demo(args: argparse.Namespace) -> int:
                             tos_version=TOS_VERSION, ttl=3600)  # fmt: skip
 
     try:
-        # What an auditor computes independently with `sealserve measure --config ...`.
+        # What an auditor computes independently with `sealserve measure --config ...`:
+        # from the build and the config alone (the audit key made at start is attested
+        # beside the manifest, in the runtime keys record).
         expected = build_manifest(
-            settings, measure_entries(scan_repository(repo, keys=KeyProvider())), code=code,
-            extra=dict(server.manifest.extra),
-        )  # fmt: skip
+            settings, measure_entries(scan_repository(repo, keys=KeyProvider())), code=code
+        )
         _say("auditor", f"expected manifest sha256 {expected.digest().hex()}")
         policy = policy_from_toml(
             reference_policy(

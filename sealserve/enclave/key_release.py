@@ -28,6 +28,7 @@ from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
 from sealserve._proto import broker_pb2 as bpb
 from sealserve._proto import broker_pb2_grpc
+from sealserve.attestation.runtime_keys import NO_RUNTIME_KEYS
 from sealserve.enclave.key_wrap import SealedKey, open_data_key
 from sealserve.enclave.platform import Platform, attest
 from sealserve.errors import AttestationError, CryptoError, KeyReleaseError
@@ -62,6 +63,7 @@ def fetch_model_key(
     hpke_private_key: X25519PrivateKey,
     broker_ca_pem: bytes | None,
     broker_ca_source: Callable[[], bytes | None] | None = None,
+    runtime_keys: bytes = NO_RUNTIME_KEYS,
     broker_server_name: str | None = None,
     timeout: float = 10.0,
     wait: float | None = None,
@@ -73,8 +75,9 @@ def fetch_model_key(
 ) -> bytes:
     """Ask the broker at ``target`` ("host:port") for the data key ``key_id``.
 
-    ``tls_spki`` and ``manifest`` are what this server's own evidence binds (its TLS
-    SubjectPublicKeyInfo DER and workload manifest bytes); the evidence sent to the
+    ``tls_spki``, ``manifest`` and ``runtime_keys`` are what this server's own evidence
+    binds (its TLS SubjectPublicKeyInfo DER, workload manifest bytes and runtime keys
+    record); the evidence sent to the
     broker carries the raw X25519 public key of ``hpke_private_key``. ``broker_ca_pem``
     pins the broker's certificate (None: system roots); ``broker_ca_source``, if given,
     is called before each later attempt for the current pin (a rotated file).
@@ -91,7 +94,7 @@ def fetch_model_key(
     passed, the broker sent an unusable challenge, or a key that does not open. Raises
     UnavailableError if the platform cannot produce a report.
     """
-    request = _Request(target, key_id, platform, tls_spki, manifest, hpke_private_key)
+    request = _Request(target, key_id, platform, tls_spki, manifest, hpke_private_key, runtime_keys)
     deadline = None if wait is None else clock() + wait
     ca_pem = broker_ca_pem
     delay = backoff
@@ -151,6 +154,7 @@ class _Request:
     tls_spki: bytes
     manifest: bytes
     hpke_private_key: X25519PrivateKey
+    runtime_keys: bytes = NO_RUNTIME_KEYS
 
 
 def _exchange(
@@ -171,6 +175,7 @@ def _exchange(
             evidence = attest(
                 req.platform, nonce=nonce, tls_spki=req.tls_spki, manifest=req.manifest,
                 hpke_public_key=hpke_public_bytes(req.hpke_private_key),
+                runtime_keys=req.runtime_keys,
             )  # fmt: skip
         except AttestationError as exc:  # e.g. a broker that sent a short nonce
             raise KeyReleaseError(

@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field
 
+from sealserve.attestation.runtime_keys import NO_RUNTIME_KEYS
 from sealserve.enclave.key_file import KeyFile
 from sealserve.enclave.model_file import decrypt_to_bytes, read_header
 from sealserve.enclave.platform import Platform
@@ -92,7 +93,7 @@ class KeyProvider:
 
     broker: KeyBrokerSettings | None = None
     key_files: dict[str, Path] = field(default_factory=dict)
-    _binding: tuple[Platform, bytes, bytes, X25519PrivateKey] | None = None
+    _binding: tuple[Platform, bytes, bytes, X25519PrivateKey, bytes] | None = None
     _keys: dict[str, bytes] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -117,10 +118,10 @@ class KeyProvider:
 
     def bind(
         self, *, platform: Platform | None, tls_spki: bytes, manifest: bytes,
-        hpke_private_key: X25519PrivateKey,
+        hpke_private_key: X25519PrivateKey, runtime_keys: bytes = NO_RUNTIME_KEYS,
     ) -> None:  # fmt: skip
         if platform is not None:
-            self._binding = (platform, tls_spki, manifest, hpke_private_key)
+            self._binding = (platform, tls_spki, manifest, hpke_private_key, runtime_keys)
 
     def get(self, key_id: str) -> bytes:
         """The data key for ``key_id``. Raises KeyReleaseError or ConfigError."""
@@ -148,7 +149,7 @@ class KeyProvider:
                 )
             from sealserve.enclave.key_release import fetch_model_key
 
-            platform, spki, manifest, hpke = self._binding
+            platform, spki, manifest, hpke, runtime_keys = self._binding
             b = self.broker
             self.check()
             source = self._ca
@@ -159,6 +160,7 @@ class KeyProvider:
                 tls_spki=spki,
                 manifest=manifest,
                 hpke_private_key=hpke,
+                runtime_keys=runtime_keys,
                 broker_ca_pem=source.pem if source is not None else None,
                 broker_ca_source=source,
                 broker_server_name=b.server_name,
