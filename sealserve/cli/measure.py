@@ -16,13 +16,15 @@ def register(sub: Any) -> None:
         "measure",
         help="print the workload manifest and launch reference values",
         description=(
-            "With --config: computes, from this installed build and the config, exactly "
-            "the workload manifest the server will attest to (code digest, measured "
-            "config, model digests) and prints its SHA-256. With --launch: the expected "
-            "hardware launch measurement of a guest built from the given parts (sev-snp: "
-            "OVMF, kernel, initrd, command line, vCPUs; tdx: MRTD from OVMF/TDVF and, for "
-            "QEMU direct boot, RTMR2 from the command line and initrd; simulated: this "
-            "build). "
+            "With --config: computes, from this installed build and the config alone "
+            "(before the first start; no state is read), exactly the workload manifest the "
+            "server will attest to (code digest, measured config, model digests, token "
+            "keys) and prints its SHA-256. Keys the server makes at first start (the audit "
+            "key) are attested beside it, in the evidence's runtime keys record. With "
+            "--launch: the expected hardware launch measurement of a guest built from the "
+            "given parts (sev-snp: OVMF, kernel, initrd, command line, vCPUs; tdx: MRTD "
+            "from OVMF/TDVF and, for QEMU direct boot, RTMR2 from the command line and "
+            "initrd; simulated: this build). "
             "--policy-out writes a policy pinning the platform, the launch measurement, "
             "the manifest (with --config) and a minimum TCB: the form `broker set-policy` "
             "accepts."
@@ -44,14 +46,17 @@ def register(sub: Any) -> None:
     launch.add_argument("--initrd", type=Path, help="the initrd")
     launch.add_argument("--append", help="the kernel command line")
     launch.add_argument("--vcpus", type=int, default=1, help="sev-snp: vCPU count (default 1)")
-    launch.add_argument("--vcpu-type", default="EPYC-v4", help="sev-snp: QEMU CPU model")
+    launch.add_argument(
+        "--vcpu-type", default="EPYC-v4", help="sev-snp: QEMU CPU model (default: %(default)s)"
+    )
     launch.add_argument(
         "--guest-features",
         type=lambda x: int(x, 0),
         default=None,
         help="sev-snp: SEV_FEATURES word of the VMSA (default 0x1)",
     )
-    launch.add_argument("--vmm", choices=("qemu", "ec2", "gce"), default="qemu")
+    launch.add_argument("--vmm", choices=("qemu", "ec2", "gce"), default="qemu",
+                        help="sev-snp: the guest's VMM (default: %(default)s)")  # fmt: skip
     launch.add_argument(
         "--min-tcb",
         help="TCB floor for --policy-out, e.g. bl=4,snp=22,ucode=217 (default bl=3,snp=8)",
@@ -61,7 +66,7 @@ def register(sub: Any) -> None:
         choices=("per-page", "per-section"),
         default="per-page",
         help="tdx: how the VMM added and measured the firmware pages (per-page: upstream "
-        "KVM, QEMU 9+ TDX builds; per-section: QEMU 8.x TDX builds)",
+        "KVM, QEMU 9+ TDX builds; per-section: QEMU 8.x TDX builds; default: %(default)s)",
     )
     for reg in ("rtmr0", "rtmr1", "rtmr2"):
         launch.add_argument(
@@ -118,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> tuple[bytes, str]:
-    from sealserve.defense.audit.log import load_public_key, public_key_fingerprint
     from sealserve.enclave.manifest import code_digest
     from sealserve.server.manifest import (
         build_manifest,
@@ -132,18 +136,9 @@ def _manifest(args: argparse.Namespace) -> tuple[bytes, str]:
     settings = Settings.load(args.config)
     code = code_digest()
     models = measure_entries(scan_repository(settings.model_repository))
-    extra = {}
-    defense = settings.defense_config()
-    if defense is not None and defense.audit.enabled:
-        pem = defense.state_dir / "audit-public.pem" if defense.state_dir else None
-        if pem is not None and pem.is_file():
-            extra["audit_public_key"] = public_key_fingerprint(load_public_key(pem.read_bytes()))
-        else:
-            print("warning: the audit key is made at the server's first start; run measure "
-                  "again afterwards (it reads defense.state_dir/audit-public.pem)")  # fmt: skip
-    manifest = build_manifest(
-        settings, models, code=code, hardening=expected_hardening(settings), extra=extra
-    )
+    # The config and the build alone: keys the server makes at its first start (the
+    # audit key) are attested beside the manifest, in the runtime keys record.
+    manifest = build_manifest(settings, models, code=code, hardening=expected_hardening(settings))
     digest = manifest.digest()
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
