@@ -176,6 +176,8 @@ def main() -> int:
             if applied
             else "**not measured** (memory locking was not permitted here)"
         )
+        + f"\n\n(kernel {os.uname().release}, {os.cpu_count()} CPUs shared with other work; "
+        f"load average at the end: {os.getloadavg()[0]:.2f})"
     )
     return 0
 
