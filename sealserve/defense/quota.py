@@ -14,7 +14,13 @@ from urllib.parse import quote
 from sealserve.defense.challenge import Challenges
 from sealserve.defense.limits import LimitsConfig, LimitSet, Period, Tier
 from sealserve.defense.status import AccountStatus, Status
-from sealserve.defense.store.base import AdmitResult, Check, Remaining, StateStore
+from sealserve.defense.store.base import (
+    AdmitResult,
+    Check,
+    Remaining,
+    StateStore,
+    account_group,
+)
 from sealserve.errors import (
     ChallengeRequiredError,
     ConfigError,
@@ -40,6 +46,7 @@ def limit_checks(
     key: str,
     unit: str,
     throttle: bool = False,
+    group: str = "",
 ) -> list[Check]:
     """The checks of one limit set for one subject (``scope`` names them: account,
     peer, model)."""
@@ -54,6 +61,7 @@ def limit_checks(
                 rate=float(limits.bucket.rate),
                 throttle=throttle,
                 unit=unit,
+                group=group,
             )
         )
     for period in Period:
@@ -66,6 +74,7 @@ def limit_checks(
                     limits.quotas[period],
                     period=period,
                     unit=unit,
+                    group=group,
                 )
             )
     return out
@@ -113,10 +122,11 @@ class QuotaGuard:
     ) -> list[Check]:
         t = self._tier(tier)
         unit = "items" if t.cost.value == "batch" else "requests"
+        group = account_group(account)
         if t.per_model and model is not None:
             akey, subject = f"am/{_q(account)}/{_q(model)}", f"account model {model!r}"
         else:
-            akey, subject = f"a/{_q(account)}", "account"
+            akey, subject = group, "account"
         out = limit_checks(
             t.limits,
             scope="account",
@@ -124,6 +134,7 @@ class QuotaGuard:
             key=akey,
             unit=unit,
             throttle=True,
+            group=group,
         )
         if peer is not None:
             out += limit_checks(

@@ -149,7 +149,8 @@ class Settings(BaseSettings):
             "Where quota, account status and detector state live: 'sqlite://PATH' (the "
             "embedded default; a relative PATH is relative to the config file, "
             "'sqlite:///abs/path' is absolute), 'redis://HOST:PORT/DB' for "
-            "several replicas, or 'memory:' (one process, tests)."
+            "several replicas, 'redis+cluster://HOST:PORT' (any node of a Redis "
+            "Cluster), or 'memory:' (one process, tests)."
         ),
     )
     state_store_prefix: str = Field(default="sealserve", description="Key prefix in Redis.")

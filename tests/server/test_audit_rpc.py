@@ -173,6 +173,7 @@ def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path
         audit_head=running.server.audit_head,
     )  # fmt: skip
     nonce = os.urandom(32)
+
     class _Ctx:  # the one thing GetEvidence reads from its context: the peer (its rate)
         def peer(self) -> str:
             return "ipv4:127.0.0.1:5555"

@@ -27,6 +27,7 @@ from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from typing import NamedTuple, Protocol
+from urllib.parse import quote
 
 from sealserve.defense.limits import Period, window_bounds
 from sealserve.defense.status import AccountStatus, Status
@@ -43,6 +44,12 @@ STATE_SLACK_S = 3600.0
 TOKEN_EPS = 1e-3
 
 
+def account_group(account: str) -> str:
+    """The storage group of an account's own checks and its status: ``a/<account>``,
+    percent-encoded so that no account name can forge another's key."""
+    return "a/" + quote(account, safe="")
+
+
 @dataclass(frozen=True)
 class Check:
     """One limit applied to one subject for one request.
@@ -50,7 +57,10 @@ class Check:
     ``period`` None means a token bucket of ``limit`` (burst) tokens refilled at
     ``rate`` per second; otherwise a fixed window of ``limit`` units. When ``throttle`` is
     set, a throttled status of the admitted account multiplies ``rate`` inside the same
-    atomic admit.
+    atomic admit. ``group`` names the subject whose state this check is stored beside
+    (default: ``key``); an account's checks, per-model ones included, are in the
+    account's group (:func:`account_group`), with its status. On Redis Cluster a group is
+    one hash slot.
     """
 
     name: str
@@ -61,6 +71,7 @@ class Check:
     rate: float = 0.0
     throttle: bool = False
     unit: str = "requests"
+    group: str = ""
     prefix: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +82,8 @@ class Check:
             "prefix",
             f"{self.key}/rate" if self.period is None else f"{self.key}/{self.period.value}/",
         )
+        if not self.group:
+            object.__setattr__(self, "group", self.key)
         if self.limit <= 0:
             raise ConfigError(f"{self.label}: limit must be greater than zero")
         if self.period is None and not self.rate > 0:

@@ -1,8 +1,9 @@
 """Open a state store from one configuration string.
 
 ``memory:``, ``sqlite:///var/lib/sealserve/state.db`` (``sqlite://`` + a path), or
-``redis://host:6379/0`` / ``rediss://...``. The server's settings, ``sealserve admin``
-and ``sealserve stress`` all open stores this way.
+``redis://host:6379/0`` / ``rediss://...``, or ``redis+cluster://host:6379`` /
+``rediss+cluster://...`` (any one node of a Redis Cluster). The server's settings,
+``sealserve admin`` and ``sealserve stress`` all open stores this way.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ def open_store(
         from sealserve.defense.store.memory import MemoryStore
 
         store = MemoryStore()
-    elif url.startswith(("redis://", "rediss://", "unix://")):
+    elif url.startswith(
+        ("redis://", "rediss://", "unix://", "redis+cluster://", "rediss+cluster://")
+    ):
         from sealserve.defense.store.redis import RedisStore
 
         store = RedisStore.from_url(url, prefix=prefix, timeout_s=timeout_s)
@@ -45,6 +48,7 @@ def open_store(
     else:
         raise ConfigError(
             f"state store url {url!r} is not understood "
-            "(use memory:, sqlite:///path/state.db or redis://host:port/db)"
+            "(use memory:, sqlite:///path/state.db, redis://host:port/db or "
+            "redis+cluster://host:port)"
         )
     return UnsafeFailOpen(store) if unsafe_fail_open else store

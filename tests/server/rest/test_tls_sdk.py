@@ -210,7 +210,9 @@ def test_http_client_reconnects_after_the_server_closes_an_idle_connection(
 def test_rest_evidence_shares_the_per_peer_evidence_rate(rest_server: Any, sim_root: Path) -> None:
     """The REST evidence route is no side door around GetEvidence's per-address rate."""
     rest = rest_server(
-        unsafe_plaintext=False, attestation_platform="simulated", simulated_platform_dir=sim_root,
+        unsafe_plaintext=False,
+        attestation_platform="simulated",
+        simulated_platform_dir=sim_root,
         evidence_per_peer_per_minute=3,
     )
     url = f"https://127.0.0.1:{rest.port}/v2/sealserve/evidence?nonce={'ab' * 32}"
