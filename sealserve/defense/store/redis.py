@@ -318,17 +318,8 @@ class RedisStore(StateStore):
                 yield ("refund", keys, [str(cost), spec])
         return code, status, slots, levels, rates
 
-    def _run(
-        self,
-        checks: Sequence[Check],
-        *,
-        cost: int,
-        now: float,
-        account: str | None,
-        work: int,
-        dry: bool,
-    ) -> Outcome:
-        plan = self._plan(checks, cost=cost, now=now, account=account, work=work, dry=dry)
+    def _run(self, plan: Generator[Step, Any, Outcome]) -> Outcome:
+        """Carry out a planned admit with the blocking client."""
         try:
             step = next(plan)
             while True:
@@ -350,7 +341,7 @@ class RedisStore(StateStore):
     ) -> AdmitResult:
         validate_cost(cost)
         code, status, slots, levels, rates = self._run(
-            checks, cost=cost, now=now, account=account, work=work, dry=False
+            self._plan(checks, cost=cost, now=now, account=account, work=work, dry=False)
         )
         if code == 2:
             assert status is not None
@@ -372,7 +363,7 @@ class RedisStore(StateStore):
         if not checks:
             return ()
         _, _, slots, levels, rates = self._run(
-            checks, cost=1, now=now, account=account, work=0, dry=True
+            self._plan(checks, cost=1, now=now, account=account, work=0, dry=True)
         )
         return peek(checks, [e for _, e in slots], levels, rates, now=now)
 
