@@ -154,6 +154,15 @@ class Settings(BaseSettings):
         ),
     )
     state_store_prefix: str = Field(default="sealserve", description="Key prefix in Redis.")
+    state_store_deadline_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=30,
+        description=(
+            "Longest a request's admission waits for the state store; past it the request "
+            "is refused (UNAVAILABLE) while health, metadata and evidence keep answering."
+        ),
+    )
     unsafe_fail_open: bool = Field(
         default=False,
         description="Admit requests unchecked when the state store is down (logged loudly).",

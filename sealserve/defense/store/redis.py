@@ -24,11 +24,15 @@ Redis server the whole admit stays one script and one round trip.
 
 from __future__ import annotations
 
+import asyncio
 import math
-from collections.abc import Callable, Generator, Sequence
+from collections.abc import Awaitable, Callable, Generator, Sequence
+from functools import partial
 from typing import Any, TypeVar
 
 import redis
+import redis.asyncio
+import redis.asyncio.cluster
 from redis.cluster import RedisCluster
 
 from sealserve.defense.status import AccountStatus
@@ -46,6 +50,7 @@ from sealserve.defense.store.base import (
     peek,
     resolve,
     validate_cost,
+    with_deadline,
 )
 from sealserve.errors import ConfigError, UnavailableError
 
@@ -192,6 +197,11 @@ class RedisStore(StateStore):
             "admit": client.register_script(ADMIT_LUA),
             "refund": client.register_script(REFUND_LUA),
         }
+        # The serving path's asyncio client, made on first use in the running loop
+        # (from_url only; a store built on a given client awaits it in worker threads).
+        self._async_factory: Callable[[], Any] | None = None
+        self._async: tuple[asyncio.AbstractEventLoop, Any, dict[str, Any]] | None = None
+        self._timeout_s = 1.0
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "sealserve", timeout_s: float = 1.0) -> RedisStore:
@@ -203,11 +213,18 @@ class RedisStore(StateStore):
         }
         for scheme, plain in CLUSTER_SCHEMES.items():
             if url.startswith(scheme):
-                return cls(
-                    RedisCluster.from_url(plain + url.removeprefix(scheme), **kwargs),
-                    prefix=prefix,
+                node = plain + url.removeprefix(scheme)
+                store = cls(RedisCluster.from_url(node, **kwargs), prefix=prefix)
+                store._async_factory = partial(
+                    redis.asyncio.cluster.RedisCluster.from_url, node, **kwargs
                 )
-        return cls(redis.Redis.from_url(url, health_check_interval=30, **kwargs), prefix=prefix)
+                store._timeout_s = timeout_s
+                return store
+        store = cls(redis.Redis.from_url(url, health_check_interval=30, **kwargs), prefix=prefix)
+        store._async_factory = partial(
+            redis.asyncio.Redis.from_url, url, health_check_interval=30, **kwargs
+        )
+        return store
 
     def _k(self, group: str, key: str) -> str:
         return f"{self.prefix}:{{{group}}}:{key}"
@@ -219,11 +236,8 @@ class RedisStore(StateStore):
     def _call(self, fn: Callable[[], T]) -> T:
         try:
             return fn()
-        except redis.ResponseError as exc:
-            # Reached, but it answered with an error (out of memory, read-only replica).
-            raise UnavailableError(f"state store failed: redis: {exc}") from exc
         except redis.RedisError as exc:
-            raise UnavailableError(f"state store unreachable: redis: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     # -- an admit, planned as steps ---------------------------------------------------
 
@@ -330,6 +344,65 @@ class RedisStore(StateStore):
         except StopIteration as done:
             return done.value  # type: ignore[no-any-return]
 
+    async def _async_client(self) -> tuple[Any, dict[str, Any]] | None:
+        if self._async_factory is None:
+            return None
+        loop = asyncio.get_running_loop()
+        if self._async is None or self._async[0] is not loop:
+            client = self._async_factory()
+            if self.cluster:
+                # Learning the slot map is a one-off: it gets the connect timeout, not
+                # the per-request deadline.
+                await with_deadline(self._acall(client.initialize()), self._timeout_s)
+            scripts = {
+                "admit": client.register_script(ADMIT_LUA),
+                "refund": client.register_script(REFUND_LUA),
+            }
+            self._async = (loop, client, scripts)
+        return self._async[1], self._async[2]
+
+    async def _acall(self, call: Awaitable[T]) -> T:
+        try:
+            return await call
+        except redis.RedisError as exc:
+            raise _unavailable(exc) from exc
+
+    async def _run_async(
+        self, plan: Generator[Step, Any, Outcome], scripts: dict[str, Any]
+    ) -> Outcome:
+        """Carry out a planned admit with the asyncio client."""
+        try:
+            step = next(plan)
+            while True:
+                name, keys, args = step
+                out = await self._acall(scripts[name](keys=keys, args=args))
+                step = plan.send(out)
+        except StopIteration as done:
+            return done.value  # type: ignore[no-any-return]
+
+    async def admit_async(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+        deadline_s: float,
+    ) -> AdmitResult:
+        """:meth:`admit` on redis-py's asyncio client, within ``deadline_s`` seconds.
+        A deadline that passes mid-way on a cluster may leave an earlier subject's
+        consumption unrefunded: the request is refused, nothing is over-admitted."""
+        validate_cost(cost)
+        got = await self._async_client()
+        if got is None:
+            return await super().admit_async(
+                checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s
+            )
+        plan = self._plan(checks, cost=cost, now=now, account=account, work=work, dry=False)
+        outcome = await with_deadline(self._run_async(plan, got[1]), deadline_s)
+        return self._result(checks, outcome, cost=cost, now=now)
+
     def admit(
         self,
         checks: Sequence[Check],
@@ -340,9 +413,14 @@ class RedisStore(StateStore):
         work: int = 0,
     ) -> AdmitResult:
         validate_cost(cost)
-        code, status, slots, levels, rates = self._run(
+        outcome = self._run(
             self._plan(checks, cost=cost, now=now, account=account, work=work, dry=False)
         )
+        return self._result(checks, outcome, cost=cost, now=now)
+
+    @staticmethod
+    def _result(checks: Sequence[Check], outcome: Outcome, *, cost: int, now: float) -> AdmitResult:
+        code, status, slots, levels, rates = outcome
         if code == 2:
             assert status is not None
             return blocked_result(status, now)
@@ -445,7 +523,23 @@ class RedisStore(StateStore):
         return renamed
 
     def close(self) -> None:
+        self._close_pool()
         self._r.close()
+        if self._async is not None:
+            loop, client, _ = self._async
+            self._async = None
+            try:
+                if asyncio.get_running_loop() is loop:
+                    loop.create_task(client.aclose())
+            except RuntimeError:  # no running loop: its connections go with it
+                pass
+
+
+def _unavailable(exc: redis.RedisError) -> UnavailableError:
+    if isinstance(exc, redis.ResponseError):
+        # Reached, but it answered with an error (out of memory, read-only replica).
+        return UnavailableError(f"state store failed: redis: {exc}")
+    return UnavailableError(f"state store unreachable: redis: {exc}")
 
 
 def _legacy_name(rest: str) -> tuple[str, str] | None:

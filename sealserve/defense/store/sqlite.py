@@ -231,5 +231,6 @@ class SqliteStore(TransactionalStore):
             return True
 
     def close(self) -> None:
+        self._close_pool()
         with self._lock:
             self._conn.close()
