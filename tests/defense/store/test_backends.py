@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from redis.crc import key_slot
 
 from sealserve.defense.limits import Period
 from sealserve.defense.status import AccountStatus, Status
-from sealserve.defense.store.base import Check, UnsafeFailOpen
+from sealserve.defense.store.base import AdmitResult, Check, UnsafeFailOpen
 from sealserve.defense.store.factory import open_store
 from sealserve.defense.store.redis import RedisStore
 from sealserve.defense.store.sqlite import SqliteStore
@@ -199,4 +202,41 @@ def test_legacy_single_node_keys_are_migrated(redis_server: RedisServer) -> None
     assert raw.exists("mig:{a/bob}:am/bob/digits/rate") and raw.get("mig:blob:det") == b"x"
     assert store.migrate_legacy_keys() == 0
     raw.close()
+    store.close()
+
+
+def test_sqlite_held_by_another_process_fails_admission_within_deadline(tmp_path: Path) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    assert store.admit([DAY], cost=1, now=T0).admitted
+    other = sqlite3.connect(str(tmp_path / "s.db"), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+
+    async def scenario() -> tuple[float, int, AdmitResult]:
+        ticks = 0
+
+        async def ticker() -> None:  # the event loop must keep running meanwhile
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        tick = asyncio.create_task(ticker())
+        t0 = time.perf_counter()
+        with pytest.raises(UnavailableError, match=r"^state store did not answer within 0.3 s$"):
+            await store.admit_async([DAY], cost=1, now=T0, deadline_s=0.3)
+        took = time.perf_counter() - t0
+        counted = ticks
+        # Released before the deadline: the worker thread's admission goes through.
+        asyncio.get_running_loop().call_later(0.1, other.execute, "ROLLBACK")
+        ok = await store.admit_async([DAY], cost=1, now=T0, deadline_s=2.0)
+        tick.cancel()
+        return took, counted, ok
+
+    took, ticks, ok = asyncio.run(scenario())
+    assert took < 0.3 + 0.2
+    assert ticks >= 15  # ~30 ticks of 10 ms: the loop was never blocked
+    # The refused admission's thread was still waiting for the lock and went through
+    # when it was released: counted though refused (fail closed: lost, never extra).
+    assert ok.admitted and ok.remaining[0].remaining == 0
+    other.close()
     store.close()
