@@ -257,7 +257,10 @@ class Server:
             log.warning("unsafe_fail_open: requests are admitted UNCHECKED when the store is down")
         with startup_step(s, "state_store", fix=STORE_FIX):
             pow_key = _pow_key(self.store)
-        return Guard(quota=QuotaGuard(limits, self.store, Challenges(pow_key, self.store)))
+        return Guard(
+            quota=QuotaGuard(limits, self.store, Challenges(pow_key, self.store)),
+            store_deadline_s=s.state_store_deadline_s,
+        )
 
     def _open_store(self) -> StateStore:
         s = self.settings
@@ -400,6 +403,7 @@ class Server:
                         defense, self.defense_secrets, engine=self.engine, store=self.store,
                         quota=self.plane.guard.quota,
                     )  # fmt: skip
+                self.plane.guard.store_io = self.store is not None and self.store.blocking
         except BaseException:
             self.keys.stop()  # a key wait in progress ends with the server
             await self._server.stop(0)
