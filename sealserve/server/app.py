@@ -482,6 +482,12 @@ class Server:
         audit = self._audit_log()
         if audit is not None:
             audit.close()
+        quota = self.plane.guard.quota
+        if quota is not None:
+            try:
+                quota.close()  # unused quota leases go back to the store
+            except UnavailableError as exc:
+                log.warning("quota leases not returned (their units stay counted): %s", exc)
         if self.store is not None:
             self.store.close()
         if self.authenticator is not None:

@@ -53,6 +53,10 @@ STATE_SLACK_S = 3600.0
 #: Unix-epoch magnitudes loses ~1e-7 s, which must not refuse a request that is on time.
 #: The shortfall is carried (tokens go slightly negative), so it can never accumulate.
 TOKEN_EPS = 1e-3
+#: A lease takes at most this fraction of what is left of the tightest window, so an
+#: account near its limit gets leases of one request (per-call exactness) and replicas
+#: never hold the last units between them.
+LEASE_FRACTION = 0.25
 
 
 def account_group(account: str) -> str:
@@ -134,6 +138,20 @@ class AdmitResult:
     refused_by: Check | None = None
     retry_after: float | None = None
     status: AccountStatus | None = None
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Units of an account's quota windows reserved in the store for one replica
+    (:meth:`StateStore.lease`): already counted in every window, so the replica may
+    admit up to ``units`` more requests' cost locally until ``expires_at`` (the lease's
+    end or the first window's end, whichever is first). ``remaining`` is every limit
+    as the store saw it after the reservation."""
+
+    lease_id: str
+    units: int
+    expires_at: float
+    remaining: tuple[Remaining, ...]
 
 
 async def with_deadline(call: Awaitable[T], deadline_s: float) -> T:
@@ -234,6 +252,36 @@ class StateStore(ABC):
     @abstractmethod
     def consume_once(self, key: str, *, ttl_s: float) -> bool:
         """True the first time ``key`` is consumed within ``ttl_s`` seconds, else False."""
+
+    #: Whether :meth:`lease` can reserve units (False: every admit is per call).
+    leases: ClassVar[bool] = False
+
+    def lease(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        want: int,
+        now: float,
+        account: str,
+        lease_id: str,
+        lease_s: float,
+    ) -> tuple[AdmitResult | None, Lease | None]:
+        """Admit one request of ``cost`` and reserve up to ``want - cost`` more units
+        (at most :data:`LEASE_FRACTION` of what is left) for the caller, atomically.
+
+        Only for checks that are all quota windows. The lease is recorded under
+        ``lease_id`` so :meth:`return_lease` can give back its unused part exactly once.
+        Returns the admit's result (None when the account's status is not normal:
+        nothing was done, the caller must use :meth:`admit`, which applies statuses) and
+        the lease (None: no spare unit reserved). A store without leases admits per call.
+        """
+        return self.admit(checks, cost=cost, now=now, account=account), None
+
+    def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:  # noqa: B027
+        """Give back ``unused`` units of the lease, atomically and at most once: the
+        record is deleted in the same step, so a second return, or a return after the
+        lease record was reset or expired, gives back nothing."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -388,7 +436,17 @@ class Txn(Protocol):
         windows: Sequence[tuple[str, int, float]],
     ) -> None: ...
 
-    def delete(self, keys: Sequence[str]) -> None: ...
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete the state under ``keys`` and every lease recorded on them."""
+
+    def put_lease(
+        self, lease_id: str, windows: Sequence[tuple[str, float]], units: int, expires: float
+    ) -> None:
+        """Record a lease of ``units`` on ``windows`` (key, the window state's expiry);
+        the record is purged after ``expires``."""
+
+    def take_lease(self, lease_id: str) -> tuple[list[tuple[str, float]], int] | None:
+        """Delete the lease's record and return its windows and units (None: none)."""
 
 
 class TransactionalStore(StateStore):
@@ -491,6 +549,61 @@ class TransactionalStore(StateStore):
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
         with self.transaction() as tx:
             tx.delete([k for k, _ in resolve(checks, now)])
+
+    leases = True
+
+    def lease(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        want: int,
+        now: float,
+        account: str,
+        lease_id: str,
+        lease_s: float,
+    ) -> tuple[AdmitResult | None, Lease | None]:
+        validate_cost(cost)
+        if any(c.period is None for c in checks):
+            raise ConfigError("only quota windows can be leased (token buckets are per call)")
+        slots = resolve(checks, now)
+        keys = [k for k, _ in slots]
+        ends = [end for _, end in slots]
+        zeros = [0.0] * len(checks)
+        with self.transaction() as tx:
+            _, windows, raw_status = tx.read([], keys, account)
+            if gate(raw_status, now=now, work=0)[0] is not None:
+                return None, None  # any status but normal: admit per call
+            levels = [float(windows.get(k, 0)) for k in keys]
+            left = min(c.limit - int(lv) for c, lv in zip(checks, levels, strict=True))
+            if left < cost:
+                return finish(checks, ends, levels, zeros, cost=cost, now=now,
+                              admitted=False, status=None), None  # fmt: skip
+            take = max(cost, min(want, math.floor(left * LEASE_FRACTION)))
+            expires = min(now + lease_s, *ends)
+            states = [(k, end + STATE_SLACK_S) for k, end in slots]
+            tx.write([], [(k, int(lv) + take, exp)
+                          for (k, exp), lv in zip(states, levels, strict=True)])  # fmt: skip
+            if take > cost:
+                tx.put_lease(lease_id, states, take - cost, expires + STATE_SLACK_S)
+        result = finish(checks, ends, levels, zeros, cost=cost, now=now, admitted=True, status=None)
+        if take == cost:
+            return result, None
+        after = peek(checks, ends, levels, zeros, now=now, used=take)
+        return result, Lease(lease_id, take - cost, expires, after)
+
+    def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:
+        with self.transaction() as tx:
+            record = tx.take_lease(lease_id)
+            if record is None or unused <= 0:
+                return
+            states, units = record
+            give = min(unused, units)
+            _, windows, _ = tx.read([], [k for k, _ in states], None)
+            # Never below zero (a reset in between deleted the record too, so this is
+            # only a guard); each window keeps its own expiry.
+            tx.write([], [(k, max(0, windows[k] - give), exp)
+                          for k, exp in states if k in windows])  # fmt: skip
 
 
 class UnsafeFailOpen(StateStore):

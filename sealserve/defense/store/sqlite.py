@@ -39,6 +39,10 @@ CREATE INDEX IF NOT EXISTS history_account ON history (account, id);
 CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS once (key TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (id TEXT NOT NULL, key TEXT NOT NULL, state_expires REAL
+    NOT NULL, units INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (id, key))
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS leases_key ON leases (key);
 """
 #: Expired rows are purged every this many write transactions of one process.
 PURGE_EVERY = 2000
@@ -90,6 +94,27 @@ class _SqliteTxn:
 
     def delete(self, keys: Sequence[str]) -> None:
         self._c.executemany("DELETE FROM state WHERE key = ?", [(k,) for k in keys])
+        self._c.executemany(
+            "DELETE FROM leases WHERE id IN (SELECT id FROM leases WHERE key = ?)",
+            [(k,) for k in keys],
+        )
+
+    def put_lease(
+        self, lease_id: str, windows: Sequence[tuple[str, float]], units: int, expires: float
+    ) -> None:
+        self._c.executemany(
+            "INSERT OR REPLACE INTO leases (id, key, state_expires, units, expires) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(lease_id, key, state_exp, units, expires) for key, state_exp in windows],
+        )
+
+    def take_lease(self, lease_id: str) -> tuple[list[tuple[str, float]], int] | None:
+        rows = self._c.execute(
+            "DELETE FROM leases WHERE id = ? RETURNING key, state_expires, units", (lease_id,)
+        ).fetchall()
+        if not rows:
+            return None
+        return [(str(k), float(e)) for k, e, _ in rows], int(rows[0][2])
 
 
 #: Set while an admission runs inline on the event loop: no lock may be waited for.
@@ -219,6 +244,8 @@ class SqliteStore(TransactionalStore):
         now = time.time()
         self._conn.execute("DELETE FROM state WHERE expires < ?", (now,))
         self._conn.execute("DELETE FROM once WHERE expires < ?", (now,))
+        # An unreturned lease (its replica died) expires here: its units stay counted.
+        self._conn.execute("DELETE FROM leases WHERE expires < ?", (now,))
         self._conn.execute("DELETE FROM blobs WHERE expires IS NOT NULL AND expires < ?", (now,))
 
     @contextmanager

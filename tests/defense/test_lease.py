@@ -1,0 +1,189 @@
+"""Quota leases: exact accounting through the same interface on the memory and SQLite
+stores; statuses at once; a lease returned at most once; a dead replica's lease is lost,
+never extra allowance."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import pytest
+
+from sealserve.defense.lease import LeaseTable
+from sealserve.defense.limits import LimitsConfig, Period
+from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.status import AccountStatus
+from sealserve.defense.store.base import Check, StateStore
+from sealserve.defense.store.memory import MemoryStore
+from sealserve.defense.store.sqlite import SqliteStore
+from sealserve.errors import ConfigError, RateLimitedError, SuspendedError
+
+T0 = 1_700_000_000.0
+QUOTA = 100
+
+
+def windows(account: str = "alice", quota: int = QUOTA) -> tuple[Check, ...]:
+    return (
+        Check("account.day", "account daily quota", f"a/{account}", quota, period=Period.DAY),
+        Check("model.minute", "model per-minute quota", "m/m", 10 * quota, period=Period.MINUTE),
+    )
+
+
+def used(store: StateStore, checks: tuple[Check, ...]) -> int:
+    day = store.usage(checks[:1], now=T0)[0]
+    return day.limit - day.remaining
+
+
+@pytest.fixture(params=["memory", "sqlite"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
+    s: StateStore = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.db")
+    request.addfinalizer(s.close)
+    return s
+
+
+def busy_table(store: StateStore) -> LeaseTable:
+    """A table that has seen a high admitted rate, so it asks for large slices."""
+    table = LeaseTable(store, lease_s=1.0)
+    table.admit(windows(), cost=1, now=T0, account="alice")
+    rate = table._rates[windows()]
+    rate.units, rate.since = 10_000, time.monotonic() - 1.0
+    return table
+
+
+def test_most_admissions_are_local_and_the_count_is_exact(store: StateStore) -> None:
+    table = busy_table(store)
+    calls = table.store_calls
+    admitted = 1
+    for _ in range(59):
+        admitted += table.admit(windows(), cost=1, now=T0, account="alice").admitted  # type: ignore[union-attr]
+    # One status read per call, and only a few lease round trips (not one write per call).
+    assert table.store_calls - calls < 59 + 10
+    # The leased units are counted in the store while held ...
+    assert used(store, windows()) >= admitted
+    table.close(now=T0)
+    # ... and the unused part comes back exactly once at shutdown.
+    assert used(store, windows()) == admitted == 60
+
+
+def test_never_over_admits_and_near_the_limit_slices_are_one(store: StateStore) -> None:
+    a, b = busy_table(store), LeaseTable(store, lease_s=1.0)
+    results = [True]  # busy_table's own admit
+    for i in range(300):
+        table = a if i % 2 else b
+        result = table.admit(windows(), cost=1, now=T0, account="alice")
+        assert result is not None
+        results.append(result.admitted)
+    assert sum(results) <= QUOTA
+    a.close(now=T0)
+    b.close(now=T0)
+    assert used(store, windows()) == sum(results)
+    # Slices are capped at a fraction of what is left: the last units went one by one,
+    # so the replicas between them admitted the whole quota.
+    assert sum(results) == QUOTA
+    refused = a.admit(windows(), cost=1, now=T0, account="alice")
+    assert refused is not None and not refused.admitted
+    assert refused.refused_by is not None and refused.refused_by.name == "account.day"
+
+
+def test_a_lease_is_returned_at_most_once(store: StateStore) -> None:
+    result, lease = store.lease(
+        windows(), cost=1, want=20, now=T0, account="alice", lease_id="r1-x", lease_s=1.0
+    )
+    assert result is not None and result.admitted and lease is not None
+    assert lease.units == 20 - 1  # want counts the admitted request too
+    assert used(store, windows()) == 20
+    store.return_lease("r1-x", 19, now=T0)
+    store.return_lease("r1-x", 19, now=T0)  # replayed: gives nothing back
+    assert used(store, windows()) == 1
+    # More than the lease holds cannot be returned either.
+    _, lease2 = store.lease(
+        windows(), cost=1, want=5, now=T0, account="alice", lease_id="r1-y", lease_s=1.0
+    )
+    assert lease2 is not None and lease2.units == 4
+    store.return_lease("r1-y", 1000, now=T0)
+    assert used(store, windows()) == 2
+
+
+def test_a_reset_voids_outstanding_leases(store: StateStore) -> None:
+    store.lease(windows(), cost=1, want=20, now=T0, account="alice", lease_id="r", lease_s=1)
+    store.reset(windows(), now=T0)
+    store.admit(windows(), cost=5, now=T0)
+    store.return_lease("r", 19, now=T0)  # its record went with the reset
+    assert used(store, windows()) == 5
+
+
+def test_a_dead_replicas_lease_is_lost_not_extra_allowance(store: StateStore) -> None:
+    dead = busy_table(store)
+    for _ in range(5):
+        dead.admit(windows(), cost=1, now=T0, account="alice")
+    stranded = dead._held[windows()].left
+    assert stranded > 0
+    del dead  # killed: it never returns its lease
+    live = LeaseTable(store, lease_s=1.0)
+    admitted = 0
+    for _ in range(2 * QUOTA):
+        result = live.admit(windows(), cost=1, now=T0, account="alice")
+        assert result is not None
+        admitted += result.admitted
+    live.close(now=T0)
+    assert admitted == QUOTA - 6 - stranded  # the stranded units stay counted
+    assert used(store, windows()) == QUOTA
+
+
+def test_a_suspension_takes_effect_at_once_while_a_lease_is_held(store: StateStore) -> None:
+    config = LimitsConfig.from_mapping(
+        {"tiers": {"t": {"per_day": QUOTA}}, "lease": True, "lease_s": 5}
+    )
+    guard = QuotaGuard(config, store)
+    assert guard.leases is not None
+    guard.admit("alice", "t", "198.51.100.1", "m", now=T0)
+    rate = next(iter(guard.leases._rates.values()))
+    rate.units, rate.since = 10_000, time.monotonic() - 1.0
+    guard.admit("alice", "t", "198.51.100.1", "m", now=T0)
+    assert any(h.left > 0 for h in guard.leases._held.values())
+    other = QuotaGuard(config, store)  # another replica suspends the account
+    other.suspend("alice", reason="test", set_by="op", now=T0)
+    with pytest.raises(SuspendedError):
+        guard.admit("alice", "t", "198.51.100.1", "m", now=T0)
+    assert not guard.leases._held  # the lease went back
+    other.lift("alice", reason="test", set_by="op", now=T0)
+    assert guard.usage("alice", "t", now=T0)[0].remaining == QUOTA - 2
+    guard.admit("alice", "t", "198.51.100.1", "m", now=T0)
+
+
+def test_statuses_other_than_normal_are_admitted_per_call(store: StateStore) -> None:
+    table = busy_table(store)
+    store.set_status("alice", AccountStatus.throttled(0.5, reason="r", set_by="s", set_at=T0))
+    assert table.admit(windows(), cost=1, now=T0, account="alice") is None
+    result, lease = store.lease(
+        windows(), cost=1, want=9, now=T0, account="alice", lease_id="z", lease_s=1
+    )
+    assert result is None and lease is None
+
+
+def test_token_buckets_are_never_leased(store: StateStore) -> None:
+    bucket = Check("account.rate", "account rate limit", "a/alice", 10, rate=1.0)
+    table = LeaseTable(store, lease_s=1.0)
+    assert table.admit((bucket, *windows()), cost=1, now=T0, account="alice") is None
+    with pytest.raises(ConfigError, match="only quota windows can be leased"):
+        store.lease((bucket,), cost=1, want=5, now=T0, account="alice", lease_id="b", lease_s=1)
+
+
+def test_lease_config_is_validated() -> None:
+    tiers = {"t": {"per_day": 5}}
+    assert LimitsConfig.from_mapping({"tiers": tiers}).lease is False
+    with pytest.raises(ConfigError, match="limits.lease must be true or false"):
+        LimitsConfig.from_mapping({"tiers": tiers, "lease": "yes"})
+    with pytest.raises(ConfigError, match=r"limits.lease_s must be a number in \(0, 60\]"):
+        LimitsConfig.from_mapping({"tiers": tiers, "lease": True, "lease_s": 0})
+
+
+def test_a_refused_lease_consumes_nothing(store: StateStore) -> None:
+    guard = QuotaGuard(
+        LimitsConfig.from_mapping({"tiers": {"t": {"per_day": 3}}, "lease": True}), store
+    )
+    for _ in range(3):
+        guard.admit("bob", "t", "198.51.100.1", "m", now=T0)
+    with pytest.raises(RateLimitedError, match="account daily quota of 3 requests exhausted"):
+        guard.admit("bob", "t", "198.51.100.1", "m", now=T0)
+    assert guard.usage("bob", "t", now=T0)[0].remaining == 0
