@@ -198,12 +198,37 @@ def test_two_processes_never_over_admit(
     check_store.close()
 
 
-LEASED_KINDS = ["sqlite"]  # the stores with leases (a Redis store admits per call)
+LEASED_KINDS = ["sqlite", "redis"]  # the stores with leases (a cluster admits per call)
+
+
+def _where(kind: str, tmp_path: Path, request: pytest.FixtureRequest, prefix: str) -> str:
+    if kind == "sqlite":
+        where = str(tmp_path / "shared.db")
+        SqliteStore(where).close()  # create the schema before the race
+        return where
+    server: RedisServer = request.getfixturevalue("redis_server")
+    return f"{server.url} {prefix}"
+
+
+def _recorded_lease_units(store: StateStore, holder: str) -> int:
+    """Units of the leases ``holder`` took and never returned (recorded at grant)."""
+    if isinstance(store, SqliteStore):
+        row = store._conn.execute(
+            "SELECT COALESCE(SUM(units), 0) FROM (SELECT DISTINCT id, units FROM leases "
+            "WHERE id LIKE ?)",
+            (f"{holder}-%",),
+        ).fetchone()
+        return int(row[0])
+    assert isinstance(store, RedisStore)
+    keys = store._r.keys(f"{store.prefix}:{{leases}}:{holder}-*")
+    return sum(int(store._r.hget(k, "u") or 0) for k in keys)
 
 
 @pytest.mark.parametrize("kind", LEASED_KINDS)
-def test_threads_with_leases_never_over_admit(kind: str, tmp_path: Path) -> None:
-    store = SqliteStore(tmp_path / "s.db")
+def test_threads_with_leases_never_over_admit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    store = _open(kind, _where(kind, tmp_path, request, "lease-threads"))
     leases = LeaseTable(store, lease_s=30.0)
     admitted, refused = hammer(store, threads=8, per_thread=110, leases=leases)
     leases.close(now=T0)
@@ -213,9 +238,10 @@ def test_threads_with_leases_never_over_admit(kind: str, tmp_path: Path) -> None
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", LEASED_KINDS)
-def test_two_replicas_with_leases_x50_clients_never_over_admit(kind: str, tmp_path: Path) -> None:
-    where = str(tmp_path / "shared.db")
-    SqliteStore(where).close()
+def test_two_replicas_with_leases_x50_clients_never_over_admit(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    where = _where(kind, tmp_path, request, "lease-procs")
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[tuple[dict[str, int], int]] = ctx.Queue()
     start = ctx.Barrier(2)
@@ -242,12 +268,13 @@ def test_two_replicas_with_leases_x50_clients_never_over_admit(kind: str, tmp_pa
 
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", LEASED_KINDS)
-def test_a_replica_killed_mid_run_leaves_no_extra_allowance(kind: str, tmp_path: Path) -> None:
+def test_a_replica_killed_mid_run_leaves_no_extra_allowance(
+    kind: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
     """Replica A is killed (-9) while it holds leases; replica B then runs its 25
     clients to exhaustion. A's leased units stay counted: B plus everything A admitted
     never exceeds the quota, and the store counts A's unreturned lease as used."""
-    where = str(tmp_path / "shared.db")
-    SqliteStore(where).close()
+    where = _where(kind, tmp_path, request, "lease-kill")
     ctx = multiprocessing.get_context("spawn")
     out: multiprocessing.Queue[tuple[dict[str, int], int]] = ctx.Queue()
     start = ctx.Barrier(2)
@@ -274,13 +301,10 @@ def test_a_replica_killed_mid_run_leaves_no_extra_allowance(kind: str, tmp_path:
     survivor.join(timeout=30)
     assert survivor.exitcode == 0
     assert sum(b_counts.values()) + b_refused == 1000
-    store = SqliteStore(where)
+    store = _open(kind, where)
     # Leases A held when it died: recorded in the store, never returned (their units
     # at grant; A had used part of them).
-    recorded = store._conn.execute(
-        "SELECT COALESCE(SUM(units), 0) FROM (SELECT DISTINCT id, units FROM leases "
-        "WHERE id LIKE 'A-%')"
-    ).fetchone()[0]
+    recorded = _recorded_lease_units(store, "A")
     model = store.usage(leased_checks(ACCOUNTS[0])[1:], now=T0)[0]
     used = model.limit - model.remaining
     a_counted = a_admitted.value  # may lag A's true count by its 25 in-flight admits

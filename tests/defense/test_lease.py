@@ -14,9 +14,9 @@ from sealserve.defense.limits import LimitsConfig, Period
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.status import AccountStatus
 from sealserve.defense.store.base import Check, StateStore
-from sealserve.defense.store.memory import MemoryStore
-from sealserve.defense.store.sqlite import SqliteStore
 from sealserve.errors import ConfigError, RateLimitedError, SuspendedError
+
+from .conftest import make_store
 
 T0 = 1_700_000_000.0
 QUOTA = 100
@@ -34,11 +34,30 @@ def used(store: StateStore, checks: tuple[Check, ...]) -> int:
     return day.limit - day.remaining
 
 
-@pytest.fixture(params=["memory", "sqlite"])
+@pytest.fixture(params=["memory", "sqlite", "redis"])
 def store(request: pytest.FixtureRequest, tmp_path: Path) -> StateStore:
-    s: StateStore = MemoryStore() if request.param == "memory" else SqliteStore(tmp_path / "s.db")
+    """The stores with leases: one interface (a Redis Cluster admits per call)."""
+    s = make_store(request.param, tmp_path, request)
     request.addfinalizer(s.close)
+    assert s.leases
     return s
+
+
+def test_a_redis_cluster_admits_per_call(tmp_path: Path, request: pytest.FixtureRequest) -> None:
+    s = make_store("redis-cluster", tmp_path, request)
+    try:
+        assert not s.leases
+        guard = QuotaGuard(
+            LimitsConfig.from_mapping({"tiers": {"t": {"per_day": 3}}, "lease": True}), s
+        )
+        assert guard.leases is None
+        result, lease = s.lease(
+            windows(), cost=1, want=9, now=T0, account="alice", lease_id="c", lease_s=1
+        )
+        assert result is not None and result.admitted and lease is None
+        assert used(s, windows()) == 1
+    finally:
+        s.close()
 
 
 def busy_table(store: StateStore) -> LeaseTable:

@@ -254,7 +254,7 @@ class StateStore(ABC):
         """True the first time ``key`` is consumed within ``ttl_s`` seconds, else False."""
 
     #: Whether :meth:`lease` can reserve units (False: every admit is per call).
-    leases: ClassVar[bool] = False
+    leases: bool = False
 
     def lease(
         self,

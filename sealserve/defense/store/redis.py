@@ -36,11 +36,13 @@ import redis.asyncio.cluster
 from redis.cluster import RedisCluster
 
 from sealserve.defense.status import AccountStatus
+from sealserve.defense.store import redis_lease
 from sealserve.defense.store.base import (
     HISTORY_LIMIT,
     STATE_SLACK_S,
     AdmitResult,
     Check,
+    Lease,
     Remaining,
     StateStore,
     account_group,
@@ -206,6 +208,9 @@ class RedisStore(StateStore):
         self._async_factory: Callable[[], Any] | None = None
         self._async: tuple[asyncio.AbstractEventLoop, Any, dict[str, Any]] | None = None
         self._timeout_s = 1.0
+        # Leases need scripts that compute keys: a single Redis only.
+        self.leases = not self.cluster
+        self._lscripts: dict[str, Any] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "sealserve", timeout_s: float = 1.0) -> RedisStore:
@@ -451,8 +456,41 @@ class RedisStore(StateStore):
 
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
         keys = [self._k(c.group, k) for c, (k, _) in zip(checks, resolve(checks, now), strict=True)]
+        if self.leases:
+            redis_lease.void(self, keys)
         for key in keys:  # one key per command: keys of several slots on a cluster
             self._call(lambda: self._r.delete(key))  # noqa: B023
+
+    def _lease_scripts(self) -> dict[str, Any]:
+        if self._lscripts is None:
+            self._lscripts = {
+                "lease": self._r.register_script(redis_lease.LEASE_LUA),
+                "return": self._r.register_script(redis_lease.RETURN_LUA),
+                "void": self._r.register_script(redis_lease.VOID_LUA),
+            }
+        return self._lscripts
+
+    def lease(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        want: int,
+        now: float,
+        account: str,
+        lease_id: str,
+        lease_s: float,
+    ) -> tuple[AdmitResult | None, Lease | None]:
+        if not self.leases:  # a cluster: per call
+            return self.admit(checks, cost=cost, now=now, account=account), None
+        return redis_lease.take_lease(
+            self, checks, cost=cost, want=want, now=now, account=account,
+            lease_id=lease_id, lease_s=lease_s,
+        )  # fmt: skip
+
+    def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:
+        if self.leases:
+            redis_lease.give_back(self, lease_id, unused)
 
     def get_status(self, account: str, *, now: float) -> AccountStatus:
         raw = self._call(lambda: self._r.hget(self._status_key(account), "json"))
