@@ -423,6 +423,44 @@ def finish(
     )
 
 
+def lease_slots(checks: Sequence[Check], *, cost: int, now: float) -> list[tuple[str, float]]:
+    """:func:`resolve` for a lease: raises ConfigError for a bad cost or a token bucket."""
+    validate_cost(cost)
+    if any(c.period is None for c in checks):
+        raise ConfigError("only quota windows can be leased (token buckets are per call)")
+    return resolve(checks, now)
+
+
+def lease_take(checks: Sequence[Check], levels: Sequence[float], *, cost: int, want: int) -> int:
+    """Units a lease takes from windows at ``levels`` (0: the request does not fit).
+    The Redis lease script mirrors this exactly."""
+    left = min(c.limit - int(lv) for c, lv in zip(checks, levels, strict=True))
+    if left < cost:
+        return 0
+    return max(cost, min(want, math.floor(left * LEASE_FRACTION)))
+
+
+def lease_answer(
+    checks: Sequence[Check],
+    ends: Sequence[float],
+    levels: Sequence[float],
+    *,
+    cost: int,
+    take: int,
+    now: float,
+    lease_id: str,
+    expires: float,
+) -> tuple[AdmitResult, Lease | None]:
+    """The result of a lease that took ``take`` units (0: refused) from ``levels``."""
+    zeros = [0.0] * len(checks)
+    result = finish(checks, ends, levels, zeros, cost=cost, now=now, admitted=take > 0,
+                    status=None)  # fmt: skip
+    if take <= cost:
+        return result, None
+    after = peek(checks, ends, levels, zeros, now=now, used=take)
+    return result, Lease(lease_id, take - cost, expires, after)
+
+
 class Txn(Protocol):
     """Primitive operations a transactional backend offers inside one transaction."""
 
@@ -563,34 +601,24 @@ class TransactionalStore(StateStore):
         lease_id: str,
         lease_s: float,
     ) -> tuple[AdmitResult | None, Lease | None]:
-        validate_cost(cost)
-        if any(c.period is None for c in checks):
-            raise ConfigError("only quota windows can be leased (token buckets are per call)")
-        slots = resolve(checks, now)
+        slots = lease_slots(checks, cost=cost, now=now)
         keys = [k for k, _ in slots]
         ends = [end for _, end in slots]
-        zeros = [0.0] * len(checks)
         with self.transaction() as tx:
             _, windows, raw_status = tx.read([], keys, account)
             if gate(raw_status, now=now, work=0)[0] is not None:
                 return None, None  # any status but normal: admit per call
             levels = [float(windows.get(k, 0)) for k in keys]
-            left = min(c.limit - int(lv) for c, lv in zip(checks, levels, strict=True))
-            if left < cost:
-                return finish(checks, ends, levels, zeros, cost=cost, now=now,
-                              admitted=False, status=None), None  # fmt: skip
-            take = max(cost, min(want, math.floor(left * LEASE_FRACTION)))
+            take = lease_take(checks, levels, cost=cost, want=want)
             expires = min(now + lease_s, *ends)
-            states = [(k, end + STATE_SLACK_S) for k, end in slots]
-            tx.write([], [(k, int(lv) + take, exp)
-                          for (k, exp), lv in zip(states, levels, strict=True)])  # fmt: skip
-            if take > cost:
-                tx.put_lease(lease_id, states, take - cost, expires + STATE_SLACK_S)
-        result = finish(checks, ends, levels, zeros, cost=cost, now=now, admitted=True, status=None)
-        if take == cost:
-            return result, None
-        after = peek(checks, ends, levels, zeros, now=now, used=take)
-        return result, Lease(lease_id, take - cost, expires, after)
+            if take:
+                states = [(k, end + STATE_SLACK_S) for k, end in slots]
+                tx.write([], [(k, int(lv) + take, exp)
+                              for (k, exp), lv in zip(states, levels, strict=True)])  # fmt: skip
+                if take > cost:
+                    tx.put_lease(lease_id, states, take - cost, expires + STATE_SLACK_S)
+        return lease_answer(checks, ends, levels, cost=cost, take=take, now=now,
+                            lease_id=lease_id, expires=expires)  # fmt: skip
 
     def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:
         with self.transaction() as tx:

@@ -42,7 +42,6 @@ from sealserve.defense.store.base import (
     STATE_SLACK_S,
     AdmitResult,
     Check,
-    Lease,
     Remaining,
     StateStore,
     account_group,
@@ -470,23 +469,7 @@ class RedisStore(StateStore):
             }
         return self._lscripts
 
-    def lease(
-        self,
-        checks: Sequence[Check],
-        *,
-        cost: int,
-        want: int,
-        now: float,
-        account: str,
-        lease_id: str,
-        lease_s: float,
-    ) -> tuple[AdmitResult | None, Lease | None]:
-        if not self.leases:  # a cluster: per call
-            return self.admit(checks, cost=cost, now=now, account=account), None
-        return redis_lease.take_lease(
-            self, checks, cost=cost, want=want, now=now, account=account,
-            lease_id=lease_id, lease_s=lease_s,
-        )  # fmt: skip
+    lease = redis_lease.take_lease
 
     def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:
         if self.leases:

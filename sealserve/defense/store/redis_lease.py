@@ -22,12 +22,9 @@ from sealserve.defense.store.base import (
     AdmitResult,
     Check,
     Lease,
-    finish,
-    peek,
-    resolve,
-    validate_cost,
+    lease_answer,
+    lease_slots,
 )
-from sealserve.errors import ConfigError
 
 if TYPE_CHECKING:
     from sealserve.defense.store.redis import RedisStore
@@ -118,11 +115,11 @@ def take_lease(
     lease_id: str,
     lease_s: float,
 ) -> tuple[AdmitResult | None, Lease | None]:
-    """:meth:`StateStore.lease` on a single Redis (one script, one round trip)."""
-    validate_cost(cost)
-    if any(c.period is None for c in checks):
-        raise ConfigError("only quota windows can be leased (token buckets are per call)")
-    slots = resolve(checks, now)
+    """:meth:`StateStore.lease` for :class:`RedisStore`: one script on a single Redis;
+    on a cluster, the request is admitted per call and nothing is leased."""
+    if not store.leases:
+        return store.admit(checks, cost=cost, now=now, account=account), None
+    slots = lease_slots(checks, cost=cost, now=now)
     ends = [end for _, end in slots]
     keys = [store._k(c.group, k) for c, (k, _) in zip(checks, slots, strict=True)]
     keys += [store._status_key(account), lease_key(store, lease_id)]
@@ -137,17 +134,10 @@ def take_lease(
     out: list[Any] = store._call(lambda: store._lease_scripts()["lease"](keys=keys, args=argv))
     if int(out[0]) == 3:
         return None, None
-    zeros = [0.0] * len(checks)
-    if int(out[0]) == 0:
-        levels = [float(v) for v in out[1:]]
-        return finish(checks, ends, levels, zeros, cost=cost, now=now, admitted=False,
-                      status=None), None  # fmt: skip
-    take, levels = int(out[1]), [float(v) for v in out[2:]]
-    result = finish(checks, ends, levels, zeros, cost=cost, now=now, admitted=True, status=None)
-    if take == cost:
-        return result, None
-    after = peek(checks, ends, levels, zeros, now=now, used=take)
-    return result, Lease(lease_id, take - cost, expires, after)
+    take = int(out[1]) if int(out[0]) == 1 else 0
+    levels = [float(v) for v in out[2:]] if take else [float(v) for v in out[1:]]
+    return lease_answer(checks, ends, levels, cost=cost, take=take, now=now,
+                        lease_id=lease_id, expires=expires)  # fmt: skip
 
 
 def give_back(store: RedisStore, lease_id: str, unused: int) -> None:
