@@ -38,7 +38,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sealserve.defense.status import Status
-from sealserve.defense.store.base import AdmitResult, Check, Lease, Remaining, StateStore
+from sealserve.defense.store.base import (
+    AdmitResult,
+    Check,
+    Lease,
+    Remaining,
+    StateStore,
+    StoreBusy,
+)
 
 #: Most units one lease may ask for (a bound on what a killed replica can strand).
 MAX_SLICE = 10_000
@@ -48,6 +55,7 @@ RATE_WEIGHT = 0.5
 
 @dataclass
 class _Held:
+    key: tuple[Check, ...]
     lease: Lease
     left: int
     taken_at: float
@@ -73,9 +81,10 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._held: dict[tuple[Check, ...], _Held] = {}
         self._rates: dict[tuple[Check, ...], _Rate] = {}
-        #: Store calls made by admissions (status reads, leases, returns): a benchmark
-        #: and test figure.
+        #: Store calls made by admissions (status reads, leases, returns), and of those
+        #: the ones that write (leases, returns): benchmark and test figures.
         self.store_calls = 0
+        self.store_writes = 0
 
     @staticmethod
     def leasable(checks: Sequence[Check]) -> bool:
@@ -104,6 +113,7 @@ class LeaseTable:
                     return AdmitResult(True, _remaining(held, now))
         self._give_back(checks, now)
         self.store_calls += 1
+        self.store_writes += 1
         result, lease = self.store.lease(
             checks, cost=cost, want=self._slice(checks, cost), now=now, account=account,
             lease_id=f"{self.holder}-{secrets.token_hex(6)}", lease_s=self.lease_s,
@@ -115,7 +125,7 @@ class LeaseTable:
         if lease is not None:
             with self._lock:
                 old = self._held.get(checks)
-                self._held[checks] = _Held(lease, lease.units, now)
+                self._held[checks] = _Held(checks, lease, lease.units, now)
             if old is not None:  # a concurrent taker installed one first: return it
                 self._return(old, now)
         return result
@@ -151,7 +161,18 @@ class LeaseTable:
         with held.lock:
             unused, held.left = held.left, 0
         self.store_calls += 1
-        self.store.return_lease(held.lease.lease_id, unused, now=now)
+        self.store_writes += 1
+        try:
+            self.store.return_lease(held.lease.lease_id, unused, now=now)
+        except StoreBusy:
+            # Nothing was done (an inline call would have waited): keep the lease for
+            # later. Any other failure may have returned it already (a timeout after
+            # the store acted), so its units are never used again: lost, not granted.
+            with held.lock:
+                held.left = unused
+            with self._lock:
+                self._held.setdefault(held.key, held)
+            raise
 
     def close(self, *, now: float) -> None:
         """Give back every lease (shutdown). Raises UnavailableError (the leases then

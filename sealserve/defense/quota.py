@@ -225,7 +225,7 @@ class QuotaGuard:
         result = None
         if self.leases is not None and not work and self.leases.leasable(checks):
             leased = partial(self._leased, checks, cost, now, account, work)
-            result = await self.store.call_async(leased, deadline_s=deadline_s)
+            result = await self.store.call_soon_async(leased, deadline_s=deadline_s)
         if result is None:
             result = await self.store.admit_async(
                 checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s

@@ -4,6 +4,8 @@ never extra allowance."""
 
 from __future__ import annotations
 
+import asyncio
+import sqlite3
 import time
 from pathlib import Path
 
@@ -14,7 +16,8 @@ from sealserve.defense.limits import LimitsConfig, Period
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.status import AccountStatus
 from sealserve.defense.store.base import Check, StateStore
-from sealserve.errors import ConfigError, RateLimitedError, SuspendedError
+from sealserve.defense.store.sqlite import SqliteStore
+from sealserve.errors import ConfigError, RateLimitedError, SuspendedError, UnavailableError
 
 from .conftest import make_store
 
@@ -206,3 +209,29 @@ def test_a_refused_lease_consumes_nothing(store: StateStore) -> None:
     with pytest.raises(RateLimitedError, match="account daily quota of 3 requests exhausted"):
         guard.admit("bob", "t", "198.51.100.1", "m", now=T0)
     assert guard.usage("bob", "t", now=T0)[0].remaining == 0
+
+
+def test_the_event_loop_path_admits_inline_and_falls_back_when_the_file_is_held(
+    tmp_path: Path,
+) -> None:
+    store = SqliteStore(tmp_path / "s.db")
+    config = LimitsConfig.from_mapping({"tiers": {"t": {"per_day": QUOTA}}, "lease": True})
+    guard = QuotaGuard(config, store)
+
+    async def admit() -> int:
+        result = await guard.admit_async("alice", "t", "p", "m", deadline_s=0.2, now=T0)
+        return result.remaining[0].remaining
+
+    assert asyncio.run(admit()) == QUOTA - 1
+    # Another process holds the write lock: the lease path cannot run inline, waits in
+    # a worker thread and is refused within the deadline, consuming nothing.
+    other = sqlite3.connect(store.path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")
+    guard.leases._held.clear()  # type: ignore[union-attr]  # force a store write
+    with pytest.raises(UnavailableError, match="did not answer within"):
+        asyncio.run(admit())
+    other.execute("ROLLBACK")
+    other.close()
+    assert asyncio.run(admit()) < QUOTA - 1
+    guard.close(now=T0)
+    store.close()

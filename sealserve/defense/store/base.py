@@ -140,6 +140,11 @@ class AdmitResult:
     status: AccountStatus | None = None
 
 
+class StoreBusy(Exception):
+    """Raised by a call made inline on the event loop that would have had to wait: the
+    store did nothing, so the call may safely run again elsewhere."""
+
+
 @dataclass(frozen=True)
 class Lease:
     """Units of an account's quota windows reserved in the store for one replica
@@ -184,6 +189,11 @@ class StateStore(ABC):
             self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="state-store")
         loop = asyncio.get_running_loop()
         return await with_deadline(loop.run_in_executor(self._pool, fn), deadline_s)
+
+    async def call_soon_async(self, fn: Callable[[], T], *, deadline_s: float) -> T:
+        """:meth:`call_async`, but inline on the event loop when the store can answer
+        without waiting (SQLite: its file is free this instant)."""
+        return await self.call_async(fn, deadline_s=deadline_s)
 
     async def admit_async(
         self,

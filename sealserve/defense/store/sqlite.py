@@ -12,20 +12,24 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
+from typing import TypeVar
 
 from sealserve.defense.status import AccountStatus
 from sealserve.defense.store.base import (
     HISTORY_LIMIT,
     AdmitResult,
     Check,
+    StoreBusy,
     TransactionalStore,
     Txn,
 )
 from sealserve.errors import UnavailableError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -121,7 +125,7 @@ class _SqliteTxn:
 _INLINE: ContextVar[bool] = ContextVar("sqlite_inline", default=False)
 
 
-class _Busy(Exception):
+class _Busy(StoreBusy):
     """The file or the connection is held right now (inline attempts only)."""
 
 
@@ -187,6 +191,18 @@ class SqliteStore(TransactionalStore):
             checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s
         )
 
+    async def call_soon_async(self, fn: Callable[[], T], *, deadline_s: float) -> T:
+        """Inline while nothing waits (as :meth:`admit_async`), else in a worker thread.
+        ``fn`` must be safe to run again after a _Busy (leases are)."""
+        token = _INLINE.set(True)
+        try:
+            return fn()
+        except _Busy:
+            pass
+        finally:
+            _INLINE.reset(token)
+        return await self.call_async(fn, deadline_s=deadline_s)
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front, so
@@ -232,13 +248,16 @@ class SqliteStore(TransactionalStore):
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                yield self._conn
-            except sqlite3.Error as exc:
-                raise UnavailableError(
-                    f"state store unreachable: sqlite {self.path}: {exc}"
-                ) from exc
+        # Inline, only this process's connection lock could make a read wait (WAL
+        # readers do not wait for writers): never wait for it there.
+        if not self._lock.acquire(blocking=not _INLINE.get()):
+            raise _Busy
+        try:
+            yield self._conn
+        except sqlite3.Error as exc:
+            raise UnavailableError(f"state store unreachable: sqlite {self.path}: {exc}") from exc
+        finally:
+            self._lock.release()
 
     def _purge(self) -> None:
         now = time.time()
