@@ -49,6 +49,8 @@ from sealserve.defense.store.base import (
 
 #: Most units one lease may ask for (a bound on what a killed replica can strand).
 MAX_SLICE = 10_000
+#: Most expired leases given back per new lease taken.
+SWEEP = 8
 #: Weight of the newest interval in the admitted-rate estimate.
 RATE_WEIGHT = 0.5
 
@@ -112,6 +114,7 @@ class LeaseTable:
                     self._count(checks, cost)
                     return AdmitResult(True, _remaining(held, now))
         self._give_back(checks, now)
+        self._sweep(now)
         self.store_calls += 1
         self.store_writes += 1
         result, lease = self.store.lease(
@@ -150,6 +153,14 @@ class LeaseTable:
                 self._rates.clear()
             rate = self._rates[checks] = _Rate(time.monotonic())
         rate.units += cost
+
+    def _sweep(self, now: float) -> None:
+        """Give back a few leases that expired unused (their accounts went quiet)."""
+        with self._lock:
+            gone = [k for k, h in self._held.items() if h.lease.expires_at <= now][:SWEEP]
+            held = [self._held.pop(k) for k in gone]
+        for h in held:
+            self._return(h, now)
 
     def _give_back(self, checks: tuple[Check, ...], now: float) -> None:
         with self._lock:

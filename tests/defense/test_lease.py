@@ -235,3 +235,13 @@ def test_the_event_loop_path_admits_inline_and_falls_back_when_the_file_is_held(
     assert asyncio.run(admit()) < QUOTA - 1
     guard.close(now=T0)
     store.close()
+
+
+def test_expired_leases_of_quiet_accounts_go_back(store: StateStore) -> None:
+    table = busy_table(store)
+    table.admit(windows(), cost=1, now=T0, account="alice")
+    assert table._held[windows()].left > 0
+    # Alice goes quiet; bob's next lease, after alice's expired, gives hers back.
+    table.admit(windows("bob"), cost=1, now=T0 + 2, account="bob")
+    assert windows() not in table._held
+    assert used(store, windows()) == 2
