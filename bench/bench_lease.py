@@ -14,6 +14,7 @@ leases it is one status read (a SELECT; a Redis HGET) plus, per slice, one lease
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -81,7 +82,9 @@ def main() -> None:
         finally:
             proc.terminate()
             proc.wait()
-    print(f"QuotaGuard.admit, 5 quota windows + status, 50 accounts, {args.n} admits per run\n")
+    print(f"QuotaGuard.admit, 5 quota windows + status, 50 accounts, {args.n} admits per run; "
+          f"one replica, {os.cpu_count()} cores (shared with other work: noisy, compare "
+          "ratios within this run)\n")  # fmt: skip
     print("| store | leases | store calls/admit | store writes/admit | client CPU µs/admit "
           "| wall µs/admit | CPU vs no lease |")  # fmt: skip
     print("|---|---|---:|---:|---:|---:|---:|")
