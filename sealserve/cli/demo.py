@@ -78,7 +78,6 @@ async def _demo(args: argparse.Namespace) -> int:
     from sealserve.server.app import Server
     from sealserve.server.logs import configure
     from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
-    from sealserve.server.model_keys import KeyProvider
     from sealserve.server.repository import scan_repository
     from sealserve.server.settings import Settings
 
@@ -188,7 +187,7 @@ async def _demo(args: argparse.Namespace) -> int:
     try:
         # What an auditor computes independently with `sealserve measure --config ...`.
         expected = build_manifest(
-            settings, measure_entries(scan_repository(repo, keys=KeyProvider())), code=code,
+            settings, measure_entries(scan_repository(repo)), code=code,
             extra=dict(server.manifest.extra),
         )  # fmt: skip
         _say("auditor", f"expected manifest sha256 {expected.digest().hex()}")

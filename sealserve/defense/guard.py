@@ -52,10 +52,20 @@ class Guard:
         self, *, quota: QuotaGuard | None = None, output: OutputDefenses | None = None
     ) -> None:
         self.quota = quota
+        # Output defenses are built from the loaded models (their outputs, a reference
+        # run): given here, or once by ``arm`` when the models have loaded.
         self.output = output
         # Resolved peer addresses by (transport peer, forwarded-for): parsing them
         # with ipaddress on every request costs more than the rest of the admission.
         self._peers: dict[tuple[str, str | None], str] = {}
+
+    def arm(self, output: OutputDefenses) -> None:
+        """Install the output defenses built for the loaded models; once only.
+
+        Raises RuntimeError when the guard already has them."""
+        if self.output is not None:
+            raise RuntimeError("the guard's output defenses are already in place")
+        self.output = output
 
     def caller(
         self,

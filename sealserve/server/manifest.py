@@ -11,7 +11,7 @@ from sealserve.attestation.claims import Platform as PlatformKind
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.runtime import check_hooks, record_runtime
-from sealserve.server.model_keys import EncryptedModelSource
+from sealserve.server.model_keys import EncryptedModelSource, KeyProvider
 from sealserve.server.repository import ModelEntry
 from sealserve.server.settings import Settings
 
@@ -48,7 +48,7 @@ def measure_entries(entries: Iterable[ModelEntry]) -> list[ModelMeasurement]:
             key_id, digest = e.source.header_digest()
             out.append(ModelMeasurement(e.name, e.version, digest, key_id))
         else:
-            digest = hashlib.sha256(e.source.read()).hexdigest()
+            digest = hashlib.sha256(e.source.read(KeyProvider())).hexdigest()
             out.append(ModelMeasurement(e.name, e.version, digest))
     return out
 
