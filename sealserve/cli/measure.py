@@ -105,7 +105,7 @@ def _manifest(args: argparse.Namespace) -> tuple[bytes, str]:
     code = code_digest()
     models = measure_entries(scan_repository(settings.model_repository))
     extra = {}
-    defense = settings.defense_config()
+    defense = settings.defense
     if defense is not None and defense.audit.enabled:
         pem = defense.state_dir / "audit-public.pem" if defense.state_dir else None
         if pem is not None and pem.is_file():

@@ -50,8 +50,8 @@ def run(args: argparse.Namespace) -> int:
     from sealserve.server.settings import Settings
 
     settings = Settings.load(args.config)
-    auth = settings.auth_settings()
-    limits = settings.limits_config()
+    auth = settings.auth
+    limits = settings.limits
     if auth is None:
         raise ConfigError("stress needs a server with [auth] (accounts come from tokens)")
     issuer = TokenIssuer.from_pem(

@@ -146,7 +146,7 @@ class Server:
         with startup_step(self.settings, "attestation_platform"):
             self.platform = select_platform(self.settings, code)
         self.tls = self._tls()
-        defense = self.settings.defense_config()
+        defense = self.settings.defense
         self.defense_secrets = self._open_secrets(defense)
         self.manifest = self._build_manifest(measured, code)
         self.keys, hpke_private_key = self._key_provider()
@@ -168,7 +168,7 @@ class Server:
         """The bearer-token verifier, its keys fetched (None: unsafe_disable_auth)."""
         s, authenticator = self.settings, self._given_authenticator
         if authenticator is None and not s.unsafe_disable_auth:
-            auth = s.auth_settings()
+            auth = s.auth
             assert auth is not None  # Settings guarantees auth or the unsafe flag
             with startup_step(s, "auth"):
                 revocation = (

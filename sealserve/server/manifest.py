@@ -65,7 +65,7 @@ def runtime_json(settings: Settings, *, real_platform: bool) -> dict[str, Any]:
 def token_keys_for(settings: Settings) -> dict[str, Any]:
     """The token-key record (thumbprints of file issuers' keys; URL issuers trusted for
     no admin) for the configured issuers; {} without [auth]."""
-    auth = settings.auth_settings()
+    auth = settings.auth
     if auth is None:
         return {}
     from sealserve.auth.keys import attested_key_record_for

@@ -88,7 +88,7 @@ def open_guard(
     """The admission guard over the state store, and the store (opened when [limits]
     are set or a defended model detects). Raises ConfigError naming ``state_store``."""
     s = settings
-    limits = s.limits_config()
+    limits = s.limits
     detects = defense is not None and any(m.detection for m in defense.models.values())
     store = None
     if limits is not None or detects:

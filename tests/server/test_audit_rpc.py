@@ -173,6 +173,7 @@ def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path
         audit_head=running.server.audit_head,
     )  # fmt: skip
     nonce = os.urandom(32)
+
     class _Ctx:  # the one thing GetEvidence reads from its context: the peer (its rate)
         def peer(self) -> str:
             return "ipv4:127.0.0.1:5555"
@@ -213,7 +214,7 @@ def test_server_starts_on_a_torn_audit_tail_and_reports_it(
     from sealserve.server.manifest import simulated_measurement
 
     settings = _settings(tmp_path, sim_root)
-    cfg = DefenseConfig.parse(settings["defense"], base=tmp_path)
+    cfg = DefenseConfig.parse(settings["defense"]).relative_to(tmp_path)
     platform = SimulatedPlatform(sim_root, measurement=simulated_measurement(code_digest()))
     key = DefenseSecrets.open(cfg, platform).audit_key
     assert key is not None
