@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import ipaddress
 import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import (
     BaseModel,
@@ -35,6 +36,8 @@ from sealserve.defense.limits import LimitsConfig
 from sealserve.errors import ConfigError, SealserveError, quote
 from sealserve.server.model_keys import KeyBrokerSettings
 from sealserve.validation import describe_validation_error
+
+T = TypeVar("T")
 
 
 class EngineSettings(BaseModel):
@@ -73,36 +76,31 @@ class RestSettings(BaseModel):
     )
 
 
-def _auth_table(value: Any) -> AuthSettings | None:
-    """``[auth]`` as :class:`AuthSettings`, checked once when the settings are built."""
-    if value is None or isinstance(value, AuthSettings):
+def _table(value: Any, kind: type[T], parse: Callable[[Any], T], prefix: str = "") -> T | None:
+    """A config table as ``kind``, parsed once when the settings are built (a
+    ConfigError becomes the ValueError pydantic reports with the table's key)."""
+    if value is None or isinstance(value, kind):
         return value
     try:
-        return AuthSettings.from_mapping(value)
+        return parse(value)
     except ConfigError as exc:
-        raise ValueError(f"[auth]: {exc.message}") from exc
+        raise ValueError(prefix + exc.message) from exc
+
+
+def _auth_table(value: Any) -> AuthSettings | None:
+    return _table(value, AuthSettings, AuthSettings.from_mapping, "[auth]: ")
 
 
 def _defense_table(value: Any) -> DefenseConfig | None:
-    """``[defense]`` as :class:`DefenseConfig`, checked once when the settings are built."""
-    if value is None or isinstance(value, DefenseConfig):
-        return value
-    try:
-        return DefenseConfig.parse(value)
-    except ConfigError as exc:
-        raise ValueError(exc.message) from exc
+    return _table(value, DefenseConfig, DefenseConfig.parse)
 
 
 def _limits_table(value: Any, info: ValidationInfo) -> LimitsConfig | None:
-    """``[limits]`` as :class:`LimitsConfig`, checked once. A defended server (models in
-    ``[defense]``, validated before this field) counts rows and caps them by default."""
-    if value is None or isinstance(value, LimitsConfig):
-        return value
+    # A defended server (models in [defense], validated before this field) counts rows
+    # and caps them by default.
     defense = info.data.get("defense")
-    try:
-        return LimitsConfig.from_mapping(value, defended=bool(defense and defense.models))
-    except ConfigError as exc:
-        raise ValueError(exc.message) from exc
+    defended = bool(defense and defense.models)
+    return _table(value, LimitsConfig, lambda v: LimitsConfig.from_mapping(v, defended=defended))
 
 
 class Settings(BaseSettings):
