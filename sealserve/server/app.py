@@ -1,4 +1,8 @@
-"""The composition root: builds every server object once and wires them together."""
+"""The composition root: builds every server object once and wires them together.
+
+Over 400 lines: the one composition root; each step of ``start`` is a short method,
+in the order it runs.
+"""
 
 from __future__ import annotations
 
