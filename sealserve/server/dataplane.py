@@ -124,10 +124,10 @@ class DataPlane:
         return response, remaining
 
     def refused_recently(self, account: str) -> None:
-        """Raise the refusal this process gave ``account`` within the last second, if
-        any: checked from the request's header before its body is read (no I/O). The
-        refusal is audited like any other (the model is not known yet: its name is in
-        the body)."""
+        """Raise the refusal this process gave ``account`` within the last
+        :data:`REFUSAL_HOLD_S` seconds (never past its retry-after), if any: checked
+        from the request's header before its body is read (no I/O). The refusal is
+        audited like any other (the model is not known yet: its name is in the body)."""
         try:
             self.recent_refusals.check(account)
         except RefusedError as exc:
@@ -155,6 +155,12 @@ def _batch_of(request: InferRequest) -> int:
     return batch
 
 
+# How long a spent limit is answered from the request header alone: long enough that a
+# client hammering with large bodies never gets one parsed on a loaded machine, short
+# enough that a quota reset made through another replica is seen within it.
+REFUSAL_HOLD_S = 5.0
+
+
 class RecentRefusals:
     """Accounts refused in the last ``hold_s`` seconds, so that their next requests are
     refused before their bodies are read. Bounded; a lifted suspension or a reset quota
@@ -163,7 +169,7 @@ class RecentRefusals:
     def __init__(
         self,
         *,
-        hold_s: float = 1.0,
+        hold_s: float = REFUSAL_HOLD_S,
         capacity: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

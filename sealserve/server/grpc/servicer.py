@@ -89,7 +89,7 @@ class InferenceServicer:
 
     def before_body(self, context: grpc.aio.ServicerContext) -> None:
         """ModelInfer's check on its header alone, before its body is read: an account
-        refused within the last second is refused again without reading its tensors."""
+        refused within the last few seconds is refused again without reading its tensors."""
         principal = current_principal()
         self._plane.refused_recently(principal.account if principal else ANONYMOUS)
 
