@@ -8,7 +8,6 @@ TLS on (an in-memory key when no files are given), plaintext only through
 from __future__ import annotations
 
 import ipaddress
-import tomllib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -19,7 +18,6 @@ from pydantic import (
     Field,
     PlainValidator,
     PrivateAttr,
-    ValidationError,
     ValidationInfo,
     model_validator,
 )
@@ -35,7 +33,7 @@ from sealserve.defense.config import DefenseConfig, describe
 from sealserve.defense.limits import LimitsConfig
 from sealserve.errors import ConfigError, SealserveError, quote
 from sealserve.server.model_keys import KeyBrokerSettings
-from sealserve.validation import describe_validation_error
+from sealserve.validation import relative_paths, settings_from_file
 
 T = TypeVar("T")
 
@@ -302,30 +300,7 @@ class Settings(BaseSettings):
 
         Raises :class:`ConfigError` naming the file and every invalid field.
         """
-        target: type[Settings] = cls
-        if path is not None:
-            if not path.is_file():
-                raise ConfigError(
-                    f"config file {path} does not exist",
-                    remedy="Pass the path of an existing TOML file to --config.",
-                )
-            try:
-                tomllib.loads(path.read_text())
-            except OSError as exc:
-                raise ConfigError(
-                    f"{path}: cannot read the config file: {exc.strerror}",
-                    remedy="Make the file readable by the user the server runs as.",
-                ) from exc
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-            target = type(
-                "Settings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
-            )
-        try:
-            settings = target(**overrides)
-        except ValidationError as exc:
-            where = f"{path}: " if path else ""
-            raise ConfigError(where + format_validation_error(exc)) from exc
+        settings = settings_from_file(cls, path, overrides, what="settings")
         if path is not None:
             settings = settings._relative_to(path.resolve().parent)
             settings._source = path
@@ -336,16 +311,13 @@ class Settings(BaseSettings):
 
     def _relative_to(self, base: Path) -> Settings:
         # Relative paths in a config file are relative to that file.
-        update: dict[str, Any] = {}
-        if not self.model_repository.is_absolute():
-            update["model_repository"] = base / self.model_repository
-        for key in ("tls_cert_file", "tls_key_file", "simulated_platform_dir"):
-            value = getattr(self, key)
-            if value is not None and not value.is_absolute():
-                update[key] = base / value
+        update: dict[str, Any] = relative_paths(
+            self, base, "model_repository", "tls_cert_file", "tls_key_file",
+            "simulated_platform_dir",
+        )  # fmt: skip
         kb = self.key_broker
-        if kb is not None and kb.ca_file is not None and not kb.ca_file.is_absolute():
-            update["key_broker"] = kb.model_copy(update={"ca_file": base / kb.ca_file})
+        if kb is not None:
+            update["key_broker"] = kb.model_copy(update=relative_paths(kb, base, "ca_file"))
         if self.state_store.startswith("sqlite://"):
             path = Path(self.state_store.removeprefix("sqlite://"))
             if not path.is_absolute():
@@ -387,7 +359,3 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    return "invalid settings: " + describe_validation_error(exc)
