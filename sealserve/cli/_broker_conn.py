@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sealserve.cli._connect import refuse_secret
 from sealserve.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def add_connection_args(parser: argparse._ActionsContainer, *, required: bool) -
         metavar="FILE",
         help=f"file holding the admin JWT (or set {TOKEN_ENV}; never on the command line)",
     )
+    refuse_secret(parser, "--admin-token", instead=f"--admin-token-file FILE or ${TOKEN_ENV}")
 
 
 def connect(args: argparse.Namespace) -> BrokerAdmin:

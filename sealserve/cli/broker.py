@@ -48,7 +48,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_add_key)
 
     p = sub.add_parser("set-policy", help="replace a key's release policy")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key id (as in the encrypted model's header)")
     _policy_args(p, required=True)
     add_connection_args(p, required=True)
     p.set_defaults(func=_set_policy)
@@ -58,7 +58,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_list)
 
     p = sub.add_parser("revoke", help="erase a key at the broker for good")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key id (as in the encrypted model's header)")
     add_connection_args(p, required=True)
     p.set_defaults(func=_revoke)
 

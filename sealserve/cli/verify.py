@@ -44,7 +44,8 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--save", type=Path, help="write the evidence here (online mode)")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for --endpoint (default: %(default)s)")  # fmt: skip
     add_raw_args(p)
     p.set_defaults(func=run)
 

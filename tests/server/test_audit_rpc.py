@@ -26,7 +26,12 @@ from sealserve.defense.audit.head import AuditHead, head_public_key
 from sealserve.defense.audit.log import AuditLog, log_files, public_key_fingerprint
 from sealserve.defense.audit.report import summarize_accounts
 from sealserve.defense.audit.verify import read_records, verify_audit_log
-from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
+from sealserve.errors import (
+    ChallengeRequiredError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SuspendedError,
+)
 
 ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"
 THRESHOLD = 3
@@ -77,7 +82,12 @@ def _send(running: Any, token: str, n: int) -> Counter[str]:
             try:
                 client.infer("digits", {"input": x})
                 seen["answered"] += 1
-            except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError) as exc:
+            except (
+                RateLimitedError,
+                ChallengeRequiredError,
+                PermissionDeniedError,
+                SuspendedError,
+            ) as exc:
                 seen[type(exc).__name__] += 1
     return seen
 

@@ -16,7 +16,12 @@ from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.client import Client
 from sealserve.defense.audit.log import load_public_key, log_files, public_key_fingerprint
 from sealserve.defense.audit.verify import verify_audit_log
-from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
+from sealserve.errors import (
+    ChallengeRequiredError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SuspendedError,
+)
 
 ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"
 
@@ -87,7 +92,12 @@ def test_honest_served_attacker_throttled_audit_verifies(defended: Any, tmp_path
         for i in range(300):
             try:
                 thief.infer("digits", {"input": rng.uniform(0, 16, (1, 64)).astype(np.float32)})
-            except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError):
+            except (
+                RateLimitedError,
+                ChallengeRequiredError,
+                PermissionDeniedError,
+                SuspendedError,
+            ):
                 refused_at = i
                 break
     assert refused_at is not None and refused_at < 200, "the uniform sweep was never stopped"

@@ -21,10 +21,11 @@ from sealserve.errors import (
     InputError,
     PermissionDeniedError,
     RateLimitedError,
+    SuspendedError,
 )
 from tests.server.test_defenses_rpc import AUD, ISS, TOS, _defense
 
-REFUSED = (RateLimitedError, ChallengeRequiredError, PermissionDeniedError)
+REFUSED = (RateLimitedError, ChallengeRequiredError, PermissionDeniedError, SuspendedError)
 
 
 def _start(start_server: Any, tmp: Path, sim_root: Path, *, limits: dict[str, Any] | None = None,
@@ -138,7 +139,7 @@ def test_a_batch_that_trips_suspension_is_not_answered(
     rng = np.random.default_rng(3)
     batch = rng.uniform(0, 16, (1000, 64)).astype(np.float32)
     with _client(running, issuer, "bulk") as c:
-        with pytest.raises(PermissionDeniedError, match="batch of 1000 rows was not answered"):
+        with pytest.raises(SuspendedError, match="batch of 1000 rows was not answered"):
             c.infer("digits", {"input": batch})
     quota = running.server.plane.guard.quota
     assert quota.status("bulk").kind.value == "suspended"

@@ -13,7 +13,12 @@ import numpy as np
 from sealserve import demo
 from sealserve.client import Client
 from sealserve.defense.audit.log import log_files
-from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
+from sealserve.errors import (
+    ChallengeRequiredError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SuspendedError,
+)
 from tests.server.test_defenses_rpc import _defense
 
 
@@ -41,7 +46,12 @@ def test_uniform_sweep_over_rest_is_stopped_and_audited(rest_server: Any, tmp_pa
         for i in range(300):
             try:
                 thief.infer("digits", {"input": rng.uniform(0, 16, (1, 64)).astype(np.float32)})
-            except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError):
+            except (
+                RateLimitedError,
+                ChallengeRequiredError,
+                PermissionDeniedError,
+                SuspendedError,
+            ):
                 refused_at = i
                 break
     assert refused_at is not None and refused_at < 200, "the uniform sweep was never stopped"
@@ -54,7 +64,7 @@ def test_uniform_sweep_over_rest_is_stopped_and_audited(rest_server: Any, tmp_pa
         try:
             grpc_thief.infer("digits", {"input": x[:1]})
             refused_on_grpc = False
-        except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError):
+        except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError, SuspendedError):
             refused_on_grpc = True
     assert refused_on_grpc or status.kind.value == "throttled"
     # The honest account is still served over REST.
