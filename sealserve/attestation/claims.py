@@ -12,7 +12,10 @@ import enum
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
+
+if TYPE_CHECKING:
+    from sealserve.attestation.runtime_keys import RuntimeKeys
 
 
 class Platform(enum.StrEnum):
@@ -79,6 +82,8 @@ class Claims:
     # Set by the binding check (sealserve.attestation.binding), when evidence carries a
     # workload manifest: the SHA-256 of that manifest.
     manifest_digest: bytes | None = None
+    # Set with it: the runtime keys record the same REPORT_DATA binds.
+    runtime_keys: RuntimeKeys | None = None
     extra: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -64,3 +64,13 @@ def connect(args: argparse.Namespace) -> BrokerAdmin:
         except OSError as exc:
             raise ConfigError(f"cannot read --broker-ca: {exc}") from exc
     return BrokerAdmin(args.broker, token=token, ca_pem=ca_pem, server_name=args.broker_server_name)
+
+
+def read_policy(path: Path | None) -> str:
+    """The policy file's text, checked locally first. Raises ConfigError."""
+    if path is None:
+        return ""
+    from sealserve.attestation.policy import load_policy
+
+    load_policy(path)
+    return path.read_text(encoding="utf-8")

@@ -181,6 +181,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _head(args: argparse.Namespace) -> int:
     import os
+    import sys
 
     import grpc
 
@@ -189,9 +190,10 @@ def _head(args: argparse.Namespace) -> int:
     from sealserve.client.client import open_channel
     from sealserve.client.errors import from_rpc_error
     from sealserve.defense.audit.head import AuditHead, head_public_key
+    from sealserve.errors import AuditError
 
     nonce = os.urandom(32)
-    channel, _ = open_channel(args.target, **connection_kwargs(args))
+    channel, endpoint = open_channel(args.target, **connection_kwargs(args))
     token = token_from(args)
     md = (("authorization", f"Bearer {token}"),) if token else ()
     try:
@@ -203,9 +205,17 @@ def _head(args: argparse.Namespace) -> int:
     finally:
         channel.close()
     head = AuditHead.from_json(reply.head)
-    # Fresh (answers our nonce) and signed by the key it names; that key's fingerprint
-    # is what the attested manifest binds (`sealserve verify` shows it).
+    # Fresh (answers our nonce) and signed by the key it names; on an attested channel
+    # that key must be the one the evidence's runtime keys record holds.
     head.verify({head.key: head_public_key(head)}, nonce=nonce.hex())
+    if endpoint is not None:
+        attested = endpoint.runtime_keys
+        if attested.audit_public_key != head_public_key(head):
+            raise AuditError(
+                f"the head is signed by {head.key}, not by the attested audit key "
+                f"({attested.audit_fingerprint or 'the evidence names none'})"
+            )
+        print(f"head signed by the attested audit key {head.key}", file=sys.stderr)
     data = head.to_json().decode()
     if args.output is not None:
         args.output.write_text(data + "\n", encoding="utf-8")

@@ -16,13 +16,15 @@ def register(sub: Any) -> None:
         "measure",
         help="print the workload manifest and launch reference values",
         description=(
-            "With --config: computes, from this installed build and the config, exactly "
-            "the workload manifest the server will attest to (code digest, measured "
-            "config, model digests) and prints its SHA-256. With --launch: the expected "
-            "hardware launch measurement of a guest built from the given parts (sev-snp: "
-            "OVMF, kernel, initrd, command line, vCPUs; tdx: MRTD from OVMF/TDVF and, for "
-            "QEMU direct boot, RTMR2 from the command line and initrd; simulated: this "
-            "build). "
+            "With --config: computes, from this installed build and the config alone "
+            "(before the first start; no state is read), exactly the workload manifest the "
+            "server will attest to (code digest, measured config, model digests, token "
+            "keys) and prints its SHA-256. Keys the server makes at first start (the audit "
+            "key) are attested beside it, in the evidence's runtime keys record. With "
+            "--launch: the expected hardware launch measurement of a guest built from the "
+            "given parts (sev-snp: OVMF, kernel, initrd, command line, vCPUs; tdx: MRTD "
+            "from OVMF/TDVF and, for QEMU direct boot, RTMR2 from the command line and "
+            "initrd; simulated: this build). "
             "--policy-out writes a policy pinning the platform, the launch measurement, "
             "the manifest (with --config) and a minimum TCB: the form `broker set-policy` "
             "accepts."
@@ -121,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> tuple[bytes, str]:
-    from sealserve.defense.audit.log import load_public_key, public_key_fingerprint
     from sealserve.enclave.manifest import code_digest
     from sealserve.server.manifest import (
         build_manifest,
@@ -135,18 +136,9 @@ def _manifest(args: argparse.Namespace) -> tuple[bytes, str]:
     settings = Settings.load(args.config)
     code = code_digest()
     models = measure_entries(scan_repository(settings.model_repository))
-    extra = {}
-    defense = settings.defense
-    if defense is not None and defense.audit.enabled:
-        pem = defense.state_dir / "audit-public.pem" if defense.state_dir else None
-        if pem is not None and pem.is_file():
-            extra["audit_public_key"] = public_key_fingerprint(load_public_key(pem.read_bytes()))
-        else:
-            print("warning: the audit key is made at the server's first start; run measure "
-                  "again afterwards (it reads defense.state_dir/audit-public.pem)")  # fmt: skip
-    manifest = build_manifest(
-        settings, models, code=code, hardening=expected_hardening(settings), extra=extra
-    )
+    # The config and the build alone: keys the server makes at its first start (the
+    # audit key) are attested beside the manifest, in the runtime keys record.
+    manifest = build_manifest(settings, models, code=code, hardening=expected_hardening(settings))
     digest = manifest.digest()
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2, sort_keys=True))

@@ -12,7 +12,6 @@ import logging
 import os
 import signal
 from pathlib import Path
-from typing import Any
 
 import grpc
 from cryptography.hazmat.primitives import serialization
@@ -31,6 +30,7 @@ from sealserve._proto import (
 from sealserve._proto import attestation_pb2 as apb
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
+from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.auth import Authenticator
 from sealserve.auth.revocation import FileRevocationList
 from sealserve.defense.audit.head import sign_head
@@ -54,6 +54,7 @@ from sealserve.server.manifest import (
     is_real_platform,
     measure_entries,
     runtime_json,
+    runtime_keys_for,
 )
 from sealserve.server.metrics import Metrics
 from sealserve.server.model_keys import KeyProvider, KeyRelease
@@ -111,6 +112,7 @@ class Server:
     tls: TlsIdentity | None
     defense_secrets: DefenseSecrets | None
     manifest: WorkloadManifest
+    runtime_keys: RuntimeKeys
     keys: KeyProvider
     hpke_public_key: bytes
     store: StateStore | None
@@ -152,6 +154,9 @@ class Server:
         self.tls = self._tls()
         defense = self.settings.defense
         self.defense_secrets = self._open_secrets(defense)
+        # Keys made at first start go beside the manifest, not in it, so that
+        # `sealserve measure` reproduces the manifest from a build and a config.
+        self.runtime_keys = runtime_keys_for(self.defense_secrets)
         self.manifest = self._build_manifest(measured, code)
         self.keys, hpke_private_key = self._key_provider()
         self.hpke_public_key = _raw_public(hpke_private_key)
@@ -206,34 +211,36 @@ class Server:
         return TlsIdentity.generate(hostnames=ATTESTED_TLS_NAMES)
 
     def _open_secrets(self, defense: DefenseConfig | None) -> DefenseSecrets | None:
-        """The sealed defense secrets (before the manifest: it names the audit key)."""
+        """The sealed defense secrets (before key release: the evidence names the audit
+        key, in the runtime keys record)."""
         if defense is None:
             return None
         with startup_step(self.settings, "defense"):
             return DefenseSecrets.open(defense, self.platform)
 
     def _build_manifest(self, measured: list[ModelMeasurement], code: str) -> WorkloadManifest:
-        s, secrets = self.settings, self.defense_secrets
-        extra: dict[str, Any] = {}
-        if secrets is not None and secrets.audit_key is not None:
-            extra["audit_public_key"] = secrets.audit_key.fingerprint
+        s = self.settings
         return build_manifest(
-            s, measured, code=code, hardening=self._hardening_json(), extra=extra,
+            s, measured, code=code, hardening=self._hardening_json(),
             runtime=runtime_json(s, real_platform=is_real_platform(self.platform)),
             token_keys=self.authenticator.attested_keys() if self.authenticator else {},
         )  # fmt: skip
 
     def _key_provider(self) -> tuple[KeyProvider, X25519PrivateKey]:
         """Model keys, and the enclave's key-release key that brokers seal them to
-        (HPKE, X25519): released only when the evidence can bind it (platform + TLS)."""
+        (HPKE, X25519): released only when the evidence can bind it (platform + TLS).
+        Raises ConfigError naming ``key_broker`` when its ca_file cannot be read."""
         hpke_private_key = X25519PrivateKey.generate()
         release = None
         if self.platform is not None and self.tls is not None:
             release = KeyRelease(
                 self.platform, tls_spki=self.tls.spki_der, manifest=self.manifest.to_bytes(),
-                hpke_private_key=hpke_private_key,
+                hpke_private_key=hpke_private_key, runtime_keys=self.runtime_keys.to_bytes(),
             )  # fmt: skip
-        return KeyProvider(broker=self.settings.key_broker, release=release), hpke_private_key
+        keys = KeyProvider(broker=self.settings.key_broker, release=release)
+        with startup_step(self.settings, "key_broker"):
+            keys.check()
+        return keys, hpke_private_key
 
     def _add_services(self) -> AttestationServicer | None:
         """The gRPC server and its services; every one registered through ``protected``
@@ -283,7 +290,7 @@ class Server:
                  self.manifest.digest().hex())  # fmt: skip
         return AttestationServicer(
             self.platform, tls_spki=self.tls.spki_der, manifest=self.manifest.to_bytes(),
-            hpke_public_key=self.hpke_public_key,
+            hpke_public_key=self.hpke_public_key, runtime_keys=self.runtime_keys.to_bytes(),
             per_peer_per_minute=self.settings.evidence_per_peer_per_minute,
             audit_head=self.audit_head,
         )  # fmt: skip
@@ -342,6 +349,7 @@ class Server:
                         quota=self.plane.guard.quota,
                     )  # fmt: skip
         except BaseException:
+            self.keys.stop()  # a key wait in progress ends with the server
             await self._stop_ports()
             raise
         self.plane.open(output)
@@ -397,6 +405,7 @@ class Server:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.keys.stop()
         self.plane.close()
         await self.health.enter_graceful_shutdown()
         await self._stop_ports(grace)

@@ -3,6 +3,7 @@ platform, with the package the guide's own install block installed."""
 
 from __future__ import annotations
 
+import socket
 import subprocess
 import time
 from collections.abc import Iterator
@@ -44,6 +45,11 @@ def _healthy(installed: Installed) -> bool:
     return out.returncode == 0
 
 
+def _listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
 @pytest.fixture
 def background(installed: Installed) -> Iterator[tuple[list[subprocess.Popen[bytes]], Any]]:
     procs: list[subprocess.Popen[bytes]] = []
@@ -60,6 +66,7 @@ def test_the_guide_runs(
     procs, log = background
     outputs: list[str] = []
     server: subprocess.Popen[bytes] | None = None
+    broker: subprocess.Popen[bytes] | None = None
     for tag, text in guide_blocks():
         script = installed.substitute(text)
         if tag == "guide":
@@ -70,6 +77,11 @@ def test_the_guide_runs(
             assert out.returncode == 0, f"guide block failed:\n{script}\n{out.stdout}{out.stderr}"
             outputs.append(out.stdout)
         elif tag == "guide-broker":
+            # A later broker block restarts the broker: stop the one running first.
+            if broker is not None:
+                broker.terminate()
+                assert broker.wait(30) == 0, "the broker did not stop cleanly"
+                procs.remove(broker)
             procs.append(
                 subprocess.Popen(
                     ["bash", "-euo", "pipefail", "-c",
@@ -78,10 +90,11 @@ def test_the_guide_runs(
                     stderr=subprocess.STDOUT,
                 )
             )  # fmt: skip
+            broker = procs[-1]
             deadline = time.monotonic() + 60
-            while not (installed.workdir / "broker" / "broker-cert.pem").exists():
-                assert procs[-1].poll() is None, "the broker exited"
-                assert time.monotonic() < deadline, "the broker never wrote its certificate"
+            while not _listening(installed.broker_port):
+                assert broker.poll() is None, "the broker exited"
+                assert time.monotonic() < deadline, "the broker never listened"
                 time.sleep(0.2)
         elif tag == "guide-serve":
             # A later serve block restarts the server: stop the one running first.
@@ -127,6 +140,9 @@ def test_the_guide_runs(
     assert "model.sealed" in text
     serve_log = (installed.workdir / "serve.log").read_text()
     assert "released by the key broker" in serve_log
+    # The restarted broker: same certificate (still pinned), same keys.
+    assert "digits-v1\tpolicy set" in text
+    assert "made in memory" not in serve_log
     # The server attests to the manifest that `sealserve measure` predicted, before and
     # after [defense] was turned on.
     measured = [part.split()[0] for part in text.split("manifest sha256")[1:]]
