@@ -85,9 +85,10 @@ class DataPlane:
         Raises the guard's refusals (RefusedError family, PermissionDeniedError,
         UnavailableError) before any inference runs.
         """
-        return await self.infer_pending(
-            PendingRequest(request.model, _batch_of(request), lambda: request), caller, pow_=pow_
+        pending = PendingRequest(
+            request.model, _batch_of(request), lambda: request, outputs=request.outputs
         )
+        return await self.infer_pending(pending, caller, pow_=pow_)
 
     async def infer_pending(
         self, pending: PendingRequest, caller: Caller, *, pow_: ProofOfWork | None = None
@@ -96,6 +97,10 @@ class DataPlane:
         on the declared batch size first, so a refused caller's tensors are never
         materialised. (A declared batch below 1 is decoded first: decoding says what is
         wrong with it, or the batch check below does.)"""
+        requested = pending.outputs
+        # Which outputs are served is decided before admission: a request naming an
+        # output the defenses do not cover is refused without spending quota.
+        to_compute = self.guard.to_compute(pending.model, requested)
         request = None
         batch = pending.declared_batch
         if batch < 1:
@@ -110,9 +115,10 @@ class DataPlane:
             request = pending.decode()
             if _batch_of(request) != batch:  # the codec checks shapes; never expected
                 raise InputError("decoded batch size differs from the declared shape")
-        requested = request.outputs
+        if request.outputs != requested:  # both read the same request; never expected
+            raise InputError("decoded outputs differ from the declared ones")
         # A defended model always computes its defended output, whatever was asked for.
-        request.outputs = self.guard.to_compute(request.model, requested)
+        request.outputs = to_compute
         response = await self.engine.infer(request)
         release = partial(self.guard.release, caller, request.model, request.inputs,
                           response.outputs, requested=requested)  # fmt: skip
@@ -137,12 +143,14 @@ class DataPlane:
 
 @dataclass(frozen=True)
 class PendingRequest:
-    """A request admitted on what it declares (model, batch size) before ``decode``
-    materialises its tensors."""
+    """A request admitted on what it declares (model, batch size, the outputs it names,
+    already checked against the model's) before ``decode`` materialises its tensors."""
 
     model: str
     declared_batch: int
     decode: Callable[[], InferRequest]
+    outputs: tuple[str, ...]
+    """The output names asked for (empty: all)."""
 
 
 def _batch_of(request: InferRequest) -> int:

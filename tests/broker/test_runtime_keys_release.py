@@ -63,6 +63,6 @@ def test_a_runtime_keys_record_the_report_does_not_bind_gets_no_key(
     released = fetch_model_key(
         running.target, key_id="m", platform=platform, tls_spki=b"spki", manifest=b"{}",
         hpke_private_key=hpke_key, broker_ca_pem=running.ca_pem, runtime_keys=SERVER_KEYS,
-        timeout=10, retries=0,
+        timeout=10, wait=30,
     )  # fmt: skip
     assert released == data_key

@@ -103,20 +103,31 @@ def test_label_only_answers_follow_the_defended_output(
     assert len(marked) % 2 == 0
 
 
-def test_an_output_the_defenses_do_not_cover_is_refused(
+def test_an_output_the_defenses_do_not_cover_is_refused_before_admission(
     start_server: Any, tmp_path: Path, sim_root: Path
 ) -> None:
     d = _defense(tmp_path)
     d["models"]["digits"].pop("label")  # 'label' is no longer covered
     running, issuer = _start(start_server, tmp_path, sim_root, models=d["models"])
+    quota = running.server.plane.guard.quota
     x, _ = demo.holdout()
+
+    def spent() -> int:
+        day = next(r for r in quota.usage("someone", "standard") if r.name == "account.day")
+        return day.limit - day.remaining
+
     with _client(running, issuer, "someone") as c:
         with pytest.raises(InputError, match="'label' of model 'digits' is not covered"):
-            c.infer("digits", {"input": x[:1]}, outputs=("label",))
-        with pytest.raises(InputError, match="no-such-output|not an output|unknown"):
-            c.infer("digits", {"input": x[:1]}, outputs=("no-such-output",))
-        # The server keeps serving.
-        assert c.infer("digits", {"input": x[:1]}, outputs=("probabilities",))
+            c.infer("digits", {"input": x[:5]}, outputs=("label",))
+        with pytest.raises(InputError, match="'no-such-output' is not an output"):
+            c.infer("digits", {"input": x[:5]}, outputs=("no-such-output",))
+        with pytest.raises(InputError, match="'label' of model 'digits' is not covered"):
+            c.infer("digits", {"input": x[:5]}, outputs=("probabilities", "label"))
+        # Refused before admission: none of those rows was charged.
+        assert spent() == 0
+        # The server keeps serving, and charges what it answers.
+        assert c.infer("digits", {"input": x[:3]}, outputs=("probabilities",))
+        assert spent() == 3
 
 
 def test_unsafe_undefended_outputs_are_served_when_declared(

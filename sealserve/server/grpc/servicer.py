@@ -18,6 +18,7 @@ from sealserve.server.grpc.codec import (
     decode_infer_request,
     encode_infer_response,
     encode_model_metadata,
+    requested_outputs,
 )
 from sealserve.server.metrics import Metrics
 
@@ -130,6 +131,7 @@ class InferenceServicer:
             lambda: decode_infer_request(
                 request, loaded.info, max_bytes=self._plane.max_request_bytes
             ),
+            outputs=requested_outputs(request, loaded.info),
         )
         result, remaining = await self._plane.infer_pending(pending, caller, pow_=pow_)
         if remaining:
