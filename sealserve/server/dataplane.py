@@ -5,11 +5,9 @@ Later layers (authentication, the defense guard) hook in here, not in the servic
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
@@ -107,7 +105,9 @@ class DataPlane:
             request = pending.decode()
             batch = _batch_of(request)
         try:
-            remaining = self.guard.admit(caller, pending.model, batch_size=batch, pow_=pow_)
+            remaining = await self.guard.admit_async(
+                caller, pending.model, batch_size=batch, pow_=pow_
+            )
         except RefusedError as exc:
             self.recent_refusals.remember(caller.account, exc)
             raise
@@ -120,13 +120,10 @@ class DataPlane:
         # A defended model always computes its defended output, whatever was asked for.
         request.outputs = to_compute
         response = await self.engine.infer(request)
-        release = partial(self.guard.release, caller, request.model, request.inputs,
-                          response.outputs, requested=requested)  # fmt: skip
-        if self.guard.large_batch(batch):
-            # A large batch is scored before it is answered: off the event loop.
-            response.outputs = await asyncio.to_thread(release)
-        else:
-            response.outputs = release()
+        response.outputs = await self.guard.release_async(
+            caller, request.model, request.inputs, response.outputs, requested=requested,
+            rows=batch,
+        )  # fmt: skip
         return response, remaining
 
     def refused_recently(self, account: str) -> None:

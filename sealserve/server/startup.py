@@ -96,15 +96,19 @@ def open_guard(
             store = open_store(
                 s.state_store, prefix=s.state_store_prefix, unsafe_fail_open=s.unsafe_fail_open
             )
+    # A store that waits on I/O: the release side (detector state, statuses) runs off
+    # the event loop, so a hung store cannot stall other RPCs.
+    store_io = store is not None and store.blocking
     if limits is None:
         log.warning("no [limits] configured: rate limits and quotas are OFF")
-        return Guard(), store
+        return Guard(store_deadline_s=s.state_store_deadline_s, store_io=store_io), store
     assert store is not None
     if s.unsafe_fail_open:
         log.warning("unsafe_fail_open: requests are admitted UNCHECKED when the store is down")
     with startup_step(s, "state_store", fix=STORE_FIX):
         pow_key = _pow_key(store)
-    return Guard(quota=QuotaGuard(limits, store, Challenges(pow_key, store))), store
+    quota = QuotaGuard(limits, store, Challenges(pow_key, store))
+    return Guard(quota=quota, store_deadline_s=s.state_store_deadline_s, store_io=store_io), store
 
 
 def _pow_key(store: StateStore) -> bytes:
