@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
+from sealserve.defense.release.pipeline import OutputDefenses
 from sealserve.defense.store.base import Remaining
 from sealserve.errors import InputError, RateLimitedError, RefusedError, UnavailableError
 from sealserve.server.engine import Engine, LoadedModel
@@ -37,8 +38,16 @@ class DataPlane:
         self._ready = False
         self.recent_refusals = RecentRefusals()
 
-    def set_ready(self, ready: bool) -> None:
-        self._ready = ready
+    def open(self, output: OutputDefenses | None) -> None:
+        """The models have loaded: arm the guard with their output defenses (None: no
+        [defense]) and start answering. The plane's one transition after it is built."""
+        if output is not None:
+            self.guard.arm(output)
+        self._ready = True
+
+    def close(self) -> None:
+        """Stop answering (shutdown): calls get UNAVAILABLE with a retry hint."""
+        self._ready = False
 
     def live(self) -> bool:
         return True
