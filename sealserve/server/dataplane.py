@@ -76,9 +76,9 @@ class DataPlane:
         Raises the guard's refusals (RefusedError family, PermissionDeniedError,
         UnavailableError) before any inference runs.
         """
-        return await self.infer_pending(
-            PendingRequest(request.model, _batch_of(request), lambda: request), caller, pow_=pow_
-        )
+        batch = _batch_of(request)
+        remaining = self._admit(caller, request.model, batch, pow_)
+        return await self._answer(request, caller, batch), remaining
 
     async def infer_pending(
         self, pending: PendingRequest, caller: Caller, *, pow_: ProofOfWork | None = None
@@ -92,27 +92,40 @@ class DataPlane:
         if batch < 1:
             request = pending.decode()
             batch = _batch_of(request)
-        try:
-            remaining = self.guard.admit(caller, pending.model, batch_size=batch, pow_=pow_)
-        except RefusedError as exc:
-            self.recent_refusals.remember(caller.account, exc)
-            raise
+        remaining = self._admit(caller, pending.model, batch, pow_)
         if request is None:
             request = pending.decode()
             if _batch_of(request) != batch:  # the codec checks shapes; never expected
                 raise InputError("decoded batch size differs from the declared shape")
+        return await self._answer(request, caller, batch), remaining
+
+    def _admit(
+        self, caller: Caller, model: str, batch: int, pow_: ProofOfWork | None
+    ) -> tuple[Remaining, ...]:
+        try:
+            return self.guard.admit(caller, model, batch_size=batch, pow_=pow_)
+        except RefusedError as exc:
+            self.recent_refusals.remember(caller.account, exc)
+            raise
+
+    async def _answer(self, request: InferRequest, caller: Caller, batch: int) -> InferResponse:
+        """Infer an admitted request and release its outputs through the defenses."""
+        guard = self.guard
         requested = request.outputs
         # A defended model always computes its defended output, whatever was asked for.
-        request.outputs = self.guard.to_compute(request.model, requested)
+        request.outputs = guard.to_compute(request.model, requested)
         response = await self.engine.infer(request)
-        release = partial(self.guard.release, caller, request.model, request.inputs,
-                          response.outputs, requested=requested)  # fmt: skip
-        if self.guard.large_batch(batch):
+        if guard.large_batch(batch):
             # A large batch is scored before it is answered: off the event loop.
-            response.outputs = await asyncio.to_thread(release)
+            response.outputs = await asyncio.to_thread(
+                partial(guard.release, caller, request.model, request.inputs,
+                        response.outputs, requested=requested)
+            )  # fmt: skip
         else:
-            response.outputs = release()
-        return response, remaining
+            response.outputs = guard.release(
+                caller, request.model, request.inputs, response.outputs, requested=requested
+            )
+        return response
 
     def refused_recently(self, account: str) -> None:
         """Raise the refusal this process gave ``account`` within the last second, if
