@@ -35,7 +35,7 @@ WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY sealserve ./sealserve
 COPY deploy/build.sh ./deploy/build.sh
-RUN bash deploy/build.sh --prefix /opt/sealserve --wheel-dir /src/wheels
+RUN bash deploy/build.sh --prefix /opt/sealserve --wheel-dir /src/wheels --strip-pip
 
 # ---- runtime: the base image plus that one virtualenv. No compilers, no pip, no
 # caches, no model (mounted at run time, encrypted), no secrets (mounted at run time).

@@ -115,7 +115,6 @@ def main() -> None:
                     manifest=MANIFEST,
                     hpke_private_key=hpke,
                     broker_ca_pem=ca,
-                    retries=0,
                 )
                 assert key == data_key
 

@@ -14,7 +14,14 @@ is the replica the same attacker held after that many answers (a prefix of the s
 run; identical to a separate run for every attack but the last round of Jacobian
 augmentation). A defended run also stops at --time-limit seconds of wall clock: the
 replica it holds then is the one measured. 100 honest accounts then send held-out
-digits at 1 request/s. Writes bench/THEFT.md (and bench/theft/*.png, *.json).
+digits at 1 request/s, before the attacks (the steady state) and after them.
+Writes bench/THEFT.md (and bench/theft/*.png, *.json).
+
+The attackers who blend in (bench/theft/blend_in.py, issue 16; ``--blend-in``) each
+run on a fresh deployment of the same profile, after 20 honest users sent their
+digits: the natural-data label thief (1 and 10 accounts, ``--blend-budget`` rows, paced
+under ``--paced-tier``), and the sybil noise stream (50 accounts x 19 uniform rows),
+after which 100 honest newcomers arrive (what the cohort view costs them).
 
 The watermark p-value needs the owner's verifier: --watermark MODULE:FUNC names a
 function ``FUNC(config_path: Path) -> WatermarkCheck | None`` (see
@@ -29,6 +36,7 @@ import importlib
 import json
 import os
 import platform
+import re
 import shutil
 import signal
 import subprocess
@@ -36,11 +44,15 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
+
+import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench.theft import blend_in  # noqa: E402
 from sealserve import demo  # noqa: E402
 from sealserve.auth import TokenIssuer, generate_keypair  # noqa: E402
 from sealserve.enclave.simulated import SimulatedPlatform  # noqa: E402
@@ -50,6 +62,7 @@ from sealserve.redteam.metrics import (  # noqa: E402
     HonestUtility,
     RunMetrics,
     WatermarkCheck,
+    account_status,
     honest_utility,
     run_attack,
 )
@@ -88,8 +101,8 @@ class Deployment:
         self.proc: subprocess.Popen[bytes] | None = None
         self.target = ""
 
-    def token(self, account: str, scopes: tuple[str, ...] = ("infer",)) -> str:
-        return self.issuer.issue(account, tier=TIER, scopes=list(scopes), tos_version=TOS,
+    def token(self, account: str, scopes: tuple[str, ...] = ("infer",), tier: str = TIER) -> str:
+        return self.issuer.issue(account, tier=tier, scopes=list(scopes), tos_version=TOS,
                                  ttl=6 * 3600)  # fmt: skip
 
     def start(self) -> str:
@@ -126,12 +139,29 @@ class Profile:
     runs: dict[str, RunMetrics]
     honest: HonestUtility
     elapsed: float = 0.0
+    #: honest users before any attack (the steady state); ``honest`` is after them
+    honest_before: HonestUtility | None = None
+    blend: dict[str, blend_in.Stream] = field(default_factory=dict)
+    #: honest newcomers right after the sybil stream (the cohort view's cost)
+    honest_after_sybils: HonestUtility | None = None
+    #: honest users on the same profile with its band marks removed (their cost)
+    honest_no_band: HonestUtility | None = None
 
 
 def _load(path: Path, name: str) -> Profile:
     d = json.loads(path.read_text())
     runs = {k: RunMetrics.from_dict(v) for k, v in d["runs"].items()}
-    return Profile(name, runs, HonestUtility(**d["honest"]), float(d.get("elapsed", 0.0)))
+
+    def honest(key: str) -> HonestUtility | None:
+        return HonestUtility(**d[key]) if d.get(key) else None
+
+    return Profile(
+        name, runs, HonestUtility(**d["honest"]), float(d.get("elapsed", 0.0)),
+        honest("honest_before"),
+        {k: blend_in.Stream.from_dict(v) for k, v in d.get("blend", {}).items()},
+        honest("honest_after_sybils"),
+        honest("honest_no_band"),
+    )  # fmt: skip
 
 
 def run_profile(
@@ -144,6 +174,7 @@ def run_profile(
     target = dep.start()
     print(f"[{dep.name}] serving on {target}", flush=True)
     admin = dep.token("bench-operator", scopes=("admin",))
+    before = _honest(dep, target, args, evaluation, "before")
     runs: dict[str, RunMetrics] = {}
     budgets = args.budgets
     attacks = all_attacks(seed=0)
@@ -163,13 +194,91 @@ def run_profile(
               f"({m.admitted_rate:.0f}/s), fidelity {m.fidelity:.3f}, first refusal "
               f"{m.first_detection}, {m.stopped_because} [{time.monotonic() - t0:.0f} s]",
               flush=True)  # fmt: skip
-    users = [dep.token(f"honest-{i:03d}") for i in range(args.honest)]
+    if not args.attacks:  # nothing ran between: one steady-state batch
+        dep.stop()
+        return Profile(dep.name, runs, before)
+    honest = _honest(dep, target, args, evaluation, "after")
+    dep.stop()
+    return Profile(dep.name, runs, honest, honest_before=before)
+
+
+def _honest(dep: Deployment, target: str, args: argparse.Namespace, evaluation: Evaluation,
+            tag: str, n: int | None = None) -> HonestUtility:  # fmt: skip
+    """``n`` (default --honest) fresh honest accounts, --honest-queries held-out digits
+    each at 1 request/s."""
+    users = [dep.token(f"honest-{tag}-{i:03d}") for i in range(args.honest if n is None else n)]
     honest = honest_utility(target, users, evaluation, per_account=args.honest_queries,
                             rate=1.0, client_kwargs=PLAIN)  # fmt: skip
-    print(f"[{dep.name}] honest: agreement {honest.agreement:.4f}, refused accounts "
+    print(f"[{dep.name}] honest ({tag}): agreement {honest.agreement:.4f}, refused accounts "
           f"{honest.refused_accounts}/{honest.accounts}", flush=True)  # fmt: skip
-    dep.stop()
-    return Profile(dep.name, runs, honest)
+    return honest
+
+
+BLEND_ATTACKS = ("label-thief", "label-thief-x10", "label-thief-aug", "sybil-noise")
+
+
+def run_blend(
+    name: str, extra: str, args: argparse.Namespace, evaluation: Evaluation,
+    make_watermark: Callable[[Path], WatermarkCheck | None] | None, profile: Profile,
+) -> None:  # fmt: skip
+    """Each attacker who blends in on a fresh deployment of ``extra`` (after 20 honest
+    users), measured into ``profile.blend``; 100 honest newcomers follow the sybils."""
+    import tomllib
+
+    tiers = tomllib.loads(extra).get("limits", {}).get("tiers", {}) if extra else {}
+    paced = tiers.get(args.paced_tier)
+    if extra and paced is None:
+        raise SystemExit(f"--paced-tier {args.paced_tier!r} is not a tier of the profile")
+    pace = blend_in.Pace.under(paced) if paced else None
+    for attack in args.blend_in:
+        dep = Deployment(f"{name}-{attack}", extra)
+        try:
+            wm = make_watermark(dep.config) if make_watermark else None
+            target = dep.start()
+            _honest(dep, target, args, evaluation, "background", n=20)
+            t0 = time.monotonic()
+            if attack == "sybil-noise":
+                tokens = [(f"sybil-{i:02d}", dep.token(f"sybil-{i:02d}")) for i in range(50)]
+                stream, x, y = blend_in.sybil_noise(target, tokens, client_kwargs=PLAIN,
+                                                    time_limit=args.blend_time_limit)  # fmt: skip
+            else:
+                k = 10 if attack.endswith("x10") else 1
+                # -aug: the band bench's thief (public digits shifted <= 1 px, N(0, 1) noise)
+                aug = {"shift": 1, "noise": 1.0} if attack.endswith("-aug") else {}
+                tier = args.paced_tier if extra else TIER
+                tokens = [(f"{attack}-{i}", dep.token(f"{attack}-{i}", tier=tier))
+                          for i in range(k)]  # fmt: skip
+                stream, x, y = blend_in.label_thief(
+                    target, tokens, budget=args.blend_budget, pace=pace, exclude=evaluation.x,
+                    client_kwargs=PLAIN, time_limit=args.blend_time_limit, **aug,
+                )  # fmt: skip
+            # The replica at each checkpoint (a prefix of what it got), then the last.
+            for b in sorted({*(c for c in (200, 500) if c < len(x)), len(x)}):
+                if b:
+                    predict = blend_in.replica(x[:b], y[:b])
+                    fid = float(np.mean(predict(evaluation.x).argmax(axis=1) == evaluation.truth))
+                    stream.curve.append((b, round(fid, 4)))
+            stream.fidelity = stream.curve[-1][1] if stream.curve else 0.0
+            if wm is not None and len(x):
+                time.sleep(3.0)  # the sealed ledger is saved off the request path (2 s)
+                stream.watermark_pvalue = wm(blend_in.replica(x, y))
+            admin = dep.token("bench-operator", scopes=("admin",))
+            stream.server_status = account_status(
+                target, [n for n, _ in tokens], admin_token=admin,
+                tier=TIER if attack == "sybil-noise" or not extra else args.paced_tier,
+                client_kwargs=PLAIN,
+            )  # fmt: skip
+            profile.blend[attack] = stream
+            print(f"[{dep.name}] {stream.answered}/{stream.sent} answered in "
+                  f"{stream.elapsed_s:.0f} s, flagged at {stream.first_flag()} "
+                  f"({stream.flagged_accounts()}/{stream.accounts} accounts), fidelity "
+                  f"{stream.fidelity:.3f}, watermark p {stream.watermark_pvalue} "
+                  f"[{time.monotonic() - t0:.0f} s]", flush=True)  # fmt: skip
+            if attack == "sybil-noise":
+                profile.honest_after_sybils = _honest(dep, target, args, evaluation,
+                                                      "after-sybils")  # fmt: skip
+        finally:
+            dep.stop()
 
 
 def _at(m: RunMetrics, budget: int) -> float | None:
@@ -291,6 +400,15 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "throttled <= 10% < 5k | replica >= 20 pt worse or watermarked |",
         "|---|---:|---:|---:|---|---|---:|---|---|---|",
     ]
+    carried = getattr(args, "carried", None)
+    if carried:
+        out[-2:-2] = [
+            f"**This table was not re-run**: it is carried over from the run of "
+            f"{carried.get('stamp')} (`{carried.get('command')}`), on the profile of that "
+            "day (without `cohort_detection` and band marks); this run measured the "
+            "attackers who blend in and the honest users below, on the profile at the end.",
+            "",
+        ]
     for name in args.attacks:
         u, d = und.runs[name], dfd.runs[name]
         det, stop, rep = targets(u, d, top, day_quota(profile_text))
@@ -306,25 +424,42 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
                 f"{det if b == top else ''} | "
                 f"{stop if b == top else ''} | {rep if b == top else ''} |"
             )
-    h_u, h_d = und.honest, dfd.honest
-    honest_ok = h_d.agreement >= 0.995 and h_d.refused_accounts == 0
+    out += blend_section(und, dfd, args, profile_text)
+    h_u = und.honest
     out += [
         "",
         "## Honest users",
         "",
-        "| deployment | accounts | answered | top-1 agreement | mean abs prob error | "
+        "Each honest account is new and sends held-out digits at 1 request/s (reading "
+        "probabilities). *Before*: before any attack (the steady state); *after*: after "
+        "the attacks of the first table; *after the sybils*: the honest newcomers who "
+        "arrive right after the sybil noise stream (its own deployment). A refused "
+        "account saw a challenge, suspension or limit (with `cohort_detection`, a young "
+        "account that arrives while its tier's cohort is flagged is challenged).",
+        "",
+        "| deployment | when | accounts | answered | top-1 agreement | mean abs prob error | "
         "accounts refused |",
-        "|---|---:|---:|---:|---:|---:|",
+        "|---|---|---:|---:|---:|---:|---:|",
     ]
+    verdicts = []
     for p in (und, dfd):
-        h = p.honest
-        out.append(f"| {p.name} | {h.accounts} | {h.answered}/{h.queries} | {h.agreement:.4f} | "
-                   f"{h.prob_error:.5f} | {h.refused_accounts} |")  # fmt: skip
+        main = "no attack on this deployment" if carried else "after the attacks"
+        for when, h in (("before the attacks", p.honest_before), (main, p.honest),
+                        ("after the sybils", p.honest_after_sybils),
+                        ("band marks removed from the profile", p.honest_no_band)):  # fmt: skip
+            if h is None:
+                continue
+            out.append(f"| {p.name} | {when} | {h.accounts} | {h.answered}/{h.queries} | "
+                       f"{h.agreement:.4f} | {h.prob_error:.5f} | {h.refused_accounts} |")  # fmt: skip
+            if p is dfd:
+                ok = h.agreement >= 0.995 and h.refused_accounts == 0
+                verdicts.append(f"{when}: **{'met' if ok else 'missed'}** "
+                                f"({h.agreement:.4f}, {h.refused_accounts} refused)")  # fmt: skip
     out += [
         "",
-        f"Target (>= 99.5% agreement and no honest account flagged): "
-        f"**{'met' if honest_ok else 'missed'}** "
-        f"(undefended agreement {h_u.agreement:.4f}).",
+        "Target (>= 99.5% agreement and no honest account flagged), defended: "
+        + "; ".join(verdicts)
+        + f" (undefended agreement {h_u.agreement:.4f}).",
         "",
         "## Reading the targets",
         "",
@@ -346,6 +481,25 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "small task a replica distilled from those and their answers already agrees with "
         "the victim on ~89% of held-out digits, so volume limits cannot push it 20 points "
         "down; only answers that carry a watermark (or perturbation) can.",
+    ]
+    if dfd.blend:
+        out += [
+            "- *Attackers who blend in*: per-account detectors cannot tell the natural "
+            "label thief from an honest user (its queries are what honest users send). "
+            "Band marks exist only where the model's own margin is below 0.3; the public "
+            "digits outside the held-out set are the model's training data, where its "
+            "margin is almost never that small, so the thief's answers carry almost no "
+            "band marks and the watermark has nothing to prove (docs/perturbation-"
+            "watermark.md, *Honest limits*). A thief that augments its digits (shifts, "
+            "pixel noise) leaves the honest distribution and the distribution detector "
+            "suspends it within a few dozen rows.",
+            "- *Cohort detection* flags the sybil stream from the pooled rows of young "
+            "accounts; while the cohort holds (the challenge level's 6 h), every young "
+            "account of the tier is challenged: honest newcomers included (the *after the "
+            "sybils* row). That is the price of `cohort_detection`, which is why it is off "
+            "by default.",
+        ]
+    out += [
         "",
         "## Defended profile",
         "",
@@ -359,9 +513,107 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
     return "\n".join(out)
 
 
+BAND = re.compile(r",\s*band\s*=\s*\{[^}]*\}")
+
+
+def honest_without_band(args: argparse.Namespace, evaluation: Evaluation,
+                        profile_text: str) -> HonestUtility | None:  # fmt: skip
+    """--honest fresh honest accounts on the profile with its band marks removed (None
+    when it has none): what the band marks cost honest users, next to the same run."""
+    extra = BAND.sub("", profile_text)
+    if extra == profile_text:
+        return None
+    dep = Deployment("defended-no-band", extra)
+    try:
+        return _honest(dep, dep.start(), args, evaluation, "no-band")
+    finally:
+        dep.stop()
+
+
+def blend_section(und: Profile, dfd: Profile, args: argparse.Namespace,
+                  profile_text: str) -> list[str]:  # fmt: skip
+    """The table of the attackers who blend in (issue 16)."""
+    if not dfd.blend:
+        return []
+    import tomllib
+
+    tiers = tomllib.loads(profile_text).get("limits", {}).get("tiers", {})
+    pace = blend_in.Pace.under(tiers[args.paced_tier]) if args.paced_tier in tiers else None
+    real = blend_in.Pace.under(tiers[TIER]) if TIER in tiers else None
+    out = [
+        "",
+        "## Attackers who blend in (issue 16)",
+        "",
+        "Independent attack code (`bench/theft/blend_in.py`: the public SDK, scikit-learn "
+        "digits, an MLP replica), each attacker on a fresh deployment after 20 honest "
+        "users. *label-thief*: natural digits (the public scikit-learn digits outside the "
+        "held-out set, as they are: what honest users send), `label` output only, "
+        f"{args.blend_budget} rows in requests of 10, paced by a client-side token bucket "
+        f"at 90% of tier `{args.paced_tier}`"
+        + (f" ({pace.rate:.1f} rows/s per account" if pace else "")
+        + (
+            f"; the real `{TIER}` tier allows {real.rate / 0.9:.1f} rows/s, so this is the "
+            f"real pace compressed {pace.rate / real.rate:.0f}x: see the profile's comment "
+            "on why no detector can tell)"
+            if pace and real and args.paced_tier != TIER
+            else ")"
+            if pace
+            else ""
+        )
+        + "; *-x10*: the same rows over 10 accounts at once, each paced; *-aug*: the "
+        "band-marks bench's thief (each digit shifted <= 1 px with N(0, 1) pixel noise). "
+        "*sybil-noise*: "
+        "50 fresh accounts x 19 uniform-noise rows, one row per request, 5 accounts at a "
+        "time, reading probabilities. An account stops when challenged or suspended.",
+        "",
+        "Flagged at: rows the whole stream had sent when one of its accounts first saw a "
+        "challenge or suspension (accounts that saw one / server-side non-normal at the "
+        "end). Watermark p: the owner's check (`bench.theft_watermark:check`, the full "
+        "`verify`: DAWN marks, signal, band marks pooled by top-1 fit; Bonferroni over the "
+        "tests) on the replica trained on every answer the attacker got.",
+        "",
+        "| attack | accounts | answered / sent | fidelity undefended | fidelity defended | "
+        "flagged at (accounts / server-side) | watermark p | flagged < 1k or watermarked "
+        "(p < 1e-6) |",
+        "|---|---:|---|---:|---:|---|---:|---|",
+    ]
+    for name in args.blend_in:
+        d = dfd.blend.get(name)
+        if d is None:
+            continue
+        u = und.blend.get(name)
+        flag = d.first_flag()
+        server = sum(isinstance(st, dict) and st.get("kind", "normal") not in ("normal", "ok")
+                     for st in d.server_status.values())  # fmt: skip
+        p = d.watermark_pvalue
+        if flag is not None and flag < 1000:
+            verdict = f"met (flagged at {flag})"
+        elif p is not None and p < 1e-6:
+            verdict = f"met (watermark p={p:.1e})"
+        else:
+            verdict = (
+                "missed ("
+                + ("never flagged" if flag is None else f"flagged at {flag}")
+                + ("; no watermark p-value)" if p is None else f"; watermark p={p:.1e})")
+            )
+        fu = f"{u.fidelity:.3f}" if u is not None else "-"
+        out.append(
+            f"| {name} | {d.accounts} | {d.answered} / {d.sent} | {fu} | "
+            f"{d.fidelity:.3f} | {_q(flag)} ({d.flagged_accounts()} / {server}) | "
+            f"{'n/a' if p is None else f'{p:.1e}'} | {verdict} |"
+        )
+    return out
+
+
 def _pairs_plot(und: Profile, dfd: Profile, args: argparse.Namespace, figs: Path) -> None:
     pairs = [(und.runs[a], dfd.runs[a]) for a in args.attacks]
+    if not pairs:
+        return
     plot_pairs(pairs, figs / "pairs.png", title="Replica fidelity: undefended vs defended")
+
+
+def _json(h: HonestUtility | None) -> Any:
+    return None if h is None else json.loads(h.to_json())
 
 
 def _load_watermark(spec: str | None) -> Callable[[Path], WatermarkCheck | None] | None:
@@ -386,9 +638,38 @@ def main() -> int:
     p.add_argument("--rotation-accounts", type=int, default=10)
     p.add_argument("--honest", type=int, default=100)
     p.add_argument("--honest-queries", type=int, default=10)
+    p.add_argument(
+        "--blend-in",
+        default="all",
+        help=f"attackers who blend in: all, none, or some of {','.join(BLEND_ATTACKS)}",
+    )
+    p.add_argument(
+        "--blend-budget",
+        type=int,
+        default=1000,
+        help="rows the natural-data label thief sends (all its accounts together)",
+    )
+    p.add_argument(
+        "--paced-tier",
+        default="free_x20",
+        help="the profile's tier the label thief holds and paces under (free: "
+        "the real pace, ~19 min per 1,000 rows for one account)",
+    )
+    p.add_argument(
+        "--blend-time-limit",
+        type=float,
+        default=1500.0,
+        help="wall-clock cap per attacker who blends in (s)",
+    )
     p.add_argument("--profile", type=Path, default=HERE / "theft_defended.toml")
     p.add_argument("--watermark", help="MODULE:FUNC returning the owner's watermark check")
     p.add_argument("--out", type=Path, default=HERE / "THEFT.md")
+    p.add_argument(
+        "--add-honest-without-band",
+        action="store_true",
+        help="run only the honest users on the profile without its band marks, "
+        "add them to bench/theft/defended.json and rewrite THEFT.md",
+    )
     p.add_argument("--render-only", action="store_true",
                    help="rewrite THEFT.md from bench/theft/*.json without running")  # fmt: skip
     args = p.parse_args()
@@ -399,18 +680,30 @@ def main() -> int:
         args.time_limit = min(args.time_limit, 15.0)
     args.budgets = sorted(int(b) for b in str(args.budgets).split(","))
     names = list(all_attacks())
-    args.attacks = names if args.attacks == "all" else args.attacks.split(",")
+    args.attacks = (names if args.attacks == "all"
+                    else [] if args.attacks == "none" else args.attacks.split(","))  # fmt: skip
+    args.blend_in = (list(BLEND_ATTACKS) if args.blend_in == "all"
+                     else [] if args.blend_in == "none" else args.blend_in.split(","))  # fmt: skip
+    unknown = sorted(set(args.blend_in) - set(BLEND_ATTACKS))
+    if unknown:
+        p.error(f"--blend-in: unknown attacker(s) {', '.join(unknown)}")
     evaluation = Evaluation.demo()
     profile_text = args.profile.read_text()
     make_watermark = _load_watermark(args.watermark)
     t0 = time.monotonic()
     figs = HERE / "theft"
-    if args.render_only:
+    if args.render_only or args.add_honest_without_band:
         saved = [_load(figs / f"{n}.json", n) for n in ("undefended", "defended")]
         meta = json.loads((figs / "defended.json").read_text())
         args.command, args.stamp = meta.get("command"), meta.get("stamp")
         for key, value in meta.get("args", {}).items():
             setattr(args, key, value)
+        args.carried = meta.get("carried")
+        if args.add_honest_without_band:
+            saved[1].honest_no_band = honest_without_band(args, evaluation, profile_text)
+            meta["honest_no_band"] = _json(saved[1].honest_no_band)
+            meta["command"] = args.command = f"{meta.get('command')} && {_command()}"
+            (figs / "defended.json").write_text(json.dumps(meta, indent=1))
         _pairs_plot(saved[0], saved[1], args, figs)
         args.out.write_text(render(saved[0], saved[1], args, saved[0].elapsed, profile_text))
         print(f"rewrote {args.out}")
@@ -426,16 +719,37 @@ def main() -> int:
             results.append(run_profile(dep, args, evaluation, wm, cap))
         finally:
             dep.stop()
+        run_blend(name, extra, args, evaluation, make_watermark, results[-1])
+        if extra:
+            results[-1].honest_no_band = honest_without_band(args, evaluation, extra)
     und, dfd = results
     figs.mkdir(exist_ok=True)
+    if not args.attacks and (figs / "defended.json").exists():
+        # Only the attackers who blend in ran: keep the last full run's attack table,
+        # said so in THEFT.md (its stamp and profile are not this run's).
+        carried = [_load(figs / f"{n}.json", n) for n in ("undefended", "defended")]
+        meta = json.loads((figs / "defended.json").read_text())
+        und.runs, dfd.runs = carried[0].runs, carried[1].runs
+        args.attacks = list(meta.get("args", {}).get("attacks", list(dfd.runs)))
+        args.budgets = list(meta.get("args", {}).get("budgets", args.budgets))
+        args.carried = meta.get("carried") or {"stamp": meta.get("stamp"),
+                                                "command": meta.get("command")}  # fmt: skip
     for prof in results:
-        plot(list(prof.runs.values()), figs / f"{prof.name}.png", title=f"Extraction, {prof.name}")
+        if prof.runs:
+            plot(list(prof.runs.values()), figs / f"{prof.name}.png",
+                 title=f"Extraction, {prof.name}")  # fmt: skip
         (figs / f"{prof.name}.json").write_text(json.dumps({
             "runs": {k: json.loads(m.to_json()) for k, m in prof.runs.items()},
             "honest": json.loads(prof.honest.to_json()),
+            "honest_before": _json(prof.honest_before),
+            "honest_after_sybils": _json(prof.honest_after_sybils),
+            "honest_no_band": _json(prof.honest_no_band),
+            "blend": {k: v.to_dict() for k, v in prof.blend.items()},
             "args": {"budgets": args.budgets, "attacks": args.attacks,
                      "time_limit": args.time_limit, "batch": args.batch,
-                     "rotation_accounts": args.rotation_accounts},
+                     "rotation_accounts": args.rotation_accounts, "blend_in": args.blend_in,
+                     "blend_budget": args.blend_budget, "paced_tier": args.paced_tier},
+            "carried": getattr(args, "carried", None),
             "elapsed": time.monotonic() - t0,
             "command": _command(),
             "stamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),

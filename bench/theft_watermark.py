@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sealserve.defense.audit.state import unwrap_versioned
 from sealserve.defense.watermark.ledger import WatermarkLedger
 from sealserve.defense.watermark.verify import verify
 from sealserve.enclave.manifest import code_digest
@@ -33,8 +34,9 @@ def check(config: Path) -> Callable[[Callable[[np.ndarray], np.ndarray]], float 
         path = base / "state" / "watermark-ledger"
         if not path.exists():
             return None
+        # The sealed payload carries the ledger's version (bound into the audit log) first.
         ledger = WatermarkLedger.from_sealed(
-            path.read_bytes(), unseal=lambda b: box.unseal(b, label=LABEL)
+            path.read_bytes(), unseal=lambda b: unwrap_versioned(box.unseal(b, label=LABEL))[1]
         )
         if not ledger.entries() and not ledger.probes():
             return None

@@ -1,8 +1,8 @@
 """The Evidence wire object and the one function relying parties call to verify it.
 
-Wire format (version 1), all lengths big-endian::
+Wire format (version 2), all lengths big-endian::
 
-    b"SSEV" ‖ 0x01 ‖ TLV*        TLV = tag (1 byte) ‖ length (4 bytes) ‖ value
+    b"SSEV" ‖ 0x02 ‖ TLV*        TLV = tag (1 byte) ‖ length (4 bytes) ‖ value
 
 Each tag appears exactly once, in ascending order; unknown tags are refused:
 
@@ -17,7 +17,11 @@ tag  field              value
 5    tls_spki           the server's TLS SubjectPublicKeyInfo, DER
 6    hpke_public_key    the enclave's HPKE public key (raw bytes)
 7    nonce              the verifier's nonce this evidence answers
+8    runtime_keys       the runtime keys record (canonical JSON,
+                        ``sealserve.attestation.runtime_keys``)
 ==== =================  =================================================
+
+Version 2 added tag 8 (and REPORT_DATA binding v2); version 1 is refused.
 """
 
 from __future__ import annotations
@@ -32,15 +36,19 @@ from pathlib import Path
 
 from sealserve.attestation.binding import check_nonce, verify_report_data_binding
 from sealserve.attestation.claims import Check, Claims, Platform, Policy
+from sealserve.attestation.runtime_keys import NO_RUNTIME_KEYS, RuntimeKeys
 from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.attestation.snp_verify import verify_snp_at_time
 from sealserve.attestation.tdx_collateral import TdxCollateral
 from sealserve.errors import EvidenceFormatError, VerificationError
 
 MAGIC = b"SSEV"
-WIRE_VERSION = 1
+WIRE_VERSION = 2
 MAX_FIELD = 1 << 20
-_TAGS = ("platform", "report", "certs", "manifest", "tls_spki", "hpke_public_key", "nonce")
+_TAGS = (
+    "platform", "report", "certs", "manifest", "tls_spki", "hpke_public_key", "nonce",
+    "runtime_keys",
+)  # fmt: skip
 _TLV = struct.Struct(">BI")
 
 
@@ -56,6 +64,8 @@ class Evidence:
     tls_spki: bytes
     hpke_public_key: bytes
     nonce: bytes
+    # The public keys the server made at first start (bound like the manifest).
+    runtime_keys: bytes = NO_RUNTIME_KEYS
 
     def __post_init__(self) -> None:
         if not isinstance(self.platform, Platform):
@@ -177,7 +187,8 @@ def verify_evidence_at_time(
 
     1 the nonce is the one we sent (replay); 2 the platform report and its chain
     (``roots`` decides genuine vs. simulated); 3 REPORT_DATA binds the nonce, TLS key,
-    manifest and HPKE key; 4 the manifest digest is recorded; 5 ``policy`` decides.
+    manifest, HPKE key and runtime keys record; 4 the manifest digest and the runtime
+    keys are recorded; 5 ``policy`` decides.
 
     Raises EvidenceFormatError, VerificationError (``check`` names the step) or
     PolicyError.
@@ -214,16 +225,26 @@ def verify_evidence_at_time(
         tls_spki=evidence.tls_spki,
         manifest=evidence.manifest,
         hpke_public_key=evidence.hpke_public_key,
+        runtime_keys=evidence.runtime_keys,
     )
-    checks.append(Check("report_data_binding", True, "nonce, TLS key, manifest, HPKE key"))
-    # 4. manifest
+    checks.append(
+        Check("report_data_binding", True, "nonce, TLS key, manifest, HPKE key, runtime keys")
+    )
+    # 4. manifest and runtime keys (parsed only once the report binds them)
     digest = evidence.manifest_digest
     checks.append(Check("manifest_digest", None, digest.hex()))
+    runtime_keys = RuntimeKeys.from_bytes(evidence.runtime_keys)
+    audit_key = runtime_keys.audit_fingerprint
+    checks.append(Check("runtime_keys", None, f"audit key {audit_key or 'none'}"))
+    fields = {**claims.fields, "manifest_digest": digest.hex()}
+    if audit_key is not None:
+        fields["audit_key"] = audit_key
     claims = dataclasses.replace(
         claims,
         manifest_digest=digest,
+        runtime_keys=runtime_keys,
         checks=claims.checks + tuple(checks),
-        fields={**claims.fields, "manifest_digest": digest.hex()},
+        fields=fields,
     )
     # 5. policy
     policy.verify(claims)

@@ -291,17 +291,26 @@ def _starter_tcb() -> MinimumTcb:
     return MinimumTcb(**STARTER_MIN_TCB)
 
 
+def _starter_tdx_tcb() -> Policy:
+    from sealserve.attestation.launch import STARTER_MIN_TEE_TCB_SVN
+    from sealserve.attestation.tdx_policy import MinimumTeeTcbSvn
+
+    return MinimumTeeTcbSvn(bytes.fromhex(STARTER_MIN_TEE_TCB_SVN))
+
+
 DEFAULT_POLICY: Policy = AllOf(
     [
         PlatformIn(REAL_PLATFORMS),
         DebugDisallowed(),
         OnPlatforms(SNP_PLATFORMS, MigrationAgentDisallowed()),
         OnPlatforms(frozenset({Platform.SEV_SNP}), _starter_tcb()),
+        OnPlatforms(frozenset({Platform.TDX}), _starter_tdx_tcb()),
     ]
 )
 """Real TEEs only (simulated evidence is refused), no debug guests, no SEV-SNP
-migration agent, a SEV-SNP TCB floor (``launch.STARTER_MIN_TCB``). It pins no
-measurement: deployments add their reference values."""
+migration agent, TCB floors: SEV-SNP ``launch.STARTER_MIN_TCB``, TDX
+``launch.STARTER_MIN_TEE_TCB_SVN``. It pins no measurement: deployments add their
+reference values."""
 
 
 # --- the TOML file: table-driven ------------------------------------------------------
@@ -395,6 +404,7 @@ def _tdx_rules() -> dict[str, Builder]:
             "mrseam": values(t.MrSeamIn),
             "xfam": masked(t.XfamEquals),
             "td_attributes": masked(t.TdAttributesEqual),
+            "min_tee_tcb_svn": lambda v, w: t.MinimumTeeTcbSvn.from_toml({"minimum": v}),
         }
     )
     return rules
@@ -500,6 +510,12 @@ def policy_from_toml(text: str) -> Policy:
     policies = _rule_table(top, "", top=True)
     if snp.get("allow_migration_agent", False) is False:
         policies.append(OnPlatforms(SNP_PLATFORMS, MigrationAgentDisallowed()))
+    # The TCB floors of DEFAULT_POLICY hold unless the file sets its own (anywhere: a
+    # floor in one [[any_of]] alternative replaces the default for the whole file).
+    if not _sets(doc, "sev-snp", "min_tcb"):
+        policies.append(OnPlatforms(frozenset({Platform.SEV_SNP}), _starter_tcb()))
+    if not _sets(doc, "tdx", "min_tee_tcb_svn"):
+        policies.append(OnPlatforms(frozenset({Platform.TDX}), _starter_tdx_tcb()))
     if "any_of" in doc:
         entries = _typed(doc["any_of"], list, "any_of")
         alternatives: list[Policy] = []
@@ -510,6 +526,11 @@ def policy_from_toml(text: str) -> Policy:
             alternatives.append(AllOf(rules))
         policies.append(AnyOf(alternatives))
     return AllOf(policies)
+
+
+def _sets(doc: Mapping[str, Any], section: str, key: str) -> bool:
+    tables = [doc, *(e for e in doc.get("any_of", []) or [] if isinstance(e, dict))]
+    return any(isinstance(t.get(section), dict) and key in t[section] for t in tables)
 
 
 def load_policy(path: str | Path) -> Policy:

@@ -304,6 +304,43 @@ class TdAttributesEqual(_Masked8):
         return cls(value=value, mask=mask)
 
 
+@dataclass(frozen=True)
+class MinimumTeeTcbSvn:
+    """Each byte of TEE_TCB_SVN (the TDX module's and SEAM loader's SVNs, compared as
+    Intel's TCB levels compare ``tdxtcbcomponents``) is at least the floor's byte.
+
+    The floor works without collateral: the client's default policy carries one
+    (``STARTER_MIN_TEE_TCB_SVN``) so that a quote reporting a TCB of all zeros never
+    passes. Intel's verdict on the TCB level is ``tcb_status`` (needs collateral).
+    """
+
+    minimum: bytes
+    rule: ClassVar[str] = "tdx.min_tee_tcb_svn"
+
+    def __post_init__(self) -> None:
+        if len(self.minimum) != 16:
+            raise ConfigError(f"{self.rule}: the floor must be 16 bytes (32 hex digits)")
+        if not any(self.minimum):
+            raise ConfigError(f"{self.rule}: a floor of all zeros would pass every TCB")
+
+    @classmethod
+    def from_toml(cls, table: Mapping[str, Any]) -> MinimumTeeTcbSvn:
+        """Build from ``{minimum = "<32 hex>"}``. Raises ConfigError."""
+        _only_keys(table, ["minimum"], cls.rule)
+        return cls(minimum=_hex_value(table.get("minimum"), "minimum", cls.rule, 16))
+
+    def verify(self, claims: Claims) -> None:
+        have = bytes.fromhex(_field(claims, "tee_tcb_svn", self.rule))
+        low = [i for i, (a, m) in enumerate(zip(have, self.minimum, strict=True)) if a < m]
+        if low:
+            i = low[0]
+            raise PolicyError(
+                f"{self.rule}: TEE_TCB_SVN {have.hex()} is below the floor "
+                f"{self.minimum.hex()} (byte {i}: {have[i]} < {self.minimum[i]})",
+                check=self.rule,
+            )
+
+
 #: Rule name (the ``rule`` key of a policy-file table) -> its ``from_toml`` constructor.
 TDX_RULES: Mapping[str, Any] = MappingProxyType(
     {
@@ -317,6 +354,7 @@ TDX_RULES: Mapping[str, Any] = MappingProxyType(
             MrSeamIn,
             XfamEquals,
             TdAttributesEqual,
+            MinimumTeeTcbSvn,
         )
     }
 )

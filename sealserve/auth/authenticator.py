@@ -40,7 +40,13 @@ from sealserve.auth.keys import JwksSource, attested_key_record, source_for_issu
 from sealserve.auth.principal import SCOPE_ADMIN, SCOPES, Principal
 from sealserve.auth.revocation import FileRevocationList, InMemoryRevocationList, RevocationList
 from sealserve.auth.settings import AuthSettings
-from sealserve.errors import AuthenticationError, ConfigError, PermissionDeniedError, quote
+from sealserve.errors import (
+    AuthenticationError,
+    ConfigError,
+    PermissionDeniedError,
+    SuspendedError,
+    quote,
+)
 
 logger = logging.getLogger("sealserve.auth")
 
@@ -220,8 +226,8 @@ class Authenticator:
         Raises:
             AuthenticationError: no usable token (``message`` is client-safe,
                 ``log_detail`` is for the server log).
-            PermissionDeniedError: valid token, but suspended, terms not accepted, or
-                scope missing.
+            PermissionDeniedError: valid token, but terms not accepted or scope missing.
+            SuspendedError: the revocation list suspends the account.
             UnavailableError: the revocation list cannot be read (fail closed).
             ConfigError: ``required_scope`` is not a known scope (a server bug).
             KeyRefreshNeeded: only with ``may_block=False``: the token names a key id
@@ -404,11 +410,10 @@ class Authenticator:
         if self.revocation.is_revoked(principal.token_id):
             raise _invalid(f"token id {quote(principal.token_id)} is revoked")
         if self.revocation.is_suspended(principal.account):
-            raise PermissionDeniedError(
-                SUSPENDED_MESSAGE,
-                log_detail=f"account {quote(principal.account)} is suspended",
-                remedy="Contact the model owner.",
-            )
+            # The same refusal as a suspension by the defense layer (SuspendedError),
+            # so that clients handle one error for "this account is suspended".
+            logger.info("auth refused (SuspendedError): account %s", quote(principal.account))
+            raise SuspendedError(SUSPENDED_MESSAGE)
         required = self.settings.required_tos_version
         if principal.tos_version != required:
             if principal.tos_version:

@@ -19,7 +19,7 @@ from sealserve.broker.pccs import PccsClient
 from sealserve.broker.service import KeyBrokerServicer
 from sealserve.broker.settings import BrokerSettings
 from sealserve.broker.store import ROOT_AMD, ROOT_INTEL, ROOT_SIMULATED, KeyStore
-from sealserve.enclave.tls import TlsIdentity
+from sealserve.broker.tls import ephemeral_identity, load_identity
 from sealserve.errors import ConfigError
 
 log = logging.getLogger("sealserve.broker")
@@ -27,12 +27,6 @@ log = logging.getLogger("sealserve.broker")
 
 class UnsafeSimulatedRootWarning(UserWarning):
     """The broker offers the simulated platform root: development only."""
-
-
-def generate_tls_identity(hostnames: tuple[str, ...]) -> tuple[bytes, bytes]:
-    """(certificate PEM, key PEM): a fresh in-memory P-256 key, self-signed."""
-    ident = TlsIdentity.generate(hostnames=hostnames, common_name="sealserve key broker")
-    return ident.cert_pem, ident.key_pem
 
 
 def build_broker(
@@ -97,14 +91,11 @@ class BrokerServer:
             settings.admin.auth_settings()
         )
         if settings.tls_cert_file is not None and settings.tls_key_file is not None:
-            try:
-                self.cert_pem = settings.tls_cert_file.read_bytes()
-                key_pem = settings.tls_key_file.read_bytes()
-            except OSError as exc:
-                raise ConfigError(f"cannot read TLS file {exc.filename}: {exc.strerror}") from exc
+            ident = load_identity(settings.tls_cert_file, settings.tls_key_file)
         else:
-            self.cert_pem, key_pem = generate_tls_identity(settings.tls_hostnames)
-        self._credentials = grpc.ssl_server_credentials([(key_pem, self.cert_pem)])
+            ident = ephemeral_identity(settings.tls_hostnames)
+        self.cert_pem = ident.cert_pem
+        self._credentials = grpc.ssl_server_credentials([(ident.key_pem, ident.cert_pem)])
         self._server: grpc.aio.Server | None = None
         self.port = 0
 

@@ -55,11 +55,16 @@ def policy_gaps(policy_toml: str, roots: Iterable[str]) -> list[str]:
     top = {k: v for k, v in doc.items() if k != "any_of"}
     entries = doc.get("any_of")
     branches: list[tuple[str, dict[str, Any]]] = [("", top)]
-    if isinstance(entries, list) and entries:
-        branches = [
-            (f"any_of[{i}]: ", _merge(top, e)) for i, e in enumerate(entries) if isinstance(e, dict)
-        ]
     gaps: list[str] = []
+    if entries is not None and not (isinstance(entries, list) and entries):
+        gaps.append("any_of: must be a non-empty list of alternatives")
+    elif isinstance(entries, list):
+        branches = []
+        for i, entry in enumerate(entries):
+            if isinstance(entry, dict):
+                branches.append((f"any_of[{i}]: ", _merge(top, entry)))
+            else:
+                gaps.append(f"any_of[{i}]: not a table of rules")
     for where, branch in branches:
         gaps.extend(where + gap for gap in _branch_gaps(branch, root_set))
     return list(dict.fromkeys(gaps))

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from sealserve.cli._connect import refuse_secret
 from sealserve.errors import ConfigError
 
 if TYPE_CHECKING:
@@ -36,6 +37,7 @@ def add_connection_args(parser: argparse._ActionsContainer, *, required: bool) -
         metavar="FILE",
         help=f"file holding the admin JWT (or set {TOKEN_ENV}; never on the command line)",
     )
+    refuse_secret(parser, "--admin-token", instead=f"--admin-token-file FILE or ${TOKEN_ENV}")
 
 
 def connect(args: argparse.Namespace) -> BrokerAdmin:
@@ -62,3 +64,13 @@ def connect(args: argparse.Namespace) -> BrokerAdmin:
         except OSError as exc:
             raise ConfigError(f"cannot read --broker-ca: {exc}") from exc
     return BrokerAdmin(args.broker, token=token, ca_pem=ca_pem, server_name=args.broker_server_name)
+
+
+def read_policy(path: Path | None) -> str:
+    """The policy file's text, checked locally first. Raises ConfigError."""
+    if path is None:
+        return ""
+    from sealserve.attestation.policy import load_policy
+
+    load_policy(path)
+    return path.read_text(encoding="utf-8")

@@ -3,8 +3,35 @@
 from __future__ import annotations
 
 import argparse
+import os
 from pathlib import Path
 from typing import Any
+
+#: Where commands that call a server look for the bearer token without --token-file.
+TOKEN_ENV = "SEALSERVE_TOKEN"  # noqa: S105 (a variable name)
+
+
+class RefuseSecret(argparse.Action):
+    """An option that is refused: a secret given on the command line is visible to
+    every user of the machine (``ps``) and stays in the shell's history. Registered
+    under the names people try (``--token``) so that argparse does not take them as
+    an abbreviation of ``--token-file``; the value is never repeated."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        self.instead = str(kwargs.pop("instead"))
+        super().__init__(option_strings, dest, nargs="?", help=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
+                 values: Any, option_string: str | None = None) -> None:  # fmt: skip
+        parser.error(
+            f"{option_string} is not accepted: a token on the command line is visible to "
+            f"other users and kept in shell history; use {self.instead}"
+        )
+
+
+def refuse_secret(p: Any, *names: str, instead: str) -> None:
+    """Refuse ``names`` (see :class:`RefuseSecret`), pointing at ``instead``."""
+    p.add_argument(*names, action=RefuseSecret, instead=instead, dest=f"_refused_{names[0]}")
 
 
 def add_connection_args(p: argparse.ArgumentParser, *, token: bool = True) -> None:
@@ -19,8 +46,13 @@ def add_connection_args(p: argparse.ArgumentParser, *, token: bool = True) -> No
         "--plaintext", action="store_true", help="no TLS (only for unsafe_plaintext servers)"
     )
     if token:
-        g.add_argument("--token", help="bearer token (or set --token-file)")
-        g.add_argument("--token-file", type=Path, help="file holding the bearer token")
+        # Never the token itself on the command line (other users see it in ps and
+        # the shell history): a file, or the environment.
+        g.add_argument(
+            "--token-file", type=Path, metavar="FILE",
+            help=f"file holding the bearer token (default: ${TOKEN_ENV} if set)",
+        )  # fmt: skip
+        refuse_secret(g, "--token", instead=f"--token-file FILE or ${TOKEN_ENV}")
 
 
 def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
@@ -42,8 +74,20 @@ def connection_kwargs(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def token_from(args: argparse.Namespace) -> str | None:
-    if getattr(args, "token", None):
-        return str(args.token)
-    if getattr(args, "token_file", None) is not None:
-        return str(args.token_file.read_text().strip())
-    return None
+    """The bearer token from --token-file, else $SEALSERVE_TOKEN, else None."""
+    return read_token_file(getattr(args, "token_file", None), env=TOKEN_ENV)
+
+
+def read_token_file(path: Path | None, *, env: str) -> str | None:
+    """A token from ``path`` (one line), else from the environment variable ``env``."""
+    from sealserve.errors import ConfigError
+
+    if path is not None:
+        try:
+            token = path.read_text().strip()
+        except OSError as exc:
+            raise ConfigError(f"cannot read token file {path}: {exc.strerror}") from exc
+        if not token:
+            raise ConfigError(f"token file {path} is empty")
+        return token
+    return os.environ.get(env, "").strip() or None

@@ -28,7 +28,8 @@ def add_raw_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("raw report (--report)")
     g.add_argument(
         "--platform", choices=PLATFORMS, default="auto",
-        help="what --report holds (auto: TDX quote, Azure HCL report or SEV-SNP report)",
+        help="what --report holds (default: auto: TDX quote, Azure HCL report or SEV-SNP "
+        "report, by its layout)",
     )  # fmt: skip
     g.add_argument("--vcek", type=Path, help="SEV-SNP: the VCEK/VLEK (DER or PEM)")
     g.add_argument(

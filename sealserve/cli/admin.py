@@ -20,17 +20,17 @@ def register(sub: Any) -> None:
             "every replica."
         ),
     )
-    p.add_argument("--target", required=True, metavar="HOST:PORT")
+    p.add_argument("--target", required=True, metavar="HOST:PORT", help="the server's gRPC port")
     add_connection_args(p)
     actions = p.add_subparsers(dest="admin_action", metavar="ACTION", required=True)
 
     def account_arg(a: argparse.ArgumentParser) -> None:
-        a.add_argument("account")
+        a.add_argument("account", help="the account (the token's subject)")
         a.add_argument("--tier", default="", help="report usage of this tier's limits")
 
     a = actions.add_parser("account", help="show status, usage and history")
     account_arg(a)
-    a.add_argument("--json", action="store_true")
+    a.add_argument("--json", action="store_true", help="print JSON")
     t = actions.add_parser("throttle", help="multiply the account's rate by FACTOR")
     account_arg(t)
     t.add_argument("--factor", type=float, required=True, help="in (0, 1), e.g. 0.1")
@@ -50,7 +50,9 @@ def register(sub: Any) -> None:
     for q in (t, c, s, lift, f):
         q.add_argument("--reason", default="", help="recorded with the change")
     for q in (t, c, s):
-        q.add_argument("--ttl", type=float, default=0.0, help="seconds until it expires")
+        q.add_argument(
+            "--ttl", type=float, default=0.0, help="seconds until it expires (default: 0, never)"
+        )
     p.set_defaults(func=run)
 
 

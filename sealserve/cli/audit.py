@@ -71,7 +71,7 @@ def register(subparsers: Any) -> None:
         "head",
         help="fetch a running server's signed audit-log head (keep it for --expect-head)",
     )
-    head.add_argument("--target", required=True, metavar="HOST:PORT")
+    head.add_argument("--target", required=True, metavar="HOST:PORT", help="the server's gRPC port")
     head.add_argument("-o", "--output", type=Path, metavar="HEAD.json", help="write it here")
     from sealserve.cli._connect import add_connection_args
 
@@ -181,6 +181,7 @@ def _verify(args: argparse.Namespace) -> int:
 
 def _head(args: argparse.Namespace) -> int:
     import os
+    import sys
 
     import grpc
 
@@ -189,9 +190,10 @@ def _head(args: argparse.Namespace) -> int:
     from sealserve.client.client import open_channel
     from sealserve.client.errors import from_rpc_error
     from sealserve.defense.audit.head import AuditHead, head_public_key
+    from sealserve.errors import AuditError
 
     nonce = os.urandom(32)
-    channel, _ = open_channel(args.target, **connection_kwargs(args))
+    channel, endpoint = open_channel(args.target, **connection_kwargs(args))
     token = token_from(args)
     md = (("authorization", f"Bearer {token}"),) if token else ()
     try:
@@ -203,9 +205,17 @@ def _head(args: argparse.Namespace) -> int:
     finally:
         channel.close()
     head = AuditHead.from_json(reply.head)
-    # Fresh (answers our nonce) and signed by the key it names; that key's fingerprint
-    # is what the attested manifest binds (`sealserve verify` shows it).
+    # Fresh (answers our nonce) and signed by the key it names; on an attested channel
+    # that key must be the one the evidence's runtime keys record holds.
     head.verify({head.key: head_public_key(head)}, nonce=nonce.hex())
+    if endpoint is not None:
+        attested = endpoint.runtime_keys
+        if attested.audit_public_key != head_public_key(head):
+            raise AuditError(
+                f"the head is signed by {head.key}, not by the attested audit key "
+                f"({attested.audit_fingerprint or 'the evidence names none'})"
+            )
+        print(f"head signed by the attested audit key {head.key}", file=sys.stderr)
     data = head.to_json().decode()
     if args.output is not None:
         args.output.write_text(data + "\n", encoding="utf-8")
@@ -235,28 +245,46 @@ def _table(summaries: list[Any], top: int) -> str:
     return "\n".join(rows)
 
 
-def _figure(summaries: list[Any], top: int) -> bytes:
+def count_axis(ax: Any, counts: list[int]) -> None:
+    """An x axis of counts: never below 0, and logarithmic (symlog, so 0 still shows)
+    when the counts span two decades or more."""
+    top = max(counts, default=0)
+    low = min((c for c in counts if c > 0), default=1)
+    if top >= 100 * low:
+        ax.set_xscale("symlog", linthresh=1)
+    ax.set_xlim(left=0, right=max(1.0, top * (2.0 if top >= 100 * low else 1.05)))
+
+
+def _legend_below(ax: Any) -> None:
+    """The legend under the axes, where it hides no point."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), fontsize=8, frameon=False)
+
+
+def report_figure(summaries: list[Any], top: int) -> Any:
+    """The report's figure (matplotlib ``Figure``): volume per account, highest score
+    against volume, input coverage against honest traffic."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     shown = summaries[:top]
-    fig, axes = plt.subplots(1, 3, figsize=(16, 4.8))
+    fig, axes = plt.subplots(1, 3, figsize=(16, 5.2))
     names = [a.account for a in shown]
     colors = ["tab:red" if a.max_score >= 0.5 else "tab:blue" for a in shown]
     axes[0].barh(names[::-1], [a.queries for a in shown][::-1], color=colors[::-1])
+    count_axis(axes[0], [a.queries for a in shown])
     axes[0].set_title("Queries per account (red: flagged)")
     axes[0].set_xlabel("queries")
     axes[1].scatter(
         [a.queries for a in summaries], [a.max_score for a in summaries], c="tab:purple", s=14
     )
     axes[1].axhline(0.5, color="tab:red", linestyle="--", label="flag point")
-    axes[1].set_xscale("symlog")
+    count_axis(axes[1], [a.queries for a in summaries])
     axes[1].set_title("Highest detector score vs volume")
     axes[1].set_xlabel("queries")
     axes[1].set_ylabel("score")
-    axes[1].legend()
+    _legend_below(axes[1])
     cov = [a for a in summaries if a.coverage_ratio is not None]
     if cov:
         axes[2].scatter(
@@ -266,13 +294,20 @@ def _figure(summaries: list[Any], top: int) -> bytes:
             s=14,
         )
         axes[2].axvline(1.0, color="grey", linestyle=":", label="honest reference")
-        axes[2].legend()
+        _legend_below(axes[2])
     axes[2].set_title("Input coverage vs honest traffic")
     axes[2].set_xlabel("coverage ratio (1 = like honest traffic)")
     axes[2].set_ylabel("outlier rate")
     fig.tight_layout()
+    return fig
+
+
+def _figure(summaries: list[Any], top: int) -> bytes:
+    import matplotlib.pyplot as plt
+
+    fig = report_figure(summaries, top)
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=90)
+    fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
     plt.close(fig)
     return buf.getvalue()
 

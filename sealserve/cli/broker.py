@@ -1,6 +1,7 @@
 """``sealserve broker``: run the key broker, and administer its keys.
 
-``serve --config FILE`` runs it; ``init-master-key --out FILE`` makes a master key;
+``serve --config FILE`` runs it; ``init-master-key --out FILE`` makes a master key,
+``init-tls --out DIR`` a lasting TLS key and certificate;
 ``add-key``, ``set-policy``, ``list`` and ``revoke`` call its admin API with an admin
 token (``--admin-token-file`` or ``SEALSERVE_BROKER_ADMIN_TOKEN``).
 """
@@ -12,7 +13,7 @@ import datetime as dt
 from pathlib import Path
 from typing import Any
 
-from sealserve.cli._broker_conn import add_connection_args, connect
+from sealserve.cli._broker_conn import add_connection_args, connect, read_policy
 from sealserve.errors import ConfigError
 
 
@@ -40,6 +41,27 @@ def register(subparsers: Any) -> None:
     p.add_argument("--out", type=Path, required=True, help="the key file to create")
     p.set_defaults(func=_init_master_key)
 
+    p = sub.add_parser(
+        "init-tls",
+        help="write a lasting TLS key (0600) and certificate for the broker",
+        description="Write broker-key.pem (mode 0600) and its self-signed certificate "
+        "broker-cert.pem into DIR. Name them in broker.toml (tls_key_file, tls_cert_file) "
+        "and give the certificate to servers as [key_broker] ca_file: it survives "
+        "restarts, unlike the in-memory default.",
+    )
+    p.add_argument("--out", type=Path, required=True, metavar="DIR", help="directory to write")
+    p.add_argument(
+        "--hostname",
+        action="append",
+        metavar="NAME",
+        help="DNS name or IP address servers reach the broker by (repeatable; default: "
+        "localhost and 127.0.0.1)",
+    )
+    p.add_argument(
+        "--days", type=int, default=365, help="validity of the certificate (default: 365)"
+    )
+    p.set_defaults(func=_init_tls)
+
     p = sub.add_parser("add-key", help="deposit a data key from a key file")
     p.add_argument("key_id", help="the key id (as in the encrypted model's header)")
     p.add_argument("--key-file", type=Path, required=True, help="a sealserve key file")
@@ -48,7 +70,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_add_key)
 
     p = sub.add_parser("set-policy", help="replace a key's release policy")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key id (as in the encrypted model's header)")
     _policy_args(p, required=True)
     add_connection_args(p, required=True)
     p.set_defaults(func=_set_policy)
@@ -58,7 +80,7 @@ def register(subparsers: Any) -> None:
     p.set_defaults(func=_list)
 
     p = sub.add_parser("revoke", help="erase a key at the broker for good")
-    p.add_argument("key_id")
+    p.add_argument("key_id", help="the key id (as in the encrypted model's header)")
     add_connection_args(p, required=True)
     p.set_defaults(func=_revoke)
 
@@ -85,16 +107,6 @@ def _policy_args(p: argparse.ArgumentParser, *, required: bool = False) -> None:
         help="UNSAFE: accept a policy that names no platform, no trusted root or no launch "
         "measurement (such a key may be released to any guest of that platform)",
     )
-
-
-def read_policy(path: Path | None) -> str:
-    """The policy file's text, checked locally first. Raises ConfigError."""
-    if path is None:
-        return ""
-    from sealserve.attestation.policy import load_policy
-
-    load_policy(path)
-    return path.read_text(encoding="utf-8")
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -155,6 +167,20 @@ def _init_master_key(args: argparse.Namespace) -> int:
     with os.fdopen(fd, "w") as fh:
         fh.write(secrets.token_hex(32) + "\n")
     print(f"master key: written to {args.out} (mode 0600); keep it private and backed up")
+    return 0
+
+
+def _init_tls(args: argparse.Namespace) -> int:
+    from sealserve.broker.tls import init_identity
+
+    if not 1 <= args.days <= 3650:
+        raise ConfigError(f"--days {args.days}: give 1 to 3650")
+    hostnames = tuple(args.hostname or ("localhost", "127.0.0.1"))
+    cert, key = init_identity(args.out, hostnames=hostnames, days=args.days)
+    print(f"broker TLS key:         {key} (mode 0600; keep it private, back it up)")
+    print(f"broker TLS certificate: {cert} (for {', '.join(hostnames)}, {args.days} days)")
+    print(f'broker.toml:            tls_cert_file = "{cert}", tls_key_file = "{key}"')
+    print(f'servers:                [key_broker] ca_file = "{cert}"')
     return 0
 
 

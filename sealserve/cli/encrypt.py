@@ -87,8 +87,7 @@ def _encrypt(args: argparse.Namespace) -> int:
     admin = None
     policy = ""
     if args.broker is not None:
-        from sealserve.cli._broker_conn import connect
-        from sealserve.cli.broker import read_policy
+        from sealserve.cli._broker_conn import connect, read_policy
 
         policy = read_policy(args.broker_policy)
         admin = connect(args)

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 
 from sealserve import __version__
+from sealserve.cli._extras import missing as missing_extra
 from sealserve.errors import ConfigError, CryptoError, SealserveError
 
 # Order is the order shown in --help.
@@ -79,6 +80,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if not getattr(args, "func", None):
         parser.print_help()
+        return EXIT_USAGE
+    # Before anything else: a command whose extra is not installed says which, in one line.
+    lacking = missing_extra(args)
+    if lacking is not None:
+        print(f"error: {lacking}", file=sys.stderr)
         return EXIT_USAGE
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")

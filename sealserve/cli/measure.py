@@ -16,11 +16,15 @@ def register(sub: Any) -> None:
         "measure",
         help="print the workload manifest and launch reference values",
         description=(
-            "With --config: computes, from this installed build and the config, exactly "
-            "the workload manifest the server will attest to (code digest, measured "
-            "config, model digests) and prints its SHA-256. With --launch: the expected "
-            "hardware launch measurement of a guest built from the given parts (sev-snp: "
-            "OVMF, kernel, initrd, command line, vCPUs; simulated: this build). "
+            "With --config: computes, from this installed build and the config alone "
+            "(before the first start; no state is read), exactly the workload manifest the "
+            "server will attest to (code digest, measured config, model digests, token "
+            "keys) and prints its SHA-256. Keys the server makes at first start (the audit "
+            "key) are attested beside it, in the evidence's runtime keys record. With "
+            "--launch: the expected hardware launch measurement of a guest built from the "
+            "given parts (sev-snp: OVMF, kernel, initrd, command line, vCPUs; tdx: MRTD "
+            "from OVMF/TDVF and, for QEMU direct boot, RTMR2 from the command line and "
+            "initrd; simulated: this build). "
             "--policy-out writes a policy pinning the platform, the launch measurement, "
             "the manifest (with --config) and a minimum TCB: the form `broker set-policy` "
             "accepts."
@@ -35,22 +39,46 @@ def register(sub: Any) -> None:
         choices=("sev-snp", "simulated", "tdx"),
         help="compute the launch measurement of this platform's guest",
     )
-    launch.add_argument("--ovmf", type=Path, help="sev-snp: the OVMF firmware (AmdSev build)")
-    launch.add_argument("--kernel", type=Path, help="sev-snp: the kernel (measured direct boot)")
-    launch.add_argument("--initrd", type=Path, help="sev-snp: the initrd")
-    launch.add_argument("--append", help="sev-snp: the kernel command line")
+    launch.add_argument(
+        "--ovmf", type=Path, help="the OVMF firmware (sev-snp: AmdSev build; tdx: TDVF/OVMF)"
+    )
+    launch.add_argument("--kernel", type=Path, help="the kernel (measured direct boot)")
+    launch.add_argument("--initrd", type=Path, help="the initrd")
+    launch.add_argument("--append", help="the kernel command line")
     launch.add_argument("--vcpus", type=int, default=1, help="sev-snp: vCPU count (default 1)")
-    launch.add_argument("--vcpu-type", default="EPYC-v4", help="sev-snp: QEMU CPU model")
+    launch.add_argument(
+        "--vcpu-type", default="EPYC-v4", help="sev-snp: QEMU CPU model (default: %(default)s)"
+    )
     launch.add_argument(
         "--guest-features",
         type=lambda x: int(x, 0),
         default=None,
         help="sev-snp: SEV_FEATURES word of the VMSA (default 0x1)",
     )
-    launch.add_argument("--vmm", choices=("qemu", "ec2", "gce"), default="qemu")
+    launch.add_argument("--vmm", choices=("qemu", "ec2", "gce"), default="qemu",
+                        help="sev-snp: the guest's VMM (default: %(default)s)")  # fmt: skip
     launch.add_argument(
         "--min-tcb",
         help="TCB floor for --policy-out, e.g. bl=4,snp=22,ucode=217 (default bl=3,snp=8)",
+    )
+    launch.add_argument(
+        "--tdx-page-order",
+        choices=("per-page", "per-section"),
+        default="per-page",
+        help="tdx: how the VMM added and measured the firmware pages (per-page: upstream "
+        "KVM, QEMU 9+ TDX builds; per-section: QEMU 8.x TDX builds; default: %(default)s)",
+    )
+    for reg in ("rtmr0", "rtmr1", "rtmr2"):
+        launch.add_argument(
+            f"--{reg}",
+            type=_register,
+            help=f"tdx: {reg.upper()} read from a reference boot (96 hex), for --policy-out"
+            + (" (overrides the computed value)" if reg == "rtmr2" else ""),
+        )
+    launch.add_argument(
+        "--min-tee-tcb-svn",
+        type=_tee_tcb_svn,
+        help="tdx: TEE_TCB_SVN floor for --policy-out, 32 hex (default 0300020000…)",
     )
     p.set_defaults(func=run)
 
@@ -65,15 +93,18 @@ def run(args: argparse.Namespace) -> int:
         if args.json:
             return 0
     measurement: bytes | None = None
+    registers: dict[str, bytes] = {}
     platform = ""
-    if args.launch is not None:
+    if args.launch == "tdx":
+        platform, registers = "tdx", _tdx(args)
+    elif args.launch is not None:
         platform, measurement = _launch(args, code)
         print(f"launch measurement ({platform})  {measurement.hex()}")
     if args.policy_out:
-        if measurement is None:
+        if measurement is None and not registers:
             raise ConfigError(
                 "measure --policy-out: a policy needs the launch measurement: add --launch "
-                "sev-snp (with the guest's --ovmf/--kernel/--initrd/--append/--vcpus) or "
+                "sev-snp or tdx (with the guest's --ovmf/--kernel/--initrd/--append) or "
                 "--launch simulated; a manifest digest alone is the workload's self-report"
             )
         from sealserve.attestation.launch import reference_policy
@@ -81,8 +112,10 @@ def run(args: argparse.Namespace) -> int:
         text = reference_policy(
             platform=platform,
             measurement=measurement,
+            registers=registers,
             manifest_digest=manifest_digest,
             min_tcb=_min_tcb(args.min_tcb),
+            min_tee_tcb_svn=args.min_tee_tcb_svn,
         )
         args.policy_out.write_text(text)
         print(f"\nwrote {args.policy_out}")
@@ -90,7 +123,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _manifest(args: argparse.Namespace) -> tuple[bytes, str]:
-    from sealserve.defense.audit.log import load_public_key, public_key_fingerprint
     from sealserve.enclave.manifest import code_digest
     from sealserve.server.manifest import (
         build_manifest,
@@ -104,18 +136,9 @@ def _manifest(args: argparse.Namespace) -> tuple[bytes, str]:
     settings = Settings.load(args.config)
     code = code_digest()
     models = measure_entries(scan_repository(settings.model_repository))
-    extra = {}
-    defense = settings.defense_config()
-    if defense is not None and defense.audit.enabled:
-        pem = defense.state_dir / "audit-public.pem" if defense.state_dir else None
-        if pem is not None and pem.is_file():
-            extra["audit_public_key"] = public_key_fingerprint(load_public_key(pem.read_bytes()))
-        else:
-            print("warning: the audit key is made at the server's first start; run measure "
-                  "again afterwards (it reads defense.state_dir/audit-public.pem)")  # fmt: skip
-    manifest = build_manifest(
-        settings, models, code=code, hardening=expected_hardening(settings), extra=extra
-    )
+    # The config and the build alone: keys the server makes at its first start (the
+    # audit key) are attested beside the manifest, in the runtime keys record.
+    manifest = build_manifest(settings, models, code=code, hardening=expected_hardening(settings))
     digest = manifest.digest()
     if args.json:
         print(json.dumps(manifest.to_json(), indent=2, sort_keys=True))
@@ -136,12 +159,6 @@ def _launch(args: argparse.Namespace, code: str | None) -> tuple[str, bytes]:
         from sealserve.server.manifest import simulated_measurement
 
         return "simulated-sev-snp", simulated_measurement(code or code_digest())
-    if args.launch == "tdx":
-        raise ConfigError(
-            "measure --launch tdx: MRTD and RTMR0..2 also depend on the VMM's ACPI tables "
-            "and no maintained Python package computes them; run `tdx-measure` (see "
-            "docs/deploy.md) and pin its mrtd, rtmr0, rtmr1 and rtmr2 in [tdx]"
-        )
     from sealserve.attestation.launch import (
         DEFAULT_GUEST_FEATURES,
         SnpLaunch,
@@ -151,10 +168,7 @@ def _launch(args: argparse.Namespace, code: str | None) -> tuple[str, bytes]:
     if args.ovmf is None:
         raise ConfigError("measure --launch sev-snp needs --ovmf (the guest's firmware)")
     spec = SnpLaunch(
-        ovmf=args.ovmf,
-        kernel=args.kernel,
-        initrd=args.initrd,
-        append=args.append,
+        **_boot_parts(args),
         vcpus=args.vcpus,
         vcpu_type=args.vcpu_type,
         guest_features=(
@@ -163,6 +177,44 @@ def _launch(args: argparse.Namespace, code: str | None) -> tuple[str, bytes]:
         vmm=args.vmm,
     )
     return "sev-snp", snp_launch_measurement(spec)
+
+
+def _boot_parts(args: argparse.Namespace) -> dict[str, Any]:
+    return {k: getattr(args, k) for k in ("ovmf", "kernel", "initrd", "append")}
+
+
+def _tdx(args: argparse.Namespace) -> dict[str, bytes]:
+    from sealserve.attestation.tdx_launch import TdxLaunch, tdx_launch_registers
+
+    if args.ovmf is None:
+        raise ConfigError("measure --launch tdx needs --ovmf (the TD's OVMF/TDVF firmware)")
+    spec = TdxLaunch(**_boot_parts(args), page_order=args.tdx_page_order)
+    computed = tdx_launch_registers(spec)
+    given = {r: getattr(args, r) for r in ("rtmr0", "rtmr1", "rtmr2") if getattr(args, r)}
+    out = {**computed, **given}
+    for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2"):
+        how = "computed" if name in computed and name not in given else "given"
+        value = out[name].hex() if name in out else "not computed (pass it, see docs/tdx.md)"
+        print(f"tdx {name:<6} {how if name in out else '':<8}  {value}")
+    return out
+
+
+def _tee_tcb_svn(text: str) -> bytes:
+    return _hex_arg(text, 16)
+
+
+def _register(text: str) -> bytes:
+    return _hex_arg(text, 48)
+
+
+def _hex_arg(text: str, size: int) -> bytes:
+    try:
+        raw = bytes.fromhex(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"not hex: {text[:20]!r} ({len(text)} chars)") from exc
+    if len(raw) != size:
+        raise argparse.ArgumentTypeError(f"expected {size} bytes ({2 * size} hex), got {len(raw)}")
+    return raw
 
 
 def _min_tcb(text: str | None) -> dict[str, int] | None:

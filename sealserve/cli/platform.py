@@ -19,7 +19,7 @@ def register(sub: Any) -> None:
     )
     psub = p.add_subparsers(dest="platform_command", metavar="ACTION", required=True)
     init = psub.add_parser("init-simulated", help="create the simulated root in DIR (once)")
-    init.add_argument("directory", type=Path)
+    init.add_argument("directory", type=Path, help="where to write the simulated root (created)")
     init.set_defaults(func=run_init)
 
 

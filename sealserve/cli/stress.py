@@ -28,11 +28,16 @@ def register(sub: Any) -> None:
     p.add_argument("--issuer-key", type=Path, required=True, help="token signing key (PEM)")
     p.add_argument("--issuer", required=True, help="the issuer name configured in [auth]")
     p.add_argument("--tier", required=True, help="tier of the stress accounts")
-    p.add_argument("--accounts", type=int, default=10)
-    p.add_argument("--connections", type=int, default=50)
-    p.add_argument("--duration", type=float, default=10.0, help="seconds (at most 600)")
-    p.add_argument("--model", default="digits")
-    p.add_argument("--account-prefix", default="stress-")
+    p.add_argument("--accounts", type=int, default=10,
+                   help="accounts to mint tokens for (default: %(default)s)")  # fmt: skip
+    p.add_argument("--connections", type=int, default=50,
+                   help="connections in all, over the targets (default: %(default)s)")  # fmt: skip
+    p.add_argument(
+        "--duration", type=float, default=10.0, help="seconds, at most 600 (default: %(default)s)"
+    )
+    p.add_argument("--model", default="digits", help="model to call (default: %(default)s)")
+    p.add_argument("--account-prefix", default="stress-",
+                   help="accounts are named PREFIX000, ... (default: %(default)s)")  # fmt: skip
     add_connection_args(p, token=False)
     p.set_defaults(func=run)
 
@@ -80,6 +85,9 @@ def run(args: argparse.Namespace) -> int:
                     for t in meta.inputs
                 }
     assert inputs is not None
+    warning = defense_warning(settings.defense, model=args.model, tier=args.tier, accounts=accounts)
+    if warning:
+        print(warning, flush=True)
     tier = limits.tier(args.tier) if limits is not None else None
     print(f"stress: {len(accounts)} accounts x {args.connections} connections on "
           f"{len(endpoints)} endpoint(s) for {args.duration:g} s ...", flush=True)  # fmt: skip
@@ -91,6 +99,22 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     print(report.render())
     return 0 if report.over_admissions == 0 and report.consistent else 1
+
+
+def defense_warning(
+    defense: dict[str, Any] | None, *, model: str, tier: str, accounts: list[str]
+) -> str | None:
+    """One line, before any request, when ``model`` is defended: the stress accounts
+    look like extraction to the detector, so they will be throttled or suspended and
+    their requests will fill the audit log and its report."""
+    if not defense or model not in (defense.get("models") or {}):
+        return None
+    return (
+        f"warning: [defense] is on for {model!r}: the stress accounts ({accounts[0]}.."
+        f"{accounts[-1]}, tier {tier!r}) will be throttled or suspended by detection and "
+        "will fill the audit log and `audit report`; give them a tier and --account-prefix "
+        "of their own and `sealserve admin forgive` them afterwards"
+    )
 
 
 def _dtype(datatype: str) -> Any:

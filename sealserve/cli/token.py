@@ -18,6 +18,10 @@ from typing import Any
 
 from sealserve.errors import ConfigError, InputError
 
+# sealserve.auth.principal.SCOPES, spelt out so that --help does not import the JWT stack
+# (tests/cli/test_help.py checks they agree).
+SCOPE_CHOICES = ("infer", "metadata", "admin", "audit")
+
 _REMEDY = "Check the arguments against 'sealserve token --help'."
 
 
@@ -32,7 +36,10 @@ def register(subparsers: Any) -> None:
     keygen = sub.add_parser("keygen", help="write a new signing key and its JWKS")
     keygen.add_argument("--out-dir", type=Path, required=True, help="directory to write into")
     keygen.add_argument(
-        "--alg", default="ES256", choices=("ES256", "ES384", "EdDSA", "RS256", "PS256")
+        "--alg",
+        default="ES256",
+        choices=("ES256", "ES384", "EdDSA", "RS256", "PS256"),
+        help="signature algorithm (default: %(default)s)",
     )
     keygen.add_argument(
         "--key-name", default="signing-key", help="private key file stem (default signing-key)"
@@ -49,7 +56,7 @@ def register(subparsers: Any) -> None:
         "--scope",
         action="append",
         required=True,
-        choices=("infer", "metadata", "admin"),
+        choices=SCOPE_CHOICES,
         help="a granted scope (repeat for several)",
     )
     issue.add_argument("--tos", required=True, help="accepted terms-of-service version")

@@ -44,7 +44,13 @@ def register(sub: Any) -> None:
     )
     p.add_argument("--json", action="store_true", help="print a JSON report")
     p.add_argument("--save", type=Path, help="write the evidence here (online mode)")
-    p.add_argument("--timeout", type=float, default=10.0)
+    p.add_argument(
+        "--audit-key-out", type=Path, metavar="FILE",
+        help="once verified, write the attested audit public key (PEM) here, for "
+        "`sealserve audit verify --public-key FILE`",
+    )  # fmt: skip
+    p.add_argument("--timeout", type=float, default=10.0,
+                   help="seconds to wait for --endpoint (default: %(default)s)")  # fmt: skip
     add_raw_args(p)
     p.set_defaults(func=run)
 
@@ -94,6 +100,9 @@ def run(args: argparse.Namespace) -> int:
                 now=parse_time(args.at),
             )
             extra = [("freshness", None, "not checked offline: nonce taken from the file")]
+        if claims.runtime_keys is not None:
+            report["runtime_keys"] = claims.runtime_keys.to_json()
+            _write_audit_key(args.audit_key_out, claims.runtime_keys)
         report["ok"] = True
         report["checks"] = [
             {"name": c.name, "passed": c.passed, "detail": c.detail}
@@ -118,6 +127,26 @@ def run(args: argparse.Namespace) -> int:
     else:
         _print_table(report)
     return 0 if report["ok"] else 1
+
+
+def _write_audit_key(path: Path | None, keys: Any) -> None:
+    """Write the verified audit public key as PEM (ConfigError without one)."""
+    if path is None:
+        return
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+    from sealserve.errors import ConfigError
+
+    if keys.audit_public_key is None:
+        raise ConfigError(
+            "--audit-key-out: the attested server holds no audit key (no [defense] audit "
+            "log), so there is none to write"
+        )
+    pem = Ed25519PublicKey.from_public_bytes(keys.audit_public_key).public_bytes(
+        Encoding.PEM, PublicFormat.SubjectPublicKeyInfo
+    )
+    path.write_bytes(pem)
 
 
 def _print_table(report: dict[str, Any]) -> None:
@@ -149,6 +178,9 @@ def _print_claims(report: dict[str, Any], claims: dict[str, Any]) -> None:
     for key, value in claims["fields"].items():
         if key not in claims["measurements"]:
             print(f"  {key:<16} {value}", file=out)
+    audit = (report.get("runtime_keys") or {}).get("audit")
+    if audit:
+        print(f"  audit pubkey     {audit['public_key']} (attested runtime key)", file=out)
     manifest = report.get("manifest") or {}
     if manifest:
         print(f"  code digest      {manifest.get('code_digest')}", file=out)

@@ -29,7 +29,12 @@ def register(sub: Any) -> None:
     add_ledger_args(v)
     add_suspect_args(v)
     v.add_argument("--account", help="only this account's watermarked queries")
-    v.add_argument("--alpha", type=float, default=1e-6, help="verdict threshold (p < alpha)")
+    v.add_argument(
+        "--alpha",
+        type=float,
+        default=1e-6,
+        help="verdict threshold: a claim when p < alpha (default: %(default)g)",
+    )
     v.add_argument(
         "--signal-probes", type=int, default=1000, metavar="N",
         help="boundary probes replayed for the signal test, nearest first (default 1000)",
@@ -48,7 +53,8 @@ def add_ledger_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--ledger", type=Path, required=True, help="defense.state_dir/watermark-ledger")
     g.add_argument(
         "--platform", choices=("simulated", "configfs-tsm"), default="simulated",
-        help="the platform that sealed it (configfs-tsm: run inside the same TEE)",
+        help="the platform that sealed it (configfs-tsm: run inside the same TEE; "
+        "default: %(default)s)",
     )  # fmt: skip
     # The simulated platform's directory is --simulated-root (a connection option too).
 
@@ -57,7 +63,11 @@ def add_suspect_args(p: argparse.ArgumentParser) -> None:
     g = p.add_mutually_exclusive_group(required=True)
     g.add_argument("--suspect", type=Path, help="suspect model (ONNX file)")
     g.add_argument("--suspect-endpoint", metavar="HOST:PORT", help="suspect OIP endpoint")
-    p.add_argument("--model", default="digits", help="model name at the suspect endpoint")
+    p.add_argument(
+        "--model",
+        default="digits",
+        help="model name at the suspect endpoint (default: %(default)s)",
+    )
     add_connection_args(p)
 
 

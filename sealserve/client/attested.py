@@ -6,7 +6,8 @@
    ``GET /v2/sealserve/evidence?nonce=HEX``: no token is sent).
 3. Verify the evidence against the caller's policy and trusted roots: the hardware
    report and its chain, the nonce (freshness), and the REPORT_DATA binding of the
-   nonce, the TLS key, the workload manifest and the HPKE key.
+   nonce, the TLS key, the workload manifest, the HPKE key and the runtime keys record
+   (``AttestedEndpoint.runtime_keys``: e.g. the audit log's public key).
 4. Check that the TLS key bound in the evidence is the key of the certificate the
    channel pinned. Only then does the caller get the pinned certificate for the
    channel that carries tokens and inference data.
@@ -33,6 +34,7 @@ from sealserve._proto import attestation_pb2_grpc
 from sealserve.attestation.claims import Claims, Policy
 from sealserve.attestation.evidence import Evidence, verify_evidence
 from sealserve.attestation.policy import DEFAULT_POLICY, load_policy
+from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.errors import EvidenceFormatError, UnavailableError, VerificationError
 
@@ -49,6 +51,18 @@ class AttestedEndpoint:
     certificate_pem: bytes
     evidence: Evidence
     claims: Claims
+
+    @property
+    def runtime_keys(self) -> RuntimeKeys:
+        """The public keys the attested server made at its first start (its audit log's
+        signing key: what ``sealserve audit verify --public-key`` needs), verified with
+        the evidence: REPORT_DATA binds them."""
+        keys = self.claims.runtime_keys
+        if keys is None:  # a verifier that did not check the record: parse nothing
+            raise VerificationError(
+                "runtime_keys: the claims carry no verified runtime keys", check="runtime_keys"
+            )
+        return keys
 
 
 def _split(target: str) -> tuple[str, int]:

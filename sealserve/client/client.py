@@ -26,6 +26,7 @@ from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.client.attested import ATTESTED_NAME, AttestedEndpoint, attest
 from sealserve.client.codec import decode_response, encode_request
 from sealserve.client.errors import from_rpc_error
+from sealserve.client.quota import QUOTA_KEY, QuotaLeft
 from sealserve.client.rest import RestCalls, RestConnection, pinned_context
 from sealserve.defense.challenge import solve
 from sealserve.errors import ChallengeRequiredError
@@ -115,7 +116,7 @@ class Client:
         self._token = token
         self._timeout = timeout
         self.solve_challenges = solve_challenges
-        self._quota: str | None = None
+        self._quota: QuotaLeft | None = None
 
     @property
     def channel(self) -> grpc.Channel:
@@ -125,13 +126,16 @@ class Client:
         return self._channel
 
     @property
-    def quota_remaining(self) -> str | None:
-        """Remaining quota reported by the server with the last successful inference."""
-        return self._rest.quota_remaining if self._rest is not None else self._quota
+    def quota(self) -> QuotaLeft | None:
+        """Each limit window's (remaining, limit), as the server reported them with the
+        last successful call; ``None`` before one, or when no limit applies."""
+        return self._rest.quota if self._rest is not None else self._quota
 
-    @quota_remaining.setter
-    def quota_remaining(self, value: str | None) -> None:
-        self._quota = value
+    @property
+    def quota_remaining(self) -> int | None:
+        """Calls left before a limit refuses (the smallest window's remaining)."""
+        quota = self.quota
+        return quota.remaining if quota is not None else None
 
     def _call(self, method: str, request: Any, extra: tuple[tuple[str, str], ...] = ()) -> Any:
         try:
@@ -150,8 +154,8 @@ class Client:
                 )
             raise error from exc
         for key, value in call.trailing_metadata() or ():
-            if key == "sealserve-quota-remaining":
-                self.quota_remaining = value
+            if key == QUOTA_KEY:
+                self._quota = QuotaLeft.from_header(value)
         return response
 
     def server_ready(self) -> bool:
@@ -232,7 +236,7 @@ class AsyncClient:
         self.attestation: AttestedEndpoint | None = None
         self._lock = asyncio.Lock()
         self.solve_challenges = solve_challenges
-        self.quota_remaining: str | None = None
+        self.quota: QuotaLeft | None = None
 
     async def connect(self) -> None:
         """Attest (unless pinned or plaintext) and open the channel. Idempotent."""
@@ -274,9 +278,14 @@ class AsyncClient:
                 return await self._call(method, request, _pow_metadata(error.challenge, answer))
             raise error from exc
         for key, value in await call.trailing_metadata() or ():
-            if key == "sealserve-quota-remaining":
-                self.quota_remaining = value
+            if key == QUOTA_KEY:
+                self.quota = QuotaLeft.from_header(value)
         return response
+
+    @property
+    def quota_remaining(self) -> int | None:
+        """Calls left before a limit refuses (the smallest window's remaining)."""
+        return self.quota.remaining if self.quota is not None else None
 
     async def server_ready(self) -> bool:
         return bool((await self._call("ServerReady", pb.ServerReadyRequest())).ready)

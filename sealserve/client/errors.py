@@ -12,6 +12,7 @@ from sealserve.errors import (
     PermissionDeniedError,
     RateLimitedError,
     SealserveError,
+    SuspendedError,
     UnavailableError,
 )
 
@@ -29,6 +30,8 @@ def from_rpc_error(exc: grpc.RpcError) -> SealserveError:
     if code == grpc.StatusCode.UNAUTHENTICATED:
         return AuthenticationError(details)
     if code == grpc.StatusCode.PERMISSION_DENIED:
+        if trailing.get("sealserve-refusal") == "suspended":
+            return SuspendedError(details, retry_after=retry_after)
         return PermissionDeniedError(details)
     if code == grpc.StatusCode.RESOURCE_EXHAUSTED:
         return RateLimitedError(details, retry_after=retry_after)

@@ -20,6 +20,7 @@ from urllib.parse import quote as urlquote
 
 import numpy as np
 
+from sealserve.client.quota import QUOTA_KEY, QuotaLeft
 from sealserve.defense.challenge import solve
 from sealserve.errors import (
     AuthenticationError,
@@ -29,6 +30,7 @@ from sealserve.errors import (
     PermissionDeniedError,
     RateLimitedError,
     SealserveError,
+    SuspendedError,
     TensorError,
     UnavailableError,
 )
@@ -157,6 +159,8 @@ def from_http_error(status: int, headers: http.client.HTTPMessage, body: bytes) 
     if status == 401:
         return AuthenticationError(message)
     if status == 403:
+        if headers.get("sealserve-refusal") == "suspended":
+            return SuspendedError(message, retry_after=retry_after)
         return PermissionDeniedError(message)
     if status == 428 and headers.get("sealserve-challenge"):
         return ChallengeRequiredError(message, challenge=str(headers["sealserve-challenge"]))
@@ -256,7 +260,7 @@ class RestCalls:
         self._conn = connection
         self._token = token
         self.solve_challenges = solve_challenges
-        self.quota_remaining: str | None = None
+        self.quota: QuotaLeft | None = None
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
         headers = dict(extra)
@@ -310,9 +314,9 @@ class RestCalls:
         _, got, data = self.call(
             "POST", model_path(model, version) + "/infer", body=body, headers=headers
         )
-        remaining = got.get("sealserve-quota-remaining")
+        remaining = got.get(QUOTA_KEY)
         if remaining is not None:
-            self.quota_remaining = remaining
+            self.quota = QuotaLeft.from_header(remaining)
         return decode_infer(got, data)
 
     def close(self) -> None:

@@ -15,6 +15,7 @@ from typing import Protocol
 from sealserve.attestation.binding import compute_report_data
 from sealserve.attestation.claims import Platform as PlatformKind
 from sealserve.attestation.evidence import Evidence
+from sealserve.attestation.runtime_keys import NO_RUNTIME_KEYS
 
 DEFAULT_CONFIGFS_TSM = Path("/sys/kernel/config/tsm/report")
 
@@ -46,15 +47,26 @@ class Platform(Protocol):
 
 
 def attest(
-    platform: Platform, *, nonce: bytes, tls_spki: bytes, manifest: bytes, hpke_public_key: bytes
+    platform: Platform,
+    *,
+    nonce: bytes,
+    tls_spki: bytes,
+    manifest: bytes,
+    hpke_public_key: bytes,
+    runtime_keys: bytes = NO_RUNTIME_KEYS,
 ) -> Evidence:
-    """Evidence answering ``nonce``: a report binding the TLS key, manifest and HPKE key.
+    """Evidence answering ``nonce``: a report binding the TLS key, manifest, HPKE key
+    and runtime keys record (default: the record of no keys).
 
     Raises VerificationError(check="nonce") for a nonce shorter than 32 bytes and
     UnavailableError if the platform fails.
     """
     report_data = compute_report_data(
-        nonce=nonce, tls_spki=tls_spki, manifest=manifest, hpke_public_key=hpke_public_key
+        nonce=nonce,
+        tls_spki=tls_spki,
+        manifest=manifest,
+        hpke_public_key=hpke_public_key,
+        runtime_keys=runtime_keys,
     )
     produced = platform.report(report_data)
     return Evidence(
@@ -65,4 +77,5 @@ def attest(
         tls_spki=tls_spki,
         hpke_public_key=hpke_public_key,
         nonce=nonce,
+        runtime_keys=runtime_keys,
     )

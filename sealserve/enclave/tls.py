@@ -56,9 +56,14 @@ class TlsIdentity:
 
     @classmethod
     def generate(
-        cls, *, hostnames: tuple[str, ...] = ("localhost",), common_name: str = "sealserve"
+        cls,
+        *,
+        hostnames: tuple[str, ...] = ("localhost",),
+        common_name: str = "sealserve",
+        valid_days: int = 30,
     ) -> TlsIdentity:
-        """A fresh P-256 key and self-signed certificate valid for ``hostnames``."""
+        """A fresh P-256 key and self-signed certificate valid for ``hostnames`` during
+        ``valid_days``."""
         key = ec.generate_private_key(ec.SECP256R1())
         name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
         now = dt.datetime.now(dt.UTC)
@@ -77,7 +82,7 @@ class TlsIdentity:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(now - dt.timedelta(minutes=5))
-            .not_valid_after(now + dt.timedelta(days=30))
+            .not_valid_after(now + dt.timedelta(days=valid_days))
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
             .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
             .sign(key, hashes.SHA256())

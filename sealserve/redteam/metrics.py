@@ -159,6 +159,35 @@ def run_attack_with(
     return m
 
 
+def plan_accounts(
+    attacks: Sequence[Attack], accounts: Sequence[Account]
+) -> tuple[list[list[Account]], list[str]]:
+    """Which accounts each attack runs with, in order: an attack that uses ``n``
+    accounts takes the next ``n`` not used by an earlier attack, so a later attack
+    does not start on an account an earlier one got throttled or suspended; one that
+    uses all (``accounts=None``, e.g. ``rotation``) gets every account. When the fresh
+    ones run out, accounts are reused from the first again, and the second list says
+    so (one line per attack that reuses)."""
+    plans: list[list[Account]] = []
+    warnings: list[str] = []
+    cursor = 0
+    for attack in attacks:
+        if attack.accounts is None or not accounts:
+            plans.append(list(accounts))
+            continue
+        want = min(attack.accounts, len(accounts))
+        if cursor + want > len(accounts):
+            warnings.append(
+                f"{attack.name}: no fresh account left ({len(accounts)} given); reusing "
+                "accounts earlier attacks may have got throttled (give one token per "
+                "attack in --token-file)"
+            )
+            cursor = 0
+        plans.append(list(accounts[cursor : cursor + want]))
+        cursor += want
+    return plans, warnings
+
+
 def run_attack(
     attack: Attack,
     target: str,

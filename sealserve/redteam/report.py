@@ -91,7 +91,18 @@ def _pyplot() -> Any:
 def plot(runs: Sequence[RunMetrics], path: Path, *, title: str = "") -> Path:
     """Fidelity against admitted queries, one line per run, first refusals marked."""
     plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig = figure(runs, title=title)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def figure(runs: Sequence[RunMetrics], *, title: str = "") -> Any:
+    """The fidelity plot as a matplotlib ``Figure``; its legend sits right of the axes,
+    where it hides no curve or marker."""
+    plt = _pyplot()
+    fig, ax = plt.subplots(figsize=(8.5, 4.5))
     labelled: set[str] = set()
     for m in runs:
         if m.curve:
@@ -101,12 +112,9 @@ def plot(runs: Sequence[RunMetrics], path: Path, *, title: str = "") -> Path:
     _axes(ax, title or "Fidelity against queries")
     ax.set_xlabel("queries answered")
     ax.set_ylabel("replica fidelity (top-1 agreement)")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
+    return fig
 
 
 def plot_pairs(

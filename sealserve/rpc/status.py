@@ -39,6 +39,9 @@ from sealserve.errors import (
 log = logging.getLogger("sealserve.status")
 
 Metadata = tuple[tuple[str, str], ...]
+#: Trailing metadata (gRPC) and header (REST) naming a refusal that shares its status
+#: code with others: ``suspended`` (PERMISSION_DENIED / 403).
+REFUSAL_KEY = "sealserve-refusal"
 
 _CODES: tuple[tuple[type[SealserveError], grpc.StatusCode], ...] = (
     (NotFoundError, grpc.StatusCode.NOT_FOUND),
@@ -77,6 +80,9 @@ def to_status(exc: BaseException) -> tuple[grpc.StatusCode, str, Metadata]:
                     meta.append(("retry-after", str(max(1, math.ceil(exc.retry_after)))))
                 if isinstance(exc, ChallengeRequiredError) and exc.challenge:
                     meta.append(("sealserve-challenge", exc.challenge))
+                if isinstance(exc, SuspendedError):
+                    # PERMISSION_DENIED for any OIP client; the SDK raises SuspendedError.
+                    meta.append((REFUSAL_KEY, "suspended"))
                 return code, exc.message, tuple(meta)
     incident = uuid.uuid4().hex[:12]
     log.error("internal error (incident %s)", incident, exc_info=exc)

@@ -29,6 +29,7 @@ from sealserve._proto import (
 from sealserve._proto import attestation_pb2 as apb
 from sealserve._proto import grpc_service_pb2 as pb
 from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
+from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.auth import Authenticator
 from sealserve.auth.revocation import FileRevocationList
 from sealserve.defense.audit.head import sign_head
@@ -56,6 +57,7 @@ from sealserve.server.manifest import (
     is_real_platform,
     measure_entries,
     runtime_json,
+    runtime_keys_for,
     simulated_measurement,
 )
 from sealserve.server.metrics import Metrics
@@ -212,6 +214,7 @@ class Server:
         self.rest_port = 0
         self._health_server: grpc.aio.Server | None = None
         self.manifest: WorkloadManifest | None = None
+        self.runtime_keys = RuntimeKeys()
         self.platform: Platform | None = None
         # The enclave's key-release key: brokers seal model keys to it (HPKE, X25519).
         self.hpke_private_key = X25519PrivateKey.generate()
@@ -254,7 +257,10 @@ class Server:
             log.warning("unsafe_fail_open: requests are admitted UNCHECKED when the store is down")
         with startup_step(s, "state_store", fix=STORE_FIX):
             pow_key = _pow_key(self.store)
-        return Guard(quota=QuotaGuard(limits, self.store, Challenges(pow_key, self.store)))
+        return Guard(
+            quota=QuotaGuard(limits, self.store, Challenges(pow_key, self.store)),
+            store_deadline_s=s.state_store_deadline_s,
+        )
 
     def _open_store(self) -> StateStore:
         s = self.settings
@@ -293,19 +299,18 @@ class Server:
         with startup_step(s, "attestation_platform"):
             self.platform = select_platform(s, code)
         defense = s.defense_config()
-        extra: dict[str, Any] = {}
         if defense is not None:
-            # Sealed secrets first: the manifest names the audit key.
+            # Sealed secrets before key release: the evidence names the audit key.
             with startup_step(s, "defense"):
                 self.defense_secrets = DefenseSecrets.open(defense, self.platform)
-            if self.defense_secrets.audit_key is not None:
-                extra["audit_public_key"] = self.defense_secrets.audit_key.fingerprint
+        # Keys made at first start go beside the manifest, not in it, so that
+        # `sealserve measure` reproduces the manifest from a build and a config.
+        self.runtime_keys = runtime_keys_for(self.defense_secrets)
         self.manifest = build_manifest(
             s,
             measured,
             code=code,
             hardening=self._hardening_json(),
-            extra=extra,
             runtime=runtime_json(s, real_platform=is_real_platform(self.platform)),
             token_keys=self.authenticator.attested_keys() if self.authenticator else {},
         )
@@ -327,6 +332,7 @@ class Server:
                 tls_spki=self.tls.spki_der,
                 manifest=self.manifest.to_bytes(),
                 hpke_public_key=self.hpke_public_key,
+                runtime_keys=self.runtime_keys.to_bytes(),
                 per_peer_per_minute=s.evidence_per_peer_per_minute,
                 audit_head=self.audit_head,
             )
@@ -339,11 +345,14 @@ class Server:
             )
         elif self.platform is not None:
             log.warning("attestation is off: it binds the TLS key, and TLS is off")
+        with startup_step(s, "key_broker"):
+            self.keys.check()
         self.keys.bind(
             platform=self.platform if self.tls is not None else None,
             tls_spki=self.tls.spki_der if self.tls is not None else b"",
             manifest=self.manifest.to_bytes(),
             hpke_private_key=self.hpke_private_key,
+            runtime_keys=self.runtime_keys.to_bytes(),
         )
         pb_grpc.add_GRPCInferenceServiceServicer_to_server(inference, protected)
         admin = AdminServicer(self.plane.guard.quota, self.plane.guard, audit=self._audit_log)
@@ -394,7 +403,9 @@ class Server:
                         defense, self.defense_secrets, engine=self.engine, store=self.store,
                         quota=self.plane.guard.quota,
                     )  # fmt: skip
+                self.plane.guard.store_io = self.store is not None and self.store.blocking
         except BaseException:
+            self.keys.stop()  # a key wait in progress ends with the server
             await self._server.stop(0)
             if self.rest is not None:
                 await self.rest.stop(0)
@@ -457,6 +468,7 @@ class Server:
         await self._server.wait_for_termination()
 
     async def stop(self, grace: float = 5.0) -> None:
+        self.keys.stop()
         self.plane.set_ready(False)
         await self.health.enter_graceful_shutdown()
         if self.rest is not None:

@@ -5,11 +5,9 @@ Later layers (authentication, the defense guard) hook in here, not in the servic
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
@@ -76,9 +74,13 @@ class DataPlane:
         Raises the guard's refusals (RefusedError family, PermissionDeniedError,
         UnavailableError) before any inference runs.
         """
+        # Decoded already: no deferred-decode wrapper (this is the REST port's path).
         batch = _batch_of(request)
-        remaining = self._admit(caller, request.model, batch, pow_)
-        return await self._answer(request, caller, batch), remaining
+        requested = request.outputs
+        to_compute = self.guard.to_compute(request.model, requested)
+        remaining = await self._admit(caller, request.model, batch, pow_)
+        response = await self._answer(request, caller, batch, requested, to_compute)
+        return response, remaining
 
     async def infer_pending(
         self, pending: PendingRequest, caller: Caller, *, pow_: ProofOfWork | None = None
@@ -87,51 +89,53 @@ class DataPlane:
         on the declared batch size first, so a refused caller's tensors are never
         materialised. (A declared batch below 1 is decoded first: decoding says what is
         wrong with it, or the batch check below does.)"""
+        requested = pending.outputs
+        # Which outputs are served is decided before admission: a request naming an
+        # output the defenses do not cover is refused without spending quota.
+        to_compute = self.guard.to_compute(pending.model, requested)
         request = None
         batch = pending.declared_batch
         if batch < 1:
             request = pending.decode()
             batch = _batch_of(request)
-        remaining = self._admit(caller, pending.model, batch, pow_)
+        remaining = await self._admit(caller, pending.model, batch, pow_)
         if request is None:
             request = pending.decode()
             if _batch_of(request) != batch:  # the codec checks shapes; never expected
                 raise InputError("decoded batch size differs from the declared shape")
-        return await self._answer(request, caller, batch), remaining
+        if request.outputs != requested:  # both read the same request; never expected
+            raise InputError("decoded outputs differ from the declared ones")
+        response = await self._answer(request, caller, batch, requested, to_compute)
+        return response, remaining
 
-    def _admit(
+    async def _admit(
         self, caller: Caller, model: str, batch: int, pow_: ProofOfWork | None
     ) -> tuple[Remaining, ...]:
         try:
-            return self.guard.admit(caller, model, batch_size=batch, pow_=pow_)
+            return await self.guard.admit_async(caller, model, batch_size=batch, pow_=pow_)
         except RefusedError as exc:
             self.recent_refusals.remember(caller.account, exc)
             raise
 
-    async def _answer(self, request: InferRequest, caller: Caller, batch: int) -> InferResponse:
+    async def _answer(
+        self, request: InferRequest, caller: Caller, batch: int,
+        requested: tuple[str, ...], to_compute: tuple[str, ...],
+    ) -> InferResponse:  # fmt: skip
         """Infer an admitted request and release its outputs through the defenses."""
-        guard = self.guard
-        requested = request.outputs
         # A defended model always computes its defended output, whatever was asked for.
-        request.outputs = guard.to_compute(request.model, requested)
+        request.outputs = to_compute
         response = await self.engine.infer(request)
-        if guard.large_batch(batch):
-            # A large batch is scored before it is answered: off the event loop.
-            response.outputs = await asyncio.to_thread(
-                partial(guard.release, caller, request.model, request.inputs,
-                        response.outputs, requested=requested)
-            )  # fmt: skip
-        else:
-            response.outputs = guard.release(
-                caller, request.model, request.inputs, response.outputs, requested=requested
-            )
+        response.outputs = await self.guard.release_async(
+            caller, request.model, request.inputs, response.outputs, requested=requested,
+            rows=batch,
+        )  # fmt: skip
         return response
 
     def refused_recently(self, account: str) -> None:
-        """Raise the refusal this process gave ``account`` within the last second, if
-        any: checked from the request's header before its body is read (no I/O). The
-        refusal is audited like any other (the model is not known yet: its name is in
-        the body)."""
+        """Raise the refusal this process gave ``account`` within the last
+        :data:`REFUSAL_HOLD_S` seconds (never past its retry-after), if any: checked
+        from the request's header before its body is read (no I/O). The refusal is
+        audited like any other (the model is not known yet: its name is in the body)."""
         try:
             self.recent_refusals.check(account)
         except RefusedError as exc:
@@ -141,12 +145,14 @@ class DataPlane:
 
 @dataclass(frozen=True)
 class PendingRequest:
-    """A request admitted on what it declares (model, batch size) before ``decode``
-    materialises its tensors."""
+    """A request admitted on what it declares (model, batch size, the outputs it names,
+    already checked against the model's) before ``decode`` materialises its tensors."""
 
     model: str
     declared_batch: int
     decode: Callable[[], InferRequest]
+    outputs: tuple[str, ...]
+    """The output names asked for (empty: all)."""
 
 
 def _batch_of(request: InferRequest) -> int:
@@ -159,6 +165,12 @@ def _batch_of(request: InferRequest) -> int:
     return batch
 
 
+# How long a spent limit is answered from the request header alone: long enough that a
+# client hammering with large bodies never gets one parsed on a loaded machine, short
+# enough that a quota reset made through another replica is seen within it.
+REFUSAL_HOLD_S = 5.0
+
+
 class RecentRefusals:
     """Accounts refused in the last ``hold_s`` seconds, so that their next requests are
     refused before their bodies are read. Bounded; a lifted suspension or a reset quota
@@ -167,7 +179,7 @@ class RecentRefusals:
     def __init__(
         self,
         *,
-        hold_s: float = 1.0,
+        hold_s: float = REFUSAL_HOLD_S,
         capacity: int = 10_000,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:

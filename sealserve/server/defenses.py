@@ -171,8 +171,8 @@ class LedgerSaver:
 
 @dataclass
 class DefenseSecrets:
-    """What sealed state provides before the models load (the manifest needs the audit
-    key's fingerprint, and key release needs the manifest)."""
+    """What sealed state provides before the models load (the evidence's runtime keys
+    record holds the audit public key, and key release sends that evidence)."""
 
     state: SealedState
     root_key: bytes

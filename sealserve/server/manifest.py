@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sealserve import __version__
 from sealserve.attestation.claims import Platform as PlatformKind
+from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.runtime import check_hooks, record_runtime
 from sealserve.server.model_keys import EncryptedModelSource
 from sealserve.server.repository import ModelEntry
 from sealserve.server.settings import Settings
+
+if TYPE_CHECKING:
+    from sealserve.server.defenses import DefenseSecrets
 
 # The simulated platform's stand-in for a launch measurement: a function of the code,
 # so that changing the code changes the measurement, and an auditor can reproduce it.
@@ -104,6 +108,13 @@ def build_manifest(
         extra={"hpke_kem": "X25519", **(extra or {})},
         runtime=dict(runtime),
     )
+
+
+def runtime_keys_for(secrets: DefenseSecrets | None) -> RuntimeKeys:
+    """The runtime keys record of a server holding ``secrets`` (its audit key's public
+    half; no keys without [defense] or its audit log)."""
+    key = secrets.audit_key if secrets is not None else None
+    return RuntimeKeys(audit_public_key=key.public_bytes if key is not None else None)
 
 
 def is_real_platform(platform: Platform | None) -> bool:

@@ -17,6 +17,7 @@ from pathlib import Path
 from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 from pydantic import BaseModel, ConfigDict, Field
 
+from sealserve.attestation.runtime_keys import NO_RUNTIME_KEYS
 from sealserve.enclave.key_file import KeyFile
 from sealserve.enclave.model_file import decrypt_to_bytes, read_header
 from sealserve.enclave.platform import Platform
@@ -26,17 +27,60 @@ log = logging.getLogger("sealserve.keys")
 
 
 class KeyBrokerSettings(BaseModel):
-    """Where encrypted models' keys are released from ([key_broker])."""
+    """Where encrypted models' keys are released from ([key_broker]; docs/key-broker.md)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     target: str = Field(description="The key broker's HOST:PORT.")
     ca_file: Path | None = Field(
-        default=None, description="PEM certificate (or CA) that the broker's TLS must match."
+        default=None,
+        description="PEM certificate (or CA) that the broker's TLS must match; read at "
+        "start and again before each retry (default: the system roots).",
     )
-    server_name: str | None = Field(default=None, description="Name to check in its cert.")
-    timeout_seconds: float = Field(default=10.0, gt=0, le=120)
-    retries: int = Field(default=6, ge=0, le=50, description="Attempts while unreachable.")
+    server_name: str | None = Field(
+        default=None, description="Name to check in the broker's certificate (default: host)."
+    )
+    timeout_seconds: float = Field(
+        default=10.0, gt=0, le=120, description="Deadline of one call to the broker."
+    )
+    wait_s: float | None = Field(
+        default=None,
+        gt=0,
+        description="Give up (exit with one error line) when no key came within this many "
+        "seconds; unset: wait for the broker as long as it takes (health NOT_SERVING).",
+    )
+    max_backoff_s: float = Field(
+        default=30.0, ge=1, le=600, description="Longest pause between two attempts."
+    )
+
+
+@dataclass
+class _CaFile:
+    """The broker pin from ``[key_broker] ca_file``: must read at start; read again
+    before each retry (the operator may rotate it), keeping the last good one."""
+
+    path: Path
+    pem: bytes | None = None
+
+    def first(self) -> bytes:
+        try:
+            self.pem = self.path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(
+                f"[key_broker] ca_file {self.path}: cannot read: {exc.strerror}"
+            ) from exc
+        return self.pem
+
+    def __call__(self) -> bytes | None:
+        try:
+            self.pem = self.path.read_bytes()
+        except OSError as exc:
+            log.warning(
+                "[key_broker] ca_file %s: cannot read (%s); keeping the last one",
+                self.path,
+                exc.strerror,
+            )
+        return self.pem
 
 
 @dataclass
@@ -49,16 +93,35 @@ class KeyProvider:
 
     broker: KeyBrokerSettings | None = None
     key_files: dict[str, Path] = field(default_factory=dict)
-    _binding: tuple[Platform, bytes, bytes, X25519PrivateKey] | None = None
+    _binding: tuple[Platform, bytes, bytes, X25519PrivateKey, bytes] | None = None
     _keys: dict[str, bytes] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
+
+    _ca: _CaFile | None = field(default=None, repr=False)
+
+    def check(self) -> None:
+        """Read ``[key_broker] ca_file`` now: a pin that cannot be read is a configuration
+        error found at start, not a wait. Raises ConfigError."""
+        if self.broker is not None and self.broker.ca_file is not None and self._ca is None:
+            ca = _CaFile(self.broker.ca_file)
+            ca.first()
+            self._ca = ca
+
+    def stop(self) -> None:
+        """End a wait for the broker in progress (the server is shutting down)."""
+        self._stopped.set()
+
+    def _sleep(self, seconds: float) -> None:
+        if self._stopped.wait(seconds):
+            raise KeyReleaseError("stopped while waiting for the key broker")
 
     def bind(
         self, *, platform: Platform | None, tls_spki: bytes, manifest: bytes,
-        hpke_private_key: X25519PrivateKey,
+        hpke_private_key: X25519PrivateKey, runtime_keys: bytes = NO_RUNTIME_KEYS,
     ) -> None:  # fmt: skip
         if platform is not None:
-            self._binding = (platform, tls_spki, manifest, hpke_private_key)
+            self._binding = (platform, tls_spki, manifest, hpke_private_key, runtime_keys)
 
     def get(self, key_id: str) -> bytes:
         """The data key for ``key_id``. Raises KeyReleaseError or ConfigError."""
@@ -86,8 +149,10 @@ class KeyProvider:
                 )
             from sealserve.enclave.key_release import fetch_model_key
 
-            platform, spki, manifest, hpke = self._binding
+            platform, spki, manifest, hpke, runtime_keys = self._binding
             b = self.broker
+            self.check()
+            source = self._ca
             key = fetch_model_key(
                 b.target,
                 key_id=key_id,
@@ -95,10 +160,14 @@ class KeyProvider:
                 tls_spki=spki,
                 manifest=manifest,
                 hpke_private_key=hpke,
-                broker_ca_pem=b.ca_file.read_bytes() if b.ca_file else None,
+                runtime_keys=runtime_keys,
+                broker_ca_pem=source.pem if source is not None else None,
+                broker_ca_source=source,
                 broker_server_name=b.server_name,
                 timeout=b.timeout_seconds,
-                retries=b.retries,
+                wait=b.wait_s,
+                max_backoff=b.max_backoff_s,
+                sleep=self._sleep,
             )
             log.info("key '%s' released by the key broker %s after attestation", key_id, b.target)
             self._keys[key_id] = key

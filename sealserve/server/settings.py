@@ -149,10 +149,20 @@ class Settings(BaseSettings):
             "Where quota, account status and detector state live: 'sqlite://PATH' (the "
             "embedded default; a relative PATH is relative to the config file, "
             "'sqlite:///abs/path' is absolute), 'redis://HOST:PORT/DB' for "
-            "several replicas, or 'memory:' (one process, tests)."
+            "several replicas, 'redis+cluster://HOST:PORT' (any node of a Redis "
+            "Cluster), or 'memory:' (one process, tests)."
         ),
     )
     state_store_prefix: str = Field(default="sealserve", description="Key prefix in Redis.")
+    state_store_deadline_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=30,
+        description=(
+            "Longest a request's admission waits for the state store; past it the request "
+            "is refused (UNAVAILABLE) while health, metadata and evidence keep answering."
+        ),
+    )
     unsafe_fail_open: bool = Field(
         default=False,
         description="Admit requests unchecked when the state store is down (logged loudly).",

@@ -19,6 +19,7 @@ PARTS = {
     "tls_spki": b"spki-der",
     "manifest": b'{"package":"sealserve"}',
     "hpke_public_key": b"k" * 32,
+    "runtime_keys": b'{"audit":null,"schema":"sealserve.runtime-keys/v1"}',
 }
 
 
@@ -33,9 +34,25 @@ def test_matches_the_documented_construction() -> None:
         + frame(sha(PARTS["tls_spki"]))
         + frame(sha(PARTS["manifest"]))
         + frame(sha(PARTS["hpke_public_key"]))
+        + frame(sha(PARTS["runtime_keys"]))
     ).digest()
     assert compute_report_data(**PARTS) == expected
     assert len(expected) == 64
+    assert DOMAIN_LABEL == b"sealserve-attestation-v2"
+
+
+def test_v1_construction_without_runtime_keys_no_longer_matches() -> None:
+    # Evidence made by a v1 server (no runtime keys record) is not accepted as v2.
+    def frame(b: bytes) -> bytes:
+        return struct.pack(">I", len(b)) + b
+
+    sha = lambda b: hashlib.sha256(b).digest()  # noqa: E731
+    v1 = hashlib.sha512(
+        frame(b"sealserve-attestation-v1") + frame(PARTS["nonce"]) + frame(sha(PARTS["tls_spki"]))
+        + frame(sha(PARTS["manifest"])) + frame(sha(PARTS["hpke_public_key"]))
+    ).digest()  # fmt: skip
+    with pytest.raises(VerificationError, match="runtime keys"):
+        verify_report_data_binding(v1, **PARTS)
 
 
 @pytest.mark.parametrize("part", sorted(PARTS))

@@ -147,4 +147,4 @@ def test_fuzz_cert_table_structured(entries: list[tuple[uuid.UUID, int, int]], t
 @given(st.binary(max_size=256))
 def test_fuzz_evidence_parser(data: bytes) -> None:
     with contextlib.suppress(SealserveError):
-        Evidence.from_bytes(b"SSEV\x01" + data)
+        Evidence.from_bytes(b"SSEV\x02" + data)

@@ -24,6 +24,7 @@ from sealserve.attestation.policy import (
     UnsafeAllowSimulated,
     UnsafePolicyWarning,
 )
+from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.enclave.platform import attest
 from sealserve.enclave.simulated import DEFAULT_MEASUREMENT, SimulatedPlatform
@@ -64,7 +65,7 @@ def _evidence(sim_root: Path, nonce: bytes, **platform_args: object) -> Evidence
 def test_wire_round_trip(sim_root: Path, nonce: bytes) -> None:
     ev = _evidence(sim_root, nonce)
     data = ev.to_bytes()
-    assert data[:5] == b"SSEV\x01"
+    assert data[:5] == b"SSEV\x02"
     assert Evidence.from_bytes(data) == ev
 
 
@@ -72,7 +73,7 @@ def test_wire_round_trip(sim_root: Path, nonce: bytes) -> None:
     ("mutate", "match"),
     [
         (lambda d: b"XXXX" + d[4:], "wrong magic"),
-        (lambda d: d[:4] + b"\x02" + d[5:], "unsupported evidence format version 2"),
+        (lambda d: d[:4] + b"\x01" + d[5:], "unsupported evidence format version 1"),
         (lambda d: d[:-1], "truncated"),
         (lambda d: d + b"\x00", "trailing bytes"),
         (lambda d: d[:3], "wrong magic"),
@@ -103,7 +104,10 @@ def test_simulated_evidence_verifies_with_the_local_root(
     assert claims.measurements["measurement"] == DEFAULT_MEASUREMENT
     assert claims.manifest_digest == ev.manifest_digest
     names = [c.name for c in claims.checks]
-    assert names[-4:] == ["nonce", "report_data_binding", "manifest_digest", "policy"]
+    assert names[-5:] == [
+        "nonce", "report_data_binding", "manifest_digest", "runtime_keys", "policy"
+    ]  # fmt: skip
+    assert claims.runtime_keys == RuntimeKeys() and "audit_key" not in claims.fields
     # the current-time variant agrees
     assert verify_evidence(ev, policy=DEV_POLICY, roots=roots, expected_nonce=nonce).simulated
 

@@ -96,4 +96,4 @@ def test_measure_launch_cli_prints_and_writes_the_policy(tmp_path: Path) -> None
     )
     tdx = subprocess.run(sealserve_cmd("measure", "--launch", "tdx"), env=sealserve_env(),
                          capture_output=True, text=True, timeout=60)  # fmt: skip
-    assert tdx.returncode == 1 and "tdx-measure" in tdx.stderr
+    assert tdx.returncode == 1 and "needs --ovmf" in tdx.stderr

@@ -161,6 +161,7 @@ def test_from_toml_and_dispatch(verified_claims: Claims) -> None:
         "tdx.mrseam_in",
         "tdx.xfam_equals",
         "tdx.td_attributes_equal",
+        "tdx.min_tee_tcb_svn",
     }
 
 

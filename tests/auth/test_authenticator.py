@@ -19,7 +19,11 @@ from sealserve.auth import (
     TokenIssuer,
 )
 from sealserve.auth.keys import JwksSource
-from sealserve.errors import AuthenticationError, ConfigError, PermissionDeniedError
+from sealserve.errors import (
+    AuthenticationError,
+    ConfigError,
+    SuspendedError,
+)
 from tests.auth.conftest import AUD, ISS, NOW, TOS, good_token, make_issuer, make_settings
 
 
@@ -146,7 +150,7 @@ def test_cache_rechecks_revocation_and_suspension(issuer: TokenIssuer) -> None:
     with pytest.raises(AuthenticationError) as info:
         auth.authenticate_at_time(f"Bearer {t1}", required_scope="infer", now=NOW)
     assert info.value.message == INVALID_TOKEN_MESSAGE
-    with pytest.raises(PermissionDeniedError) as denied:
+    with pytest.raises(SuspendedError) as denied:
         auth.authenticate_at_time(f"Bearer {t2}", required_scope="infer", now=NOW)
     assert denied.value.message == "account suspended: contact the model owner"
     revocation.reinstate("bob")

@@ -30,7 +30,7 @@ from sealserve.auth.authenticator import (
     MISSING_HEADER_MESSAGE,
     WRONG_SCHEME_MESSAGE,
 )
-from sealserve.errors import AuthenticationError, PermissionDeniedError
+from sealserve.errors import AuthenticationError, PermissionDeniedError, SuspendedError
 from tests.auth.conftest import (
     AUD,
     ISS,
@@ -295,7 +295,7 @@ def test_suspended_account(issuer: TokenIssuer) -> None:
         sources={ISS: StaticJwksSource(issuer.jwks())},
         revocation=InMemoryRevocationList(suspended_accounts=["mallory"]),
     )
-    with pytest.raises(PermissionDeniedError) as info:
+    with pytest.raises(SuspendedError) as info:
         auth.authenticate_at_time(
             f"Bearer {good_token(issuer, sub='mallory')}", required_scope="infer", now=NOW
         )

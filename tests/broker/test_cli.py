@@ -62,7 +62,6 @@ def test_encrypt_deposits_the_key_and_the_enclave_fetches_it(
         manifest=b"manifest",
         hpke_private_key=hpke,
         broker_ca_pem=running.ca_pem,
-        retries=0,
     )
     with out.open("rb") as f:
         assert decrypt_to_bytes(f, key=key) == model.read_bytes()
@@ -200,3 +199,5 @@ def test_broker_serve_runs_as_a_process(
         proc.terminate()
         _, err = proc.communicate(timeout=30)
     assert '"msg": "key broker listening on 127.0.0.1:' in err
+    # No TLS files: the in-memory certificate, and a warning that restarts break pins.
+    assert "changes at every restart" in err and "sealserve broker init-tls" in err

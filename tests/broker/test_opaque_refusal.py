@@ -75,7 +75,7 @@ def _tampered(stub: Any, platform: SimulatedPlatform, hpke: X25519PrivateKey) ->
         "cert_table_junk": with_certs(b"\x01" * 77),
         "truncated_report": truncated,
         "other_tdx_workload": tdx_quote,
-        "not_evidence": lambda: b"SSEV\x01" + b"\x00" * 20,
+        "not_evidence": lambda: b"SSEV\x02" + b"\x00" * 20,
     }
 
 

@@ -87,7 +87,7 @@ def test_a_sitecustomize_hook_changes_the_manifest_and_gets_no_key(
         f'model_repository = "{repo}"\nport = 0\nunsafe_disable_auth = true\n'
         f'attestation_platform = "simulated"\nsimulated_platform_dir = "{sim_root}"\n'
         f'log_format = "text"\n[key_broker]\ntarget = "{running.target}"\n'
-        f'ca_file = "{ca}"\nserver_name = "localhost"\nretries = 0\n'
+        f'ca_file = "{ca}"\nserver_name = "localhost"\nwait_s = 60\n'
     )
     # The honest reference values, as the owner computes them: launch measurement and
     # manifest, in the form set-policy accepts (no unsafe flag).

@@ -73,7 +73,6 @@ def _fetch(
         hpke_private_key=hpke,
         broker_ca_pem=running.ca_pem,
         timeout=10,
-        retries=0,
     )
 
 
@@ -210,31 +209,3 @@ def test_sealed_key_opens_only_for_its_key_id_nonce_and_private_key(
     ):
         with pytest.raises(CryptoError, match="does not open with this enclave's HPKE key"):
             open_data_key(sealed, **kwargs)  # type: ignore[arg-type]
-
-
-def test_fetch_retries_with_backoff_while_the_broker_is_unavailable(
-    sim_root: Path, hpke_key: X25519PrivateKey
-) -> None:
-    import socket
-
-    with socket.socket() as s:  # a port with nobody listening
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    sleeps: list[float] = []
-    with pytest.raises(KeyReleaseError) as info:
-        fetch_model_key(
-            f"127.0.0.1:{port}",
-            key_id="k",
-            platform=SimulatedPlatform(sim_root),
-            tls_spki=TLS_SPKI,
-            manifest=MANIFEST,
-            hpke_private_key=hpke_key,
-            broker_ca_pem=None,
-            timeout=2,
-            retries=3,
-            backoff=0.25,
-            max_backoff=0.6,
-            sleep=sleeps.append,
-        )
-    assert sleeps == [0.25, 0.5, 0.6]
-    assert f"key broker 127.0.0.1:{port} unreachable after 4 attempts" in info.value.message

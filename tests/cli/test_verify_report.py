@@ -54,9 +54,14 @@ def _policy(tmp_path: Path, text: str) -> str:
 def _snp_policy(tmp_path: Path, rel: str) -> str:
     fields = EXPECTED["sev-snp"][f"sev-snp/{rel}"]
     debug = "allow_debug = true\n" if fields["policy_debug"] else ""
+    # The vector's own TCB as the floor (the default floor, bl 3 / snp 8, refuses the
+    # oldest vector, go-sev-guest's bl 2 / snp 5).
+    tcb = fields["reported_tcb"]
+    floor = f"min_tcb = {{ bl = {tcb['bl']}, snp = {tcb['snp']}, ucode = {tcb['ucode']} }}\n"
     return _policy(
         tmp_path,
-        f'platforms = ["sev-snp"]\n{debug}[sev-snp]\nmeasurement = ["{fields["measurement"]}"]\n',
+        f'platforms = ["sev-snp"]\n{debug}[sev-snp]\nmeasurement = ["{fields["measurement"]}"]\n'
+        + floor,
     )
 
 

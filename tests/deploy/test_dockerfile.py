@@ -81,7 +81,7 @@ def test_multi_stage_with_the_tested_build_script() -> None:
     assert final[0] == ("FROM", "python:3.11-slim-trixie")
     assert (
         "RUN",
-        "bash deploy/build.sh --prefix /opt/sealserve --wheel-dir /src/wheels",
+        "bash deploy/build.sh --prefix /opt/sealserve --wheel-dir /src/wheels --strip-pip",
     ) in builder
     # The runtime stage gets exactly the virtualenv from the builder, and builds nothing.
     copies = [args for word, args in final if word == "COPY"]

@@ -21,14 +21,18 @@ K8S = ROOT / "deploy" / "k8s"
 VERSIONS = ("1.31.0", "1.36.0")
 
 
-def _load() -> list[dict[str, Any]]:
+def _load(directory: Path) -> list[dict[str, Any]]:
     docs: list[dict[str, Any]] = []
-    for path in sorted(K8S.glob("*.yaml")):
+    for path in sorted(directory.glob("*.yaml")):
         docs += [d for d in yaml.safe_load_all(path.read_text()) if d is not None]
     return docs
 
 
-DOCS = _load()
+# What `kubectl apply -f deploy/k8s/` applies (not recursive), and the Secrets' shape,
+# kept apart in deploy/k8s/secrets/ so that applying the directory never overwrites them.
+APPLIED = _load(K8S)
+SECRETS = _load(K8S / "secrets")
+DOCS = APPLIED + SECRETS
 
 
 def _one(kind: str, name: str) -> dict[str, Any]:
@@ -57,13 +61,14 @@ def test_the_expected_resources_exist() -> None:
     assert kinds == sorted([
         ("Namespace", "sealserve"),
         ("Secret", "sealserve-jwks"), ("Secret", "sealserve-broker-master-key"),
-        ("Secret", "sealserve-redis"),
+        ("Secret", "sealserve-redis"), ("Secret", "sealserve-broker-tls"),
         ("ConfigMap", "sealserve-server"), ("ConfigMap", "sealserve-broker"),
         ("Deployment", "sealserve-server"), ("Deployment", "sealserve-broker"),
         ("Deployment", "sealserve-redis"),
         ("Service", "sealserve"), ("Service", "sealserve-broker"), ("Service", "sealserve-redis"),
         ("PersistentVolumeClaim", "sealserve-models"),
         ("PersistentVolumeClaim", "sealserve-redis-data"),
+        ("PersistentVolumeClaim", "sealserve-broker-data"),
         ("NetworkPolicy", "default-deny-ingress"), ("NetworkPolicy", "server-ingress"),
         ("NetworkPolicy", "broker-from-server-only"), ("NetworkPolicy", "redis-from-server-only"),
     ])  # fmt: skip
@@ -158,8 +163,19 @@ def test_server_config_is_valid_and_matches_the_pod(tmp_path: Path) -> None:
     auth = settings.auth_settings()
     assert auth is not None and auth.issuers[0].jwks_file is not None
     assert str(auth.issuers[0].jwks_file.parent) in mounts
-    # The image's writable paths are the pod's writable volumes.
+    # The image's writable paths are the pod's writable volumes, and the state store
+    # lives on one (the default would be beside the config, on the read-only root).
     assert {"/var/lib/sealserve", "/tmp"} <= set(mounts)
+    assert settings.state_store == "sqlite:///var/lib/sealserve/state.db"
+    assert not mounts["/var/lib/sealserve"].get("readOnly", False)
+    # The broker's certificate is pinned from the mounted Secret (its key is not there).
+    kb = settings.key_broker
+    assert kb is not None and kb.ca_file is not None
+    assert str(kb.ca_file.parent) in mounts
+    host, port = kb.target.rsplit(":", 1)
+    broker = _one("Service", "sealserve-broker")
+    assert host == broker["metadata"]["name"] == kb.server_name
+    assert int(port) == broker["spec"]["ports"][0]["port"]
     assert container["args"] == ["--config", "/etc/sealserve/sealserve.toml"]
     # Native gRPC probes, on the plaintext health-only port.
     assert settings.health_host == "0.0.0.0"
@@ -190,19 +206,87 @@ def test_services_and_policies_select_the_right_pods() -> None:
 
 
 def test_secrets_hold_placeholders_only() -> None:
-    for doc in DOCS:
-        if doc["kind"] != "Secret":
-            continue
+    assert SECRETS and all(doc["kind"] == "Secret" for doc in SECRETS)
+    for doc in SECRETS:
         assert "data" not in doc  # nothing base64-encoded to hide a real value in
         for key, value in doc["stringData"].items():
             assert "PRIVATE KEY" not in value
             assert value.startswith("REPLACE-ME") or value == '{"keys": []}', key
 
 
-def test_broker_gets_the_master_key_and_the_server_does_not() -> None:
-    def secrets(name: str) -> set[str]:
-        spec = _pods()[name]["spec"]
-        return {v["secret"]["secretName"] for v in spec["volumes"] if "secret" in v}
+def test_applying_the_directory_never_overwrites_a_secret() -> None:
+    assert [d["metadata"]["name"] for d in APPLIED if d["kind"] == "Secret"] == []
 
-    assert secrets("sealserve-broker") == {"sealserve-broker-master-key"}
-    assert secrets("sealserve-server") == {"sealserve-jwks"}
+
+def test_the_guide_creates_every_secret_before_applying_the_directory() -> None:
+    from tests.deploy.conftest import guide_blocks
+
+    (block,) = [text for tag, text in guide_blocks() if tag == "on-cluster" and "kubectl" in text]
+    lines = [line.strip() for line in block.splitlines()]
+    apply_all = lines.index("kubectl apply -f deploy/k8s/")
+    for doc in SECRETS:
+        name = doc["metadata"]["name"]
+        created = [
+            i for i, line in enumerate(lines) if "create secret" in line and f" {name} " in line
+        ]
+        assert created and created[0] < apply_all, f"the guide does not create {name} first"
+    assert not any("deploy/k8s/secrets" in line for line in lines if "apply" in line)
+
+
+def _secret_volumes(name: str) -> dict[str, dict[str, Any]]:
+    spec = _pods()[name]["spec"]
+    return {v["secret"]["secretName"]: v["secret"] for v in spec["volumes"] if "secret" in v}
+
+
+def test_broker_gets_the_master_key_and_the_server_does_not() -> None:
+    assert set(_secret_volumes("sealserve-broker")) == {
+        "sealserve-broker-master-key",
+        "sealserve-broker-tls",
+        "sealserve-jwks",
+    }
+    server = _secret_volumes("sealserve-server")
+    assert set(server) == {"sealserve-jwks", "sealserve-broker-tls"}
+    # The server pins the broker's certificate; the broker's TLS key is not mounted.
+    assert server["sealserve-broker-tls"]["items"] == [{"key": "tls.crt", "path": "tls.crt"}]
+
+
+def test_broker_config_is_a_working_config_and_matches_the_pod(tmp_path: Path) -> None:
+    from sealserve.broker.settings import BrokerSettings
+
+    toml = tmp_path / "broker.toml"
+    toml.write_text(_one("ConfigMap", "sealserve-broker")["data"]["broker.toml"])
+    settings = BrokerSettings.load(toml)  # the broker's own loader: raises ConfigError
+    pod = _pods()["sealserve-broker"]["spec"]
+    (container,) = pod["containers"]
+    assert container["command"] == ["sealserve", "broker", "serve"]
+    (config_path,) = container["args"][1:]
+    mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
+    assert mounts[config_path]["subPath"] == "broker.toml"
+    volumes = {v["name"]: v for v in pod["volumes"]}
+
+    def mount_of(path: Path) -> dict[str, Any]:
+        (mount,) = [m for p, m in mounts.items() if str(path).startswith(p + "/")]
+        return mount
+
+    assert settings.host == "0.0.0.0"
+    assert {p["name"]: p["containerPort"] for p in container["ports"]} == {"grpc": settings.port}
+    # TLS from the Secret (the identity survives restarts), not an in-memory key.
+    assert settings.tls_cert_file is not None and settings.tls_key_file is not None
+    assert volumes[mount_of(settings.tls_cert_file)["name"]]["secret"]["secretName"] == (
+        "sealserve-broker-tls"
+    )
+    assert settings.master_key_file is not None
+    key_volume = volumes[mount_of(settings.master_key_file)["name"]]
+    assert key_volume["secret"]["secretName"] == "sealserve-broker-master-key"
+    assert settings.admin.jwks_file is not None
+    assert volumes[mount_of(settings.admin.jwks_file)["name"]]["secret"]["secretName"] == (
+        "sealserve-jwks"
+    )
+    # The sealed key store is on a writable, persistent volume.
+    store = mount_of(settings.store_file)
+    assert not store.get("readOnly", False)
+    claim = volumes[store["name"]]["persistentVolumeClaim"]["claimName"]
+    assert _one("PersistentVolumeClaim", claim)["spec"]["accessModes"] == ["ReadWriteOnce"]
+    assert settings.unsafe_simulated_root_dir is None
+    text = (K8S / "40-broker.yaml").read_text().lower()
+    assert "does not exist" not in text and "coming with" not in text

@@ -20,13 +20,20 @@ import pytest
 from sealserve import demo
 from sealserve._proto import admin_pb2, admin_pb2_grpc, audit_pb2, audit_pb2_grpc
 from sealserve._proto import attestation_pb2 as apb
+from sealserve.attestation.evidence import Evidence
+from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.client import Client
 from sealserve.defense.audit.head import AuditHead, head_public_key
 from sealserve.defense.audit.log import AuditLog, log_files, public_key_fingerprint
 from sealserve.defense.audit.report import summarize_accounts
 from sealserve.defense.audit.verify import read_records, verify_audit_log
-from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
+from sealserve.errors import (
+    ChallengeRequiredError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SuspendedError,
+)
 
 ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"
 THRESHOLD = 3
@@ -77,7 +84,12 @@ def _send(running: Any, token: str, n: int) -> Counter[str]:
             try:
                 client.infer("digits", {"input": x})
                 seen["answered"] += 1
-            except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError) as exc:
+            except (
+                RateLimitedError,
+                ChallengeRequiredError,
+                PermissionDeniedError,
+                SuspendedError,
+            ) as exc:
                 seen[type(exc).__name__] += 1
     return seen
 
@@ -143,8 +155,7 @@ def test_get_head_needs_the_audit_scope_and_is_signed(limited: Any, tmp_path: Pa
         assert "nonce is 65 bytes; at most 64" in (bad.value.details() or "")
         reply = stub.GetHead(audit_pb2.GetHeadRequest(nonce=nonce), metadata=md, timeout=10)
     head = AuditHead.from_json(reply.head)
-    manifest = json.loads(running.server.manifest.to_bytes())
-    assert head.key == manifest["extra"]["audit_public_key"]
+    assert head.key == running.server.runtime_keys.audit_fingerprint
     head.verify({head.key: head_public_key(head)}, nonce=nonce.hex())
     audit = running.server.plane.guard.output.audit
     assert head.seq <= audit.head()[0]
@@ -170,9 +181,10 @@ def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path
     servicer = AttestationServicer(
         SimulatedPlatform(sim_root, measurement=simulated_measurement(code_digest())),
         tls_spki=b"spki", manifest=running.server.manifest.to_bytes(), hpke_public_key=b"h" * 32,
-        audit_head=running.server.audit_head,
+        runtime_keys=running.server.runtime_keys.to_bytes(), audit_head=running.server.audit_head,
     )  # fmt: skip
     nonce = os.urandom(32)
+
     class _Ctx:  # the one thing GetEvidence reads from its context: the peer (its rate)
         def peer(self) -> str:
             return "ipv4:127.0.0.1:5555"
@@ -180,9 +192,11 @@ def test_evidence_carries_a_head_for_the_same_nonce(limited: Any, sim_root: Path
     reply = asyncio.run(servicer.GetEvidence(apb.GetEvidenceRequest(nonce=nonce), _Ctx()))  # type: ignore[arg-type]
     assert reply.evidence
     head = AuditHead.from_json(reply.audit_head)
-    manifest = json.loads(running.server.manifest.to_bytes())
-    # The manifest (bound into the report) names the key; the head carries that key.
-    assert public_key_fingerprint(head_public_key(head)) == manifest["extra"]["audit_public_key"]
+    # The runtime keys record (bound into the report) holds the key; the head carries it.
+    evidence = Evidence.from_bytes(reply.evidence)
+    record = RuntimeKeys.from_bytes(evidence.runtime_keys)
+    assert head_public_key(head) == record.audit_public_key
+    assert public_key_fingerprint(head_public_key(head)) == record.audit_fingerprint
     head.verify({head.key: head_public_key(head)}, nonce=nonce.hex())
 
 

@@ -16,7 +16,12 @@ from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.client import Client
 from sealserve.defense.audit.log import load_public_key, log_files, public_key_fingerprint
 from sealserve.defense.audit.verify import verify_audit_log
-from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
+from sealserve.errors import (
+    ChallengeRequiredError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SuspendedError,
+)
 
 ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"
 
@@ -87,7 +92,12 @@ def test_honest_served_attacker_throttled_audit_verifies(defended: Any, tmp_path
         for i in range(300):
             try:
                 thief.infer("digits", {"input": rng.uniform(0, 16, (1, 64)).astype(np.float32)})
-            except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError):
+            except (
+                RateLimitedError,
+                ChallengeRequiredError,
+                PermissionDeniedError,
+                SuspendedError,
+            ):
                 refused_at = i
                 break
     assert refused_at is not None and refused_at < 200, "the uniform sweep was never stopped"
@@ -97,12 +107,14 @@ def test_honest_served_attacker_throttled_audit_verifies(defended: Any, tmp_path
     # The honest account is still served after the attack.
     with Client(running.target, unsafe_plaintext=True, token=_token(issuer, "honest")) as honest:
         assert honest.infer("digits", {"input": x[:1]})["label"].shape == (1,)
-    # The audit log verifies against the key named in the attested manifest.
+    # The audit log verifies against the key in the attested runtime keys record (the
+    # manifest names no first-start secret: `sealserve measure` reproduces it).
     audit = running.server.plane.guard.output.audit
     audit.checkpoint_at_time(__import__("time").time())
     pub = load_public_key((tmp_path / "state" / "audit-public.pem").read_bytes())
-    manifest = json.loads(running.server.manifest.to_bytes())
-    assert manifest["extra"]["audit_public_key"] == public_key_fingerprint(pub)
+    assert running.server.runtime_keys.audit_public_key == pub
+    assert running.server.runtime_keys.audit_fingerprint == public_key_fingerprint(pub)
+    assert "audit_public_key" not in json.loads(running.server.manifest.to_bytes())["extra"]
     report = verify_audit_log(log_files(tmp_path / "audit"), trusted_public_keys=[pub])
     assert report.ok
     # Watermarked answers were recorded in the sealed ledger.

@@ -216,7 +216,10 @@ def test_refused_admission_never_decodes_and_is_remembered_for_a_second() -> Non
     from sealserve.server.dataplane import DataPlane, PendingRequest, RecentRefusals
 
     class RefusingGuard:
-        def admit(self, *args: Any, **kwargs: Any) -> Any:
+        def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
+            return requested
+
+        async def admit_async(self, *args: Any, **kwargs: Any) -> Any:
             raise RateLimitedError("account day quota exhausted", retry_after=30.0)
 
         def audit_refusal(self, *args: Any) -> None:
@@ -233,7 +236,7 @@ def test_refused_admission_never_decodes_and_is_remembered_for_a_second() -> Non
 
     caller = Caller("greedy", "t", "127.0.0.1")
     with pytest.raises(RateLimitedError):
-        asyncio.run(plane.infer_pending(PendingRequest("m", 4, decode), caller))
+        asyncio.run(plane.infer_pending(PendingRequest("m", 4, decode, outputs=()), caller))
     assert decoded == []
     with pytest.raises(RateLimitedError, match="quota exhausted") as info:
         plane.refused_recently("greedy")

@@ -21,10 +21,11 @@ from sealserve.errors import (
     InputError,
     PermissionDeniedError,
     RateLimitedError,
+    SuspendedError,
 )
 from tests.server.test_defenses_rpc import AUD, ISS, TOS, _defense
 
-REFUSED = (RateLimitedError, ChallengeRequiredError, PermissionDeniedError)
+REFUSED = (RateLimitedError, ChallengeRequiredError, PermissionDeniedError, SuspendedError)
 
 
 def _start(start_server: Any, tmp: Path, sim_root: Path, *, limits: dict[str, Any] | None = None,
@@ -102,20 +103,31 @@ def test_label_only_answers_follow_the_defended_output(
     assert len(marked) % 2 == 0
 
 
-def test_an_output_the_defenses_do_not_cover_is_refused(
+def test_an_output_the_defenses_do_not_cover_is_refused_before_admission(
     start_server: Any, tmp_path: Path, sim_root: Path
 ) -> None:
     d = _defense(tmp_path)
     d["models"]["digits"].pop("label")  # 'label' is no longer covered
     running, issuer = _start(start_server, tmp_path, sim_root, models=d["models"])
+    quota = running.server.plane.guard.quota
     x, _ = demo.holdout()
+
+    def spent() -> int:
+        day = next(r for r in quota.usage("someone", "standard") if r.name == "account.day")
+        return day.limit - day.remaining
+
     with _client(running, issuer, "someone") as c:
         with pytest.raises(InputError, match="'label' of model 'digits' is not covered"):
-            c.infer("digits", {"input": x[:1]}, outputs=("label",))
-        with pytest.raises(InputError, match="no-such-output|not an output|unknown"):
-            c.infer("digits", {"input": x[:1]}, outputs=("no-such-output",))
-        # The server keeps serving.
-        assert c.infer("digits", {"input": x[:1]}, outputs=("probabilities",))
+            c.infer("digits", {"input": x[:5]}, outputs=("label",))
+        with pytest.raises(InputError, match="'no-such-output' is not an output"):
+            c.infer("digits", {"input": x[:5]}, outputs=("no-such-output",))
+        with pytest.raises(InputError, match="'label' of model 'digits' is not covered"):
+            c.infer("digits", {"input": x[:5]}, outputs=("probabilities", "label"))
+        # Refused before admission: none of those rows was charged.
+        assert spent() == 0
+        # The server keeps serving, and charges what it answers.
+        assert c.infer("digits", {"input": x[:3]}, outputs=("probabilities",))
+        assert spent() == 3
 
 
 def test_unsafe_undefended_outputs_are_served_when_declared(
@@ -138,7 +150,7 @@ def test_a_batch_that_trips_suspension_is_not_answered(
     rng = np.random.default_rng(3)
     batch = rng.uniform(0, 16, (1000, 64)).astype(np.float32)
     with _client(running, issuer, "bulk") as c:
-        with pytest.raises(PermissionDeniedError, match="batch of 1000 rows was not answered"):
+        with pytest.raises(SuspendedError, match="batch of 1000 rows was not answered"):
             c.infer("digits", {"input": batch})
     quota = running.server.plane.guard.quota
     assert quota.status("bulk").kind.value == "suspended"

@@ -20,8 +20,8 @@ from sealserve.client import Client
 from sealserve.defense.limits import LimitsConfig
 from sealserve.errors import (
     ChallengeRequiredError,
-    PermissionDeniedError,
     RateLimitedError,
+    SuspendedError,
     UnavailableError,
 )
 from sealserve.redteam.stress import Endpoint, run_stress
@@ -139,7 +139,8 @@ def test_quota_survives_restart_sqlite(deploy: Any, tmp_path: Path) -> None:
     with Client(target, unsafe_plaintext=True, token=dep.token("a")) as c:
         for _ in range(3):
             c.infer("digits", X)
-        assert c.quota_remaining == "account.day=0/3"
+        assert c.quota_remaining == 0
+        assert c.quota is not None and c.quota.windows == {"account.day": (0, 3)}
     dep.stop()
     target = dep.start()
     with Client(target, unsafe_plaintext=True, token=dep.token("a")) as c:
@@ -170,8 +171,9 @@ def test_graduated_responses_and_admin_cli(deploy: Any) -> None:
 
     def admin(*args: str) -> str:
         out = subprocess.run(
-            sealserve_cmd("admin", "--target", target, "--plaintext", "--token", admin_token, *args),
-            env=sealserve_env(), capture_output=True, text=True, timeout=60, check=False,
+            sealserve_cmd("admin", "--target", target, "--plaintext", *args),
+            env={**sealserve_env(), "SEALSERVE_TOKEN": admin_token},
+            capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert out.returncode == 0, out.stderr
         return out.stdout
@@ -201,7 +203,7 @@ def test_graduated_responses_and_admin_cli(deploy: Any) -> None:
         assert info.value.challenge.startswith("pow1.")
         # Suspend, then lift.
         assert "suspended" in admin("suspend", "mallory", "--reason", "extraction")
-        with pytest.raises(PermissionDeniedError, match="suspended"):
+        with pytest.raises(SuspendedError, match="account is suspended"):
             c.infer("digits", X)
         report = admin("lift", "mallory", "--tier", "t")
         assert "account mallory: normal" in report and "extraction" in report  # history
@@ -212,9 +214,9 @@ def test_admin_needs_admin_scope(deploy: Any) -> None:
     dep = deploy(store="memory:", limits="[limits.tiers.t]\nper_day = 10\n")
     target = dep.start()
     out = subprocess.run(
-        sealserve_cmd("admin", "--target", target, "--plaintext", "--token", dep.token("x"),
-                      "suspend", "someone"),
-        env=sealserve_env(), capture_output=True, text=True, timeout=60, check=False,
+        sealserve_cmd("admin", "--target", target, "--plaintext", "suspend", "someone"),
+        env={**sealserve_env(), "SEALSERVE_TOKEN": dep.token("x")},
+        capture_output=True, text=True, timeout=60, check=False,
     )  # fmt: skip
     assert out.returncode == 1
     assert "admin" in out.stderr and "Traceback" not in out.stderr

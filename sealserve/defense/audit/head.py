@@ -1,7 +1,7 @@
 """The audit log's signed head: what an auditor keeps to detect a log cut short.
 
 A head is the seq of the log's last record and the SHA-256 of that record's line,
-signed by the audit key (whose fingerprint the attested manifest binds) together with
+signed by the audit key (which the attested runtime keys record holds) together with
 the time and an optional verifier nonce (``sealserve-audit-head/1``)::
 
     {"format": "sealserve-audit-head/1", "hash": HEX, "key": "sha256:...",
@@ -141,7 +141,7 @@ def sign_head(log: AuditLog, *, nonce: bytes = b"", now: float | None = None) ->
 
 def head_public_key(head: AuditHead) -> bytes:
     """The raw public key a head carries, checked against its fingerprint (so a verifier
-    that trusts the manifest's fingerprint can trust the key). Raises ``AuditError``."""
+    that trusts the attested fingerprint can trust the key). Raises ``AuditError``."""
     try:
         raw = bytes.fromhex(head.public_key)
     except ValueError as exc:

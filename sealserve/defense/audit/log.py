@@ -39,11 +39,11 @@ so the recovered records are signed.
 
 Every ``checkpoint_every`` records, or when ``checkpoint_interval_s`` has passed since
 the last checkpoint, a ``checkpoint`` record is appended carrying ``key`` (the audit
-key's fingerprint, ``sha256:<hex of the raw Ed25519 public key>``, which the attested
-manifest binds), ``covers_from`` (first seq since the previous checkpoint) and ``sig``,
-the Ed25519 signature over the canonical JSON of the record without ``sig``. Because
-the record includes ``prev``, a signature commits to the whole chain before it. The
-signature covers the record without ``sig`` and ``_mac``.
+key's fingerprint, ``sha256:<hex of the raw Ed25519 public key>``; the attested
+runtime keys record holds that key), ``covers_from`` (first seq since the previous
+checkpoint) and ``sig``, the Ed25519 signature over the canonical JSON of the record
+without ``sig``. Because the record includes ``prev``, a signature commits to the whole
+chain before it. The signature covers the record without ``sig`` and ``_mac``.
 
 The log's head (last seq and its line's SHA-256) is published signed
 (:mod:`sealserve.defense.audit.head`); an auditor who saw a head detects any log that

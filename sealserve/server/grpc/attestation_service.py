@@ -10,6 +10,7 @@ import grpc
 
 from sealserve._proto import attestation_pb2 as apb
 from sealserve.attestation.binding import check_nonce
+from sealserve.attestation.runtime_keys import NO_RUNTIME_KEYS
 from sealserve.enclave.platform import Platform, attest
 from sealserve.errors import AttestationError, InputError, RateLimitedError
 from sealserve.rpc.status import grpc_errors
@@ -24,6 +25,7 @@ class AttestationServicer:
         tls_spki: bytes,
         manifest: bytes,
         hpke_public_key: bytes,
+        runtime_keys: bytes = NO_RUNTIME_KEYS,
         per_peer_per_minute: int = 60,
         audit_head: Callable[[bytes], bytes | None] | None = None,
     ) -> None:
@@ -34,7 +36,8 @@ class AttestationServicer:
         self._tls_spki = tls_spki
         self._manifest = manifest
         self._hpke = hpke_public_key
-        # The audit log's head signed for the nonce (by the key the manifest names).
+        self._runtime_keys = runtime_keys
+        # The audit log's head signed for the nonce (by the key the runtime keys name).
         self._audit_head = audit_head
 
     def check_rate(self, peer: str) -> None:
@@ -47,7 +50,8 @@ class AttestationServicer:
             )
 
     def evidence(self, nonce: bytes) -> bytes:
-        """Evidence bytes binding ``nonce``, this server's TLS key, manifest and HPKE key."""
+        """Evidence bytes binding ``nonce``, this server's TLS key, manifest, HPKE key
+        and runtime keys record."""
         try:
             check_nonce(nonce)
         except AttestationError as exc:
@@ -58,6 +62,7 @@ class AttestationServicer:
             tls_spki=self._tls_spki,
             manifest=self._manifest,
             hpke_public_key=self._hpke,
+            runtime_keys=self._runtime_keys,
         )
         return evidence.to_bytes()
 

@@ -154,6 +154,15 @@ def decode_infer_request(
     if len(inputs) != len(specs):
         missing = [s.name for s in info.inputs if s.name not in inputs]
         raise TensorError(f"missing input(s): {', '.join(missing)}")
+    return InferRequest(
+        model=info.name, version=info.version, inputs=inputs,
+        outputs=requested_outputs(req, info), id=req.id,
+    )  # fmt: skip
+
+
+def requested_outputs(req: pb.ModelInferRequest, info: ModelInfo) -> tuple[str, ...]:
+    """The output names ``req`` asks for (empty: all), read without decoding its
+    tensors. Raises :class:`TensorError` for a name that is not an output of the model."""
     outputs = tuple(o.name for o in req.outputs)
     known = info.output_names
     for out in outputs:
@@ -162,9 +171,7 @@ def decode_infer_request(
                 f"requested output {quote(out)} is not an output of model '{info.name}' "
                 f"(outputs: {', '.join(sorted(known))})"
             )
-    return InferRequest(
-        model=info.name, version=info.version, inputs=inputs, outputs=outputs, id=req.id
-    )
+    return outputs
 
 
 def encode_infer_response(resp: InferResponse) -> pb.ModelInferResponse:

@@ -18,6 +18,7 @@ from sealserve.server.grpc.codec import (
     decode_infer_request,
     encode_infer_response,
     encode_model_metadata,
+    requested_outputs,
 )
 from sealserve.server.metrics import Metrics
 
@@ -85,7 +86,7 @@ class InferenceServicer:
 
     def before_body(self, context: grpc.aio.ServicerContext) -> None:
         """ModelInfer's check on its header alone, before its body is read: an account
-        refused within the last second is refused again without reading its tensors."""
+        refused within the last few seconds is refused again without reading its tensors."""
         principal = current_principal()
         self._plane.refused_recently(principal.account if principal else ANONYMOUS)
 
@@ -126,6 +127,7 @@ class InferenceServicer:
             lambda: decode_infer_request(
                 request, loaded.info, max_bytes=self._plane.max_request_bytes
             ),
+            outputs=requested_outputs(request, loaded.info),
         )
         result, remaining = await self._plane.infer_pending(pending, caller, pow_=pow_)
         if remaining:

@@ -76,6 +76,9 @@ def to_http(exc: BaseException) -> tuple[int, str, Headers]:
                     headers.append((b"retry-after", str(retry).encode()))
                 if isinstance(exc, ChallengeRequiredError) and exc.challenge:
                     headers.append((b"sealserve-challenge", exc.challenge.encode()))
+                if isinstance(exc, SuspendedError):
+                    # 403 for any OIP client; the SDK raises SuspendedError.
+                    headers.append((b"sealserve-refusal", b"suspended"))
                 if status == 401:
                     headers.append((b"www-authenticate", b"Bearer"))
                 return status, exc.message, headers

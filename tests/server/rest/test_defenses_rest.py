@@ -13,7 +13,12 @@ import numpy as np
 from sealserve import demo
 from sealserve.client import Client
 from sealserve.defense.audit.log import log_files
-from sealserve.errors import ChallengeRequiredError, PermissionDeniedError, RateLimitedError
+from sealserve.errors import (
+    ChallengeRequiredError,
+    PermissionDeniedError,
+    RateLimitedError,
+    SuspendedError,
+)
 from tests.server.test_defenses_rpc import _defense
 
 
@@ -41,7 +46,12 @@ def test_uniform_sweep_over_rest_is_stopped_and_audited(rest_server: Any, tmp_pa
         for i in range(300):
             try:
                 thief.infer("digits", {"input": rng.uniform(0, 16, (1, 64)).astype(np.float32)})
-            except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError):
+            except (
+                RateLimitedError,
+                ChallengeRequiredError,
+                PermissionDeniedError,
+                SuspendedError,
+            ):
                 refused_at = i
                 break
     assert refused_at is not None and refused_at < 200, "the uniform sweep was never stopped"
@@ -54,7 +64,7 @@ def test_uniform_sweep_over_rest_is_stopped_and_audited(rest_server: Any, tmp_pa
         try:
             grpc_thief.infer("digits", {"input": x[:1]})
             refused_on_grpc = False
-        except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError):
+        except (RateLimitedError, ChallengeRequiredError, PermissionDeniedError, SuspendedError):
             refused_on_grpc = True
     assert refused_on_grpc or status.kind.value == "throttled"
     # The honest account is still served over REST.
@@ -77,3 +87,35 @@ def test_uniform_sweep_over_rest_is_stopped_and_audited(rest_server: Any, tmp_pa
     assert {q["protocol"] for q in queries} == {"rest"}
     assert sum(q["account"] == "honest" for q in queries) == 21
     assert any(q["account"] == "thief" and q["decision"] not in ("ok", "log") for q in queries)
+
+
+def test_an_output_refused_over_rest_costs_no_quota(rest_server: Any, tmp_path: Path) -> None:
+    d = _defense(tmp_path)
+    d["models"]["digits"].pop("label")  # 'label' is no longer covered
+    rest = rest_server(
+        model_repository=demo.repository(),
+        state_store="memory:",
+        limits={"tiers": {"standard": {"rate": 1000, "burst": 1000, "per_day": 100000}}},
+        defense=d,
+    )
+    quota = rest.running.server.plane.guard.quota
+    x, _ = demo.holdout()
+
+    def infer(outputs: list[str]) -> httpx.Response:
+        body = {"inputs": [{"name": "input", "datatype": "FP32", "shape": [5, 64],
+                            "data": x[:5].ravel().tolist()}],
+                "outputs": [{"name": n} for n in outputs]}  # fmt: skip
+        return httpx.post(f"http://{rest.target}/v2/models/digits/infer", json=body,
+                          headers=rest.headers("asker"), timeout=10)  # fmt: skip
+
+    def spent() -> int:
+        day = next(r for r in quota.usage("asker", "standard") if r.name == "account.day")
+        return day.limit - day.remaining
+
+    assert infer(["probabilities"]).status_code == 200
+    assert spent() == 5
+    for outputs in (["label"], ["no-such-output"], ["probabilities", "label"]):
+        r = infer(outputs)
+        assert r.status_code == 400, r.text
+        assert "not covered" in r.text or "not an output" in r.text
+        assert spent() == 5, outputs  # refused before admission: nothing charged

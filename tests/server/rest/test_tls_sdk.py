@@ -25,6 +25,7 @@ from sealserve.errors import (
     InputError,
     PolicyError,
     RateLimitedError,
+    SuspendedError,
     VerificationError,
 )
 from tests.conftest import sealserve_cmd, sealserve_env
@@ -109,7 +110,8 @@ def test_quota_headers_and_proof_of_work(rest_server: Any) -> None:
     with Client(rest.target, protocol="http", unsafe_plaintext=True,
                 token=rest.token("payer")) as c:  # fmt: skip
         c.infer("digits", X)
-        assert c.quota_remaining is not None and "account.day=4/5" in c.quota_remaining
+        assert c.quota is not None and c.quota.windows["account.day"] == (4, 5)
+        assert isinstance(c.quota_remaining, int) and c.quota_remaining <= 4
         rest.running.server.plane.guard.quota.challenge(
             "payer", 6, reason="test", set_by="operator"
         )
@@ -133,6 +135,14 @@ def test_quota_headers_and_proof_of_work(rest_server: Any) -> None:
         assert limited.value.retry_after is not None and limited.value.retry_after >= 1
     r = httpx.post(url, json=body, headers=rest.headers("spender"), timeout=10)
     assert r.status_code == 429 and int(r.headers["retry-after"]) >= 1
+    # A suspended account: 403 for any client, SuspendedError in the SDK.
+    rest.running.server.plane.guard.quota.suspend("thief", reason="test", set_by="operator")
+    with Client(rest.target, protocol="http", unsafe_plaintext=True,
+                token=rest.token("thief")) as c:  # fmt: skip
+        with pytest.raises(SuspendedError, match="account is suspended"):
+            c.infer("digits", X)
+    r = httpx.post(url, json=body, headers=rest.headers("thief"), timeout=10)
+    assert r.status_code == 403 and r.headers["sealserve-refusal"] == "suspended"
 
 
 @pytest.mark.skipif(
@@ -210,7 +220,9 @@ def test_http_client_reconnects_after_the_server_closes_an_idle_connection(
 def test_rest_evidence_shares_the_per_peer_evidence_rate(rest_server: Any, sim_root: Path) -> None:
     """The REST evidence route is no side door around GetEvidence's per-address rate."""
     rest = rest_server(
-        unsafe_plaintext=False, attestation_platform="simulated", simulated_platform_dir=sim_root,
+        unsafe_plaintext=False,
+        attestation_platform="simulated",
+        simulated_platform_dir=sim_root,
         evidence_per_peer_per_minute=3,
     )
     url = f"https://127.0.0.1:{rest.port}/v2/sealserve/evidence?nonce={'ab' * 32}"
