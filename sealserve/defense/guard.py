@@ -56,17 +56,29 @@ class Guard:
         quota: QuotaGuard | None = None,
         output: OutputDefenses | None = None,
         store_deadline_s: float = 0.5,
+        store_io: bool | None = None,
     ) -> None:
         self.quota = quota
+        # Output defenses are built from the loaded models (their outputs, a reference
+        # run): given here, or once by ``arm`` when the models have loaded.
         self.output = output
         #: How long the serving path waits for the state store before refusing.
         self.store_deadline_s = store_deadline_s
         #: Whether the state store waits on I/O: release (detector state, statuses) then
         #: runs off the event loop, so a hung store cannot stall other RPCs.
-        self.store_io = quota is not None and quota.store.blocking
+        #: (None: the quota's store decides; the server passes the one store it opened.)
+        self.store_io = quota is not None and quota.store.blocking if store_io is None else store_io
         # Resolved peer addresses by (transport peer, forwarded-for): parsing them
         # with ipaddress on every request costs more than the rest of the admission.
         self._peers: dict[tuple[str, str | None], str] = {}
+
+    def arm(self, output: OutputDefenses) -> None:
+        """Install the output defenses built for the loaded models; once only.
+
+        Raises RuntimeError when the guard already has them."""
+        if self.output is not None:
+            raise RuntimeError("the guard's output defenses are already in place")
+        self.output = output
 
     def caller(
         self,

@@ -210,6 +210,8 @@ class LimitsConfig:
     trusted_proxies: tuple[IPNetwork, ...] = ()
     lease: bool = False
     lease_s: float = 1.0
+    #: The ``[limits]`` table as written (what the workload manifest records).
+    table: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not (isinstance(self.lease_s, int | float) and 0 < self.lease_s <= 60):
@@ -302,6 +304,7 @@ class LimitsConfig:
             trusted_proxies=tuple(proxies),
             lease=lease,
             lease_s=float(lease_s),
+            table=dict(data),
         )
 
 

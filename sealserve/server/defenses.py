@@ -329,7 +329,6 @@ def bind_audit_state(
                          challenge_difficulty=cfg.challenge_difficulty)  # fmt: skip
 
 
-
 def _input_width(info: Any, name: str | None) -> int:
     width = 0
     for s in info.inputs:
