@@ -3,7 +3,8 @@ without leases, side by side in one run.
 
     PYTHONPATH=. python bench/bench_lease.py [--n 20000]
 
-Each admission is the full QuotaGuard.admit of a request whose limits are all quota
+Each admission is the full QuotaGuard.admit (and, in the rows so named, the server's
+QuotaGuard.admit_async awaited on an event loop) of a request whose limits are all quota
 windows (leases lease only windows): account minute/day/month, peer minute, model
 minute; 50 accounts in turn, one replica. Without leases every admission is one store
 call that writes (SQLite: one BEGIN IMMEDIATE transaction; Redis: one EVALSHA). With
@@ -14,6 +15,7 @@ leases it is one status read (a SELECT; a Redis HGET) plus, per slice, one lease
 from __future__ import annotations
 
 import argparse
+import asyncio
 import os
 import tempfile
 import time
@@ -34,18 +36,30 @@ WINDOWS: dict[str, Any] = {
 }
 
 
-def measure(store: StateStore, n: int, *, lease: bool) -> dict[str, float]:
+def measure(store: StateStore, n: int, *, lease: bool, loop: bool = False) -> dict[str, float]:
+    """``loop``: the server's path, ``admit_async`` awaited on an event loop."""
     config = LimitsConfig.from_mapping({**WINDOWS, "lease": lease, "lease_s": 1.0})
     guard = QuotaGuard(config, store)
     accounts = [f"acct{i}" for i in range(50)]
-    for i in range(500):  # warm up: statements, scripts, connections, the rate estimate
-        guard.admit(accounts[i % 50], "bench", "198.51.100.1", "m", now=1.7e9)
+
+    async def run(count: int, step: float) -> None:
+        for i in range(count):
+            await guard.admit_async(accounts[i % 50], "bench", "198.51.100.1", "m",
+                                    deadline_s=1.0, now=1.7e9 + i * step)  # fmt: skip
+
+    def admit(count: int, step: float) -> None:
+        if loop:
+            asyncio.run(run(count, step))
+            return
+        for i in range(count):
+            guard.admit(accounts[i % 50], "bench", "198.51.100.1", "m", now=1.7e9 + i * step)
+
+    admit(500, 0.0)  # warm up: statements, scripts, connections, the rate estimate
     calls0 = guard.leases.store_calls if guard.leases else 0
     writes0 = guard.leases.store_writes if guard.leases else 0
     cpu0 = time.process_time()
     wall0 = time.perf_counter()
-    for i in range(n):
-        guard.admit(accounts[i % 50], "bench", "198.51.100.1", "m", now=1.7e9 + i * 1e-4)
+    admit(n, 1e-4)
     wall = time.perf_counter() - wall0
     cpu = time.process_time() - cpu0
     if guard.leases is None:
@@ -68,17 +82,22 @@ def main() -> None:
     args = parser.parse_args()
     rows: list[tuple[str, str, dict[str, float]]] = []
     with tempfile.TemporaryDirectory() as tmp:
-        for lease in (False, True):
-            sqlite = SqliteStore(Path(tmp) / f"state-{lease}.db")
-            rows.append(("sqlite", "on" if lease else "off", measure(sqlite, args.n, lease=lease)))
-            sqlite.close()
+        for loop in (False, True):
+            name = "sqlite, admit_async on a loop" if loop else "sqlite"
+            for lease in (False, True):
+                sqlite = SqliteStore(Path(tmp) / f"state-{lease}-{loop}.db")
+                r = measure(sqlite, args.n, lease=lease, loop=loop)
+                rows.append((name, "on" if lease else "off", r))
+                sqlite.close()
         proc, url = start_redis(Path(tmp))
         try:
-            for lease in (False, True):
-                rstore = RedisStore.from_url(url, prefix=f"bench{int(lease)}")
-                label = "on" if lease else "off"
-                rows.append(("redis (loopback)", label, measure(rstore, args.n, lease=lease)))
-                rstore.close()
+            for loop in (False, True):
+                name = "redis (loopback), admit_async on a loop" if loop else "redis (loopback)"
+                for lease in (False, True):
+                    rstore = RedisStore.from_url(url, prefix=f"bench{int(lease)}{int(loop)}")
+                    r = measure(rstore, args.n, lease=lease, loop=loop)
+                    rows.append((name, "on" if lease else "off", r))
+                    rstore.close()
         finally:
             proc.terminate()
             proc.wait()

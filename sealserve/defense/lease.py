@@ -36,12 +36,14 @@ import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from functools import partial
 
 from sealserve.defense.status import Status
 from sealserve.defense.store.base import (
     AdmitResult,
     Check,
     Lease,
+    LeaseAsk,
     Remaining,
     StateStore,
     StoreBusy,
@@ -103,24 +105,62 @@ class LeaseTable:
         if not self.leasable(checks):
             return None
         self.store_calls += 1
-        if self.store.get_status(account, now=now).kind is not Status.NORMAL:
-            self._give_back(checks, now)
+        normal = self.store.get_status(account, now=now).kind is Status.NORMAL
+        local = self._local(checks, cost, now) if normal else None
+        if local is not None:
+            return local
+        self._return_all(self._stale(checks, now), now)
+        if not normal:
             return None
+        result, lease = self.store.lease(checks, self._ask(checks, cost, now, account))
+        return self._install(checks, cost, now, result, lease)
+
+    async def admit_async(
+        self, checks: tuple[Check, ...], *, cost: int, now: float, account: str,
+        deadline_s: float,
+    ) -> AdmitResult | None:  # fmt: skip
+        """:meth:`admit` for the event loop: each store call is awaited within
+        ``deadline_s`` (UnavailableError past it)."""
+        if not self.leasable(checks):
+            return None
+        self.store_calls += 1
+        status = await self.store.get_status_async(account, now=now, deadline_s=deadline_s)
+        normal = status.kind is Status.NORMAL
+        local = self._local(checks, cost, now) if normal else None
+        if local is not None:
+            return local
+        stale = self._stale(checks, now)
+        if stale:  # returns: once per slice, so a worker thread is cheap enough here
+            back = partial(self._return_all, stale, now)
+            await self.store.call_soon_async(back, deadline_s=deadline_s)
+        if not normal:
+            return None
+        ask = self._ask(checks, cost, now, account)
+        result, lease = await self.store.lease_async(checks, ask, deadline_s=deadline_s)
+        return self._install(checks, cost, now, result, lease)
+
+    def _local(self, checks: tuple[Check, ...], cost: int, now: float) -> AdmitResult | None:
+        """The admit from the lease held for ``checks`` (None: none, or too little left)."""
         held = self._held.get(checks)
-        if held is not None:
-            with held.lock:
-                if now < held.lease.expires_at and held.left >= cost:
-                    held.left -= cost
-                    self._count(checks, cost)
-                    return AdmitResult(True, _remaining(held, now))
-        self._give_back(checks, now)
-        self._sweep(now)
+        if held is None:
+            return None
+        with held.lock:
+            if now < held.lease.expires_at and held.left >= cost:
+                held.left -= cost
+                self._count(checks, cost)
+                return AdmitResult(True, _remaining(held, now))
+        return None
+
+    def _ask(self, checks: tuple[Check, ...], cost: int, now: float, account: str) -> LeaseAsk:
         self.store_calls += 1
         self.store_writes += 1
-        result, lease = self.store.lease(
-            checks, cost=cost, want=self._slice(checks, cost), now=now, account=account,
-            lease_id=f"{self.holder}-{secrets.token_hex(6)}", lease_s=self.lease_s,
-        )  # fmt: skip
+        lease_id = f"{self.holder}-{secrets.token_hex(6)}"
+        return LeaseAsk(cost, self._slice(checks, cost), now, account, lease_id, self.lease_s)
+
+    def _install(
+        self, checks: tuple[Check, ...], cost: int, now: float, result: AdmitResult | None,
+        lease: Lease | None,
+    ) -> AdmitResult | None:  # fmt: skip
         if result is None:  # the status changed since it was read
             return None
         if result.admitted:
@@ -130,7 +170,7 @@ class LeaseTable:
                 old = self._held.get(checks)
                 self._held[checks] = _Held(checks, lease, lease.units, now)
             if old is not None:  # a concurrent taker installed one first: return it
-                self._return(old, now)
+                self._return_all([old], now)
         return result
 
     # The rate is measured on this process's monotonic clock, not the ``now`` the
@@ -154,19 +194,18 @@ class LeaseTable:
             rate = self._rates[checks] = _Rate(time.monotonic())
         rate.units += cost
 
-    def _sweep(self, now: float) -> None:
-        """Give back a few leases that expired unused (their accounts went quiet)."""
+    def _stale(self, checks: tuple[Check, ...], now: float) -> list[_Held]:
+        """Take out of the table the lease held for ``checks`` and a few that expired
+        unused (their accounts went quiet): they are to be given back."""
         with self._lock:
             gone = [k for k, h in self._held.items() if h.lease.expires_at <= now][:SWEEP]
-            held = [self._held.pop(k) for k in gone]
+            if checks in self._held and checks not in gone:
+                gone.append(checks)
+            return [self._held.pop(k) for k in gone]
+
+    def _return_all(self, held: list[_Held], now: float) -> None:
         for h in held:
             self._return(h, now)
-
-    def _give_back(self, checks: tuple[Check, ...], now: float) -> None:
-        with self._lock:
-            held = self._held.pop(checks, None)
-        if held is not None:
-            self._return(held, now)
 
     def _return(self, held: _Held, now: float) -> None:
         with held.lock:
@@ -190,8 +229,7 @@ class LeaseTable:
         stay counted: capacity lost, never granted)."""
         with self._lock:
             held, self._held = list(self._held.values()), {}
-        for h in held:
-            self._return(h, now)
+        self._return_all(held, now)
 
 
 def _remaining(held: _Held, now: float) -> tuple[Remaining, ...]:

@@ -223,9 +223,10 @@ class QuotaGuard:
             verify = partial(self._verify_work, account, challenge, solution, now, batch_size)
             work, work_error = await self.store.call_async(verify, deadline_s=deadline_s)
         result = None
-        if self.leases is not None and not work and self.leases.leasable(checks):
-            leased = partial(self._leased, checks, cost, now, account, work)
-            result = await self.store.call_soon_async(leased, deadline_s=deadline_s)
+        if self.leases is not None and not work:
+            result = await self.leases.admit_async(
+                checks, cost=cost, now=now, account=account, deadline_s=deadline_s
+            )
         if result is None:
             result = await self.store.admit_async(
                 checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s

@@ -15,7 +15,7 @@ from sealserve.defense.lease import LeaseTable
 from sealserve.defense.limits import LimitsConfig, Period
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.status import AccountStatus
-from sealserve.defense.store.base import Check, StateStore
+from sealserve.defense.store.base import Check, LeaseAsk, StateStore
 from sealserve.defense.store.sqlite import SqliteStore
 from sealserve.errors import ConfigError, RateLimitedError, SuspendedError, UnavailableError
 
@@ -54,9 +54,7 @@ def test_a_redis_cluster_admits_per_call(tmp_path: Path, request: pytest.Fixture
             LimitsConfig.from_mapping({"tiers": {"t": {"per_day": 3}}, "lease": True}), s
         )
         assert guard.leases is None
-        result, lease = s.lease(
-            windows(), cost=1, want=9, now=T0, account="alice", lease_id="c", lease_s=1
-        )
+        result, lease = s.lease(windows(), LeaseAsk(1, 9, T0, "alice", "c", 1))
         assert result is not None and result.admitted and lease is None
         assert used(s, windows()) == 1
     finally:
@@ -108,9 +106,7 @@ def test_never_over_admits_and_near_the_limit_slices_are_one(store: StateStore) 
 
 
 def test_a_lease_is_returned_at_most_once(store: StateStore) -> None:
-    result, lease = store.lease(
-        windows(), cost=1, want=20, now=T0, account="alice", lease_id="r1-x", lease_s=1.0
-    )
+    result, lease = store.lease(windows(), LeaseAsk(1, 20, T0, "alice", "r1-x", 1.0))
     assert result is not None and result.admitted and lease is not None
     assert lease.units == 20 - 1  # want counts the admitted request too
     assert used(store, windows()) == 20
@@ -118,16 +114,14 @@ def test_a_lease_is_returned_at_most_once(store: StateStore) -> None:
     store.return_lease("r1-x", 19, now=T0)  # replayed: gives nothing back
     assert used(store, windows()) == 1
     # More than the lease holds cannot be returned either.
-    _, lease2 = store.lease(
-        windows(), cost=1, want=5, now=T0, account="alice", lease_id="r1-y", lease_s=1.0
-    )
+    _, lease2 = store.lease(windows(), LeaseAsk(1, 5, T0, "alice", "r1-y", 1.0))
     assert lease2 is not None and lease2.units == 4
     store.return_lease("r1-y", 1000, now=T0)
     assert used(store, windows()) == 2
 
 
 def test_a_reset_voids_outstanding_leases(store: StateStore) -> None:
-    store.lease(windows(), cost=1, want=20, now=T0, account="alice", lease_id="r", lease_s=1)
+    store.lease(windows(), LeaseAsk(1, 20, T0, "alice", "r", 1))
     store.reset(windows(), now=T0)
     store.admit(windows(), cost=5, now=T0)
     store.return_lease("r", 19, now=T0)  # its record went with the reset
@@ -177,9 +171,7 @@ def test_statuses_other_than_normal_are_admitted_per_call(store: StateStore) -> 
     table = busy_table(store)
     store.set_status("alice", AccountStatus.throttled(0.5, reason="r", set_by="s", set_at=T0))
     assert table.admit(windows(), cost=1, now=T0, account="alice") is None
-    result, lease = store.lease(
-        windows(), cost=1, want=9, now=T0, account="alice", lease_id="z", lease_s=1
-    )
+    result, lease = store.lease(windows(), LeaseAsk(1, 9, T0, "alice", "z", 1))
     assert result is None and lease is None
 
 
@@ -188,7 +180,7 @@ def test_token_buckets_are_never_leased(store: StateStore) -> None:
     table = LeaseTable(store, lease_s=1.0)
     assert table.admit((bucket, *windows()), cost=1, now=T0, account="alice") is None
     with pytest.raises(ConfigError, match="only quota windows can be leased"):
-        store.lease((bucket,), cost=1, want=5, now=T0, account="alice", lease_id="b", lease_s=1)
+        store.lease((bucket,), LeaseAsk(1, 5, T0, "alice", "b", 1))
 
 
 def test_lease_config_is_validated() -> None:
@@ -245,3 +237,30 @@ def test_expired_leases_of_quiet_accounts_go_back(store: StateStore) -> None:
     table.admit(windows("bob"), cost=1, now=T0 + 2, account="bob")
     assert windows() not in table._held
     assert used(store, windows()) == 2
+
+
+def test_the_event_loop_path_is_exact_and_sees_statuses(store: StateStore) -> None:
+    config = LimitsConfig.from_mapping({"tiers": {"t": {"per_day": QUOTA}}, "lease": True})
+    guard = QuotaGuard(config, store)
+    assert guard.leases is not None
+
+    async def admit_all(n: int) -> list[bool]:
+        out = []
+        for _ in range(n):
+            try:
+                await guard.admit_async("carol", "t", "p", "m", deadline_s=1.0, now=T0)
+                out.append(True)
+            except RateLimitedError:
+                out.append(False)
+        return out
+
+    first = asyncio.run(admit_all(60))
+    assert guard.leases.store_writes < 40  # slices, not one write per admission
+    guard.suspend("carol", reason="test", set_by="op", now=T0)
+    with pytest.raises(SuspendedError):
+        asyncio.run(admit_all(1))
+    guard.lift("carol", reason="test", set_by="op", now=T0)
+    rest = asyncio.run(admit_all(2 * QUOTA))
+    assert sum(first) + sum(rest) == QUOTA
+    guard.close(now=T0)
+    assert guard.usage("carol", "t", now=T0)[0].remaining == 0

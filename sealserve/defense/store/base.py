@@ -146,6 +146,20 @@ class StoreBusy(Exception):
 
 
 @dataclass(frozen=True)
+class LeaseAsk:
+    """What a replica asks of :meth:`StateStore.lease`: admit a request of ``cost`` for
+    ``account`` at ``now`` and reserve up to ``want`` units in all (the request's
+    included), recorded as ``lease_id`` for at most ``lease_s`` seconds."""
+
+    cost: int
+    want: int
+    now: float
+    account: str
+    lease_id: str
+    lease_s: float
+
+
+@dataclass(frozen=True)
 class Lease:
     """Units of an account's quota windows reserved in the store for one replica
     (:meth:`StateStore.lease`): already counted in every window, so the replica may
@@ -267,26 +281,33 @@ class StateStore(ABC):
     leases: bool = False
 
     def lease(
-        self,
-        checks: Sequence[Check],
-        *,
-        cost: int,
-        want: int,
-        now: float,
-        account: str,
-        lease_id: str,
-        lease_s: float,
+        self, checks: Sequence[Check], ask: LeaseAsk
     ) -> tuple[AdmitResult | None, Lease | None]:
-        """Admit one request of ``cost`` and reserve up to ``want - cost`` more units
-        (at most :data:`LEASE_FRACTION` of what is left) for the caller, atomically.
+        """Admit one request of ``ask.cost`` and reserve up to ``ask.want - ask.cost``
+        more units (at most :data:`LEASE_FRACTION` of what is left) for the caller,
+        atomically.
 
-        Only for checks that are all quota windows. The lease is recorded under
-        ``lease_id`` so :meth:`return_lease` can give back its unused part exactly once.
-        Returns the admit's result (None when the account's status is not normal:
-        nothing was done, the caller must use :meth:`admit`, which applies statuses) and
-        the lease (None: no spare unit reserved). A store without leases admits per call.
+        Only for checks that are all quota windows (ConfigError otherwise). The lease is
+        recorded under ``ask.lease_id`` so :meth:`return_lease` can give back its unused
+        part exactly once. Returns the admit's result (None when the account's status is
+        not normal: nothing was done, the caller must use :meth:`admit`, which applies
+        statuses) and the lease (None: no spare unit reserved). A store without leases
+        admits per call.
         """
-        return self.admit(checks, cost=cost, now=now, account=account), None
+        return self.admit(checks, cost=ask.cost, now=ask.now, account=ask.account), None
+
+    async def get_status_async(
+        self, account: str, *, now: float, deadline_s: float
+    ) -> AccountStatus:
+        """:meth:`get_status` awaited within ``deadline_s`` (UnavailableError past it)."""
+        call = partial(self.get_status, account, now=now)
+        return await self.call_soon_async(call, deadline_s=deadline_s)
+
+    async def lease_async(
+        self, checks: Sequence[Check], ask: LeaseAsk, *, deadline_s: float
+    ) -> tuple[AdmitResult | None, Lease | None]:
+        """:meth:`lease` awaited within ``deadline_s`` (UnavailableError past it)."""
+        return await self.call_soon_async(partial(self.lease, checks, ask), deadline_s=deadline_s)
 
     def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:  # noqa: B027
         """Give back ``unused`` units of the lease, atomically and at most once: the
@@ -454,14 +475,13 @@ def lease_answer(
     checks: Sequence[Check],
     ends: Sequence[float],
     levels: Sequence[float],
+    ask: LeaseAsk,
     *,
-    cost: int,
     take: int,
-    now: float,
-    lease_id: str,
     expires: float,
 ) -> tuple[AdmitResult, Lease | None]:
     """The result of a lease that took ``take`` units (0: refused) from ``levels``."""
+    cost, now, lease_id = ask.cost, ask.now, ask.lease_id
     zeros = [0.0] * len(checks)
     result = finish(checks, ends, levels, zeros, cost=cost, now=now, admitted=take > 0,
                     status=None)  # fmt: skip
@@ -601,34 +621,26 @@ class TransactionalStore(StateStore):
     leases = True
 
     def lease(
-        self,
-        checks: Sequence[Check],
-        *,
-        cost: int,
-        want: int,
-        now: float,
-        account: str,
-        lease_id: str,
-        lease_s: float,
+        self, checks: Sequence[Check], ask: LeaseAsk
     ) -> tuple[AdmitResult | None, Lease | None]:
+        cost, now = ask.cost, ask.now
         slots = lease_slots(checks, cost=cost, now=now)
         keys = [k for k, _ in slots]
         ends = [end for _, end in slots]
         with self.transaction() as tx:
-            _, windows, raw_status = tx.read([], keys, account)
+            _, windows, raw_status = tx.read([], keys, ask.account)
             if gate(raw_status, now=now, work=0)[0] is not None:
                 return None, None  # any status but normal: admit per call
             levels = [float(windows.get(k, 0)) for k in keys]
-            take = lease_take(checks, levels, cost=cost, want=want)
-            expires = min(now + lease_s, *ends)
+            take = lease_take(checks, levels, cost=cost, want=ask.want)
+            expires = min(now + ask.lease_s, *ends)
             if take:
                 states = [(k, end + STATE_SLACK_S) for k, end in slots]
                 tx.write([], [(k, int(lv) + take, exp)
                               for (k, exp), lv in zip(states, levels, strict=True)])  # fmt: skip
                 if take > cost:
-                    tx.put_lease(lease_id, states, take - cost, expires + STATE_SLACK_S)
-        return lease_answer(checks, ends, levels, cost=cost, take=take, now=now,
-                            lease_id=lease_id, expires=expires)  # fmt: skip
+                    tx.put_lease(ask.lease_id, states, take - cost, expires + STATE_SLACK_S)
+        return lease_answer(checks, ends, levels, ask, take=take, expires=expires)
 
     def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:
         with self.transaction() as tx:

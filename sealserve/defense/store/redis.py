@@ -365,6 +365,7 @@ class RedisStore(StateStore):
             scripts = {
                 "admit": client.register_script(ADMIT_LUA),
                 "refund": client.register_script(REFUND_LUA),
+                "lease": client.register_script(redis_lease.LEASE_LUA),
             }
             self._async = (loop, client, scripts)
         return self._async[1], self._async[2]
@@ -470,6 +471,20 @@ class RedisStore(StateStore):
         return self._lscripts
 
     lease = redis_lease.take_lease
+    lease_async = redis_lease.take_lease_async
+
+    async def get_status_async(
+        self, account: str, *, now: float, deadline_s: float
+    ) -> AccountStatus:
+        got = await self._async_client()
+        if got is None:
+            return await super().get_status_async(account, now=now, deadline_s=deadline_s)
+        read = self._acall(got[0].hget(self._status_key(account), "json"))
+        raw = await with_deadline(read, deadline_s)
+        status = None if raw is None else AccountStatus.from_json(raw)
+        if status is None or not status.active_at(now):
+            return AccountStatus.normal()
+        return status
 
     def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:
         if self.leases:

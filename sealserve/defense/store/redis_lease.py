@@ -13,7 +13,8 @@ every admit stays per call.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from typing import TYPE_CHECKING, Any
 
 from sealserve.defense.store.base import (
@@ -22,8 +23,10 @@ from sealserve.defense.store.base import (
     AdmitResult,
     Check,
     Lease,
+    LeaseAsk,
     lease_answer,
     lease_slots,
+    with_deadline,
 )
 
 if TYPE_CHECKING:
@@ -105,39 +108,55 @@ return 0
 
 
 def take_lease(
-    store: RedisStore,
-    checks: Sequence[Check],
-    *,
-    cost: int,
-    want: int,
-    now: float,
-    account: str,
-    lease_id: str,
-    lease_s: float,
+    store: RedisStore, checks: Sequence[Check], ask: LeaseAsk
 ) -> tuple[AdmitResult | None, Lease | None]:
     """:meth:`StateStore.lease` for :class:`RedisStore`: one script on a single Redis;
     on a cluster, the request is admitted per call and nothing is leased."""
     if not store.leases:
-        return store.admit(checks, cost=cost, now=now, account=account), None
+        return store.admit(checks, cost=ask.cost, now=ask.now, account=ask.account), None
+    keys, argv, answer = _plan(store, checks, ask)
+    return answer(store._call(lambda: store._lease_scripts()["lease"](keys=keys, args=argv)))
+
+
+async def take_lease_async(
+    store: RedisStore, checks: Sequence[Check], ask: LeaseAsk, *, deadline_s: float
+) -> tuple[AdmitResult | None, Lease | None]:
+    """:func:`take_lease` on redis-py's asyncio client, within ``deadline_s``."""
+    got = await store._async_client()
+    if got is None or not store.leases:
+        call = partial(take_lease, store, checks, ask)
+        return await store.call_async(call, deadline_s=deadline_s)
+    keys, argv, answer = _plan(store, checks, ask)
+    script = got[1]["lease"]
+    return answer(await with_deadline(store._acall(script(keys=keys, args=argv)), deadline_s))
+
+
+def _plan(
+    store: RedisStore, checks: Sequence[Check], ask: LeaseAsk
+) -> tuple[list[str], list[str], Callable[[list[Any]], tuple[AdmitResult | None, Lease | None]]]:
+    """The lease script's keys and arguments, and how to read its answer."""
+    cost, now = ask.cost, ask.now
     slots = lease_slots(checks, cost=cost, now=now)
     ends = [end for _, end in slots]
     keys = [store._k(c.group, k) for c, (k, _) in zip(checks, slots, strict=True)]
-    keys += [store._status_key(account), lease_key(store, lease_id)]
-    expires = min(now + lease_s, *ends)
+    keys += [store._status_key(ask.account), lease_key(store, ask.lease_id)]
+    expires = min(now + ask.lease_s, *ends)
     slack_ms = int(STATE_SLACK_S * 1000)
-    argv = [f"{now!r} {cost} {want} {LEASE_FRACTION!r} {len(checks)} "
+    argv = [f"{now!r} {cost} {ask.want} {LEASE_FRACTION!r} {len(checks)} "
             f"{math.ceil((expires - now) * 1000) + slack_ms}"]  # fmt: skip
     argv[0] += "".join(
         f" {c.limit} {math.ceil((end - now) * 1000) + slack_ms}"
         for c, end in zip(checks, ends, strict=True)
     )
-    out: list[Any] = store._call(lambda: store._lease_scripts()["lease"](keys=keys, args=argv))
-    if int(out[0]) == 3:
-        return None, None
-    take = int(out[1]) if int(out[0]) == 1 else 0
-    levels = [float(v) for v in out[2:]] if take else [float(v) for v in out[1:]]
-    return lease_answer(checks, ends, levels, cost=cost, take=take, now=now,
-                        lease_id=lease_id, expires=expires)  # fmt: skip
+
+    def answer(out: list[Any]) -> tuple[AdmitResult | None, Lease | None]:
+        if int(out[0]) == 3:
+            return None, None
+        take = int(out[1]) if int(out[0]) == 1 else 0
+        levels = [float(v) for v in out[2:]] if take else [float(v) for v in out[1:]]
+        return lease_answer(checks, ends, levels, ask, take=take, expires=expires)
+
+    return keys, argv, answer
 
 
 def give_back(store: RedisStore, lease_id: str, unused: int) -> None:
