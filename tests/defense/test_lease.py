@@ -5,6 +5,8 @@ never extra allowance."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import sqlite3
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from sealserve.defense.limits import LimitsConfig, Period
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.status import AccountStatus
 from sealserve.defense.store.base import Check, LeaseAsk, StateStore
+from sealserve.defense.store.redis import RedisStore
 from sealserve.defense.store.sqlite import SqliteStore
 from sealserve.errors import ConfigError, RateLimitedError, SuspendedError, UnavailableError
 
@@ -264,3 +267,33 @@ def test_the_event_loop_path_is_exact_and_sees_statuses(store: StateStore) -> No
     assert sum(first) + sum(rest) == QUOTA
     guard.close(now=T0)
     assert guard.usage("carol", "t", now=T0)[0].remaining == 0
+
+
+def test_a_hung_redis_refuses_leased_admissions_within_the_deadline(
+    request: pytest.FixtureRequest,
+) -> None:
+    """SIGSTOP redis-server: the lease path (status read, lease) fails closed within
+    the deadline on the event loop, and consumes nothing it did not count."""
+    server = request.getfixturevalue("own_redis")
+    store = RedisStore.from_url(server.url, prefix="hang")
+    guard = QuotaGuard(
+        LimitsConfig.from_mapping({"tiers": {"t": {"per_day": QUOTA}}, "lease": True}), store
+    )
+
+    async def admit() -> None:
+        await guard.admit_async("dan", "t", "p", "m", deadline_s=0.3, now=T0)
+
+    asyncio.run(admit())
+    assert server.proc is not None
+    os.kill(server.proc.pid, signal.SIGSTOP)
+    try:
+        t = time.perf_counter()
+        with pytest.raises(UnavailableError, match="did not answer within 0.3 s"):
+            asyncio.run(admit())
+        assert time.perf_counter() - t < 1.0
+    finally:
+        os.kill(server.proc.pid, signal.SIGCONT)
+    asyncio.run(admit())
+    guard.close(now=T0)
+    assert guard.usage("dan", "t", now=T0)[0].remaining <= QUOTA - 2
+    store.close()
