@@ -85,6 +85,7 @@ class LeaseTable:
         self._lock = threading.Lock()
         self._held: dict[tuple[Check, ...], _Held] = {}
         self._rates: dict[tuple[Check, ...], _Rate] = {}
+        self._displaced: list[_Held] = []
         #: Store calls made by admissions (status reads, leases, returns), and of those
         #: the ones that write (leases, returns): benchmark and test figures.
         self.store_calls = 0
@@ -169,8 +170,8 @@ class LeaseTable:
             with self._lock:
                 old = self._held.get(checks)
                 self._held[checks] = _Held(checks, lease, lease.units, now)
-            if old is not None:  # a concurrent taker installed one first: return it
-                self._return_all([old], now)
+                if old is not None:  # a concurrent taker installed one first
+                    self._displaced.append(old)  # given back with the next stale ones
         return result
 
     # The rate is measured on this process's monotonic clock, not the ``now`` the
@@ -201,11 +202,17 @@ class LeaseTable:
             gone = [k for k, h in self._held.items() if h.lease.expires_at <= now][:SWEEP]
             if checks in self._held and checks not in gone:
                 gone.append(checks)
-            return [self._held.pop(k) for k in gone]
+            out, self._displaced = self._displaced, []
+            return out + [self._held.pop(k) for k in gone]
 
     def _return_all(self, held: list[_Held], now: float) -> None:
-        for h in held:
-            self._return(h, now)
+        for i, h in enumerate(held):
+            try:
+                self._return(h, now)
+            except StoreBusy:
+                with self._lock:  # not tried yet: kept, given back later
+                    self._displaced.extend(held[i + 1 :])
+                raise
 
     def _return(self, held: _Held, now: float) -> None:
         with held.lock:
@@ -221,14 +228,18 @@ class LeaseTable:
             with held.lock:
                 held.left = unused
             with self._lock:
-                self._held.setdefault(held.key, held)
+                if held.key in self._held:
+                    self._displaced.append(held)
+                else:
+                    self._held[held.key] = held
             raise
 
     def close(self, *, now: float) -> None:
         """Give back every lease (shutdown). Raises UnavailableError (the leases then
         stay counted: capacity lost, never granted)."""
         with self._lock:
-            held, self._held = list(self._held.values()), {}
+            held, self._held = [*self._held.values(), *self._displaced], {}
+            self._displaced = []
         self._return_all(held, now)
 
 

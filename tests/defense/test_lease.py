@@ -297,3 +297,14 @@ def test_a_hung_redis_refuses_leased_admissions_within_the_deadline(
     guard.close(now=T0)
     assert guard.usage("dan", "t", now=T0)[0].remaining <= QUOTA - 2
     store.close()
+
+
+def test_a_lease_displaced_by_a_concurrent_taker_is_given_back(store: StateStore) -> None:
+    table = LeaseTable(store, lease_s=1.0)
+    for lease_id in ("first", "second"):  # two takers raced for the same account
+        result, lease = store.lease(windows(), LeaseAsk(1, 10, T0, "alice", lease_id, 1.0))
+        table._install(windows(), 1, T0, result, lease)
+    assert len(table._displaced) == 1
+    assert used(store, windows()) == 20
+    table.close(now=T0)
+    assert used(store, windows()) == 2  # both spares came back, once each
