@@ -29,6 +29,7 @@ gets slices of one request: per-call exactness where it matters.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import os
 import secrets
@@ -48,6 +49,7 @@ from sealserve.defense.store.base import (
     StateStore,
     StoreBusy,
 )
+from sealserve.errors import UnavailableError
 
 #: Most units one lease may ask for (a bound on what a killed replica can strand).
 MAX_SLICE = 10_000
@@ -120,10 +122,23 @@ class LeaseTable:
         self, checks: tuple[Check, ...], *, cost: int, now: float, account: str,
         deadline_s: float,
     ) -> AdmitResult | None:  # fmt: skip
-        """:meth:`admit` for the event loop: each store call is awaited within
-        ``deadline_s`` (UnavailableError past it)."""
+        """:meth:`admit` for the event loop: its store calls are awaited, all of them
+        within ``deadline_s`` (UnavailableError past it)."""
         if not self.leasable(checks):
             return None
+        try:
+            # One deadline for every store call of the admission (asyncio.timeout, not
+            # wait_for: no task per admission).
+            async with asyncio.timeout(deadline_s):
+                return await self._admit_async(checks, cost, now, account, deadline_s)
+        except TimeoutError as exc:
+            raise UnavailableError(
+                f"state store did not answer within {deadline_s:g} s", retry_after=1.0
+            ) from exc
+
+    async def _admit_async(
+        self, checks: tuple[Check, ...], cost: int, now: float, account: str, deadline_s: float
+    ) -> AdmitResult | None:
         self.store_calls += 1
         status = await self.store.get_status_async(account, now=now, deadline_s=deadline_s)
         normal = status.kind is Status.NORMAL
