@@ -45,7 +45,7 @@ def measure(store: StateStore, n: int, *, lease: bool, loop: bool = False) -> di
     async def run(count: int, step: float) -> None:
         for i in range(count):
             await guard.admit_async(accounts[i % 50], "bench", "198.51.100.1", "m",
-                                    deadline_s=1.0, now=1.7e9 + i * step)  # fmt: skip
+                                    deadline_s=5.0, now=1.7e9 + i * step)  # fmt: skip
 
     def admit(count: int, step: float) -> None:
         if loop:
@@ -94,7 +94,9 @@ def main() -> None:
             for loop in (False, True):
                 name = "redis (loopback), admit_async on a loop" if loop else "redis (loopback)"
                 for lease in (False, True):
-                    rstore = RedisStore.from_url(url, prefix=f"bench{int(lease)}{int(loop)}")
+                    rstore = RedisStore.from_url(
+                        url, prefix=f"b{int(lease)}{int(loop)}", timeout_s=5.0
+                    )
                     r = measure(rstore, args.n, lease=lease, loop=loop)
                     rows.append((name, "on" if lease else "off", r))
                     rstore.close()
