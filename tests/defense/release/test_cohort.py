@@ -3,8 +3,12 @@ stream and ends with honest newcomers' rows, without locking newcomers out meanw
 
 from __future__ import annotations
 
-import numpy as np
+from pathlib import Path
 
+import numpy as np
+import pytest
+
+from sealserve.defense.config import DefenseConfig
 from sealserve.defense.detect import MemoryBlobStore
 from sealserve.defense.detect.base import DetectorScore
 from sealserve.defense.escalation import ResponsePolicy
@@ -19,6 +23,7 @@ from sealserve.defense.release.cohort import (
 )
 from sealserve.defense.status import Status
 from sealserve.defense.store.memory import MemoryStore
+from sealserve.errors import ConfigError
 from tests.defense.streams import DigitsTask, digits_task, uniform_stream
 from tests.defense.test_detection_digits import make_suite
 
@@ -139,3 +144,11 @@ def test_a_continuing_sybil_stream_keeps_the_cohort_flagged() -> None:
     assert w.send("payer", noise[1])
     payer = w.quota.status("payer", now=w.now)
     assert payer.difficulty == 16 and "look like noise (2 of 2" in payer.reason
+
+
+def test_cohort_difficulty_is_configured_and_bounded(tmp_path: Path) -> None:
+    cfg = DefenseConfig.parse({}, base=tmp_path)
+    assert cfg.cohort_challenge_difficulty == 9 < cfg.challenge_difficulty
+    for bad in (0, 33, "hard"):
+        with pytest.raises(ConfigError, match="cohort_challenge_difficulty"):
+            DefenseConfig.parse({"cohort_challenge_difficulty": bad}, base=tmp_path)
