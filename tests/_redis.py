@@ -86,6 +86,72 @@ class RedisServer:
         self.proc = None
 
 
+def cluster_port() -> int:
+    """A free port P whose cluster bus port P + 10000 is free too (so P <= 55535)."""
+    for _ in range(1000):
+        port = free_port()
+        if port > 55535:
+            continue
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port + 10000))
+            except OSError:
+                continue
+        return port
+    raise RuntimeError("no free port pair for a redis cluster node")
+
+
+class RedisClusterServers:
+    """A throwaway Redis Cluster of three masters (no replicas) on 127.0.0.1."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.nodes = []
+        for i in range(3):
+            (workdir / f"node{i}").mkdir(exist_ok=True)
+            node = RedisServer(workdir / f"node{i}", cluster_port())
+            node.persistence = (
+                "--save", "", "--appendonly", "no", "--cluster-enabled", "yes",
+                "--cluster-config-file", str(workdir / f"node{i}" / "nodes.conf"),
+            )  # fmt: skip
+            self.nodes.append(node)
+
+    @property
+    def url(self) -> str:
+        return f"redis+cluster://127.0.0.1:{self.nodes[0].port}"
+
+    def start(self) -> None:
+        for node in self.nodes:
+            node.start()
+        subprocess.run(
+            [shutil.which("redis-cli") or "redis-cli", "--cluster", "create",
+             *(f"127.0.0.1:{n.port}" for n in self.nodes),
+             "--cluster-replicas", "0", "--cluster-yes"],
+            check=True, capture_output=True, timeout=60,
+        )  # fmt: skip
+        client = redis.Redis(host="127.0.0.1", port=self.nodes[0].port, socket_timeout=0.5)
+        deadline = time.monotonic() + 30
+        while client.cluster("info").get("cluster_state") != "ok":
+            if time.monotonic() > deadline:
+                raise RuntimeError("redis cluster did not become ready")
+            time.sleep(0.05)
+        client.close()
+
+    def owner(self, slot: int) -> int:
+        """The port of the master serving ``slot``."""
+        client = redis.Redis(host="127.0.0.1", port=self.nodes[0].port)
+        try:
+            for start, end, master, *_ in client.execute_command("CLUSTER SLOTS"):
+                if start <= slot <= end:
+                    return int(master[1])
+        finally:
+            client.close()
+        raise LookupError(slot)
+
+    def stop(self) -> None:
+        for node in self.nodes:
+            node.stop()
+
+
 def _need_redis() -> None:
     if REDIS_SERVER is None:
         pytest.skip("redis-server is not installed (scripts/test.sh installs it via apt)")
@@ -109,3 +175,15 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisClusterServers]:
+    """One 3-master Redis Cluster for the session; tests isolate themselves by prefix."""
+    _need_redis()
+    cluster = RedisClusterServers(tmp_path_factory.mktemp("redis-cluster"))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()

@@ -1,6 +1,8 @@
 """Intel DCAP collateral for TDX quotes: TCB Info (v3, id "TDX"), QE Identity (v2, id
 "TD_QE"), the root CA CRL and the PCK CRL, and the TCB-signing chain that signs the JSON.
 
+Over 400 lines: four signed Intel documents parsed to the QVL's sections, one spec.
+
 Collateral comes from files (what Intel PCS or a PCCS returned); this module parses it
 and never fetches anything. :mod:`sealserve.attestation.tdx_tcb` evaluates it,
 following Intel's Quote Verification Library (QVL, section numbers of its design):

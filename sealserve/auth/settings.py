@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import urllib.parse
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +132,48 @@ class AuthSettings:
     jwks_max_stale_seconds: float = 86_400.0
     revocation_file: Path | None = None
 
+    @classmethod
+    def from_mapping(cls, data: Any) -> AuthSettings:
+        """Build from the ``[auth]`` table (docs/auth.md), ``[[auth.issuers]]`` included.
+
+        Raises ConfigError naming the key for an unknown key or a bad value.
+        """
+        if not isinstance(data, dict):
+            raise ConfigError("auth must be a table ([auth])")
+        data = dict(data)
+        issuers = data.pop("issuers", [])
+        if not isinstance(issuers, list) or not all(isinstance(i, dict) for i in issuers):
+            raise ConfigError("auth.issuers must be a list of tables ([[auth.issuers]])")
+        _known_keys("auth", data, cls)
+        for n, issuer in enumerate(issuers):
+            _known_keys(f"auth.issuers[{n}]", issuer, IssuerSettings)
+        try:
+            built = tuple(
+                IssuerSettings(
+                    **{**i, "jwks_file": Path(i["jwks_file"]) if "jwks_file" in i else None}
+                )
+                for i in issuers
+            )
+            if "revocation_file" in data:
+                data["revocation_file"] = Path(data["revocation_file"])
+            if "algorithms" in data:
+                data["algorithms"] = tuple(data["algorithms"])
+            if data.get("allowed_tiers") is not None:
+                data["allowed_tiers"] = frozenset(data["allowed_tiers"])
+            return cls(issuers=built, **data)
+        except TypeError as exc:
+            raise ConfigError(f"unknown or missing auth setting: {exc}") from exc
+
+    def relative_to(self, base: Path) -> AuthSettings:
+        """These settings with relative file paths (JWKS files, the revocation list)
+        taken relative to ``base`` (the config file's directory)."""
+
+        def fix(path: Path | None) -> Path | None:
+            return base / path if path is not None and not path.is_absolute() else path
+
+        issuers = tuple(replace(i, jwks_file=fix(i.jwks_file)) for i in self.issuers)
+        return replace(self, issuers=issuers, revocation_file=fix(self.revocation_file))
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "issuers", tuple(self.issuers))
         object.__setattr__(self, "algorithms", tuple(self.algorithms))
@@ -191,3 +233,13 @@ class AuthSettings:
             "allowed_tiers": sorted(self.allowed_tiers) if self.allowed_tiers else None,
             "max_token_bytes": self.max_token_bytes,
         }
+
+
+def _known_keys(table: str, data: dict[str, Any], cls: type[Any]) -> None:
+    known = {f.name for f in fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(
+            f"{table}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})",
+            remedy=f"Remove or correct the key; docs/auth.md lists the [{table}] keys.",
+        )

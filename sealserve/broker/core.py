@@ -1,5 +1,8 @@
 """The key broker's transport-free core: challenges, key release, administration.
 
+Over 400 lines: one class, the release protocol's numbered steps beside the admin
+calls that change what it releases.
+
 Release protocol (docs/key-broker.md):
 
 1. ``challenge()``: a fresh 32-byte nonce, single use, valid for the nonce book's ttl.

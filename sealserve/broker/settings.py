@@ -7,11 +7,10 @@ to pin), the simulated root only when configured and labelled unsafe.
 
 from __future__ import annotations
 
-import tomllib
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, model_validator
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -22,7 +21,7 @@ from pydantic_settings import (
 from sealserve.auth.settings import AuthSettings, IssuerSettings
 from sealserve.broker.store import load_master_key
 from sealserve.errors import ConfigError
-from sealserve.validation import describe_validation_error
+from sealserve.validation import relative_paths, settings_from_file
 
 ADMIN_AUDIENCE = "sealserve-broker"
 ADMIN_TOS = "broker-admin"
@@ -173,48 +172,17 @@ class BrokerSettings(BaseSettings):
     def load(cls, path: Path | None = None, **overrides: Any) -> BrokerSettings:
         """Build settings from ``path`` (TOML), the environment and ``overrides``;
         relative paths in the file are relative to the file. Raises ConfigError."""
-        target: type[BrokerSettings] = cls
-        if path is not None:
-            if not path.is_file():
-                raise ConfigError(f"config file {path} does not exist")
-            try:
-                tomllib.loads(path.read_text())
-            except tomllib.TOMLDecodeError as exc:
-                raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-            target = type(
-                "BrokerSettings",
-                (cls,),
-                {"model_config": {**cls.model_config, "toml_file": path}},
-            )
-        try:
-            settings = target(**overrides)
-        except ValidationError as exc:
-            where = f"{path}: " if path else ""
-            raise ConfigError(where + _format(exc)) from exc
+        settings = settings_from_file(cls, path, overrides, what="broker settings")
         if path is not None:
             settings = settings._relative_to(path.resolve().parent)
         return settings
 
     def _relative_to(self, base: Path) -> BrokerSettings:
-        update: dict[str, Any] = {}
-        for key in (
-            "tls_cert_file",
-            "tls_key_file",
-            "tls_ephemeral_cert_out",
-            "store_file",
-            "master_key_file",
-            "unsafe_simulated_root_dir",
-            "tdx_collateral_dir",
-        ):
-            value = getattr(self, key)
-            if value is not None and not value.is_absolute():
-                update[key] = base / value
-        if not self.admin.jwks_file.is_absolute():
-            update["admin"] = self.admin.model_copy(
-                update={"jwks_file": base / self.admin.jwks_file}
-            )
+        update: dict[str, Any] = relative_paths(
+            self, base, "tls_cert_file", "tls_key_file", "tls_ephemeral_cert_out", "store_file",
+            "master_key_file", "unsafe_simulated_root_dir", "tdx_collateral_dir",
+        )  # fmt: skip
+        update["admin"] = self.admin.model_copy(
+            update=relative_paths(self.admin, base, "jwks_file")
+        )
         return self.model_copy(update=update) if update else self
-
-
-def _format(exc: ValidationError) -> str:
-    return "invalid broker settings: " + describe_validation_error(exc)

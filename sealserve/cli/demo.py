@@ -98,7 +98,6 @@ async def _demo(args: argparse.Namespace) -> int:
     from sealserve.server.app import Server
     from sealserve.server.logs import configure
     from sealserve.server.manifest import build_manifest, measure_entries, simulated_measurement
-    from sealserve.server.model_keys import KeyProvider
     from sealserve.server.repository import scan_repository
     from sealserve.server.settings import Settings
 
@@ -209,9 +208,7 @@ async def _demo(args: argparse.Namespace) -> int:
         # What an auditor computes independently with `sealserve measure --config ...`:
         # from the build and the config alone (the audit key made at start is attested
         # beside the manifest, in the runtime keys record).
-        expected = build_manifest(
-            settings, measure_entries(scan_repository(repo, keys=KeyProvider())), code=code
-        )
+        expected = build_manifest(settings, measure_entries(scan_repository(repo)), code=code)
         _say("auditor", f"expected manifest sha256 {expected.digest().hex()}")
         policy = policy_from_toml(
             reference_policy(

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sealserve.cli._connect import add_connection_args
+
+if TYPE_CHECKING:
+    from sealserve.defense.config import DefenseConfig
 
 
 def register(sub: Any) -> None:
@@ -55,8 +58,8 @@ def run(args: argparse.Namespace) -> int:
     from sealserve.server.settings import Settings
 
     settings = Settings.load(args.config)
-    auth = settings.auth_settings()
-    limits = settings.limits_config()
+    auth = settings.auth
+    limits = settings.limits
     if auth is None:
         raise ConfigError("stress needs a server with [auth] (accounts come from tokens)")
     issuer = TokenIssuer.from_pem(
@@ -102,12 +105,12 @@ def run(args: argparse.Namespace) -> int:
 
 
 def defense_warning(
-    defense: dict[str, Any] | None, *, model: str, tier: str, accounts: list[str]
+    defense: DefenseConfig | None, *, model: str, tier: str, accounts: list[str]
 ) -> str | None:
     """One line, before any request, when ``model`` is defended: the stress accounts
     look like extraction to the detector, so they will be throttled or suspended and
     their requests will fill the audit log and its report."""
-    if not defense or model not in (defense.get("models") or {}):
+    if defense is None or model not in defense.models:
         return None
     return (
         f"warning: [defense] is on for {model!r}: the stress accounts ({accounts[0]}.."

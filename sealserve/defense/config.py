@@ -132,7 +132,12 @@ class DefenseConfig(BaseModel):
     models: dict[str, ModelDefenseConfig] = Field(default_factory=dict)
 
     @classmethod
-    def parse(cls, data: dict[str, Any], *, base: Path) -> DefenseConfig:
+    def parse(cls, data: dict[str, Any]) -> DefenseConfig:
+        """The ``[defense]`` table, checked (profiles named by models exist, the
+        response policy parses); paths stay as written (see :meth:`relative_to`).
+
+        Raises ConfigError naming the key.
+        """
         try:
             cfg = cls.model_validate(data)
         except ValidationError as exc:
@@ -145,9 +150,12 @@ class DefenseConfig(BaseModel):
             for p in (m.profile, *m.tiers.values()):
                 if p not in ("none", "default") and p not in cfg.profiles:
                     raise ConfigError(f"[defense.models.{name}] names unknown profile {p!r}")
-        return cfg._relative(base)
+        return cfg
 
-    def _relative(self, base: Path) -> DefenseConfig:
+    def relative_to(self, base: Path) -> DefenseConfig:
+        """This config with relative paths (state and audit directories, reference
+        samples) taken relative to ``base`` (the config file's directory)."""
+
         def fix(p: Path | None) -> Path | None:
             return None if p is None or p.is_absolute() else base / p
 

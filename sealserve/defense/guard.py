@@ -9,10 +9,12 @@ Transport-free: the server hands in who is calling (:class:`Caller`) and numpy a
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 
@@ -49,13 +51,34 @@ class Guard:
     """Admission and release for every inference request. ``quota`` None: no limits."""
 
     def __init__(
-        self, *, quota: QuotaGuard | None = None, output: OutputDefenses | None = None
+        self,
+        *,
+        quota: QuotaGuard | None = None,
+        output: OutputDefenses | None = None,
+        store_deadline_s: float = 0.5,
+        store_io: bool | None = None,
     ) -> None:
         self.quota = quota
+        # Output defenses are built from the loaded models (their outputs, a reference
+        # run): given here, or once by ``arm`` when the models have loaded.
         self.output = output
+        #: How long the serving path waits for the state store before refusing.
+        self.store_deadline_s = store_deadline_s
+        #: Whether the state store waits on I/O: release (detector state, statuses) then
+        #: runs off the event loop, so a hung store cannot stall other RPCs.
+        #: (None: the quota's store decides; the server passes the one store it opened.)
+        self.store_io = quota is not None and quota.store.blocking if store_io is None else store_io
         # Resolved peer addresses by (transport peer, forwarded-for): parsing them
         # with ipaddress on every request costs more than the rest of the admission.
         self._peers: dict[tuple[str, str | None], str] = {}
+
+    def arm(self, output: OutputDefenses) -> None:
+        """Install the output defenses built for the loaded models; once only.
+
+        Raises RuntimeError when the guard already has them."""
+        if self.output is not None:
+            raise RuntimeError("the guard's output defenses are already in place")
+        self.output = output
 
     def caller(
         self,
@@ -79,7 +102,7 @@ class Guard:
             self._peers[key] = peer
         return Caller(account or ANONYMOUS, tier, peer, protocol)
 
-    def admit(
+    async def admit_async(
         self,
         caller: Caller,
         model: str,
@@ -89,16 +112,18 @@ class Guard:
         now: float | None = None,
     ) -> tuple[Remaining, ...]:
         """Admit one request or raise (SuspendedError, ChallengeRequiredError,
-        RateLimitedError, PermissionDeniedError, UnavailableError). Returns what is
-        left of every limit."""
+        RateLimitedError, PermissionDeniedError, UnavailableError: also when the store
+        does not answer within ``store_deadline_s``). Returns what is left of every
+        limit. Awaited on the event loop; no store call blocks it."""
         if self.quota is None:
             return ()
         try:
-            result = self.quota.admit(
+            result = await self.quota.admit_async(
                 caller.account,
                 caller.tier,
                 caller.peer,
                 model,
+                deadline_s=self.store_deadline_s,
                 batch_size=batch_size,
                 challenge=pow_.challenge if pow_ else None,
                 solution=pow_.solution if pow_ else None,
@@ -150,3 +175,17 @@ class Guard:
             caller.account, caller.tier, model, inputs, outputs, protocol=caller.protocol
         )
         return self.output.served(model, requested, released)
+
+    async def release_async(
+        self, caller: Caller, model: str, inputs: Mapping[str, np.ndarray],
+        outputs: dict[str, np.ndarray], *, requested: tuple[str, ...] = (), rows: int = 1,
+    ) -> dict[str, np.ndarray]:  # fmt: skip
+        """:meth:`release` for the event loop: off it (in a worker thread) when it waits
+        on a store that does I/O, or when a large batch is scored before its answer;
+        inline otherwise."""
+        if self.output is None:
+            return outputs
+        release = partial(self.release, caller, model, inputs, outputs, requested=requested)
+        if self.store_io or self.large_batch(rows):
+            return await asyncio.to_thread(release)
+        return release()

@@ -206,6 +206,8 @@ class LimitsConfig:
     models: Mapping[str, LimitSet] = field(default_factory=dict)
     default_tier: str | None = None
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    #: The ``[limits]`` table as written (what the workload manifest records).
+    table: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.tiers:
@@ -285,6 +287,7 @@ class LimitsConfig:
             models=models,
             default_tier=default,
             trusted_proxies=tuple(proxies),
+            table=dict(data),
         )
 
 

@@ -14,7 +14,13 @@ from urllib.parse import quote
 from sealserve.defense.challenge import Challenges
 from sealserve.defense.limits import LimitsConfig, LimitSet, Period, Tier
 from sealserve.defense.status import AccountStatus, Status
-from sealserve.defense.store.base import AdmitResult, Check, Remaining, StateStore
+from sealserve.defense.store.base import (
+    AdmitResult,
+    Check,
+    Remaining,
+    StateStore,
+    account_group,
+)
 from sealserve.errors import (
     ChallengeRequiredError,
     ConfigError,
@@ -40,6 +46,7 @@ def limit_checks(
     key: str,
     unit: str,
     throttle: bool = False,
+    group: str = "",
 ) -> list[Check]:
     """The checks of one limit set for one subject (``scope`` names them: account,
     peer, model)."""
@@ -54,6 +61,7 @@ def limit_checks(
                 rate=float(limits.bucket.rate),
                 throttle=throttle,
                 unit=unit,
+                group=group,
             )
         )
     for period in Period:
@@ -66,6 +74,7 @@ def limit_checks(
                     limits.quotas[period],
                     period=period,
                     unit=unit,
+                    group=group,
                 )
             )
     return out
@@ -113,10 +122,11 @@ class QuotaGuard:
     ) -> list[Check]:
         t = self._tier(tier)
         unit = "items" if t.cost.value == "batch" else "requests"
+        group = account_group(account)
         if t.per_model and model is not None:
             akey, subject = f"am/{_q(account)}/{_q(model)}", f"account model {model!r}"
         else:
-            akey, subject = f"a/{_q(account)}", "account"
+            akey, subject = group, "account"
         out = limit_checks(
             t.limits,
             scope="account",
@@ -124,6 +134,7 @@ class QuotaGuard:
             key=akey,
             unit=unit,
             throttle=True,
+            group=group,
         )
         if peer is not None:
             out += limit_checks(
@@ -167,24 +178,60 @@ class QuotaGuard:
         what is left of every limit.
         """
         now = time.time() if now is None else now
-        t = self._tier(tier)
-        t.check_rows(batch_size)
-        cost = t.cost_of(batch_size)
+        checks, cost = self._prepare(account, tier, peer, model, batch_size)
         work, work_error = 0, None
         if challenge and solution is not None and self.challenges is not None:
-            try:
-                work = self.challenges.verify(
-                    account, challenge, solution, now=now, rows=batch_size
-                )
-            except ChallengeRequiredError as exc:
-                work_error = exc.message
-        result = self.store.admit(
-            self.checks(account, t.name, peer, model),
-            cost=cost,
-            now=now,
-            account=account,
-            work=work,
+            work, work_error = self._verify_work(account, challenge, solution, now, batch_size)
+        result = self.store.admit(checks, cost=cost, now=now, account=account, work=work)
+        return self._conclude(result, account, work, work_error, now, batch_size)
+
+    async def admit_async(
+        self,
+        account: str,
+        tier: str | None,
+        peer: str,
+        model: str,
+        *,
+        deadline_s: float,
+        batch_size: int = 1,
+        challenge: str | None = None,
+        solution: str | None = None,
+        now: float | None = None,
+    ) -> AdmitResult:
+        """:meth:`admit` for the event loop: every store call is awaited and answers
+        within ``deadline_s`` seconds, or the request is refused with UnavailableError."""
+        now = time.time() if now is None else now
+        checks, cost = self._prepare(account, tier, peer, model, batch_size)
+        work, work_error = 0, None
+        if challenge and solution is not None and self.challenges is not None:
+            # Consuming the challenge is a store call too (a challenged account only).
+            verify = partial(self._verify_work, account, challenge, solution, now, batch_size)
+            work, work_error = await self.store.call_async(verify, deadline_s=deadline_s)
+        result = await self.store.admit_async(
+            checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s
         )
+        return self._conclude(result, account, work, work_error, now, batch_size)
+
+    def _prepare(
+        self, account: str, tier: str | None, peer: str, model: str, batch_size: int
+    ) -> tuple[tuple[Check, ...], int]:
+        t = self._tier(tier)
+        t.check_rows(batch_size)
+        return self.checks(account, t.name, peer, model), t.cost_of(batch_size)
+
+    def _verify_work(
+        self, account: str, challenge: str, solution: str, now: float, rows: int
+    ) -> tuple[int, str | None]:
+        assert self.challenges is not None
+        try:
+            return self.challenges.verify(account, challenge, solution, now=now, rows=rows), None
+        except ChallengeRequiredError as exc:
+            return 0, exc.message
+
+    def _conclude(
+        self, result: AdmitResult, account: str, work: int, work_error: str | None, now: float,
+        rows: int,
+    ) -> AdmitResult:  # fmt: skip
         if result.admitted:
             return result
         status = result.status
@@ -192,7 +239,7 @@ class QuotaGuard:
             if status.kind is Status.SUSPENDED:
                 # The reason stays with the operator: it may describe how we detect abuse.
                 raise SuspendedError("account is suspended", retry_after=result.retry_after)
-            self._require_work(account, status, work, work_error, now, batch_size)
+            self._require_work(account, status, work, work_error, now, rows)
         assert result.refused_by is not None
         raise RateLimitedError(result.refused_by.describe(), retry_after=result.retry_after)
 

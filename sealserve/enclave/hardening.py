@@ -1,5 +1,12 @@
 """Process hardening at server start: no core dumps, not dumpable, memory locked.
 
+Memory is locked with ``mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)`` (Linux >= 4.4):
+every page the process touches, secrets included, is locked as it is faulted in and can
+never be swapped, but pages it merely maps (thread stacks, arenas, libraries' unused
+code) are not made resident. Without ``MCL_ONFAULT`` the kernel faults in the whole
+address space at once, which costs hundreds of MiB for a small model. A kernel that
+refuses ``MCL_ONFAULT`` (EINVAL) gets the eager lock, and the step's detail says why.
+
 Each step is reported (for the workload manifest) rather than raised: the server
 decides what it requires. A step's status is one of
 
@@ -12,6 +19,7 @@ decides what it requires. A step's status is one of
 from __future__ import annotations
 
 import ctypes
+import errno
 import logging
 import os
 import sys
@@ -29,6 +37,7 @@ PR_SET_DUMPABLE = 4
 PR_GET_DUMPABLE = 3
 MCL_CURRENT = 1
 MCL_FUTURE = 2
+MCL_ONFAULT = 4  # Linux >= 4.4
 _CAP_IPC_LOCK = 14
 
 
@@ -113,10 +122,24 @@ def _memory_locked() -> HardeningStep:
             f"RLIMIT_MEMLOCK is {soft} bytes and CAP_IPC_LOCK is not held; memory may be "
             "swapped (raise the limit, e.g. LimitMEMLOCK=infinity, to lock it)",
         )
-    if _libc().mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
-        err = ctypes.get_errno()
+    libc = _libc()
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT) == 0:
+        return HardeningStep(
+            "memory_locked", "applied", "mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)"
+        )
+    err = ctypes.get_errno()
+    if err != errno.EINVAL:
         return HardeningStep("memory_locked", "skipped", f"mlockall: {os.strerror(err)}")
-    return HardeningStep("memory_locked", "applied", "mlockall(MCL_CURRENT | MCL_FUTURE)")
+    # An old kernel (< 4.4) that does not know MCL_ONFAULT: lock eagerly, which makes the
+    # whole address space resident, and say so.
+    reason = "MCL_ONFAULT refused (kernel < 4.4?)"
+    if libc.mlockall(MCL_CURRENT | MCL_FUTURE) != 0:
+        err = ctypes.get_errno()
+        return HardeningStep("memory_locked", "skipped", f"{reason}; mlockall: {os.strerror(err)}")
+    log.warning("process hardening: %s; locked every mapped page instead", reason)
+    return HardeningStep(
+        "memory_locked", "applied", f"mlockall(MCL_CURRENT | MCL_FUTURE): {reason}"
+    )
 
 
 def harden_process(*, lock_memory: bool = True) -> HardeningReport:

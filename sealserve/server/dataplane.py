@@ -5,14 +5,13 @@ Later layers (authentication, the defense guard) hook in here, not in the servic
 
 from __future__ import annotations
 
-import asyncio
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from functools import partial
 
 from sealserve import __version__
 from sealserve.defense.guard import Caller, Guard, ProofOfWork
+from sealserve.defense.release.pipeline import OutputDefenses
 from sealserve.defense.store.base import Remaining
 from sealserve.errors import InputError, RateLimitedError, RefusedError, UnavailableError
 from sealserve.server.engine import Engine, LoadedModel
@@ -39,8 +38,16 @@ class DataPlane:
         self._ready = False
         self.recent_refusals = RecentRefusals()
 
-    def set_ready(self, ready: bool) -> None:
-        self._ready = ready
+    def open(self, output: OutputDefenses | None) -> None:
+        """The models have loaded: arm the guard with their output defenses (None: no
+        [defense]) and start answering. The plane's one transition after it is built."""
+        if output is not None:
+            self.guard.arm(output)
+        self._ready = True
+
+    def close(self) -> None:
+        """Stop answering (shutdown): calls get UNAVAILABLE with a retry hint."""
+        self._ready = False
 
     def live(self) -> bool:
         return True
@@ -76,10 +83,13 @@ class DataPlane:
         Raises the guard's refusals (RefusedError family, PermissionDeniedError,
         UnavailableError) before any inference runs.
         """
-        pending = PendingRequest(
-            request.model, _batch_of(request), lambda: request, outputs=request.outputs
-        )
-        return await self.infer_pending(pending, caller, pow_=pow_)
+        # Decoded already: no deferred-decode wrapper (this is the REST port's path).
+        batch = _batch_of(request)
+        requested = request.outputs
+        to_compute = self.guard.to_compute(request.model, requested)
+        remaining = await self._admit(caller, request.model, batch, pow_)
+        response = await self._answer(request, caller, batch, requested, to_compute)
+        return response, remaining
 
     async def infer_pending(
         self, pending: PendingRequest, caller: Caller, *, pow_: ProofOfWork | None = None
@@ -97,28 +107,38 @@ class DataPlane:
         if batch < 1:
             request = pending.decode()
             batch = _batch_of(request)
-        try:
-            remaining = self.guard.admit(caller, pending.model, batch_size=batch, pow_=pow_)
-        except RefusedError as exc:
-            self.recent_refusals.remember(caller.account, exc)
-            raise
+        remaining = await self._admit(caller, pending.model, batch, pow_)
         if request is None:
             request = pending.decode()
             if _batch_of(request) != batch:  # the codec checks shapes; never expected
                 raise InputError("decoded batch size differs from the declared shape")
         if request.outputs != requested:  # both read the same request; never expected
             raise InputError("decoded outputs differ from the declared ones")
+        response = await self._answer(request, caller, batch, requested, to_compute)
+        return response, remaining
+
+    async def _admit(
+        self, caller: Caller, model: str, batch: int, pow_: ProofOfWork | None
+    ) -> tuple[Remaining, ...]:
+        try:
+            return await self.guard.admit_async(caller, model, batch_size=batch, pow_=pow_)
+        except RefusedError as exc:
+            self.recent_refusals.remember(caller.account, exc)
+            raise
+
+    async def _answer(
+        self, request: InferRequest, caller: Caller, batch: int,
+        requested: tuple[str, ...], to_compute: tuple[str, ...],
+    ) -> InferResponse:  # fmt: skip
+        """Infer an admitted request and release its outputs through the defenses."""
         # A defended model always computes its defended output, whatever was asked for.
         request.outputs = to_compute
         response = await self.engine.infer(request)
-        release = partial(self.guard.release, caller, request.model, request.inputs,
-                          response.outputs, requested=requested)  # fmt: skip
-        if self.guard.large_batch(batch):
-            # A large batch is scored before it is answered: off the event loop.
-            response.outputs = await asyncio.to_thread(release)
-        else:
-            response.outputs = release()
-        return response, remaining
+        response.outputs = await self.guard.release_async(
+            caller, request.model, request.inputs, response.outputs, requested=requested,
+            rows=batch,
+        )  # fmt: skip
+        return response
 
     def refused_recently(self, account: str) -> None:
         """Raise the refusal this process gave ``account`` within the last

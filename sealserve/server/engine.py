@@ -21,6 +21,7 @@ from sealserve.enclave.manifest import ModelMeasurement
 from sealserve.errors import ConfigError, NotFoundError, quote
 from sealserve.server.batcher import Batcher
 from sealserve.server.metrics import Metrics
+from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import FileModelSource, ModelEntry
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo, TensorSpec
 from sealserve.tensors import ORT_TO_OIP
@@ -122,9 +123,13 @@ class Engine:
         self._executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="sealserve-ort")
 
     def load(
-        self, entries: list[ModelEntry], measured: Sequence[ModelMeasurement] | None = None
+        self,
+        entries: list[ModelEntry],
+        measured: Sequence[ModelMeasurement] | None = None,
+        keys: KeyProvider | None = None,
     ) -> None:
-        """Load every entry (reading bytes through its source).
+        """Load every entry (reading bytes through its source; encrypted ones with their
+        key from ``keys``, key files only when None).
 
         ``measured``: the digests the workload manifest announced; a plaintext model
         whose bytes changed since is refused (encrypted models are checked by
@@ -132,12 +137,13 @@ class Engine:
         KeyReleaseError.
         """
         expected = {(m.name, m.version): m.sha256 for m in measured or ()}
+        keys = keys if keys is not None else KeyProvider()
         by_model: dict[str, list[str]] = {}
         for e in entries:
             by_model.setdefault(e.name, []).append(e.version)
         for e in entries:
             versions = tuple(sorted(by_model[e.name], key=int))
-            data = e.source.read()
+            data = e.source.read(keys)
             digest = expected.get((e.name, e.version))
             if digest is None or isinstance(e.source, FileModelSource):
                 actual = hashlib.sha256(data).hexdigest()

@@ -12,7 +12,7 @@ from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.runtime import check_hooks, record_runtime
-from sealserve.server.model_keys import EncryptedModelSource
+from sealserve.server.model_keys import EncryptedModelSource, KeyProvider
 from sealserve.server.repository import ModelEntry
 from sealserve.server.settings import Settings
 
@@ -52,7 +52,7 @@ def measure_entries(entries: Iterable[ModelEntry]) -> list[ModelMeasurement]:
             key_id, digest = e.source.header_digest()
             out.append(ModelMeasurement(e.name, e.version, digest, key_id))
         else:
-            digest = hashlib.sha256(e.source.read()).hexdigest()
+            digest = hashlib.sha256(e.source.read(KeyProvider())).hexdigest()
             out.append(ModelMeasurement(e.name, e.version, digest))
     return out
 
@@ -69,7 +69,7 @@ def runtime_json(settings: Settings, *, real_platform: bool) -> dict[str, Any]:
 def token_keys_for(settings: Settings) -> dict[str, Any]:
     """The token-key record (thumbprints of file issuers' keys; URL issuers trusted for
     no admin) for the configured issuers; {} without [auth]."""
-    auth = settings.auth_settings()
+    auth = settings.auth
     if auth is None:
         return {}
     from sealserve.auth.keys import attested_key_record_for

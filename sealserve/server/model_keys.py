@@ -83,17 +83,24 @@ class _CaFile:
         return self.pem
 
 
+@dataclass(frozen=True)
+class KeyRelease:
+    """What this server's evidence publishes, for the broker to release keys to it."""
+
+    platform: Platform
+    tls_spki: bytes
+    manifest: bytes
+    hpke_private_key: X25519PrivateKey = field(repr=False)
+    runtime_keys: bytes = NO_RUNTIME_KEYS
+
+
 @dataclass
 class KeyProvider:
-    """Data keys by key id: from key files, or released by the broker after attestation.
-
-    ``bind`` must be called (with what this server's evidence publishes) before a key
-    can be fetched from the broker.
-    """
+    """Data keys by key id: from key files, or released by the broker after attestation
+    (``release``: None when this server has no attestation, then only key files work)."""
 
     broker: KeyBrokerSettings | None = None
-    key_files: dict[str, Path] = field(default_factory=dict)
-    _binding: tuple[Platform, bytes, bytes, X25519PrivateKey, bytes] | None = None
+    release: KeyRelease | None = None
     _keys: dict[str, bytes] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     _stopped: threading.Event = field(default_factory=threading.Event, repr=False)
@@ -116,24 +123,17 @@ class KeyProvider:
         if self._stopped.wait(seconds):
             raise KeyReleaseError("stopped while waiting for the key broker")
 
-    def bind(
-        self, *, platform: Platform | None, tls_spki: bytes, manifest: bytes,
-        hpke_private_key: X25519PrivateKey, runtime_keys: bytes = NO_RUNTIME_KEYS,
-    ) -> None:  # fmt: skip
-        if platform is not None:
-            self._binding = (platform, tls_spki, manifest, hpke_private_key, runtime_keys)
-
-    def get(self, key_id: str) -> bytes:
-        """The data key for ``key_id``. Raises KeyReleaseError or ConfigError."""
+    def get(self, key_id: str, *, key_file: Path | None = None) -> bytes:
+        """The data key for ``key_id``, from ``key_file`` when the model's config names
+        one, else from the broker. Raises KeyReleaseError or ConfigError."""
         with self._lock:
             if key_id in self._keys:
                 return self._keys[key_id]
-            if key_id in self.key_files:
-                held = KeyFile.read(self.key_files[key_id])
+            if key_file is not None:
+                held = KeyFile.read(key_file)
                 if held.key_id != key_id:
                     raise ConfigError(
-                        f"key file {self.key_files[key_id]} holds key '{held.key_id}', "
-                        f"the model needs '{key_id}'"
+                        f"key file {key_file} holds key '{held.key_id}', the model needs '{key_id}'"
                     )
                 self._keys[key_id] = held.key
                 return held.key
@@ -142,25 +142,24 @@ class KeyProvider:
                     f"encrypted model needs key '{key_id}' but no [key_broker] is configured "
                     "and the model's config.toml names no key_file"
                 )
-            if self._binding is None:
+            if self.release is None:
                 raise KeyReleaseError(
                     f"key '{key_id}' can only be released to an attested server, and this "
                     "server has no attestation platform (attestation_platform / TLS off)"
                 )
             from sealserve.enclave.key_release import fetch_model_key
 
-            platform, spki, manifest, hpke, runtime_keys = self._binding
-            b = self.broker
+            r, b = self.release, self.broker
             self.check()
             source = self._ca
             key = fetch_model_key(
                 b.target,
                 key_id=key_id,
-                platform=platform,
-                tls_spki=spki,
-                manifest=manifest,
-                hpke_private_key=hpke,
-                runtime_keys=runtime_keys,
+                platform=r.platform,
+                tls_spki=r.tls_spki,
+                manifest=r.manifest,
+                hpke_private_key=r.hpke_private_key,
+                runtime_keys=r.runtime_keys,
                 broker_ca_pem=source.pem if source is not None else None,
                 broker_ca_source=source,
                 broker_server_name=b.server_name,
@@ -179,7 +178,8 @@ class EncryptedModelSource:
     """A ``model.sealed`` file: the header gives the key id and plaintext digest up front."""
 
     path: Path
-    keys: KeyProvider
+    #: The development key file the model's config.toml names (None: the broker).
+    key_file: Path | None = None
 
     def header_digest(self) -> tuple[str, str]:
         """(key id, plaintext SHA-256 hex) from the header, without the key."""
@@ -192,9 +192,9 @@ class EncryptedModelSource:
             raise type(exc)(f"{self.path}: {exc.message}", remedy=exc.remedy) from exc
         return header.key_id, header.plaintext_sha256.hex()
 
-    def read(self) -> bytes:
+    def read(self, keys: KeyProvider) -> bytes:
         key_id, digest = self.header_digest()
-        key = self.keys.get(key_id)
+        key = keys.get(key_id, key_file=self.key_file)
         try:
             with self.path.open("rb") as f:
                 data = decrypt_to_bytes(f, key=key, expected_sha256=bytes.fromhex(digest))

@@ -28,9 +28,10 @@ SEALED_FILENAME = "model.sealed"
 
 
 class ModelSource(Protocol):
-    """Where a model version's bytes come from. One method: return the ONNX bytes."""
+    """Where a model version's bytes come from. One method: return the ONNX bytes
+    (an encrypted source takes its key from ``keys``)."""
 
-    def read(self) -> bytes: ...
+    def read(self, keys: KeyProvider) -> bytes: ...
 
     def describe(self) -> str: ...
 
@@ -41,7 +42,7 @@ class FileModelSource:
 
     path: Path
 
-    def read(self) -> bytes:
+    def read(self, keys: KeyProvider) -> bytes:
         try:
             return self.path.read_bytes()
         except OSError as exc:
@@ -122,14 +123,13 @@ def _load_model_config(path: Path) -> ModelConfig:
     return cfg
 
 
-def scan_repository(root: Path, *, keys: KeyProvider | None = None) -> list[ModelEntry]:
+def scan_repository(root: Path) -> list[ModelEntry]:
     """List the model versions to serve under ``root``, applying version policies.
 
     A version directory holds ``model.onnx`` (plaintext) or ``model.sealed``
-    (encrypted; its key comes from ``keys``). Raises :class:`ConfigError` when the
+    (encrypted; its key is fetched when it is read). Raises :class:`ConfigError` when the
     repository is missing, holds no model, or a model's config is invalid.
     """
-    keys = keys if keys is not None else KeyProvider()
     if not root.is_dir():
         raise ConfigError(f"model repository {root} is not a directory")
     entries: list[ModelEntry] = []
@@ -167,10 +167,7 @@ def scan_repository(root: Path, *, keys: KeyProvider | None = None) -> list[Mode
             vdir = model_dir / str(v)
             src: ModelSource
             if (vdir / SEALED_FILENAME).is_file():
-                enc = EncryptedModelSource(vdir / SEALED_FILENAME, keys)
-                if key_file is not None:
-                    keys.key_files.setdefault(enc.header_digest()[0], key_file)
-                src = enc
+                src = EncryptedModelSource(vdir / SEALED_FILENAME, key_file)
             else:
                 src = FileModelSource(vdir / MODEL_FILENAME)
             entries.append(ModelEntry(name=name, version=str(v), source=src, config=cfg))

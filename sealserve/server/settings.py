@@ -7,13 +7,20 @@ TLS on (an in-memory key when no files are given), plaintext only through
 
 from __future__ import annotations
 
-import dataclasses
 import ipaddress
-import tomllib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainValidator,
+    PrivateAttr,
+    ValidationInfo,
+    model_validator,
+)
 from pydantic_settings import (
     BaseSettings,
     PydanticBaseSettingsSource,
@@ -21,12 +28,14 @@ from pydantic_settings import (
     TomlConfigSettingsSource,
 )
 
-from sealserve.auth.settings import AuthSettings, IssuerSettings
+from sealserve.auth.settings import AuthSettings
 from sealserve.defense.config import DefenseConfig, describe
 from sealserve.defense.limits import LimitsConfig
 from sealserve.errors import ConfigError, SealserveError, quote
 from sealserve.server.model_keys import KeyBrokerSettings
-from sealserve.validation import describe_validation_error
+from sealserve.validation import relative_paths, settings_from_file
+
+T = TypeVar("T")
 
 
 class EngineSettings(BaseModel):
@@ -63,6 +72,33 @@ class RestSettings(BaseModel):
     max_connections: int = Field(
         default=1000, ge=1, description="Open connections beyond this get 503."
     )
+
+
+def _table(value: Any, kind: type[T], parse: Callable[[Any], T], prefix: str = "") -> T | None:
+    """A config table as ``kind``, parsed once when the settings are built (a
+    ConfigError becomes the ValueError pydantic reports with the table's key)."""
+    if value is None or isinstance(value, kind):
+        return value
+    try:
+        return parse(value)
+    except ConfigError as exc:
+        raise ValueError(prefix + exc.message) from exc
+
+
+def _auth_table(value: Any) -> AuthSettings | None:
+    return _table(value, AuthSettings, AuthSettings.from_mapping, "[auth]: ")
+
+
+def _defense_table(value: Any) -> DefenseConfig | None:
+    return _table(value, DefenseConfig, DefenseConfig.parse)
+
+
+def _limits_table(value: Any, info: ValidationInfo) -> LimitsConfig | None:
+    # A defended server (models in [defense], validated before this field) counts rows
+    # and caps them by default.
+    defense = info.data.get("defense")
+    defended = bool(defense and defense.models)
+    return _table(value, LimitsConfig, lambda v: LimitsConfig.from_mapping(v, defended=defended))
 
 
 class Settings(BaseSettings):
@@ -123,7 +159,7 @@ class Settings(BaseSettings):
     log_level: Literal["debug", "info", "warning", "error"] = "info"
     engine: EngineSettings = EngineSettings()
     server_name: str = Field(default="sealserve", description="Name in ServerMetadata.")
-    auth: dict[str, Any] | None = Field(
+    auth: Annotated[AuthSettings | None, PlainValidator(_auth_table)] = Field(
         default=None,
         description=(
             "Bearer-token verification ([auth] table; keys as in docs/auth.md: audience, "
@@ -149,15 +185,33 @@ class Settings(BaseSettings):
             "Where quota, account status and detector state live: 'sqlite://PATH' (the "
             "embedded default; a relative PATH is relative to the config file, "
             "'sqlite:///abs/path' is absolute), 'redis://HOST:PORT/DB' for "
-            "several replicas, or 'memory:' (one process, tests)."
+            "several replicas, 'redis+cluster://HOST:PORT' (any node of a Redis "
+            "Cluster), or 'memory:' (one process, tests)."
         ),
     )
     state_store_prefix: str = Field(default="sealserve", description="Key prefix in Redis.")
+    state_store_deadline_s: float = Field(
+        default=0.5,
+        gt=0,
+        le=30,
+        description=(
+            "Longest a request's admission waits for the state store; past it the request "
+            "is refused (UNAVAILABLE) while health, metadata and evidence keep answering."
+        ),
+    )
     unsafe_fail_open: bool = Field(
         default=False,
         description="Admit requests unchecked when the state store is down (logged loudly).",
     )
-    limits: dict[str, Any] | None = Field(
+    # Before limits: whether models are defended changes the limits' defaults.
+    defense: Annotated[DefenseConfig | None, PlainValidator(_defense_table)] = Field(
+        default=None,
+        description=(
+            "Output defenses per model: perturbation profiles, watermark, extraction "
+            "detection, graduated responses, audit log ([defense]; docs/defenses.md)."
+        ),
+    )
+    limits: Annotated[LimitsConfig | None, PlainValidator(_limits_table)] = Field(
         default=None,
         description="Rate limits and quotas per tier, peer and model ([limits]; docs/quotas.md).",
     )
@@ -169,13 +223,6 @@ class Settings(BaseSettings):
         description=(
             "At start: no core dumps, not dumpable, memory locked where permitted (each "
             "step's outcome is recorded in the workload manifest)."
-        ),
-    )
-    defense: dict[str, Any] | None = Field(
-        default=None,
-        description=(
-            "Output defenses per model: perturbation profiles, watermark, extraction "
-            "detection, graduated responses, audit log ([defense]; docs/defenses.md)."
         ),
     )
     unsafe_disable_auth: bool = Field(
@@ -235,36 +282,7 @@ class Settings(BaseSettings):
             raise ValueError("attestation_platform 'simulated' needs simulated_platform_dir")
         if self.auth is not None and self.unsafe_disable_auth:
             raise ValueError("[auth] and unsafe_disable_auth are mutually exclusive")
-        if self.auth is not None:
-            try:
-                self.auth_settings()
-            except ConfigError as exc:
-                raise ValueError(f"[auth]: {exc.message}") from exc
-        if self.limits is not None:
-            try:
-                self.limits_config()
-            except ConfigError as exc:
-                raise ValueError(exc.message) from exc
-        if self.defense is not None:
-            try:
-                self.defense_config()
-            except ConfigError as exc:
-                raise ValueError(exc.message) from exc
         return self
-
-    def defense_config(self) -> DefenseConfig | None:
-        """The [defense] table validated (paths already made absolute by ``load``)."""
-        if self.defense is None:
-            return None
-        return DefenseConfig.parse(self.defense, base=Path.cwd())
-
-    def limits_config(self) -> LimitsConfig | None:
-        """The [limits] table validated; raises ConfigError naming the key."""
-        if self.limits is None:
-            return None
-        # A defended server counts rows and caps them by default (issue 16).
-        defended = bool(self.defense and self.defense.get("models"))
-        return LimitsConfig.from_mapping(self.limits, defended=defended)
 
     def where(self, key: str) -> str:
         """``FILE: key`` (or just ``key`` without a config file), for messages."""
@@ -273,35 +291,6 @@ class Settings(BaseSettings):
     def problem(self, key: str, exc: SealserveError, *, fix: str | None = None) -> ConfigError:
         """A startup problem as one :class:`ConfigError` naming the file and the key."""
         return ConfigError(f"{self.where(key)}: {exc.message}", remedy=fix or exc.remedy)
-
-    def auth_settings(self) -> AuthSettings | None:
-        """The [auth] table as :class:`AuthSettings`; raises ConfigError if invalid."""
-        if self.auth is None:
-            return None
-        data = dict(self.auth)
-        issuers = data.pop("issuers", [])
-        if not isinstance(issuers, list) or not all(isinstance(i, dict) for i in issuers):
-            raise ConfigError("auth.issuers must be a list of tables ([[auth.issuers]])")
-        _known_keys("auth", data, AuthSettings)
-        for n, issuer in enumerate(issuers):
-            _known_keys(f"auth.issuers[{n}]", issuer, IssuerSettings)
-        try:
-            built = tuple(
-                IssuerSettings(
-                    **{**i, "jwks_file": Path(i["jwks_file"]) if "jwks_file" in i else None}
-                )
-                for i in issuers
-            )
-            if "revocation_file" in data:
-                data["revocation_file"] = Path(data["revocation_file"])
-            for key in ("algorithms",):
-                if key in data:
-                    data[key] = tuple(data[key])
-            if data.get("allowed_tiers") is not None:
-                data["allowed_tiers"] = frozenset(data["allowed_tiers"])
-            return AuthSettings(issuers=built, **data)
-        except TypeError as exc:
-            raise ConfigError(f"unknown or missing auth setting: {exc}") from exc
 
     @classmethod
     def settings_customise_sources(
@@ -321,70 +310,32 @@ class Settings(BaseSettings):
 
         Raises :class:`ConfigError` naming the file and every invalid field.
         """
-        target: type[Settings] = cls
-        if path is not None:
-            if not path.is_file():
-                raise ConfigError(
-                    f"config file {path} does not exist",
-                    remedy="Pass the path of an existing TOML file to --config.",
-                )
-            try:
-                tomllib.loads(path.read_text())
-            except OSError as exc:
-                raise ConfigError(
-                    f"{path}: cannot read the config file: {exc.strerror}",
-                    remedy="Make the file readable by the user the server runs as.",
-                ) from exc
-            except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-                raise ConfigError(f"{path}: not valid TOML: {exc}") from exc
-            target = type(
-                "Settings", (cls,), {"model_config": {**cls.model_config, "toml_file": path}}
-            )
-        try:
-            settings = target(**overrides)
-        except ValidationError as exc:
-            where = f"{path}: " if path else ""
-            raise ConfigError(where + format_validation_error(exc)) from exc
+        settings = settings_from_file(cls, path, overrides, what="settings")
         if path is not None:
             settings = settings._relative_to(path.resolve().parent)
             settings._source = path
+        elif settings.defense is not None:  # its paths made absolute, as from a file
+            cwd = Path.cwd()
+            settings = settings.model_copy(update={"defense": settings.defense.relative_to(cwd)})
         return settings
 
     def _relative_to(self, base: Path) -> Settings:
         # Relative paths in a config file are relative to that file.
-        update: dict[str, Any] = {}
-        if not self.model_repository.is_absolute():
-            update["model_repository"] = base / self.model_repository
-        for key in ("tls_cert_file", "tls_key_file", "simulated_platform_dir"):
-            value = getattr(self, key)
-            if value is not None and not value.is_absolute():
-                update[key] = base / value
+        update: dict[str, Any] = relative_paths(
+            self, base, "model_repository", "tls_cert_file", "tls_key_file",
+            "simulated_platform_dir",
+        )  # fmt: skip
         kb = self.key_broker
-        if kb is not None and kb.ca_file is not None and not kb.ca_file.is_absolute():
-            update["key_broker"] = kb.model_copy(update={"ca_file": base / kb.ca_file})
+        if kb is not None:
+            update["key_broker"] = kb.model_copy(update=relative_paths(kb, base, "ca_file"))
         if self.state_store.startswith("sqlite://"):
             path = Path(self.state_store.removeprefix("sqlite://"))
             if not path.is_absolute():
                 update["state_store"] = f"sqlite://{base / path}"
         if self.defense is not None:
-            update["defense"] = _absolute_defense_paths(self.defense, base)
+            update["defense"] = self.defense.relative_to(base)
         if self.auth is not None:
-            auth = dict(self.auth)
-            if "revocation_file" in auth and not Path(auth["revocation_file"]).is_absolute():
-                auth["revocation_file"] = str(base / auth["revocation_file"])
-            issuers = []
-            for i in auth.get("issuers", []):
-                i = dict(i) if isinstance(i, dict) else i
-                if (
-                    isinstance(i, dict)
-                    and "jwks_file" in i
-                    and not Path(i["jwks_file"]).is_absolute()
-                ):
-                    i["jwks_file"] = str(base / i["jwks_file"])
-                issuers.append(i)
-            if "issuers" in auth:
-                auth["issuers"] = issuers
-            update["auth"] = auth
+            update["auth"] = self.auth.relative_to(base)
         return self.model_copy(update=update) if update else self
 
     def measured(self) -> dict[str, Any]:
@@ -393,7 +344,7 @@ class Settings(BaseSettings):
         No secrets, and no deployment plumbing (addresses, ports, file paths, logging), so
         that an auditor reproduces the same manifest from the same config on any machine.
         """
-        auth = self.auth_settings()
+        auth = self.auth
         return {
             "server_name": self.server_name,
             "tls": "plaintext" if self.unsafe_plaintext else (
@@ -402,11 +353,11 @@ class Settings(BaseSettings):
             "max_request_bytes": self.max_request_bytes,
             "engine": self.engine.model_dump(mode="json"),
             "attestation_platform": self.attestation_platform,
-            "limits": self.limits,
+            "limits": self.limits.table if self.limits is not None else None,
             "state_store": self.state_store.split(":", 1)[0],
             "unsafe_fail_open": self.unsafe_fail_open,
             "key_broker": self.key_broker is not None,
-            "defense": _describe_defense(self.defense_config()),
+            "defense": describe(self.defense) if self.defense is not None else None,
             "rest": self.rest is not None,
         }  # fmt: skip
 
@@ -418,47 +369,3 @@ def _loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
-
-
-def _known_keys(table: str, data: dict[str, Any], cls: type[Any]) -> None:
-    known = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - known)
-    if unknown:
-        raise ConfigError(
-            f"{table}.{unknown[0]}: unknown key (known: {', '.join(sorted(known))})",
-            remedy=f"Remove or correct the key; docs/auth.md lists the [{table}] keys.",
-        )
-
-
-def _absolute_defense_paths(defense: dict[str, Any], base: Path) -> dict[str, Any]:
-    out = dict(defense)
-
-    def fix(value: Any) -> Any:
-        return (
-            str(base / value) if isinstance(value, str) and not Path(value).is_absolute() else value
-        )
-
-    if "state_dir" in out:
-        out["state_dir"] = fix(out["state_dir"])
-    if isinstance(out.get("audit"), dict) and "dir" in out["audit"]:
-        out["audit"] = {**out["audit"], "dir": fix(out["audit"]["dir"])}
-    elif "audit" not in out or isinstance(out.get("audit"), dict):
-        out["audit"] = {**(out.get("audit") or {}), "dir": str(base / "audit")}
-    if isinstance(out.get("models"), dict):
-        out["models"] = {
-            k: (
-                {**v, "reference": fix(v["reference"])}
-                if isinstance(v, dict) and "reference" in v
-                else v
-            )
-            for k, v in out["models"].items()
-        }
-    return out
-
-
-def _describe_defense(cfg: DefenseConfig | None) -> Any:
-    return None if cfg is None else describe(cfg)
-
-
-def format_validation_error(exc: ValidationError) -> str:
-    return "invalid settings: " + describe_validation_error(exc)

@@ -19,7 +19,7 @@ from sealserve.enclave.model_file import generate_key
 from sealserve.enclave.simulated import SimulatedPlatform
 from sealserve.enclave.tls import TlsIdentity
 from sealserve.errors import ConfigError, KeyReleaseError
-from sealserve.server.model_keys import KeyBrokerSettings, KeyProvider
+from sealserve.server.model_keys import KeyBrokerSettings, KeyProvider, KeyRelease
 from tests.broker.conftest import SIM_POLICY, Running
 
 pytestmark = [
@@ -155,9 +155,11 @@ def test_a_refusal_ends_the_wait_at_once(
 def test_stopping_the_server_ends_a_wait_in_progress(sim_root: Path) -> None:
     from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
-    keys = KeyProvider(broker=KeyBrokerSettings(target=f"127.0.0.1:{_dead_port()}"))
-    keys.bind(platform=SimulatedPlatform(sim_root), tls_spki=b"s", manifest=b"m",
-              hpke_private_key=X25519PrivateKey.generate())  # fmt: skip
+    release = KeyRelease(SimulatedPlatform(sim_root), tls_spki=b"s", manifest=b"m",
+                         hpke_private_key=X25519PrivateKey.generate())  # fmt: skip
+    keys = KeyProvider(
+        broker=KeyBrokerSettings(target=f"127.0.0.1:{_dead_port()}"), release=release
+    )
     box: dict[str, BaseException] = {}
 
     def wait() -> None:

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 from sealserve.cli.stress import defense_warning
+from sealserve.defense.config import DefenseConfig
 
 ACCOUNTS = ["stress-000", "stress-001"]
 
 
 def test_a_defended_model_gets_one_warning_line() -> None:
-    defense = {"models": {"digits": {"output": "probabilities", "detection": True}}}
+    defense = DefenseConfig.parse(
+        {"models": {"digits": {"output": "probabilities", "detection": True}}}
+    )
     line = defense_warning(defense, model="digits", tier="standard", accounts=ACCOUNTS)
     assert line is not None and "\n" not in line
     assert line.startswith("warning: [defense] is on for 'digits'")
@@ -18,5 +21,5 @@ def test_a_defended_model_gets_one_warning_line() -> None:
 
 def test_no_warning_without_defense_for_that_model() -> None:
     assert defense_warning(None, model="digits", tier="t", accounts=ACCOUNTS) is None
-    other = {"models": {"other": {}}}
+    other = DefenseConfig.parse({"models": {"other": {"output": "probabilities"}}})
     assert defense_warning(other, model="digits", tier="t", accounts=ACCOUNTS) is None

@@ -74,7 +74,9 @@ def test_watermark_proven_on_replica_not_on_innocent(
     assert "WATERMARK PRESENT" in stolen.stdout
     assert "probes replayed" in stolen.stdout  # the server kept boundary probes
     assert "band cells replayed" in stolen.stdout  # the band test ran beside the others
-    p_stolen = float(stolen.stdout.split("p-value (one-sided, all tests, Bonferroni)")[1].split()[0])
+    p_stolen = float(
+        stolen.stdout.split("p-value (one-sided, all tests, Bonferroni)")[1].split()[0]
+    )
     assert p_stolen < 1e-6
     clean = run(*base, "--suspect", str(innocent_path), "--json")
     assert clean.returncode == 0, clean.stderr

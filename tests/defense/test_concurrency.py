@@ -1,4 +1,5 @@
-"""Exactness under concurrency: threads, and two processes sharing SQLite or Redis."""
+"""Exactness under concurrency: threads, and two processes sharing SQLite, Redis or a
+Redis Cluster (where an admit is one script per subject, all or nothing by refunds)."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from sealserve.defense.store.memory import MemoryStore
 from sealserve.defense.store.redis import RedisStore
 from sealserve.defense.store.sqlite import SqliteStore
 
-from .conftest import RedisServer
+from .conftest import RedisClusterServers, RedisServer
 
 T0 = 1_700_000_000.0
 ACCOUNTS = [f"acct{i}" for i in range(5)]
@@ -99,7 +100,7 @@ def _process_main(
     out.put((dict(admitted), refused))
 
 
-@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["memory", "sqlite", "redis", "redis-cluster"])
 def test_threads_never_over_admit(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
@@ -108,6 +109,9 @@ def test_threads_never_over_admit(
         store = MemoryStore()
     elif kind == "sqlite":
         store = SqliteStore(tmp_path / "s.db")
+    elif kind == "redis-cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        store = RedisStore.from_url(cluster.url, prefix="conc-threads")
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         store = RedisStore.from_url(server.url, prefix="conc-threads")
@@ -117,13 +121,16 @@ def test_threads_never_over_admit(
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+@pytest.mark.parametrize("kind", ["sqlite", "redis", "redis-cluster"])
 def test_two_processes_never_over_admit(
     kind: str, tmp_path: Path, request: pytest.FixtureRequest
 ) -> None:
     if kind == "sqlite":
         where = str(tmp_path / "shared.db")
         SqliteStore(where).close()  # create the schema before the race
+    elif kind == "redis-cluster":
+        cluster: RedisClusterServers = request.getfixturevalue("redis_cluster")
+        where = f"{cluster.url} conc-procs"
     else:
         server: RedisServer = request.getfixturevalue("redis_server")
         where = f"{server.url} conc-procs"

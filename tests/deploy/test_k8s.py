@@ -160,7 +160,7 @@ def test_server_config_is_valid_and_matches_the_pod(tmp_path: Path) -> None:
     }
     mounts = {m["mountPath"]: m for m in container["volumeMounts"]}
     assert str(settings.model_repository) in mounts
-    auth = settings.auth_settings()
+    auth = settings.auth
     assert auth is not None and auth.issuers[0].jwks_file is not None
     assert str(auth.issuers[0].jwks_file.parent) in mounts
     # The image's writable paths are the pod's writable volumes, and the state store

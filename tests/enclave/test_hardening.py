@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import errno
 import json
 import os
 import resource
@@ -84,10 +85,83 @@ def test_memory_locked_when_permitted() -> None:
     step = steps(result)["memory_locked"]
     if step["status"] == "applied":
         assert result["vmlck_kb"] > 0
-        assert step["detail"] == "mlockall(MCL_CURRENT | MCL_FUTURE)"
+        assert step["detail"] == "mlockall(MCL_CURRENT | MCL_FUTURE | MCL_ONFAULT)"
     else:  # an unprivileged runner with a finite limit: the warning path, checked below
         assert step["status"] == "skipped" and "RLIMIT_MEMLOCK" in step["detail"]
         assert result["vmlck_kb"] == 0
+
+
+LAZY_PROBE = textwrap.dedent(
+    """
+    import json, mmap, resource
+    from sealserve.enclave.hardening import harden_process
+    if resource.getrlimit(resource.RLIMIT_MEMLOCK)[1] == resource.RLIM_INFINITY:
+        resource.setrlimit(resource.RLIMIT_MEMLOCK, (resource.RLIM_INFINITY,) * 2)
+    def rss_kb():
+        return int([l.split()[1] for l in open("/proc/self/status")
+                    if l.startswith("VmRSS:")][0])
+    report = harden_process()
+    before = rss_kb()
+    mapped = mmap.mmap(-1, 256 << 20)    # mapped, never touched
+    mapped_rss = rss_kb()
+    mapped[: 8 << 20] = b"s" * (8 << 20)  # touched: these pages are locked
+    locked = [int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmLck:")]
+    print(json.dumps({"report": report.to_json(), "before": before,
+                      "mapped": mapped_rss, "touched": rss_kb(), "vmlck_kb": locked[0]}))
+    """
+)
+
+
+def test_locked_memory_is_made_resident_only_when_touched() -> None:
+    # The eager MCL_FUTURE faulted in every mapped page (hundreds of MiB for a 20 KB
+    # model); MCL_ONFAULT locks pages as they are touched, so mapping costs nothing.
+    out = subprocess.run(
+        [sys.executable, "-c", LAZY_PROBE], capture_output=True, text=True, cwd=ROOT,
+        env=sealserve_env(), check=True,
+    )  # fmt: skip
+    result = json.loads(out.stdout)
+    step = steps(result)["memory_locked"]
+    if step["status"] != "applied":  # an unprivileged runner: nothing locked at all
+        assert "RLIMIT_MEMLOCK" in step["detail"]
+        return
+    assert result["mapped"] - result["before"] < 16 << 10  # KiB: not the 256 MiB mapped
+    assert result["touched"] - result["before"] >= 8 << 10
+    assert result["vmlck_kb"] >= 8 << 10  # what was touched is locked
+
+
+def test_kernel_without_onfault_falls_back_to_eager_lock(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    calls: list[int] = []
+
+    class OldLibc:
+        def mlockall(self, flags: int) -> int:
+            calls.append(flags)
+            if flags & hardening.MCL_ONFAULT:
+                ctypes.set_errno(errno.EINVAL)
+                return -1
+            return 0
+
+    monkeypatch.setattr(hardening, "_libc", OldLibc)
+    monkeypatch.setattr(hardening, "_has_cap_ipc_lock", lambda: True)
+    step = hardening._memory_locked()
+    assert calls == [7, 3]
+    assert step.status == "applied"
+    assert step.detail == "mlockall(MCL_CURRENT | MCL_FUTURE): MCL_ONFAULT refused (kernel < 4.4?)"
+    assert "MCL_ONFAULT refused (kernel < 4.4?); locked every mapped page instead" in caplog.text
+
+
+def test_mlockall_refused_is_skipped_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    class NoLock:
+        def mlockall(self, flags: int) -> int:
+            ctypes.set_errno(errno.EPERM)
+            return -1
+
+    monkeypatch.setattr(hardening, "_libc", NoLock)
+    monkeypatch.setattr(hardening, "_has_cap_ipc_lock", lambda: True)
+    step = hardening._memory_locked()
+    assert step.status == "skipped"
+    assert step.detail == f"mlockall: {os.strerror(errno.EPERM)}"
 
 
 def test_low_memlock_limit_warns_and_does_not_fail() -> None:

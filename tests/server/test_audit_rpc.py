@@ -227,7 +227,7 @@ def test_server_starts_on_a_torn_audit_tail_and_reports_it(
     from sealserve.server.manifest import simulated_measurement
 
     settings = _settings(tmp_path, sim_root)
-    cfg = DefenseConfig.parse(settings["defense"], base=tmp_path)
+    cfg = DefenseConfig.parse(settings["defense"]).relative_to(tmp_path)
     platform = SimulatedPlatform(sim_root, measurement=simulated_measurement(code_digest()))
     key = DefenseSecrets.open(cfg, platform).audit_key
     assert key is not None

@@ -219,7 +219,7 @@ def test_refused_admission_never_decodes_and_is_remembered_for_a_second() -> Non
         def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
             return requested
 
-        def admit(self, *args: Any, **kwargs: Any) -> Any:
+        async def admit_async(self, *args: Any, **kwargs: Any) -> Any:
             raise RateLimitedError("account day quota exhausted", retry_after=30.0)
 
         def audit_refusal(self, *args: Any) -> None:

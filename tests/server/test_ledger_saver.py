@@ -60,4 +60,4 @@ def test_interval_must_be_positive() -> None:
     from sealserve.errors import ConfigError
 
     with pytest.raises(ConfigError, match="ledger_save_interval_s"):
-        DefenseConfig.parse({"ledger_save_interval_s": 0}, base=__import__("pathlib").Path("."))
+        DefenseConfig.parse({"ledger_save_interval_s": 0})

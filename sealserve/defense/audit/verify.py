@@ -1,5 +1,7 @@
 """Verify an audit log written by :class:`sealserve.defense.audit.log.AuditLog`.
 
+Over 400 lines: the numbered checks of one file format, kept in their order.
+
 Steps, per record in file order (files in the order given, which is chain order):
 
 1. The line parses as a canonical ``sealserve-audit/2`` record carrying a ``_mac``

@@ -1,5 +1,7 @@
 """The release side of the guard: what happens to an answer after inference.
 
+Over 400 lines: the three steps one answer goes through, kept in their order.
+
 Per defended model, in this order:
 1. **detect** — each row of the request is observed by the account's detectors
    (PRADA, distribution, volume); the graduated-response policy maps the score to a

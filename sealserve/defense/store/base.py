@@ -14,25 +14,37 @@ clock, so replicas must keep their clocks in sync (NTP). Blob and nonce TTLs are
 clock durations measured by the backend.
 
 A store that cannot be reached raises :class:`~sealserve.errors.UnavailableError`; the
-caller refuses the request (fail closed). :class:`UnsafeFailOpen` is the one, explicitly
-named, way to admit anyway.
+caller refuses the request (fail closed). The serving path awaits the store
+(:meth:`StateStore.admit_async`, :meth:`StateStore.call_async`) with a deadline, so a
+hung store refuses admissions within it while the event loop keeps answering other RPCs:
+Redis through redis-py's asyncio client, SQLite in the store's own worker threads.
+:class:`UnsafeFailOpen` is the one, explicitly named, way to admit anyway.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
-from typing import NamedTuple, Protocol
+from functools import partial
+from typing import ClassVar, NamedTuple, Protocol, TypeVar
+from urllib.parse import quote
 
 from sealserve.defense.limits import Period, window_bounds
 from sealserve.defense.status import AccountStatus, Status
 from sealserve.errors import ConfigError, UnavailableError
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
+
+#: Threads a blocking store (SQLite) may occupy for the serving path: a hung store ties
+#: up at most these, and later calls queue (and time out) behind them.
+STORE_THREADS = 4
 
 #: Extra lifetime given to stored window/bucket state beyond the moment it stops
 #: mattering, so that replicas whose clocks differ slightly agree.
@@ -43,6 +55,12 @@ STATE_SLACK_S = 3600.0
 TOKEN_EPS = 1e-3
 
 
+def account_group(account: str) -> str:
+    """The storage group of an account's own checks and its status: ``a/<account>``,
+    percent-encoded so that no account name can forge another's key."""
+    return "a/" + quote(account, safe="")
+
+
 @dataclass(frozen=True)
 class Check:
     """One limit applied to one subject for one request.
@@ -50,7 +68,10 @@ class Check:
     ``period`` None means a token bucket of ``limit`` (burst) tokens refilled at
     ``rate`` per second; otherwise a fixed window of ``limit`` units. When ``throttle`` is
     set, a throttled status of the admitted account multiplies ``rate`` inside the same
-    atomic admit.
+    atomic admit. ``group`` names the subject whose state this check is stored beside
+    (default: ``key``); an account's checks, per-model ones included, are in the
+    account's group (:func:`account_group`), with its status. On Redis Cluster a group is
+    one hash slot.
     """
 
     name: str
@@ -61,6 +82,7 @@ class Check:
     rate: float = 0.0
     throttle: bool = False
     unit: str = "requests"
+    group: str = ""
     prefix: str = field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -71,6 +93,8 @@ class Check:
             "prefix",
             f"{self.key}/rate" if self.period is None else f"{self.key}/{self.period.value}/",
         )
+        if not self.group:
+            object.__setattr__(self, "group", self.key)
         if self.limit <= 0:
             raise ConfigError(f"{self.label}: limit must be greater than zero")
         if self.period is None and not self.rate > 0:
@@ -112,9 +136,50 @@ class AdmitResult:
     status: AccountStatus | None = None
 
 
+async def with_deadline(call: Awaitable[T], deadline_s: float) -> T:
+    """``await call``, or raise UnavailableError when it takes longer than
+    ``deadline_s`` seconds (the call is cancelled where it can be)."""
+    try:
+        return await asyncio.wait_for(call, deadline_s)
+    except TimeoutError as exc:
+        raise UnavailableError(
+            f"state store did not answer within {deadline_s:g} s", retry_after=1.0
+        ) from exc
+
+
 class StateStore(ABC):
     """Where defense state lives. Every method raises UnavailableError when the store
     cannot be reached; none ever answers without having checked."""
+
+    #: Whether calls wait on I/O (a file, a network). The awaitable calls run a blocking
+    #: store's methods in its own worker threads; a store without I/O answers inline.
+    blocking: ClassVar[bool] = True
+    _pool: ThreadPoolExecutor | None = None
+
+    async def call_async(self, fn: Callable[[], T], *, deadline_s: float) -> T:
+        """``fn()`` (a call of this store's blocking methods) awaited: off the event loop
+        in the store's worker threads, answered within ``deadline_s`` seconds or
+        UnavailableError."""
+        if not self.blocking:
+            return fn()
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="state-store")
+        loop = asyncio.get_running_loop()
+        return await with_deadline(loop.run_in_executor(self._pool, fn), deadline_s)
+
+    async def admit_async(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+        deadline_s: float,
+    ) -> AdmitResult:
+        """:meth:`admit`, awaited with a deadline (UnavailableError when it passes)."""
+        call = partial(self.admit, checks, cost=cost, now=now, account=account, work=work)
+        return await self.call_async(call, deadline_s=deadline_s)
 
     @abstractmethod
     def admit(
@@ -172,6 +237,11 @@ class StateStore(ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
+
+    def _close_pool(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
 
 
 HISTORY_LIMIT = 1000
@@ -444,8 +514,32 @@ class UnsafeFailOpen(StateStore):
         try:
             return self.inner.admit(checks, cost=cost, now=now, account=account, work=work)
         except UnavailableError as exc:
-            log.warning("UNSAFE FAIL-OPEN: admitting a request unchecked: %s", exc)
-            return AdmitResult(True, ())
+            return self._fail_open(exc)
+
+    async def admit_async(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+        deadline_s: float,
+    ) -> AdmitResult:
+        try:
+            return await self.inner.admit_async(
+                checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s
+            )
+        except UnavailableError as exc:
+            return self._fail_open(exc)
+
+    async def call_async(self, fn: Callable[[], T], *, deadline_s: float) -> T:
+        return await self.inner.call_async(fn, deadline_s=deadline_s)
+
+    @staticmethod
+    def _fail_open(exc: UnavailableError) -> AdmitResult:
+        log.warning("UNSAFE FAIL-OPEN: admitting a request unchecked: %s", exc)
+        return AdmitResult(True, ())
 
     def usage(
         self, checks: Sequence[Check], *, now: float, account: str | None = None

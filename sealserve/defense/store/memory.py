@@ -48,6 +48,8 @@ class MemoryStore(TransactionalStore):
     until the process exits, which is fine for the short lives this store is meant for.
     """
 
+    blocking = False  # no I/O: the serving path calls it inline
+
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._buckets: dict[str, tuple[float, float]] = {}

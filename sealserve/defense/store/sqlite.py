@@ -14,10 +14,17 @@ import threading
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 
 from sealserve.defense.status import AccountStatus
-from sealserve.defense.store.base import HISTORY_LIMIT, TransactionalStore, Txn
+from sealserve.defense.store.base import (
+    HISTORY_LIMIT,
+    AdmitResult,
+    Check,
+    TransactionalStore,
+    Txn,
+)
 from sealserve.errors import UnavailableError
 
 SCHEMA_VERSION = 1
@@ -85,6 +92,14 @@ class _SqliteTxn:
         self._c.executemany("DELETE FROM state WHERE key = ?", [(k,) for k in keys])
 
 
+#: Set while an admission runs inline on the event loop: no lock may be waited for.
+_INLINE: ContextVar[bool] = ContextVar("sqlite_inline", default=False)
+
+
+class _Busy(Exception):
+    """The file or the connection is held right now (inline attempts only)."""
+
+
 class SqliteStore(TransactionalStore):
     """State in one SQLite file shared by every process on the machine.
 
@@ -111,7 +126,8 @@ class SqliteStore(TransactionalStore):
                 isolation_level=None,
                 check_same_thread=False,
             )
-            self._conn.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+            self._busy_ms = int(busy_timeout_s * 1000)
+            self._conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
             self._conn.execute("PRAGMA journal_mode = WAL")
             self._conn.execute("PRAGMA synchronous = NORMAL")
             with self._write() as conn:
@@ -122,17 +138,40 @@ class SqliteStore(TransactionalStore):
         except sqlite3.Error as exc:
             raise UnavailableError(f"state store unreachable: sqlite {self.path}: {exc}") from exc
 
+    async def admit_async(
+        self,
+        checks: Sequence[Check],
+        *,
+        cost: int,
+        now: float,
+        account: str | None = None,
+        work: int = 0,
+        deadline_s: float,
+    ) -> AdmitResult:
+        """Inline when the file is free this instant (it never waits for a lock there:
+        a thread hop costs more CPU than the transaction); when another thread or
+        process holds it, in a worker thread within ``deadline_s``."""
+        token = _INLINE.set(True)
+        try:
+            return self.admit(checks, cost=cost, now=now, account=account, work=work)
+        except _Busy:
+            pass
+        finally:
+            _INLINE.reset(token)
+        return await super().admit_async(
+            checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s
+        )
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front, so
-        concurrent processes serialise instead of failing on lock upgrade."""
-        with self._lock:
-            try:
-                self._conn.execute("BEGIN IMMEDIATE")
-            except sqlite3.Error as exc:
-                raise UnavailableError(
-                    f"state store unreachable: sqlite {self.path}: {exc}"
-                ) from exc
+        concurrent processes serialise instead of failing on lock upgrade. Inline (on
+        the event loop) it waits for nothing: a held lock raises _Busy."""
+        inline = _INLINE.get()
+        if not self._lock.acquire(blocking=not inline):
+            raise _Busy
+        try:
+            self._begin(inline)
             try:
                 yield self._conn
                 self._writes += 1
@@ -147,6 +186,24 @@ class SqliteStore(TransactionalStore):
                         f"state store unreachable: sqlite {self.path}: {exc}"
                     ) from exc
                 raise
+        finally:
+            self._lock.release()
+
+    def _begin(self, inline: bool) -> None:
+        try:
+            if inline:
+                self._conn.execute("PRAGMA busy_timeout = 0")
+            try:
+                self._conn.execute("BEGIN IMMEDIATE")
+            finally:
+                if inline:
+                    self._conn.execute(f"PRAGMA busy_timeout = {self._busy_ms}")
+        except sqlite3.OperationalError as exc:
+            if inline and "locked" in str(exc):
+                raise _Busy from exc
+            raise UnavailableError(f"state store unreachable: sqlite {self.path}: {exc}") from exc
+        except sqlite3.Error as exc:
+            raise UnavailableError(f"state store unreachable: sqlite {self.path}: {exc}") from exc
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
@@ -231,5 +288,6 @@ class SqliteStore(TransactionalStore):
             return True
 
     def close(self) -> None:
+        self._close_pool()
         with self._lock:
             self._conn.close()

@@ -1,5 +1,8 @@
 """The watermark ledger: what was marked, for whom, and the signal probes.
 
+Over 400 lines: one sealed record format (marks and probes), its bounds and its
+encoding, which must agree.
+
 Each marked answer is recorded (account, time, model, input, the answer given, the
 watermark label) for :mod:`sealserve.defense.watermark.verify` to replay against a
 suspect. The ledger holds client inputs, so it is sealed at rest: it is written only

@@ -71,26 +71,28 @@ class AdminServicer:
         output = self._guard.output if self._guard is not None else None
         if output is None:
             raise UnavailableError("no [defense] is configured on this server: nothing to forgive")
-        principal = current_principal()
-        by = f"admin:{principal.account}" if principal else "admin"
         reason = f" ({request.reason})" if request.reason else ""
-        output.forgive(request.account, by=by + reason)
+        output.forgive(request.account, by=_operator() + reason)
         return self._info(request.account, request.tier, "")
 
     @grpc_errors
     async def SetStatus(self, request: Any, context: grpc.aio.ServicerContext) -> adm.AccountInfo:
         q, status = self._q(), _requested_status(request)
-        principal = current_principal()
         previous = q.status(request.account).kind.value
         st = q.apply_status(request.account, status,
-                            reason=request.reason or "set by an operator",
-                            set_by=f"admin:{principal.account}" if principal else "admin",
+                            reason=request.reason or "set by an operator", set_by=_operator(),
                             factor=request.factor or None, difficulty=request.difficulty or None,
                             ttl_s=request.ttl_seconds or None)  # fmt: skip
         audit = self._audit()
         if audit is not None:  # so that a store that loses it gets it back at start
             record_status(audit, request.account, st, previous=previous, now=time.time())
         return self._info(request.account, request.tier, "")
+
+
+def _operator() -> str:
+    """Who made an Admin call, as status changes and forgiveness record it."""
+    principal = current_principal()
+    return f"admin:{principal.account}" if principal else "admin"
 
 
 def _requested_status(request: Any) -> Status:

@@ -63,21 +63,25 @@ class InferenceServicer:
         pair[0].inc()
         pair[1].observe(seconds)
 
+    @grpc_errors
     async def ServerLive(
         self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerLiveResponse:
         return pb.ServerLiveResponse(live=self._plane.live())
 
+    @grpc_errors
     async def ServerReady(
         self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerReadyResponse:
         return pb.ServerReadyResponse(ready=self._plane.ready())
 
+    @grpc_errors
     async def ModelReady(
         self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelReadyResponse:
         return pb.ModelReadyResponse(ready=self._plane.model_ready(request.name, request.version))
 
+    @grpc_errors
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> pb.ServerMetadataResponse:
@@ -106,7 +110,7 @@ class InferenceServicer:
         labels = ["(unknown)", ""]
         try:
             response = await self._infer(request, context, labels)
-        except Exception as exc:
+        except Exception as exc:  # counted here, answered by grpc_errors
             self._metrics.requests.labels(*labels, status_code(exc).name, "grpc").inc()
             raise
         self._count_ok(labels, time.perf_counter() - t0)

@@ -85,6 +85,8 @@ class RestApp:
         self._max_json = max_json_bytes
         self._max_body = max(plane.max_request_bytes, max_json_bytes) + _ENVELOPE
         self._ok: dict[tuple[str, str], tuple[Any, Any]] = {}
+        # Parsed paths of served models' infer routes (``_route`` fills it).
+        self._infer_routes: dict[str, tuple[str, str]] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -92,12 +94,16 @@ class RestApp:
         # A repeated header keeps its last value (none of ours may repeat).
         headers: dict[bytes, bytes] = dict(scope["headers"])
         try:
-            status, body, extra = await self._route(scope, headers, receive)
+            route = self._infer_routes.get(scope["path"]) if scope["method"] == "POST" else None
+            if route is not None:
+                status, body, extra = await self._infer(*route, scope, headers, receive)
+            else:
+                status, body, extra = await self._route(scope, headers, receive)
         except Exception as exc:
             status, message, extra = to_http(exc)
             body = error_body(message)
             extra = [(b"content-type", JSON), *extra]
-        if not scope.get(_BODY_READ) and _has_body(headers):
+        if _BODY_READ not in scope and _has_body(headers):
             # Answered before the body was read (refused early): do not drain it.
             extra = [*extra, (b"connection", b"close")]
         await send(
@@ -122,6 +128,9 @@ class RestApp:
             model, version, tail = _model_route(rest[1:], path)
             if tail == "infer":
                 _method(method, "POST", path)
+                if path == _infer_path(model, version) and self._plane.engine.ready(model, version):
+                    # Only served models' canonical paths: client strings must not grow it.
+                    self._infer_routes[path] = (model, version)
                 return await self._infer(model, version, scope, headers, receive)
             _method(method, "GET", path)
             await self._authenticate(headers, SCOPE_METADATA)
@@ -260,10 +269,17 @@ class RestApp:
                     f"{self._max_body} bytes"
                 )  # fmt: skip
         # The body's deadline is the connection's (server.py: 408, then close).
+        message = await receive()
+        if message["type"] == "http.request" and not message.get("more_body", False):
+            # The whole body in one message (uvicorn's usual case for small bodies).
+            body: bytes = message.get("body", b"")
+            if len(body) > self._max_body:
+                raise HttpError(413, f"request body is over the limit of {self._max_body} bytes")
+            scope[_BODY_READ] = True
+            return body
         chunks: list[bytes] = []
         size = 0
         while True:
-            message = await receive()
             if message["type"] == "http.disconnect":
                 raise HttpError(400, "the client went away before the body was sent")
             chunk = message.get("body", b"")
@@ -273,8 +289,9 @@ class RestApp:
             chunks.append(chunk)
             if not message.get("more_body", False):
                 break
+            message = await receive()
         scope[_BODY_READ] = True
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        return b"".join(chunks)
 
     async def _get_evidence(self, scope: Scope) -> tuple[int, bytes, Headers]:
         if self._evidence is None:
@@ -302,6 +319,12 @@ class RestApp:
 
 _JSON: Headers = [(b"content-type", JSON)]
 _BODY_READ = "sealserve.body_read"
+
+
+def _infer_path(model: str, version: str) -> str:
+    if version:
+        return f"/v2/models/{model}/versions/{version}/infer"
+    return f"/v2/models/{model}/infer"
 
 
 def _has_body(headers: dict[bytes, bytes]) -> bool:

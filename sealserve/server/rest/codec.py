@@ -74,25 +74,32 @@ def _str(value: Any, what: str, of: tuple[str, str] | None = None) -> str:
 
 
 def _shape(name: str, spec: TensorSpec, value: Any) -> tuple[int, ...]:
-    if type(value) is not list or any(type(d) is not int for d in value):
+    # Loops, not any()/zip(): this runs on every input of every request.
+    if type(value) is not list:
         raise TensorError(f"input {quote(name)}: shape must be a list of integers")
-    if len(value) != len(spec.shape):
+    for d in value:
+        if type(d) is not int:
+            raise TensorError(f"input {quote(name)}: shape must be a list of integers")
+    want_shape = spec.shape
+    if len(value) != len(want_shape):
         raise TensorError(
-            f"input {quote(name)}: expected rank {len(spec.shape)} with shape "
-            f"{list(spec.shape)}, got rank {len(value)}"
+            f"input {quote(name)}: expected rank {len(want_shape)} with shape "
+            f"{list(want_shape)}, got rank {len(value)}"
         )
-    for got, want in zip(value, spec.shape, strict=True):
+    for i, got in enumerate(value):
         if got < 0:
             raise TensorError(f"input {quote(name)}: negative dimension in shape")
+        want = want_shape[i]
         if want >= 0 and got != want:
             raise TensorError(
-                f"input {quote(name)}: expected shape {list(spec.shape)}, got {value}"
+                f"input {quote(name)}: expected shape {list(want_shape)}, got {value}"
             )
     return tuple(value)
 
 
 def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
-    """A JSON ``data`` array (flat or nested, row-major) as a flat array of ``datatype``."""
+    """A JSON ``data`` array (flat or nested, row-major) as an array of ``datatype``
+    holding ``count`` elements (flat for BYTES; the caller reshapes)."""
     if not isinstance(data, list):
         raise TensorError(f"input {quote(name)}: data must be a JSON array")
     if not data:
@@ -115,17 +122,16 @@ def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
         raise TensorError(
             f"input {quote(name)}: shape needs {count} elements, data holds {parsed.size}"
         )
-    flat = parsed.reshape(-1)
     if datatype == "BYTES":
         out = np.empty(count, dtype=np.object_)
-        out[:] = [s.encode() for s in flat.tolist()]
+        out[:] = [s.encode() for s in parsed.reshape(-1).tolist()]
         return out
     target = OIP_TO_NUMPY[datatype]
     if target.kind in _INT_KINDS:
         info = np.iinfo(target)  # type: ignore[type-var]
-        if flat.min() < info.min or flat.max() > info.max:
+        if parsed.min() < info.min or parsed.max() > info.max:
             raise TensorError(f"input {quote(name)}: values out of range for {datatype}")
-    return flat.astype(target, copy=False)
+    return parsed.astype(target, copy=False)
 
 
 def _describe(dtype: np.dtype[Any]) -> str:
@@ -182,8 +188,11 @@ def decode_infer_request(
     total = 0
     offset = 0
     for item in raw_inputs:
-        tensor = _object(item, "each entry of 'inputs'")
-        name = _str(tensor.get("name"), "an input's 'name'")
+        # The common case is checked inline; the helpers word the errors.
+        tensor = item if type(item) is dict else _object(item, "each entry of 'inputs'")
+        name = tensor.get("name")
+        if type(name) is not str:
+            name = _str(name, "an input's 'name'")
         spec = specs.get(name)
         if spec is None:
             raise TensorError(
@@ -192,8 +201,9 @@ def decode_infer_request(
             )
         if name in inputs:
             raise TensorError(f"input {quote(name)} appears more than once")
-        datatype = _str(tensor.get("datatype"), "'datatype'", ("input", name))
+        datatype = tensor.get("datatype")
         if datatype != spec.datatype:
+            datatype = _str(datatype, "'datatype'", ("input", name))
             raise TensorError(
                 f"input {quote(name)}: expected datatype {spec.datatype}, "
                 f"got {quote(datatype) if datatype else '(empty)'}"
@@ -201,8 +211,13 @@ def decode_infer_request(
         shape = _shape(name, spec, tensor.get("shape"))
         count = math.prod(shape)
         itemsize = 0 if datatype == "BYTES" else OIP_TO_NUMPY[datatype].itemsize
-        params = tensor.get("parameters") or {}
-        size = _object(params, "'parameters'", ("input", name)).get("binary_data_size")
+        params = tensor.get("parameters")
+        # Absent, null or empty: no parameters (a falsy value is read as {}).
+        size = (
+            _object(params, "'parameters'", ("input", name)).get("binary_data_size")
+            if params
+            else None
+        )
         if size is not None:
             if "data" in tensor:
                 raise TensorError(
@@ -232,17 +247,18 @@ def decode_infer_request(
                 f"input {quote(name)}: request tensors exceed the size limit of {max_bytes} bytes"
             )
         if size is not None:
-            data = bytes(binary[offset : offset + size])
+            view = binary[offset : offset + size]
             offset += size
             if datatype == "BYTES":
-                arr = decode_bytes_tensor(name, data, count)
+                arr = decode_bytes_tensor(name, bytes(view), count)
             else:
-                if len(data) != count * itemsize:
+                if size != count * itemsize:
                     raise TensorError(
                         f"input {quote(name)}: shape {list(shape)} of {datatype} needs "
-                        f"{count * itemsize} bytes, binary data holds {len(data)}"
+                        f"{count * itemsize} bytes, binary data holds {size}"
                     )
-                arr = np.frombuffer(data, dtype=OIP_TO_NUMPY[datatype])
+                # A read-only view of the body, not a copy (as bytes would give).
+                arr = np.frombuffer(view, dtype=OIP_TO_NUMPY[datatype])
         else:
             arr = _from_json(name, datatype, tensor["data"], count)
             if datatype == "BYTES":

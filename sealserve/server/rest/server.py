@@ -106,18 +106,21 @@ def _guarded_protocol(
             if self._in_headers and len(data) > max_header_bytes:
                 self._refuse(size_reply)
 
-        def _count(self, size: int) -> None:
-            self._header_bytes += size
-            if self._header_bytes > max_header_bytes:
-                self._refuse(size_reply)
-                raise ValueError("request headers too large")  # stops the parser
+        def _too_large(self) -> None:
+            self._refuse(size_reply)
+            raise ValueError("request headers too large")  # stops the parser
 
+        # Counted inline: these run for every header of every request.
         def on_url(self, url: bytes) -> None:
-            self._count(len(url))
+            self._header_bytes += len(url)
+            if self._header_bytes > max_header_bytes:
+                self._too_large()
             super().on_url(url)
 
         def on_header(self, name: bytes, value: bytes) -> None:
-            self._count(len(name) + len(value) + 4)
+            self._header_bytes += len(name) + len(value) + 4
+            if self._header_bytes > max_header_bytes:
+                self._too_large()
             super().on_header(name, value)
 
         def on_headers_complete(self) -> None:

@@ -241,8 +241,9 @@ def test_rotation_keeps_the_chain_and_detects_a_missing_file(tmp_path: Path, key
     assert report.ok and len(report.files) == 2
     # The later file alone fails: the first file is missing (deleted by whoever cut it).
     with pytest.raises(
-        AuditError, match=r"audit-000002.jsonl:1: record 12: the log starts at seq 12, not "
-        r"with its open record \(seq 0\): its first file\(s\) are missing"
+        AuditError,
+        match=r"audit-000002.jsonl:1: record 12: the log starts at seq 12, not "
+        r"with its open record \(seq 0\): its first file\(s\) are missing",
     ):
         verify(files[1:], key)
     # ... and verifies with a warning when left out on purpose (a signed boundary).

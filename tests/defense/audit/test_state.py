@@ -98,9 +98,8 @@ def _cfg(tmp_path: Path) -> object:
     from sealserve.server.defenses import DefenseConfig
 
     return DefenseConfig.parse(
-        {"state_dir": str(tmp_path / "state"), "audit": {"dir": str(tmp_path / "audit")}},
-        base=tmp_path,
-    )
+        {"state_dir": str(tmp_path / "state"), "audit": {"dir": str(tmp_path / "audit")}}
+    ).relative_to(tmp_path)
 
 
 def _start(tmp_path: Path, sim_root: Path) -> tuple[object, AuditLog]:

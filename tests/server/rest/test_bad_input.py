@@ -199,3 +199,33 @@ def test_slow_clients_time_out(rest_server: Any) -> None:
     assert _status(resp) == 431 and "request headers over the limit" in _error(resp)
     # An idle kept-alive connection is closed after keep_alive_s; a new one is served.
     _still_serving(rest)
+
+
+def test_infer_route_table_holds_only_served_models(rest_server: Any) -> None:
+    """The parsed-route cache is keyed by the path: only canonical paths of served
+    models may enter it, whatever paths clients send; a cached route still checks the
+    token, the method and the model's readiness like any other request."""
+    rest = rest_server()
+    base = f"http://{rest.target}"
+    h = rest.headers()
+    routes = rest.running.server.rest._config.app._infer_routes
+    for i in range(20):
+        r = httpx.post(f"{base}/v2/models/nope{i}/infer", json=GOOD, headers=h, timeout=10)
+        assert r.status_code == 404
+        r = httpx.post(f"{base}//v2/models/digits/infer{'/' * (i + 1)}", json=GOOD,
+                       headers=h, timeout=10)  # fmt: skip
+        assert r.status_code == 200, r.text
+    assert routes == {}
+    _still_serving(rest)
+    assert list(routes) == ["/v2/models/digits/infer"]
+    r = httpx.post(f"{base}/v2/models/digits/infer", json=GOOD, timeout=10)
+    assert r.status_code == 401  # the cached route authenticates like the first time
+    r = httpx.post(f"{base}/v2/models/digits/infer", json={"inputs": []}, headers=h, timeout=10)
+    assert r.status_code == 400 and "non-empty" in r.json()["error"]
+    rest.running.server.plane.set_ready(False)
+    try:
+        r = httpx.post(f"{base}/v2/models/digits/infer", json=GOOD, headers=h, timeout=10)
+        assert r.status_code == 503
+    finally:
+        rest.running.server.plane.set_ready(True)
+    _still_serving(rest)
