@@ -3,8 +3,6 @@ stream and ends with honest newcomers' rows, without locking newcomers out meanw
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 
@@ -146,9 +144,9 @@ def test_a_continuing_sybil_stream_keeps_the_cohort_flagged() -> None:
     assert payer.difficulty == 16 and "look like noise (2 of 2" in payer.reason
 
 
-def test_cohort_difficulty_is_configured_and_bounded(tmp_path: Path) -> None:
-    cfg = DefenseConfig.parse({}, base=tmp_path)
+def test_cohort_difficulty_is_configured_and_bounded() -> None:
+    cfg = DefenseConfig.parse({})
     assert cfg.cohort_challenge_difficulty == 9 < cfg.challenge_difficulty
     for bad in (0, 33, "hard"):
         with pytest.raises(ConfigError, match="cohort_challenge_difficulty"):
-            DefenseConfig.parse({"cohort_challenge_difficulty": bad}, base=tmp_path)
+            DefenseConfig.parse({"cohort_challenge_difficulty": bad})
