@@ -177,7 +177,9 @@ async def with_deadline(call: Awaitable[T], deadline_s: float) -> T:
     """``await call``, or raise UnavailableError when it takes longer than
     ``deadline_s`` seconds (the call is cancelled where it can be)."""
     try:
-        return await asyncio.wait_for(call, deadline_s)
+        # asyncio.timeout, not wait_for: no task is made per call on the hot path.
+        async with asyncio.timeout(deadline_s):
+            return await call
     except TimeoutError as exc:
         raise UnavailableError(
             f"state store did not answer within {deadline_s:g} s", retry_after=1.0
