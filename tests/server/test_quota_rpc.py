@@ -124,8 +124,10 @@ def _exactness(dep: Deployment) -> None:
 
 
 @pytest.mark.slow
-def test_exact_across_two_processes_sharing_redis(deploy: Any, redis_server: RedisServer) -> None:
-    _exactness(deploy(store=redis_server.url, limits=EXACT_LIMITS))
+def test_exact_across_two_processes_sharing_redis(deploy: Any, own_redis: RedisServer) -> None:
+    # A server of its own: the deployment's keys use the default prefix and these account
+    # names, so a shared server would carry another test's spent quota into this one.
+    _exactness(deploy(store=own_redis.url, limits=EXACT_LIMITS))
 
 
 @pytest.mark.slow
@@ -144,7 +146,7 @@ def test_exact_across_two_processes_with_leases(
     """The same, with quota leases: most admissions are local to a replica, and still
     every account gets exactly its quota across both."""
     if kind == "redis":
-        store = request.getfixturevalue("redis_server").url
+        store = request.getfixturevalue("own_redis").url  # fresh: see above
     else:
         store = f"sqlite://{tmp_path / 'state.db'}"
     _exactness(deploy(store=store, limits=LEASED_LIMITS))
