@@ -313,6 +313,8 @@ class DistributionDetector:
             score,
             explanation,
             metrics={
+                "queries": float(n),  # as for a young account: the cohort view reads them
+                "outliers": float(k),
                 "outlier_rate": k / n,
                 "log10_p": log10_p,
                 "coverage": coverage,

@@ -15,6 +15,7 @@ from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.cohort import (
     COHORT_REASON,
     CohortWatch,
+    is_young,
     cohort_name,
     own_score,
     own_verdict,
@@ -150,3 +151,26 @@ def test_cohort_difficulty_is_configured_and_bounded() -> None:
     for bad in (0, 33, "hard"):
         with pytest.raises(ConfigError, match="cohort_challenge_difficulty"):
             DefenseConfig.parse({"cohort_challenge_difficulty": bad})
+
+
+def test_a_batch_that_makes_a_young_account_judgeable_is_still_decided() -> None:
+    """A young account's request whose last row reaches the detector's ``min_queries``:
+    the own score is the ready one (before: KeyError 'outliers', INTERNAL to the client)."""
+    w = World()
+    rng = np.random.default_rng(29)
+    w.flood(rng, 50)
+    assert w.status(COHORT) >= Status.CHALLENGED
+    x = uniform_stream(30, rng)
+    results = [
+        w.suite.observe_at_time("batcher", "digits", row, int(w.task.model.predict(row[None, :])[0]),
+                                now=w.now)
+        for row in x
+    ]  # fmt: skip
+    assert is_young(results) and own_score(results) is not None and own_score(results).ready
+    labels = w.task.model.predict(x)
+    assert w.watch.observe(
+        w.suite, account="batcher", tier="free", model="digits", x=x, labels=labels,
+        own=own_score(results), now=w.now,
+    )  # fmt: skip
+    held = w.quota.status("batcher", now=w.now)
+    assert held.difficulty == 16 and "look like noise (" in held.reason
