@@ -15,8 +15,8 @@ from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.cohort import (
     COHORT_REASON,
     CohortWatch,
-    is_young,
     cohort_name,
+    is_young,
     own_score,
     own_verdict,
 )
