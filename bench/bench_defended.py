@@ -529,7 +529,9 @@ def main() -> int:
         + "\n".join(hang_rows)
         + "\n\nResident memory with and without hardening: bench/bench_memory.py (section "
         '"Memory with hardening (issue 17, item 5)"), not repeated here.\n\nTargets (issue 17):\n\n'
-        "| target | wanted | measured | verdict |\n|---|---|---|---|\n" + "\n".join(verdicts)
+        "| target | wanted | measured | verdict |\n|---|---|---|---|\n"
+        + "\n".join(verdicts)
+        + f"\n\n(load average at the end: {os.getloadavg()[0]:.2f}; the machine is shared)"
     )
     print(body)
     return 0
