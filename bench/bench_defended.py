@@ -30,7 +30,7 @@ failing with UNAVAILABLE (deadline `state_store_deadline_s`).
 
 Resident memory with and without hardening is bench/bench_memory.py's (not repeated).
 
-    python bench/bench_defended.py [--seconds 3] [--rounds 2]
+    python bench/bench_defended.py [--seconds 1.5] [--rounds 4]
 """
 
 from __future__ import annotations
@@ -161,9 +161,11 @@ def summarise(lat: list[float], errors: int, wall: float, cpu: float) -> Result:
     )
 
 
-def mean(rs: list[Result]) -> Result:
+def median(rs: list[Result]) -> Result:
+    """The median of the rounds, per field (robust to one round hit by a neighbour)."""
+
     def avg(field: str) -> float:
-        return statistics.fmean(getattr(r, field) for r in rs)
+        return float(statistics.median(getattr(r, field) for r in rs))
 
     return Result(
         avg("rps"), avg("p50_ms"), avg("p99_ms"), avg("cpu_us"), sum(r.errors for r in rs)
@@ -317,11 +319,12 @@ def ratio(a: float, b: float) -> str:
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--seconds", type=float, default=3.0, help="per measurement")
-    ap.add_argument("--rounds", type=int, default=2, help="alternating rounds, averaged")
+    ap.add_argument("--seconds", type=float, default=1.5, help="per measurement")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds, averaged")
     ap.add_argument("--hang-calls", type=int, default=100, help="calls of each kind in the hang")
     args = ap.parse_args()
 
+    load0 = os.getloadavg()[0]
     allc = cores()
     split = len(allc) >= 2
     server_cpus = allc[:1] if split else allc
@@ -367,7 +370,7 @@ def main() -> int:
                     print(f"# c={c} {name}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} ms "
                           f"cpu {r.cpu_us:,.0f} µs errors {r.errors}", file=sys.stderr, flush=True)  # fmt: skip
 
-        res = {k: mean(v) for k, v in got.items()}
+        res = {k: median(v) for k, v in got.items()}
         b1, b64 = res[("bare", 1)], res[("bare", 64)]
         out.append(
             "| system | c=1 p50 ms | c=1 p99 ms | c=64 req/s | c=64 server CPU µs/req | errors |\n"
@@ -427,7 +430,7 @@ def main() -> int:
                     scale_errors[(kind, k)] += errs
                     print(f"# scale {kind} k={k}: {n / args.seconds:,.0f} req/s errors {errs}",
                           file=sys.stderr, flush=True)  # fmt: skip
-        srps = {key: statistics.fmean(v) for key, v in scale.items()}
+        srps = {key: statistics.median(v) for key, v in scale.items()}
         bench.stop()
         bench.procs.clear()
 
@@ -514,7 +517,7 @@ def main() -> int:
         "full defense = bench/theft_defended.toml's [defense] (detection incl. cohorts, "
         "perturbation, watermark with band marks, signed audit log) with the volume "
         "detector's windows raised above the load. Ratios to the bare grpc.aio server in "
-        f"the same run; {args.rounds} alternating rounds of {args.seconds:g} s, averaged. "
+        f"the same run; {args.rounds} alternating rounds of {args.seconds:g} s, median of the rounds. "
         f"Machine: {machine}. Server CPU = utime+stime of the server process. "
         "`errors` counts non-OK answers (should be 0).\n\n"
         + "\n".join(out)
@@ -531,7 +534,7 @@ def main() -> int:
         '"Memory with hardening (issue 17, item 5)"), not repeated here.\n\nTargets (issue 17):\n\n'
         "| target | wanted | measured | verdict |\n|---|---|---|---|\n"
         + "\n".join(verdicts)
-        + f"\n\n(load average at the end: {os.getloadavg()[0]:.2f}; the machine is shared)"
+        + f"\n\n(load average at the start / end: {load0:.2f} / {os.getloadavg()[0]:.2f}; the machine is shared)"
     )
     print(body)
     return 0
