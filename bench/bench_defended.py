@@ -16,7 +16,7 @@ one `[limits]` tier with limits far above the load):
 
 Measured: c=1 p50/p99 and c=64 req/s and server CPU per request (utime+stime of the
 server process from /proc/PID/stat), each as a ratio to ``bare``; alternating rounds,
-averaged. Where the machine has >= 2 cores, every server runs pinned to core 0 and the
+median of the rounds. Where the machine has >= 2 cores, every server runs pinned to core 0 and the
 load generator (and redis-server) to the other cores.
 
 Then a scale-out run: k = 1 and 2 server processes (one core each, sharing the store),
@@ -320,7 +320,7 @@ def ratio(a: float, b: float) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=1.5, help="per measurement")
-    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds, averaged")
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds (median)")
     ap.add_argument("--hang-calls", type=int, default=100, help="calls of each kind in the hang")
     args = ap.parse_args()
 
