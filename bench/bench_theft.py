@@ -494,10 +494,13 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
             "pixel noise) leaves the honest distribution and the distribution detector "
             "suspends it within a few dozen rows.",
             "- *Cohort detection* flags the sybil stream from the pooled rows of young "
-            "accounts; while the cohort holds (the challenge level's 6 h), every young "
-            "account of the tier is challenged: honest newcomers included (the *after the "
-            "sybils* row). That is the price of `cohort_detection`, which is why it is off "
-            "by default.",
+            "accounts; while the cohort is flagged, a young account is challenged until "
+            "its own first 5 rows are natural (`cohort_challenge_difficulty`, 9 bits, "
+            "~1.7x), noise-like ones at the full difficulty, and the episode ends when "
+            "the pooled stream looks natural again (docs/defenses.md, *The aggregate "
+            "view*). The *after the sybils* row counts a newcomer's cheap challenge as a "
+            "refusal, and its clients do not pay challenges, so they never reach the 5 "
+            "rows that graduate them: that row does not measure the episode's end.",
         ]
     out += [
         "",

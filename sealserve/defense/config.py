@@ -16,6 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from sealserve.defense.escalation import (
     DEFAULT_BATCH_ROWS,
+    DEFAULT_COHORT_DIFFICULTY,
     DEFAULT_LIFT_GRACE_S,
     DEFAULT_REPEAT_BITS,
     ResponsePolicy,
@@ -89,6 +90,14 @@ class DefenseConfig(BaseModel):
         description="Also judge young accounts of a tier as one pooled stream and challenge "
         "the young accounts of a flagged cohort (off by default: a flagged cohort also "
         "challenges honest newcomers while it holds).",
+    )
+    cohort_challenge_difficulty: int = Field(
+        default=DEFAULT_COHORT_DIFFICULTY,
+        ge=1,
+        le=MAX_DIFFICULTY,
+        description="Bits of the challenge a young account of a flagged cohort answers "
+        "until its own natural rows graduate it (9: ~1.7x an honest account's cost per "
+        "row); a young account whose own rows look like noise gets challenge_difficulty.",
     )
     challenge_repeat_bits: int = Field(
         default=DEFAULT_REPEAT_BITS,
@@ -182,6 +191,7 @@ def describe(cfg: DefenseConfig) -> dict[str, Any]:
         "challenge_repeat_bits": cfg.challenge_repeat_bits,
         "lift_grace_s": cfg.lift_grace_s,
         "cohort_detection": cfg.cohort_detection,
+        "cohort_challenge_difficulty": cfg.cohort_challenge_difficulty,
         "batch_scoring_rows": cfg.batch_scoring_rows,
         "audit": cfg.audit.enabled,
         "sealed_state": cfg.state_dir is not None,

@@ -81,6 +81,9 @@ DEFAULT_LIFT_GRACE_S = 3600.0
 """How long an operator's lift or forgiveness holds against detection."""
 DEFAULT_REPEAT_BITS = 2
 """Bits a detection challenge gains per earlier episode of suspicion (4x the work)."""
+DEFAULT_COHORT_DIFFICULTY = 9
+"""Bits of the challenge a young account of a flagged cohort answers until its own
+rows graduate it (~1.7x an honest account's cost per row: docs/defenses.md)."""
 
 _DEFAULT: dict[str, Any] = {
     "log_at": 0.3,

@@ -305,7 +305,7 @@ def build_defenses(
     responses = Responses(
         policy, cfg.throttle_factor, cfg.challenge_difficulty, lift_grace_s=cfg.lift_grace_s,
         repeat_bits=cfg.challenge_repeat_bits, batch_rows=cfg.batch_scoring_rows,
-        cohort=cfg.cohort_detection,
+        cohort=cfg.cohort_detection, cohort_difficulty=cfg.cohort_challenge_difficulty,
     )  # fmt: skip
     return OutputDefenses(
         models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked,

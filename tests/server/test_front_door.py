@@ -278,6 +278,93 @@ def test_young_honest_accounts_are_not_flagged_as_a_cohort(
         assert quota.status(f"newcomer-{n}").kind.value == "normal"
 
 
+FLAGGED = ("challenged", "suspended")
+COHORT = "\x00cohort/standard/digits"
+
+
+def _sybil_flood(running: Any, issuer: TokenIssuer, rng: np.random.Generator, n: int) -> None:
+    """``n`` fresh accounts send up to 19 uniform-noise rows each (no proof of work)."""
+    for i in range(n):
+        with _client(running, issuer, f"sybil-{rng.integers(1 << 30)}-{i}") as c:
+            for _ in range(19):
+                try:
+                    c.infer("digits", {"input": rng.uniform(0, 16, (1, 64)).astype(np.float32)})
+                except REFUSED:
+                    break
+
+
+def _flooded(
+    start_server: Any, tmp: Path, sim_root: Path, rng: np.random.Generator
+) -> tuple[Any, TokenIssuer, Any]:
+    """A server whose young-account cohort the 50x19 sybil stream has just flagged."""
+    running, issuer = _start(start_server, tmp, sim_root, cohort_detection=True)
+    quota = running.server.plane.guard.quota
+    _sybil_flood(running, issuer, rng, 50)
+    assert quota.status(COHORT).kind.value in FLAGGED
+    return running, issuer, quota
+
+
+def _newcomer(running: Any, issuer: TokenIssuer, account: str, rows: np.ndarray) -> None:
+    """An honest newcomer through the SDK, which answers challenges."""
+    token = issuer.issue(account, tier="standard", scopes=["infer"], tos_version=TOS, ttl=600)
+    with Client(running.target, unsafe_plaintext=True, token=token) as c:
+        for row in rows:
+            c.infer("digits", {"input": row[None, :]})
+
+
+def test_a_flagged_cohort_does_not_lock_out_honest_newcomers(
+    start_server: Any, tmp_path: Path, sim_root: Path
+) -> None:
+    # The attacker's test (issue 16, cohort DoS): 950 noise rows flag the cohort, whose
+    # flag would hold 6 h and challenge every newcomer meanwhile. Honest newcomers
+    # (natural digits, the SDK answering challenges) must step it down with their own
+    # rows: within 200 natural rows the cohort challenges nobody, and no newcomer is held.
+    running, issuer, quota = _flooded(start_server, tmp_path, sim_root, np.random.default_rng(19))
+    x, _ = demo.holdout()
+    challenged_at: list[int] = []
+    for n in range(40):
+        account = f"newcomer-{n}"
+        rows = x[(n * 5) % len(x) :][:5]
+        _newcomer(running, issuer, account, rows[:1])
+        if n == 0:
+            first = quota.status(account)
+            assert first.kind.value == "challenged" and first.difficulty == 9, first
+        _newcomer(running, issuer, account, rows[1:])
+        mine = quota.status(account)
+        # Cheap while it lasts (<= 2x the honest cost: docs/defenses.md), never held
+        # past the newcomer's own natural rows.
+        assert mine.kind.value == "normal", (n, mine)
+        if quota.status(COHORT).kind.value in FLAGGED:
+            challenged_at.append(n)
+    # The cohort stepped down after at most 200 natural rows (40 newcomers x 5).
+    assert quota.status(COHORT).kind.value not in FLAGGED
+    assert len(challenged_at) * 5 <= 200, challenged_at
+    # A newcomer now is not challenged at all.
+    _newcomer(running, issuer, "late", x[:1])
+    assert quota.status("late").kind.value == "normal"
+    text = "".join(p.read_text() for p in sorted((tmp_path / "audit").glob("*.jsonl")))
+    assert "graduated from the cohort" in text
+
+
+def test_a_continuing_sybil_stream_keeps_the_cohort_flagged(
+    start_server: Any, tmp_path: Path, sim_root: Path
+) -> None:
+    rng = np.random.default_rng(23)
+    running, issuer, quota = _flooded(start_server, tmp_path, sim_root, rng)
+    x, _ = demo.holdout()
+    for n in range(40):
+        _newcomer(running, issuer, f"newcomer-{n}", x[(n * 5) % len(x) :][:5])
+        _sybil_flood(running, issuer, rng, 1)  # one fresh sybil per newcomer
+        assert quota.status(COHORT).kind.value in FLAGGED, n
+    # The sybils keep their own escalation: one that pays the newcomers' cheap proof of
+    # work is challenged at the full detection difficulty once its own rows are noise.
+    _newcomer(running, issuer, "paying-sybil", rng.uniform(0, 16, (3, 64)).astype(np.float32))
+    paying = quota.status("paying-sybil")
+    assert paying.kind.value == "challenged" and paying.difficulty == 16, paying
+    assert "its own rows" in paying.reason
+    assert quota.status("newcomer-39").kind.value == "normal"
+
+
 def test_a_reserved_account_name_is_refused(
     start_server: Any, tmp_path: Path, sim_root: Path
 ) -> None:

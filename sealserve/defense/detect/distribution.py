@@ -284,16 +284,18 @@ class DistributionDetector:
         cfg = self.config
         n = int(min(counters[0], cfg.window))
         prefix = f"{note}; " if note else ""
+        k = int(counters[2])
+        log10_p = float(self._log10_sf[n, k])
         if n < cfg.min_queries:
+            # Too few rows to judge alone; the young account's own outlier count still
+            # goes out (the cohort view reads it: release/cohort.py).
             return DetectorScore(
                 self.name,
                 0.0,
                 f"{prefix}Distribution: {n} of {cfg.min_queries} queries needed before judging",
                 ready=False,
-                metrics={"queries": float(n)},
+                metrics={"queries": float(n), "outliers": float(k), "log10_p": log10_p},
             )
-        k = int(counters[2])
-        log10_p = float(self._log10_sf[n, k])
         s_out = min(1.0, max(0.0, 0.5 * log10_p / math.log10(cfg.alpha)))
         coverage = float(np.count_nonzero(counts)) / counts.size
         ratio = coverage / max(float(self._expected_cov[n]), 1e-12)

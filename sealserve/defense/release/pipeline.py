@@ -30,12 +30,13 @@ from sealserve.defense.detect.base import SuiteResult
 from sealserve.defense.detect.state import BlobStore
 from sealserve.defense.escalation import (
     DEFAULT_BATCH_ROWS,
+    DEFAULT_COHORT_DIFFICULTY,
     DEFAULT_LIFT_GRACE_S,
     DEFAULT_REPEAT_BITS,
     ResponsePolicy,
 )
 from sealserve.defense.quota import QuotaGuard
-from sealserve.defense.release.cohort import CohortWatch, is_young
+from sealserve.defense.release.cohort import CohortWatch, is_young, own_score
 from sealserve.defense.release.hot_path import BoundProfile
 from sealserve.defense.status import (
     DEFAULT_DIFFICULTY,
@@ -122,6 +123,9 @@ class Responses:
     again for this long (its detectors still observe)."""
     cohort: bool = True
     """Judge young accounts of a tier together too (release/cohort.py)."""
+    cohort_difficulty: int = DEFAULT_COHORT_DIFFICULTY
+    """Bits of the challenge a young account of a flagged cohort answers until its own
+    natural rows graduate it."""
     repeat_bits: int = DEFAULT_REPEAT_BITS
     """Bits added to a detection challenge per earlier detection challenge/suspension."""
     batch_rows: int = DEFAULT_BATCH_ROWS
@@ -146,7 +150,8 @@ class OutputDefenses:
         self.blobs = blobs
         self.cohort = (
             CohortWatch(responses.policy, quota, audit=audit,
-                        difficulty=responses.challenge_difficulty)
+                        difficulty=responses.challenge_difficulty,
+                        newcomer_difficulty=responses.cohort_difficulty)
             if responses is not None and quota is not None and responses.cohort
             else None
         )  # fmt: skip
@@ -234,7 +239,7 @@ class OutputDefenses:
             self.cohort is not None
             and is_young(results)
             and self.cohort.observe(d.suite, account=account, tier=tier, model=model, x=x,
-                                    labels=labels, now=now)
+                                    labels=labels, own=own_score(results), now=now)
             and Status.parse(label) < Status.CHALLENGED
         ):  # fmt: skip
             label = Status.CHALLENGED.label

@@ -1,5 +1,8 @@
 """Redis state store, for several replicas sharing limits.
 
+Over 400 lines: one store contract over single Redis and Cluster (scripts, async
+deadlines, key schema migration) kept together so the key names live in one place.
+
 Every admit is one round trip: one Lua script, registered once and called with EVALSHA
 (redis-py loads it again if the server lost it), which reads every bucket and window,
 the account's throttle factor, decides, and writes only if everything fits. Redis runs a

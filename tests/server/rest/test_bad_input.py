@@ -222,10 +222,10 @@ def test_infer_route_table_holds_only_served_models(rest_server: Any) -> None:
     assert r.status_code == 401  # the cached route authenticates like the first time
     r = httpx.post(f"{base}/v2/models/digits/infer", json={"inputs": []}, headers=h, timeout=10)
     assert r.status_code == 400 and "non-empty" in r.json()["error"]
-    rest.running.server.plane.set_ready(False)
+    rest.running.server.plane.close()  # shutting down: not ready
     try:
         r = httpx.post(f"{base}/v2/models/digits/infer", json=GOOD, headers=h, timeout=10)
         assert r.status_code == 503
     finally:
-        rest.running.server.plane.set_ready(True)
+        rest.running.server.plane.open(None)  # this server has no [defense] to arm
     _still_serving(rest)
