@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import json
@@ -113,15 +114,14 @@ def payloads(n: int = 512) -> list[bytes]:
 
 
 async def _load(targets: Sequence[str], reqs: Sequence[bytes], mds: Sequence[Metadata],
-                concurrency: int, seconds: float) -> tuple[list[float], int]:  # fmt: skip
+                concurrency: int, seconds: float) -> tuple[list[float], dict[str, int]]:  # fmt: skip
     chans = [grpc.aio.insecure_channel(t) for t in targets for _ in range(min(concurrency, 4))]
     calls = [ch.unary_unary(SERVICE + "ModelInfer") for ch in chans]
     lat: list[float] = []
-    errors = 0
+    errors: collections.Counter[str] = collections.Counter()  # by status code
     stop = time.perf_counter() + seconds
 
     async def worker(k: int) -> None:
-        nonlocal errors
         call = calls[k % len(calls)]
         i = k * 7919
         while time.perf_counter() < stop:
@@ -130,18 +130,18 @@ async def _load(targets: Sequence[str], reqs: Sequence[bytes], mds: Sequence[Met
             try:
                 await call(reqs[i % len(reqs)], metadata=md)
                 lat.append(time.perf_counter() - t0)
-            except grpc.aio.AioRpcError:
-                errors += 1
+            except grpc.aio.AioRpcError as e:
+                errors[e.code().name] += 1
             i += 1
 
     await asyncio.gather(*(worker(k) for k in range(concurrency)))
     for ch in chans:
         await ch.close()
-    return lat, errors
+    return lat, dict(errors)
 
 
 def load(targets: Sequence[str], reqs: Sequence[bytes], mds: Sequence[Metadata],
-         concurrency: int, seconds: float, cpus: Sequence[int] = ()) -> tuple[list[float], int]:  # fmt: skip
+         concurrency: int, seconds: float, cpus: Sequence[int] = ()) -> tuple[list[float], dict[str, int]]:  # fmt: skip
     """Closed-loop load (also run in pool workers: module-level and picklable)."""
     if cpus:
         pin_process(os.getpid(), cpus)
@@ -334,6 +334,7 @@ def main() -> int:
     reqs = payloads()
     rpx = None
     out: list[str] = []
+    error_codes: collections.Counter[str] = collections.Counter()
     try:
         if REDIS_SERVER is None:
             raise SystemExit("redis-server is not installed (apt-get install redis-server)")
@@ -365,7 +366,8 @@ def main() -> int:
                     cpu0, t0 = proc_cpu_s(pid), time.perf_counter()
                     lat, errors = asyncio.run(_load([target], reqs, mds, c, args.seconds))
                     wall, cpu = time.perf_counter() - t0, proc_cpu_s(pid) - cpu0
-                    got[(name, c)].append(summarise(lat, errors, wall, cpu))
+                    got[(name, c)].append(summarise(lat, sum(errors.values()), wall, cpu))
+                    error_codes.update({f"{name}, c={c}: {code}": m for code, m in errors.items()})
                     r = got[(name, c)][-1]
                     print(f"# c={c} {name}: {r.rps:,.0f} req/s p50 {r.p50_ms:.2f} ms "
                           f"cpu {r.cpu_us:,.0f} µs errors {r.errors}", file=sys.stderr, flush=True)  # fmt: skip
@@ -425,7 +427,11 @@ def main() -> int:
                     ]
                     results = [f.result() for f in futs]
                     n = sum(len(lat) for lat, _ in results)
-                    errs = sum(e for _, e in results)
+                    errs = sum(sum(e.values()) for _, e in results)
+                    for _, e in results:
+                        error_codes.update(
+                            {f"scale {kind} k={k}: {code}": m for code, m in e.items()}
+                        )
                     scale[(kind, k)].append(n / args.seconds)
                     scale_errors[(kind, k)] += errs
                     print(f"# scale {kind} k={k}: {n / args.seconds:,.0f} req/s errors {errs}",
@@ -530,6 +536,12 @@ def main() -> int:
         f"{len(codes)} admissions from 4 concurrent callers while ServerLive and ModelMetadata "
         f"are called {len(live)} times each on another channel. Admission outcomes: {codes_s}.\n\n"
         + "\n".join(hang_rows)
+        + (
+            "\n\nNon-OK answers by status code: "
+            + "; ".join(f"{key}: {m}" for key, m in sorted(error_codes.items()))
+            if error_codes
+            else ""
+        )
         + "\n\nResident memory with and without hardening: bench/bench_memory.py (section "
         '"Memory with hardening (issue 17, item 5)"), not repeated here.\n\nTargets (issue 17):\n\n'
         "| target | wanted | measured | verdict |\n|---|---|---|---|\n"
