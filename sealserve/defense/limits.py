@@ -195,7 +195,9 @@ class LimitsConfig:
     ``peer`` applies to every peer address (counted per address, across accounts).
     ``model`` applies to every model (counted per model, across accounts) unless
     ``models`` has an entry for that model. ``trusted_proxies`` lists the proxies whose
-    forwarded-for header is believed (see :mod:`sealserve.defense.peer`).
+    forwarded-for header is believed (see :mod:`sealserve.defense.peer`). ``lease``:
+    admit requests whose limits are all quota windows from slices leased to this
+    replica for up to ``lease_s`` seconds (:mod:`sealserve.defense.lease`).
     Raises ConfigError for no tiers, an unknown ``default_tier`` or a tier stored under
     another name.
     """
@@ -206,10 +208,14 @@ class LimitsConfig:
     models: Mapping[str, LimitSet] = field(default_factory=dict)
     default_tier: str | None = None
     trusted_proxies: tuple[IPNetwork, ...] = ()
+    lease: bool = False
+    lease_s: float = 1.0
     #: The ``[limits]`` table as written (what the workload manifest records).
     table: Mapping[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     def __post_init__(self) -> None:
+        if not (isinstance(self.lease_s, int | float) and 0 < self.lease_s <= 60):
+            raise ConfigError(f"limits.lease_s must be a number in (0, 60], got {self.lease_s!r}")
         if not self.tiers:
             raise ConfigError("limits.tiers must define at least one tier")
         for name, tier in self.tiers.items():
@@ -249,8 +255,11 @@ class LimitsConfig:
         if not isinstance(data, Mapping):
             raise ConfigError("limits must be a table")
         _known(
-            data, {"tiers", "peer", "model", "models", "default_tier", "trusted_proxies"}, "limits"
-        )
+            data,
+            {"tiers", "peer", "model", "models", "default_tier", "trusted_proxies", "lease",
+             "lease_s"},
+            "limits",
+        )  # fmt: skip
         tiers_raw = data.get("tiers", {})
         if not isinstance(tiers_raw, Mapping):
             raise ConfigError("limits.tiers must be a table of tiers")
@@ -280,6 +289,12 @@ class LimitsConfig:
                 raise ConfigError(
                     f"limits.trusted_proxies: {item!r} is not an IP address or network"
                 ) from None
+        lease = data.get("lease", False)
+        if not isinstance(lease, bool):
+            raise ConfigError(f"limits.lease must be true or false, got {lease!r}")
+        lease_s = data.get("lease_s", 1.0)
+        if isinstance(lease_s, bool) or not isinstance(lease_s, int | float):
+            raise ConfigError(f"limits.lease_s must be a number, got {lease_s!r}")
         return cls(
             tiers=tiers,
             peer=peer,
@@ -287,6 +302,8 @@ class LimitsConfig:
             models=models,
             default_tier=default,
             trusted_proxies=tuple(proxies),
+            lease=lease,
+            lease_s=float(lease_s),
             table=dict(data),
         )
 

@@ -12,6 +12,7 @@ from functools import partial
 from urllib.parse import quote
 
 from sealserve.defense.challenge import Challenges
+from sealserve.defense.lease import LeaseTable
 from sealserve.defense.limits import LimitsConfig, LimitSet, Period, Tier
 from sealserve.defense.status import AccountStatus, Status
 from sealserve.defense.store.base import (
@@ -93,6 +94,10 @@ class QuotaGuard:
         self.config = config
         self.store = store
         self.challenges = challenges
+        #: This replica's quota leases ([limits] lease = true, on a store that has them).
+        self.leases = (
+            LeaseTable(store, lease_s=config.lease_s) if config.lease and store.leases else None
+        )
         # Checks depend only on the config and the request's names: build them once.
         self._memo: dict[tuple[str, str | None, str | None, str | None], tuple[Check, ...]] = {}
 
@@ -182,8 +187,18 @@ class QuotaGuard:
         work, work_error = 0, None
         if challenge and solution is not None and self.challenges is not None:
             work, work_error = self._verify_work(account, challenge, solution, now, batch_size)
-        result = self.store.admit(checks, cost=cost, now=now, account=account, work=work)
+        result = self._leased(checks, cost, now, account, work)
+        if result is None:
+            result = self.store.admit(checks, cost=cost, now=now, account=account, work=work)
         return self._conclude(result, account, work, work_error, now, batch_size)
+
+    def _leased(
+        self, checks: tuple[Check, ...], cost: int, now: float, account: str, work: int
+    ) -> AdmitResult | None:
+        """The admit from this replica's lease (None: admit per call)."""
+        if self.leases is None or work:
+            return None
+        return self.leases.admit(checks, cost=cost, now=now, account=account)
 
     async def admit_async(
         self,
@@ -207,9 +222,15 @@ class QuotaGuard:
             # Consuming the challenge is a store call too (a challenged account only).
             verify = partial(self._verify_work, account, challenge, solution, now, batch_size)
             work, work_error = await self.store.call_async(verify, deadline_s=deadline_s)
-        result = await self.store.admit_async(
-            checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s
-        )
+        result = None
+        if self.leases is not None and not work:
+            result = await self.leases.admit_async(
+                checks, cost=cost, now=now, account=account, deadline_s=deadline_s
+            )
+        if result is None:
+            result = await self.store.admit_async(
+                checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s
+            )
         return self._conclude(result, account, work, work_error, now, batch_size)
 
     def _prepare(
@@ -263,6 +284,12 @@ class QuotaGuard:
             message,
             challenge=self.challenges.issue(account, status.difficulty, now=now, rows=rows),
         )
+
+    def close(self, *, now: float | None = None) -> None:
+        """Give back this replica's unused leases (at shutdown). Raises
+        UnavailableError (the leases then stay counted: capacity lost, never granted)."""
+        if self.leases is not None:
+            self.leases.close(now=time.time() if now is None else now)
 
     def issue_challenge(self, account: str, *, rows: int, now: float | None = None) -> str:
         """A fresh challenge for the account's current difficulty and ``rows`` rows

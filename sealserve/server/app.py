@@ -41,6 +41,7 @@ from sealserve.enclave.hardening import HardeningReport, harden_process
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.tls import TlsIdentity
+from sealserve.errors import UnavailableError
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
@@ -415,6 +416,12 @@ class Server:
         audit = self._audit_log()
         if audit is not None:
             audit.close()
+        quota = self.plane.guard.quota
+        if quota is not None:
+            try:
+                quota.close()  # unused quota leases go back to the store
+            except UnavailableError as exc:
+                log.warning("quota leases not returned (their units stay counted): %s", exc)
         if self.store is not None:
             self.store.close()
         if self.authenticator is not None:

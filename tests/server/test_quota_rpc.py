@@ -133,6 +133,23 @@ def test_exact_across_two_processes_sharing_sqlite(deploy: Any, tmp_path: Path) 
     _exactness(deploy(store=f"sqlite://{tmp_path / 'state.db'}", limits=EXACT_LIMITS))
 
 
+LEASED_LIMITS = "[limits]\nlease = true\nlease_s = 1.0\n" + EXACT_LIMITS
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["sqlite", "redis"])
+def test_exact_across_two_processes_with_leases(
+    deploy: Any, tmp_path: Path, kind: str, request: pytest.FixtureRequest
+) -> None:
+    """The same, with quota leases: most admissions are local to a replica, and still
+    every account gets exactly its quota across both."""
+    if kind == "redis":
+        store = request.getfixturevalue("redis_server").url
+    else:
+        store = f"sqlite://{tmp_path / 'state.db'}"
+    _exactness(deploy(store=store, limits=LEASED_LIMITS))
+
+
 def test_quota_survives_restart_sqlite(deploy: Any, tmp_path: Path) -> None:
     dep = deploy(store="sqlite://state.db", limits="[limits.tiers.t]\nper_day = 3\n")
     target = dep.start()

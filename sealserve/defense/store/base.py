@@ -53,6 +53,10 @@ STATE_SLACK_S = 3600.0
 #: Unix-epoch magnitudes loses ~1e-7 s, which must not refuse a request that is on time.
 #: The shortfall is carried (tokens go slightly negative), so it can never accumulate.
 TOKEN_EPS = 1e-3
+#: A lease takes at most this fraction of what is left of the tightest window, so an
+#: account near its limit gets leases of one request (per-call exactness) and replicas
+#: never hold the last units between them.
+LEASE_FRACTION = 0.25
 
 
 def account_group(account: str) -> str:
@@ -136,11 +140,46 @@ class AdmitResult:
     status: AccountStatus | None = None
 
 
+class StoreBusy(Exception):
+    """Raised by a call made inline on the event loop that would have had to wait: the
+    store did nothing, so the call may safely run again elsewhere."""
+
+
+@dataclass(frozen=True)
+class LeaseAsk:
+    """What a replica asks of :meth:`StateStore.lease`: admit a request of ``cost`` for
+    ``account`` at ``now`` and reserve up to ``want`` units in all (the request's
+    included), recorded as ``lease_id`` for at most ``lease_s`` seconds."""
+
+    cost: int
+    want: int
+    now: float
+    account: str
+    lease_id: str
+    lease_s: float
+
+
+@dataclass(frozen=True)
+class Lease:
+    """Units of an account's quota windows reserved in the store for one replica
+    (:meth:`StateStore.lease`): already counted in every window, so the replica may
+    admit up to ``units`` more requests' cost locally until ``expires_at`` (the lease's
+    end or the first window's end, whichever is first). ``remaining`` is every limit
+    as the store saw it after the reservation."""
+
+    lease_id: str
+    units: int
+    expires_at: float
+    remaining: tuple[Remaining, ...]
+
+
 async def with_deadline(call: Awaitable[T], deadline_s: float) -> T:
     """``await call``, or raise UnavailableError when it takes longer than
     ``deadline_s`` seconds (the call is cancelled where it can be)."""
     try:
-        return await asyncio.wait_for(call, deadline_s)
+        # asyncio.timeout, not wait_for: no task is made per call on the hot path.
+        async with asyncio.timeout(deadline_s):
+            return await call
     except TimeoutError as exc:
         raise UnavailableError(
             f"state store did not answer within {deadline_s:g} s", retry_after=1.0
@@ -166,6 +205,11 @@ class StateStore(ABC):
             self._pool = ThreadPoolExecutor(STORE_THREADS, thread_name_prefix="state-store")
         loop = asyncio.get_running_loop()
         return await with_deadline(loop.run_in_executor(self._pool, fn), deadline_s)
+
+    async def call_soon_async(self, fn: Callable[[], T], *, deadline_s: float) -> T:
+        """:meth:`call_async`, but inline on the event loop when the store can answer
+        without waiting (SQLite: its file is free this instant)."""
+        return await self.call_async(fn, deadline_s=deadline_s)
 
     async def admit_async(
         self,
@@ -234,6 +278,43 @@ class StateStore(ABC):
     @abstractmethod
     def consume_once(self, key: str, *, ttl_s: float) -> bool:
         """True the first time ``key`` is consumed within ``ttl_s`` seconds, else False."""
+
+    #: Whether :meth:`lease` can reserve units (False: every admit is per call).
+    leases: bool = False
+
+    def lease(
+        self, checks: Sequence[Check], ask: LeaseAsk
+    ) -> tuple[AdmitResult | None, Lease | None]:
+        """Admit one request of ``ask.cost`` and reserve up to ``ask.want - ask.cost``
+        more units (at most :data:`LEASE_FRACTION` of what is left) for the caller,
+        atomically.
+
+        Only for checks that are all quota windows (ConfigError otherwise). The lease is
+        recorded under ``ask.lease_id`` so :meth:`return_lease` can give back its unused
+        part exactly once. Returns the admit's result (None when the account's status is
+        not normal: nothing was done, the caller must use :meth:`admit`, which applies
+        statuses) and the lease (None: no spare unit reserved). A store without leases
+        admits per call.
+        """
+        return self.admit(checks, cost=ask.cost, now=ask.now, account=ask.account), None
+
+    async def get_status_async(
+        self, account: str, *, now: float, deadline_s: float
+    ) -> AccountStatus:
+        """:meth:`get_status` awaited within ``deadline_s`` (UnavailableError past it)."""
+        call = partial(self.get_status, account, now=now)
+        return await self.call_soon_async(call, deadline_s=deadline_s)
+
+    async def lease_async(
+        self, checks: Sequence[Check], ask: LeaseAsk, *, deadline_s: float
+    ) -> tuple[AdmitResult | None, Lease | None]:
+        """:meth:`lease` awaited within ``deadline_s`` (UnavailableError past it)."""
+        return await self.call_soon_async(partial(self.lease, checks, ask), deadline_s=deadline_s)
+
+    def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:  # noqa: B027
+        """Give back ``unused`` units of the lease, atomically and at most once: the
+        record is deleted in the same step, so a second return, or a return after the
+        lease record was reset or expired, gives back nothing."""
 
     def close(self) -> None:  # noqa: B027 - optional hook
         """Release connections."""
@@ -375,6 +456,43 @@ def finish(
     )
 
 
+def lease_slots(checks: Sequence[Check], *, cost: int, now: float) -> list[tuple[str, float]]:
+    """:func:`resolve` for a lease: raises ConfigError for a bad cost or a token bucket."""
+    validate_cost(cost)
+    if any(c.period is None for c in checks):
+        raise ConfigError("only quota windows can be leased (token buckets are per call)")
+    return resolve(checks, now)
+
+
+def lease_take(checks: Sequence[Check], levels: Sequence[float], *, cost: int, want: int) -> int:
+    """Units a lease takes from windows at ``levels`` (0: the request does not fit).
+    The Redis lease script mirrors this exactly."""
+    left = min(c.limit - int(lv) for c, lv in zip(checks, levels, strict=True))
+    if left < cost:
+        return 0
+    return max(cost, min(want, math.floor(left * LEASE_FRACTION)))
+
+
+def lease_answer(
+    checks: Sequence[Check],
+    ends: Sequence[float],
+    levels: Sequence[float],
+    ask: LeaseAsk,
+    *,
+    take: int,
+    expires: float,
+) -> tuple[AdmitResult, Lease | None]:
+    """The result of a lease that took ``take`` units (0: refused) from ``levels``."""
+    cost, now, lease_id = ask.cost, ask.now, ask.lease_id
+    zeros = [0.0] * len(checks)
+    result = finish(checks, ends, levels, zeros, cost=cost, now=now, admitted=take > 0,
+                    status=None)  # fmt: skip
+    if take <= cost:
+        return result, None
+    after = peek(checks, ends, levels, zeros, now=now, used=take)
+    return result, Lease(lease_id, take - cost, expires, after)
+
+
 class Txn(Protocol):
     """Primitive operations a transactional backend offers inside one transaction."""
 
@@ -388,7 +506,17 @@ class Txn(Protocol):
         windows: Sequence[tuple[str, int, float]],
     ) -> None: ...
 
-    def delete(self, keys: Sequence[str]) -> None: ...
+    def delete(self, keys: Sequence[str]) -> None:
+        """Delete the state under ``keys`` and every lease recorded on them."""
+
+    def put_lease(
+        self, lease_id: str, windows: Sequence[tuple[str, float]], units: int, expires: float
+    ) -> None:
+        """Record a lease of ``units`` on ``windows`` (key, the window state's expiry);
+        the record is purged after ``expires``."""
+
+    def take_lease(self, lease_id: str) -> tuple[list[tuple[str, float]], int] | None:
+        """Delete the lease's record and return its windows and units (None: none)."""
 
 
 class TransactionalStore(StateStore):
@@ -491,6 +619,43 @@ class TransactionalStore(StateStore):
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
         with self.transaction() as tx:
             tx.delete([k for k, _ in resolve(checks, now)])
+
+    leases = True
+
+    def lease(
+        self, checks: Sequence[Check], ask: LeaseAsk
+    ) -> tuple[AdmitResult | None, Lease | None]:
+        cost, now = ask.cost, ask.now
+        slots = lease_slots(checks, cost=cost, now=now)
+        keys = [k for k, _ in slots]
+        ends = [end for _, end in slots]
+        with self.transaction() as tx:
+            _, windows, raw_status = tx.read([], keys, ask.account)
+            if gate(raw_status, now=now, work=0)[0] is not None:
+                return None, None  # any status but normal: admit per call
+            levels = [float(windows.get(k, 0)) for k in keys]
+            take = lease_take(checks, levels, cost=cost, want=ask.want)
+            expires = min(now + ask.lease_s, *ends)
+            if take:
+                states = [(k, end + STATE_SLACK_S) for k, end in slots]
+                tx.write([], [(k, int(lv) + take, exp)
+                              for (k, exp), lv in zip(states, levels, strict=True)])  # fmt: skip
+                if take > cost:
+                    tx.put_lease(ask.lease_id, states, take - cost, expires + STATE_SLACK_S)
+        return lease_answer(checks, ends, levels, ask, take=take, expires=expires)
+
+    def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:
+        with self.transaction() as tx:
+            record = tx.take_lease(lease_id)
+            if record is None or unused <= 0:
+                return
+            states, units = record
+            give = min(unused, units)
+            _, windows, _ = tx.read([], [k for k, _ in states], None)
+            # Never below zero (a reset in between deleted the record too, so this is
+            # only a guard); each window keeps its own expiry.
+            tx.write([], [(k, max(0, windows[k] - give), exp)
+                          for k, exp in states if k in windows])  # fmt: skip
 
 
 class UnsafeFailOpen(StateStore):

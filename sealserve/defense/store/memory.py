@@ -39,6 +39,19 @@ class _MemoryTxn:
         for key in keys:
             self._s._buckets.pop(key, None)
             self._s._windows.pop(key, None)
+        gone = set(keys)
+        leases = self._s._leases
+        for lease_id in [i for i, (ws, _) in leases.items() if any(k in gone for k, _ in ws)]:
+            del leases[lease_id]
+
+    def put_lease(
+        self, lease_id: str, windows: Sequence[tuple[str, float]], units: int, expires: float
+    ) -> None:
+        # Held until returned (a process's memory store dies with its leases).
+        self._s._leases[lease_id] = (list(windows), units)
+
+    def take_lease(self, lease_id: str) -> tuple[list[tuple[str, float]], int] | None:
+        return self._s._leases.pop(lease_id, None)
 
 
 class MemoryStore(TransactionalStore):
@@ -58,6 +71,7 @@ class MemoryStore(TransactionalStore):
         self._history: dict[str, list[AccountStatus]] = {}
         self._blobs: dict[str, tuple[bytes, float | None]] = {}
         self._once: dict[str, float] = {}
+        self._leases: dict[str, tuple[list[tuple[str, float]], int]] = {}
 
     @contextmanager
     def transaction(self) -> Iterator[Txn]:

@@ -39,6 +39,7 @@ import redis.asyncio.cluster
 from redis.cluster import RedisCluster
 
 from sealserve.defense.status import AccountStatus
+from sealserve.defense.store import redis_lease
 from sealserve.defense.store.base import (
     HISTORY_LIMIT,
     STATE_SLACK_S,
@@ -209,6 +210,9 @@ class RedisStore(StateStore):
         self._async_factory: Callable[[], Any] | None = None
         self._async: tuple[asyncio.AbstractEventLoop, Any, dict[str, Any]] | None = None
         self._timeout_s = 1.0
+        # Leases need scripts that compute keys: a single Redis only.
+        self.leases = not self.cluster
+        self._lscripts: dict[str, Any] | None = None
 
     @classmethod
     def from_url(cls, url: str, *, prefix: str = "sealserve", timeout_s: float = 1.0) -> RedisStore:
@@ -364,6 +368,7 @@ class RedisStore(StateStore):
             scripts = {
                 "admit": client.register_script(ADMIT_LUA),
                 "refund": client.register_script(REFUND_LUA),
+                "lease": client.register_script(redis_lease.LEASE_LUA),
             }
             self._async = (loop, client, scripts)
         return self._async[1], self._async[2]
@@ -454,8 +459,39 @@ class RedisStore(StateStore):
 
     def reset(self, checks: Sequence[Check], *, now: float) -> None:
         keys = [self._k(c.group, k) for c, (k, _) in zip(checks, resolve(checks, now), strict=True)]
+        if self.leases:
+            redis_lease.void(self, keys)
         for key in keys:  # one key per command: keys of several slots on a cluster
             self._call(lambda: self._r.delete(key))  # noqa: B023
+
+    def _lease_scripts(self) -> dict[str, Any]:
+        if self._lscripts is None:
+            self._lscripts = {
+                "lease": self._r.register_script(redis_lease.LEASE_LUA),
+                "return": self._r.register_script(redis_lease.RETURN_LUA),
+                "void": self._r.register_script(redis_lease.VOID_LUA),
+            }
+        return self._lscripts
+
+    lease = redis_lease.take_lease
+    lease_async = redis_lease.take_lease_async
+
+    async def get_status_async(
+        self, account: str, *, now: float, deadline_s: float
+    ) -> AccountStatus:
+        got = await self._async_client()
+        if got is None:
+            return await super().get_status_async(account, now=now, deadline_s=deadline_s)
+        read = self._acall(got[0].hget(self._status_key(account), "json"))
+        raw = await with_deadline(read, deadline_s)
+        status = None if raw is None else AccountStatus.from_json(raw)
+        if status is None or not status.active_at(now):
+            return AccountStatus.normal()
+        return status
+
+    def return_lease(self, lease_id: str, unused: int, *, now: float) -> None:
+        if self.leases:
+            redis_lease.give_back(self, lease_id, unused)
 
     def get_status(self, account: str, *, now: float) -> AccountStatus:
         raw = self._call(lambda: self._r.hget(self._status_key(account), "json"))

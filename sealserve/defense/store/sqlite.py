@@ -12,20 +12,24 @@ import os
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
+from typing import TypeVar
 
 from sealserve.defense.status import AccountStatus
 from sealserve.defense.store.base import (
     HISTORY_LIMIT,
     AdmitResult,
     Check,
+    StoreBusy,
     TransactionalStore,
     Txn,
 )
 from sealserve.errors import UnavailableError
+
+T = TypeVar("T")
 
 SCHEMA_VERSION = 1
 _SCHEMA = """
@@ -39,6 +43,10 @@ CREATE INDEX IF NOT EXISTS history_account ON history (account, id);
 CREATE TABLE IF NOT EXISTS blobs (key TEXT PRIMARY KEY, value BLOB NOT NULL, expires REAL)
     WITHOUT ROWID;
 CREATE TABLE IF NOT EXISTS once (key TEXT PRIMARY KEY, expires REAL NOT NULL) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS leases (id TEXT NOT NULL, key TEXT NOT NULL, state_expires REAL
+    NOT NULL, units INTEGER NOT NULL, expires REAL NOT NULL, PRIMARY KEY (id, key))
+    WITHOUT ROWID;
+CREATE INDEX IF NOT EXISTS leases_key ON leases (key);
 """
 #: Expired rows are purged every this many write transactions of one process.
 PURGE_EVERY = 2000
@@ -90,13 +98,34 @@ class _SqliteTxn:
 
     def delete(self, keys: Sequence[str]) -> None:
         self._c.executemany("DELETE FROM state WHERE key = ?", [(k,) for k in keys])
+        self._c.executemany(
+            "DELETE FROM leases WHERE id IN (SELECT id FROM leases WHERE key = ?)",
+            [(k,) for k in keys],
+        )
+
+    def put_lease(
+        self, lease_id: str, windows: Sequence[tuple[str, float]], units: int, expires: float
+    ) -> None:
+        self._c.executemany(
+            "INSERT OR REPLACE INTO leases (id, key, state_expires, units, expires) "
+            "VALUES (?, ?, ?, ?, ?)",
+            [(lease_id, key, state_exp, units, expires) for key, state_exp in windows],
+        )
+
+    def take_lease(self, lease_id: str) -> tuple[list[tuple[str, float]], int] | None:
+        rows = self._c.execute(
+            "DELETE FROM leases WHERE id = ? RETURNING key, state_expires, units", (lease_id,)
+        ).fetchall()
+        if not rows:
+            return None
+        return [(str(k), float(e)) for k, e, _ in rows], int(rows[0][2])
 
 
 #: Set while an admission runs inline on the event loop: no lock may be waited for.
 _INLINE: ContextVar[bool] = ContextVar("sqlite_inline", default=False)
 
 
-class _Busy(Exception):
+class _Busy(StoreBusy):
     """The file or the connection is held right now (inline attempts only)."""
 
 
@@ -162,6 +191,18 @@ class SqliteStore(TransactionalStore):
             checks, cost=cost, now=now, account=account, work=work, deadline_s=deadline_s
         )
 
+    async def call_soon_async(self, fn: Callable[[], T], *, deadline_s: float) -> T:
+        """Inline while nothing waits (as :meth:`admit_async`), else in a worker thread.
+        ``fn`` must be safe to run again after a _Busy (leases are)."""
+        token = _INLINE.set(True)
+        try:
+            return fn()
+        except _Busy:
+            pass
+        finally:
+            _INLINE.reset(token)
+        return await self.call_async(fn, deadline_s=deadline_s)
+
     @contextmanager
     def _write(self) -> Iterator[sqlite3.Connection]:
         """One ``BEGIN IMMEDIATE`` transaction: the write lock is taken up front, so
@@ -207,18 +248,23 @@ class SqliteStore(TransactionalStore):
 
     @contextmanager
     def _read(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            try:
-                yield self._conn
-            except sqlite3.Error as exc:
-                raise UnavailableError(
-                    f"state store unreachable: sqlite {self.path}: {exc}"
-                ) from exc
+        # Inline, only this process's connection lock could make a read wait (WAL
+        # readers do not wait for writers): never wait for it there.
+        if not self._lock.acquire(blocking=not _INLINE.get()):
+            raise _Busy
+        try:
+            yield self._conn
+        except sqlite3.Error as exc:
+            raise UnavailableError(f"state store unreachable: sqlite {self.path}: {exc}") from exc
+        finally:
+            self._lock.release()
 
     def _purge(self) -> None:
         now = time.time()
         self._conn.execute("DELETE FROM state WHERE expires < ?", (now,))
         self._conn.execute("DELETE FROM once WHERE expires < ?", (now,))
+        # An unreturned lease (its replica died) expires here: its units stay counted.
+        self._conn.execute("DELETE FROM leases WHERE expires < ?", (now,))
         self._conn.execute("DELETE FROM blobs WHERE expires IS NOT NULL AND expires < ?", (now,))
 
     @contextmanager
