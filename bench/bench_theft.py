@@ -205,12 +205,14 @@ def run_profile(
 def _honest(dep: Deployment, target: str, args: argparse.Namespace, evaluation: Evaluation,
             tag: str, n: int | None = None) -> HonestUtility:  # fmt: skip
     """``n`` (default --honest) fresh honest accounts, --honest-queries held-out digits
-    each at 1 request/s."""
+    each at 1 request/s, paying challenges as the SDK does (the cost is measured)."""
     users = [dep.token(f"honest-{tag}-{i:03d}") for i in range(args.honest if n is None else n)]
     honest = honest_utility(target, users, evaluation, per_account=args.honest_queries,
-                            rate=1.0, client_kwargs=PLAIN)  # fmt: skip
-    print(f"[{dep.name}] honest ({tag}): agreement {honest.agreement:.4f}, refused accounts "
-          f"{honest.refused_accounts}/{honest.accounts}", flush=True)  # fmt: skip
+                            rate=1.0, client_kwargs=PLAIN, pay_challenges=True)  # fmt: skip
+    print(f"[{dep.name}] honest ({tag}): agreement {honest.agreement:.4f}, challenged "
+          f"{honest.challenged_accounts} (paid {honest.paid_accounts}, cost "
+          f"{honest.cost_ratio}x), refused accounts {honest.refused_accounts}/"
+          f"{honest.accounts}", flush=True)  # fmt: skip
     return honest
 
 
@@ -431,15 +433,19 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
         "## Honest users",
         "",
         "Each honest account is new and sends held-out digits at 1 request/s (reading "
-        "probabilities). *Before*: before any attack (the steady state); *after*: after "
-        "the attacks of the first table; *after the sybils*: the honest newcomers who "
-        "arrive right after the sybil noise stream (its own deployment). A refused "
-        "account saw a challenge, suspension or limit (with `cohort_detection`, a young "
-        "account that arrives while its tier's cohort is flagged is challenged).",
+        "probabilities) through the SDK, which pays a proof-of-work challenge and retries "
+        "(as a real client does). *Before*: before any attack (the steady state); *after*: "
+        "after the attacks of the first table; *after the sybils*: the honest newcomers who "
+        "arrive right after the sybil noise stream (its own deployment). Challenged: "
+        "accounts that were challenged at least once (paid: those that paid). Cost: the "
+        "challenged accounts' mean wall time per request (challenge, solving, retry) over "
+        "the median unchallenged request of the same row (ms in brackets), then the hashes "
+        "they paid in all. Refused: accounts with a request they could not get answered "
+        "(a paid challenge is not a refusal).",
         "",
         "| deployment | when | accounts | answered | top-1 agreement | mean abs prob error | "
-        "accounts refused |",
-        "|---|---|---:|---:|---:|---:|---:|",
+        "challenged (paid) | cost of the challenged | accounts refused |",
+        "|---|---|---:|---:|---:|---:|---:|---|---:|",
     ]
     verdicts = []
     for p in (und, dfd):
@@ -449,15 +455,22 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
                         ("band marks removed from the profile", p.honest_no_band)):  # fmt: skip
             if h is None:
                 continue
+            cost = ("-" if h.cost_ratio is None else
+                    f"{h.cost_ratio:.2f}x ({h.base_ms:.1f} ms), {h.pow_hashes:,} hashes")  # fmt: skip
+            challenged = f"{h.challenged_accounts} ({h.paid_accounts})" if h.paid else "-"
             out.append(f"| {p.name} | {when} | {h.accounts} | {h.answered}/{h.queries} | "
-                       f"{h.agreement:.4f} | {h.prob_error:.5f} | {h.refused_accounts} |")  # fmt: skip
+                       f"{h.agreement:.4f} | {h.prob_error:.5f} | {challenged} | {cost} | "
+                       f"{h.refused_accounts} |")  # fmt: skip
             if p is dfd:
                 ok = h.agreement >= 0.995 and h.refused_accounts == 0
+                paid = (f", {h.challenged_accounts} challenged and paid"
+                        if h.challenged_accounts else "")  # fmt: skip
                 verdicts.append(f"{when}: **{'met' if ok else 'missed'}** "
-                                f"({h.agreement:.4f}, {h.refused_accounts} refused)")  # fmt: skip
+                                f"({h.agreement:.4f}, {h.refused_accounts} refused{paid})")  # fmt: skip
     out += [
         "",
-        "Target (>= 99.5% agreement and no honest account flagged), defended: "
+        "Target (>= 99.5% agreement and no honest account refused; challenged-and-paid "
+        "is reported above, not hidden), defended: "
         + "; ".join(verdicts)
         + f" (undefended agreement {h_u.agreement:.4f}).",
         "",
@@ -498,9 +511,10 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
             "its own first 5 rows are natural (`cohort_challenge_difficulty`, 9 bits, "
             "~1.7x), noise-like ones at the full difficulty, and the episode ends when "
             "the pooled stream looks natural again (docs/defenses.md, *The aggregate "
-            "view*). The *after the sybils* row counts a newcomer's cheap challenge as a "
-            "refusal, and its clients do not pay challenges, so they never reach the 5 "
-            "rows that graduate them: that row does not measure the episode's end.",
+            "view*). The *after the sybils* row is what an episode costs honest "
+            "newcomers: those that arrive while the cohort is flagged pay the cheap "
+            "challenge (its challenged, paid and cost columns) until their own rows "
+            "graduate them; an account refused there could not get past it.",
         ]
     out += [
         "",

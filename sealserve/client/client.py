@@ -26,9 +26,8 @@ from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.client.attested import ATTESTED_NAME, AttestedEndpoint, attest
 from sealserve.client.codec import decode_response, encode_request
 from sealserve.client.errors import from_rpc_error
-from sealserve.client.quota import QUOTA_KEY, QuotaLeft
+from sealserve.client.quota import QUOTA_KEY, PowPaid, QuotaLeft
 from sealserve.client.rest import RestCalls, RestConnection, pinned_context
-from sealserve.defense.challenge import solve
 from sealserve.errors import ChallengeRequiredError
 
 TokenSource = str | Callable[[], str] | None
@@ -70,7 +69,8 @@ class Client:
     ``root_certificates`` (PEM) pins a certificate without attestation;
     ``unsafe_plaintext=True`` talks without TLS (local experiments only).
     ``token`` is a JWT or a callable returning a current one (see RefreshingToken).
-    ``solve_challenges``: when the server demands proof of work, solve it and retry.
+    ``solve_challenges``: when the server demands proof of work, solve it and retry
+    (``pow_paid`` counts what that cost).
     ``protocol``: "grpc" (default) or "http": ``target`` is then the REST port, the
     evidence comes from ``/v2/sealserve/evidence`` over TLS pinned to the certificate
     it binds, and ``model_metadata`` returns the JSON document (a dict).
@@ -98,6 +98,7 @@ class Client:
                 server_hostname=server_hostname,
             )  # fmt: skip
             self._rest = RestCalls(connection, token=token, solve_challenges=solve_challenges)
+            self.pow_paid = self._rest.pow_paid
             self._token = token
             self._timeout = timeout
             return
@@ -116,6 +117,7 @@ class Client:
         self._token = token
         self._timeout = timeout
         self.solve_challenges = solve_challenges
+        self.pow_paid = PowPaid()
         self._quota: QuotaLeft | None = None
 
     @property
@@ -146,7 +148,7 @@ class Client:
             error = from_rpc_error(exc)
             if self.solve_challenges and not extra and _payable(error):
                 # The server wants proof of work with each call: pay it and retry once.
-                answer = solve(error.challenge)
+                answer = self.pow_paid.pay(error.challenge)
                 return self._call(
                     method,
                     request,
@@ -236,6 +238,7 @@ class AsyncClient:
         self.attestation: AttestedEndpoint | None = None
         self._lock = asyncio.Lock()
         self.solve_challenges = solve_challenges
+        self.pow_paid = PowPaid()
         self.quota: QuotaLeft | None = None
 
     async def connect(self) -> None:
@@ -274,7 +277,7 @@ class AsyncClient:
             error = from_rpc_error(exc)
             if self.solve_challenges and not extra and _payable(error):
                 loop = asyncio.get_running_loop()
-                answer = await loop.run_in_executor(None, solve, error.challenge)
+                answer = await loop.run_in_executor(None, self.pow_paid.pay, error.challenge)
                 return await self._call(method, request, _pow_metadata(error.challenge, answer))
             raise error from exc
         for key, value in await call.trailing_metadata() or ():

@@ -7,8 +7,11 @@ applies to the call.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from sealserve.defense.challenge import solve
 
 QUOTA_KEY = "sealserve-quota-remaining"
 
@@ -38,3 +41,22 @@ class QuotaLeft:
 
     def __str__(self) -> str:
         return ",".join(f"{n}={left}/{limit}" for n, (left, limit) in self.windows.items())
+
+
+@dataclass
+class PowPaid:
+    """The proof of work a client paid when the server challenged it (its
+    ``pow_paid``): challenges solved, hashes tried and seconds spent solving."""
+
+    challenges: int = 0
+    hashes: int = 0
+    seconds: float = 0.0
+
+    def pay(self, challenge: str) -> str:
+        """Solve ``challenge`` (:func:`~sealserve.defense.challenge.solve`) and count it."""
+        t0 = time.perf_counter()
+        answer = solve(challenge)
+        self.seconds += time.perf_counter() - t0
+        self.challenges += 1
+        self.hashes += int(answer) + 1  # solve tries the counters 0, 1, ... in order
+        return answer

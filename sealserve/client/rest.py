@@ -20,8 +20,7 @@ from urllib.parse import quote as urlquote
 
 import numpy as np
 
-from sealserve.client.quota import QUOTA_KEY, QuotaLeft
-from sealserve.defense.challenge import solve
+from sealserve.client.quota import QUOTA_KEY, PowPaid, QuotaLeft
 from sealserve.errors import (
     AuthenticationError,
     ChallengeRequiredError,
@@ -260,6 +259,7 @@ class RestCalls:
         self._conn = connection
         self._token = token
         self.solve_challenges = solve_challenges
+        self.pow_paid = PowPaid()
         self.quota: QuotaLeft | None = None
 
     def _headers(self, extra: Mapping[str, str]) -> dict[str, str]:
@@ -286,7 +286,7 @@ class RestCalls:
             ):
                 # The server wants proof of work with each call: pay it and retry once.
                 extra["sealserve-pow-challenge"] = error.challenge
-                extra["sealserve-pow-solution"] = solve(error.challenge)
+                extra["sealserve-pow-solution"] = self.pow_paid.pay(error.challenge)
                 status, got, data = self._conn.request(
                     method, path, body=body, headers=self._headers(extra)
                 )

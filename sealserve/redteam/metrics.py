@@ -272,7 +272,12 @@ def account_status(
 @dataclass
 class HonestUtility:
     """What honest users got: agreement of their top-1 with the unperturbed model,
-    mean absolute probability error, and how many accounts saw any refusal."""
+    mean absolute probability error, and how many accounts saw a refusal they could
+    not get past (``refused_accounts``). With ``pay_challenges`` a challenge is paid
+    the way the SDK pays it and is not a refusal: ``challenged_accounts`` saw one,
+    ``paid_accounts`` paid (``pow_hashes``, ``pow_seconds`` in all), and
+    ``cost_ratio`` is the challenged accounts' mean wall time per request over the
+    median time of an unchallenged request (``base_ms``); None when none was."""
 
     accounts: int
     queries: int
@@ -281,6 +286,13 @@ class HonestUtility:
     prob_error: float
     refused_accounts: int
     refusals: dict[str, int]
+    challenged_accounts: int = 0
+    paid_accounts: int = 0
+    pow_hashes: int = 0
+    pow_seconds: float = 0.0
+    cost_ratio: float | None = None
+    base_ms: float | None = None
+    paid: bool = False
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2)
@@ -297,40 +309,60 @@ def honest_utility(
     input_name: str = "input",
     client_kwargs: dict[str, Any] | None = None,
     seed: int = 0,
+    pay_challenges: bool = False,
 ) -> HonestUtility:
     """Every token is an honest user sending ``per_account`` held-out inputs at
     ``rate`` requests per second (all users at once). Refusals are counted, not
-    retried (an honest user who is refused has lost utility)."""
+    retried (an honest user who is refused has lost utility). ``pay_challenges``:
+    the client pays proof of work as the SDK does by default (and the cost is
+    measured); otherwise a challenge is a refusal (seen rather than paid silently)."""
     rng = np.random.default_rng(seed)
     refusals: dict[str, int] = {}
-    refused_accounts = 0
+    refused_accounts = challenged_accounts = paid_accounts = pow_hashes = 0
+    pow_seconds = 0.0
     got: list[tuple[int, np.ndarray]] = []
+    plain_s: list[float] = []  # wall time of each request answered without a challenge
+    per_user: list[list[float]] = []  # each challenged account's request wall times
 
     async def user(token: str | None) -> None:
-        nonlocal refused_accounts
-        refused = False
+        nonlocal refused_accounts, challenged_accounts, paid_accounts, pow_hashes, pow_seconds
+        refused = challenged = False
+        times: list[float] = []
         rows = rng.choice(len(evaluation.x), per_account, replace=False)
-        # A challenge is a flag: see it rather than pay it silently.
-        client = AsyncClient(target, token=token, solve_challenges=False, **(client_kwargs or {}))
+        client = AsyncClient(
+            target, token=token, solve_challenges=pay_challenges, **(client_kwargs or {})
+        )
         try:
             # Stagger starts so users do not arrive in lockstep.
             await asyncio.sleep(float(rng.uniform(0, 1.0 / rate)))
             for i in rows:
                 t0 = time.monotonic()
+                paid_before = client.pow_paid.challenges
                 try:
                     out = await client.infer(model, {input_name: evaluation.x[i : i + 1]})
                     got.append((int(i), np.asarray(out["probabilities"], np.float64)[0]))
+                    if client.pow_paid.challenges == paid_before:
+                        plain_s.append(time.monotonic() - t0)
                 except (RefusedError, ChallengeRequiredError) as exc:
                     refused = True
+                    challenged |= isinstance(exc, ChallengeRequiredError)
                     key = type(exc).__name__
                     refusals[key] = refusals.get(key, 0) + 1
                 except SealserveError as exc:
                     key = type(exc).__name__
                     refusals[key] = refusals.get(key, 0) + 1
+                challenged |= client.pow_paid.challenges > paid_before
+                times.append(time.monotonic() - t0)
                 await asyncio.sleep(max(0.0, 1.0 / rate - (time.monotonic() - t0)))
         finally:
             await client.close()
         refused_accounts += refused
+        challenged_accounts += challenged
+        paid_accounts += client.pow_paid.challenges > 0
+        pow_hashes += client.pow_paid.hashes
+        pow_seconds += client.pow_paid.seconds
+        if challenged:
+            per_user.append(times)
 
     async def main() -> None:
         await asyncio.gather(*(user(t) for t in tokens))
@@ -343,6 +375,12 @@ def honest_utility(
         error = float(np.mean(np.abs(probs - evaluation.truth_probs[idx])))
     else:
         agreement, error = 0.0, float("nan")
+    base = float(np.median(plain_s)) if plain_s else None
+    ratio = (
+        float(np.mean([np.mean(t) / base for t in per_user if t]))
+        if base and any(per_user)
+        else None
+    )
     return HonestUtility(
         accounts=len(tokens),
         queries=len(tokens) * per_account,
@@ -351,4 +389,11 @@ def honest_utility(
         prob_error=error,
         refused_accounts=refused_accounts,
         refusals=refusals,
+        challenged_accounts=challenged_accounts,
+        paid_accounts=paid_accounts,
+        pow_hashes=pow_hashes,
+        pow_seconds=round(pow_seconds, 4),
+        cost_ratio=None if ratio is None else round(ratio, 3),
+        base_ms=None if base is None else round(base * 1000, 3),
+        paid=pay_challenges,
     )

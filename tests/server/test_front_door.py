@@ -373,3 +373,31 @@ def test_a_reserved_account_name_is_refused(
     with _client(running, issuer, "\x00cohort/standard/digits") as c:
         with pytest.raises(PermissionDeniedError, match="may not start with a NUL"):
             c.infer("digits", {"input": x[:1]})
+
+
+def test_honest_newcomers_who_pay_challenges_are_answered_and_the_cost_is_measured(
+    start_server: Any, tmp_path: Path, sim_root: Path
+) -> None:
+    # The theft bench's honest users (bench/THEFT.md): right after the sybil stream,
+    # newcomers that do not pay challenges are refused; newcomers that pay them as the
+    # SDK does are all answered, and what they paid is reported, not hidden.
+    from sealserve.redteam.metrics import Evaluation, honest_utility
+
+    running, issuer, _ = _flooded(start_server, tmp_path, sim_root, np.random.default_rng(23))
+
+    def tokens(tag: str, n: int) -> list[str | None]:
+        return [issuer.issue(f"{tag}-{i}", tier="standard", scopes=["infer"],
+                             tos_version=TOS, ttl=600) for i in range(n)]  # fmt: skip
+
+    plain = {"unsafe_plaintext": True}
+    ev = Evaluation.demo()
+    unpaid = honest_utility(running.target, tokens("unpaid", 5), ev, per_account=3, rate=20,
+                            client_kwargs=plain)  # fmt: skip
+    assert unpaid.refused_accounts == unpaid.challenged_accounts > 0
+    assert unpaid.paid_accounts == 0 and unpaid.pow_hashes == 0
+    paid = honest_utility(running.target, tokens("paid", 10), ev, per_account=6, rate=20,
+                          client_kwargs=plain, pay_challenges=True)  # fmt: skip
+    assert paid.answered == paid.queries == 60 and paid.refused_accounts == 0
+    assert paid.challenged_accounts == paid.paid_accounts > 0
+    assert paid.pow_hashes >= paid.paid_accounts and paid.pow_seconds > 0
+    assert paid.cost_ratio is not None and paid.cost_ratio > 1.0 and paid.base_ms
