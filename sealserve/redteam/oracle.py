@@ -32,6 +32,7 @@ from sealserve.errors import (
     ChallengeRequiredError,
     PermissionDeniedError,
     RateLimitedError,
+    SealserveError,
     SuspendedError,
     UnavailableError,
 )
@@ -391,6 +392,11 @@ class RemoteOracle:
                 if failures > self.config.unavailable_retries:
                     return None
                 await asyncio.sleep(0.1 * 2**failures)
+                continue
+            except SealserveError as exc:  # any other answer: the account stops, recorded
+                slot.account.refused["error"] += len(rows)
+                self._event("error", slot, f"{type(exc).__name__}: {exc}"[:200])
+                self._retire(slot, f"unexpected {type(exc).__name__}")
                 continue
             slot.account.admitted += len(rows)
             return np.asarray(out["probabilities"], np.float64).reshape(len(rows), -1)

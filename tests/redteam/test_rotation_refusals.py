@@ -120,3 +120,25 @@ def test_challenge_is_seen_then_paid_and_suspension_drops_the_account(deployment
     assert spread.admitted_per_account == {"puzzled": 20, "banned": 0}
     assert spread.ledger["accounts"]["banned"]["dropped"] == "suspended or denied"
     assert spread.first_suspension is not None
+
+
+def test_an_unexpected_refusal_retires_the_account_not_the_attack(deployment: Any) -> None:
+    """A refusal the oracle has no rule for (here UNAUTHENTICATED: a bad token) is
+    counted and retires that account; the others go on (before: the attack crashed)."""
+    import numpy as np
+
+    dep = deployment("[limits.tiers.t]\nper_day = 100000\n")
+    target = dep.start()
+    accounts = [Account("forged", "e30.e30.AAAA"), Account("ok", dep.token("ok"))]
+    oracle = RemoteOracle(
+        target, accounts, budget=20, client_kwargs=PLAIN,
+        config=OracleConfig(concurrency=2, time_limit=60),
+    )  # fmt: skip
+    try:
+        got = oracle.query(np.repeat(X0["input"], 40, axis=0))
+    finally:
+        oracle.close()
+    acct = oracle.ledger.accounts
+    assert int(got.admitted.sum()) == 20 == acct["ok"].admitted
+    assert acct["forged"].admitted == 0 and acct["forged"].refused["error"] > 0
+    assert acct["forged"].dropped == "unexpected AuthenticationError"
