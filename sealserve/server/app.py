@@ -468,15 +468,19 @@ class Server:
         if self.authenticator is not None:
             self.authenticator.close()
 
-    def write_ready_file(self, path: Path) -> None:
-        """Write {host, port, tls certificate} for local tools and tests (no secrets)."""
-        data = {
+    def write_ready_file(self, path: Path, *, workers: list[int] | None = None) -> None:
+        """Write {host, port, tls certificate, pid} for local tools and tests (no
+        secrets); with worker processes, ``pid`` is their parent's and ``workers`` their
+        pids."""
+        data: dict[str, object] = {
             "host": self.settings.host,
             "port": self.port,
             "rest_port": self.rest_port or None,
             "tls_cert_pem": self.tls.cert_pem.decode() if self.tls else None,
             "pid": os.getpid(),
         }
+        if workers is not None:
+            data["workers"] = workers
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(path)
@@ -493,6 +497,11 @@ async def serve(settings: Settings, *, ready_file: Path | None = None) -> None:
     await server.start()
     if ready_file is not None:
         server.write_ready_file(ready_file)
+    await run_until_stopped(server)
+
+
+async def run_until_stopped(server: Server) -> None:
+    """Serve until SIGINT/SIGTERM or the server ends, then stop gracefully."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
