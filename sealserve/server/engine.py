@@ -13,7 +13,6 @@ import statistics
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-
 from typing import TYPE_CHECKING
 
 import numpy as np

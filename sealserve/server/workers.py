@@ -41,6 +41,7 @@ from sealserve.enclave.hardening import harden_process
 from sealserve.errors import ConfigError
 from sealserve.server.app import Server, run_until_stopped
 from sealserve.server.settings import Settings
+from sealserve.server.startup import check_store
 
 log = logging.getLogger("sealserve.server")
 
@@ -131,6 +132,7 @@ class WorkerGroup:
         self.server = Server(self.settings, hardening=report)
         self.server.prepare()
         self.server.before_fork()
+        check_store(self.settings)  # one error line here, not one per worker
         log.info("workers: %d processes on %s:%d", self.count, s.host, port)
 
     def _reserve(self, key: str, host: str, port: int) -> int:
