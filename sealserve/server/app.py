@@ -42,7 +42,7 @@ from sealserve.enclave.hardening import HardeningReport, harden_process
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.tls import TlsIdentity
-from sealserve.errors import UnavailableError
+from sealserve.errors import ConfigError, UnavailableError
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
@@ -154,12 +154,19 @@ class Server:
         self.prepare()
         return await self.start_prepared()
 
-    def prepare(self) -> None:
+    def prepare(self, *, fork: bool = False) -> None:
         """The first half of the one order: the attested identity (authenticator,
         measured repository, platform, TLS key, sealed defense secrets, manifest, the
         key-release key). It creates no gRPC object, store connection or onnxruntime
         session, and its only threads are the authenticator's key refreshes, which
-        :meth:`before_fork` stops: workers fork after it (server/workers.py)."""
+        :meth:`before_fork` stops: workers fork after it (server/workers.py).
+
+        ``fork``: workers follow, so onnxruntime (which starts threads when imported)
+        is not imported here; each worker checks its runtime record against the
+        manifest's once it has (:meth:`start_prepared`)."""
+        if not fork:
+            # Loaded before the runtime record is measured, like every module that runs.
+            import onnxruntime  # noqa: F401
         self.authenticator = self._start_authenticator()
         self._entries, self._measured = self._scan()
         code = code_digest()
@@ -195,6 +202,8 @@ class Server:
         guard and store, data plane, services, ports, models loaded, serving."""
         entries, measured, defense = self._entries, self._measured, self.settings.defense
         assert entries is not None, "prepare() first"
+        if self.worker is not None:
+            self._check_runtime()
         guard, self.store = open_guard(self.settings, defense)
         self.plane = DataPlane(
             self.engine, server_name=self.settings.server_name,
@@ -208,6 +217,23 @@ class Server:
                  else f"TLS, spki sha256 {self.tls.spki_sha256}",
                  "" if self.worker is None else f", worker {self.worker}")  # fmt: skip
         return self.port
+
+    def _check_runtime(self) -> None:
+        """In a worker, with onnxruntime now imported: this process's runtime record must
+        be the one the parent measured into the manifest (a modified module file the
+        parent had not loaded would otherwise run unattested). Raises ConfigError."""
+        import onnxruntime  # noqa: F401
+
+        s = self.settings
+        record = runtime_json(s, real_platform=is_real_platform(self.platform))
+        if record != self.manifest.runtime:
+            changed = sorted(k for k in record if record[k] != self.manifest.runtime.get(k))
+            raise ConfigError(
+                f"worker {self.worker}: the runtime record differs from the attested "
+                f"manifest's in {', '.join(changed)}",
+                remedy="Run the server from an unmodified installation (sealserve measure "
+                "shows the record), or with workers = 1.",
+            )
 
     def _start_authenticator(self) -> Authenticator | None:
         """The bearer-token verifier, its keys fetched (None: unsafe_disable_auth)."""

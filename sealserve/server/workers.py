@@ -130,7 +130,7 @@ class WorkerGroup:
         self.settings = s.model_copy(update=update)
         report = harden_process() if s.harden_process else None
         self.server = Server(self.settings, hardening=report)
-        self.server.prepare()
+        self.server.prepare(fork=True)
         self.server.before_fork()
         check_store(self.settings)  # one error line here, not one per worker
         log.info("workers: %d processes on %s:%d", self.count, s.host, port)

@@ -229,3 +229,25 @@ def test_the_fork_point_has_no_threads_and_no_onnxruntime() -> None:
         "cannot fork workers: onnxruntime is already imported",
         "cannot fork workers: other threads are running (MainThread, Thread-1 (wait))",
     ], out.stdout + out.stderr
+
+
+def test_a_worker_whose_runtime_differs_from_the_manifest_refuses(sim_root: Path) -> None:
+    import dataclasses
+
+    from sealserve import demo
+    from sealserve.server.app import Server
+
+    settings = Settings.load(
+        None, port=0, unsafe_disable_auth=True, harden_process=False,
+        model_repository=demo.repository(), attestation_platform="simulated",
+        simulated_platform_dir=sim_root,
+    )  # fmt: skip
+    server = Server(settings)
+    server.prepare(fork=True)
+    server.worker = 1
+    server._check_runtime()  # the same installation: the same record
+    runtime = {**server.manifest.runtime, "foreign_modules": {"evil": "00" * 32}}
+    server.manifest = dataclasses.replace(server.manifest, runtime=runtime)
+    with pytest.raises(ConfigError, match="worker 1: the runtime record differs from the "
+                       "attested manifest's in foreign_modules"):  # fmt: skip
+        server._check_runtime()
