@@ -11,6 +11,9 @@ order) and/or ``worker-K/`` directories of them (a server with ``workers = N``: 
 per worker, each verified on its own; ``report`` reads them as one log).
 KEY is a file (PEM, raw 32 bytes or hex) or 64 hex characters. HEAD is a
 file written by ``audit head`` (or a head's JSON) or ``SEQ:HASH``.
+
+Over 400 lines: one subcommand's three actions (verify over every chain, head, report
+with its HTML page and plots).
 """
 
 from __future__ import annotations
