@@ -152,6 +152,19 @@ def test_workers_share_one_port_one_identity_and_log_per_worker(
     assert verify.returncode == 0, verify.stdout + verify.stderr
     assert "2 chains (one per worker): OK" in verify.stdout
     assert verify.stdout.count("audit log OK") == 2
+    # A record changed in one worker's chain fails the whole log, naming that chain.
+    last = chains(audit)[1][-1]
+    lines = last.read_bytes().splitlines(keepends=True)
+    lines[1] = lines[1].replace(b'"kind"', b'"kinD"', 1)
+    last.write_bytes(b"".join(lines))
+    tampered = subprocess.run(
+        sealserve_cmd("audit", "verify", str(audit), "--public-key",
+                      str(tmp_path / "state" / "audit-public.pem")),
+        env=sealserve_env(), capture_output=True, text=True, timeout=120, check=False,
+    )  # fmt: skip
+    assert tampered.returncode == 1, tampered.stdout + tampered.stderr
+    assert "2 chains (one per worker): FAILED" in tampered.stdout
+    assert f"first bad record: {last}:2:" in tampered.stdout
     # One sealed ledger per worker, read as one.
     state = tmp_path / "state"
     assert (state / "watermark-ledger-worker-1").is_file()
