@@ -112,6 +112,14 @@ class DefenseConfig(BaseModel):
         description="A request of at least this many rows is scored before it is "
         "answered (off the event loop); one that trips challenge or suspension is refused.",
     )
+    detector_state_flush_s: float = Field(
+        default=1.0,
+        gt=0,
+        le=60,
+        description="Detectors keep each account's state in process and write what "
+        "changed to the state store this often (a crash loses at most this much "
+        "detector evidence; statuses are written at once).",
+    )
     ledger_save_interval_s: float = Field(
         default=2.0,
         gt=0,

@@ -478,6 +478,9 @@ class Server:
         await self.health.enter_graceful_shutdown()
         await self._stop_ports(grace)
         self.engine.close()
+        output = self.plane.guard.output
+        if output is not None:
+            output.close()  # detectors' state still in process goes to the store
         if self.defense_secrets is not None:
             self.defense_secrets.close()  # the last ledger save is recorded in the log
         audit = self._audit_log()

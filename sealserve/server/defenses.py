@@ -40,6 +40,7 @@ from sealserve.defense.detect import (
     VolumeConfig,
     VolumeDetector,
 )
+from sealserve.defense.detect.cache import StateCache
 from sealserve.defense.detect.state import BlobStore, MemoryBlobStore
 from sealserve.defense.escalation import ResponsePolicy
 from sealserve.defense.outputs import OutputSpec
@@ -255,9 +256,12 @@ def build_defenses(
     Raises ConfigError naming the model and key for anything that cannot apply.
     """
     root, ledger = secrets.root_key, secrets.ledger
-    blobs: BlobStore = store if store is not None else MemoryBlobStore()
+    shared: BlobStore = store if store is not None else MemoryBlobStore()
     if store is None:
         log.warning("detector state is per-process (no state store configured)")
+    # Detector state is held in process and written behind (defense/detect/cache.py);
+    # statuses and forgiveness epochs go to the store directly.
+    detector_state = StateCache(shared, flush_s=cfg.detector_state_flush_s)
     models: dict[str, ModelDefense] = {}
     for name, mc in cfg.models.items():
         try:
@@ -294,7 +298,7 @@ def build_defenses(
             profiles[tier] = profile.bind(key=key, ledger=ledger)
         suite = None
         if mc.detection:
-            suite = _suite(mc, name, n_features, spec.num_classes, blobs, loaded)
+            suite = _suite(mc, name, n_features, spec.num_classes, detector_state, loaded)
         only = info.inputs[0].name if len(info.inputs) == 1 else ""
         models[name] = ModelDefense(
             model=name,
@@ -323,7 +327,7 @@ def build_defenses(
     )  # fmt: skip
     return OutputDefenses(
         models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked,
-        blobs=blobs,
+        blobs=shared, detector_state=detector_state,
     )  # fmt: skip
 
 

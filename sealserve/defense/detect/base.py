@@ -10,6 +10,7 @@ NaN/inf, or a label out of range is ignored (state unchanged) and the score says
 from __future__ import annotations
 
 import math
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -21,6 +22,8 @@ import numpy.typing as npt
 from sealserve.errors import ConfigError
 
 FloatArray = npt.NDArray[np.float64]
+
+_LOCK_STRIPES = 64
 
 
 @dataclass(frozen=True, slots=True)
@@ -119,6 +122,9 @@ class DetectorSuite:
         names = [d.name for d in detectors]
         require(len(set(names)) == len(names), f"duplicate detector names in {names}")
         self.detectors = tuple(detectors)
+        # Detector state may be held in process (detect/cache.py) and updated in place:
+        # one account's rows are observed one request at a time.
+        self._locks = tuple(threading.Lock() for _ in range(_LOCK_STRIPES))
 
     def observe(self, account: str, model: str, x: object, label: object) -> SuiteResult:
         """Observe a query now; see :meth:`observe_at_time`."""
@@ -128,6 +134,7 @@ class DetectorSuite:
         self, account: str, model: str, x: object, label: object, *, now: float
     ) -> SuiteResult:
         """Feed the query to every detector. Raises ``UnavailableError`` on store failure."""
-        return SuiteResult(
-            tuple(d.observe_at_time(account, model, x, label, now=now) for d in self.detectors)
-        )
+        with self._locks[hash(account) % _LOCK_STRIPES]:
+            return SuiteResult(
+                tuple(d.observe_at_time(account, model, x, label, now=now) for d in self.detectors)
+            )

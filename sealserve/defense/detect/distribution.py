@@ -35,8 +35,9 @@ import numpy.typing as npt
 from scipy import stats
 
 from sealserve.defense.detect.base import DetectorScore, coerce_query, require
+from sealserve.defense.detect.cache import load_state, save_state
 from sealserve.defense.detect.prada import _from_mapping
-from sealserve.defense.detect.state import BlobStore, pack_arrays, state_key, unpack_arrays
+from sealserve.defense.detect.state import BlobStore, state_key
 from sealserve.errors import ConfigError, UnavailableError
 
 _KIND = 3
@@ -249,22 +250,19 @@ class DistributionDetector:
         counters[2] += is_out  # outliers in the window, kept running
         counters[0] += 1
         counters[1] = (pos + 1) % cfg.window
-        self.store.put_blob(
-            key, pack_arrays(_KIND, [counters, outl, bins, counts]), ttl_s=cfg.ttl_s
-        )
+        save_state(self.store, key, _KIND, [counters, outl, bins, counts], ttl_s=cfg.ttl_s)
         return self._score(counters, outl, counts, note="")
 
     def _load(self, key: str) -> list[npt.NDArray[Any]]:
         cfg = self.config
-        blob = self.store.get_blob(key)
-        if blob is None:
+        arrays = load_state(self.store, key, _KIND)
+        if arrays is None:
             return [
                 np.zeros(3, np.int64),  # seen, ring position, outliers in window
                 np.zeros(cfg.window, np.uint8),
                 np.zeros((cfg.window, cfg.n_features), np.uint8),
                 np.zeros((cfg.n_features, cfg.bins), np.uint16),
             ]
-        arrays = unpack_arrays(blob, _KIND, key=key)
         if (
             len(arrays) != 4
             or arrays[0].shape != (3,)

@@ -49,7 +49,8 @@ import numpy.typing as npt
 from scipy import stats
 
 from sealserve.defense.detect.base import DetectorScore, coerce_query, require
-from sealserve.defense.detect.state import BlobStore, pack_arrays, state_key, unpack_arrays
+from sealserve.defense.detect.cache import load_state, save_state
+from sealserve.defense.detect.state import BlobStore, state_key
 
 _KIND_HEADER = 1
 _KIND_CLASS = 2
@@ -155,18 +156,14 @@ class PradaDetector:
             return self._score(last, counters, note="input ignored: values overflow float16")
         x16 = vec.astype(np.float16)
         ckey = f"{key}/{c}"
-        blob = self.store.get_blob(ckey)
-        members = (
-            np.empty((0, cfg.n_features), np.float16)
-            if blob is None
-            else unpack_arrays(blob, _KIND_CLASS, key=ckey)[0]
-        )
+        stored = load_state(self.store, ckey, _KIND_CLASS)
+        members = np.empty((0, cfg.n_features), np.float16) if stored is None else stored[0]
         counters[_SEEN] += 1
         if members.shape[0] == 0:
             # 1. the first query of a class starts its growing set.
             members = x16[None, :]
             added[c] += 1
-            self.store.put_blob(ckey, pack_arrays(_KIND_CLASS, [members]), ttl_s=cfg.ttl_s)
+            save_state(self.store, ckey, _KIND_CLASS, [members], ttl_s=cfg.ttl_s)
         else:
             # 2. minimum distance to the class's growing set (in float16-rounded space,
             # so an exact repeat is exactly 0).
@@ -196,7 +193,7 @@ class PradaDetector:
                     j = random.randrange(int(added[c]))  # reservoir sampling
                     if j < self._cap:
                         members[j] = x16
-                self.store.put_blob(ckey, pack_arrays(_KIND_CLASS, [members]), ttl_s=cfg.ttl_s)
+                save_state(self.store, ckey, _KIND_CLASS, [members], ttl_s=cfg.ttl_s)
         # 4. Shapiro-Wilk on the (trimmed) distance set.
         n_valid = int(min(counters[_ND], cfg.max_distances))
         due = counters[_SINCE] >= cfg.test_every or last[-1] < 0
@@ -204,18 +201,17 @@ class PradaDetector:
             last[:-1] = last[1:]
             last[-1] = _shapiro_w(ring[:n_valid])
             counters[_SINCE] = 0
-        self.store.put_blob(key, pack_arrays(_KIND_HEADER, [meta, ring]), ttl_s=cfg.ttl_s)
+        save_state(self.store, key, _KIND_HEADER, [meta, ring], ttl_s=cfg.ttl_s)
         return self._score(last, counters, note="")
 
     def _load_header(self, key: str) -> list[npt.NDArray[Any]]:
         cfg = self.config
-        blob = self.store.get_blob(key)
+        arrays = load_state(self.store, key, _KIND_HEADER)
         size = 5 + cfg.confirm_tests + 5 * cfg.n_classes
-        if blob is None:
+        if arrays is None:
             meta = np.zeros(size, np.float64)
             meta[5 : 5 + cfg.confirm_tests] = -1.0  # no W yet
             return [meta, np.zeros(cfg.max_distances, np.float32)]
-        arrays = unpack_arrays(blob, _KIND_HEADER, key=key)
         if (
             len(arrays) != 2
             or arrays[0].shape != (size,)

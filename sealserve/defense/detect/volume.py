@@ -20,8 +20,9 @@ import numpy as np
 import numpy.typing as npt
 
 from sealserve.defense.detect.base import DetectorScore, require
+from sealserve.defense.detect.cache import load_state, save_state
 from sealserve.defense.detect.prada import _from_mapping
-from sealserve.defense.detect.state import BlobStore, pack_arrays, state_key, unpack_arrays
+from sealserve.defense.detect.state import BlobStore, state_key
 from sealserve.errors import UnavailableError
 
 _KIND = 4
@@ -80,18 +81,18 @@ class VolumeDetector:
         """Count one request at ``now``. The input is not inspected (any input counts)."""
         cfg = self.config
         key = state_key("volume", model, account)
-        blob = self.store.get_blob(key)
-        if blob is None:
+        state = load_state(self.store, key, _KIND)
+        if state is None:
             # [total, slot index of the newest bucket]
             meta: npt.NDArray[Any] = np.zeros(2, np.int64)
             counts: npt.NDArray[Any] = np.zeros(cfg.buckets, np.int64)
         else:
-            meta, counts = unpack_arrays(blob, _KIND, key=key)
+            meta, counts = state
             if counts.shape != (cfg.buckets,):
                 raise UnavailableError(f"detector state under {key!r} has another configuration")
         slot = int(now // self._slot_s)
         age = slot - int(meta[1])
-        if age >= cfg.buckets or blob is None:
+        if age >= cfg.buckets or state is None:
             counts[:] = 0
         elif age > 0:
             for s in range(int(meta[1]) + 1, slot + 1):
@@ -100,7 +101,7 @@ class VolumeDetector:
         if age > -cfg.buckets:  # a late report from another replica still counts if recent
             counts[slot % cfg.buckets] += 1
         meta[0] += 1
-        self.store.put_blob(key, pack_arrays(_KIND, [meta, counts]), ttl_s=cfg.ttl_s)
+        save_state(self.store, key, _KIND, [meta, counts], ttl_s=cfg.ttl_s)
         recent, total = int(counts.sum()), int(meta[0])
         s_rate = _ramp(recent, cfg.normal_per_window, cfg.burst_per_window)
         s_total = _ramp(total, cfg.normal_total, cfg.flag_total)

@@ -27,6 +27,7 @@ import numpy as np
 from sealserve.defense.audit.log import AuditLog, digest_array
 from sealserve.defense.detect import DetectorSuite
 from sealserve.defense.detect.base import SuiteResult
+from sealserve.defense.detect.cache import StateCache
 from sealserve.defense.detect.state import BlobStore
 from sealserve.defense.escalation import (
     DEFAULT_BATCH_ROWS,
@@ -50,6 +51,10 @@ from sealserve.errors import ChallengeRequiredError, InputError, SuspendedError
 log = logging.getLogger("sealserve.defense")
 
 DETECTOR = "detector"
+EPOCH_HOLD_S = 1.0
+"""How long a process uses a forgiveness epoch it read before reading it again."""
+_EPOCHS_HELD = 65536
+
 FORGIVEN = "forgiven"
 """The reason an operator's forgiveness starts with (detection state cleared)."""
 
@@ -144,10 +149,13 @@ class OutputDefenses:
         clock: Callable[[], float] = time.time,
         on_marked: Callable[[], None] | None = None,
         blobs: BlobStore | None = None,
+        detector_state: StateCache | None = None,
     ) -> None:
         self.models = dict(models)
-        # Where the detectors keep their state (and the forgiveness epochs).
+        # The shared store (forgiveness epochs) and the detectors' write-behind state.
         self.blobs = blobs
+        self.detector_state = detector_state
+        self._epochs: dict[str, tuple[int, float]] = {}  # account -> (epoch, read at)
         self.cohort = (
             CohortWatch(responses.policy, quota, audit=audit,
                         difficulty=responses.challenge_difficulty,
@@ -291,6 +299,20 @@ class OutputDefenses:
         return account if epoch == 0 else f"{account}\x00{epoch}"
 
     def _epoch(self, account: str) -> int:
+        """The account's forgiveness epoch, read from the store at most once per
+        EPOCH_HOLD_S per process (a forgiveness made through another replica takes
+        effect here within that)."""
+        now = time.monotonic()
+        held = self._epochs.get(account)
+        if held is not None and now - held[1] < EPOCH_HOLD_S:
+            return held[0]
+        epoch = self._read_epoch(account)
+        if len(self._epochs) >= _EPOCHS_HELD:
+            self._epochs.clear()
+        self._epochs[account] = (epoch, now)
+        return epoch
+
+    def _read_epoch(self, account: str) -> int:
         blobs = self._blobs()
         raw = blobs.get_blob(_epoch_key(account)) if blobs is not None else None
         return int(raw.decode("ascii")) if raw else 0
@@ -304,9 +326,10 @@ class OutputDefenses:
         escalate it again for ``lift_grace_s``. Raises UnavailableError (store down)."""
         now = self._clock() if now is None else now
         blobs = self._blobs()
-        epoch = self._epoch(account) + 1
+        epoch = self._read_epoch(account) + 1
         if blobs is not None:
             blobs.put_blob(_epoch_key(account), str(epoch).encode("ascii"), ttl_s=None)
+        self._epochs[account] = (epoch, time.monotonic())
         previous, _ = self._current(account, now)
         reason = f"{FORGIVEN} by {by}: detector state cleared (epoch {epoch})"
         if self.quota is not None:
@@ -318,6 +341,11 @@ class OutputDefenses:
             )  # fmt: skip
         log.warning("account %s: %s", account, reason)
         return epoch
+
+    def close(self) -> None:
+        """Write the detectors' changed state to the store (at a graceful stop)."""
+        if self.detector_state is not None:
+            self.detector_state.close()
 
     def large_batch(self, rows: int) -> bool:
         """Whether a request of ``rows`` rows is judged before it is answered."""
