@@ -7,8 +7,13 @@
     sealserve audit report LOG... [--html OUT.html] [--png OUT.png] [--top N]
 
 LOG is a log file or a directory holding ``audit-NNNNNN.jsonl`` files (taken in
-order). KEY is a file (PEM, raw 32 bytes or hex) or 64 hex characters. HEAD is a
+order) and/or ``worker-K/`` directories of them (a server with ``workers = N``: one chain
+per worker, each verified on its own; ``report`` reads them as one log).
+KEY is a file (PEM, raw 32 bytes or hex) or 64 hex characters. HEAD is a
 file written by ``audit head`` (or a head's JSON) or ``SEQ:HASH``.
+
+Over 400 lines: one subcommand's three actions (verify over every chain, head, report
+with its HTML page and plots).
 """
 
 from __future__ import annotations
@@ -85,23 +90,26 @@ def register(subparsers: Any) -> None:
     report.set_defaults(func=_report)
 
 
-def _expand(logs: list[str]) -> list[Path]:
-    from sealserve.defense.audit.log import log_files
+def _expand(logs: list[str]) -> list[list[Path]]:
+    """The chains to verify: the files named on the command line form one chain; a
+    directory gives each of its chains (its own files, then each ``worker-K/``)."""
+    from sealserve.defense.audit.chains import chains
     from sealserve.errors import ConfigError
 
-    out: list[Path] = []
+    named: list[Path] = []
+    out: list[list[Path]] = []
     for item in logs:
         p = Path(item)
         if p.is_dir():
-            files = log_files(p)
-            if not files:
-                raise ConfigError(f"{p} holds no audit-NNNNNN.jsonl files")
-            out.extend(files)
+            found = chains(p)
+            if not found:
+                raise ConfigError(f"{p} holds no audit-NNNNNN.jsonl files (nor worker-K/ logs)")
+            out.extend(found)
         elif p.exists():
-            out.append(p)
+            named.append(p)
         else:
             raise ConfigError(f"audit log {p} does not exist")
-    return out
+    return ([named] if named else []) + out
 
 
 def _key(spec: str) -> bytes:
@@ -145,38 +153,76 @@ def _verify(args: argparse.Namespace) -> int:
     from sealserve.defense.audit.verify import check_audit_log, read_records
     from sealserve.errors import AuditError
 
-    files = _expand(args.logs)
+    chains = _expand(args.logs)
     keys = [_key(k) for k in args.public_key]
     expect = _expected_head(args.expect_head)
+    reports = []
+    for files in chains:
+        try:
+            reports.append(check_audit_log(
+                files, trusted_public_keys=keys, allow_unsigned_tail=args.allow_unsigned_tail,
+                allow_missing_start=args.allow_missing_start,
+                # Several chains: the head is one worker's; looked for in each below.
+                expect_head=expect if len(chains) == 1 else None,
+            ))  # fmt: skip
+        except AuditError as exc:
+            if expect is None:
+                raise
+            print(f"--expect-head refused: {exc.message}")
+            return EXIT_FAILED
+    failed = False
+    for report in reports:
+        for warning in report.warnings:
+            print(f"warning: {warning}")
+    if args.sealed_state is not None:
+        records = read_records([f for files in chains for f in files])
+        for fatal, message in check_sealed_files(records, args.sealed_state):
+            print(f"{'sealed state' if fatal else 'warning'}: {message}")
+            failed = failed or fatal
+    for files, report in zip(chains, reports, strict=True):
+        if len(chains) > 1:
+            print(f"chain {files[0].parent}:")
+        failed = _print_report(report) or failed
+    if expect is not None and not failed:
+        if len(chains) == 1 or any(_holds(files, keys, expect, args) for files in chains):
+            print(f"expected head {expect.seq} found: the log was not cut short below it")
+        else:
+            print(f"--expect-head refused: no chain holds head {expect.seq}:{expect.hash}")
+            failed = True
+    if len(chains) > 1:
+        print(f"{len(chains)} chains (one per worker): {'FAILED' if failed else 'OK'}")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _holds(files: list[Path], keys: list[bytes], expect: Any, args: argparse.Namespace) -> bool:
+    """Whether this chain holds exactly the expected head (with several chains, the
+    head of the one worker that answered `audit head`)."""
+    from sealserve.defense.audit.verify import check_audit_log
+    from sealserve.errors import AuditError
+
     try:
         report = check_audit_log(
             files, trusted_public_keys=keys, allow_unsigned_tail=args.allow_unsigned_tail,
             allow_missing_start=args.allow_missing_start, expect_head=expect,
         )  # fmt: skip
-    except AuditError as exc:
-        if expect is None:
-            raise
-        print(f"--expect-head refused: {exc.message}")
-        return EXIT_FAILED
-    for warning in report.warnings:
-        print(f"warning: {warning}")
-    failed = report.problem is not None
-    if args.sealed_state is not None:
-        for fatal, message in check_sealed_files(read_records(files), args.sealed_state):
-            print(f"{'sealed state' if fatal else 'warning'}: {message}")
-            failed = failed or fatal
+    except AuditError:
+        return False
+    return report.ok
+
+
+def _print_report(report: Any) -> bool:
+    """Print one chain's verification; True when it failed."""
     print(report.summary())
-    if report.problem is not None:
-        print(f"first bad record: {report.problem}")
-        if "not covered by any signature" in report.problem.problem:
-            print(
-                "hint: a running server's log always ends in records not signed yet; "
-                "pass --allow-unsigned-tail to accept them (and --expect-head with a head "
-                "from `sealserve audit head` to pin them)"
-            )
-    elif expect is not None:
-        print(f"expected head {expect.seq} found: the log was not cut short below it")
-    return EXIT_FAILED if failed else EXIT_OK
+    if report.problem is None:
+        return False
+    print(f"first bad record: {report.problem}")
+    if "not covered by any signature" in report.problem.problem:
+        print(
+            "hint: a running server's log always ends in records not signed yet; "
+            "pass --allow-unsigned-tail to accept them (and --expect-head with a head "
+            "from `sealserve audit head` to pin them)"
+        )
+    return True
 
 
 def _head(args: argparse.Namespace) -> int:
@@ -367,7 +413,7 @@ def _report(args: argparse.Namespace) -> int:
 
     if args.top < 1:
         raise ConfigError("--top must be at least 1")
-    files = _expand(args.logs)
+    files = [f for chain in _expand(args.logs) for f in chain]
     summaries = summarize_accounts(read_records(files))
     print(f"Accounts by volume ({len(summaries)} total):")
     print(_table(summaries, args.top))

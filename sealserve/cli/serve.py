@@ -24,7 +24,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--ready-file",
         type=Path,
-        help="write {host, port, tls_cert_pem, pid} as JSON here once serving",
+        help="write {host, port, tls_cert_pem, pid} as JSON here once serving (with "
+        "workers: once every worker serves, and their pids under 'workers')",
     )
     p.set_defaults(func=run)
 
@@ -45,5 +46,16 @@ def run(args: argparse.Namespace) -> int:
         overrides["model_repository"] = args.model_repository
     settings = Settings.load(args.config, **overrides)
     configure(settings.log_format, settings.log_level)
-    asyncio.run(serve(settings, ready_file=args.ready_file))
-    return 0
+    count = settings.worker_count()
+    if count == 1:
+        asyncio.run(serve(settings, ready_file=args.ready_file))
+        return 0
+    from sealserve.server.workers import WorkerGroup
+
+    group = WorkerGroup(settings, count)
+    group.prepare()
+    worker = group.fork()
+    if worker is not None:  # a forked worker: serve, then exit here like any serve
+        worker.serve()
+        return 0
+    return group.supervise(args.ready_file)

@@ -50,7 +50,11 @@ def register(sub: Any) -> None:
 
 def add_ledger_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("ledger (sealed by the server's platform)")
-    g.add_argument("--ledger", type=Path, required=True, help="defense.state_dir/watermark-ledger")
+    g.add_argument(
+        "--ledger", type=Path, required=True, action="append",
+        help="defense.state_dir/watermark-ledger, or defense.state_dir itself: every "
+        "ledger in it (one per worker process) read as one; repeatable",
+    )  # fmt: skip
     g.add_argument(
         "--platform", choices=("simulated", "configfs-tsm"), default="simulated",
         help="the platform that sealed it (configfs-tsm: run inside the same TEE; "
@@ -93,16 +97,28 @@ def open_ledger(args: argparse.Namespace) -> Any:
 
         platform = ConfigfsTsmPlatform()
     box = SealedBox(platform.sealing_key(label))
-    try:
-        blob = args.ledger.read_bytes()
-    except OSError as exc:
-        raise ConfigError(f"cannot read ledger {args.ledger}: {exc.strerror}") from exc
-    from sealserve.defense.audit.state import unwrap_versioned
+    from sealserve.defense.audit.state import ledger_files, unwrap_versioned
 
-    # The sealed payload carries the ledger's version (bound into the audit log) first.
-    return WatermarkLedger.from_sealed(
-        blob, unseal=lambda b: unwrap_versioned(box.unseal(b, label=label))[1]
-    )
+    files: list[Path] = []
+    for item in args.ledger:
+        if item.is_dir():
+            found = ledger_files(item)
+            if not found:
+                raise ConfigError(f"{item} holds no watermark-ledger files")
+            files.extend(found)
+        else:
+            files.append(item)
+    ledgers = []
+    for path in files:
+        try:
+            blob = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"cannot read ledger {path}: {exc.strerror}") from exc
+        # The sealed payload carries the ledger's version (bound into the audit log) first.
+        ledgers.append(WatermarkLedger.from_sealed(
+            blob, unseal=lambda b: unwrap_versioned(box.unseal(b, label=label))[1]
+        ))  # fmt: skip
+    return ledgers[0] if len(ledgers) == 1 else WatermarkLedger.union(ledgers)
 
 
 def open_suspect(args: argparse.Namespace) -> tuple[Any, Any]:

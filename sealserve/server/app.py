@@ -33,6 +33,7 @@ from sealserve._proto import grpc_service_pb2_grpc as pb_grpc
 from sealserve.attestation.runtime_keys import RuntimeKeys
 from sealserve.auth import Authenticator
 from sealserve.auth.revocation import FileRevocationList
+from sealserve.defense.audit.chains import worker_audit_dir
 from sealserve.defense.audit.head import sign_head
 from sealserve.defense.audit.log import AuditLog
 from sealserve.defense.config import DefenseConfig
@@ -41,7 +42,7 @@ from sealserve.enclave.hardening import HardeningReport, harden_process
 from sealserve.enclave.manifest import ModelMeasurement, WorkloadManifest, code_digest
 from sealserve.enclave.platform import Platform
 from sealserve.enclave.tls import TlsIdentity
-from sealserve.errors import UnavailableError
+from sealserve.errors import ConfigError, UnavailableError
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.defenses import DefenseSecrets, build_defenses
 from sealserve.server.engine import Engine
@@ -130,6 +131,9 @@ class Server:
         self.settings = settings
         self.hardening = hardening
         self._entries = entries
+        self._measured: list[ModelMeasurement] = []
+        #: The worker's index (1-based) when forked by server/workers.py, else None.
+        self.worker: int | None = None
         self._given_authenticator = authenticator
         self.metrics = Metrics()
         self.engine = Engine(self.metrics, threads=settings.engine.intra_op_threads)
@@ -147,20 +151,59 @@ class Server:
         Raises ConfigError (naming the config file and key) for a bad repository,
         model, TLS file, store, platform or port.
         """
+        self.prepare()
+        return await self.start_prepared()
+
+    def prepare(self, *, fork: bool = False) -> None:
+        """The first half of the one order: the attested identity (authenticator,
+        measured repository, platform, TLS key, sealed defense secrets, manifest, the
+        key-release key). It creates no gRPC object, store connection or onnxruntime
+        session, and its only threads are the authenticator's key refreshes, which
+        :meth:`before_fork` stops: workers fork after it (server/workers.py).
+
+        ``fork``: workers follow, so onnxruntime (which starts threads when imported)
+        is not imported here; each worker checks its runtime record against the
+        manifest's once it has (:meth:`start_prepared`)."""
+        if not fork:
+            # Loaded before the runtime record is measured, like every module that runs.
+            import onnxruntime  # noqa: F401
         self.authenticator = self._start_authenticator()
-        entries, measured = self._scan()
+        self._entries, self._measured = self._scan()
         code = code_digest()
         with startup_step(self.settings, "attestation_platform"):
             self.platform = select_platform(self.settings, code)
         self.tls = self._tls()
-        defense = self.settings.defense
-        self.defense_secrets = self._open_secrets(defense)
+        self.defense_secrets = self._open_secrets(self.settings.defense)
         # Keys made at first start go beside the manifest, not in it, so that
         # `sealserve measure` reproduces the manifest from a build and a config.
         self.runtime_keys = runtime_keys_for(self.defense_secrets)
-        self.manifest = self._build_manifest(measured, code)
+        self.manifest = self._build_manifest(self._measured, code)
         self.keys, hpke_private_key = self._key_provider()
         self.hpke_public_key = _raw_public(hpke_private_key)
+
+    def before_fork(self) -> None:
+        """Stop the threads :meth:`prepare` started (the authenticator's refreshes)."""
+        if self.authenticator is not None:
+            self.authenticator.close()
+
+    def become_worker(self, index: int) -> None:
+        """In forked worker ``index`` (1-based): its own authenticator (fresh refresh
+        threads, same keys), its own audit chain (``worker-K/``) and sealed ledger file:
+        one writer per file."""
+        self.worker = index
+        if self.authenticator is not None:
+            self._given_authenticator = None
+            self.authenticator = self._start_authenticator()
+        if self.defense_secrets is not None:
+            self.defense_secrets = self.defense_secrets.for_worker(index)
+
+    async def start_prepared(self) -> int:
+        """The second half, after :meth:`prepare` (in each worker, after the fork):
+        guard and store, data plane, services, ports, models loaded, serving."""
+        entries, measured, defense = self._entries, self._measured, self.settings.defense
+        assert entries is not None, "prepare() first"
+        if self.worker is not None:
+            self._check_runtime()
         guard, self.store = open_guard(self.settings, defense)
         self.plane = DataPlane(
             self.engine, server_name=self.settings.server_name,
@@ -169,10 +212,28 @@ class Server:
         attestation = self._add_services()
         await self._listen(attestation)
         await self._load(entries, measured, defense)
-        log.info("serving %d model version(s) on %s:%d (%s)", len(entries),
+        log.info("serving %d model version(s) on %s:%d (%s)%s", len(entries),
                  self.settings.host, self.port, "plaintext" if self.tls is None
-                 else f"TLS, spki sha256 {self.tls.spki_sha256}")  # fmt: skip
+                 else f"TLS, spki sha256 {self.tls.spki_sha256}",
+                 "" if self.worker is None else f", worker {self.worker}")  # fmt: skip
         return self.port
+
+    def _check_runtime(self) -> None:
+        """In a worker, with onnxruntime now imported: this process's runtime record must
+        be the one the parent measured into the manifest (a modified module file the
+        parent had not loaded would otherwise run unattested). Raises ConfigError."""
+        import onnxruntime  # noqa: F401
+
+        s = self.settings
+        record = runtime_json(s, real_platform=is_real_platform(self.platform))
+        if record != self.manifest.runtime:
+            changed = sorted(k for k in record if record[k] != self.manifest.runtime.get(k))
+            raise ConfigError(
+                f"worker {self.worker}: the runtime record differs from the attested "
+                f"manifest's in {', '.join(changed)}",
+                remedy="Run the server from an unmodified installation (sealserve measure "
+                "shows the record), or with workers = 1.",
+            )
 
     def _start_authenticator(self) -> Authenticator | None:
         """The bearer-token verifier, its keys fetched (None: unsafe_disable_auth)."""
@@ -255,7 +316,8 @@ class Server:
         self._server = server = grpc.aio.server(options=[
             ("grpc.max_receive_message_length", limit),
             ("grpc.max_send_message_length", limit),
-            ("grpc.so_reuseport", 0),
+            # Workers share the port (SO_REUSEPORT); one server alone refuses a taken one.
+            ("grpc.so_reuseport", 0 if self.worker is None else 1),
         ])  # fmt: skip
         inference = InferenceServicer(self.plane, self.metrics)
         protected = AuthenticatingRegistrar(
@@ -323,7 +385,9 @@ class Server:
     async def _start_health_port(self) -> None:
         # Health only, plaintext: it carries no data and no credentials.
         s = self.settings
-        self._health_server = grpc.aio.server()
+        self._health_server = grpc.aio.server(
+            options=[("grpc.so_reuseport", 0 if self.worker is None else 1)]
+        )
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._health_server)
         add = self._health_server.add_insecure_port
         self.health_port = bind_port(s, "health_port", f"{s.health_host}:{s.health_port}", add)
@@ -348,6 +412,7 @@ class Server:
                     output = build_defenses(
                         defense, self.defense_secrets, engine=self.engine, store=self.store,
                         quota=self.plane.guard.quota,
+                        audit_dir=worker_audit_dir(defense.audit.dir, self.worker),
                     )  # fmt: skip
         except BaseException:
             self.keys.stop()  # a key wait in progress ends with the server
@@ -357,7 +422,9 @@ class Server:
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_port is not None:
-            self.metrics.serve(host=s.metrics_host, port=s.metrics_port)
+            # Worker K serves its own metrics on metrics_port + K - 1 (docs: Workers).
+            offset = 0 if self.worker is None or s.metrics_port == 0 else self.worker - 1
+            self.metrics.serve(host=s.metrics_host, port=s.metrics_port + offset)
 
     async def _stop_ports(self, grace: float | None = 0) -> None:
         if self.rest is not None:
@@ -381,7 +448,7 @@ class Server:
             app, host=rest.host, port=rest.port, tls=self.tls,
             header_timeout_s=rest.header_timeout_s, body_timeout_s=rest.body_timeout_s,
             keep_alive_s=rest.keep_alive_s,
-            max_connections=rest.max_connections,
+            max_connections=rest.max_connections, reuse_port=self.worker is not None,
         )  # fmt: skip
         self.rest_port = await self.rest.start()
 
@@ -430,15 +497,19 @@ class Server:
         if self.authenticator is not None:
             self.authenticator.close()
 
-    def write_ready_file(self, path: Path) -> None:
-        """Write {host, port, tls certificate} for local tools and tests (no secrets)."""
-        data = {
+    def write_ready_file(self, path: Path, *, workers: list[int] | None = None) -> None:
+        """Write {host, port, tls certificate, pid} for local tools and tests (no
+        secrets); with worker processes, ``pid`` is their parent's and ``workers`` their
+        pids."""
+        data: dict[str, object] = {
             "host": self.settings.host,
             "port": self.port,
             "rest_port": self.rest_port or None,
             "tls_cert_pem": self.tls.cert_pem.decode() if self.tls else None,
             "pid": os.getpid(),
         }
+        if workers is not None:
+            data["workers"] = workers
         tmp = path.with_suffix(path.suffix + ".tmp")
         tmp.write_text(json.dumps(data))
         tmp.replace(path)
@@ -455,6 +526,11 @@ async def serve(settings: Settings, *, ready_file: Path | None = None) -> None:
     await server.start()
     if ready_file is not None:
         server.write_ready_file(ready_file)
+    await run_until_stopped(server)
+
+
+async def run_until_stopped(server: Server) -> None:
+    """Serve until SIGINT/SIGTERM or the server ends, then stop gracefully."""
     loop = asyncio.get_running_loop()
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

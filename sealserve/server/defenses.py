@@ -25,6 +25,7 @@ from sealserve.defense.audit.state import (
     LEDGER,
     check_sealed_version,
     file_sha256,
+    ledger_file,
     reapply_statuses,
     unwrap_versioned,
     wrap_versioned,
@@ -63,6 +64,8 @@ class SealedState:
 
     platform: Platform | None
     directory: Path | None
+    #: The ledger's file in ``directory`` (workers: one each, ``ledger_file(K)``).
+    ledger_name: str = LEDGER
     ephemeral: bool = field(init=False)
 
     def __post_init__(self) -> None:
@@ -76,12 +79,12 @@ class SealedState:
         elif self.directory is not None:
             self.directory.mkdir(parents=True, exist_ok=True, mode=0o700)
 
-    def _file(self, name: str) -> SealedFile | None:
+    def _file(self, name: str, *, path_name: str | None = None) -> SealedFile | None:
         if self.ephemeral or self.platform is None or self.directory is None:
             return None
         label = f"sealserve/{name}/v1".encode()
-        return SealedFile(self.directory / name, SealedBox(self.platform.sealing_key(label)),
-                          label=label)  # fmt: skip
+        path = self.directory / (path_name or name)
+        return SealedFile(path, SealedBox(self.platform.sealing_key(label)), label=label)
 
     def secret(self, name: str, make: Any) -> bytes:
         """The sealed secret ``name``, created with ``make()`` on first use."""
@@ -96,7 +99,7 @@ class SealedState:
 
     def save_ledger(self, ledger: WatermarkLedger, version: int) -> Path | None:
         """Seal ``ledger`` as ``version``; returns the file written (None: ephemeral)."""
-        f = self._file(LEDGER)
+        f = self._file(LEDGER, path_name=self.ledger_name)
         if f is None:
             return None
         f.write(wrap_versioned(version, ledger.to_bytes()))
@@ -104,7 +107,7 @@ class SealedState:
 
     def load_ledger(self, max_probes: int = DEFAULT_MAX_PROBES) -> tuple[WatermarkLedger, int]:
         """The sealed ledger and its version (0 when there is none yet)."""
-        f = self._file(LEDGER)
+        f = self._file(LEDGER, path_name=self.ledger_name)
         if f is None or not f.exists():
             return WatermarkLedger(max_probes=max_probes), 0
         version, payload = unwrap_versioned(f.read())
@@ -203,6 +206,14 @@ class DefenseSecrets:
         ledger, version = state.load_ledger(cfg.watermark_probes)
         return cls(state, root, ledger, audit_key, cfg.ledger_save_interval_s, version)
 
+    def for_worker(self, index: int) -> DefenseSecrets:
+        """The same keys, with worker ``index``'s own sealed ledger file (one writer per
+        file; ``watermark verify`` reads their union). Call in the forked worker."""
+        state = SealedState(self.state.platform, self.state.directory, ledger_file(index))
+        ledger, version = state.load_ledger(self.ledger.max_probes)
+        return DefenseSecrets(state, self.root_key, ledger, self.audit_key,
+                              self.save_interval_s, version)  # fmt: skip
+
     def save_ledger(self) -> None:
         """Seal and write the ledger now, then bind its new version into the audit log."""
         with self._save_lock:
@@ -212,7 +223,7 @@ class DefenseSecrets:
             self.ledger_version += 1
             if self.audit is not None and not self.audit.closed:
                 self.audit.append_sealed_at_time(
-                    time.time(), name=LEDGER, version=self.ledger_version,
+                    time.time(), name=self.state.ledger_name, version=self.ledger_version,
                     sha256=file_sha256(path),
                 )  # fmt: skip
 
@@ -237,8 +248,10 @@ def build_defenses(
     engine: Engine,
     store: BlobStore | None,
     quota: QuotaGuard | None,
+    audit_dir: Path | None = None,
 ) -> OutputDefenses:
-    """Profiles, detectors, response policy and audit log for the loaded models.
+    """Profiles, detectors, response policy and audit log for the loaded models
+    (the log in ``audit_dir``, default ``[defense.audit] dir``).
 
     Raises ConfigError naming the model and key for anything that cannot apply.
     """
@@ -298,9 +311,10 @@ def build_defenses(
         )
     audit = None
     if secrets.audit_key is not None:
-        cfg.audit.dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        audit_dir = audit_dir or cfg.audit.dir
+        audit_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         audit = AuditLog.open(
-            cfg.audit.dir, secrets.audit_key, checkpoint_every=cfg.audit.checkpoint_every,
+            audit_dir, secrets.audit_key, checkpoint_every=cfg.audit.checkpoint_every,
             checkpoint_interval_s=cfg.audit.checkpoint_interval_s,
             refusals=RefusalCounter(cfg.audit.refusals_per_interval, cfg.audit.refusal_interval_s),
         )  # fmt: skip
@@ -325,8 +339,9 @@ def bind_audit_state(
     now = time.time()
     secrets.audit = audit
     if not secrets.state.ephemeral and cfg.state_dir is not None:
-        path = cfg.state_dir / LEDGER
-        check_sealed_version(audit, name=LEDGER, version=secrets.ledger_version, path=path,
+        name = secrets.state.ledger_name
+        path = cfg.state_dir / name
+        check_sealed_version(audit, name=name, version=secrets.ledger_version, path=path,
                              now=now)  # fmt: skip
     if quota is not None:
         reapply_statuses(audit, quota, now=now, throttle_factor=cfg.throttle_factor,

@@ -13,9 +13,9 @@ import statistics
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from typing import TYPE_CHECKING
 
 import numpy as np
-import onnxruntime as ort
 
 from sealserve.enclave.manifest import ModelMeasurement
 from sealserve.errors import ConfigError, NotFoundError, quote
@@ -25,6 +25,9 @@ from sealserve.server.model_keys import KeyProvider
 from sealserve.server.repository import FileModelSource, ModelEntry
 from sealserve.server.types import InferRequest, InferResponse, ModelInfo, TensorSpec
 from sealserve.tensors import ORT_TO_OIP
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
 
 log = logging.getLogger("sealserve.engine")
 
@@ -52,6 +55,10 @@ class LoadedModel:
         threads: int,
         sha256: str,
     ) -> None:
+        # Imported here, not with the module: onnxruntime starts threads when imported,
+        # and a server with workers forks before any exists (server/workers.py).
+        import onnxruntime as ort
+
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = entry.config.intra_op_threads or threads
         opts.inter_op_num_threads = 1

@@ -1,5 +1,7 @@
 """Server settings: one TOML file plus ``SEALSERVE_*`` environment overrides.
 
+Over 400 lines: one field per setting, each carrying its config-reference text.
+
 Validated once at start with clear errors, then frozen. Safe defaults: bind loopback,
 TLS on (an in-memory key when no files are given), plaintext only through
 ``unsafe_plaintext``.
@@ -8,6 +10,7 @@ TLS on (an in-memory key when no files are given), plaintext only through
 from __future__ import annotations
 
 import ipaddress
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -36,6 +39,8 @@ from sealserve.server.model_keys import KeyBrokerSettings
 from sealserve.validation import relative_paths, settings_from_file
 
 T = TypeVar("T")
+
+MAX_WORKERS = 256
 
 
 class EngineSettings(BaseModel):
@@ -93,6 +98,18 @@ def _defense_table(value: Any) -> DefenseConfig | None:
     return _table(value, DefenseConfig, DefenseConfig.parse)
 
 
+def _workers(value: Any) -> int | str:
+    """``workers``: an integer 1..256 or "auto" (TOML or the environment's string)."""
+    if isinstance(value, str) and value.strip().isdigit():
+        value = int(value.strip())
+    if value == "auto":
+        return "auto"
+    if type(value) is int and 1 <= value <= MAX_WORKERS:
+        return value
+    shown = quote(str(value)) if isinstance(value, str) else repr(value)
+    raise ValueError(f'workers must be an integer from 1 to {MAX_WORKERS} or "auto", not {shown}')
+
+
 def _limits_table(value: Any, info: ValidationInfo) -> LimitsConfig | None:
     # A defended server (models in [defense], validated before this field) counts rows
     # and caps them by default.
@@ -113,6 +130,15 @@ class Settings(BaseSettings):
 
     host: str = Field(default="127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(default=8001, ge=0, le=65535, description="gRPC port (0 = pick one).")
+    workers: Annotated[int | str, PlainValidator(_workers)] = Field(
+        default=1,
+        description=(
+            "Serving processes on the one port (SO_REUSEPORT), forked after the TLS key "
+            'and attested identity exist: 1..256, or "auto" = the cores this process '
+            "may use (recommended in production; needs a shared state_store, not "
+            "memory:). docs/operator-guide.md#workers."
+        ),
+    )
     model_repository: Path = Field(
         default=Path("models"), description="Directory holding <model>/<version>/model.onnx."
     )
@@ -282,7 +308,18 @@ class Settings(BaseSettings):
             raise ValueError("attestation_platform 'simulated' needs simulated_platform_dir")
         if self.auth is not None and self.unsafe_disable_auth:
             raise ValueError("[auth] and unsafe_disable_auth are mutually exclusive")
+        if self.workers != 1 and self.state_store.startswith("memory:"):
+            raise ValueError(
+                "workers > 1 needs a state store the workers share (quotas and statuses "
+                "would be per process): set state_store to sqlite://PATH or redis://..."
+            )
         return self
+
+    def worker_count(self) -> int:
+        """``workers`` as a number ("auto": the CPUs this process may run on)."""
+        if self.workers == "auto":
+            return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+        return int(self.workers)
 
     def where(self, key: str) -> str:
         """``FILE: key`` (or just ``key`` without a config file), for messages."""

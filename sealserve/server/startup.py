@@ -82,6 +82,22 @@ def select_platform(settings: Settings, code: str) -> Platform | None:
     return None
 
 
+def uses_store(settings: Settings, defense: DefenseConfig | None) -> bool:
+    """Whether the server opens the state store ([limits], or a defended model detects)."""
+    detects = defense is not None and any(m.detection for m in defense.models.values())
+    return settings.limits is not None or detects
+
+
+def check_store(settings: Settings) -> None:
+    """Open the state store and close it again: a parent checks it once before forking
+    workers (which then open their own). Raises ConfigError naming ``state_store``."""
+    s = settings
+    if uses_store(s, s.defense):
+        with startup_step(s, "state_store", fix=STORE_FIX):
+            open_store(s.state_store, prefix=s.state_store_prefix,
+                       unsafe_fail_open=s.unsafe_fail_open).close()  # fmt: skip
+
+
 def open_guard(
     settings: Settings, defense: DefenseConfig | None
 ) -> tuple[Guard, StateStore | None]:
@@ -89,9 +105,8 @@ def open_guard(
     are set or a defended model detects). Raises ConfigError naming ``state_store``."""
     s = settings
     limits = s.limits
-    detects = defense is not None and any(m.detection for m in defense.models.values())
     store = None
-    if limits is not None or detects:
+    if uses_store(s, defense):
         with startup_step(s, "state_store", fix=STORE_FIX):
             store = open_store(
                 s.state_store, prefix=s.state_store_prefix, unsafe_fail_open=s.unsafe_fail_open

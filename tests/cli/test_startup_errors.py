@@ -99,6 +99,24 @@ def _plaintext_public(tmp: Path) -> str:
     return BASE + NOAUTH + 'model_repository = "models"\nhost = "0.0.0.0"\n'
 
 
+def _workers_memory_store(tmp: Path) -> str:
+    _repo(tmp)
+    return BASE + NOAUTH + 'model_repository = "models"\nworkers = 2\nstate_store = "memory:"\n'
+
+
+def _workers_bad_value(tmp: Path) -> str:
+    _repo(tmp)
+    return BASE + NOAUTH + 'model_repository = "models"\nworkers = 0\n'
+
+
+def _workers_port_in_use(tmp: Path) -> str:
+    return _port_in_use(tmp) + 'workers = 2\nstate_store = "sqlite://state.db"\n'
+
+
+def _workers_bad_state_store(tmp: Path) -> str:
+    return "workers = 2\n" + _bad_state_store(tmp)
+
+
 CASES: list[tuple[str, Callable[[Path], str], str]] = [
     ("port in use", _port_in_use, "port: cannot listen on 127.0.0.1:"),
     ("unknown key in [auth]", _unknown_auth_key, "auth.audiense: unknown key"),
@@ -109,6 +127,10 @@ CASES: list[tuple[str, Callable[[Path], str], str]] = [
     ("[defense] error", _defense_error, "[defense]: invalid settings: models.digits.output"),
     ("sealed model fails to open", _bad_sealed_model, "model.sealed"),
     ("plaintext on a public address", _plaintext_public, "set unsafe_plaintext_public = true"),
+    ("workers on a memory store", _workers_memory_store, "workers > 1 needs a state store"),
+    ("workers = 0", _workers_bad_value, "workers must be an integer from 1 to 256"),
+    ("workers: port in use", _workers_port_in_use, "port: cannot listen on 127.0.0.1:"),
+    ("workers: bad state store", _workers_bad_state_store, "state_store: state store unreach"),
 ]
 
 

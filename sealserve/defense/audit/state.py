@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import re
 import struct
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -38,6 +39,19 @@ log = logging.getLogger("sealserve.audit")
 _MAGIC = b"SSVS\x01"  # sealserve versioned sealed state, layout 1
 _HEAD = struct.Struct(">5sQ")
 LEDGER = "watermark-ledger"
+
+
+def ledger_file(worker: int | None) -> str:
+    """The sealed ledger's file name in ``state_dir``: one per worker process when the
+    server runs workers (one writer per file), :data:`LEDGER` otherwise."""
+    return LEDGER if worker is None else f"{LEDGER}-worker-{worker}"
+
+
+def ledger_files(state_dir: Path) -> list[Path]:
+    """Every sealed ledger file in ``state_dir`` (the single-process one and each
+    worker's), whose union is the server's ledger."""
+    pattern = re.compile(rf"^{LEDGER}(-worker-[1-9][0-9]{{0,2}})?$")
+    return sorted(p for p in state_dir.iterdir() if pattern.match(p.name) and p.is_file())
 
 
 def wrap_versioned(version: int, payload: bytes) -> bytes:

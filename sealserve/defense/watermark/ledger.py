@@ -18,7 +18,7 @@ import heapq
 import json
 import math
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -144,6 +144,29 @@ class WatermarkLedger:
 
     def __len__(self) -> int:
         return len(self._entries)
+
+    @property
+    def max_probes(self) -> int:
+        return self._max_probes
+
+    @classmethod
+    def union(cls, ledgers: Sequence[WatermarkLedger]) -> WatermarkLedger:
+        """One ledger with every entry, probe, band row and per-model spec of ``ledgers``
+        (the per-worker ledgers of one server). Caps are the sources' summed, so the
+        union drops nothing a source kept."""
+        out = cls(
+            max_probes=sum(led._max_probes for led in ledgers),
+            max_band_rows=sum(led._max_band_rows for led in ledgers),
+        )
+        for led in ledgers:
+            out.extend(led.entries())
+            out.add_probes(led.probes())
+            out.add_band(led.band_rows())
+            for band in led._band_list():
+                out.set_band(band)
+            for signal in led._signal_list():
+                out.set_signal(signal)
+        return out
 
     def append(self, entry: LedgerEntry) -> None:
         with self._lock:

@@ -156,8 +156,10 @@ class RestServer:
         keep_alive_s: int = 5,
         max_header_bytes: int = 16 * 1024,
         max_connections: int | None = 1000,
+        reuse_port: bool = False,
     ) -> None:
         self._host = host
+        self._reuse_port = reuse_port  # worker processes share the port
         self._port = port
         self._tls = tls
         self.port = 0
@@ -191,6 +193,8 @@ class RestServer:
         # when the listener says TCP (proto 0 costs a 40 ms Nagle/delayed-ACK stall).
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        if self._reuse_port:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         try:
             sock.bind((self._host, self._port))
         except OSError:
