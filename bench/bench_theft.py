@@ -557,10 +557,21 @@ def blend_section(und: Profile, dfd: Profile, args: argparse.Namespace,
     tiers = tomllib.loads(profile_text).get("limits", {}).get("tiers", {})
     pace = blend_in.Pace.under(tiers[args.paced_tier]) if args.paced_tier in tiers else None
     real = blend_in.Pace.under(tiers[TIER]) if TIER in tiers else None
+    carried = getattr(args, "blend_carried", None)
     out = [
         "",
         "## Attackers who blend in (issue 16)",
         "",
+        *(
+            [
+                f"**This table was not re-run**: it is carried over from the run of "
+                f"{carried.get('stamp')} (`{carried.get('command')}`); the first table is "
+                "this run's.",
+                "",
+            ]
+            if carried
+            else []
+        ),
         "Independent attack code (`bench/theft/blend_in.py`: the public SDK, scikit-learn "
         "digits, an MLP replica), each attacker on a fresh deployment after 20 honest "
         "users. *label-thief*: natural digits (the public scikit-learn digits outside the "
@@ -716,6 +727,7 @@ def main() -> int:
         for key, value in meta.get("args", {}).items():
             setattr(args, key, value)
         args.carried = meta.get("carried")
+        args.blend_carried = meta.get("blend_carried")
         if args.add_honest_without_band:
             saved[1].honest_no_band = honest_without_band(args, evaluation, profile_text)
             meta["honest_no_band"] = _json(saved[1].honest_no_band)
@@ -751,6 +763,19 @@ def main() -> int:
         args.budgets = list(meta.get("args", {}).get("budgets", args.budgets))
         args.carried = meta.get("carried") or {"stamp": meta.get("stamp"),
                                                 "command": meta.get("command")}  # fmt: skip
+    if not args.blend_in and (figs / "defended.json").exists():
+        # Only the first table ran: keep the last run's attackers who blend in (and the
+        # honest newcomers after the sybils), said so in THEFT.md.
+        kept = [_load(figs / f"{n}.json", n) for n in ("undefended", "defended")]
+        meta = json.loads((figs / "defended.json").read_text())
+        for prof, old in zip(results, kept, strict=True):
+            prof.blend, prof.honest_after_sybils = old.blend, old.honest_after_sybils
+        saved_args = meta.get("args", {})
+        args.blend_in = list(saved_args.get("blend_in", list(dfd.blend)))
+        args.blend_budget = saved_args.get("blend_budget", args.blend_budget)
+        args.paced_tier = saved_args.get("paced_tier", args.paced_tier)
+        args.blend_carried = meta.get("blend_carried") or {"stamp": meta.get("stamp"),
+                                                            "command": meta.get("command")}  # fmt: skip
     for prof in results:
         if prof.runs:
             plot(list(prof.runs.values()), figs / f"{prof.name}.png",
@@ -767,6 +792,7 @@ def main() -> int:
                      "rotation_accounts": args.rotation_accounts, "blend_in": args.blend_in,
                      "blend_budget": args.blend_budget, "paced_tier": args.paced_tier},
             "carried": getattr(args, "carried", None),
+            "blend_carried": getattr(args, "blend_carried", None),
             "elapsed": time.monotonic() - t0,
             "command": _command(),
             "stamp": dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC"),
