@@ -406,9 +406,12 @@ def render(und: Profile, dfd: Profile, args: argparse.Namespace, elapsed: float,
     if carried:
         out[-2:-2] = [
             f"**This table was not re-run**: it is carried over from the run of "
-            f"{carried.get('stamp')} (`{carried.get('command')}`), on the profile of that "
-            "day (without `cohort_detection` and band marks); this run measured the "
-            "attackers who blend in and the honest users below, on the profile at the end.",
+            f"{carried.get('stamp')} (`{carried.get('command')}`), "
+            + carried.get(
+                "profile", "on the profile of that day (without `cohort_detection` and band marks)"
+            )
+            + "; this run measured the attackers who blend in and the honest users below, "
+            "on the profile at the end.",
             "",
         ]
     for name in args.attacks:
@@ -564,9 +567,13 @@ def blend_section(und: Profile, dfd: Profile, args: argparse.Namespace,
         "",
         *(
             [
-                f"**This table was not re-run**: it is carried over from the run of "
-                f"{carried.get('stamp')} (`{carried.get('command')}`); the first table is "
-                "this run's.",
+                (
+                    f"**Rows {', '.join(carried['rows'])} were not re-run**: they are "
+                    if carried.get("rows")
+                    else "**This table was not re-run**: it is "
+                )
+                + f"carried over from the run of {carried.get('stamp')} "
+                f"(`{carried.get('command')}`).",
                 "",
             ]
             if carried
