@@ -114,8 +114,12 @@ def payloads(n: int = 512) -> list[bytes]:
 
 
 async def _load(targets: Sequence[str], reqs: Sequence[bytes], mds: Sequence[Metadata],
-                concurrency: int, seconds: float) -> tuple[list[float], dict[str, int]]:  # fmt: skip
-    chans = [grpc.aio.insecure_channel(t) for t in targets for _ in range(min(concurrency, 4))]
+                concurrency: int, seconds: float, *, connections: int = 4,
+                options: Sequence[tuple[str, int]] = ()) -> tuple[list[float], dict[str, int]]:  # fmt: skip
+    """Closed-loop calls of ``concurrency`` callers over ``connections`` channels per
+    target (at most one per caller); latencies of the OK calls and errors by code."""
+    chans = [grpc.aio.insecure_channel(t, options=list(options))
+             for t in targets for _ in range(min(concurrency, connections))]  # fmt: skip
     calls = [ch.unary_unary(SERVICE + "ModelInfer") for ch in chans]
     lat: list[float] = []
     errors: collections.Counter[str] = collections.Counter()  # by status code

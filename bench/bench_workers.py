@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import collections
 import json
 import os
 import statistics
@@ -36,14 +35,12 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-import grpc
-
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from bench import bench_defended  # noqa: E402
 from bench.bench_defended import Bench, Metadata, payloads  # noqa: E402
 from bench.bench_serving import proc_cpu_s  # noqa: E402
 
-SERVICE = "/inference.GRPCInferenceService/"
 CONNECTIONS = 16
 CONCURRENCY = 64
 
@@ -51,28 +48,9 @@ CONCURRENCY = 64
 async def _load(target: str, reqs: Sequence[bytes], mds: Sequence[Metadata],
                 seconds: float) -> tuple[list[float], dict[str, int]]:  # fmt: skip
     # One connection per channel: gRPC would otherwise share one among equal channels.
-    opts = [("grpc.use_local_subchannel_pool", 1)]
-    chans = [grpc.aio.insecure_channel(target, options=opts) for _ in range(CONNECTIONS)]
-    calls = [ch.unary_unary(SERVICE + "ModelInfer") for ch in chans]
-    lat: list[float] = []
-    errors: collections.Counter[str] = collections.Counter()
-    stop = time.perf_counter() + seconds
-
-    async def caller(k: int) -> None:
-        call, i = calls[k % len(calls)], k * 7919
-        while time.perf_counter() < stop:
-            t0 = time.perf_counter()
-            try:
-                await call(reqs[i % len(reqs)], metadata=mds[k % len(mds)])
-                lat.append(time.perf_counter() - t0)
-            except grpc.aio.AioRpcError as e:
-                errors[e.code().name] += 1
-            i += 1
-
-    await asyncio.gather(*(caller(k) for k in range(CONCURRENCY)))
-    for ch in chans:
-        await ch.close()
-    return lat, dict(errors)
+    return await bench_defended._load([target], reqs, mds, CONCURRENCY, seconds,
+                                      connections=CONNECTIONS,
+                                      options=[("grpc.use_local_subchannel_pool", 1)])  # fmt: skip
 
 
 def server_pids(ready: Path) -> list[int]:

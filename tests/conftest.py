@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import os
+import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -24,6 +28,24 @@ def sealserve_env() -> dict[str, str]:
 
 def sealserve_cmd(*args: str) -> list[str]:
     return [sys.executable, "-m", "sealserve", *args]
+
+
+def serve_until_ready(
+    config: Path, ready: Path, *, timeout: float = 90.0
+) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
+    """Start ``sealserve serve --config CONFIG --ready-file READY`` and wait for the ready
+    file (fails the test with the server's output if it exits or times out first)."""
+    proc = subprocess.Popen(
+        sealserve_cmd("serve", "--config", str(config), "--ready-file", str(ready)),
+        env=sealserve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            pytest.fail(proc.stdout.read().decode() if proc.stdout else "no output")
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())
 
 
 @pytest.fixture

@@ -10,7 +10,6 @@ import hashlib
 import json
 import shutil
 import subprocess
-import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,7 +25,7 @@ from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.canonical import canonical_json
 from sealserve.defense.audit.log import load_public_key
 from sealserve.errors import VerificationError
-from tests.conftest import sealserve_cmd, sealserve_env
+from tests.conftest import sealserve_cmd, sealserve_env, serve_until_ready
 
 ISSUER = "https://issuer.example.com"
 
@@ -119,17 +118,7 @@ def served(tmp_path_factory: pytest.TempPathFactory, sim_root: Path) -> Iterator
     assert not (work / "state.db").exists()
     digest = plain.stdout.split("manifest sha256")[1].split()[0]
     ready = work / "ready.json"
-    proc = subprocess.Popen(
-        sealserve_cmd("serve", "--config", str(cfg), "--ready-file", str(ready)),
-        env=sealserve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(proc.stdout.read().decode() if proc.stdout else "no output")
-        time.sleep(0.05)
-    info = json.loads(ready.read_text())
+    proc, info = serve_until_ready(cfg, ready)
     try:
         yield Served(
             f"127.0.0.1:{info['port']}", f"127.0.0.1:{info['rest_port']}", work,

@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,7 +25,7 @@ from sealserve.errors import (
 )
 from sealserve.redteam.stress import Endpoint, run_stress
 from tests._redis import RedisServer
-from tests.conftest import sealserve_cmd, sealserve_env
+from tests.conftest import sealserve_cmd, sealserve_env, serve_until_ready
 
 ISS, AUD, TOS = "https://issuer.test.invalid", "sealserve-test", "2026-11"
 X = {"input": np.zeros((1, 64), np.float32)}
@@ -62,19 +61,9 @@ class Deployment:
 
     def start(self) -> str:
         self.started += 1
-        ready = self.tmp / f"ready-{self.started}.json"
-        proc = subprocess.Popen(
-            sealserve_cmd("serve", "--config", str(self.config), "--ready-file", str(ready)),
-            env=sealserve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-        )  # fmt: skip
+        proc, info = serve_until_ready(self.config, self.tmp / f"ready-{self.started}.json")
         self.procs.append(proc)
-        deadline = time.monotonic() + 60
-        while not ready.exists():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                proc.kill()
-                pytest.fail(proc.stdout.read().decode() if proc.stdout else "no output")
-            time.sleep(0.05)
-        return f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+        return f"127.0.0.1:{info['port']}"
 
     def stop(self) -> None:
         for p in self.procs:

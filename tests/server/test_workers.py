@@ -7,13 +7,11 @@ and a worker that dies takes the group down with a non-zero exit."""
 from __future__ import annotations
 
 import hashlib
-import json
 import os
 import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -32,7 +30,7 @@ from sealserve.defense.audit.verify import read_records
 from sealserve.errors import ConfigError
 from sealserve.server.settings import Settings
 from sealserve.server.workers import reserve_port
-from tests.conftest import sealserve_cmd, sealserve_env
+from tests.conftest import sealserve_cmd, sealserve_env, serve_until_ready
 
 ROWS = np.random.default_rng(7).uniform(0, 16, size=(24, 64)).astype(np.float32)
 
@@ -58,20 +56,6 @@ def _config(work: Path, sim_root: Path, *, defended: bool = True, rest: bool = T
         )
     cfg.write_text(text)
     return cfg
-
-
-def _start(cfg: Path, ready: Path) -> tuple[subprocess.Popen[bytes], dict[str, Any]]:
-    proc = subprocess.Popen(
-        sealserve_cmd("serve", "--config", str(cfg), "--ready-file", str(ready)),
-        env=sealserve_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-    )  # fmt: skip
-    deadline = time.monotonic() + 90
-    while not ready.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
-            pytest.fail(proc.stdout.read().decode() if proc.stdout else "no output")
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())
 
 
 def _alive(pid: int) -> bool:
@@ -111,7 +95,7 @@ def test_workers_share_one_port_one_identity_and_log_per_worker(
     tmp_path: Path, sim_root: Path
 ) -> None:
     cfg = _config(tmp_path, sim_root)
-    proc, info = _start(cfg, tmp_path / "ready.json")
+    proc, info = serve_until_ready(cfg, tmp_path / "ready.json")
     try:
         workers = info["workers"]
         assert len(set(workers)) == 2 and info["pid"] not in workers
@@ -186,7 +170,7 @@ def _open_ledger(sim_root: Path, paths: list[Path]) -> Any:
 
 def test_a_dead_worker_stops_the_group_with_a_nonzero_exit(tmp_path: Path, sim_root: Path) -> None:
     cfg = _config(tmp_path, sim_root, defended=False, rest=False)
-    proc, info = _start(cfg, tmp_path / "ready.json")
+    proc, info = serve_until_ready(cfg, tmp_path / "ready.json")
     try:
         os.kill(info["workers"][0], signal.SIGKILL)
         out = proc.communicate(timeout=60)[0].decode()

@@ -96,8 +96,6 @@ class StateCache:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._failures = 0
-        self.flushes = 0
-        self.writes = 0
 
     # -- BlobStore (pass-through) -------------------------------------------------
 
@@ -150,8 +148,7 @@ class StateCache:
         with self._lock:
             old = self._entries.get(key)
             if old is not None:
-                self._bytes -= old.nbytes
-                del self._entries[key]
+                self._drop(key, old)
             self._evicted.pop(key, None)
             self._insert(key, entry)
         self._ensure_thread()
@@ -162,11 +159,11 @@ class StateCache:
         with self._lock:
             batch = dict(self._evicted)
             self._evicted.clear()
-            taken: list[tuple[str, _Entry]] = []
+            taken: list[_Entry] = []
             for key, e in self._entries.items():
                 if e.dirty:
                     e.dirty = False
-                    taken.append((key, e))
+                    taken.append(e)
                     batch[key] = (pack_arrays(e.kind, e.arrays), e.ttl_s)
         written = 0
         try:
@@ -185,10 +182,8 @@ class StateCache:
             raise
         now = self._monotonic()
         with self._lock:
-            for _, e in taken:
+            for e in taken:
                 e.loaded = now
-            self.flushes += 1
-            self.writes += written
         return written
 
     def close(self) -> None:
