@@ -1,7 +1,6 @@
 """Real OIP REST clients nobody here wrote against the REST port, auth on:
-tritonclient.http (JSON and binary tensors) and the kserve REST client's documented
-wire format (sent with httpx, the library that client uses; the kserve package itself
-brings fastapi, kubernetes and pandas along, see docs/rest.md)."""
+tritonclient.http (JSON and binary tensors) and the KServe V2 REST wire format as its
+docs show it, sent with httpx (KServe's own client: test_kserve_client.py)."""
 
 from __future__ import annotations
 
