@@ -46,11 +46,13 @@ from sealserve.defense.watermark.verify import to_labels, verify
 from tests.defense import digits_task as dt
 
 BAND = {"margin": 0.3, "rate": 0.05}
+FRACTION = 0.002
+THIEF = "augmented"
 Suspect = Callable[[np.ndarray], np.ndarray]
 
 
 def profile(band: bool) -> Profile:
-    wm: dict[str, Any] = {"fraction": 0.002}
+    wm: dict[str, Any] = {"fraction": FRACTION}
     if band:
         wm["band"] = BAND
     return dt.default_profile(watermark=wm)
@@ -61,10 +63,15 @@ def key_of(i: int) -> bytes:
 
 
 def serve(
-    task: dt.Digits, q: np.ndarray, accounts: list[str], ledger: WatermarkLedger
+    task: dt.Digits,
+    q: np.ndarray,
+    accounts: list[str],
+    ledger: WatermarkLedger,
+    *,
+    key: bytes = dt.KEY,
 ) -> np.ndarray:
     """Released probabilities of ``q``, split in order over ``accounts``."""
-    bound = profile(True).bind(key=dt.KEY, ledger=ledger)
+    bound = profile(True).bind(key=key, ledger=ledger)
     p = task.proba(q)
     out = np.empty_like(p)
     for acct, idx in zip(accounts, np.array_split(np.arange(len(q)), len(accounts)), strict=True):
@@ -72,6 +79,16 @@ def serve(
             p[idx], inputs=q[idx], account=acct, model="digits", now=0.0
         ).values
     return out
+
+
+def thief_queries(task: dt.Digits, n: int, seed: int) -> np.ndarray:
+    """The thief's ``n`` queries: augmented pool digits, or (``--thief natural``) the
+    public digits outside the held-out set as they are (what honest users send)."""
+    if THIEF == "natural":
+        from theft.blend_in import natural_digits
+
+        return natural_digits(n, exclude=task.x_test, seed=seed).astype(np.float64)
+    return dt.augment(task.x_pool, n, seed=seed)
 
 
 def label_replica(name: str, x: np.ndarray, y: np.ndarray) -> Suspect:
@@ -116,7 +133,7 @@ def power(task: dt.Digits, sizes: list[int]) -> list[str]:
     ]
     y_test = task.labels(task.x_test)
     for n in sizes:
-        q = dt.augment(task.x_pool, n, seed=3)
+        q = thief_queries(task, n, 3)
         for n_acc in (1, 10):
             ledger = WatermarkLedger()
             released = serve(task, q, [f"thief{i}" for i in range(n_acc)], ledger)
@@ -144,8 +161,59 @@ def power(task: dt.Digits, sizes: list[int]) -> list[str]:
     return lines
 
 
+def power_many(task: dt.Digits, sizes: list[int], seeds: int) -> list[str]:
+    """Power over ``seeds`` independent thief streams (and keys) per cell: the share of
+    replicas proven (all tests, Bonferroni, p < 1e-6), the median p and the median
+    number of band-marked answers the thief received."""
+    lines = [
+        "| accounts | reads | replica | answers | proven (p < 1e-6) | proven at p < 1e-3 "
+        "| median p | band-marked answers received: median (min-max) | median fidelity |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    y_test = task.labels(task.x_test)
+    cases = [("labels", r) for r in ("LR", "MLP", "RF", "1NN", "5NN")]
+    cases += [("probs", r) for r in ("LR", "RF", "1NN", "5NN")]
+    for n in sizes:
+        for n_acc in (1, 10):
+            res: dict[tuple[str, str], list[tuple[float, float]]] = {c: [] for c in cases}
+            marked: list[int] = []
+            for s in range(seeds):
+                q = thief_queries(task, n, 100 + s)
+                ledger = WatermarkLedger()
+                released = serve(task, q, [f"thief{i}" for i in range(n_acc)], ledger,
+                                 key=key_of(1000 + s))  # fmt: skip
+                y = released.argmax(1)
+                spec = ledger.band("digits")
+                assert spec is not None
+                rows = ledger.band_rows()
+                cells = list({r.cell: r for r in rows}.values())
+                coins = spec.coins([r.cell for r in cells])
+                flipped = [r for r, c in zip(cells, coins, strict=True) if c]
+                marked.append(len(flipped))
+                for reads, name in cases:
+                    suspect = (
+                        label_replica(name, q, y)
+                        if reads == "labels"
+                        else prob_replica(name, q, released)
+                    )
+                    rep = verify(ledger, suspect, model="digits", band_pool="all")
+                    fid = float(np.mean(to_labels(suspect(task.x_test)) == y_test))
+                    res[(reads, name)].append((rep.p_value, fid))
+            for (reads, name), r in res.items():
+                ps = np.array([p for p, _ in r])
+                fids = np.array([f for _, f in r])
+                lines.append(
+                    f"| {n_acc} | {reads} | {name} | {n:,} | {int(np.sum(ps < 1e-6))} / {seeds} "
+                    f"| {int(np.sum(ps < 1e-3))} / {seeds} | {fmt(float(np.median(ps)))} | "
+                    f"{int(np.median(marked))} ({min(marked)}-{max(marked)}) | "
+                    f"{np.median(fids):.3f} |"
+                )
+                print(lines[-1], file=sys.stderr)
+    return lines
+
+
 def hidden(task: dt.Digits) -> list[str]:
-    q = dt.augment(task.x_pool, 1000, seed=3)
+    q = thief_queries(task, 1000, 3)
     honest = dt.augment(task.x_test, 4000, seed=11)
     ledger = WatermarkLedger()
     released = serve(task, q, [f"thief{i}" for i in range(10)], ledger)
@@ -209,7 +277,7 @@ def null(task: dt.Digits, keys: int) -> list[str]:
     streams = []
     for n in (1000, 5000):
         ledger = WatermarkLedger()
-        serve(task, dt.augment(task.x_pool, n, seed=3), ["t"], ledger)
+        serve(task, thief_queries(task, n, 3), ["t"], ledger)
         streams.append(ledger.band_rows())
     models = innocents(task)
     ps: list[float] = []
@@ -303,21 +371,49 @@ def cpu(task: dt.Digits, rounds: int) -> list[str]:
 
 
 def main() -> None:
+    global THIEF, FRACTION
     ap = argparse.ArgumentParser()
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--margin", type=float, default=BAND["margin"], help="band margin")
+    ap.add_argument("--rate", type=float, default=BAND["rate"], help="band coin rate")
+    ap.add_argument("--fraction", type=float, default=FRACTION, help="DAWN mark fraction")
+    ap.add_argument("--thief", choices=("augmented", "natural"), default=THIEF)
+    ap.add_argument(
+        "--seeds", type=int, default=1,
+        help="thief streams per power cell (> 1: a power-share table instead of one stream)",
+    )  # fmt: skip
+    ap.add_argument("--sizes", default="", help="answers per thief, comma-separated")
     args = ap.parse_args()
+    BAND.update(margin=args.margin, rate=args.rate)
+    FRACTION, THIEF = args.fraction, args.thief
     warnings.filterwarnings("ignore")
     with threadpool_limits(1):
         task = dt.load()
         sizes = [500, 1000] if args.quick else [500, 1000, 5000]
+        if args.sizes:
+            sizes = [int(v) for v in args.sizes.split(",")]
         keys = 20 if args.quick else 200
-        out = ["### Power (default profile + band marks, margin 0.3, rate 0.05)", ""]
-        out += [
-            "One thief stream per cell (seed 3); replicas answer probabilities to `verify` "
-            "(the band test reads their argmax). Proven = all tests (Bonferroni) p < 1e-6.",
-            "",
-        ]
-        out += power(task, sizes)
+        prof = (
+            f"DAWN fraction {FRACTION:g} + band marks, margin {BAND['margin']:g}, "
+            f"rate {BAND['rate']:g}; {THIEF} thief"
+        )
+        out = [f"### Power ({prof})", ""]
+        if args.seeds > 1:
+            out += [
+                f"{args.seeds} thief streams per cell, each with its own key; replicas answer "
+                "probabilities to `verify` (the band test reads their argmax). Proven = all "
+                "tests (Bonferroni) p < 1e-6.",
+                "",
+            ]
+            out += power_many(task, sizes, args.seeds)
+        else:
+            out += [
+                "One thief stream per cell (seed 3); replicas answer probabilities to "
+                "`verify` (the band test reads their argmax). Proven = all tests "
+                "(Bonferroni) p < 1e-6.",
+                "",
+            ]
+            out += power(task, sizes)
         out += ["", "### The 1,000-answer thief as 10 accounts among 40 honest ones", ""]
         out += hidden(task)
         out += ["", "### False claims (exact null)", ""]

@@ -29,6 +29,7 @@ def test_demo_runs_end_to_end(tmp_path: Path) -> None:
     # marks (agreement < 0.95) has probability 5e-4; 3 or more has 8%, so 0.98 flaked.
     assert acc > 0.9 and agree >= 0.95
     assert "malformed request refused" in text
+    assert "over REST on 127.0.0.1:" in text and "same TLS key as gRPC: True" in text, text
     assert "[mallory] uniform-noise extraction refused after" in text
     assert "still served during the attack" in text
     assert "watermark on trudy's replica" in text and "-> PROVEN" in text, text
