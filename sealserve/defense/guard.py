@@ -72,6 +72,11 @@ class Guard:
         # with ipaddress on every request costs more than the rest of the admission.
         self._peers: dict[tuple[str, str | None], str] = {}
 
+    @property
+    def idle(self) -> bool:
+        """Nothing to admit or release: no limits and no output defenses."""
+        return self.quota is None and self.output is None
+
     def arm(self, output: OutputDefenses) -> None:
         """Install the output defenses built for the loaded models; once only.
 

@@ -116,15 +116,27 @@ class Batcher:
             )
         return "off, " + ("inline" if self._inline else "worker thread")
 
+    @property
+    def inline(self) -> bool:
+        """Whether requests run on the caller's thread (:meth:`run_inline`), not queued."""
+        return self._inline
+
+    def run_inline(
+        self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
+    ) -> dict[str, np.ndarray]:
+        """Run one request on the caller's thread (a model cheaper than a thread hop)."""
+        names = outputs or self._all_names
+        self._m_batch.observe(1)
+        results = self._model.run(inputs if self._plain else _to_ort(inputs), names)
+        return dict(zip(names, results, strict=True))
+
     async def infer(
         self, inputs: dict[str, np.ndarray], outputs: tuple[str, ...]
     ) -> dict[str, np.ndarray]:
         """Run one request; returns the requested outputs (all when none requested)."""
-        names = outputs or self._all_names
         if self._inline:
-            self._m_batch.observe(1)
-            results = self._model.run(inputs if self._plain else _to_ort(inputs), names)
-            return dict(zip(names, results, strict=True))
+            return self.run_inline(inputs, outputs)
+        names = outputs or self._all_names
         if self._pending >= self._cfg.max_queue_size:
             raise OverloadedError(
                 f"model '{self._model.info.name}' queue is full "

@@ -85,6 +85,8 @@ class DataPlane:
         """
         # Decoded already: no deferred-decode wrapper (this is the REST port's path).
         batch = _batch_of(request)
+        if self.guard.idle:  # no limits, no output defenses: nothing to admit or release
+            return await self.engine.infer(request), ()
         requested = request.outputs
         to_compute = self.guard.to_compute(request.model, requested)
         remaining = await self._admit(caller, request.model, batch, pow_)
@@ -98,6 +100,10 @@ class DataPlane:
         on the declared batch size first, so a refused caller's tensors are never
         materialised. (A declared batch below 1 is decoded first: decoding says what is
         wrong with it, or the batch check below does.)"""
+        if self.guard.idle:  # no limits, no output defenses: nothing to admit or release
+            decoded = pending.decode()
+            _batch_of(decoded)
+            return await self.engine.infer(decoded), ()
         requested = pending.outputs
         # Which outputs are served is decided before admission: a request naming an
         # output the defenses do not cover is refused without spending quota.

@@ -216,6 +216,8 @@ def test_refused_admission_never_decodes_and_is_remembered_for_a_second() -> Non
     from sealserve.server.dataplane import DataPlane, PendingRequest, RecentRefusals
 
     class RefusingGuard:
+        idle = False  # it has limits to apply
+
         def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
             return requested
 

@@ -35,6 +35,7 @@ from sealserve.auth.principal import SCOPE_INFER, SCOPE_METADATA, Principal
 from sealserve.defense.guard import ProofOfWork
 from sealserve.errors import AuthenticationError, ConfigError, InputError
 from sealserve.server.dataplane import DataPlane
+from sealserve.server.engine import LoadedModel
 from sealserve.server.metrics import Metrics
 from sealserve.server.rest.codec import (
     decode_infer_request,
@@ -84,7 +85,7 @@ class RestApp:
         self._evidence_rate = evidence_rate
         self._max_json = max_json_bytes
         self._max_body = max(plane.max_request_bytes, max_json_bytes) + _ENVELOPE
-        self._ok: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._ok: dict[LoadedModel, tuple[Any, Any]] = {}
         # Parsed paths of served models' infer routes (``_route`` fills it).
         self._infer_routes: dict[str, tuple[str, str]] = {}
 
@@ -180,15 +181,14 @@ class RestApp:
         self, model: str, version: str, scope: Scope, headers: dict[bytes, bytes],
         receive: Receive,
     ) -> tuple[int, bytes, Headers]:  # fmt: skip
+        # Every request of the REST port runs this: kept to the calls it needs.
         t0 = time.perf_counter()
-        # Metric labels only name served models (client strings would grow them).
-        label = ("(unknown)", "")
+        loaded = None
         try:
             principal = (
                 await self._authenticate(headers, SCOPE_INFER) if self._auth is not None else None
             )
             loaded = self._plane.model(model, version)
-            label = (loaded.info.name, loaded.info.version)
             encoding = headers.get(b"content-encoding")
             if encoding is not None and encoding != b"identity":
                 raise HttpError(
@@ -197,10 +197,11 @@ class RestApp:
                     "send the body uncompressed",
                 )
             body = await self._read_body(scope, headers, receive)
+            length = headers.get(b"inference-header-content-length")
             decoded = decode_infer_request(
                 body,
                 loaded.info,
-                header_length=_header_length(headers),
+                header_length=None if length is None else _header_length(length),
                 max_bytes=self._plane.max_request_bytes,
                 max_json_bytes=self._max_json,
             )
@@ -226,6 +227,8 @@ class RestApp:
             )
         except Exception as exc:
             status, message, extra = to_http(exc)  # logs an internal error, once
+            # Metric labels only name served models (client strings would grow them).
+            label = (loaded.info.name, loaded.info.version) if loaded else ("(unknown)", "")
             self._metrics.requests.labels(*label, str(status), PROTOCOL).inc()
             raise HttpError(status, message, extra) from exc
         out: Headers
@@ -239,20 +242,20 @@ class RestApp:
         if remaining:
             quota = ",".join(f"{r.name}={r.remaining}/{r.limit}" for r in remaining)
             out.append((b"sealserve-quota-remaining", quota.encode()))
-        ok, latency = self._ok_metrics(*label)
+        ok, latency = self._ok_metrics(loaded)
         ok.inc()
         latency.observe(time.perf_counter() - t0)
         return 200, body, out
 
-    def _ok_metrics(self, model: str, version: str) -> tuple[Any, Any]:
-        key = (model, version)
-        pair = self._ok.get(key)
+    def _ok_metrics(self, loaded: LoadedModel) -> tuple[Any, Any]:
+        pair = self._ok.get(loaded)
         if pair is None:
+            model, version = loaded.info.name, loaded.info.version
             pair = (
                 self._metrics.requests.labels(model, version, "200", PROTOCOL),
                 self._metrics.latency.labels(model, version, PROTOCOL),
             )
-            self._ok[key] = pair
+            self._ok[loaded] = pair
         return pair
 
     async def _read_body(
@@ -356,10 +359,8 @@ def _model_route(parts: list[str], path: str) -> tuple[str, str, str]:
     raise HttpError(404, f"no such route: {quote(path)}")
 
 
-def _header_length(headers: dict[bytes, bytes]) -> int | None:
-    value = headers.get(b"inference-header-content-length")
-    if value is None:
-        return None
+def _header_length(value: bytes) -> int:
+    """The ``Inference-Header-Content-Length`` header's value."""
     if not value.isdigit():
         raise HttpError(400, "Inference-Header-Content-Length is not a number")
     return int(value)
