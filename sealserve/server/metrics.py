@@ -1,10 +1,25 @@
-"""Prometheus metrics, in a registry of their own, served on their own port."""
+"""Prometheus metrics, in a registry of their own, served on their own port.
+
+The per-request series (requests, latency, batch size, queue time) are observed on the
+serving path, which runs on the server's event loop. prometheus_client's own Counter
+and Histogram take a lock for every value they change (a histogram observation two),
+which costs more than the rest of a small model's bookkeeping; these series are plain
+numbers the loop's thread changes and the registry reads at scrape, through
+prometheus_client's collector API (the exposition is the library's).
+"""
 
 from __future__ import annotations
 
 import logging
+import threading
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
+from itertools import accumulate
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 log = logging.getLogger("sealserve.metrics")
 
@@ -13,39 +28,148 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
+class _Family(Collector):
+    """Labelled series observed from one thread (the event loop) without a lock per
+    observation; ``labels`` (which may create a series) and scrapes take one."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str],
+        registry: CollectorRegistry,
+    ) -> None:  # fmt: skip
+        self._name = name
+        self._doc = documentation
+        self._labelnames = tuple(labelnames)
+        self._lock = threading.Lock()
+        self._series: dict[tuple[str, ...], object] = {}
+        registry.register(self)
+
+    def _series_for(self, values: tuple[object, ...], make: type) -> object:
+        if len(values) != len(self._labelnames):
+            raise ValueError(f"{self._name}: expected {len(self._labelnames)} label values")
+        key = tuple(str(v) for v in values)
+        series = self._series.get(key)
+        if series is None:
+            with self._lock:
+                series = self._series.setdefault(key, make(self))
+        return series
+
+    def _snapshot(self) -> list[tuple[tuple[str, ...], object]]:
+        with self._lock:
+            return list(self._series.items())
+
+
+class CounterSeries:
+    """One label set of a :class:`LoopCounter`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self, _family: object) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class LoopCounter(_Family):
+    """A labelled counter (``labels(...).inc()``) for the serving path."""
+
+    def labels(self, *values: object) -> CounterSeries:
+        series = self._series_for(values, CounterSeries)
+        assert isinstance(series, CounterSeries)
+        return series
+
+    def describe(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for key, series in self._snapshot():
+            assert isinstance(series, CounterSeries)
+            family.add_metric(list(key), series.value)
+        yield family
+
+
+class HistogramSeries:
+    """One label set of a :class:`LoopHistogram`: a count per bucket (not cumulative;
+    the last is +Inf) and the sum."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, family: LoopHistogram) -> None:
+        self._bounds = family.bounds
+        self.counts = [0] * len(family.bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is >= amount (Prometheus' "le").
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+class LoopHistogram(_Family):
+    """A labelled histogram (``labels(...).observe(x)``) for the serving path."""
+
+    def __init__(
+        self, name: str, documentation: str, labelnames: Sequence[str],
+        registry: CollectorRegistry, *, buckets: Sequence[float],
+    ) -> None:  # fmt: skip
+        self.bounds = (*sorted(float(b) for b in buckets), float("inf"))
+        super().__init__(name, documentation, labelnames, registry)
+
+    def labels(self, *values: object) -> HistogramSeries:
+        series = self._series_for(values, HistogramSeries)
+        assert isinstance(series, HistogramSeries)
+        return series
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
+        for key, series in self._snapshot():
+            assert isinstance(series, HistogramSeries)
+            cumulative = accumulate(list(series.counts))
+            buckets = [
+                (floatToGoString(b), float(c))  # type: ignore[no-untyped-call]
+                for b, c in zip(self.bounds, cumulative, strict=True)
+            ]
+            family.add_metric(list(key), buckets, series.sum)
+        yield family
+
+
 class Metrics:
     """Every metric the server exports. One instance, built by the composition root."""
 
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         self.registry = registry or CollectorRegistry(auto_describe=True)
         r = self.registry
-        self.requests = Counter(
+        self.requests = LoopCounter(
             "sealserve_requests",
             "Inference requests by model, version, status code (the gRPC code's name on "
             "the gRPC port, the HTTP status on the REST port) and protocol (grpc, rest).",
             ["model", "version", "code", "protocol"],
-            registry=r,
+            r,
         )
-        self.latency = Histogram(
+        self.latency = LoopHistogram(
             "sealserve_request_latency_seconds",
             "Inference latency inside the server (decode to encode), by protocol.",
             ["model", "version", "protocol"],
+            r,
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.queue_time = Histogram(
+        self.queue_time = LoopHistogram(
             "sealserve_queue_seconds",
             "Time a request waited in the batching queue before its batch ran.",
             ["model", "version"],
+            r,
             buckets=_LATENCY_BUCKETS,
-            registry=r,
         )
-        self.batch_size = Histogram(
+        self.batch_size = LoopHistogram(
             "sealserve_batch_size",
             "Requests per onnxruntime run.",
             ["model", "version"],
+            r,
             buckets=(1, 2, 4, 8, 16, 32, 64, 128),
-            registry=r,
         )
         self.refusals = Counter(
             "sealserve_refusals",

@@ -48,12 +48,10 @@ def test_32_concurrent_clients_equal_unbatched(start_server: Any, repo: Path) ->
         assert r["y"].shape == expected[i].shape
         assert np.array_equal(r["y"], expected[i]), f"request {i} differs from unbatched"
     # Batching really happened: some runs held more than one request.
-    hist = running.server.metrics.batch_size.labels("matmul", "2")
-    samples = {
-        s.name: s.value for s in hist.collect()[0].samples if s.name.endswith(("_count", "_sum"))
-    }
-    count = samples["sealserve_batch_size_count"]
-    total = samples["sealserve_batch_size_sum"]
+    registry = running.server.metrics.registry
+    labels = {"model": "matmul", "version": "2"}
+    count = registry.get_sample_value("sealserve_batch_size_count", labels)
+    total = registry.get_sample_value("sealserve_batch_size_sum", labels)
     assert total == len(xs)
     assert count < len(xs), "every request ran alone: no batching happened"
 
