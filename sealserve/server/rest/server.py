@@ -73,8 +73,12 @@ def _guarded_protocol(
         # (RestServer) refuses the late ones: cheaper than a timer per request.
         deadline: float | None = None
         late_reply = b""
+        # Bytes received while a request head is incomplete (from the end of the last
+        # message, or the connection's start, to the end of the head), and the size of
+        # the last chunk: the head is bounded without a callback per header.
         _in_headers = False
         _header_bytes = 0
+        _last_chunk = 0
 
         def _refuse(self, reply: bytes) -> None:
             self.deadline = None
@@ -85,45 +89,37 @@ def _guarded_protocol(
         def expire(self) -> None:
             self._refuse(self.late_reply)
 
-        def _expect_headers(self) -> None:
-            self._in_headers = True
-            self._header_bytes = 0
+        def _await_headers(self) -> None:
             self.deadline = self.loop.time() + header_timeout_s
             self.late_reply = header_reply
 
         def connection_made(self, transport: Any) -> None:
             super().connection_made(transport)
-            self._expect_headers()
+            self._in_headers = True
+            self._await_headers()
 
         def connection_lost(self, exc: Exception | None) -> None:
             self.deadline = None
             super().connection_lost(exc)
 
         def data_received(self, data: bytes) -> None:
+            n = len(data)
+            self._last_chunk = n
+            if self._in_headers:
+                self._header_bytes += n
             super().data_received(data)
-            # A header the parser holds unfinished is not counted yet: bound the
-            # bytes of an unfinished head too.
-            if self._in_headers and len(data) > max_header_bytes:
+            # Still in the head after this chunk: every byte counted was head.
+            if self._in_headers and self._header_bytes > max_header_bytes:
                 self._refuse(size_reply)
 
-        def _too_large(self) -> None:
-            self._refuse(size_reply)
-            raise ValueError("request headers too large")  # stops the parser
-
-        # Counted inline: these run for every header of every request.
-        def on_url(self, url: bytes) -> None:
-            self._header_bytes += len(url)
-            if self._header_bytes > max_header_bytes:
-                self._too_large()
-            super().on_url(url)
-
-        def on_header(self, name: bytes, value: bytes) -> None:
-            self._header_bytes += len(name) + len(value) + 4
-            if self._header_bytes > max_header_bytes:
-                self._too_large()
-            super().on_header(name, value)
-
         def on_headers_complete(self) -> None:
+            # The chunk that ended the head may carry body bytes as well (or began in
+            # a previous body): measure the head itself when it could be over the cap.
+            if self._header_bytes + self._last_chunk > max_header_bytes:
+                size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
+                if size > max_header_bytes:
+                    self._refuse(size_reply)
+                    raise ValueError("request headers too large")  # stops the parser
             self._in_headers = False
             self.deadline = self.loop.time() + body_timeout_s
             self.late_reply = body_reply
@@ -131,12 +127,15 @@ def _guarded_protocol(
 
         def on_message_complete(self) -> None:
             self.deadline = None
+            # What arrives next is the next request's head (pipelined or not).
+            self._in_headers = True
+            self._header_bytes = 0
             super().on_message_complete()
 
         def on_response_complete(self) -> None:
             super().on_response_complete()
             if not self.transport.is_closing():
-                self._expect_headers()  # the next request gets the same deadlines
+                self._await_headers()  # the next request gets the same deadlines
 
     return GuardedProtocol
 

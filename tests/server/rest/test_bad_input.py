@@ -229,3 +229,49 @@ def test_infer_route_table_holds_only_served_models(rest_server: Any) -> None:
     finally:
         rest.running.server.plane.open(None)  # this server has no [defense] to arm
     _still_serving(rest)
+
+
+def test_request_heads_are_bounded_however_they_arrive(rest_server: Any) -> None:
+    """The 16 KiB head cap holds for a head in one piece, one trickled in many small
+    pieces, one whose last piece carries the body, and a pipelined second request's head;
+    a big body sent with its head in one piece is not mistaken for a big head."""
+    rest = rest_server()
+    start = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+    auth = f"Authorization: Bearer {rest.token()}\r\n".encode()
+    # Trickled: 40 pieces of ~500 bytes, none of them over the cap on its own.
+    with socket.create_connection(("127.0.0.1", rest.port), timeout=10) as s:
+        s.sendall(start)
+        try:
+            for i in range(40):
+                s.sendall(f"X-Pad-{i}: {'a' * 480}\r\n".encode())
+                time.sleep(0.005)
+        except OSError:
+            pass  # refused and closed mid-way
+        resp = _reply(s)
+    assert _status(resp) == 431 and "request headers over the limit" in _error(resp)
+    # The last piece of an oversized head carries a small body too.
+    pad = b"".join(f"X-Pad-{i}: {'b' * 480}\r\n".encode() for i in range(40))
+    resp = _raw(rest.port, start + auth + pad + b"Content-Length: 2\r\n\r\n{}")
+    assert _status(resp) == 431
+    # A 300 KB binary body in the same piece as a small head is served.
+    x = np.zeros((1200, 64), np.float32)
+    head = json.dumps({"inputs": [{"name": "input", "datatype": "FP32", "shape": [1200, 64],
+                                   "parameters": {"binary_data_size": x.nbytes}}]}).encode()  # fmt: skip
+    body = head + x.tobytes()
+    req = (start + auth + f"Inference-Header-Content-Length: {len(head)}\r\n"
+           f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n".encode() + body)  # fmt: skip
+    assert _status(_raw(rest.port, req)) == 200
+    # Pipelined: a good request, then one with an oversized head, in one send: the
+    # connection is refused with 431 (the first answer may be lost with it, as a
+    # pipelining client must expect when the server closes).
+    good = json.dumps(GOOD).encode()
+    first = start + auth + f"Content-Length: {len(good)}\r\n\r\n".encode() + good
+    resp = _raw(rest.port, first + start + pad + b"\r\n")
+    assert b"HTTP/1.1 431" in resp and resp.count(b"HTTP/1.1 ") <= 2
+    # The same pipelined head sent after the first answer arrived: refused as well.
+    with socket.create_connection(("127.0.0.1", rest.port), timeout=10) as s:
+        s.sendall(first)
+        assert _status(_reply(s)) == 200
+        s.sendall(start + pad + b"\r\n")
+        assert _status(_reply(s)) == 431
+    _still_serving(rest)
