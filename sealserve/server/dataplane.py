@@ -86,7 +86,8 @@ class DataPlane:
         # Decoded already: no deferred-decode wrapper (this is the REST port's path).
         batch = _batch_of(request)
         if self.guard.idle:  # no limits, no output defenses: nothing to admit or release
-            return await self.engine.infer(request), ()
+            response = self.engine.infer_inline(request) or await self.engine.infer(request)
+            return response, ()
         requested = request.outputs
         to_compute = self.guard.to_compute(request.model, requested)
         remaining = await self._admit(caller, request.model, batch, pow_)
@@ -103,7 +104,8 @@ class DataPlane:
         if self.guard.idle:  # no limits, no output defenses: nothing to admit or release
             decoded = pending.decode()
             _batch_of(decoded)
-            return await self.engine.infer(decoded), ()
+            response = self.engine.infer_inline(decoded) or await self.engine.infer(decoded)
+            return response, ()
         requested = pending.outputs
         # Which outputs are served is decided before admission: a request naming an
         # output the defenses do not cover is refused without spending quota.

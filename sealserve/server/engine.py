@@ -201,6 +201,17 @@ class Engine:
     def loaded(self) -> list[LoadedModel]:
         return list(self._models.values())
 
+    def infer_inline(self, request: InferRequest) -> InferResponse | None:
+        """Run ``request`` now, on the caller's thread, when its model runs inline;
+        None when it goes through a queue or a worker thread (await :meth:`infer`)."""
+        batcher = self._batchers[(request.model, request.version)]
+        if not batcher.inline:
+            return None
+        outputs = batcher.run_inline(request.inputs, request.outputs)
+        return InferResponse(
+            model=request.model, version=request.version, outputs=outputs, id=request.id
+        )
+
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run ``request`` (already validated against the model's metadata)."""
         batcher = self._batchers[(request.model, request.version)]

@@ -277,20 +277,27 @@ def decode_infer_request(
     if len(inputs) != len(specs):
         missing = [s.name for s in info.inputs if s.name not in inputs]
         raise TensorError(f"missing input(s): {', '.join(missing)}")
-    outputs, binary_outputs = _requested_outputs(doc.get("outputs"), info)
-    params = _object(doc.get("parameters") or {}, "the request's 'parameters'")
+    # The common request names no outputs, no parameters and maybe an id: checked inline.
+    requested = doc.get("outputs")
+    outputs, binary_outputs = (
+        ((), _NO_NAMES) if requested is None else _requested_outputs(requested, info)
+    )
+    params = doc.get("parameters")
+    if params is not None and type(params) is not dict:
+        params = _object(params or {}, "the request's 'parameters'")
     request_id = doc.get("id", "")
+    if type(request_id) is not str:
+        request_id = _str(request_id, "'id'")
     return DecodedRequest(
         InferRequest(
-            model=info.name,
-            version=info.version,
-            inputs=inputs,
-            outputs=outputs,
-            id=_str(request_id, "'id'"),
+            model=info.name, version=info.version, inputs=inputs, outputs=outputs, id=request_id
         ),
         binary_outputs=binary_outputs,
-        all_binary=params.get("binary_data_output") is True,
+        all_binary=params is not None and params.get("binary_data_output") is True,
     )
+
+
+_NO_NAMES: frozenset[str] = frozenset()
 
 
 def _requested_outputs(value: Any, info: ModelInfo) -> tuple[tuple[str, ...], frozenset[str]]:
