@@ -102,10 +102,7 @@ class DataPlane:
         materialised. (A declared batch below 1 is decoded first: decoding says what is
         wrong with it, or the batch check below does.)"""
         if self.guard.idle:  # no limits, no output defenses: nothing to admit or release
-            decoded = pending.decode()
-            _batch_of(decoded)
-            response = self.engine.infer_inline(decoded) or await self.engine.infer(decoded)
-            return response, ()
+            return await self.infer(pending.decode(), caller, pow_=pow_)
         requested = pending.outputs
         # Which outputs are served is decided before admission: a request naming an
         # output the defenses do not cover is refused without spending quota.

@@ -214,11 +214,11 @@ class Engine:
 
     async def infer(self, request: InferRequest) -> InferResponse:
         """Run ``request`` (already validated against the model's metadata)."""
+        response = self.infer_inline(request)
+        if response is not None:
+            return response
         batcher = self._batchers[(request.model, request.version)]
-        if batcher.inline:  # no coroutine of its own: this runs on every request
-            outputs = batcher.run_inline(request.inputs, request.outputs)
-        else:
-            outputs = await batcher.infer(request.inputs, request.outputs)
+        outputs = await batcher.infer(request.inputs, request.outputs)
         return InferResponse(
             model=request.model, version=request.version, outputs=outputs, id=request.id
         )

@@ -15,6 +15,7 @@ import threading
 from bisect import bisect_left
 from collections.abc import Iterator, Sequence
 from itertools import accumulate
+from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
@@ -28,9 +29,43 @@ _LATENCY_BUCKETS = (
 )  # fmt: skip
 
 
-class _Family(Collector):
+class CounterSeries:
+    """One label set of a :class:`LoopCounter`."""
+
+    __slots__ = ("value",)
+
+    def __init__(self) -> None:
+        self.value = 0.0
+
+    def inc(self, amount: float = 1.0) -> None:
+        self.value += amount
+
+
+class HistogramSeries:
+    """One label set of a :class:`LoopHistogram`: a count per bucket (not cumulative;
+    the last is +Inf) and the sum."""
+
+    __slots__ = ("_bounds", "counts", "sum")
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self.counts = [0] * len(bounds)
+        self.sum = 0.0
+
+    def observe(self, amount: float) -> None:
+        # The first bucket whose upper bound is >= amount (Prometheus' "le").
+        self.counts[bisect_left(self._bounds, amount)] += 1
+        self.sum += amount
+
+
+S = TypeVar("S", CounterSeries, HistogramSeries)
+
+
+class _Family(Collector, Generic[S]):
     """Labelled series observed from one thread (the event loop) without a lock per
     observation; ``labels`` (which may create a series) and scrapes take one."""
+
+    _kind: type[CounterMetricFamily | HistogramMetricFamily]
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str],
@@ -40,74 +75,54 @@ class _Family(Collector):
         self._doc = documentation
         self._labelnames = tuple(labelnames)
         self._lock = threading.Lock()
-        self._series: dict[tuple[str, ...], object] = {}
+        self._series: dict[tuple[str, ...], S] = {}
         registry.register(self)
 
-    def _series_for(self, values: tuple[object, ...], make: type) -> object:
+    def _new_series(self) -> S:
+        raise NotImplementedError
+
+    def _add(self, family: Metric, key: list[str], series: S) -> None:
+        raise NotImplementedError
+
+    def labels(self, *values: object) -> S:
         if len(values) != len(self._labelnames):
             raise ValueError(f"{self._name}: expected {len(self._labelnames)} label values")
         key = tuple(str(v) for v in values)
         series = self._series.get(key)
         if series is None:
             with self._lock:
-                series = self._series.setdefault(key, make(self))
-        return series
-
-    def _snapshot(self) -> list[tuple[tuple[str, ...], object]]:
-        with self._lock:
-            return list(self._series.items())
-
-
-class CounterSeries:
-    """One label set of a :class:`LoopCounter`."""
-
-    __slots__ = ("value",)
-
-    def __init__(self, _family: object) -> None:
-        self.value = 0.0
-
-    def inc(self, amount: float = 1.0) -> None:
-        self.value += amount
-
-
-class LoopCounter(_Family):
-    """A labelled counter (``labels(...).inc()``) for the serving path."""
-
-    def labels(self, *values: object) -> CounterSeries:
-        series = self._series_for(values, CounterSeries)
-        assert isinstance(series, CounterSeries)
+                series = self._series.setdefault(key, self._new_series())
         return series
 
     def describe(self) -> Iterator[Metric]:
-        yield CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
+        yield self._kind(self._name, self._doc, labels=self._labelnames)
 
     def collect(self) -> Iterator[Metric]:
-        family = CounterMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for key, series in self._snapshot():
-            assert isinstance(series, CounterSeries)
-            family.add_metric(list(key), series.value)
+        family = self._kind(self._name, self._doc, labels=self._labelnames)
+        with self._lock:
+            items = list(self._series.items())
+        for key, series in items:
+            self._add(family, list(key), series)
         yield family
 
 
-class HistogramSeries:
-    """One label set of a :class:`LoopHistogram`: a count per bucket (not cumulative;
-    the last is +Inf) and the sum."""
+class LoopCounter(_Family[CounterSeries]):
+    """A labelled counter (``labels(...).inc()``) for the serving path."""
 
-    __slots__ = ("_bounds", "counts", "sum")
+    _kind = CounterMetricFamily
 
-    def __init__(self, family: LoopHistogram) -> None:
-        self._bounds = family.bounds
-        self.counts = [0] * len(family.bounds)
-        self.sum = 0.0
+    def _new_series(self) -> CounterSeries:
+        return CounterSeries()
 
-    def observe(self, amount: float) -> None:
-        # The first bucket whose upper bound is >= amount (Prometheus' "le").
-        self.counts[bisect_left(self._bounds, amount)] += 1
-        self.sum += amount
+    def _add(self, family: Metric, key: list[str], series: CounterSeries) -> None:
+        assert isinstance(family, CounterMetricFamily)
+        family.add_metric(key, series.value)
 
 
-class LoopHistogram(_Family):
+class LoopHistogram(_Family[HistogramSeries]):
     """A labelled histogram (``labels(...).observe(x)``) for the serving path."""
+
+    _kind = HistogramMetricFamily
 
     def __init__(
         self, name: str, documentation: str, labelnames: Sequence[str],
@@ -116,25 +131,17 @@ class LoopHistogram(_Family):
         self.bounds = (*sorted(float(b) for b in buckets), float("inf"))
         super().__init__(name, documentation, labelnames, registry)
 
-    def labels(self, *values: object) -> HistogramSeries:
-        series = self._series_for(values, HistogramSeries)
-        assert isinstance(series, HistogramSeries)
-        return series
+    def _new_series(self) -> HistogramSeries:
+        return HistogramSeries(self.bounds)
 
-    def describe(self) -> Iterator[Metric]:
-        yield HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
-
-    def collect(self) -> Iterator[Metric]:
-        family = HistogramMetricFamily(self._name, self._doc, labels=self._labelnames)
-        for key, series in self._snapshot():
-            assert isinstance(series, HistogramSeries)
-            cumulative = accumulate(list(series.counts))
-            buckets = [
-                (floatToGoString(b), float(c))  # type: ignore[no-untyped-call]
-                for b, c in zip(self.bounds, cumulative, strict=True)
-            ]
-            family.add_metric(list(key), buckets, series.sum)
-        yield family
+    def _add(self, family: Metric, key: list[str], series: HistogramSeries) -> None:
+        assert isinstance(family, HistogramMetricFamily)
+        cumulative = accumulate(list(series.counts))
+        buckets = [
+            (floatToGoString(b), float(c))  # type: ignore[no-untyped-call]
+            for b, c in zip(self.bounds, cumulative, strict=True)
+        ]
+        family.add_metric(key, buckets, series.sum)
 
 
 class Metrics:

@@ -32,7 +32,7 @@ import orjson
 from sealserve.auth import Authenticator
 from sealserve.auth.authenticator import KeyRefreshNeeded
 from sealserve.auth.principal import SCOPE_INFER, SCOPE_METADATA, Principal
-from sealserve.defense.guard import Caller, ProofOfWork
+from sealserve.defense.guard import ProofOfWork
 from sealserve.errors import AuthenticationError, ConfigError, InputError
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.engine import LoadedModel
@@ -205,21 +205,17 @@ class RestApp:
                 max_bytes=self._plane.max_request_bytes,
                 max_json_bytes=self._max_json,
             )
-            guard = self._plane.guard
-            if guard.idle:  # no limits, no defenses: nothing reads who is asking
-                caller = _NOBODY
-            else:
-                client = scope.get("client")
-                forwarded = headers.get(b"x-forwarded-for")
-                caller = guard.caller(
-                    account=principal.account if principal else None,
-                    tier=principal.tier if principal else None,
-                    # The address alone: per-peer limits count hosts, and the guard
-                    # caches resolved peers by it.
-                    transport_peer=client[0] if client else "",
-                    forwarded_for=forwarded.decode("latin-1") if forwarded is not None else None,
-                    protocol=PROTOCOL,
-                )
+            client = scope.get("client")
+            forwarded = headers.get(b"x-forwarded-for")
+            caller = self._plane.guard.caller(
+                account=principal.account if principal else None,
+                tier=principal.tier if principal else None,
+                # The address alone: per-peer limits count hosts, and the guard caches
+                # resolved peers by it.
+                transport_peer=client[0] if client else "",
+                forwarded_for=forwarded.decode("latin-1") if forwarded is not None else None,
+                protocol=PROTOCOL,
+            )
             pow_ = None
             challenge = headers.get(b"sealserve-pow-challenge")
             if challenge is not None:
@@ -325,8 +321,6 @@ class RestApp:
 
 
 _JSON: Headers = [(b"content-type", JSON)]
-# The caller handed to an idle guard's data plane (no limits, no defenses read it).
-_NOBODY = Caller("", None, "", PROTOCOL)
 _BODY_READ = "sealserve.body_read"
 
 
