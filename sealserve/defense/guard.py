@@ -15,6 +15,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import partial
+from typing import NamedTuple
 
 import numpy as np
 
@@ -30,10 +31,10 @@ RESERVED = "\x00"
 log = logging.getLogger("sealserve.defense")
 
 
-@dataclass(frozen=True)
-class Caller:
+class Caller(NamedTuple):
     """Who is asking: the authenticated account and tier, and the peer address that
-    per-peer limits count (already resolved through trusted proxies)."""
+    per-peer limits count (already resolved through trusted proxies). Immutable; a
+    tuple, built on every request at a fraction of a frozen dataclass's cost."""
 
     account: str
     tier: str | None

@@ -75,6 +75,15 @@ class DataPlane:
     def model_metadata(self, name: str, version: str) -> ModelInfo:
         return self.model(name, version).info
 
+    def infer_now(self, request: InferRequest) -> InferResponse | None:
+        """:meth:`infer`'s answer computed at once, without a coroutine, where there is
+        nothing to admit or release (no limits, no output defenses) and the model runs
+        inline; None where :meth:`infer` must be awaited."""
+        if not self.guard.idle:
+            return None
+        _batch_of(request)
+        return self.engine.infer_inline(request)
+
     async def infer(
         self, request: InferRequest, caller: Caller, *, pow_: ProofOfWork | None = None
     ) -> tuple[InferResponse, tuple[Remaining, ...]]:

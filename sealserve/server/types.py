@@ -44,7 +44,7 @@ class ModelInfo:
         return frozenset(s.name for s in self.outputs)
 
 
-@dataclass
+@dataclass(slots=True)
 class InferRequest:
     model: str
     version: str
@@ -53,7 +53,7 @@ class InferRequest:
     id: str = ""
 
 
-@dataclass
+@dataclass(slots=True)
 class InferResponse:
     model: str
     version: str

@@ -33,6 +33,7 @@ from sealserve.auth import Authenticator
 from sealserve.auth.authenticator import KeyRefreshNeeded
 from sealserve.auth.principal import SCOPE_INFER, SCOPE_METADATA, Principal
 from sealserve.defense.guard import ProofOfWork
+from sealserve.defense.store.base import Remaining
 from sealserve.errors import AuthenticationError, ConfigError, InputError
 from sealserve.server.dataplane import DataPlane
 from sealserve.server.engine import LoadedModel
@@ -196,7 +197,20 @@ class RestApp:
                     f"Content-Encoding {quote(encoding.decode('latin-1'))} is not accepted; "
                     "send the body uncompressed",
                 )
-            body = await self._read_body(scope, headers, receive)
+            # The body: read inline when it comes in one message (the usual case).
+            declared = headers.get(b"content-length")
+            if declared is not None:
+                self._check_length(declared)
+            first = await receive()
+            body = first.get("body", b"")
+            if (
+                first["type"] == "http.request"
+                and not first.get("more_body", False)
+                and len(body) <= self._max_body
+            ):
+                scope[_BODY_READ] = True
+            else:
+                body = await self._read_body(scope, first, receive)
             length = headers.get(b"inference-header-content-length")
             decoded = decode_infer_request(
                 body,
@@ -216,12 +230,18 @@ class RestApp:
                 forwarded_for=forwarded.decode("latin-1") if forwarded is not None else None,
                 protocol=PROTOCOL,
             )
-            pow_ = None
-            challenge = headers.get(b"sealserve-pow-challenge")
-            if challenge is not None:
-                solution = headers.get(b"sealserve-pow-solution", b"")
-                pow_ = ProofOfWork(challenge.decode("latin-1"), solution.decode("latin-1"))
-            result, remaining = await self._plane.infer(decoded.request, caller, pow_=pow_)
+            # Nothing to admit (no limits, no defenses) and an inline model: answered
+            # without a coroutine; otherwise admitted (proof of work included) first.
+            result = self._plane.infer_now(decoded.request)
+            if result is not None:
+                remaining: tuple[Remaining, ...] = ()
+            else:
+                pow_ = None
+                challenge = headers.get(b"sealserve-pow-challenge")
+                if challenge is not None:
+                    solution = headers.get(b"sealserve-pow-solution", b"")
+                    pow_ = ProofOfWork(challenge.decode("latin-1"), solution.decode("latin-1"))
+                result, remaining = await self._plane.infer(decoded.request, caller, pow_=pow_)
             body, header_length = encode_infer_response(
                 result, binary_outputs=decoded.binary_outputs, all_binary=decoded.all_binary
             )
@@ -258,28 +278,20 @@ class RestApp:
             self._ok[loaded] = pair
         return pair
 
-    async def _read_body(
-        self, scope: Scope, headers: dict[bytes, bytes], receive: Receive
-    ) -> bytes:
-        """The whole body, refused (413) before it is read whole when over the cap."""
-        declared = headers.get(b"content-length")
-        if declared is not None:
-            if not declared.isdigit():
-                raise HttpError(400, "Content-Length is not a number")
-            if int(declared) > self._max_body:
-                raise HttpError(
-                    413, f"request body of {int(declared)} bytes is over the limit of "
-                    f"{self._max_body} bytes"
-                )  # fmt: skip
-        # The body's deadline is the connection's (server.py: 408, then close).
-        message = await receive()
-        if message["type"] == "http.request" and not message.get("more_body", False):
-            # The whole body in one message (uvicorn's usual case for small bodies).
-            body: bytes = message.get("body", b"")
-            if len(body) > self._max_body:
-                raise HttpError(413, f"request body is over the limit of {self._max_body} bytes")
-            scope[_BODY_READ] = True
-            return body
+    def _check_length(self, declared: bytes) -> None:
+        """Refuse (413) a declared body over the cap before reading any of it."""
+        if not declared.isdigit():
+            raise HttpError(400, "Content-Length is not a number")
+        if int(declared) > self._max_body:
+            raise HttpError(
+                413, f"request body of {int(declared)} bytes is over the limit of "
+                f"{self._max_body} bytes"
+            )  # fmt: skip
+
+    async def _read_body(self, scope: Scope, message: Message, receive: Receive) -> bytes:
+        """The whole body from its first message on, refused (413) as soon as it runs
+        over the cap (a chunked body declares no length). The body's deadline is the
+        connection's (server.py: 408, then close)."""
         chunks: list[bytes] = []
         size = 0
         while True:

@@ -17,7 +17,6 @@ an output's ``parameters.binary_data``), the same way.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -73,28 +72,31 @@ def _str(value: Any, what: str, of: tuple[str, str] | None = None) -> str:
     return value
 
 
-def _shape(name: str, spec: TensorSpec, value: Any) -> tuple[int, ...]:
-    # Loops, not any()/zip(): this runs on every input of every request.
+def _shape(name: str, spec: TensorSpec, value: Any) -> int:
+    """The element count of a valid ``shape`` for ``spec``; TensorError otherwise."""
+    want_shape = spec.shape
+    # One loop for the common (valid) shape; the loops below word what is wrong.
+    if type(value) is list and len(value) == len(want_shape):
+        count = 1
+        for got, want in zip(value, want_shape, strict=True):
+            if type(got) is not int or got < 0 or (want >= 0 and got != want):
+                break
+            count *= got
+        else:
+            return count
     if type(value) is not list:
         raise TensorError(f"input {quote(name)}: shape must be a list of integers")
     for d in value:
         if type(d) is not int:
             raise TensorError(f"input {quote(name)}: shape must be a list of integers")
-    want_shape = spec.shape
     if len(value) != len(want_shape):
         raise TensorError(
             f"input {quote(name)}: expected rank {len(want_shape)} with shape "
             f"{list(want_shape)}, got rank {len(value)}"
         )
-    for i, got in enumerate(value):
-        if got < 0:
-            raise TensorError(f"input {quote(name)}: negative dimension in shape")
-        want = want_shape[i]
-        if want >= 0 and got != want:
-            raise TensorError(
-                f"input {quote(name)}: expected shape {list(want_shape)}, got {value}"
-            )
-    return tuple(value)
+    if any(got < 0 for got in value):
+        raise TensorError(f"input {quote(name)}: negative dimension in shape")
+    raise TensorError(f"input {quote(name)}: expected shape {list(want_shape)}, got {value}")
 
 
 def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
@@ -112,7 +114,7 @@ def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
         raise TensorError(
             f"input {quote(name)}: data is not a regular array of {datatype} values"
         ) from exc
-    allowed = _KINDS.get(datatype, _INT_KINDS)
+    allowed, target, bounds = _JSON_DECODE[datatype]
     if parsed.dtype.kind not in allowed:
         raise TensorError(
             f"input {quote(name)}: data holds {_describe(parsed.dtype)} values, "
@@ -126,18 +128,27 @@ def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
         out = np.empty(count, dtype=np.object_)
         out[:] = [s.encode() for s in parsed.reshape(-1).tolist()]
         return out
-    target = OIP_TO_NUMPY[datatype]
-    if target.kind in _INT_KINDS:
-        info = np.iinfo(target)  # type: ignore[type-var]
-        if parsed.min() < info.min or parsed.max() > info.max:
-            raise TensorError(f"input {quote(name)}: values out of range for {datatype}")
+    if bounds is not None and (parsed.min() < bounds[0] or parsed.max() > bounds[1]):
+        raise TensorError(f"input {quote(name)}: values out of range for {datatype}")
     return parsed.astype(target, copy=False)
 
 
+def _int_range(dtype: np.dtype[Any]) -> tuple[int, int]:
+    info = np.iinfo(dtype)  # type: ignore[type-var]
+    return int(info.min), int(info.max)
+
+
+# Per datatype: the numpy kinds its JSON data may parse to, the element type, and the
+# range an integer type holds (None: not an integer type).
+_JSON_DECODE: dict[str, tuple[str, np.dtype[Any], tuple[int, int] | None]] = {
+    oip: (_KINDS.get(oip, _INT_KINDS), dtype, _int_range(dtype) if dtype.kind in "iu" else None)
+    for oip, dtype in OIP_TO_NUMPY.items()
+}
+
+
 def _describe(dtype: np.dtype[Any]) -> str:
-    return {"b": "boolean", "i": "integer", "u": "integer", "f": "number", "U": "string"}.get(
-        dtype.kind, "mixed or null"
-    )
+    kinds = {"b": "boolean", "i": "integer", "u": "integer", "f": "number", "U": "string"}
+    return kinds.get(dtype.kind, "mixed or null")
 
 
 def _describe_kinds(kinds: str) -> str:
@@ -208,8 +219,8 @@ def decode_infer_request(
                 f"input {quote(name)}: expected datatype {spec.datatype}, "
                 f"got {quote(datatype) if datatype else '(empty)'}"
             )
-        shape = _shape(name, spec, tensor.get("shape"))
-        count = math.prod(shape)
+        shape: Any = tensor.get("shape")  # a list of ints once _shape passes it
+        count = _shape(name, spec, shape)
         itemsize = 0 if datatype == "BYTES" else OIP_TO_NUMPY[datatype].itemsize
         params = tensor.get("parameters")
         # Absent, null or empty: no parameters (a falsy value is read as {}).
@@ -301,8 +312,6 @@ _NO_NAMES: frozenset[str] = frozenset()
 
 
 def _requested_outputs(value: Any, info: ModelInfo) -> tuple[tuple[str, ...], frozenset[str]]:
-    if value is None:
-        return (), frozenset()
     if not isinstance(value, list):
         raise TensorError("'outputs' must be a JSON array")
     names: list[str] = []
@@ -333,6 +342,14 @@ def _json_data(arr: np.ndarray) -> Any:
     return np.ascontiguousarray(flat)
 
 
+# Element types orjson writes straight from a contiguous array (``ravel`` makes one).
+_JSON_NATIVE: dict[np.dtype[Any], str] = {
+    dtype: oip
+    for dtype, oip in NUMPY_TO_OIP.items()
+    if dtype.kind in "biuf" and dtype != np.float16  # orjson has no float16
+}
+
+
 def encode_infer_response(
     resp: InferResponse, *, binary_outputs: frozenset[str] = frozenset(), all_binary: bool = False
 ) -> tuple[bytes, int | None]:
@@ -340,6 +357,13 @@ def encode_infer_response(
     outputs: list[dict[str, Any]] = []
     blobs: list[bytes] = []
     for name, arr in resp.outputs.items():
+        # The common output (numbers or booleans, as JSON) in one lookup.
+        datatype = _JSON_NATIVE.get(arr.dtype)
+        if datatype is not None and not all_binary and name not in binary_outputs:
+            outputs.append(
+                {"name": name, "datatype": datatype, "shape": list(arr.shape), "data": arr.ravel()}
+            )
+            continue
         datatype = NUMPY_TO_OIP.get(arr.dtype) or numpy_to_oip(arr.dtype)
         entry: dict[str, Any] = {"name": name, "datatype": datatype, "shape": list(arr.shape)}
         if all_binary or name in binary_outputs:

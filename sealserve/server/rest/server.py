@@ -5,9 +5,11 @@ only from paths, so the PEM goes through an anonymous memory file (``memfd_creat
 close-on-exec) that is read once and closed; nothing touches a disk.
 
 uvicorn times out idle keep-alive connections but not a client that sends its request
-slowly (slow loris); :func:`_guarded_protocol` adds a deadline for the headers, then
-one for the body, and a header size cap (408 / 431, then the connection closes). One
-timer per request does both deadlines, cheaper than a timeout in the application.
+slowly (slow loris); :func:`_guarded_protocol` caps the size of request heads (431)
+and a sweep puts a deadline on each head, then on each body (408), then closes the
+connection. The sweep samples each connection's phase a few times per deadline, so
+nothing is timed per request: a timer or a clock read per request costs more than the
+rest of the guard.
 """
 
 from __future__ import annotations
@@ -52,65 +54,57 @@ def _canned(status: int, reason: str, message: str) -> bytes:
     ).encode() + body
 
 
-def _guarded_protocol(
-    header_timeout_s: float, body_timeout_s: float, max_header_bytes: int
-) -> type[HttpToolsProtocol]:
-    """uvicorn's httptools protocol with deadlines on request headers and body and a
-    size cap on the headers."""
-    header_reply = _canned(
-        408, "Request Timeout", f"request headers not received within {header_timeout_s:g} s"
-    )
-    body_reply = _canned(
-        408, "Request Timeout", f"request body not received within {body_timeout_s:g} s"
-    )
+# The phases of a connection that have a deadline (GuardedProtocol.phase).
+HEAD, BODY = 0, 1
+
+
+def _guarded_protocol(max_header_bytes: int) -> type[HttpToolsProtocol]:
+    """uvicorn's httptools protocol with a size cap on request heads, and the state a
+    sweep (:meth:`RestServer._sweep`) reads to put deadlines on heads and bodies."""
     size_reply = _canned(
         431, "Request Header Fields Too Large",
         f"request headers over the limit of {max_header_bytes} bytes",
     )  # fmt: skip
 
     class GuardedProtocol(HttpToolsProtocol):
-        # The deadline of the phase the connection is in (headers, then body); a sweep
-        # (RestServer) refuses the late ones: cheaper than a timer per request.
-        deadline: float | None = None
-        late_reply = b""
-        # Bytes received while a request head is incomplete (from the end of the last
-        # message, or the connection's start, to the end of the head), and the size of
-        # the last chunk: the head is bounded without a callback per header.
-        _in_headers = False
+        # Whether the next bytes belong to a request head (from the end of the last
+        # message, or the connection's start, to the end of the head); the bytes
+        # received while it is, and the size of the last chunk: the head is bounded
+        # without a callback per header.
+        _in_headers = True
         _header_bytes = 0
         _last_chunk = 0
+        # Requests completed on this connection: names the head or body a deadline
+        # is counting for. The sweep keeps its own (phase, since) per connection.
+        _messages = 0
+        sweep_key: int | None = None
+        sweep_since = 0.0
 
-        def _refuse(self, reply: bytes) -> None:
-            self.deadline = None
+        def refuse(self, reply: bytes) -> None:
             if not self.transport.is_closing():
                 self.transport.write(reply)
                 self.transport.close()
 
-        def expire(self) -> None:
-            self._refuse(self.late_reply)
-
-        def _await_headers(self) -> None:
-            self.deadline = self.loop.time() + header_timeout_s
-            self.late_reply = header_reply
-
-        def connection_made(self, transport: Any) -> None:
-            super().connection_made(transport)
-            self._in_headers = True
-            self._await_headers()
-
-        def connection_lost(self, exc: Exception | None) -> None:
-            self.deadline = None
-            super().connection_lost(exc)
+        def phase(self) -> int | None:
+            """A key naming the phase with a deadline this connection is in (a head
+            or a body, and which one), None when it has none: idle between requests
+            (uvicorn's keep-alive timeout closes it), or waiting for its answer."""
+            if not self._in_headers:
+                return self._messages * 2 + BODY
+            cycle = self.cycle
+            if self.timeout_keep_alive_task is None and (cycle is None or cycle.response_complete):
+                return self._messages * 2 + HEAD
+            return None
 
         def data_received(self, data: bytes) -> None:
             n = len(data)
             self._last_chunk = n
             if self._in_headers:
                 self._header_bytes += n
-            super().data_received(data)
+            HttpToolsProtocol.data_received(self, data)
             # Still in the head after this chunk: every byte counted was head.
             if self._in_headers and self._header_bytes > max_header_bytes:
-                self._refuse(size_reply)
+                self.refuse(size_reply)
 
         def on_headers_complete(self) -> None:
             # The chunk that ended the head may carry body bytes as well (or began in
@@ -118,24 +112,17 @@ def _guarded_protocol(
             if self._header_bytes + self._last_chunk > max_header_bytes:
                 size = len(self.url) + sum(len(k) + len(v) + 4 for k, v in self.headers)
                 if size > max_header_bytes:
-                    self._refuse(size_reply)
+                    self.refuse(size_reply)
                     raise ValueError("request headers too large")  # stops the parser
             self._in_headers = False
-            self.deadline = self.loop.time() + body_timeout_s
-            self.late_reply = body_reply
-            super().on_headers_complete()
+            HttpToolsProtocol.on_headers_complete(self)
 
         def on_message_complete(self) -> None:
-            self.deadline = None
             # What arrives next is the next request's head (pipelined or not).
             self._in_headers = True
             self._header_bytes = 0
-            super().on_message_complete()
-
-        def on_response_complete(self) -> None:
-            super().on_response_complete()
-            if not self.transport.is_closing():
-                self._await_headers()  # the next request gets the same deadlines
+            self._messages += 1
+            HttpToolsProtocol.on_message_complete(self)
 
     return GuardedProtocol
 
@@ -165,7 +152,7 @@ class RestServer:
         self._config = uvicorn.Config(
             app,
             lifespan="off",
-            http=_guarded_protocol(header_timeout_s, body_timeout_s, max_header_bytes),
+            http=_guarded_protocol(max_header_bytes),
             log_config=None,
             access_log=False,
             server_header=False,
@@ -181,6 +168,14 @@ class RestServer:
         self._sock: socket.socket | None = None
         self._ticker: asyncio.Task[None] | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._header_timeout = header_timeout_s
+        self._body_timeout = body_timeout_s
+        self._header_reply = _canned(
+            408, "Request Timeout", f"request headers not received within {header_timeout_s:g} s"
+        )
+        self._body_reply = _canned(
+            408, "Request Timeout", f"request body not received within {body_timeout_s:g} s"
+        )
         self._sweep_s = min(max(min(header_timeout_s, body_timeout_s) / 5, 0.02), 1.0)
 
     async def start(self) -> int:
@@ -213,16 +208,24 @@ class RestServer:
         return self.port
 
     async def _sweep(self) -> None:
-        """Refuse connections past their header or body deadline (408, then close)."""
+        """Refuse connections that stay in one request head or body past its deadline
+        (408, then close). Sampled every ``_sweep_s``: a deadline counts from the
+        sweep that first sees the phase, so it ends up to one sweep late; nothing is
+        timed per request."""
         loop = asyncio.get_running_loop()
         connections = self._server.server_state.connections
+        limits = {HEAD: self._header_timeout, BODY: self._body_timeout}
+        replies = {HEAD: self._header_reply, BODY: self._body_reply}
         while True:
             await asyncio.sleep(self._sweep_s)
             now = loop.time()
+            conn: Any  # a GuardedProtocol: uvicorn types its set by every protocol
             for conn in list(connections):
-                deadline = getattr(conn, "deadline", None)
-                if deadline is not None and deadline < now:
-                    conn.expire()  # type: ignore[union-attr]
+                key = conn.phase()
+                if key is None or key != conn.sweep_key:
+                    conn.sweep_key, conn.sweep_since = key, now
+                elif now - conn.sweep_since > limits[key % 2]:
+                    conn.refuse(replies[key % 2])
 
     async def stop(self, grace: float = 5.0) -> None:
         if self._sweeper is not None:

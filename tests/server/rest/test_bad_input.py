@@ -201,6 +201,62 @@ def test_slow_clients_time_out(rest_server: Any) -> None:
     _still_serving(rest)
 
 
+def _trickle(s: socket.socket, data: bytes, every_s: float, until_s: float) -> bytes:
+    """Send ``data`` a byte every ``every_s`` for up to ``until_s`` seconds, stopping
+    when the server answers; returns the answer (b"" if none)."""
+    s.settimeout(every_s)
+    stop = time.monotonic() + until_s
+    for i in range(len(data)):
+        if time.monotonic() > stop:
+            break
+        try:
+            s.sendall(data[i : i + 1])
+            answer = s.recv(65536)
+        except TimeoutError:
+            continue
+        except OSError:  # reset: the server closed after answering
+            return b""
+        s.settimeout(10)
+        return answer + _reply(s) if not _complete(answer) else answer
+    return b""
+
+
+def test_deadlines_count_per_head_and_body_not_per_byte(rest_server: Any) -> None:
+    """A client that keeps sending, a byte at a time, never finishes its head or body:
+    each byte is progress, but the deadline is the head's (or the body's), on a fresh
+    connection and on one that was already served."""
+    rest = rest_server(rest={"header_timeout_s": 0.5, "body_timeout_s": 0.5})
+    head = b"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n" + b"X-Slow: 1\r\n" * 200
+    body = json.dumps(GOOD).encode()
+    served = (
+        f"POST /v2/models/digits/infer HTTP/1.1\r\nHost: x\r\n"
+        f"Authorization: Bearer {rest.token()}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    for warm in (False, True):
+        with socket.create_connection(("127.0.0.1", rest.port), timeout=10) as s:
+            if warm:  # one request answered on this connection first
+                s.sendall(served)
+                assert _status(_reply(s)) == 200
+            t0 = time.monotonic()
+            resp = _trickle(s, head, every_s=0.05, until_s=5)
+            took = time.monotonic() - t0
+            assert resp and _status(resp) == 408, resp[:80]
+            assert "request headers not received within 0.5 s" in _error(resp)
+            assert 0.4 < took < 2.0, took
+        with socket.create_connection(("127.0.0.1", rest.port), timeout=10) as s:
+            if warm:
+                s.sendall(served)
+                assert _status(_reply(s)) == 200
+            s.sendall(served[: served.index(b"\r\n\r\n") + 4])  # the head, then a trickle
+            t0 = time.monotonic()
+            resp = _trickle(s, body, every_s=0.05, until_s=5)
+            assert resp and _status(resp) == 408, resp[:80]
+            assert "request body not received within 0.5 s" in _error(resp)
+            assert 0.4 < time.monotonic() - t0 < 2.0
+    _still_serving(rest)
+
+
 def test_infer_route_table_holds_only_served_models(rest_server: Any) -> None:
     """The parsed-route cache is keyed by the path: only canonical paths of served
     models may enter it, whatever paths clients send; a cached route still checks the
