@@ -247,7 +247,8 @@ def main() -> int:
     )
     print(body)
     if not args.no_write:
-        write_section("REST", "python bench/bench_rest.py", body)
+        command = " ".join(["python bench/bench_rest.py", *sys.argv[1:]])
+        write_section("REST", command, body)
     return 0
 
 
