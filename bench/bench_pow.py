@@ -17,6 +17,7 @@ import statistics
 import time
 
 from sealserve.defense.challenge import Challenges, row_bits, solve
+from sealserve.defense.status import DEFAULT_DIFFICULTY
 from sealserve.defense.store.memory import MemoryStore
 
 
@@ -46,7 +47,11 @@ def main() -> None:
     print("|---|---:|---:|---:|")
     rows = [("honest, never challenged (honest-stream tests)", None)]
     rows += [
-        (f"challenged, {k} earlier episode(s), default base 16", 16 + 2 * k) for k in range(0, 4)
+        (
+            f"challenged, {k} earlier episode(s), default base {DEFAULT_DIFFICULTY}",
+            DEFAULT_DIFFICULTY + 2 * k,
+        )
+        for k in range(0, 4)
     ]
     rows += [(f"challenged, {k} earlier episode(s), base 9", 9 + 2 * k) for k in range(0, 5)]
     for name, bits in rows:

@@ -28,8 +28,10 @@ __all__ = [
 MAX_DIFFICULTY = 32
 DEFAULT_THROTTLE_FACTOR = 0.1
 """Rate factor of a throttled account when whoever sets the status names none."""
-DEFAULT_DIFFICULTY = 16
-"""Proof-of-work bits of a challenged account when whoever sets the status names none."""
+DEFAULT_DIFFICULTY = 17
+"""Proof-of-work bits of a challenged account when whoever sets the status names none
+(calibrated in docs/defenses.md, "Challenges with teeth": >= 100x the serving cost of
+a row from the first detected episode, with the SDK's solver)."""
 
 
 class Status(StrEnum):

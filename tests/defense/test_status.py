@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from sealserve.defense.status import AccountStatus, Status
+from sealserve.defense.status import DEFAULT_DIFFICULTY, AccountStatus, Status
 from sealserve.errors import ConfigError
 
 
@@ -27,7 +27,7 @@ def test_stored_word_and_policy_label() -> None:
 def test_make_fills_parameters_and_expiry_lapses() -> None:
     st = AccountStatus.make(Status.THROTTLED, expires_at=10.0)
     assert (st.factor, st.difficulty) == (0.1, None)
-    assert AccountStatus.make(Status.CHALLENGED).difficulty == 16
+    assert AccountStatus.make(Status.CHALLENGED).difficulty == DEFAULT_DIFFICULTY == 17
     assert st.effective_at_time(9.9) is Status.THROTTLED
     assert st.effective_at_time(10.0) is Status.NORMAL
     assert AccountStatus.make(Status.NORMAL, expires_at=5.0).expires_at is None

@@ -16,6 +16,7 @@ import pytest
 from sealserve import demo
 from sealserve.auth import TokenIssuer, generate_keypair
 from sealserve.client import Client
+from sealserve.defense.status import DEFAULT_DIFFICULTY
 from sealserve.errors import (
     ChallengeRequiredError,
     InputError,
@@ -360,7 +361,7 @@ def test_a_continuing_sybil_stream_keeps_the_cohort_flagged(
     # work is challenged at the full detection difficulty once its own rows are noise.
     _newcomer(running, issuer, "paying-sybil", rng.uniform(0, 16, (3, 64)).astype(np.float32))
     paying = quota.status("paying-sybil")
-    assert paying.kind.value == "challenged" and paying.difficulty == 16, paying
+    assert paying.kind.value == "challenged" and paying.difficulty == DEFAULT_DIFFICULTY, paying
     assert "its own rows" in paying.reason
     assert quota.status("newcomer-39").kind.value == "normal"
 
