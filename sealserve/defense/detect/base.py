@@ -12,7 +12,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -26,25 +26,45 @@ FloatArray = npt.NDArray[np.float64]
 _LOCK_STRIPES = 64
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)
 class DetectorScore:
     """One detector's verdict on an account after a query.
 
     ``score`` is in [0, 1] (0: nothing unusual; 1: certain extraction by this
     detector's measure). ``ready`` is False while the detector has too little evidence
     to judge (the score is then 0). ``metrics`` holds the raw numbers behind the score
-    (for the audit log's flags and the owner's report).
+    (for the audit log's flags and the owner's report). ``explain`` is the sentence, or
+    a function that writes it: every row of every request is scored and almost no
+    score's sentence is ever read, so detectors format it only when asked
+    (:attr:`explanation`).
     """
 
     detector: str
     score: float
-    explanation: str
+    explain: str | Callable[[], str]
     ready: bool = True
     metrics: Mapping[str, float] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not (0.0 <= self.score <= 1.0) or math.isnan(self.score):
             raise ValueError(f"score {self.score!r} outside [0, 1]")
+
+    @property
+    def explanation(self) -> str:
+        """The sentence an operator reads."""
+        e = self.explain
+        return e if isinstance(e, str) else e()
+
+    def __eq__(self, other: object) -> bool:
+        # Equal scores say the same: the sentences compared, not the functions.
+        if not isinstance(other, DetectorScore):
+            return NotImplemented
+        return (self.detector, self.score, self.ready, self.metrics, self.explanation) == (
+            other.detector, other.score, other.ready, other.metrics, other.explanation
+        )  # fmt: skip
+
+    def __hash__(self) -> int:
+        return hash((self.detector, self.score, self.ready, self.explanation))
 
 
 class Detector(Protocol):

@@ -290,7 +290,9 @@ class DistributionDetector:
             return DetectorScore(
                 self.name,
                 0.0,
-                f"{prefix}Distribution: {n} of {cfg.min_queries} queries needed before judging",
+                lambda: (
+                    f"{prefix}Distribution: {n} of {cfg.min_queries} queries needed before judging"
+                ),
                 ready=False,
                 metrics={"queries": float(n), "outliers": float(k), "log10_p": log10_p},
             )
@@ -299,13 +301,17 @@ class DistributionDetector:
         ratio = coverage / max(float(self._expected_cov[n]), 1e-12)
         s_cov = min(1.0, max(0.0, 0.5 * (ratio - 1.0) / (cfg.coverage_flag_ratio - 1.0)))
         score = max(s_out, s_cov)
-        explanation = (
-            f"{prefix}Distribution: {k} of the last {n} queries ({100 * k / n:.1f}%) lie "
-            f"farther from the honest reference than {100 * cfg.quantile:g}% of it "
-            f"(honest rate {100 * cfg.expected_outlier_rate:g}%, binomial p=10^{log10_p:.1f}); "
-            f"input-space coverage {coverage:.2f} vs {float(self._expected_cov[n]):.2f} "
-            f"expected for honest traffic ({ratio:.2f}x)"
-        )
+        expected = float(self._expected_cov[n])
+
+        def explanation() -> str:  # formatted only when read
+            return (
+                f"{prefix}Distribution: {k} of the last {n} queries ({100 * k / n:.1f}%) lie "
+                f"farther from the honest reference than {100 * cfg.quantile:g}% of it (honest "
+                f"rate {100 * cfg.expected_outlier_rate:g}%, binomial p=10^{log10_p:.1f}); "
+                f"input-space coverage {coverage:.2f} vs {expected:.2f} "
+                f"expected for honest traffic ({ratio:.2f}x)"
+            )
+
         return DetectorScore(
             self.name,
             score,

@@ -235,8 +235,10 @@ class PradaDetector:
             return DetectorScore(
                 self.name,
                 0.0,
-                f"{prefix}PRADA: {n_valid} distances; testing starts after "
-                f"{cfg.min_distances} and judges after {cfg.confirm_tests} tests",
+                lambda: (
+                    f"{prefix}PRADA: {n_valid} distances; testing starts after "
+                    f"{cfg.min_distances} and judges after {cfg.confirm_tests} tests"
+                ),
                 ready=False,
                 metrics={"distances": float(n_valid)},
             )
@@ -245,9 +247,11 @@ class PradaDetector:
         return DetectorScore(
             self.name,
             score,
-            f"{prefix}PRADA: Shapiro-Wilk W={w:.3f} over the last {n_valid} minimum "
-            f"distances, {verdict} the threshold {cfg.delta:.3f}"
-            + (" (query distances are not normal: synthetic-looking)" if w < cfg.delta else ""),
+            lambda: (
+                f"{prefix}PRADA: Shapiro-Wilk W={w:.3f} over the last {n_valid} minimum "
+                f"distances, {verdict} the threshold {cfg.delta:.3f}"
+                + (" (query distances are not normal: synthetic-looking)" if w < cfg.delta else "")
+            ),
             metrics={"prada_w": round(w, 4), "distances": float(n_valid)},
         )
 

@@ -58,6 +58,15 @@ class VolumeConfig:
         return result
 
 
+def _explain(cfg: VolumeConfig, recent: int, total: int) -> str:
+    window = f"{cfg.window_s / 3600:g} h" if cfg.window_s >= 3600 else f"{cfg.window_s:g} s"
+    return (
+        f"Volume: {recent} requests in the last {window} (normal "
+        f"{cfg.normal_per_window:g}, flag at {cfg.burst_per_window:g}); {total} in total "
+        f"(normal {cfg.normal_total:g}, flag at {cfg.flag_total:g})"
+    )
+
+
 def _ramp(value: float, normal: float, flag: float) -> float:
     return min(1.0, max(0.0, 0.5 * (value - normal) / (flag - normal)))
 
@@ -105,12 +114,9 @@ class VolumeDetector:
         recent, total = int(counts.sum()), int(meta[0])
         s_rate = _ramp(recent, cfg.normal_per_window, cfg.burst_per_window)
         s_total = _ramp(total, cfg.normal_total, cfg.flag_total)
-        window = f"{cfg.window_s / 3600:g} h" if cfg.window_s >= 3600 else f"{cfg.window_s:g} s"
         return DetectorScore(
             self.name,
             max(s_rate, s_total),
-            f"Volume: {recent} requests in the last {window} (normal "
-            f"{cfg.normal_per_window:g}, flag at {cfg.burst_per_window:g}); {total} in total "
-            f"(normal {cfg.normal_total:g}, flag at {cfg.flag_total:g})",
+            lambda: _explain(cfg, recent, total),
             metrics={"recent": float(recent), "total": float(total)},
         )
