@@ -207,7 +207,9 @@ class Bench:
         )
         SimulatedPlatform.create_root(tmp / "platform")
 
-    def config(self, name: str, *, auth: bool, store: str | None, defense: bool) -> Path:
+    def config(
+        self, name: str, *, auth: bool, store: str | None, defense: bool, beside: bool = False
+    ) -> Path:
         d = self.tmp / name
         d.mkdir()
         text = (
@@ -226,7 +228,12 @@ class Bench:
         else:
             text += "unsafe_disable_auth = true\n"
         if defense:
-            text = text + self.defense
+            defense_text = self.defense
+            if beside:
+                defense_text = defense_text.replace(
+                    "[defense]\n", '[defense]\ndetection_mode = "beside"\n', 1
+                )
+            text = text + defense_text
         (d / "sealserve.toml").write_text(text)
         return d / "sealserve.toml"
 
@@ -359,6 +366,12 @@ def main() -> int:
         for s in ("memory", "sqlite", "redis"):
             cfg = bench.config(f"full-{s}", auth=True, store=stores[s], defense=True)
             systems[f"full defense, {s}"] = (*bench.sealserve(cfg, server_cpus), True)
+        for s in ("memory", "sqlite"):
+            cfg = bench.config(f"beside-{s}", auth=True, store=stores[s], defense=True,
+                               beside=True)  # fmt: skip
+            systems[f"full defense, {s}, detection beside"] = (
+                *bench.sealserve(cfg, server_cpus), True
+            )  # fmt: skip
         pin_process(os.getpid(), load_cpus)
 
         got: dict[tuple[str, int], list[Result]] = {(n, c): [] for n in systems for c in (1, 64)}
@@ -487,7 +500,8 @@ def main() -> int:
     def verdict(ok: bool) -> str:
         return "met" if ok else "NOT met"
 
-    for store in ("memory", "sqlite", "redis"):
+    for store in ("memory", "sqlite", "redis", "memory, detection beside",
+                  "sqlite, detection beside"):  # fmt: skip
         r1, r64 = res[(f"full defense, {store}", 1)], res[(f"full defense, {store}", 64)]
         cr, pr = r64.cpu_us / b64.cpu_us, r1.p50_ms / b1.p50_ms
         verdicts.append(f"| full defense ({store}), c=64 server CPU/request | <= 1.3x bare | {cr:.2f}x | {verdict(cr <= 1.3)} |")  # fmt: skip
@@ -526,7 +540,9 @@ def main() -> int:
         f"request; {ACCOUNTS} accounts (ES256 tokens of one tier, limits above the load); "
         "full defense = bench/theft_defended.toml's [defense] (detection incl. cohorts, "
         "perturbation, watermark with band marks, signed audit log) with the volume "
-        "detector's windows raised above the load. Ratios to the bare grpc.aio server in "
+        "detector's windows raised above the load; `detection beside`: the same with "
+        '`detection_mode = "beside"` (release/beside.py). '
+        "Ratios to the bare grpc.aio server in "
         f"the same run; {args.rounds} alternating rounds of {args.seconds:g} s, median of the rounds. "
         f"Machine: {machine}. Server CPU = utime+stime of the server process. "
         "`errors` counts non-OK answers (should be 0).\n\n"

@@ -10,7 +10,7 @@ manifest says about the defenses: no secrets, no paths.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
@@ -112,6 +112,19 @@ class DefenseConfig(BaseModel):
         description="A request of at least this many rows is scored before it is "
         "answered (off the event loop); one that trips challenge or suspension is refused.",
     )
+    detection_mode: Literal["inline", "beside"] = Field(
+        default="inline",
+        description="Where the detectors observe a request below batch_scoring_rows: "
+        '"inline" before its answer is released; "beside" in a worker thread after it '
+        "(the account's next admission waits for that verdict; docs/defenses.md).",
+    )
+    detection_queue_rows: int = Field(
+        default=4096,  # release/beside.py DEFAULT_MAX_PENDING (config sits below it)
+        ge=1,
+        le=1_000_000,
+        description='With detection_mode = "beside": rows queued for detection before '
+        "requests wait for room (a crash can lose the audit records of these).",
+    )
     detector_state_flush_s: float = Field(
         default=1.0,
         gt=0,
@@ -199,6 +212,7 @@ def describe(cfg: DefenseConfig) -> dict[str, Any]:
         "challenge_repeat_bits": cfg.challenge_repeat_bits,
         "lift_grace_s": cfg.lift_grace_s,
         "cohort_detection": cfg.cohort_detection,
+        "detection_mode": cfg.detection_mode,
         "cohort_challenge_difficulty": cfg.cohort_challenge_difficulty,
         "batch_scoring_rows": cfg.batch_scoring_rows,
         "audit": cfg.audit.enabled,

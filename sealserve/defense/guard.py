@@ -24,7 +24,7 @@ from sealserve.defense.peer import peer_address
 from sealserve.defense.quota import QuotaGuard
 from sealserve.defense.release.pipeline import OutputDefenses
 from sealserve.defense.store.base import Remaining
-from sealserve.errors import PermissionDeniedError, RefusedError
+from sealserve.errors import PermissionDeniedError, RefusedError, UnavailableError
 
 ANONYMOUS = "anonymous"
 RESERVED = "\x00"
@@ -123,6 +123,18 @@ class Guard:
         limit. Awaited on the event loop; no store call blocks it."""
         if self.quota is None:
             return ()
+        worker = self.output.worker if self.output is not None else None
+        # The verdict the account's last rows earn first (detection beside the request
+        # path, release/beside.py); a worker stuck on the store fails closed.
+        if (
+            worker is not None
+            and worker.pending(caller.account)
+            and not await worker.settled(caller.account, self.store_deadline_s)
+        ):
+            raise UnavailableError(
+                "detection of this account's earlier requests has not finished; retry shortly",
+                retry_after=1.0,
+            )
         try:
             result = await self.quota.admit_async(
                 caller.account,

@@ -327,7 +327,10 @@ def build_defenses(
     )  # fmt: skip
     return OutputDefenses(
         models, responses=responses, quota=quota, audit=audit, on_marked=secrets.note_marked,
-        blobs=shared, detector_state=detector_state,
+        blobs=shared, detector_state=detector_state, beside=cfg.detection_mode == "beside",
+        max_pending=cfg.detection_queue_rows,
+        # A store that waits on I/O: groups run off the event loop (as release does).
+        beside_off_loop=bool(getattr(store, "blocking", False)),
     )  # fmt: skip
 
 

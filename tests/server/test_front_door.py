@@ -30,7 +30,7 @@ REFUSED = (RateLimitedError, ChallengeRequiredError, PermissionDeniedError, Susp
 
 
 def _start(start_server: Any, tmp: Path, sim_root: Path, *, limits: dict[str, Any] | None = None,
-           **defense: Any) -> tuple[Any, TokenIssuer]:  # fmt: skip
+           state_store: str = "memory:", **defense: Any) -> tuple[Any, TokenIssuer]:  # fmt: skip
     pem, jwks = generate_keypair("ES256")
     (tmp / "jwks.json").write_text(json.dumps(jwks))
     auth = {"audience": AUD, "required_tos_version": TOS,
@@ -38,7 +38,7 @@ def _start(start_server: Any, tmp: Path, sim_root: Path, *, limits: dict[str, An
     running = start_server(
         model_repository=demo.repository(), unsafe_plaintext=True, auth=auth,
         attestation_platform="simulated", simulated_platform_dir=sim_root,
-        state_store="memory:",
+        state_store=state_store,
         limits=limits or {"tiers": {"standard": {"rate": 1000, "burst": 1000,
                                                  "per_day": 100000}}},
         defense=_defense(tmp, **defense),

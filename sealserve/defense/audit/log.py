@@ -66,7 +66,7 @@ import os
 import re
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +95,26 @@ _FIELD_NAME = re.compile(r"^[a-z][a-z0-9_]*$")
 _MAC_INFO = b"sealserve/audit-mac/v1"
 
 log = logging.getLogger("sealserve.audit")
+
+
+def query_fields(
+    account: str, model: str, input_sha256: str, output_sha256: str, decision: str,
+    flags: Mapping[str, float], protocol: str,
+) -> dict[str, Any]:  # fmt: skip
+    """The fields of a ``query`` record. Digests only: raises ``ConfigError`` on
+    non-digests."""
+    for name, value in (("input_sha256", input_sha256), ("output_sha256", output_sha256)):
+        if not _HEX64.match(value):
+            raise ConfigError(f"audit {name} must be a lowercase hex SHA-256 digest")
+    return {
+        "account": account,
+        "model": model,
+        "input_sha256": input_sha256,
+        "output_sha256": output_sha256,
+        "decision": decision,
+        "flags": {k: float(v) for k, v in flags.items()},
+        "protocol": protocol,
+    }
 
 
 def sha256_hex(data: bytes) -> str:
@@ -392,14 +412,17 @@ class AuditLog:
         self._fh = os.fdopen(fd, "ab")
         self._size = self._fh.tell()
 
-    def _write(self, now: float, kind: str, fields: Mapping[str, Any]) -> dict[str, Any]:
+    def _write(
+        self, now: float, kind: str, fields: Mapping[str, Any], *, flush: bool = True
+    ) -> dict[str, Any]:
         record: dict[str, Any] = dict(fields)
         record.update(v=VERSION, seq=self.seq, time=float(now), kind=kind, prev=self.last_hash)
         if kind == "checkpoint":
             record["sig"] = base64.b64encode(self.key.sign(signing_payload(record))).decode()
         line = encode_record(record, self.key.mac_key)
         self._fh.write(line + b"\n")
-        self._fh.flush()
+        if flush:
+            self._fh.flush()
         self._size += len(line) + 1
         self.last_hash = sha256_hex(line)
         self.seq += 1
@@ -483,22 +506,20 @@ class AuditLog:
     ) -> dict[str, Any]:
         """Record one inference (``protocol``: the front door that served it, "grpc" or
         "rest"). Digests only: raises ``ConfigError`` on non-digests."""
-        for name, value in (("input_sha256", input_sha256), ("output_sha256", output_sha256)):
-            if not _HEX64.match(value):
-                raise ConfigError(f"audit {name} must be a lowercase hex SHA-256 digest")
-        return self.append_at_time(
-            now,
-            "query",
-            {
-                "account": account,
-                "model": model,
-                "input_sha256": input_sha256,
-                "output_sha256": output_sha256,
-                "decision": decision,
-                "flags": {k: float(v) for k, v in flags.items()},
-                "protocol": protocol,
-            },
-        )
+        fields = query_fields(account, model, input_sha256, output_sha256, decision, flags,
+                              protocol)  # fmt: skip
+        return self.append_at_time(now, "query", fields)
+
+    def append_queries(self, queries: Sequence[tuple[float, Mapping[str, Any]]]) -> None:
+        """Record several inferences (``(time, query_fields(...))`` each) with one write
+        and one flush: a group from the detection worker (release/beside.py)."""
+        with self._lock:
+            if self._fh is None:
+                raise AuditError("the audit log is closed")
+            for now, fields in queries:
+                self._write(now, "query", fields, flush=False)
+                self._after_append(now)
+            self._fh.flush()
 
     def append_status_change_at_time(
         self,

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import quote
 
 import numpy as np
 
-from sealserve.defense.audit.log import AuditLog, digest_array
+from sealserve.defense.audit.log import AuditLog, digest_array, query_fields
 from sealserve.defense.detect import DetectorSuite
 from sealserve.defense.detect.base import SuiteResult
 from sealserve.defense.detect.cache import StateCache
@@ -37,6 +37,7 @@ from sealserve.defense.escalation import (
     ResponsePolicy,
 )
 from sealserve.defense.quota import QuotaGuard
+from sealserve.defense.release.beside import DEFAULT_MAX_PENDING, DetectionWorker, Observation
 from sealserve.defense.release.cohort import CohortWatch, is_young, own_score
 from sealserve.defense.release.hot_path import BoundProfile
 from sealserve.defense.status import (
@@ -150,6 +151,9 @@ class OutputDefenses:
         on_marked: Callable[[], None] | None = None,
         blobs: BlobStore | None = None,
         detector_state: StateCache | None = None,
+        beside: bool = False,
+        max_pending: int = DEFAULT_MAX_PENDING,
+        beside_off_loop: bool = False,
     ) -> None:
         self.models = dict(models)
         # The shared store (forgiveness epochs) and the detectors' write-behind state.
@@ -170,6 +174,12 @@ class OutputDefenses:
         # Called after an answer carried the watermark or was recorded as a band row
         # (persist the sealed ledger).
         self.on_marked = on_marked
+        # Detection beside the request path for requests below batch_rows (beside.py).
+        self.worker = (
+            DetectionWorker(self._observe_group, max_pending=max_pending, off_loop=beside_off_loop)
+            if beside
+            else None
+        )
 
     def to_compute(self, model: str, requested: tuple[str, ...]) -> tuple[str, ...]:
         """The outputs inference must produce for a request naming ``requested``.
@@ -201,17 +211,31 @@ class OutputDefenses:
         x = _rows(inputs, d.input_name if d else None)
         decision_label: str = "ok"
         flags: dict[str, float] = {}
+        later = None  # the model's output as inferred, when its rows are observed beside
         if d is not None and d.suite is not None and d.output_name in outputs:
-            decision_label, flags = self._detect(
-                account, tier, model, d, x, outputs[d.output_name], now
-            )
-            self._judge_batch(account, model, x, decision_label, flags, now)
+            if self.worker is not None and not self.large_batch(len(x)):
+                later = outputs[d.output_name]
+            else:
+                decision_label, flags = self._detect(
+                    account, tier, model, d, x, outputs[d.output_name], now
+                )
+                self._judge_batch(account, model, x, decision_label, flags, now)
         if d is not None and d.output_name is not None and d.output_name in outputs:
             profile = d.profile_for(tier)
             if profile is not None:
                 outputs, marked = _apply(profile, d, outputs, x, account, model, now)
                 if marked and self.on_marked is not None:
                     self.on_marked()
+        if later is not None:
+            assert self.worker is not None
+            # Observed and recorded beside the request path (beside.py).
+            self.worker.submit(
+                Observation(
+                    account, tier, model, x, later, digest_array(x),
+                    digest_array(_first(outputs)), now, protocol,
+                )
+            )  # fmt: skip
+            return outputs
         if self.audit is not None:
             self.audit.append_query_at_time(
                 now,
@@ -225,6 +249,28 @@ class OutputDefenses:
             )
             self.audit.maybe_checkpoint_at_time(now)
         return outputs
+
+    def _observe_group(self, group: Sequence[Observation]) -> None:
+        """The detection worker's step: observe each queued request's rows (in the
+        order they were answered), decide, and record the group's query records with
+        one write."""
+        records = []
+        for obs in group:
+            d = self.models[obs.model]
+            try:
+                decision, flags = self._detect(
+                    obs.account, obs.tier, obs.model, d, obs.x, obs.probs, obs.now
+                )
+            except Exception:  # the store down: the answer is recorded all the same
+                log.exception("detection of a request by %s failed", _short(obs.account))
+                decision, flags = "unobserved", {}
+            records.append((obs.now, query_fields(
+                obs.account, obs.model, obs.input_sha256, obs.output_sha256, decision, flags,
+                obs.protocol,
+            )))  # fmt: skip
+        if self.audit is not None:
+            self.audit.append_queries(records)
+            self.audit.maybe_checkpoint_at_time(records[-1][0])
 
     def _detect(
         self, account: str, tier: str | None, model: str, d: ModelDefense, x: np.ndarray,
@@ -343,7 +389,10 @@ class OutputDefenses:
         return epoch
 
     def close(self) -> None:
-        """Write the detectors' changed state to the store (at a graceful stop)."""
+        """Observe and record what is queued for detection, then write the detectors'
+        changed state to the store (at a graceful stop)."""
+        if self.worker is not None:
+            self.worker.close()
         if self.detector_state is not None:
             self.detector_state.close()
 

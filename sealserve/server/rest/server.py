@@ -221,7 +221,12 @@ class RestServer:
             now = loop.time()
             conn: Any  # a GuardedProtocol: uvicorn types its set by every protocol
             for conn in list(connections):
-                key = conn.phase()
+                try:
+                    key = conn.phase()
+                except Exception:  # uvicorn's internals moved: fail closed, loudly
+                    log.exception("cannot tell a REST connection's phase; closing it")
+                    conn.transport.close()
+                    continue
                 if key is None or key != conn.sweep_key:
                     conn.sweep_key, conn.sweep_since = key, now
                 elif now - conn.sweep_since > limits[key % 2]:
