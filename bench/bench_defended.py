@@ -213,7 +213,7 @@ class Bench:
         d = self.tmp / name
         d.mkdir()
         text = (
-            f'model_repository = "{self.tmp / "models"}"\nport = 0\nunsafe_plaintext = true\n'
+            f'model_repository = "{self.tmp / "models"}"\nport = 0\nworkers = 1\nunsafe_plaintext = true\n'
             'log_format = "text"\nlog_level = "error"\n'
             f'attestation_platform = "simulated"\nsimulated_platform_dir = "{self.tmp / "platform"}"\n'
         )

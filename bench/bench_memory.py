@@ -72,7 +72,7 @@ reference = "REFERENCE"
 def write_config(tmp: Path, *, harden: bool) -> Path:
     cfg = tmp / f"sealserve-{harden}.toml"
     cfg.write_text(
-        'model_repository = "models"\nport = 0\nunsafe_plaintext = true\n'
+        'model_repository = "models"\nport = 0\nworkers = 1\nunsafe_plaintext = true\n'
         'log_format = "text"\nlog_level = "warning"\n'
         'attestation_platform = "simulated"\nsimulated_platform_dir = "platform"\n'
         f'state_store = "sqlite://state-{harden}.db"\n'

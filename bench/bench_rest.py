@@ -135,7 +135,7 @@ def main() -> int:
     model = str(repo / "digits" / "1" / "model.onnx")
     cfg = tmp / "sealserve.toml"
     cfg.write_text(
-        f'model_repository = "{repo}"\nport = 0\nunsafe_plaintext = true\n'
+        f'model_repository = "{repo}"\nport = 0\nworkers = 1\nunsafe_plaintext = true\n'
         'log_format = "text"\nlog_level = "warning"\nunsafe_disable_auth = true\n'
         "harden_process = false\n[rest]\nport = 0\n"
     )

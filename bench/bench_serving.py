@@ -194,7 +194,7 @@ def main() -> int:
     )
     cfg = tmp / "sealserve.toml"
     cfg.write_text(
-        f'model_repository = "{repo}"\nport = 0\nunsafe_plaintext = true\n'
+        f'model_repository = "{repo}"\nport = 0\nworkers = 1\nunsafe_plaintext = true\n'
         'log_format = "text"\nlog_level = "warning"\nunsafe_disable_auth = true\n'
     )
     # The same server with authentication on: an ES256 token per request.
@@ -204,7 +204,7 @@ def main() -> int:
     (tmp / "jwks.json").write_text(json.dumps(jwks))
     cfg_auth = tmp / "sealserve-auth.toml"
     cfg_auth.write_text(
-        f'model_repository = "{repo}"\nport = 0\nunsafe_plaintext = true\n'
+        f'model_repository = "{repo}"\nport = 0\nworkers = 1\nunsafe_plaintext = true\n'
         'log_format = "text"\nlog_level = "warning"\n'
         '[auth]\naudience = "bench"\nrequired_tos_version = "1"\n'
         f'[[auth.issuers]]\nissuer = "https://bench.invalid"\njwks_file = "{tmp / "jwks.json"}"\n'

@@ -93,7 +93,7 @@ class Deployment:
             plat = 'attestation_platform = "simulated"\nsimulated_platform_dir = "platform"\n'
             extra = extra.replace("{REFERENCE}", str(demo.reference_path()))
         self.config.write_text(
-            'model_repository = "models"\nport = 0\nunsafe_plaintext = true\n'
+            'model_repository = "models"\nport = 0\nworkers = 1\nunsafe_plaintext = true\n'
             'log_format = "text"\n' + plat + 'state_store = "sqlite://state.db"\n'
             f'[auth]\naudience = "{AUD}"\nrequired_tos_version = "{TOS}"\n'
             f'[[auth.issuers]]\nissuer = "{ISS}"\njwks_file = "jwks.json"\n\n' + extra

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("sealserve.server")
 
 
 def register(sub: Any) -> None:
@@ -47,6 +50,10 @@ def run(args: argparse.Namespace) -> int:
     settings = Settings.load(args.config, **overrides)
     configure(settings.log_format, settings.log_level)
     count = settings.worker_count()
+    if settings.workers == "auto":
+        log.info("workers = auto: %d serving process(es)%s", count,
+                 " (state_store memory: is per process)"
+                 if settings.state_store.startswith("memory:") else "")  # fmt: skip
     if count == 1:
         asyncio.run(serve(settings, ready_file=args.ready_file))
         return 0

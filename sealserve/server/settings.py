@@ -131,12 +131,13 @@ class Settings(BaseSettings):
     host: str = Field(default="127.0.0.1", description="Address the gRPC server binds.")
     port: int = Field(default=8001, ge=0, le=65535, description="gRPC port (0 = pick one).")
     workers: Annotated[int | str, PlainValidator(_workers)] = Field(
-        default=1,
+        default="auto",
         description=(
             "Serving processes on the one port (SO_REUSEPORT), forked after the TLS key "
             'and attested identity exist: 1..256, or "auto" = the cores this process '
-            "may use (recommended in production; needs a shared state_store, not "
-            "memory:). docs/operator-guide.md#workers."
+            "may use (CPU affinity and cgroup CPU limit) when the state_store is shared "
+            "(sqlite:, redis:), one process with memory: (per-process quotas). Each "
+            "worker holds its own copy of the models. docs/operator-guide.md#workers."
         ),
     )
     model_repository: Path = Field(
@@ -308,7 +309,7 @@ class Settings(BaseSettings):
             raise ValueError("attestation_platform 'simulated' needs simulated_platform_dir")
         if self.auth is not None and self.unsafe_disable_auth:
             raise ValueError("[auth] and unsafe_disable_auth are mutually exclusive")
-        if self.workers != 1 and self.state_store.startswith("memory:"):
+        if self.workers not in (1, "auto") and self.state_store.startswith("memory:"):
             raise ValueError(
                 "workers > 1 needs a state store the workers share (quotas and statuses "
                 "would be per process): set state_store to sqlite://PATH or redis://..."
@@ -316,9 +317,12 @@ class Settings(BaseSettings):
         return self
 
     def worker_count(self) -> int:
-        """``workers`` as a number ("auto": the CPUs this process may run on)."""
+        """``workers`` as a number ("auto": the CPUs this process may run on, or 1 with
+        the per-process memory: store, which workers could not share)."""
         if self.workers == "auto":
-            return max(1, min(len(os.sched_getaffinity(0)), MAX_WORKERS))
+            if self.state_store.startswith("memory:"):
+                return 1
+            return usable_cpus()
         return int(self.workers)
 
     def where(self, key: str) -> str:
@@ -397,6 +401,34 @@ class Settings(BaseSettings):
             "defense": describe(self.defense) if self.defense is not None else None,
             "rest": self.rest is not None,
         }  # fmt: skip
+
+
+def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
+    """The cores this process may use: its CPU affinity (a container's cpuset), lowered
+    to its cgroup's CPU quota (a Kubernetes CPU limit: cgroup v2 ``cpu.max``, or v1
+    ``cpu.cfs_quota_us`` / ``cpu.cfs_period_us``), rounded up; 1..MAX_WORKERS."""
+    count = len(os.sched_getaffinity(0))
+    quota = _cgroup_quota(cgroup)
+    if quota is not None:
+        count = min(count, max(1, -(-quota[0] // quota[1])))
+    return max(1, min(count, MAX_WORKERS))
+
+
+def _cgroup_quota(root: Path) -> tuple[int, int] | None:
+    """``(quota, period)`` in microseconds, or None without a CPU limit."""
+    try:
+        fields = (root / "cpu.max").read_text().split()
+        if len(fields) == 2 and fields[0] != "max":
+            return int(fields[0]), int(fields[1])
+        return None
+    except (OSError, ValueError):
+        pass
+    try:
+        quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
+        period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
+    except (OSError, ValueError):
+        return None
+    return (quota, period) if quota > 0 and period > 0 else None
 
 
 def _loopback(host: str) -> bool:

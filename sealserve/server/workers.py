@@ -36,9 +36,10 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
+from typing import Any
 
 from sealserve.enclave.hardening import harden_process
-from sealserve.errors import ConfigError
+from sealserve.errors import ConfigError, CryptoError, SealserveError
 from sealserve.server.app import Server, run_until_stopped
 from sealserve.server.settings import Settings
 from sealserve.server.startup import check_store
@@ -94,7 +95,16 @@ class Worker:
         server.become_worker(self.index)
         try:
             await server.start_prepared()
-            note = {"index": self.index, "pid": os.getpid()}
+            note: dict[str, object] = {"index": self.index, "pid": os.getpid()}
+        except SealserveError as exc:
+            # The parent says it once, as a single server's start would (every worker
+            # meets the same error: N copies of the line would bury the fix).
+            note = {"index": self.index, "error": exc.message, "remedy": exc.remedy,
+                    "usage": isinstance(exc, ConfigError | CryptoError)}  # fmt: skip
+            os.write(self.ready_fd, json.dumps(note).encode() + b"\n")
+            os.close(self.ready_fd)
+            raise SystemExit(1) from None
+        try:
             os.write(self.ready_fd, json.dumps(note).encode() + b"\n")
         finally:
             os.close(self.ready_fd)
@@ -115,6 +125,7 @@ class WorkerGroup:
     _ready_r: int = -1
     _stopping: bool = False
     _stop_at: float = 0.0
+    _failure: dict[str, Any] | None = None
 
     def prepare(self) -> None:
         """Reserve the ports, harden this process, build the attested identity.
@@ -194,7 +205,11 @@ class WorkerGroup:
                     chunk = os.read(self._ready_r, 4096)
                     pending += chunk
                     *lines, pending = pending.split(b"\n")
-                    ready.update(int(json.loads(line)["index"]) for line in lines if line)
+                    for note in (json.loads(line) for line in lines if line):
+                        if "error" in note:
+                            self._failure = self._failure or note
+                        else:
+                            ready.add(int(note["index"]))
                     if not chunk:
                         os.close(self._ready_r)
                         self._ready_r = -1
@@ -203,6 +218,11 @@ class WorkerGroup:
             else:
                 time.sleep(0.2)
             code = self._reap(code, started=len(ready) == self.count)
+        if self._failure is not None:
+            # What the first worker met at start, as its own start would have said it.
+            failure = self._failure
+            cls = ConfigError if failure.get("usage") else SealserveError
+            raise cls(str(failure["error"]), remedy=str(failure["remedy"]))
         return code
 
     def _serving(self, ready_file: Path | None) -> None:

@@ -173,7 +173,11 @@ def test_a_broker_restart_during_the_key_wait_ends_with_the_server_serving(
     assert float(np.mean(out["label"] == y[:32])) > 0.8
 
 
-def test_wait_s_ends_the_wait_with_one_error_line(tmp_path: Path, sim_root: Path) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_wait_s_ends_the_wait_with_one_error_line(
+    tmp_path: Path, sim_root: Path, workers: int
+) -> None:
+    """One line an operator can act on, however many workers met the error."""
     from sealserve import demo
 
     models = tmp_path / "models"
@@ -186,6 +190,7 @@ def test_wait_s_ends_the_wait_with_one_error_line(tmp_path: Path, sim_root: Path
     cfg = tmp_path / "sealserve.toml"
     cfg.write_text(
         f'model_repository = "{models}"\nport = 0\nunsafe_disable_auth = true\n'
+        f'workers = {workers}\nstate_store = "sqlite://{tmp_path / "state.db"}"\n'
         f'attestation_platform = "simulated"\nsimulated_platform_dir = "{sim_root}"\n'
         f'log_format = "text"\n[key_broker]\ntarget = "127.0.0.1:{free_port()}"\n'
         "wait_s = 3\nmax_backoff_s = 1\n"
@@ -198,3 +203,4 @@ def test_wait_s_ends_the_wait_with_one_error_line(tmp_path: Path, sim_root: Path
     assert last.startswith("error: key broker 127.0.0.1:")
     assert "no key 'digits-v1' within [key_broker] wait_s = 3 s" in last
     assert "(fix: Start or fix the key broker, check [key_broker] target and ca_file" in last
+    assert out.stderr.count("error: key broker") == 1, out.stderr

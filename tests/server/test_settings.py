@@ -111,3 +111,39 @@ def test_not_an_onnx_model(tmp_path: Path) -> None:
     engine = Engine(Metrics())
     with pytest.raises(ConfigError, match="model junk version 1 .* is not a loadable ONNX model"):
         engine.load(scan_repository(tmp_path / "m"))
+
+
+def test_workers_default_to_the_usable_cores_with_a_shared_store(tmp_path: Path) -> None:
+    from sealserve.server.settings import usable_cpus
+
+    base = {"model_repository": str(tmp_path), "unsafe_disable_auth": True}
+    memory = Settings.load(None, **base, state_store="memory:")
+    assert memory.workers == "auto" and memory.worker_count() == 1  # memory: is per process
+    shared = Settings.load(None, **base, state_store=f"sqlite://{tmp_path}/s.db")
+    assert shared.worker_count() == usable_cpus()
+    with pytest.raises(ConfigError, match="workers > 1 needs a state store"):
+        Settings.load(None, **base, state_store="memory:", workers=2)
+
+
+def test_usable_cores_follow_the_cgroup_cpu_limit(tmp_path: Path) -> None:
+    import os
+
+    from sealserve.server.settings import usable_cpus
+
+    cores = len(os.sched_getaffinity(0))
+    v2 = tmp_path / "v2"
+    v2.mkdir()
+    assert usable_cpus(v2) == cores  # no cgroup files: the affinity
+    (v2 / "cpu.max").write_text("max 100000\n")
+    assert usable_cpus(v2) == cores  # no limit
+    (v2 / "cpu.max").write_text("50000 100000\n")
+    assert usable_cpus(v2) == 1  # half a core: one process
+    (v2 / "cpu.max").write_text("150000 100000\n")
+    assert usable_cpus(v2) == min(cores, 2)  # 1.5 cores, rounded up
+    v1 = tmp_path / "v1"
+    (v1 / "cpu").mkdir(parents=True)
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("-1\n")
+    (v1 / "cpu" / "cpu.cfs_period_us").write_text("100000\n")
+    assert usable_cpus(v1) == cores
+    (v1 / "cpu" / "cpu.cfs_quota_us").write_text("100000\n")
+    assert usable_cpus(v1) == 1
