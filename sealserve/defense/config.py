@@ -86,10 +86,11 @@ class DefenseConfig(BaseModel):
         "escalate it again for this many seconds.",
     )
     cohort_detection: bool = Field(
-        default=False,
+        default=True,
         description="Also judge young accounts of a tier as one pooled stream and challenge "
-        "the young accounts of a flagged cohort (off by default: a flagged cohort also "
-        "challenges honest newcomers while it holds).",
+        "the young accounts of a flagged cohort: sybils below min_queries are seen. While "
+        "a cohort is flagged, honest newcomers pay cohort_challenge_difficulty (~1.6x) "
+        "until their own natural rows graduate them; false turns it off.",
     )
     cohort_challenge_difficulty: int = Field(
         default=DEFAULT_COHORT_DIFFICULTY,

@@ -239,12 +239,15 @@ def test_without_grace_lift_was_undone(start_server: Any, tmp_path: Path, sim_ro
     assert quota.status("mallory").set_by == "detector"
 
 
+@pytest.mark.parametrize("cohorts", ["default", "off"])
 def test_sybils_below_min_queries_are_escalated_as_a_cohort(
-    start_server: Any, tmp_path: Path, sim_root: Path
+    start_server: Any, tmp_path: Path, sim_root: Path, cohorts: str
 ) -> None:
     # 50 accounts x 19 uniform-noise rows: each below the distribution detector's
-    # min_queries, so no account is ever judged on its own.
-    running, issuer = _start(start_server, tmp_path, sim_root, cohort_detection=True)
+    # min_queries, so no account is ever judged on its own. The cohort view is on by
+    # default; turned off, the blind spot is back (what the opt-out costs).
+    extra = {} if cohorts == "default" else {"cohort_detection": False}
+    running, issuer = _start(start_server, tmp_path, sim_root, **extra)
     rng = np.random.default_rng(19)
     answered, refused_accounts = 0, 0
     for n in range(50):
@@ -257,6 +260,9 @@ def test_sybils_below_min_queries_are_escalated_as_a_cohort(
                     refused_accounts += 1
                     break
     quota = running.server.plane.guard.quota
+    if cohorts == "off":
+        assert answered == 950 and refused_accounts == 0
+        return
     # Escalated before it completes: most of the 950 rows were never answered.
     assert answered < 950 // 2, answered
     assert refused_accounts >= 40
@@ -269,7 +275,7 @@ def test_sybils_below_min_queries_are_escalated_as_a_cohort(
 def test_young_honest_accounts_are_not_flagged_as_a_cohort(
     start_server: Any, tmp_path: Path, sim_root: Path
 ) -> None:
-    running, issuer = _start(start_server, tmp_path, sim_root, cohort_detection=True)
+    running, issuer = _start(start_server, tmp_path, sim_root)  # cohorts on by default
     x, _ = demo.holdout()
     quota = running.server.plane.guard.quota
     for n in range(30):
