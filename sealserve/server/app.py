@@ -419,6 +419,12 @@ class Server:
             await self._stop_ports()
             raise
         self.plane.open(output)
+        if output is not None:
+            cohort, worker = output.cohort, output.worker
+            self.metrics.watch_defenses(
+                (lambda: cohort.alerts) if cohort is not None else (lambda: 0),
+                (lambda: worker.queued_rows) if worker is not None else None,
+            )
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_port is not None:

@@ -13,12 +13,17 @@ from __future__ import annotations
 import logging
 import threading
 from bisect import bisect_left
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from itertools import accumulate
 from typing import Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
-from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
@@ -144,6 +149,27 @@ class LoopHistogram(_Family[HistogramSeries]):
         family.add_metric(key, buckets, series.sum)
 
 
+class _DefenseCollector(Collector):
+    def __init__(
+        self, cohort_alerts: Callable[[], int], queued_rows: Callable[[], int] | None
+    ) -> None:
+        self._alerts = cohort_alerts
+        self._queued = queued_rows
+
+    def collect(self) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "sealserve_cohort_alerts",
+            "Cohorts of young accounts flagged by this process (an episode starts).",
+            value=self._alerts(),
+        )
+        if self._queued is not None:
+            yield GaugeMetricFamily(
+                "sealserve_detection_queued_rows",
+                "Rows answered and waiting to be observed (detection_mode = beside).",
+                value=self._queued(),
+            )
+
+
 class Metrics:
     """Every metric the server exports. One instance, built by the composition root."""
 
@@ -187,6 +213,14 @@ class Metrics:
         self.models_ready = Gauge(
             "sealserve_models_ready", "Model versions loaded and ready.", registry=r
         )
+
+    def watch_defenses(
+        self, cohort_alerts: Callable[[], int], queued_rows: Callable[[], int] | None
+    ) -> None:
+        """Export the defenses' own counts, read at scrape: cohort flags raised by this
+        process, and (with detection beside the request path) the rows waiting to be
+        observed."""
+        self.registry.register(_DefenseCollector(cohort_alerts, queued_rows))
 
     def serve(self, *, host: str, port: int) -> None:
         """Expose the registry over HTTP on ``host:port`` (a daemon thread)."""

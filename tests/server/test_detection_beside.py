@@ -89,8 +89,12 @@ def test_every_answer_has_its_query_record(
             honest.infer("digits", {"input": x[i : i + 1]})
         honest.infer("digits", {"input": x[:3]})  # a small batch goes beside too
     output = running.server.plane.guard.output
+    queued = running.server.metrics.registry.get_sample_value("sealserve_detection_queued_rows")
+    assert (queued is not None) == (mode == "beside")
     if output.worker is not None:
         output.worker.drain()  # what the loop has not observed yet
+        assert running.server.metrics.registry.get_sample_value(
+            "sealserve_detection_queued_rows") == 0  # fmt: skip
     queries = [
         json.loads(line)
         for f in log_files(tmp_path / "s" / "audit")

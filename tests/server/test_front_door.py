@@ -262,6 +262,8 @@ def test_sybils_below_min_queries_are_escalated_as_a_cohort(
     quota = running.server.plane.guard.quota
     if cohorts == "off":
         assert answered == 950 and refused_accounts == 0
+        assert running.server.metrics.registry.get_sample_value(
+            "sealserve_cohort_alerts_total") == 0  # fmt: skip
         return
     # Escalated before it completes: most of the 950 rows were never answered.
     assert answered < 950 // 2, answered
@@ -270,6 +272,8 @@ def test_sybils_below_min_queries_are_escalated_as_a_cohort(
     assert late.kind.value == "challenged" and "flagged cohort" in late.reason
     text = "".join(p.read_text() for p in sorted((tmp_path / "audit").glob("*.jsonl")))
     assert "cohort of young accounts" in text
+    registry = running.server.metrics.registry  # and on /metrics
+    assert (registry.get_sample_value("sealserve_cohort_alerts_total") or 0) >= 1
 
 
 def test_young_honest_accounts_are_not_flagged_as_a_cohort(
