@@ -116,15 +116,17 @@ class DefenseConfig(BaseModel):
     detection_mode: Literal["inline", "beside"] = Field(
         default="inline",
         description="Where the detectors observe a request below batch_scoring_rows: "
-        '"inline" before its answer is released; "beside" in a worker thread after it '
-        "(the account's next admission waits for that verdict; docs/defenses.md).",
+        '"inline" before its answer is released; "beside" after it, in groups between '
+        "requests (off the event loop with a store that does I/O); the account's next "
+        "admission waits for that verdict (docs/detection-audit.md).",
     )
     detection_queue_rows: int = Field(
         default=4096,  # release/beside.py DEFAULT_MAX_PENDING (config sits below it)
         ge=1,
         le=1_000_000,
-        description='With detection_mode = "beside": rows queued for detection before '
-        "requests wait for room (a crash can lose the audit records of these).",
+        description='With detection_mode = "beside": rows queued for detection; the '
+        "request that would overflow the queue observes it itself first (a crash can "
+        "lose the audit records of the queued rows).",
     )
     detector_state_flush_s: float = Field(
         default=1.0,

@@ -93,10 +93,9 @@ class DataPlane:
         UnavailableError) before any inference runs.
         """
         # Decoded already: no deferred-decode wrapper (this is the REST port's path).
-        batch = _batch_of(request)
         if self.guard.idle:  # no limits, no output defenses: nothing to admit or release
-            response = self.engine.infer_inline(request) or await self.engine.infer(request)
-            return response, ()
+            return (self.infer_now(request) or await self.engine.infer(request)), ()
+        batch = _batch_of(request)
         requested = request.outputs
         to_compute = self.guard.to_compute(request.model, requested)
         remaining = await self._admit(caller, request.model, batch, pow_)

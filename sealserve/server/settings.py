@@ -416,14 +416,13 @@ def usable_cpus(cgroup: Path = Path("/sys/fs/cgroup")) -> int:
 
 def _cgroup_quota(root: Path) -> tuple[int, int] | None:
     """``(quota, period)`` in microseconds, or None without a CPU limit."""
-    try:
+    try:  # cgroup v2
         fields = (root / "cpu.max").read_text().split()
-        if len(fields) == 2 and fields[0] != "max":
-            return int(fields[0]), int(fields[1])
-        return None
+        limited = len(fields) == 2 and fields[0] != "max"
+        return (int(fields[0]), int(fields[1])) if limited else None
     except (OSError, ValueError):
         pass
-    try:
+    try:  # cgroup v1
         quota = int((root / "cpu" / "cpu.cfs_quota_us").read_text())
         period = int((root / "cpu" / "cpu.cfs_period_us").read_text())
     except (OSError, ValueError):

@@ -93,21 +93,22 @@ class Worker:
     async def _serve(self) -> None:
         server = self.server
         server.become_worker(self.index)
+        note: dict[str, object] = {"index": self.index, "pid": os.getpid()}
+        failed = False
         try:
             await server.start_prepared()
-            note: dict[str, object] = {"index": self.index, "pid": os.getpid()}
         except SealserveError as exc:
             # The parent says it once, as a single server's start would (every worker
             # meets the same error: N copies of the line would bury the fix).
-            note = {"index": self.index, "error": exc.message, "remedy": exc.remedy,
-                    "usage": isinstance(exc, ConfigError | CryptoError)}  # fmt: skip
-            os.write(self.ready_fd, json.dumps(note).encode() + b"\n")
-            os.close(self.ready_fd)
-            raise SystemExit(1) from None
+            note.update(error=exc.message, remedy=exc.remedy,
+                        usage=isinstance(exc, ConfigError | CryptoError))  # fmt: skip
+            failed = True
         try:
             os.write(self.ready_fd, json.dumps(note).encode() + b"\n")
         finally:
             os.close(self.ready_fd)
+        if failed:
+            raise SystemExit(1)
         await run_until_stopped(server)
 
 

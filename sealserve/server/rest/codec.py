@@ -133,15 +133,14 @@ def _from_json(name: str, datatype: str, data: Any, count: int) -> np.ndarray:
     return parsed.astype(target, copy=False)
 
 
-def _int_range(dtype: np.dtype[Any]) -> tuple[int, int]:
-    info = np.iinfo(dtype)  # type: ignore[type-var]
-    return int(info.min), int(info.max)
+def _int_range(dtype: np.dtype[Any]) -> tuple[int, int] | None:
+    info = np.iinfo(dtype) if dtype.kind in _INT_KINDS else None  # type: ignore[type-var]
+    return None if info is None else (int(info.min), int(info.max))
 
 
-# Per datatype: the numpy kinds its JSON data may parse to, the element type, and the
-# range an integer type holds (None: not an integer type).
+# Per datatype: the numpy kinds its JSON may parse to, the element type, an int's range.
 _JSON_DECODE: dict[str, tuple[str, np.dtype[Any], tuple[int, int] | None]] = {
-    oip: (_KINDS.get(oip, _INT_KINDS), dtype, _int_range(dtype) if dtype.kind in "iu" else None)
+    oip: (_KINDS.get(oip, _INT_KINDS), dtype, _int_range(dtype))
     for oip, dtype in OIP_TO_NUMPY.items()
 }
 
