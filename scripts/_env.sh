@@ -16,6 +16,10 @@ ensure_os_packages() {
   command -v curl >/dev/null 2>&1 || missing+=(curl)
   # cpio: deploy/measured-image/build.sh packs the initramfs (tests/deploy).
   command -v cpio >/dev/null 2>&1 || missing+=(cpio)
+  # swtpm, tpm2-tools: the azure-vtpm platform drives a TPM through tpm2-tools; the
+  # tests give it a software TPM (tests/_vtpm.py).
+  command -v swtpm >/dev/null 2>&1 || missing+=(swtpm)
+  command -v tpm2_quote >/dev/null 2>&1 || missing+=(tpm2-tools)
   if [ ${#missing[@]} -gt 0 ]; then
     echo "==> installing OS packages: ${missing[*]}"
     as_root apt-get update -qq

@@ -24,6 +24,9 @@ class Platform(enum.StrEnum):
     SEV_SNP = "sev-snp"
     SIMULATED_SNP = "simulated-sev-snp"
     TDX = "tdx"
+    # Azure confidential VMs: the paravisor's SEV-SNP report plus the vTPM's quote
+    # (sealserve.attestation.azure_vtpm).
+    AZURE_VTPM = "azure-vtpm"
 
 
 @dataclass(frozen=True)
@@ -67,7 +70,8 @@ class Claims:
     """Verified facts about one attestation report or quote.
 
     ``measurements`` holds the platform's measurement registers by name
-    (``"measurement"`` for SEV-SNP; ``"mrtd"``, ``"rtmr0"``..``"rtmr3"`` for TDX) as
+    (``"measurement"`` for SEV-SNP; ``"mrtd"``, ``"rtmr0"``..``"rtmr3"`` for TDX;
+    ``"measurement"`` and ``"pcr0"``..``"pcr23"`` for azure-vtpm) as
     bytes, printed as hex (:class:`Measurements`).
     ``fields`` holds every decoded field in a JSON-friendly form (bytes as hex) for
     display and for platform-specific policies.

@@ -10,9 +10,11 @@ Each tag appears exactly once, in ascending order; unknown tags are refused:
 tag  field              value
 ==== =================  =================================================
 1    platform           UTF-8 ``Platform`` value ("sev-snp", ...)
-2    report             the raw hardware report (SNP: 1184 bytes) or quote
+2    report             the raw hardware report (SNP: 1184 bytes), quote (TDX) or
+                        HCL report (azure-vtpm)
 3    certs              SNP: cert table (kernel auxblob format) or chain; TDX: the
-                        quote's collateral in dcap-qvl JSON form; may be empty
+                        quote's collateral in dcap-qvl JSON form; may be empty;
+                        azure-vtpm: the vTPM quote bundle (``azure_vtpm.VtpmBundle``)
 4    manifest           the workload manifest (canonical JSON bytes)
 5    tls_spki           the server's TLS SubjectPublicKeyInfo, DER
 6    hpke_public_key    the enclave's HPKE public key (raw bytes)
@@ -141,7 +143,8 @@ def verify_report_at_time(
     """Verify one raw hardware report of ``platform`` (no binding, no policy).
 
     SEV-SNP (genuine or simulated, ``roots`` decides): the report with its VCEK/VLEK
-    from ``certs`` (cert table or PEM chain) or the cache. TDX: the quote, only if
+    from ``certs`` (cert table or PEM chain) or the cache. azure-vtpm: the HCL report
+    with the quote, PCRs and VCEK chain in ``certs`` (``azure_vtpm``). TDX: the quote, only if
     ``roots`` trusts the pinned Intel SGX Root CA, with ``tdx_collateral``, else the
     collateral in ``certs`` (dcap-qvl JSON) when there is any.
 
@@ -152,6 +155,10 @@ def verify_report_at_time(
         return verify_snp_at_time(
             report, roots=roots, now=now, cert_table=certs, cache_dir=cache_dir
         )
+    if platform is Platform.AZURE_VTPM:
+        from sealserve.attestation.azure_vtpm import verify_azure_vtpm_at_time
+
+        return verify_azure_vtpm_at_time(report, certs, roots=roots, now=now, cache_dir=cache_dir)
     if platform is Platform.TDX:
         if not roots.intel:
             raise VerificationError(

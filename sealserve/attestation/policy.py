@@ -24,6 +24,9 @@ from sealserve.errors import ConfigError, PolicyError
 
 REAL_PLATFORMS = frozenset({Platform.SEV_SNP, Platform.TDX})
 SNP_PLATFORMS = frozenset({Platform.SEV_SNP, Platform.SIMULATED_SNP})
+# Claims that carry SEV-SNP fields (guest policy, TCB): Azure's paravisor report is one.
+SNP_FIELD_PLATFORMS = SNP_PLATFORMS | {Platform.AZURE_VTPM}
+GENUINE_SNP = frozenset({Platform.SEV_SNP, Platform.AZURE_VTPM})
 TCB_COMPONENTS = ("bl", "tee", "snp", "ucode", "fmc")
 
 
@@ -151,7 +154,7 @@ class DebugDisallowed:
 
     def verify(self, claims: Claims) -> None:
         if claims.debug:
-            if claims.platform in SNP_PLATFORMS:
+            if claims.platform in SNP_FIELD_PLATFORMS:
                 raise PolicyError("DEBUG policy bit is set: debug guests are not allowed")
             raise PolicyError(
                 f"DEBUG attribute is set on the {claims.platform.value} guest: "
@@ -302,8 +305,8 @@ DEFAULT_POLICY: Policy = AllOf(
     [
         PlatformIn(REAL_PLATFORMS),
         DebugDisallowed(),
-        OnPlatforms(SNP_PLATFORMS, MigrationAgentDisallowed()),
-        OnPlatforms(frozenset({Platform.SEV_SNP}), _starter_tcb()),
+        OnPlatforms(SNP_FIELD_PLATFORMS, MigrationAgentDisallowed()),
+        OnPlatforms(GENUINE_SNP, _starter_tcb()),
         OnPlatforms(frozenset({Platform.TDX}), _starter_tdx_tcb()),
     ]
 )
@@ -410,9 +413,20 @@ def _tdx_rules() -> dict[str, Builder]:
     return rules
 
 
+# Rules valid in an [azure-vtpm] section: the paravisor's SNP report (the SEV-SNP
+# rules) and the guest's own boot, measured into the vTPM's SHA-256 PCRs.
+AZURE_VTPM_RULES: dict[str, Builder] = {
+    **SNP_RULES,
+    **{
+        f"pcr{i}": (lambda r: lambda v, w: MeasurementIn(r, _hexes(v, w, size=32)))(f"pcr{i}")
+        for i in range(24)
+    },
+}
+
 # Per-platform sections: name -> (platforms the rules apply to, rule table).
 SECTIONS: dict[str, tuple[frozenset[Platform], dict[str, Builder]]] = {
     "sev-snp": (SNP_PLATFORMS, SNP_RULES),
+    "azure-vtpm": (frozenset({Platform.AZURE_VTPM}), AZURE_VTPM_RULES),
     "tdx": (frozenset({Platform.TDX}), _tdx_rules()),
 }
 
@@ -485,10 +499,11 @@ def policy_from_toml(text: str) -> Policy:
 
     Top-level defaults (when a key is absent): ``platforms = ["sev-snp", "tdx"]`` unless
     ``unsafe_allow_simulated`` is given (then the simulated platform only: naming it
-    never opens the real platforms too), ``allow_debug = false``,
-    ``[sev-snp] allow_migration_agent = false``. Each ``[[any_of]]`` entry is a rule
-    table; at least one must pass. In a table that has platform sections
-    (``[sev-snp]``, ``[tdx]``), claims are judged by their own platform's section and
+    never opens the real platforms too; ``azure-vtpm`` is allowed only when named),
+    ``allow_debug = false``, ``[sev-snp]`` and ``[azure-vtpm]``
+    ``allow_migration_agent = false``. Each ``[[any_of]]`` entry is a rule table; at
+    least one must pass. In a table that has platform sections (``[sev-snp]``,
+    ``[tdx]``, ``[azure-vtpm]``), claims are judged by their own platform's section and
     refused when it has none (:class:`PlatformSections`).
 
     Raises ConfigError naming the offending key on bad TOML, unknown keys or bad values.
@@ -506,14 +521,20 @@ def policy_from_toml(text: str) -> Policy:
     top = {**defaults, **{k: v for k, v in doc.items() if k != "any_of"}}
     # The migration-agent default is its own rule: it must not make a [sev-snp] section
     # appear, which would refuse every platform without one.
-    snp = _typed(top.get("sev-snp", {}), dict, "sev-snp")
     policies = _rule_table(top, "", top=True)
-    if snp.get("allow_migration_agent", False) is False:
-        policies.append(OnPlatforms(SNP_PLATFORMS, MigrationAgentDisallowed()))
+    for section, platforms in (
+        ("sev-snp", SNP_PLATFORMS),
+        ("azure-vtpm", frozenset({Platform.AZURE_VTPM})),
+    ):
+        table = _typed(top.get(section, {}), dict, section)
+        if table.get("allow_migration_agent", False) is False:
+            policies.append(OnPlatforms(platforms, MigrationAgentDisallowed()))
     # The TCB floors of DEFAULT_POLICY hold unless the file sets its own (anywhere: a
     # floor in one [[any_of]] alternative replaces the default for the whole file).
     if not _sets(doc, "sev-snp", "min_tcb"):
         policies.append(OnPlatforms(frozenset({Platform.SEV_SNP}), _starter_tcb()))
+    if not _sets(doc, "azure-vtpm", "min_tcb"):
+        policies.append(OnPlatforms(frozenset({Platform.AZURE_VTPM}), _starter_tcb()))
     if not _sets(doc, "tdx", "min_tee_tcb_svn"):
         policies.append(OnPlatforms(frozenset({Platform.TDX}), _starter_tdx_tcb()))
     if "any_of" in doc:

@@ -9,7 +9,9 @@ top level together with each ``[[any_of]]`` entry) names:
    ``intel`` for TDX, ``unsafe-simulated`` for the simulated platform;
 3. for each platform, a launch measurement: SEV-SNP and simulated SEV-SNP
    ``[sev-snp] measurement``; TDX ``[tdx] mrtd`` and ``rtmr0``..``rtmr2`` (firmware
-   configuration, kernel, command line and initrd; RTMR3 is extended at run time).
+   configuration, kernel, command line and initrd; RTMR3 is extended at run time);
+   Azure CVMs ``[azure-vtpm] measurement`` (the paravisor) and ``pcr4``, ``pcr7``,
+   ``pcr11`` (the guest's boot loader or UKI, Secure Boot state, UKI contents).
 
 Without these a genuine guest running any code, or a genuine TD of anyone's on any
 Intel host, would get the key. The broker refuses an incomplete policy unless the
@@ -32,12 +34,17 @@ ROOT_FOR_PLATFORM: Mapping[Platform, str] = {
     Platform.SEV_SNP: ROOT_AMD,
     Platform.TDX: ROOT_INTEL,
     Platform.SIMULATED_SNP: ROOT_SIMULATED,
+    # Azure's paravisor report is an SEV-SNP report, signed by AMD's VCEK.
+    Platform.AZURE_VTPM: ROOT_AMD,
 }
 # The launch measurement registers a policy must pin, per platform and section.
 LAUNCH_REGISTERS: Mapping[Platform, tuple[str, tuple[str, ...]]] = {
     Platform.SEV_SNP: ("sev-snp", ("measurement",)),
     Platform.SIMULATED_SNP: ("sev-snp", ("measurement",)),
     Platform.TDX: ("tdx", ("mrtd", "rtmr0", "rtmr1", "rtmr2")),
+    # The paravisor (SNP measurement) and the guest's boot in the vTPM: boot loader or
+    # UKI (PCR 4), Secure Boot state (PCR 7), UKI kernel/initrd/command line (PCR 11).
+    Platform.AZURE_VTPM: ("azure-vtpm", ("measurement", "pcr4", "pcr7", "pcr11")),
 }
 
 
@@ -107,8 +114,8 @@ def _branch_gaps(branch: Mapping[str, Any], roots: set[str]) -> list[str]:
         platforms.append(Platform.SIMULATED_SNP)
     if not platforms:
         return [
-            'platforms: the policy names no platform (platforms = ["sev-snp"] and/or '
-            '["tdx"]; the simulated platform: unsafe_allow_simulated = true)'
+            'platforms: the policy names no platform (platforms = ["sev-snp"], ["tdx"] '
+            'and/or ["azure-vtpm"]; the simulated platform: unsafe_allow_simulated = true)'
         ]
     gaps = []
     for platform in dict.fromkeys(platforms):

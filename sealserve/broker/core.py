@@ -80,6 +80,10 @@ _DECOYS = {
     Platform.SEV_SNP: (("sev-snp", ("measurement",)), 'platforms = ["sev-snp"]'),
     Platform.SIMULATED_SNP: (("sev-snp", ("measurement",)), "unsafe_allow_simulated = true"),
     Platform.TDX: (("tdx", ("mrtd", "rtmr0", "rtmr1", "rtmr2")), 'platforms = ["tdx"]'),
+    Platform.AZURE_VTPM: (
+        ("azure-vtpm", ("measurement", "pcr4", "pcr7", "pcr11")),
+        'platforms = ["azure-vtpm"]',
+    ),
 }
 
 
@@ -210,7 +214,7 @@ class KeyBroker:
     def _decoy(self, claims: Claims) -> None:
         register, platform_rule = _DECOYS[claims.platform]
         text = f"version = 1\n{platform_rule}\n[{register[0]}]\n" + "".join(
-            f'{r} = ["{"00" * 48}"]\n' for r in register[1]
+            f'{r} = ["{"00" * (32 if r.startswith("pcr") else 48)}"]\n' for r in register[1]
         )
         with contextlib.suppress(AttestationError):
             self._policy(text).verify(claims)

@@ -193,13 +193,30 @@ class Settings(BaseSettings):
             "required_tos_version, [[auth.issuers]] with jwks_file or jwks_url, ...)."
         ),
     )
-    attestation_platform: Literal["auto", "configfs-tsm", "simulated", "none"] = Field(
-        default="auto",
+    attestation_platform: Literal["auto", "configfs-tsm", "azure-vtpm", "simulated", "none"] = (
+        Field(
+            default="auto",
+            description=(
+                "Where attestation evidence comes from: 'configfs-tsm' (a real SEV-SNP or "
+                "TDX guest), 'azure-vtpm' (an Azure SEV-SNP confidential VM: HCL report and "
+                "vTPM quote, needs tpm2-tools), 'simulated' (needs simulated_platform_dir), "
+                "'none' (no GetEvidence), or 'auto' (configfs-tsm if present, else simulated "
+                "if a directory is set, else none)."
+            ),
+        )
+    )
+    azure_vtpm_tcti: str | None = Field(
+        default=None,
         description=(
-            "Where attestation evidence comes from: 'configfs-tsm' (a real SEV-SNP or TDX "
-            "guest), 'simulated' (needs simulated_platform_dir), 'none' (no GetEvidence), "
-            "or 'auto' (configfs-tsm if present, else simulated if a directory is set, "
-            "else none)."
+            "azure-vtpm: the TPM tpm2-tools talks to (TPM2TOOLS_TCTI; default "
+            "'device:/dev/tpmrm0')."
+        ),
+    )
+    azure_vcek_chain: Path | None = Field(
+        default=None,
+        description=(
+            "azure-vtpm: a PEM file with the VM's VCEK, ASK and ARK (default: fetched once "
+            "at start from Azure's instance metadata, THIM)."
         ),
     )
     simulated_platform_dir: Path | None = Field(

@@ -63,6 +63,8 @@ def select_platform(settings: Settings, code: str) -> Platform | None:
     choice = settings.attestation_platform
     if choice == "none":
         return None
+    if choice == "azure-vtpm":
+        return _azure_vtpm(settings)
     if choice in ("auto", "configfs-tsm") and Path(DEFAULT_CONFIGFS_TSM).is_dir():
         return ConfigfsTsmPlatform(DEFAULT_CONFIGFS_TSM)
     if choice == "configfs-tsm":
@@ -80,6 +82,23 @@ def select_platform(settings: Settings, code: str) -> Platform | None:
     log.warning("attestation: no TEE found and no simulated platform configured; "
                 "GetEvidence is not served")  # fmt: skip
     return None
+
+
+def _azure_vtpm(settings: Settings) -> Platform:
+    from sealserve.enclave.azure_vtpm import AzureVtpmPlatform, Tpm2Tools, fetch_vcek_chain
+
+    path = settings.azure_vcek_chain
+    if path is None:
+        chain = fetch_vcek_chain()
+    else:
+        try:
+            chain = path.read_bytes()
+        except OSError as exc:
+            raise ConfigError(f"azure_vcek_chain: cannot read {path}: {exc.strerror}") from exc
+        if b"-----BEGIN CERTIFICATE-----" not in chain:
+            raise ConfigError(f"azure_vcek_chain: {path} holds no PEM certificate")
+    log.info("attestation: azure-vtpm (HCL report and vTPM quote)")
+    return AzureVtpmPlatform(Tpm2Tools(settings.azure_vtpm_tcti), vcek_chain=chain)
 
 
 def uses_store(settings: Settings, defense: DefenseConfig | None) -> bool:

@@ -46,8 +46,8 @@ def test_each_alternative_is_checked_for_platform_and_roots_too() -> None:
     text = f"version = 1\n[[any_of]]\n{COMPLETE_TDX}\n[[any_of]]\n[any_of.tdx]\n{_tdx('mrtd')}\n"
     gaps = policy_gaps(text, ["intel"])
     assert gaps == [
-        'any_of[1]: platforms: the policy names no platform (platforms = ["sev-snp"] and/or '
-        '["tdx"]; the simulated platform: unsafe_allow_simulated = true)'
+        'any_of[1]: platforms: the policy names no platform (platforms = ["sev-snp"], ["tdx"] '
+        'and/or ["azure-vtpm"]; the simulated platform: unsafe_allow_simulated = true)'
     ]
     # An SEV-SNP alternative under a key whose roots hold only Intel's.
     text = (
