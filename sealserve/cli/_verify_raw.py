@@ -3,7 +3,8 @@
 The report is whatever the auditor was handed: a raw SEV-SNP report (1184 bytes, with
 its VCEK/VLEK from ``--vcek``, a ``--cert-chain`` bundle or a ``--cert-table``), an
 Azure HCL report (the SNP report Azure's paravisor stores in the vTPM, which binds the
-vTPM attestation key), or an Intel TDX quote (with ``--collateral`` in dcap-qvl's JSON
+vTPM attestation key; with ``--vtpm-bundle`` also the vTPM quote and PCRs of sealserve's
+azure-vtpm evidence), or an Intel TDX quote (with ``--collateral`` in dcap-qvl's JSON
 form). No report_data binding is assumed: ``--expect-report-data`` asks for one.
 """
 
@@ -42,6 +43,11 @@ def add_raw_args(p: argparse.ArgumentParser) -> None:
         "--collateral", type=Path,
         help="TDX: collateral JSON (dcap-qvl QuoteCollateralV3 form: TCB info, QE identity, "
         "their signatures and issuer chains, both CRLs)",
+    )  # fmt: skip
+    g.add_argument(
+        "--vtpm-bundle", type=Path,
+        help="Azure HCL report: the vTPM quote bundle that came with it (sealserve "
+        "azure-vtpm evidence); verifies the quote, the PCRs and the user-data binding",
     )  # fmt: skip
     g.add_argument(
         "--expect-report-data", metavar="HEX",
@@ -134,6 +140,8 @@ def verify_raw(
     now = parse_time(args.at)
     kind = detect(report) if args.platform == "auto" else args.platform
     checks = [Check("input", None, f"{kind} report, {len(report)} bytes, verified at {now}")]
+    if args.vtpm_bundle is not None and kind != "azure-hcl":
+        raise ConfigError(f"--vtpm-bundle goes with an Azure HCL report; this is {kind}")
     if kind in ("sev-snp", "azure-hcl"):
         if args.collateral is not None:
             raise ConfigError("--collateral is for TDX quotes; this is an SEV-SNP report")
@@ -141,7 +149,14 @@ def verify_raw(
         if chain_check is not None:
             checks.append(chain_check)
         table = _read(args.cert_table, "--cert-table") if args.cert_table else b""
-        if kind == "azure-hcl":
+        if kind == "azure-hcl" and args.vtpm_bundle is not None:
+            from sealserve.attestation.azure_vtpm import verify_azure_vtpm_at_time
+
+            if signer is not None or table:
+                raise ConfigError("--vtpm-bundle carries the VCEK chain; drop --vcek/--cert-*")
+            bundle = _read(args.vtpm_bundle, "--vtpm-bundle")
+            claims = verify_azure_vtpm_at_time(report, bundle, roots=roots, now=now)
+        elif kind == "azure-hcl":
             from sealserve.attestation.azure_hcl import verify_azure_hcl_at_time
 
             claims = verify_azure_hcl_at_time(

@@ -248,3 +248,53 @@ def test_azure_must_be_named_and_pinned() -> None:
                        + '"]\n', ["amd"])  # fmt: skip
     assert gaps and "pcr4, pcr7, pcr11" in gaps[0]
     assert any("'amd' root" in g for g in policy_gaps(AZ_POLICY, ["intel"]))
+
+
+# --- the auditor's CLI -----------------------------------------------------------------
+
+
+def _cli(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, dict[str, object]]:
+    import json
+
+    from sealserve.cli.main import main
+
+    rc = main(["verify", "--json", *args])
+    return rc, json.loads(capsys.readouterr().out)
+
+
+def test_cli_verifies_an_hcl_report_with_its_vtpm_bundle(
+    vtpm: FakeParavisor, sim_root: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    report_data = b"\x07" * 64
+    produced = _platform(vtpm, sim_root).report(report_data)
+    (tmp_path / "hcl.bin").write_bytes(produced.report)
+    (tmp_path / "bundle.json").write_bytes(produced.certs)
+    policy = tmp_path / "dev.toml"
+    policy.write_text("version = 1\nunsafe_allow_simulated = true\n")
+    files = ["--report", str(tmp_path / "hcl.bin"), "--vtpm-bundle", str(tmp_path / "bundle.json")]
+    rc, out = _cli(
+        capsys, *files, "--simulated-root", str(sim_root), "--policy", str(policy),
+        "--expect-report-data", report_data.hex(),
+    )  # fmt: skip
+    assert rc == 0, out
+    names = [c["name"] for c in out["checks"]]  # type: ignore[attr-defined]
+    assert {"tpm_quote_signature", "tpm_pcr_digest", "tpm_quote_nonce", "report_data"} <= set(
+        names
+    )
+    assert "pcr11" in out["claims"]["measurements"]  # type: ignore[index]
+    # a genuine Azure HCL report with another VM's genuine quote: the check is named
+    message, signature, pcrs = _genuine_quote()
+    (tmp_path / "foreign.json").write_bytes(
+        VtpmBundle(message, signature, pcrs, (AZ / "vcek.pem").read_bytes()).to_bytes()
+    )
+    rc, out = _cli(
+        capsys, "--report", str(AZ / "hcl-report.bin"), "--vtpm-bundle",
+        str(tmp_path / "foreign.json"), "--at", "2025-06-01T00:00:00Z",
+    )  # fmt: skip
+    assert rc == 1 and out["error"]["check"] == "tpm_quote_signature"  # type: ignore[index]
+    from sealserve.cli.main import main
+
+    rc = main(["verify", "--report", str(TPM / "quote.bin"), "--platform", "sev-snp",
+               "--vtpm-bundle", str(tmp_path / "foreign.json")])  # fmt: skip
+    assert rc != 0
+    assert "--vtpm-bundle goes with an Azure HCL report" in capsys.readouterr().err
