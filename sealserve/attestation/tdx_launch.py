@@ -28,10 +28,10 @@ stub measures, into PCR 9 → RTMR2, (a) the load options — the command line, 
 `` initrd=initrd`` appended by OVMF when an initrd is passed, as UTF-16LE with its NUL
 — and (b) the initrd bytes. RTMR2 = extend(extend(0, SHA-384(a)), SHA-384(b)).
 
-Not computed here: RTMR0 (TD HOB, CFV, EFI variables, the VMM's ACPI tables and boot
-variables: VMM- and configuration-specific) and RTMR1 (Authenticode hash of the kernel
-after QEMU patched its setup header for the memory size and initrd). Pin those from a
-reference boot (``measure --rtmr0/--rtmr1``).
+RTMR0 (TD HOB, CFV, Secure Boot variables, the VMM's ACPI tables, boot variables) and
+RTMR1 (Authenticode hash of the kernel after QEMU patched its setup header, then the
+EFI boot actions) are in ``sealserve.attestation.tdx_rtmr``: they need the TD's memory
+size and, for RTMR0, QEMU's ACPI tables for the machine shape.
 """
 
 from __future__ import annotations
@@ -212,19 +212,43 @@ class TdxLaunch:
     initrd: Path | None = None
     append: str | None = None
     page_order: str = "per-page"
+    #: The TD's memory in MiB (QEMU ``-m``): the TD HOB and the initrd's place.
+    memory_mib: int | None = None
+    #: QEMU's ``etc/acpi/tables`` blob for this machine shape (vCPUs, memory, devices).
+    acpi_tables: Path | None = None
 
     def __post_init__(self) -> None:
         if self.page_order not in PAGE_ORDERS:
             raise ConfigError(f"launch: --tdx-page-order must be one of {', '.join(PAGE_ORDERS)}")
+        if self.memory_mib is not None and not 64 <= self.memory_mib <= 1 << 22:
+            raise ConfigError(f"launch: --memory {self.memory_mib} MiB is out of range")
         check_boot_parts(self)
 
 
 def tdx_launch_registers(spec: TdxLaunch) -> dict[str, bytes]:
-    """``mrtd`` always; ``rtmr2`` for a direct boot with a kernel command line."""
-    out = {"mrtd": tdx_mrtd(_read(spec.ovmf), page_order=spec.page_order)}
+    """``mrtd`` always; ``rtmr2`` for a direct boot with a kernel command line;
+    ``rtmr0`` with the memory size and the ACPI tables; ``rtmr1`` with the kernel and
+    the memory size (``sealserve.attestation.tdx_rtmr``)."""
+    from sealserve.attestation import tdx_rtmr
+
+    firmware = _read(spec.ovmf)
+    out = {"mrtd": tdx_mrtd(firmware, page_order=spec.page_order)}
+    initrd = _read(spec.initrd) if spec.initrd is not None else None
     if spec.kernel is not None and spec.append:
-        initrd = _read(spec.initrd) if spec.initrd is not None else None
         out["rtmr2"] = tdx_rtmr2(cmdline=spec.append, initrd=initrd)
+    if spec.memory_mib is None:
+        return out
+    memory = spec.memory_mib << 20
+    if spec.acpi_tables is not None:
+        events = tdx_rtmr.rtmr0_events(firmware, memory_bytes=memory,
+                                       acpi_blob=_read(spec.acpi_tables))  # fmt: skip
+        out["rtmr0"] = tdx_rtmr.replay(events, 0)
+    if spec.kernel is not None:
+        events = tdx_rtmr.rtmr1_events(
+            _read(spec.kernel), memory_bytes=memory, cmdline=spec.append or "",
+            initrd_size=None if initrd is None else len(initrd),
+        )  # fmt: skip
+        out["rtmr1"] = tdx_rtmr.replay(events, 1)
     return out
 
 

@@ -24,7 +24,8 @@ def register(sub: Any) -> None:
             "--launch: the expected hardware launch measurement of a guest built from the "
             "given parts (sev-snp: OVMF, kernel, initrd, command line, vCPUs; tdx: MRTD "
             "from OVMF/TDVF and, for QEMU direct boot, RTMR2 from the command line and "
-            "initrd; simulated: this build). "
+            "initrd, RTMR1 from the kernel and --memory, RTMR0 from the firmware, --memory "
+            "and --acpi-tables; simulated: this build). "
             "--policy-out writes a policy pinning the platform, the launch measurement, "
             "the manifest (with --config) and a minimum TCB: the form `broker set-policy` "
             "accepts."
@@ -68,12 +69,22 @@ def register(sub: Any) -> None:
         help="tdx: how the VMM added and measured the firmware pages (per-page: upstream "
         "KVM, QEMU 9+ TDX builds; per-section: QEMU 8.x TDX builds; default: %(default)s)",
     )
+    launch.add_argument(
+        "--memory", type=int, metavar="MIB",
+        help="tdx: the TD's memory in MiB (QEMU -m): RTMR0 (TD HOB) and RTMR1 (where QEMU "
+        "puts the initrd)",
+    )  # fmt: skip
+    launch.add_argument(
+        "--acpi-tables", type=Path, metavar="FILE",
+        help="tdx: QEMU's etc/acpi/tables blob for this machine shape (vCPUs, memory, "
+        "devices), for RTMR0; docs/tdx.md says how to get it",
+    )  # fmt: skip
     for reg in ("rtmr0", "rtmr1", "rtmr2"):
         launch.add_argument(
             f"--{reg}",
             type=_register,
-            help=f"tdx: {reg.upper()} read from a reference boot (96 hex), for --policy-out"
-            + (" (overrides the computed value)" if reg == "rtmr2" else ""),
+            help=f"tdx: {reg.upper()} read from a reference boot (96 hex), for --policy-out "
+            "(overrides the computed value)",
         )
     launch.add_argument(
         "--min-tee-tcb-svn",
@@ -95,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
     measurement: bytes | None = None
     registers: dict[str, bytes] = {}
     platform = ""
+    if args.launch != "tdx" and (args.memory is not None or args.acpi_tables is not None):
+        raise ConfigError("measure: --memory and --acpi-tables are for --launch tdx")
     if args.launch == "tdx":
         platform, registers = "tdx", _tdx(args)
     elif args.launch is not None:
@@ -188,13 +201,21 @@ def _tdx(args: argparse.Namespace) -> dict[str, bytes]:
 
     if args.ovmf is None:
         raise ConfigError("measure --launch tdx needs --ovmf (the TD's OVMF/TDVF firmware)")
-    spec = TdxLaunch(**_boot_parts(args), page_order=args.tdx_page_order)
+    if args.acpi_tables is not None and args.memory is None:
+        raise ConfigError("measure: --acpi-tables needs --memory (the TD's memory in MiB)")
+    spec = TdxLaunch(
+        **_boot_parts(args), page_order=args.tdx_page_order, memory_mib=args.memory,
+        acpi_tables=args.acpi_tables,
+    )  # fmt: skip
     computed = tdx_launch_registers(spec)
     given = {r: getattr(args, r) for r in ("rtmr0", "rtmr1", "rtmr2") if getattr(args, r)}
     out = {**computed, **given}
     for name in ("mrtd", "rtmr0", "rtmr1", "rtmr2"):
         how = "computed" if name in computed and name not in given else "given"
-        value = out[name].hex() if name in out else "not computed (pass it, see docs/tdx.md)"
+        value = (
+            out[name].hex() if name in out
+            else "not computed (give --memory/--acpi-tables or pass it, see docs/tdx.md)"
+        )  # fmt: skip
         print(f"tdx {name:<6} {how if name in out else '':<8}  {value}")
     return out
 
