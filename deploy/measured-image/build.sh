@@ -1,12 +1,19 @@
 #!/usr/bin/env bash
-# A measured-boot SEV-SNP guest in which the launch measurement covers every byte that
-# runs: the server, Python, its dependencies, the config and the token keys live in an
-# initramfs whose hash (with the kernel's and the command line's) the firmware puts
-# into the measured OVMF page (QEMU kernel-hashes=on). See docs/deploy.md.
+# A measured-boot guest in which the launch measurement covers every byte that runs:
+# the server, Python, its dependencies, the config and the token keys live in an
+# initramfs. SEV-SNP (default): its hash, with the kernel's and the command line's, is
+# in the measured OVMF page (QEMU kernel-hashes=on). TDX (--platform tdx): the kernel
+# goes into RTMR1 and the command line and initramfs into RTMR2 as OVMF and the kernel's
+# EFI stub measure them. See docs/deploy.md.
 #
 #   deploy/measured-image/build.sh --rootfs DIR --kernel VMLINUZ --ovmf OVMF.fd \
 #       --config sealserve.toml --jwks jwks.json --out DIR [--vcpus N] [--vcpu-type T]
 #       [--guest-features 0x1] [--min-tcb bl=..,snp=..] [--append "extra cmdline"]
+#       [--platform sev-snp|tdx] [--memory MIB] [--acpi-tables FILE]
+#
+# tdx: --ovmf is the TDVF/OVMF build, --memory the TD's memory in MiB (default 4096) and
+#      --acpi-tables QEMU's etc/acpi/tables blob for this machine shape (dumped once from
+#      a reference guest, docs/tdx.md); they give MRTD and RTMR0..RTMR2.
 #
 # --rootfs  an unpacked root filesystem that already holds Python and /opt/sealserve
 #           (the container image of this repository: `docker create IMAGE` then
@@ -26,6 +33,7 @@ die() { echo "measured-image: $*" >&2; exit 2; }
 
 ROOTFS="" KERNEL="" OVMF="" CONFIG="" JWKS="" OUT=""
 VCPUS=1 VCPU_TYPE="EPYC-v4" FEATURES="0x1" MIN_TCB="bl=3,snp=8" APPEND_EXTRA=""
+PLATFORM="sev-snp" MEMORY=4096 ACPI=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rootfs) ROOTFS="$2"; shift 2 ;;
@@ -39,7 +47,10 @@ while [ $# -gt 0 ]; do
     --guest-features) FEATURES="$2"; shift 2 ;;
     --min-tcb) MIN_TCB="$2"; shift 2 ;;
     --append) APPEND_EXTRA="$2"; shift 2 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    --platform) PLATFORM="$2"; shift 2 ;;
+    --memory) MEMORY="$2"; shift 2 ;;
+    --acpi-tables) ACPI="$2"; shift 2 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) die "unknown argument ${1:0:40}" ;;
   esac
 done
@@ -51,6 +62,14 @@ done
 for f in "$KERNEL" "$OVMF" "$CONFIG" "$JWKS"; do [ -f "$f" ] || die "$f does not exist"; done
 command -v cpio >/dev/null || die "cpio is required (apt-get install cpio)"
 [[ "$VCPUS" =~ ^[0-9]+$ ]] || die "--vcpus must be a number"
+case "$PLATFORM" in
+  sev-snp) ;;
+  tdx)
+    [[ "$MEMORY" =~ ^[0-9]+$ ]] || die "--memory must be a number of MiB"
+    [ -n "$ACPI" ] || die "--platform tdx needs --acpi-tables (QEMU's etc/acpi/tables, docs/tdx.md)"
+    [ -f "$ACPI" ] || die "$ACPI does not exist" ;;
+  *) die "--platform must be sev-snp or tdx" ;;
+esac
 SEALSERVE="$(command -v sealserve || true)"
 [ -n "$SEALSERVE" ] || SEALSERVE="$ROOTFS/opt/sealserve/bin/sealserve"
 
@@ -97,8 +116,40 @@ CMDLINE="console=ttyS0 rdinit=/init ro panic=-1${APPEND_EXTRA:+ $APPEND_EXTRA}"
 printf '%s' "$CMDLINE" > "$OUT/cmdline.txt"
 
 echo "==> expected launch measurement and policy"
-"$SEALSERVE" measure --launch sev-snp --ovmf "$OVMF" --kernel "$OUT/vmlinuz" \
-  --initrd "$OUT/initrd.img" --append "$CMDLINE" --vcpus "$VCPUS" --vcpu-type "$VCPU_TYPE" \
+PARTS=(--ovmf "$OVMF" --kernel "$OUT/vmlinuz" --initrd "$OUT/initrd.img" --append "$CMDLINE")
+SUMS="\"initrd_sha256\": \"$(sha256sum "$OUT/initrd.img" | cut -d' ' -f1)\",
+ \"kernel_sha256\": \"$(sha256sum "$OUT/vmlinuz" | cut -d' ' -f1)\",
+ \"ovmf_sha256\": \"$(sha256sum "$OVMF" | cut -d' ' -f1)\""
+if [ "$PLATFORM" = tdx ]; then
+  "$SEALSERVE" measure --launch tdx "${PARTS[@]}" --memory "$MEMORY" --acpi-tables "$ACPI" \
+    --policy-out "$OUT/policy.toml" | tee "$OUT/measure.txt"
+  reg() { sed -n "s/^tdx $1 *computed *//p" "$OUT/measure.txt"; }
+  for r in mrtd rtmr0 rtmr1 rtmr2; do
+    [ "$(reg "$r" | wc -c)" -eq 97 ] || die "sealserve measure computed no $r"
+  done
+  cat > "$OUT/launch.json" <<JSON
+{"platform": "tdx", "mrtd": "$(reg mrtd)", "rtmr0": "$(reg rtmr0)",
+ "rtmr1": "$(reg rtmr1)", "rtmr2": "$(reg rtmr2)", "vcpus": $VCPUS, "memory_mib": $MEMORY,
+ "cmdline": "$CMDLINE", "acpi_tables_sha256": "$(sha256sum "$ACPI" | cut -d' ' -f1)",
+ $SUMS}
+JSON
+  cat > "$OUT/qemu.sh" <<QEMU
+#!/bin/sh
+# Launch on a TDX host (not run by build.sh). The measured parts must be these exact
+# files, this memory size and the machine shape the ACPI tables came from; any change
+# moves a register in launch.json and the broker refuses.
+exec qemu-system-x86_64 -accel kvm -nographic -cpu host -smp $VCPUS -m ${MEMORY}M \\
+  -object '{"qom-type":"tdx-guest","id":"tdx0"}' \\
+  -machine q35,kernel-irqchip=split,confidential-guest-support=tdx0,hpet=off \\
+  -bios "$OVMF" -kernel "$OUT/vmlinuz" -initrd "$OUT/initrd.img" \\
+  -append "$CMDLINE" \\
+  -drive if=virtio,format=raw,readonly=on,file=models.img
+QEMU
+  chmod 0755 "$OUT/qemu.sh"
+  echo "==> done: $OUT (MRTD $(reg mrtd))"
+  exit 0
+fi
+"$SEALSERVE" measure --launch sev-snp "${PARTS[@]}" --vcpus "$VCPUS" --vcpu-type "$VCPU_TYPE" \
   --guest-features "$FEATURES" --min-tcb "$MIN_TCB" --policy-out "$OUT/policy.toml" \
   | tee "$OUT/measure.txt"
 MEASUREMENT="$(sed -n 's/^launch measurement (sev-snp) *//p' "$OUT/measure.txt")"
@@ -106,9 +157,7 @@ MEASUREMENT="$(sed -n 's/^launch measurement (sev-snp) *//p' "$OUT/measure.txt")
 cat > "$OUT/launch.json" <<JSON
 {"platform": "sev-snp", "measurement": "$MEASUREMENT", "vcpus": $VCPUS,
  "vcpu_type": "$VCPU_TYPE", "guest_features": "$FEATURES", "cmdline": "$CMDLINE",
- "initrd_sha256": "$(sha256sum "$OUT/initrd.img" | cut -d' ' -f1)",
- "kernel_sha256": "$(sha256sum "$OUT/vmlinuz" | cut -d' ' -f1)",
- "ovmf_sha256": "$(sha256sum "$OVMF" | cut -d' ' -f1)"}
+ $SUMS}
 JSON
 
 cat > "$OUT/qemu.sh" <<QEMU
