@@ -141,6 +141,7 @@ class Server:
         self.defense_secrets = None
         self.store = None
         self.port = self.health_port = self.rest_port = 0
+        self.metrics_port: int | None = None
         self.rest: RestServer | None = None
         self._server: grpc.aio.Server | None = None
         self._health_server: grpc.aio.Server | None = None
@@ -428,9 +429,12 @@ class Server:
         for name in ("", INFERENCE_SERVICE):
             await self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         if s.metrics_port is not None:
-            # Worker K serves its own metrics on metrics_port + K - 1 (docs: Workers).
-            offset = 0 if self.worker is None or s.metrics_port == 0 else self.worker - 1
-            self.metrics.serve(host=s.metrics_host, port=s.metrics_port + offset)
+            if self.worker is None:
+                self.metrics_port = self.metrics.serve(host=s.metrics_host, port=s.metrics_port)
+            else:
+                # A worker serves its own series on a loopback port the parent reads; the
+                # parent's metrics_port shows them all, labelled worker (workers.py).
+                self.metrics_port = self.metrics.serve(host="127.0.0.1", port=0)
 
     async def _stop_ports(self, grace: float | None = 0) -> None:
         if self.rest is not None:
@@ -511,6 +515,7 @@ class Server:
             "host": self.settings.host,
             "port": self.port,
             "rest_port": self.rest_port or None,
+            "metrics_port": self.metrics_port,
             "tls_cert_pem": self.tls.cert_pem.decode() if self.tls else None,
             "pid": os.getpid(),
         }

@@ -222,7 +222,64 @@ class Metrics:
         observed."""
         self.registry.register(_DefenseCollector(cohort_alerts, queued_rows))
 
-    def serve(self, *, host: str, port: int) -> None:
-        """Expose the registry over HTTP on ``host:port`` (a daemon thread)."""
-        start_http_server(port, addr=host, registry=self.registry)
-        log.info("metrics on http://%s:%d/metrics", host, port)
+    def serve(self, *, host: str, port: int) -> int:
+        """Expose the registry over HTTP on ``host:port`` (a daemon thread); returns the
+        port (the one picked, for port 0)."""
+        return serve_registry(self.registry, host=host, port=port)
+
+
+def serve_registry(registry: CollectorRegistry, *, host: str, port: int) -> int:
+    """prometheus_client's HTTP exposition of ``registry`` on ``host:port`` (a daemon
+    thread); returns the bound port."""
+    server, _ = start_http_server(port, addr=host, registry=registry)
+    bound = int(server.server_port)
+    log.info("metrics on http://%s:%d/metrics", host, bound)
+    return bound
+
+
+class WorkerMetrics(Collector):
+    """The parent's ``/metrics`` with ``workers = N``: at each scrape it reads every
+    worker's exposition from its loopback port (``endpoints``: worker index -> port),
+    parses it with prometheus_client's parser and yields every series with a
+    ``worker`` label, plus ``sealserve_worker_up{worker}`` (0 when a worker's metrics
+    could not be read within ``timeout_s``)."""
+
+    def __init__(self, endpoints: dict[int, int], *, timeout_s: float = 2.0) -> None:
+        self.endpoints = dict(endpoints)
+        self.timeout_s = timeout_s
+
+    def collect(self) -> Iterator[Metric]:
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        families: dict[str, Metric] = {}
+        up = GaugeMetricFamily(
+            "sealserve_worker_up",
+            "1 when the parent read this worker's metrics at this scrape, else 0.",
+            labels=["worker"],
+        )
+        for index, port in sorted(self.endpoints.items()):
+            url = f"http://127.0.0.1:{port}/metrics"
+            try:
+                with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+                    text = response.read(_MAX_EXPOSITION).decode("utf-8")
+                parsed = list(text_string_to_metric_families(text))
+            except (OSError, ValueError) as exc:
+                log.warning("metrics: worker %d unreadable: %s", index, exc)
+                up.add_metric([str(index)], 0)
+                continue
+            up.add_metric([str(index)], 1)
+            for family in parsed:
+                merged = families.get(family.name)
+                if merged is None:
+                    merged = Metric(family.name, family.documentation, family.type, family.unit)
+                    families[family.name] = merged
+                label = str(index)
+                merged.samples += [s._replace(labels={**s.labels, "worker": label})
+                                   for s in family.samples]  # fmt: skip
+        yield from families.values()
+        yield up
+
+
+_MAX_EXPOSITION = 16 << 20

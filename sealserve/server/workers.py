@@ -97,6 +97,7 @@ class Worker:
         failed = False
         try:
             await server.start_prepared()
+            note["metrics_port"] = server.metrics_port
         except SealserveError as exc:
             # The parent says it once, as a single server's start would (every worker
             # meets the same error: N copies of the line would bury the fix).
@@ -124,6 +125,7 @@ class WorkerGroup:
     _children: dict[int, int] = field(default_factory=dict)  # pid -> index
     _pids: list[int] = field(default_factory=list)
     _ready_r: int = -1
+    _metrics: dict[int, int] = field(default_factory=dict)  # worker index -> loopback port
     _stopping: bool = False
     _stop_at: float = 0.0
     _failure: dict[str, Any] | None = None
@@ -139,6 +141,9 @@ class WorkerGroup:
             update["rest"] = s.rest.model_copy(update={"port": rest_port})
         if s.health_port is not None:
             update["health_port"] = self._reserve("health_port", s.health_host, s.health_port)
+        if s.metrics_port is not None:
+            # The parent serves every worker's metrics here once they all serve.
+            update["metrics_port"] = self._reserve("metrics_port", s.metrics_host, s.metrics_port)
         self.settings = s.model_copy(update=update)
         report = harden_process() if s.harden_process else None
         self.server = Server(self.settings, hardening=report)
@@ -211,6 +216,8 @@ class WorkerGroup:
                             self._failure = self._failure or note
                         else:
                             ready.add(int(note["index"]))
+                            if note.get("metrics_port"):
+                                self._metrics[int(note["index"])] = int(note["metrics_port"])
                     if not chunk:
                         os.close(self._ready_r)
                         self._ready_r = -1
@@ -231,6 +238,24 @@ class WorkerGroup:
         for sock in self._reserved:
             sock.close()
         self._reserved.clear()
+        s = self.settings
+        if s.metrics_port is not None:
+            from prometheus_client import CollectorRegistry
+
+            from sealserve.server.metrics import WorkerMetrics, serve_registry
+
+            registry = CollectorRegistry(auto_describe=False)
+            registry.register(WorkerMetrics(self._metrics))
+            try:
+                serve_registry(registry, host=s.metrics_host, port=s.metrics_port)
+            except OSError as exc:
+                self._failure = {
+                    "error": f"cannot serve metrics on {s.metrics_host}:{s.metrics_port} "
+                    f"({exc.strerror or exc})",
+                    "remedy": "Choose a free metrics_port.",
+                    "usage": True,
+                }
+                self._stop_all()
         if self._ready_r >= 0:
             os.close(self._ready_r)
             self._ready_r = -1
@@ -240,6 +265,7 @@ class WorkerGroup:
             server = self.server
             server.port = self.settings.port
             server.rest_port = self.settings.rest.port if self.settings.rest else 0
+            server.metrics_port = self.settings.metrics_port
             server.write_ready_file(ready_file, workers=self._pids)
 
     def _reap(self, code: int, *, started: bool) -> int:

@@ -47,6 +47,7 @@ def _config(work: Path, sim_root: Path, *, defended: bool = True, rest: bool = T
         f'attestation_platform = "simulated"\nsimulated_platform_dir = "{sim_root}"\n'
         'state_store = "sqlite://state.db"\n'
     )
+    text += "metrics_port = 0\n"
     if rest:
         text += "[rest]\nport = 0\n"
     if defended:
@@ -108,6 +109,11 @@ def test_workers_share_one_port_one_identity_and_log_per_worker(
         assert len(seen) == 1, seen
         spki, _ = seen.pop()
         assert spki == _spki_sha256(info["tls_cert_pem"].encode())
+        # One /metrics for the group: every worker's series, labelled by worker.
+        scraped = _scrape(info["metrics_port"])
+        assert scraped["sealserve_worker_up"] == {"1": 1.0, "2": 1.0}
+        served = scraped["sealserve_requests_total"]
+        assert set(served) == {"1", "2"} and sum(served.values()) == 24, served
     finally:
         proc.send_signal(signal.SIGTERM)
         out = proc.communicate(timeout=60)[0].decode()
@@ -157,6 +163,23 @@ def test_workers_share_one_port_one_identity_and_log_per_worker(
     ledgers = [_open_ledger(sim_root, [state / f"watermark-ledger-worker-{k}"]) for k in (1, 2)]
     union = _open_ledger(sim_root, [state])
     assert len(union) == sum(len(led) for led in ledgers) > 0
+
+
+def _scrape(port: int) -> dict[str, dict[str, float]]:
+    """The parent's /metrics: sample name -> {worker: summed value}."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as r:
+        text = r.read().decode()
+    out: dict[str, dict[str, float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            by_worker = out.setdefault(sample.name, {})
+            worker = sample.labels["worker"]
+            by_worker[worker] = by_worker.get(worker, 0.0) + sample.value
+    return out
 
 
 def _open_ledger(sim_root: Path, paths: list[Path]) -> Any:
