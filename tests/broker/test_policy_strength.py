@@ -47,7 +47,10 @@ def _section(choices: dict[str, str], theirs: Claims) -> str:
     return "\n".join(lines)
 
 
-@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Derandomized: the number of examples that reach the check below is then fixed (with
+# random draws it fell under 10 now and then: a flaky test).
+@settings(max_examples=300, deadline=None, derandomize=True,
+          suppress_health_check=[HealthCheck.too_slow])
 @given(
     name=st.sampled_from(QUOTES),
     platforms=st.sets(st.sampled_from(["sev-snp", "tdx"])),
@@ -96,7 +99,7 @@ REACHED: list[str] = []
 
 def test_the_property_above_checked_real_cases() -> None:
     """Runs after it (file order): a filter that refused everything would prove nothing."""
-    assert len(REACHED) >= 10
+    assert len(REACHED) >= 10, len(REACHED)
 
 
 def test_the_policies_the_issue_names_are_refused_by_set_policy() -> None:
