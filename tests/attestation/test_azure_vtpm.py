@@ -298,3 +298,55 @@ def test_cli_verifies_an_hcl_report_with_its_vtpm_bundle(
                "--vtpm-bundle", str(tmp_path / "foreign.json")])  # fmt: skip
     assert rc != 0
     assert "--vtpm-bundle goes with an Azure HCL report" in capsys.readouterr().err
+
+
+# --- the producing side's edges -----------------------------------------------------
+
+
+def test_vcek_chain_from_instance_metadata(sim_root: Path) -> None:
+    """THIM's answer (JSON: vcekCert, certificateChain) becomes one PEM bundle; a
+    missing field or an unreachable service is UnavailableError with a remedy."""
+    import http.server
+    import json
+    import threading
+
+    from sealserve.enclave.azure_vtpm import fetch_vcek_chain
+
+    chain = simulated_chain_pem(sim_root).decode()
+    first = chain.index("-----END CERTIFICATE-----") + len("-----END CERTIFICATE-----\n")
+    answers = {"/good": {"vcekCert": chain[:first], "certificateChain": chain[first:]},
+               "/bad": {"tcbm": "x"}}  # fmt: skip
+    seen: list[str | None] = []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append(self.headers.get("Metadata"))
+            body = json.dumps(answers.get(self.path, {})).encode()
+            self.send_response(200 if self.path in answers else 404)
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        got = fetch_vcek_chain(f"{base}/good")
+        assert got.count(b"BEGIN CERTIFICATE") == 3 and seen == ["true"]
+        for path in ("/bad", "/missing"):
+            with pytest.raises(UnavailableError, match="no VCEK chain") as err:
+                fetch_vcek_chain(f"{base}{path}")
+            assert "azure_vcek_chain" in (err.value.remedy or "")
+    finally:
+        server.shutdown()
+
+
+def test_missing_tpm2_tools_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from sealserve.enclave.azure_vtpm import Tpm2Tools
+
+    monkeypatch.setenv("PATH", str(tmp_path))  # no tpm2-tools here
+    with pytest.raises(UnavailableError, match="tpm2_nvread not found") as err:
+        Tpm2Tools().nv_read(0x01400001)
+    assert "tpm2-tools" in (err.value.remedy or "")
