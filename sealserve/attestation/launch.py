@@ -170,9 +170,9 @@ def _tdx_section(registers: Mapping[str, bytes], floor: bytes | None) -> list[st
         raise ConfigError(
             f"launch: a TDX policy pins {', '.join(TDX_LAUNCH_REGISTERS)}; missing "
             f"{', '.join(missing)}",
-            remedy="RTMR0 (VMM ACPI tables, memory, firmware variables) and RTMR1 (the "
-            "kernel as QEMU patched it) are not computed: read them from a reference boot "
-            "of the same VM (its quote or event log) and pass --rtmr0/--rtmr1 HEX.",
+            remedy="Give --memory MIB and --acpi-tables FILE (QEMU's tables for the VM "
+            "shape) with --kernel: RTMR0 and RTMR1 are then computed (docs/tdx.md); or "
+            "read them from a reference boot's quote and pass --rtmr0/--rtmr1 HEX.",
         )
     out = ["[tdx]"]
     for name in TDX_LAUNCH_REGISTERS:
