@@ -34,6 +34,7 @@ import dataclasses
 import hashlib
 import hmac
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -90,7 +91,7 @@ class VtpmBundle:
         """Parse. Raises EvidenceFormatError (``check="vtpm_format"``)."""
         try:
             doc = json.loads(data)
-        except ValueError as exc:
+        except (ValueError, RecursionError) as exc:
             raise _bad("not JSON") from exc
         if not isinstance(doc, dict) or doc.get("format") != BUNDLE_FORMAT:
             raise _bad(f"not a {BUNDLE_FORMAT} bundle")
@@ -104,7 +105,7 @@ class VtpmBundle:
             raise _bad("pcrs is not a table")
         values: dict[int, bytes] = {}
         for name, value in pcrs.items():
-            if not (name.isdigit() and int(name) < PCR_COUNT):
+            if not (re.fullmatch("[0-9]{1,2}", name) and int(name) < PCR_COUNT):
                 raise _bad(f"PCR index {name[:10]!r} is not 0..{PCR_COUNT - 1}")
             values[int(name)] = _hex(value, f"pcrs.{name}")
         chain = doc.get("vcek_chain", "")
@@ -180,6 +181,14 @@ def verify_azure_vtpm_at_time(
     hcl_claims = verify_azure_hcl_at_time(
         report, roots=roots, now=now, signer_cert=_signer(parts.vcek_chain), cache_dir=cache_dir
     )
+    # The paravisor asks for its report at VMPL 0; a report from a less privileged
+    # level of the same VM has the same MEASUREMENT but could bind a key of its own.
+    if hcl_claims.fields.get("vmpl") != 0:
+        raise VerificationError(
+            f"vtpm_vmpl: the SNP report was requested at VMPL {hcl_claims.fields.get('vmpl')}, "
+            "not by the paravisor (VMPL 0)",
+            check="vtpm_vmpl",
+        )
     # 3. user-data is REPORT_DATA
     report_data = user_data(HclReport.from_bytes(report))
     # 4. the quote: signed by the bound vTPM key, over these PCRs, answering REPORT_DATA

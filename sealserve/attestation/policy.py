@@ -516,7 +516,9 @@ def policy_from_toml(text: str) -> Policy:
     if version != POLICY_FORMAT_VERSION:
         raise ConfigError(f"policy: unsupported version {version!r} (this sealserve reads 1)")
     defaults: dict[str, Any] = {"allow_debug": False}
-    if "unsafe_allow_simulated" not in doc:
+    # Only a true unsafe_allow_simulated drops the default: `= false` must not open
+    # every platform (azure-vtpm included) to a policy that names none.
+    if doc.get("unsafe_allow_simulated") is not True:
         defaults["platforms"] = sorted(p.value for p in REAL_PLATFORMS)
     top = {**defaults, **{k: v for k, v in doc.items() if k != "any_of"}}
     # The migration-agent default is its own rule: it must not make a [sev-snp] section

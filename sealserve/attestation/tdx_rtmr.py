@@ -136,7 +136,7 @@ def efi_variables(firmware: bytes, sections: Sequence[TdvfSection]) -> dict[str,
         raise ConfigError("tdx firmware: no CFV (configuration firmware volume) section")
     region = firmware[cfv.data_offset : cfv.data_offset + cfv.raw_size]
     at = region.find(_AUTH_VARIABLE_STORE)
-    if at < 0:
+    if at < 0 or at + 28 > len(region):
         raise ConfigError("tdx firmware: no authenticated variable store in the CFV")
     size, fmt, state = struct.unpack_from("<IBB", region, at + 16)
     if fmt != 0x5A or state != 0xFE or at + size > len(region):
@@ -231,6 +231,8 @@ def rtmr0_events(firmware: bytes, *, memory_bytes: int, acpi_blob: bytes) -> lis
     cfv = next((s for s in sections if s.kind == _CFV), None)
     if cfv is None:
         raise ConfigError("tdx firmware: no CFV (configuration firmware volume) section")
+    if cfv.data_offset + cfv.raw_size > len(firmware):
+        raise ConfigError("tdx firmware: the CFV section lies outside the image")
     variables = efi_variables(firmware, sections)
     secure_boot = (
         b"\x01"

@@ -11,7 +11,8 @@ top level together with each ``[[any_of]]`` entry) names:
    ``[sev-snp] measurement``; TDX ``[tdx] mrtd`` and ``rtmr0``..``rtmr2`` (firmware
    configuration, kernel, command line and initrd; RTMR3 is extended at run time);
    Azure CVMs ``[azure-vtpm] measurement`` (the paravisor) and ``pcr4``, ``pcr7``,
-   ``pcr11`` (the guest's boot loader or UKI, Secure Boot state, UKI contents).
+   ``pcr8``, ``pcr9``, ``pcr11``, ``pcr12`` (boot loader or UKI, Secure Boot state,
+   GRUB's command line and files, UKI contents, systemd-stub's additions).
 
 Without these a genuine guest running any code, or a genuine TD of anyone's on any
 Intel host, would get the key. The broker refuses an incomplete policy unless the
@@ -43,8 +44,13 @@ LAUNCH_REGISTERS: Mapping[Platform, tuple[str, tuple[str, ...]]] = {
     Platform.SIMULATED_SNP: ("sev-snp", ("measurement",)),
     Platform.TDX: ("tdx", ("mrtd", "rtmr0", "rtmr1", "rtmr2")),
     # The paravisor (SNP measurement) and the guest's boot in the vTPM: boot loader or
-    # UKI (PCR 4), Secure Boot state (PCR 7), UKI kernel/initrd/command line (PCR 11).
-    Platform.AZURE_VTPM: ("azure-vtpm", ("measurement", "pcr4", "pcr7", "pcr11")),
+    # UKI (PCR 4), Secure Boot state (PCR 7), GRUB's command line and files (PCRs 8, 9),
+    # UKI kernel/initrd/command line (PCR 11), systemd-stub's extra command line and
+    # credentials (PCR 12). Each boot path leaves some of them zero: pinning the zero is
+    # what keeps another path (GRUB instead of a UKI, an added command line) out.
+    Platform.AZURE_VTPM: (
+        "azure-vtpm", ("measurement", "pcr4", "pcr7", "pcr8", "pcr9", "pcr11", "pcr12")
+    ),
 }
 
 

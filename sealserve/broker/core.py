@@ -81,7 +81,7 @@ _DECOYS = {
     Platform.SIMULATED_SNP: (("sev-snp", ("measurement",)), "unsafe_allow_simulated = true"),
     Platform.TDX: (("tdx", ("mrtd", "rtmr0", "rtmr1", "rtmr2")), 'platforms = ["tdx"]'),
     Platform.AZURE_VTPM: (
-        ("azure-vtpm", ("measurement", "pcr4", "pcr7", "pcr11")),
+        ("azure-vtpm", ("measurement", "pcr4", "pcr7", "pcr8", "pcr9", "pcr11", "pcr12")),
         'platforms = ["azure-vtpm"]',
     ),
 }

@@ -249,9 +249,7 @@ class WorkerMetrics(Collector):
         self.timeout_s = timeout_s
 
     def collect(self) -> Iterator[Metric]:
-        import urllib.request
-
-        from prometheus_client.parser import text_string_to_metric_families
+        from concurrent.futures import ThreadPoolExecutor, wait
 
         families: dict[str, Metric] = {}
         up = GaugeMetricFamily(
@@ -259,27 +257,49 @@ class WorkerMetrics(Collector):
             "1 when the parent read this worker's metrics at this scrape, else 0.",
             labels=["worker"],
         )
-        for index, port in sorted(self.endpoints.items()):
-            url = f"http://127.0.0.1:{port}/metrics"
-            try:
-                with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
-                    text = response.read(_MAX_EXPOSITION).decode("utf-8")
-                parsed = list(text_string_to_metric_families(text))
-            except (OSError, ValueError) as exc:
-                log.warning("metrics: worker %d unreadable: %s", index, exc)
+        # All workers at once, under one deadline: hung workers cost one timeout, not one
+        # each (a scrape must finish inside Prometheus's own timeout, 10 s by default).
+        pool = ThreadPoolExecutor(max_workers=max(1, min(16, len(self.endpoints))))
+        try:
+            futures = {i: pool.submit(self._read, p) for i, p in self.endpoints.items()}
+            wait(futures.values(), timeout=self.timeout_s)
+        finally:
+            pool.shutdown(wait=False, cancel_futures=True)
+        for index, future in sorted(futures.items()):
+            parsed = None
+            if future.done() and not future.cancelled():
+                try:
+                    parsed = future.result()
+                except Exception as exc:  # any failure of one worker: it is down, not us
+                    log.warning("metrics: worker %d unreadable: %s", index, exc)
+            if parsed is None:
                 up.add_metric([str(index)], 0)
                 continue
             up.add_metric([str(index)], 1)
+            label = str(index)
             for family in parsed:
                 merged = families.get(family.name)
                 if merged is None:
                     merged = Metric(family.name, family.documentation, family.type, family.unit)
                     families[family.name] = merged
-                label = str(index)
                 merged.samples += [s._replace(labels={**s.labels, "worker": label})
                                    for s in family.samples]  # fmt: skip
         yield from families.values()
         yield up
+
+    def _read(self, port: int) -> list[Metric]:
+        """One worker's exposition, parsed. Raises on any failure, a short body included."""
+        import urllib.request
+
+        from prometheus_client.parser import text_string_to_metric_families
+
+        url = f"http://127.0.0.1:{port}/metrics"
+        with urllib.request.urlopen(url, timeout=self.timeout_s) as response:
+            body = response.read(_MAX_EXPOSITION)
+            length = response.headers.get("Content-Length")
+        if length is not None and int(length) != len(body):
+            raise ValueError(f"{len(body)} of {length} bytes")
+        return list(text_string_to_metric_families(body.decode("utf-8")))
 
 
 _MAX_EXPOSITION = 16 << 20

@@ -223,13 +223,20 @@ platforms = ["azure-vtpm"]
 measurement = ["{"42" * 48}"]
 pcr4 = ["{"04" * 32}"]
 pcr7 = ["{"07" * 32}"]
+pcr8 = ["{"00" * 32}"]
+pcr9 = ["{"00" * 32}"]
 pcr11 = ["{"0b" * 32}"]
+pcr12 = ["{"00" * 32}"]
 """
+
+
+GOOD = {"pcr4": b"\x04" * 32, "pcr7": b"\x07" * 32, "pcr8": bytes(32), "pcr9": bytes(32),
+        "pcr11": b"\x0b" * 32, "pcr12": bytes(32)}  # fmt: skip
 
 
 def test_azure_policy_pins_paravisor_and_pcrs() -> None:
     policy = policy_from_toml(AZ_POLICY)
-    good = {"pcr4": b"\x04" * 32, "pcr7": b"\x07" * 32, "pcr11": b"\x0b" * 32}
+    good = GOOD
     policy.verify(_claims(**good))
     with pytest.raises(PolicyError, match="pcr11"):
         policy.verify(_claims(**{**good, "pcr11": b"\x0c" * 32}))
@@ -244,9 +251,16 @@ def test_azure_must_be_named_and_pinned() -> None:
         DEFAULT_POLICY.verify(claims)
     with pytest.raises(PolicyError, match="azure-vtpm is not allowed"):
         policy_from_toml("").verify(claims)
+    # `unsafe_allow_simulated = false` is no way around the platform default
+    pinned = 'unsafe_allow_simulated = false\nmeasurements = { measurement = ["' + "42" * 48 + '"] }'
+    with pytest.raises(PolicyError, match="azure-vtpm is not allowed"):
+        policy_from_toml(pinned).verify(claims)
     gaps = policy_gaps('platforms = ["azure-vtpm"]\n[azure-vtpm]\nmeasurement = ["' + "42" * 48
                        + '"]\n', ["amd"])  # fmt: skip
-    assert gaps and "pcr4, pcr7, pcr11" in gaps[0]
+    assert gaps and "pcr4, pcr7, pcr8, pcr9, pcr11, pcr12" in gaps[0]
+    # A GRUB boot of another command line: PCR 8 moves, the UKI's PCRs do not.
+    with pytest.raises(PolicyError, match="pcr8"):
+        policy_from_toml(AZ_POLICY).verify(_claims(**{**GOOD, "pcr8": b"\x08" * 32}))
     assert any("'amd' root" in g for g in policy_gaps(AZ_POLICY, ["intel"]))
 
 
@@ -350,3 +364,30 @@ def test_missing_tpm2_tools_is_named(tmp_path: Path, monkeypatch: pytest.MonkeyP
     with pytest.raises(UnavailableError, match="tpm2_nvread not found") as err:
         Tpm2Tools().nv_read(0x01400001)
     assert "tpm2-tools" in (err.value.remedy or "")
+
+
+def test_a_report_not_from_the_paravisor_is_refused(vtpm: FakeParavisor, sim_root: Path) -> None:
+    """An SNP report requested below VMPL 0 has the paravisor's MEASUREMENT but could bind
+    a vTPM key of its own: refused."""
+    saved = vtpm.snp
+    vtpm.snp = SimulatedPlatform(sim_root, measurement=b"\x42" * 48, vmpl=1)
+    try:
+        produced = _platform(vtpm, sim_root).report(b"\x05" * 64)
+    finally:
+        vtpm.snp = saved
+    with pytest.raises(AttestationError) as err:
+        _verify(produced.report, produced.certs, sim_root)
+    assert err.value.check == "vtpm_vmpl"
+
+
+def test_odd_bundle_fields_are_format_errors() -> None:
+    report = (AZ / "hcl-report.bin").read_bytes()
+    odd = [
+        b'{"format":"sealserve-azure-vtpm","version":1,"quote":"","signature":"",'
+        b'"pcrs":{"\xc2\xb2":"00"},"vcek_chain":""}',
+        b"[" * 100_000,
+    ]
+    for bundle in odd:
+        with pytest.raises(AttestationError) as err:
+            verify_azure_vtpm_at_time(report, bundle, roots=TrustedRoots.amd(), now=SNP_AT)
+        assert err.value.check == "vtpm_format"
