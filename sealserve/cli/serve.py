@@ -59,6 +59,14 @@ def run(args: argparse.Namespace) -> int:
         return 0
     from sealserve.server.workers import WorkerGroup
 
+    if settings.defense is not None and settings.defense.detection_mode == "beside":
+        log.warning(
+            'detection_mode = "beside" with %d workers: an account waits for its own '
+            "rows' verdict in the worker that queued them only; a client that opens a "
+            "new connection may reach another worker a few milliseconds before that "
+            "verdict (docs/detection-audit.md). Use workers = 1 where that matters.",
+            count,
+        )
     group = WorkerGroup(settings, count)
     group.prepare()
     worker = group.fork()
