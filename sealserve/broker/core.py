@@ -36,7 +36,7 @@ from sealserve.attestation.policy import policy_from_toml
 from sealserve.attestation.snp_certs import TrustedRoots
 from sealserve.attestation.tdx import quote_fmspc
 from sealserve.attestation.tdx_collateral import TdxCollateral
-from sealserve.broker.completeness import ROOT_FOR_PLATFORM, require_complete
+from sealserve.broker.completeness import LAUNCH_REGISTERS, ROOT_FOR_PLATFORM, require_complete
 from sealserve.broker.nonces import NonceBook, NonceExpired, NonceUnknown
 from sealserve.broker.pccs import PccsClient
 from sealserve.broker.store import (
@@ -74,16 +74,13 @@ class _Refusal(Exception):
         self.check = check
 
 
-# Decoy policies (never matching: all-zero measurements) by platform: section and
-# registers, and the platform rule.
-_DECOYS = {
-    Platform.SEV_SNP: (("sev-snp", ("measurement",)), 'platforms = ["sev-snp"]'),
-    Platform.SIMULATED_SNP: (("sev-snp", ("measurement",)), "unsafe_allow_simulated = true"),
-    Platform.TDX: (("tdx", ("mrtd", "rtmr0", "rtmr1", "rtmr2")), 'platforms = ["tdx"]'),
-    Platform.AZURE_VTPM: (
-        ("azure-vtpm", ("measurement", "pcr4", "pcr7", "pcr8", "pcr9", "pcr11", "pcr12")),
-        'platforms = ["azure-vtpm"]',
-    ),
+# Decoy policies (never matching: all-zero values of the launch registers a complete
+# policy pins, completeness.LAUNCH_REGISTERS) by platform: the platform rule.
+_DECOY_PLATFORM_RULE = {
+    Platform.SEV_SNP: 'platforms = ["sev-snp"]',
+    Platform.SIMULATED_SNP: "unsafe_allow_simulated = true",
+    Platform.TDX: 'platforms = ["tdx"]',
+    Platform.AZURE_VTPM: 'platforms = ["azure-vtpm"]',
 }
 
 
@@ -212,9 +209,10 @@ class KeyBroker:
         return sealed
 
     def _decoy(self, claims: Claims) -> None:
-        register, platform_rule = _DECOYS[claims.platform]
-        text = f"version = 1\n{platform_rule}\n[{register[0]}]\n" + "".join(
-            f'{r} = ["{"00" * (32 if r.startswith("pcr") else 48)}"]\n' for r in register[1]
+        section, registers = LAUNCH_REGISTERS[claims.platform]
+        platform_rule = _DECOY_PLATFORM_RULE[claims.platform]
+        text = f"version = 1\n{platform_rule}\n[{section}]\n" + "".join(
+            f'{r} = ["{"00" * (32 if r.startswith("pcr") else 48)}"]\n' for r in registers
         )
         with contextlib.suppress(AttestationError):
             self._policy(text).verify(claims)

@@ -256,6 +256,7 @@ class WorkerGroup:
                     "usage": True,
                 }
                 self._stop_all()
+                return
         if self._ready_r >= 0:
             os.close(self._ready_r)
             self._ready_r = -1
